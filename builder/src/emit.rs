@@ -1,0 +1,347 @@
+//! Writes the finished tree: numbers inodes breadth-first, orders chunks (prefetch
+//! files first, then tree order), assembles the blob from the spool, and writes the
+//! bootstrap. Chunks no surviving file references are left out.
+
+use crate::error::{BuildError, Result};
+use crate::sink::SinkOutput;
+use crate::tree::{clean_path, NodeId, NodeKind, PieceSource, Tree, ROOT};
+use petrel_format::features::{BLOB_COMPRESSOR_ZSTD_CHUNKS, CHUNK_FLAG_ZSTD};
+use petrel_format::image_dir::ImageDir;
+use petrel_format::layout::*;
+use petrel_format::reader::mode_bits::*;
+use petrel_format::{BootstrapWriter, SuperblockParams};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EmitSummary {
+    pub inodes: u32,
+    pub chunks: u32,
+    pub blob: Option<BlobSummary>,
+    pub bootstrap_size: u64,
+    /// sha256 of the bootstrap file (its digest as an OCI layer).
+    pub bootstrap_sha256: String,
+    pub prefetch_files: u32,
+    pub prefetch_bytes: u64,
+}
+
+/// The blob that was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlobSummary {
+    pub digest: String,
+    pub size: u64,
+    pub uncompressed_size: u64,
+}
+
+/// Inode numbering of the reachable tree.
+struct Numbering {
+    /// Node of each inode, in inode order (inode N is `nodes[N - 1]`).
+    nodes: Vec<NodeId>,
+    ino_of: HashMap<NodeId, u32>,
+    /// Directory node → parent inode.
+    parent_of: HashMap<NodeId, u32>,
+    links: HashMap<NodeId, u32>,
+}
+
+fn number_tree(tree: &Tree) -> Result<Numbering> {
+    let mut n = Numbering {
+        nodes: vec![ROOT],
+        ino_of: HashMap::from([(ROOT, 1)]),
+        parent_of: HashMap::from([(ROOT, 1)]),
+        links: HashMap::new(),
+    };
+    let mut queue = VecDeque::from([ROOT]);
+    while let Some(dir) = queue.pop_front() {
+        let dir_ino = n.ino_of[&dir];
+        for entry in tree.children(dir).into_iter().flat_map(|c| c.values()) {
+            *n.links.entry(entry.node).or_default() += 1;
+            if n.ino_of.contains_key(&entry.node) {
+                continue;
+            }
+            let ino = u32::try_from(n.nodes.len() + 1).map_err(|_| BuildError::TooLarge {
+                what: "more than 2^32 inodes",
+            })?;
+            n.nodes.push(entry.node);
+            n.ino_of.insert(entry.node, ino);
+            if matches!(tree.node(entry.node).kind, NodeKind::Directory(_)) {
+                n.parent_of.insert(entry.node, dir_ino);
+                queue.push_back(entry.node);
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Files named by the prefetch list, in list order; a directory stands for every
+/// regular file below it.
+fn prefetch_nodes(tree: &mut Tree, paths: &[Vec<u8>], warnings: &mut Vec<String>) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    for path in paths {
+        let found = tree.lookup(&clean_path(path)).ok().flatten();
+        let Some(node) = found else {
+            warnings.push(format!(
+                "prefetch path {:?} is not in the image; ignored",
+                String::from_utf8_lossy(path)
+            ));
+            continue;
+        };
+        let mut queue = VecDeque::from([node]);
+        while let Some(id) = queue.pop_front() {
+            match &tree.node(id).kind {
+                NodeKind::Regular { .. } => out.push(id),
+                NodeKind::Directory(entries) => queue.extend(entries.values().map(|e| e.node)),
+                _ => {}
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|id| seen.insert(*id));
+    out
+}
+
+/// Writes `<out>/blobs/sha256/<digest>` and `<out>/bootstrap`.
+pub fn emit(
+    tree: &mut Tree,
+    data: SinkOutput,
+    prefetch_paths: &[Vec<u8>],
+    params: SuperblockParams,
+    out: &ImageDir,
+    warnings: &mut Vec<String>,
+) -> Result<EmitSummary> {
+    let numbering = number_tree(tree)?;
+    let prefetch = prefetch_nodes(tree, prefetch_paths, warnings);
+    let chunk_of_piece = |source: &PieceSource| match source {
+        PieceSource::Hole => None,
+        PieceSource::Chunk { slot, .. } => Some(data.chunk_of_slot[*slot as usize]),
+    };
+
+    // Blob order: prefetch files' chunks first, then every file in inode order.
+    let unique = &data.collected.chunks;
+    let mut final_index = vec![u32::MAX; unique.len()];
+    let mut blob_order: Vec<u32> = Vec::new();
+    let mut place = |chunk: u32, order: &mut Vec<u32>| {
+        if final_index[chunk as usize] == u32::MAX {
+            final_index[chunk as usize] = order.len() as u32;
+            order.push(chunk);
+        }
+    };
+    for node in &prefetch {
+        if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
+            pieces
+                .iter()
+                .filter_map(|p| chunk_of_piece(&p.source))
+                .for_each(|c| place(c, &mut blob_order));
+        }
+    }
+    let prefetch_chunks = blob_order.len();
+    for node in &numbering.nodes {
+        if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
+            pieces
+                .iter()
+                .filter_map(|p| chunk_of_piece(&p.source))
+                .for_each(|c| place(c, &mut blob_order));
+        }
+    }
+
+    let mut writer = BootstrapWriter::default();
+    let blob = if blob_order.is_empty() {
+        None
+    } else {
+        Some(write_blob(&data, &blob_order, prefetch_chunks, out, &mut writer)?)
+    };
+
+    for node_id in &numbering.nodes {
+        let node = tree.node(*node_id);
+        let mut record = InodeRecord::default();
+        let (type_bits, size) = match &node.kind {
+            NodeKind::Directory(entries) => {
+                record.data_index.set(writer.dirents.len() as u64);
+                record.data_count.set(entries.len() as u32);
+                record.parent_ino.set(numbering.parent_of[node_id]);
+                let subdirs = entries
+                    .values()
+                    .filter(|e| matches!(tree.node(e.node).kind, NodeKind::Directory(_)))
+                    .count();
+                record.nlink.set(2 + subdirs as u32);
+                for (name, entry) in entries {
+                    writer.dirents.push(DirentRecord {
+                        ino: numbering.ino_of[&entry.node].into(),
+                        name_offset: writer.strings.intern(name)?.into(),
+                        name_len: (name.len() as u16).into(),
+                        reserved: 0.into(),
+                    });
+                }
+                (S_IFDIR, 0)
+            }
+            NodeKind::Regular { size, pieces } => {
+                record.data_index.set(writer.chunk_refs.len() as u64);
+                record.data_count.set(pieces.len() as u32);
+                for piece in pieces {
+                    let (chunk_index, chunk_offset) = match piece.source {
+                        PieceSource::Hole => (HOLE_CHUNK, 0),
+                        PieceSource::Chunk { slot, offset } => {
+                            (final_index[data.chunk_of_slot[slot as usize] as usize], offset)
+                        }
+                    };
+                    writer.chunk_refs.push(ChunkRefRecord {
+                        file_offset: piece.file_offset.into(),
+                        chunk_index: chunk_index.into(),
+                        chunk_offset: chunk_offset.into(),
+                        length: piece.length.into(),
+                    });
+                }
+                (S_IFREG, *size)
+            }
+            NodeKind::Symlink(target) => {
+                record.data_index.set(u64::from(writer.strings.intern(target)?));
+                record.data_count.set(target.len() as u32);
+                (S_IFLNK, target.len() as u64)
+            }
+            NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
+                record.rdev_major.set(*major);
+                record.rdev_minor.set(*minor);
+                let bits = if matches!(node.kind, NodeKind::CharDevice { .. }) {
+                    S_IFCHR
+                } else {
+                    S_IFBLK
+                };
+                (bits, 0)
+            }
+            NodeKind::Fifo => (S_IFIFO, 0),
+        };
+        if !matches!(node.kind, NodeKind::Directory(_)) {
+            record.nlink.set(numbering.links[node_id]);
+        }
+        record.mode.set(type_bits | (node.meta.permissions & PERMISSIONS));
+        record.uid.set(node.meta.uid);
+        record.gid.set(node.meta.gid);
+        record.size.set(size);
+        record.mtime_sec.set(node.meta.mtime_sec);
+        record.mtime_nsec.set(node.meta.mtime_nsec);
+        record.xattr_index.set(writer.xattrs.len() as u32);
+        record.xattr_count.set(node.meta.xattrs.len() as u32);
+        for (name, value) in &node.meta.xattrs {
+            writer.xattrs.push(XattrRecord {
+                name_offset: writer.strings.intern(name)?.into(),
+                value_offset: writer.strings.intern(value)?.into(),
+                value_len: (value.len() as u32).into(),
+                name_len: (name.len() as u16).into(),
+                reserved: 0.into(),
+            });
+        }
+        writer.inodes.push(record);
+    }
+    for node in &prefetch {
+        writer.prefetch.push(PrefetchRecord {
+            ino: numbering.ino_of[node].into(),
+        });
+    }
+
+    let summary_base = (
+        writer.inodes.len() as u32,
+        writer.chunks.len() as u32,
+        writer.prefetch.len() as u32,
+    );
+    let bootstrap = writer.finish(params)?;
+    let bootstrap_path = out.bootstrap_path();
+    write_atomically(&bootstrap_path, &bootstrap)?;
+    Ok(EmitSummary {
+        inodes: summary_base.0,
+        chunks: summary_base.1,
+        prefetch_files: summary_base.2,
+        prefetch_bytes: blob.as_ref().map_or(0, |(_, p)| *p),
+        blob: blob.map(|(b, _)| b),
+        bootstrap_size: bootstrap.len() as u64,
+        bootstrap_sha256: format!("sha256:{}", hex::encode(Sha256::digest(&bootstrap))),
+    })
+}
+
+/// Copies the chunks from the spool into the blob in `order`, filling the chunk and
+/// blob tables. Returns the blob and its prefetch region size.
+fn write_blob(
+    data: &SinkOutput,
+    order: &[u32],
+    prefetch_chunks: usize,
+    out: &ImageDir,
+    writer: &mut BootstrapWriter,
+) -> Result<(BlobSummary, u64)> {
+    let dir = out.blobs_dir();
+    std::fs::create_dir_all(&dir).map_err(BuildError::io("create", &dir))?;
+    let temp = tempfile::NamedTempFile::new_in(&dir).map_err(BuildError::io("create temporary blob in", &dir))?;
+    let mut file = BufWriter::with_capacity(1 << 20, temp);
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    let mut uncompressed = 0u64;
+    let mut prefetch_size = 0u64;
+    let mut buffer = Vec::new();
+    for (position, &chunk) in order.iter().enumerate() {
+        let spooled = &data.collected.chunks[chunk as usize];
+        buffer.resize(spooled.stored_size as usize, 0);
+        data.collected
+            .spool
+            .read_exact_at(&mut buffer, spooled.spool_offset)
+            .map_err(BuildError::io("read", "chunk spool"))?;
+        hasher.update(&buffer);
+        file.write_all(&buffer).map_err(BuildError::io("write", &dir))?;
+        writer.chunks.push(ChunkRecord {
+            digest: spooled.digest,
+            blob_index: 0.into(),
+            flags: (spooled.flags & CHUNK_FLAG_ZSTD).into(),
+            compressed_offset: offset.into(),
+            compressed_size: spooled.stored_size.into(),
+            uncompressed_size: spooled.uncompressed_size.into(),
+        });
+        offset += u64::from(spooled.stored_size);
+        uncompressed += u64::from(spooled.uncompressed_size);
+        if position + 1 == prefetch_chunks {
+            prefetch_size = offset;
+        }
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    let temp = file
+        .into_inner()
+        .map_err(|e| BuildError::io("write", &dir)(e.into_error()))?;
+    publish_mode(temp.as_file(), &dir)?;
+    let path = out.blob_path(&digest);
+    temp.persist(&path)
+        .map_err(|e| BuildError::io("rename blob to", &path)(e.error))?;
+    writer.blobs.push(BlobRecord {
+        digest,
+        compressed_size: offset.into(),
+        uncompressed_size: uncompressed.into(),
+        chunk_count: (order.len() as u32).into(),
+        compressor: BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
+        prefetch_size: prefetch_size.into(),
+    });
+    Ok((
+        BlobSummary {
+            digest: format!("sha256:{}", hex::encode(digest)),
+            size: offset,
+            uncompressed_size: uncompressed,
+        },
+        prefetch_size,
+    ))
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io("create temporary file in", dir))?;
+    temp.write_all(bytes).map_err(BuildError::io("write", path))?;
+    publish_mode(temp.as_file(), path)?;
+    temp.persist(path)
+        .map_err(|e| BuildError::io("rename to", path)(e.error))?;
+    Ok(())
+}
+
+/// Makes a finished file world-readable (temporary files start 0600) and durable.
+fn publish_mode(file: &File, path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(BuildError::io("chmod", path))?;
+    file.sync_all().map_err(BuildError::io("sync", path))
+}

@@ -1,0 +1,77 @@
+//! Errors of building, checking and unpacking images.
+
+use petrel_format::FormatError;
+use std::path::PathBuf;
+
+/// What is wrong with one archive entry.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryProblem {
+    #[error("path component {component:?} is not a directory")]
+    NotADirectory { component: String },
+    #[error("more than 40 symlinks while resolving the parent directory")]
+    TooManySymlinks,
+    #[error("hardlink target {target:?} does not exist in the tree")]
+    HardlinkTargetMissing { target: String },
+    #[error("hardlink target {target:?} is a directory")]
+    HardlinkToDirectory { target: String },
+    #[error("hardlink without a target")]
+    HardlinkWithoutTarget,
+    #[error("symlink without a target, or a target longer than 4096 bytes")]
+    BadSymlinkTarget,
+    #[error("name longer than 255 bytes")]
+    NameTooLong,
+    #[error("file data ended after {read} of {expected} bytes")]
+    Truncated { read: u64, expected: u64 },
+    #[error("unreadable header or data: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Errors of the builder and the image tools.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("layer {layer}, entry {path:?}: {problem}")]
+    BadEntry {
+        layer: usize,
+        path: String,
+        problem: EntryProblem,
+    },
+    #[error("layer {layer}: cannot read the archive")]
+    Archive {
+        layer: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("chunk {index} (blob {blob} offset {offset})")]
+    Chunk {
+        index: u32,
+        blob: String,
+        offset: u64,
+        #[source]
+        source: FormatError,
+    },
+    #[error("blob {digest} is missing: {path}")]
+    MissingBlob { digest: String, path: PathBuf },
+    #[error("image too large: {what}")]
+    TooLarge { what: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BuildError {
+    /// Wraps an I/O error with what was being done to which path.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BuildError {
+        let path = path.into();
+        move |source| BuildError::Io { action, path, source }
+    }
+}
+
+pub type Result<T, E = BuildError> = std::result::Result<T, E>;

@@ -1,0 +1,309 @@
+//! Applies one OCI layer (a tar stream) to the merged tree.
+
+use crate::error::{BuildError, EntryProblem, Result};
+use crate::sink::{ChunkSink, FileDataError};
+use crate::tree::{clean_path, Meta, Node, NodeKind, Tree, ROOT};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use tar::EntryType;
+
+/// Prefix of a whiteout file name.
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// Name of the opaque-directory marker.
+pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Longest symlink target accepted (Linux PATH_MAX).
+pub const MAX_SYMLINK_TARGET: usize = 4096;
+
+/// Wraps a layer stream in the decompressor its first bytes call for: gzip, zstd or none.
+pub fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
+    let mut buffered = BufReader::with_capacity(1 << 20, reader);
+    let head = buffered.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(buffered))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
+    } else {
+        Box::new(buffered)
+    })
+}
+
+/// Applies the entries of one uncompressed tar stream as layer `layer`.
+pub fn apply_tar_layer(
+    tree: &mut Tree,
+    sink: &mut ChunkSink,
+    reader: &mut dyn Read,
+    layer: usize,
+    warnings: &mut Vec<String>,
+) -> Result<u64> {
+    let archive_error = |source| BuildError::Archive { layer, source };
+    let mut archive = tar::Archive::new(reader);
+    let mut count = 0u64;
+    for entry in archive.entries().map_err(archive_error)? {
+        let mut entry = entry.map_err(archive_error)?;
+        let raw_path = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let bad = |problem| BuildError::BadEntry {
+            layer,
+            path: shown.clone(),
+            problem,
+        };
+        match apply_entry(tree, sink, &mut entry, &raw_path, layer, warnings) {
+            Ok(()) => count += 1,
+            Err(EntryError::Problem(problem)) => return Err(bad(problem)),
+            Err(EntryError::Build(e)) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+enum EntryError {
+    Problem(EntryProblem),
+    Build(BuildError),
+}
+
+impl From<EntryProblem> for EntryError {
+    fn from(p: EntryProblem) -> Self {
+        EntryError::Problem(p)
+    }
+}
+
+impl From<FileDataError> for EntryError {
+    fn from(e: FileDataError) -> Self {
+        match e {
+            FileDataError::Input(p) => EntryError::Problem(p),
+            FileDataError::Build(b) => EntryError::Build(b),
+        }
+    }
+}
+
+fn apply_entry(
+    tree: &mut Tree,
+    sink: &mut ChunkSink,
+    entry: &mut tar::Entry<'_, &mut dyn Read>,
+    raw_path: &[u8],
+    layer: usize,
+    warnings: &mut Vec<String>,
+) -> Result<(), EntryError> {
+    let kind = entry.header().entry_type();
+    if matches!(
+        kind,
+        EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+    ) {
+        return Ok(());
+    }
+    let shown = String::from_utf8_lossy(raw_path);
+    if raw_path.split(|&b| b == b'/').any(|c| c == b"..") {
+        warnings.push(format!(
+            "layer {layer}: entry {shown:?} has '..' components; placed inside the root as containerd does"
+        ));
+    }
+    let components = clean_path(raw_path);
+    let meta = entry_meta(entry)?;
+    let Some((name, parents)) = components.split_last() else {
+        if kind == EntryType::Directory {
+            tree.node_mut(ROOT).meta = meta;
+        } else {
+            warnings.push(format!(
+                "layer {layer}: entry {shown:?} names the root but is not a directory; skipped"
+            ));
+        }
+        return Ok(());
+    };
+    if name.len() > petrel_format::reader::NAME_MAX {
+        return Err(EntryProblem::NameTooLong.into());
+    }
+    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+        return apply_whiteout(tree, parents, name, hidden, layer, warnings, &shown);
+    }
+    let parent = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
+    let node_kind = match kind {
+        EntryType::Directory => {
+            if let Some(existing) = tree.entry(parent, name) {
+                if matches!(tree.node(existing.node).kind, NodeKind::Directory(_)) {
+                    tree.node_mut(existing.node).meta = meta;
+                    tree.insert(parent, name.clone(), existing.node, layer);
+                    return Ok(());
+                }
+            }
+            NodeKind::Directory(BTreeMap::new())
+        }
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            let size = entry.size();
+            let pieces = sink.add_file(entry, size)?;
+            NodeKind::Regular { size, pieces }
+        }
+        EntryType::Symlink => {
+            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
+                return Err(EntryProblem::BadSymlinkTarget.into());
+            }
+            NodeKind::Symlink(target)
+        }
+        EntryType::Link => {
+            let target = entry
+                .link_name_bytes()
+                .ok_or(EntryProblem::HardlinkWithoutTarget)?
+                .into_owned();
+            let target_components = clean_path(&target);
+            let shown_target = String::from_utf8_lossy(&target).into_owned();
+            let node = tree
+                .lookup(&target_components)?
+                .ok_or(EntryProblem::HardlinkTargetMissing {
+                    target: shown_target.clone(),
+                })?;
+            if matches!(tree.node(node).kind, NodeKind::Directory(_)) {
+                return Err(EntryProblem::HardlinkToDirectory { target: shown_target }.into());
+            }
+            tree.insert(parent, name.clone(), node, layer);
+            return Ok(());
+        }
+        EntryType::Char | EntryType::Block => {
+            let header = entry.header();
+            let major = header.device_major().ok().flatten().unwrap_or(0);
+            let minor = header.device_minor().ok().flatten().unwrap_or(0);
+            if kind == EntryType::Char {
+                NodeKind::CharDevice { major, minor }
+            } else {
+                NodeKind::BlockDevice { major, minor }
+            }
+        }
+        EntryType::Fifo => NodeKind::Fifo,
+        other => {
+            warnings.push(format!(
+                "layer {layer}: entry {shown:?} has unsupported type {other:?}; skipped"
+            ));
+            return Ok(());
+        }
+    };
+    let id = tree.add_node(Node { meta, kind: node_kind });
+    tree.insert(parent, name.clone(), id, layer);
+    Ok(())
+}
+
+fn apply_whiteout(
+    tree: &mut Tree,
+    parents: &[Vec<u8>],
+    name: &[u8],
+    hidden: &[u8],
+    layer: usize,
+    warnings: &mut Vec<String>,
+    shown: &str,
+) -> Result<(), EntryError> {
+    if name == OPAQUE_MARKER {
+        let dir = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
+        tree.make_opaque(dir, layer);
+        return Ok(());
+    }
+    if hidden.starts_with(WHITEOUT_PREFIX) {
+        warnings.push(format!("layer {layer}: entry {shown:?} is aufs metadata; skipped"));
+        return Ok(());
+    }
+    if !petrel_format::reader::is_valid_name(hidden) {
+        warnings.push(format!(
+            "layer {layer}: whiteout {shown:?} names no valid entry; skipped"
+        ));
+        return Ok(());
+    }
+    if let Some(dir) = tree.resolve_dir(parents, layer, false)? {
+        tree.whiteout(dir, hidden, layer);
+    }
+    Ok(())
+}
+
+/// Metadata of a tar entry, with PAX records (mtime with fraction, uid, gid, xattrs)
+/// taking precedence over the header fields.
+fn entry_meta(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<Meta, EntryError> {
+    let header = entry.header();
+    let io = |e| EntryError::Problem(EntryProblem::Io(e));
+    // Blank numeric fields (all NUL or spaces) are read as 0, as GNU tar does.
+    let old = header.as_old();
+    let mut uid = blank_or(&old.uid, header.uid()).map_err(io)?;
+    let mut gid = blank_or(&old.gid, header.gid()).map_err(io)?;
+    let mut mtime = (blank_or(&old.mtime, header.mtime()).map_err(io)? as i64, 0u32);
+    let permissions = header.mode().map_err(io)? & 0o7777;
+    let mut xattrs = Vec::new();
+    if let Some(extensions) = entry.pax_extensions().map_err(io)? {
+        for extension in extensions {
+            let extension = extension.map_err(io)?;
+            let (key, value) = (extension.key_bytes(), extension.value_bytes());
+            if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.push((xattr.to_vec(), value.to_vec()));
+                continue;
+            }
+            let text = std::str::from_utf8(value).unwrap_or("");
+            match key {
+                b"uid" => uid = text.parse().unwrap_or(uid),
+                b"gid" => gid = text.parse().unwrap_or(gid),
+                b"mtime" => mtime = parse_pax_time(text).unwrap_or(mtime),
+                _ => {}
+            }
+        }
+    }
+    xattrs.sort();
+    xattrs.dedup_by(|a, b| a.0 == b.0);
+    let id = |v: u64| {
+        u32::try_from(v).map_err(|_| {
+            EntryError::Problem(EntryProblem::Io(std::io::Error::other(format!(
+                "uid/gid {v} above 2^32"
+            ))))
+        })
+    };
+    Ok(Meta {
+        permissions,
+        uid: id(uid)?,
+        gid: id(gid)?,
+        mtime_sec: mtime.0,
+        mtime_nsec: mtime.1,
+        xattrs,
+    })
+}
+
+fn blank_or(field: &[u8], parsed: std::io::Result<u64>) -> std::io::Result<u64> {
+    if field.iter().all(|&b| b == 0 || b == b' ') {
+        Ok(0)
+    } else {
+        parsed
+    }
+}
+
+/// Parses a PAX time `[-]SECONDS[.FRACTION]` into seconds and nanoseconds (the
+/// nanoseconds always count forward, so -1.5 is (-2, 500000000)).
+pub fn parse_pax_time(text: &str) -> Option<(i64, u32)> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let seconds: i64 = whole.parse().ok()?;
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut nanos: u32 = 0;
+    for (i, b) in fraction.bytes().take(9).enumerate() {
+        nanos += u32::from(b - b'0') * 10u32.pow(8 - i as u32);
+    }
+    Some(match (negative, nanos) {
+        (false, n) => (seconds, n),
+        (true, 0) => (-seconds, 0),
+        (true, n) => (-seconds - 1, 1_000_000_000 - n),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pax_time;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(parse_pax_time("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(parse_pax_time("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(parse_pax_time("-86400"), Some((-86400, 0)));
+        assert_eq!(
+            parse_pax_time("4102444800.123456789123"),
+            Some((4_102_444_800, 123_456_789))
+        );
+        assert_eq!(parse_pax_time("x"), None);
+        assert_eq!(parse_pax_time("1.2e3"), None);
+    }
+}

@@ -1,0 +1,171 @@
+//! The petrel builder: OCI layers, tars or directories in; a merged, chunked,
+//! deduplicated image out (`<out>/bootstrap` + `<out>/blobs/sha256/<digest>`).
+//! Also the local image tools: inspect, check, unpack.
+
+pub mod check;
+pub mod dir_source;
+pub mod emit;
+pub mod error;
+pub mod image;
+pub mod inspect;
+pub mod layer;
+pub mod pipeline;
+pub mod sink;
+pub mod tree;
+pub mod unpack;
+
+pub use error::{BuildError, EntryProblem, Result};
+pub use image::LocalImage;
+
+use petrel_format::codec::ZSTD_LEVEL;
+use petrel_format::image_dir::ImageDir;
+use petrel_format::{ChunkerParams, SuperblockParams};
+use sink::{ChunkSink, SinkStats};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tree::Tree;
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub chunker: ChunkerParams,
+    /// Files smaller than this are packed into shared chunks.
+    pub small_file_limit: u32,
+    /// Hashing and compression threads (0: one per core).
+    pub threads: usize,
+    /// Paths (files or directories) whose data goes first in the blob, in order.
+    pub prefetch: Vec<Vec<u8>>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            chunker: ChunkerParams::default(),
+            small_file_limit: sink::DEFAULT_SMALL_FILE_LIMIT,
+            threads: 0,
+            prefetch: Vec::new(),
+        }
+    }
+}
+
+/// What a build produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildReport {
+    pub layers: usize,
+    pub entries: u64,
+    pub data: SinkStats,
+    pub unique_chunks: u32,
+    pub output: emit::EmitSummary,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Builds one image from layers applied in order.
+#[derive(Debug)]
+pub struct ImageBuilder {
+    options: BuildOptions,
+    out: ImageDir,
+    tree: Tree,
+    sink: ChunkSink,
+    layers: usize,
+    entries: u64,
+    warnings: Vec<String>,
+    started: Instant,
+}
+
+impl ImageBuilder {
+    /// Starts a build writing into directory `out` (created if missing).
+    pub fn new(options: BuildOptions, out: &Path) -> Result<Self> {
+        options.chunker.validate()?;
+        std::fs::create_dir_all(out).map_err(BuildError::io("create", out))?;
+        let spool = tempfile::tempfile_in(out).map_err(BuildError::io("create chunk spool in", out))?;
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let sink = ChunkSink::new(options.chunker, options.small_file_limit, threads, spool);
+        Ok(ImageBuilder {
+            options,
+            out: ImageDir::new(out),
+            tree: Tree::default(),
+            sink,
+            layers: 0,
+            entries: 0,
+            warnings: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Applies one layer: a tar stream, plain or gzip/zstd-compressed.
+    pub fn add_layer(&mut self, reader: impl Read + 'static) -> Result<()> {
+        let layer = self.layers;
+        let mut stream = layer::decompressed(reader).map_err(|source| BuildError::Archive { layer, source })?;
+        self.entries += layer::apply_tar_layer(&mut self.tree, &mut self.sink, &mut stream, layer, &mut self.warnings)?;
+        self.layers += 1;
+        Ok(())
+    }
+
+    /// Applies a directory on local disk as one layer.
+    pub fn add_directory(&mut self, path: &Path) -> Result<()> {
+        let layer = self.layers;
+        self.entries += dir_source::apply_directory(&mut self.tree, &mut self.sink, path, layer, &mut self.warnings)?;
+        self.layers += 1;
+        Ok(())
+    }
+
+    /// Applies a path: a directory, or a file holding a (compressed) tar.
+    pub fn add_path(&mut self, path: &Path) -> Result<()> {
+        if path.is_dir() {
+            self.add_directory(path)
+        } else {
+            let file = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+            self.add_layer(file)
+        }
+    }
+
+    /// Writes the blob and bootstrap.
+    pub fn finish(mut self) -> Result<BuildReport> {
+        let small_file_limit = self.sink.small_file_limit();
+        let data = self.sink.finish()?;
+        let stats = data.stats;
+        let unique_chunks = data.collected.chunks.len() as u32;
+        let params = SuperblockParams {
+            chunker: self.options.chunker,
+            small_file_limit,
+            compression_level: ZSTD_LEVEL as u32,
+        };
+        let output = emit::emit(
+            &mut self.tree,
+            data,
+            &self.options.prefetch,
+            params,
+            &self.out,
+            &mut self.warnings,
+        )?;
+        for warning in &self.warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(BuildReport {
+            layers: self.layers,
+            entries: self.entries,
+            data: stats,
+            unique_chunks,
+            output,
+            seconds: self.started.elapsed().as_secs_f64(),
+            warnings: self.warnings,
+        })
+    }
+}
+
+/// Builds an image at `out` from `inputs` (directories or tar files), lowest layer first.
+pub fn build_paths(inputs: &[PathBuf], out: &Path, options: BuildOptions) -> Result<BuildReport> {
+    if inputs.is_empty() {
+        return Err(BuildError::Invalid("no input layers given".into()));
+    }
+    let mut builder = ImageBuilder::new(options, out)?;
+    for input in inputs {
+        builder.add_path(input)?;
+    }
+    builder.finish()
+}

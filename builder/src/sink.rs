@@ -1,0 +1,229 @@
+//! Turns file data into pieces: large files are cut by the chunker, all-zero chunks
+//! become holes, and small files are packed together into shared chunks.
+
+use crate::error::{BuildError, EntryProblem};
+use crate::pipeline::{Collected, Pipeline};
+use crate::tree::{Piece, PieceSource};
+use petrel_format::ChunkerParams;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+
+/// Files smaller than this are packed into shared chunks by default.
+pub const DEFAULT_SMALL_FILE_LIMIT: u32 = 64 << 10;
+
+/// Why a file's data could not be taken.
+#[derive(Debug)]
+pub enum FileDataError {
+    /// The input was bad: belongs to the entry being read.
+    Input(EntryProblem),
+    /// The builder itself failed.
+    Build(BuildError),
+}
+
+/// Counters of the data path.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct SinkStats {
+    pub files: u64,
+    pub bytes: u64,
+    pub packed_files: u64,
+    pub deduplicated_small_files: u64,
+    pub hole_bytes: u64,
+}
+
+/// Receives every regular file's data while layers are applied.
+#[derive(Debug)]
+pub struct ChunkSink {
+    pipeline: Pipeline,
+    chunker: ChunkerParams,
+    small_file_limit: u32,
+    batch_target: usize,
+    /// Pieces name slots; a slot becomes a submission once its chunk is submitted.
+    slot_submission: Vec<u64>,
+    batch: Vec<u8>,
+    batch_slot: Option<u32>,
+    small_files: HashMap<[u8; 32], (u32, u32)>,
+    pub stats: SinkStats,
+}
+
+/// A finished sink: unique chunks and, per slot, its unique chunk index.
+#[derive(Debug)]
+pub struct SinkOutput {
+    pub collected: Collected,
+    pub chunk_of_slot: Vec<u32>,
+    pub stats: SinkStats,
+}
+
+const UNFILLED: u64 = u64::MAX;
+
+impl ChunkSink {
+    pub fn new(chunker: ChunkerParams, small_file_limit: u32, threads: usize, spool: File) -> Self {
+        let batch_target = match chunker {
+            ChunkerParams::Fixed { size } => size,
+            ChunkerParams::FastCdc { avg, .. } => avg,
+        } as usize;
+        ChunkSink {
+            pipeline: Pipeline::start(threads, spool),
+            chunker,
+            small_file_limit: small_file_limit.min((batch_target / 2) as u32),
+            batch_target,
+            slot_submission: Vec::new(),
+            batch: Vec::new(),
+            batch_slot: None,
+            small_files: HashMap::new(),
+            stats: SinkStats::default(),
+        }
+    }
+
+    /// The small-file limit in effect (recorded in the superblock).
+    pub fn small_file_limit(&self) -> u32 {
+        self.small_file_limit
+    }
+
+    /// Reads exactly `size` bytes of one file and returns its pieces.
+    pub fn add_file(&mut self, reader: &mut dyn Read, size: u64) -> Result<Vec<Piece>, FileDataError> {
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut limited = reader.take(size);
+        if size < u64::from(self.small_file_limit) {
+            return self.add_small_file(&mut limited, size);
+        }
+        let mut pieces = Vec::new();
+        let mut offset = 0u64;
+        match self.chunker {
+            ChunkerParams::Fixed { size: chunk_size } => loop {
+                let mut data = vec![0u8; chunk_size as usize];
+                let got = read_full(&mut limited, &mut data).map_err(|e| FileDataError::Input(EntryProblem::Io(e)))?;
+                if got == 0 {
+                    break;
+                }
+                data.truncate(got);
+                pieces.push(self.add_chunk(offset, data)?);
+                offset += got as u64;
+            },
+            ChunkerParams::FastCdc { min, avg, max } => {
+                let chunks = fastcdc::v2020::StreamCDC::new(&mut limited, min as usize, avg as usize, max as usize);
+                for chunk in chunks {
+                    let chunk = chunk.map_err(|e| FileDataError::Input(EntryProblem::Io(e.into())))?;
+                    let length = chunk.length as u64;
+                    pieces.push(self.add_chunk(offset, chunk.data)?);
+                    offset += length;
+                }
+            }
+        }
+        if offset != size {
+            return Err(FileDataError::Input(EntryProblem::Truncated {
+                read: offset,
+                expected: size,
+            }));
+        }
+        Ok(pieces)
+    }
+
+    fn add_chunk(&mut self, file_offset: u64, data: Vec<u8>) -> Result<Piece, FileDataError> {
+        let length = data.len() as u32;
+        if data.iter().all(|&b| b == 0) {
+            self.stats.hole_bytes += u64::from(length);
+            return Ok(Piece {
+                file_offset,
+                length,
+                source: PieceSource::Hole,
+            });
+        }
+        let seq = self.pipeline.submit(data).map_err(FileDataError::Build)?;
+        let slot = self.new_slot(seq);
+        Ok(Piece {
+            file_offset,
+            length,
+            source: PieceSource::Chunk { slot, offset: 0 },
+        })
+    }
+
+    fn add_small_file(&mut self, reader: &mut dyn Read, size: u64) -> Result<Vec<Piece>, FileDataError> {
+        let mut data = vec![0u8; size as usize];
+        let got = read_full(reader, &mut data).map_err(|e| FileDataError::Input(EntryProblem::Io(e)))?;
+        if got as u64 != size {
+            return Err(FileDataError::Input(EntryProblem::Truncated {
+                read: got as u64,
+                expected: size,
+            }));
+        }
+        let digest = *blake3::hash(&data).as_bytes();
+        let (slot, offset) = match self.small_files.get(&digest) {
+            Some(&place) => {
+                self.stats.deduplicated_small_files += 1;
+                place
+            }
+            None => {
+                if !self.batch.is_empty() && self.batch.len() + data.len() > self.batch_target {
+                    self.flush_batch().map_err(FileDataError::Build)?;
+                }
+                let slot = match self.batch_slot {
+                    Some(slot) => slot,
+                    None => {
+                        let slot = self.new_slot(UNFILLED);
+                        self.batch_slot = Some(slot);
+                        slot
+                    }
+                };
+                let offset = self.batch.len() as u32;
+                self.batch.extend_from_slice(&data);
+                self.small_files.insert(digest, (slot, offset));
+                self.stats.packed_files += 1;
+                (slot, offset)
+            }
+        };
+        Ok(vec![Piece {
+            file_offset: 0,
+            length: size as u32,
+            source: PieceSource::Chunk { slot, offset },
+        }])
+    }
+
+    fn new_slot(&mut self, submission: u64) -> u32 {
+        self.slot_submission.push(submission);
+        (self.slot_submission.len() - 1) as u32
+    }
+
+    fn flush_batch(&mut self) -> Result<(), BuildError> {
+        if let Some(slot) = self.batch_slot.take() {
+            let data = std::mem::take(&mut self.batch);
+            let seq = self.pipeline.submit(data)?;
+            self.slot_submission[slot as usize] = seq;
+        }
+        Ok(())
+    }
+
+    /// Flushes the last batch and waits for every chunk.
+    pub fn finish(mut self) -> Result<SinkOutput, BuildError> {
+        self.flush_batch()?;
+        let collected = self.pipeline.finish()?;
+        let chunk_of_slot = self
+            .slot_submission
+            .iter()
+            .map(|&seq| collected.chunk_of_submission[seq as usize])
+            .collect();
+        Ok(SinkOutput {
+            collected,
+            chunk_of_slot,
+            stats: self.stats,
+        })
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+pub fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,126 @@
+//! Chunk encoding: blake3 digest of the plain bytes, then zstd when it helps.
+
+use crate::error::{FormatError, Result};
+use crate::features::CHUNK_FLAG_ZSTD;
+use crate::reader::ChunkInfo;
+
+/// zstd level every chunk is compressed with (pinned: output bytes, and so blob
+/// digests, depend on it).
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// A chunk ready to be stored.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    pub digest: [u8; 32],
+    pub flags: u32,
+    pub uncompressed_size: u32,
+    /// The bytes to store: a zstd frame, or the plain bytes when zstd does not shrink them.
+    pub stored: Vec<u8>,
+}
+
+/// Digest of a chunk's plain bytes.
+pub fn chunk_digest(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Hashes and compresses one chunk.
+pub fn encode_chunk(data: &[u8]) -> EncodedChunk {
+    let digest = chunk_digest(data);
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    let (flags, stored) = match compressed {
+        Some(c) if c.len() < data.len() => (CHUNK_FLAG_ZSTD, c),
+        _ => (0, data.to_vec()),
+    };
+    EncodedChunk {
+        digest,
+        flags,
+        uncompressed_size: data.len() as u32,
+        stored,
+    }
+}
+
+/// Decodes the stored bytes of a chunk and checks them against its digest.
+/// Never returns bytes that fail the check.
+pub fn decode_chunk(chunk: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
+    let bad = |reason: String| FormatError::BadChunk {
+        index: u64::from(chunk.index),
+        reason,
+    };
+    if stored.len() != chunk.compressed_size as usize {
+        return Err(bad(format!(
+            "got {} stored bytes, expected {}",
+            stored.len(),
+            chunk.compressed_size
+        )));
+    }
+    let plain = if chunk.compressed {
+        let plain = zstd::bulk::decompress(stored, chunk.uncompressed_size as usize)
+            .map_err(|e| bad(format!("zstd decode failed: {e}")))?;
+        if plain.len() != chunk.uncompressed_size as usize {
+            return Err(bad(format!(
+                "decoded {} bytes, expected {}",
+                plain.len(),
+                chunk.uncompressed_size
+            )));
+        }
+        plain
+    } else {
+        stored.to_vec()
+    };
+    let actual = chunk_digest(&plain);
+    if actual != chunk.digest {
+        return Err(bad(format!(
+            "digest mismatch: expected blake3:{}, got blake3:{}",
+            hex::encode(chunk.digest),
+            hex::encode(actual)
+        )));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(enc: &EncodedChunk) -> ChunkInfo {
+        ChunkInfo {
+            index: 7,
+            digest: enc.digest,
+            blob_index: 0,
+            compressed: enc.flags & CHUNK_FLAG_ZSTD != 0,
+            compressed_offset: 0,
+            compressed_size: enc.stored.len() as u32,
+            uncompressed_size: enc.uncompressed_size,
+        }
+    }
+
+    #[test]
+    fn compressible_and_random_round_trip() {
+        let text = b"hello petrel ".repeat(1000);
+        let enc = encode_chunk(&text);
+        assert_eq!(enc.flags, CHUNK_FLAG_ZSTD);
+        assert!(enc.stored.len() < text.len());
+        assert_eq!(decode_chunk(&info(&enc), &enc.stored).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let enc = encode_chunk(&noise);
+        assert_eq!(decode_chunk(&info(&enc), &enc.stored).unwrap(), noise);
+    }
+
+    #[test]
+    fn tampered_chunk_is_refused() {
+        let text = b"abc".repeat(5000);
+        let enc = encode_chunk(&text);
+        let mut stored = enc.stored.clone();
+        let last = stored.len() - 5;
+        stored[last] ^= 0xff;
+        assert!(decode_chunk(&info(&enc), &stored).is_err());
+        let mut wrong = info(&enc);
+        wrong.digest[0] ^= 1;
+        let err = decode_chunk(&wrong, &enc.stored).unwrap_err().to_string();
+        assert!(err.contains("digest mismatch"), "{err}");
+        let mut short = info(&enc);
+        short.uncompressed_size -= 1;
+        assert!(decode_chunk(&short, &enc.stored).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what petrel's demo, tests and benchmarks need on Debian (as root).
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+
+packages=(fuse3 zstd)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is required (Rust 1.85 or newer)" >&2
+  exit 1
+fi

@@ -1,0 +1,96 @@
+//! `petrel build`.
+
+use anyhow::Context;
+use petrel_builder::{build_paths, BuildOptions};
+use petrel_format::ChunkerParams;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Output image directory (bootstrap + blobs/sha256/...).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Inputs, lowest layer first: directories, tars, tar.gz or tar.zst files.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Chunker: fixed, fixed:SIZE, cdc or cdc:MIN:AVG:MAX (sizes accept K and M).
+    #[arg(long, default_value = "fixed:1M")]
+    chunker: ChunkerParams,
+    /// Files smaller than this many bytes are packed into shared chunks.
+    #[arg(long, default_value_t = petrel_builder::sink::DEFAULT_SMALL_FILE_LIMIT)]
+    small_file_limit: u32,
+    /// Hashing and compression threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// A path (file or directory) to put first in the blob; repeat in order.
+    #[arg(long = "prefetch")]
+    prefetch: Vec<PathBuf>,
+    /// A file listing prefetch paths, one per line, in order.
+    #[arg(long)]
+    prefetch_list: Option<PathBuf>,
+    /// Print the build report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let mut prefetch: Vec<Vec<u8>> = args
+        .prefetch
+        .iter()
+        .map(|p| p.as_os_str().as_bytes().to_vec())
+        .collect();
+    if let Some(list) = &args.prefetch_list {
+        let text = std::fs::read(list).with_context(|| format!("reading prefetch list {}", list.display()))?;
+        prefetch.extend(
+            text.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
+                .map(<[u8]>::to_vec),
+        );
+    }
+    let options = BuildOptions {
+        chunker: args.chunker,
+        small_file_limit: args.small_file_limit,
+        threads: args.threads,
+        prefetch,
+    };
+    let report = build_paths(&args.inputs, &args.output, options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for warning in &report.warnings {
+        eprintln!("petrel: warning: {warning}");
+    }
+    let out = &report.output;
+    println!("built {} in {:.2}s", args.output.display(), report.seconds);
+    println!("  layers         {}", report.layers);
+    println!("  inodes         {}", out.inodes);
+    println!(
+        "  file data      {} bytes in {} files ({} packed small files)",
+        report.data.bytes, report.data.files, report.data.packed_files
+    );
+    println!(
+        "  chunks         {} unique of {} submitted",
+        out.chunks, report.unique_chunks
+    );
+    match &out.blob {
+        Some(blob) => println!(
+            "  blob           {} ({} bytes, {} uncompressed)",
+            blob.digest, blob.size, blob.uncompressed_size
+        ),
+        None => println!("  blob           none (no file data)"),
+    }
+    println!(
+        "  bootstrap      {} ({} bytes)",
+        out.bootstrap_sha256, out.bootstrap_size
+    );
+    if out.prefetch_files > 0 {
+        println!(
+            "  prefetch       {} files, {} bytes at the front of the blob",
+            out.prefetch_files, out.prefetch_bytes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

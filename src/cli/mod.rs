@@ -1,0 +1,53 @@
+//! Command-line interface: argument parsing and one module per command.
+
+mod build;
+mod image_tools;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Lazy-loading container image filesystem.
+#[derive(Debug, Parser)]
+#[command(name = "petrel", version, about)]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug). PETREL_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a petrel image from directories, tars or OCI layer tars (lowest first).
+    Build(build::BuildArgs),
+    /// Show a summary of an image and, with --tree, every entry.
+    Inspect(image_tools::InspectArgs),
+    /// Verify the bootstrap, every chunk and every blob of an image.
+    Check(image_tools::CheckArgs),
+    /// Write an image's tree to a directory or a tar file.
+    Unpack(image_tools::UnpackArgs),
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PETREL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Build(args) => build::run(args),
+        Command::Inspect(args) => image_tools::inspect(args),
+        Command::Check(args) => image_tools::check(args),
+        Command::Unpack(args) => image_tools::unpack(args),
+    }
+}
