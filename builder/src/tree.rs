@@ -179,7 +179,14 @@ impl Tree {
                 continue;
             };
             match &self.nodes[entry.node].kind {
-                NodeKind::Directory(_) => stack.push(entry.node),
+                NodeKind::Directory(_) => {
+                    if create {
+                        // A layer that adds below a directory holds that directory too.
+                        let held = self.children_mut(current).get_mut(&component).expect("just found");
+                        held.layer = held.layer.max(layer);
+                    }
+                    stack.push(entry.node)
+                }
                 NodeKind::Symlink(target) => {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
@@ -237,9 +244,19 @@ impl Tree {
         }
     }
 
-    /// Applies an opaque marker: hides every entry lower layers put in `dir`.
+    /// Applies an opaque marker: hides everything lower layers put below `dir`, at
+    /// any depth. Directories this layer holds stay, with only this layer's content.
     pub fn make_opaque(&mut self, dir: NodeId, layer: usize) {
-        self.children_mut(dir).retain(|_, e| e.layer >= layer);
+        let mut pending = vec![dir];
+        while let Some(current) = pending.pop() {
+            let entries = self.children_mut(current);
+            entries.retain(|_, e| e.layer >= layer);
+            let kept: Vec<NodeId> = entries.values().map(|e| e.node).collect();
+            pending.extend(
+                kept.into_iter()
+                    .filter(|&n| matches!(self.nodes[n].kind, NodeKind::Directory(_))),
+            );
+        }
     }
 
     /// Number of nodes ever created (reachable or not).
