@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release --quiet --bin petrel --bin petrel-fixtures
+cargo build --release --quiet --bin petrel && cargo build --release --quiet -p petrel-fixtures
 bin=target/release
 work=$(mktemp -d /tmp/petrel-demo.XXXXXX)
 trap 'rm -rf -- "$work"' EXIT

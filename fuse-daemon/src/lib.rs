@@ -1,1 +1,18 @@
-//! placeholder
+//! petrel's FUSE daemon: maps a bootstrap and serves it through FUSE at once;
+//! reads fetch missing chunks on demand (merged range requests, one fetch per
+//! chunk), verify them, and keep them in a crash-safe local cache.
+
+pub mod backend;
+pub mod cache;
+pub mod control;
+pub mod error;
+pub mod fetch;
+pub mod fs;
+pub mod image;
+pub mod mount;
+pub mod stats;
+mod workers;
+
+pub use backend::{Backend, LocalBackend};
+pub use error::{DaemonError, Result};
+pub use mount::{mount, MountConfig, Mounted};

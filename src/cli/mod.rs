@@ -2,6 +2,7 @@
 
 mod build;
 mod image_tools;
+mod mount;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,12 +28,18 @@ pub enum Command {
     Check(image_tools::CheckArgs),
     /// Write an image's tree to a directory or a tar file.
     Unpack(image_tools::UnpackArgs),
+    /// Mount an image read-only through FUSE; data is fetched as it is read.
+    Mount(mount::MountArgs),
+    /// Unmount a petrel mount.
+    Umount(mount::UmountArgs),
+    /// Show a mount's counters (JSON, or Prometheus text).
+    Stats(mount::StatsArgs),
 }
 
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,fuser=error",
+        1 => "info,fuser=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PETREL_LOG")
@@ -49,5 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => image_tools::inspect(args),
         Command::Check(args) => image_tools::check(args),
         Command::Unpack(args) => image_tools::unpack(args),
+        Command::Mount(args) => mount::run_mount(args),
+        Command::Umount(args) => mount::run_umount(args),
+        Command::Stats(args) => mount::run_stats(args),
     }
 }

@@ -1,0 +1,18 @@
+//! `petrel-bench`: benchmarks that print tables. Every figure is stated beside a
+//! baseline measured in the same run on the same input, since these machines are
+//! shared and noisy. Run through `scripts/bench.sh` (release build).
+
+mod build;
+mod measure;
+mod trees;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("build") => build::run(&args[1..]),
+        _ => {
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N]");
+            std::process::exit(2)
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Timing and peak memory of a command, measured by GNU time.
+
+use anyhow::{bail, Context};
+use std::process::Command;
+use std::time::Instant;
+
+/// Wall time and peak RSS of one command run.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub seconds: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Runs `sh -c script` under `/usr/bin/time` and returns its wall time and peak RSS
+/// (the largest of the shell's children).
+pub fn run_shell(script: &str) -> anyhow::Result<Run> {
+    let rss_file = tempfile::NamedTempFile::new()?;
+    let started = Instant::now();
+    let status = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(rss_file.path())
+        .args(["sh", "-c", script])
+        .status()
+        .context("running /usr/bin/time (apt-get install time)")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("{script:?} failed: {status}");
+    }
+    let text = std::fs::read_to_string(rss_file.path())?;
+    let kib: f64 = text.trim().lines().last().unwrap_or("0").trim().parse().unwrap_or(0.0);
+    Ok(Run {
+        seconds,
+        peak_rss_mib: kib / 1024.0,
+    })
+}
+
+/// Drops the page cache so every run reads its input from disk alike.
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Total bytes of regular files below `dir`.
+pub fn tree_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = entry.metadata().expect("stat");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}

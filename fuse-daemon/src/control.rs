@@ -1,0 +1,78 @@
+//! The control socket of a mount: one request line in, one answer out.
+//! `stats` answers JSON, `metrics` answers Prometheus text.
+
+use crate::stats::Stats;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the control socket of a mountpoint lives: `<runtime_dir>/<hash>.sock`.
+pub fn socket_path(runtime_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let digest = petrel_format::codec::chunk_digest(canonical.as_os_str().as_encoded_bytes());
+    runtime_dir.join(format!("{}.sock", &hex::encode(digest)[..16]))
+}
+
+/// Serves requests until the process ends; removes the socket file when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket) with mode 0660.
+    pub fn start(path: &Path, stats: Arc<Stats>, image: String) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by a running daemon", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        std::thread::Builder::new()
+            .name("petrel-control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let _ = answer(stream, &stats, &image);
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn answer(stream: UnixStream, stats: &Stats, image: &str) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let snapshot = stats.snapshot();
+    let reply = match line.trim() {
+        "stats" => serde_json::json!({ "image": image, "stats": snapshot }).to_string() + "\n",
+        "metrics" => snapshot.prometheus(image),
+        other => format!("error: unknown request {other:?}; use stats or metrics\n"),
+    };
+    (&stream).write_all(reply.as_bytes())
+}
+
+/// Asks the daemon behind `path` for `request` (`stats` or `metrics`).
+pub fn request(path: &Path, request: &str) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,247 @@
+//! Makes chunks ready: merges neighbouring missing chunks into one range request,
+//! extends it over following not-yet-ready chunks up to the amplification window,
+//! verifies every chunk, stores it in the cache, and lets every reader waiting for
+//! a chunk share one fetch.
+
+use crate::backend::Backend;
+use crate::cache::ChunkCache;
+use crate::error::{DaemonError, Result};
+use crate::image::MappedImage;
+use crate::stats::Stats;
+use petrel_format::codec::decode_chunk;
+use petrel_format::reader::ChunkInfo;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Default amplification window: a fetch extends over following missing chunks up
+/// to this many stored bytes.
+pub const DEFAULT_AMPLIFY_BYTES: u64 = 1 << 20;
+/// Largest single range request, whatever the read asked for.
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+
+/// The outcome of one chunk's fetch, shared by everyone who waited for it.
+type Outcome = std::result::Result<Arc<Vec<u8>>, Arc<DaemonError>>;
+
+#[derive(Debug, Default)]
+struct Flight {
+    outcome: Mutex<Option<Outcome>>,
+    done: Condvar,
+}
+
+/// Plain bytes of a chunk, either in the cache or just fetched.
+#[derive(Debug, Clone)]
+pub enum ChunkBytes {
+    Cached,
+    Fetched(Arc<Vec<u8>>),
+}
+
+/// Fetches chunks of one image.
+#[derive(Debug)]
+pub struct Fetcher {
+    image: Arc<MappedImage>,
+    backend: Arc<dyn Backend>,
+    cache: Arc<ChunkCache>,
+    stats: Arc<Stats>,
+    amplify_bytes: u64,
+    in_flight: Mutex<HashMap<u32, Arc<Flight>>>,
+}
+
+impl Fetcher {
+    pub fn new(
+        image: Arc<MappedImage>,
+        backend: Arc<dyn Backend>,
+        cache: Arc<ChunkCache>,
+        stats: Arc<Stats>,
+        amplify_bytes: u64,
+    ) -> Self {
+        Fetcher {
+            image,
+            backend,
+            cache,
+            stats,
+            amplify_bytes,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// Makes chunk `index` ready; `through` is the last chunk the current read needs
+    /// (the fetch covers up to it when they are neighbours in the blob).
+    pub fn ensure(&self, index: u32, through: u32) -> Result<ChunkBytes, Arc<DaemonError>> {
+        loop {
+            if self.cache.is_ready(index) {
+                self.stats.cache_hits.fetch_add(1, Relaxed);
+                return Ok(ChunkBytes::Cached);
+            }
+            let (flight, planned) = {
+                let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                if let Some(flight) = in_flight.get(&index) {
+                    (Arc::clone(flight), None)
+                } else if self.cache.is_ready(index) {
+                    continue;
+                } else {
+                    let plan = self.plan(index, through, &in_flight).map_err(Arc::new)?;
+                    let flight = Arc::new(Flight::default());
+                    let flights: Vec<(ChunkInfo, Arc<Flight>)> = plan
+                        .into_iter()
+                        .map(|chunk| {
+                            let f = if chunk.index == index {
+                                Arc::clone(&flight)
+                            } else {
+                                Arc::new(Flight::default())
+                            };
+                            in_flight.insert(chunk.index, Arc::clone(&f));
+                            (chunk, f)
+                        })
+                        .collect();
+                    (flight, Some(flights))
+                }
+            };
+            match planned {
+                Some(flights) => {
+                    self.stats.cache_misses.fetch_add(1, Relaxed);
+                    self.fetch(&flights);
+                }
+                None => {
+                    self.stats.waited_on_inflight.fetch_add(1, Relaxed);
+                }
+            }
+            let mut outcome = flight.outcome.lock().expect("flight lock");
+            while outcome.is_none() {
+                outcome = flight.done.wait(outcome).expect("flight lock");
+            }
+            return outcome.clone().expect("set").map(ChunkBytes::Fetched);
+        }
+    }
+
+    /// Chunks to fetch in one request: `first`, then following chunks of the same
+    /// blob that are contiguous, missing and not in flight, through `through` and
+    /// then on while the request stays within the amplification window.
+    fn plan(&self, first: u32, through: u32, in_flight: &HashMap<u32, Arc<Flight>>) -> Result<Vec<ChunkInfo>> {
+        let bootstrap = self.image.bootstrap();
+        let head = bootstrap.chunk(first)?;
+        let mut plan = vec![head];
+        let mut end = head.compressed_offset + u64::from(head.compressed_size);
+        let mut next = first + 1;
+        while next < bootstrap.chunk_count() {
+            let chunk = bootstrap.chunk(next)?;
+            let span = end - head.compressed_offset + u64::from(chunk.compressed_size);
+            let wanted = next <= through || span <= self.amplify_bytes;
+            if !wanted
+                || span > MAX_REQUEST_BYTES
+                || chunk.blob_index != head.blob_index
+                || chunk.compressed_offset != end
+                || self.cache.is_ready(next)
+                || in_flight.contains_key(&next)
+            {
+                break;
+            }
+            end += u64::from(chunk.compressed_size);
+            plan.push(chunk);
+            next += 1;
+        }
+        Ok(plan)
+    }
+
+    /// Fetches the planned chunks with one range request, verifies and caches them,
+    /// and publishes each chunk's outcome.
+    fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)]) {
+        let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect());
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for ((chunk, flight), outcome) in flights.iter().zip(outcomes) {
+            in_flight.remove(&chunk.index);
+            *flight.outcome.lock().expect("flight lock") = Some(outcome);
+            flight.done.notify_all();
+        }
+    }
+
+    fn fetch_and_verify(&self, chunks: Vec<ChunkInfo>) -> Vec<Outcome> {
+        let bootstrap = self.image.bootstrap();
+        let first = chunks[0];
+        let last = chunks[chunks.len() - 1];
+        let start = first.compressed_offset;
+        let end = last.compressed_offset + u64::from(last.compressed_size);
+        let blob = match bootstrap.blob(first.blob_index) {
+            Ok(blob) => blob,
+            Err(e) => {
+                let e = Arc::new(DaemonError::from(e));
+                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
+            }
+        };
+        self.stats.backend_requests.fetch_add(1, Relaxed);
+        let bytes = match self.backend.read_range(&blob.digest, start, end - start) {
+            Ok(bytes) if bytes.len() as u64 == end - start => bytes,
+            Ok(bytes) => {
+                self.stats.backend_errors.fetch_add(1, Relaxed);
+                let e = Arc::new(DaemonError::Backend {
+                    blob: blob.oci_digest(),
+                    offset: start,
+                    end,
+                    source: std::io::Error::other(format!("got {} bytes", bytes.len())),
+                });
+                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
+            }
+            Err(source) => {
+                self.stats.backend_errors.fetch_add(1, Relaxed);
+                tracing::warn!(blob = %blob.oci_digest(), start, end, error = %source, "backend read failed");
+                let e = Arc::new(DaemonError::Backend {
+                    blob: blob.oci_digest(),
+                    offset: start,
+                    end,
+                    source,
+                });
+                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
+            }
+        };
+        self.stats.backend_bytes.fetch_add(bytes.len() as u64, Relaxed);
+        let mut outcomes = Vec::with_capacity(chunks.len());
+        let mut verified: Vec<(u32, Arc<Vec<u8>>)> = Vec::new();
+        for chunk in &chunks {
+            let at = (chunk.compressed_offset - start) as usize;
+            let stored = &bytes[at..at + chunk.compressed_size as usize];
+            match decode_chunk(chunk, stored) {
+                Ok(plain) => {
+                    let plain = Arc::new(plain);
+                    verified.push((chunk.index, Arc::clone(&plain)));
+                    outcomes.push(Ok(plain));
+                }
+                Err(source) => {
+                    self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
+                    let e = DaemonError::BadChunk {
+                        image: self.image.name().to_string(),
+                        blob: blob.oci_digest(),
+                        chunk: chunk.index,
+                        offset: chunk.compressed_offset,
+                        source,
+                    };
+                    tracing::error!("{e}: {}", e.source_text());
+                    outcomes.push(Err(Arc::new(e)));
+                }
+            }
+        }
+        self.stats.chunks_fetched.fetch_add(verified.len() as u64, Relaxed);
+        let to_store: Vec<(u32, &[u8])> = verified.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        if let Err(e) = self.cache.store(&to_store) {
+            // The bytes are verified; serve them even though they could not be cached.
+            tracing::warn!("could not cache {} chunks: {e}", to_store.len());
+        }
+        outcomes
+    }
+}
+
+impl DaemonError {
+    /// The innermost cause, for log lines.
+    pub fn source_text(&self) -> String {
+        let mut text = String::new();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text = s.to_string();
+            source = s.source();
+        }
+        text
+    }
+}

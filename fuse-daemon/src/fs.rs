@@ -1,0 +1,427 @@
+//! The FUSE filesystem: every request is answered from the mapped bootstrap;
+//! reads of cached chunks are served inline on the FUSE threads, reads that need a
+//! fetch are handed with their reply to the fetch workers, so a slow fetch never
+//! holds up reads of cached data.
+
+use crate::error::DaemonError;
+use crate::fetch::{ChunkBytes, Fetcher};
+use crate::image::MappedImage;
+use crate::stats::Stats;
+use crate::workers::Workers;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use petrel_format::reader::SegmentSource;
+use petrel_format::{Bootstrap, FileKind, FormatError, Inode};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The tree never changes, so the kernel may cache entries and attributes long.
+pub const CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Readahead asked of the kernel (it caps this at its own maximum).
+pub const MAX_READAHEAD: u32 = 1 << 20;
+
+/// A mounted petrel image.
+#[derive(Debug)]
+pub struct PetrelFs {
+    image: Arc<MappedImage>,
+    fetcher: Arc<Fetcher>,
+    stats: Arc<Stats>,
+    workers: Workers,
+}
+
+fn format_errno(e: &FormatError) -> Errno {
+    tracing::error!("corrupt bootstrap: {e}");
+    Errno::EIO
+}
+
+/// `SystemTime` of a stored (seconds, nanoseconds) time, also before 1970.
+pub fn system_time(sec: i64, nsec: u32) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(nsec));
+    if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec as u64) + nanos)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(sec.unsigned_abs()))
+            .and_then(|t| t.checked_add(nanos))
+    }
+    .unwrap_or(UNIX_EPOCH)
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// Linux `new_encode_dev`: the `rdev` the kernel decodes from a FUSE attr.
+pub fn encode_rdev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+/// Attributes of an inode as the kernel sees them.
+pub fn attributes(inode: &Inode<'_>) -> Result<FileAttr, FormatError> {
+    let kind = inode.kind()?;
+    let (sec, nsec) = inode.mtime();
+    let time = system_time(sec, nsec);
+    let size = if kind == FileKind::Directory {
+        4096
+    } else {
+        inode.size()
+    };
+    let (major, minor) = inode.rdev();
+    Ok(FileAttr {
+        ino: INodeNo(u64::from(inode.ino())),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind: file_type(kind),
+        perm: inode.permissions() as u16,
+        nlink: inode.nlink(),
+        uid: inode.uid(),
+        gid: inode.gid(),
+        rdev: encode_rdev(major, minor),
+        blksize: 4096,
+        flags: 0,
+    })
+}
+
+impl PetrelFs {
+    pub fn new(image: Arc<MappedImage>, fetcher: Arc<Fetcher>, stats: Arc<Stats>, fetch_threads: usize) -> Self {
+        PetrelFs {
+            image,
+            fetcher,
+            stats,
+            workers: Workers::start("petrel-fetch", fetch_threads),
+        }
+    }
+
+    fn bootstrap(&self) -> Bootstrap<'_> {
+        self.image.bootstrap()
+    }
+
+    fn inode(&self, ino: INodeNo) -> Result<Inode<'_>, Errno> {
+        let ino = u32::try_from(ino.0).map_err(|_| Errno::ENOENT)?;
+        self.bootstrap().inode(ino).map_err(|_| Errno::ENOENT)
+    }
+
+    /// Whether every chunk of the range is cached (so the read can be served inline).
+    fn all_cached(&self, ino: u32, offset: u64, size: u32) -> bool {
+        let bootstrap = self.bootstrap();
+        let Ok(inode) = bootstrap.inode(ino) else { return true };
+        let Ok(segments) = bootstrap.segments(&inode, offset, u64::from(size)) else {
+            return true;
+        };
+        segments.iter().all(|s| match s.source {
+            SegmentSource::Hole => true,
+            SegmentSource::Chunk { index, .. } => self.fetcher.cache().is_ready(index),
+        })
+    }
+}
+
+/// Reads bytes `[offset, offset + size)` of regular file `ino`, fetching what is missing.
+pub fn read_range(
+    image: &MappedImage,
+    fetcher: &Fetcher,
+    ino: u32,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Arc<DaemonError>> {
+    let bootstrap = image.bootstrap();
+    let inode = bootstrap.inode(ino).map_err(|e| Arc::new(e.into()))?;
+    let segments = bootstrap
+        .segments(&inode, offset, u64::from(size))
+        .map_err(|e| Arc::new(e.into()))?;
+    let last_chunk = segments
+        .iter()
+        .rev()
+        .find_map(|s| match s.source {
+            SegmentSource::Chunk { index, .. } => Some(index),
+            SegmentSource::Hole => None,
+        })
+        .unwrap_or(0);
+    let total: usize = segments.iter().map(|s| s.length as usize).sum();
+    let mut out = vec![0u8; total];
+    let mut at = 0usize;
+    for segment in &segments {
+        let target = &mut out[at..at + segment.length as usize];
+        if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
+            match fetcher.ensure(index, last_chunk)? {
+                ChunkBytes::Cached => fetcher.cache().read(index, chunk_offset, target).map_err(Arc::new)?,
+                ChunkBytes::Fetched(bytes) => {
+                    let start = chunk_offset as usize;
+                    target.copy_from_slice(&bytes[start..start + target.len()]);
+                }
+            }
+        }
+        at += segment.length as usize;
+    }
+    Ok(out)
+}
+
+impl Filesystem for PetrelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_READ;
+        if let Err(unsupported) = config.add_capabilities(wanted) {
+            let _ = config.add_capabilities(wanted - unsupported);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let bootstrap = self.bootstrap();
+        let result = self.inode(parent).and_then(|dir| {
+            if dir.kind().map_err(|e| format_errno(&e))? != FileKind::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            let ino = bootstrap
+                .lookup(&dir, name.as_bytes())
+                .map_err(|e| format_errno(&e))?
+                .ok_or(Errno::ENOENT)?;
+            let inode = bootstrap.inode(ino).map_err(|e| format_errno(&e))?;
+            attributes(&inode).map_err(|e| format_errno(&e))
+        });
+        match result {
+            Ok(attr) => reply.entry(&CACHE_TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self
+            .inode(ino)
+            .and_then(|i| attributes(&i).map_err(|e| format_errno(&e)))
+        {
+            Ok(attr) => reply.attr(&CACHE_TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = self
+            .inode(ino)
+            .and_then(|i| self.bootstrap().symlink_target(&i).map_err(|_| Errno::EINVAL));
+        match result {
+            Ok(target) => reply.data(target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inode(ino).map(|i| i.kind()) {
+            Ok(Ok(FileKind::Regular)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(Ok(FileKind::Directory)) => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let started = Instant::now();
+        let Ok(ino) = u32::try_from(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let serve = {
+            let image = Arc::clone(&self.image);
+            let fetcher = Arc::clone(&self.fetcher);
+            let stats = Arc::clone(&self.stats);
+            move || match read_range(&image, &fetcher, ino, offset, size) {
+                Ok(bytes) => {
+                    stats.record_read(started.elapsed(), bytes.len(), true);
+                    reply.data(&bytes);
+                }
+                Err(e) => {
+                    stats.record_read(started.elapsed(), 0, false);
+                    tracing::warn!(ino, offset, size, "read failed: {e}");
+                    reply.error(e.errno());
+                }
+            }
+        };
+        if self.all_cached(ino, offset, size) {
+            serve();
+        } else {
+            self.workers.run(Box::new(serve));
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino).map(|i| i.kind()) {
+            Ok(Ok(FileKind::Directory)) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let bootstrap = self.bootstrap();
+        let dir = match self.inode(ino) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let entries = match bootstrap.dir_entries(&dir) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(format_errno(&e)),
+        };
+        // Offsets: 1 is ".", 2 is "..", 3 + i is entry i.
+        let dots = [(1u64, dir.ino(), "."), (2, dir.parent(), "..")];
+        for (next, ino, name) in dots.iter().filter(|(next, ..)| *next > offset) {
+            if reply.add(INodeNo(u64::from(*ino)), *next, FileType::Directory, name) {
+                return reply.ok();
+            }
+        }
+        let skip = offset.saturating_sub(2) as usize;
+        for (i, entry) in entries.skip_to(skip).enumerate() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => return reply.error(format_errno(&e)),
+            };
+            let kind = match bootstrap.inode(entry.ino).and_then(|i| i.kind()) {
+                Ok(kind) => kind,
+                Err(e) => return reply.error(format_errno(&e)),
+            };
+            let next = 3 + (skip + i) as u64;
+            if reply.add(
+                INodeNo(u64::from(entry.ino)),
+                next,
+                file_type(kind),
+                OsStr::from_bytes(entry.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let bootstrap = self.bootstrap();
+        let dir = match self.inode(ino) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let entries = match bootstrap.dir_entries(&dir) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(format_errno(&e)),
+        };
+        let dots = [(1u64, dir.ino(), "."), (2, dir.parent(), "..")];
+        for (next, ino, name) in dots.iter().filter(|(next, ..)| *next > offset) {
+            let attr = match bootstrap.inode(*ino).and_then(|i| attributes(&i)) {
+                Ok(attr) => attr,
+                Err(e) => return reply.error(format_errno(&e)),
+            };
+            if reply.add(INodeNo(u64::from(*ino)), *next, name, &CACHE_TTL, &attr, Generation(0)) {
+                return reply.ok();
+            }
+        }
+        let skip = offset.saturating_sub(2) as usize;
+        for (i, entry) in entries.skip_to(skip).enumerate() {
+            let result = entry.and_then(|entry| Ok((entry, attributes(&bootstrap.inode(entry.ino)?)?)));
+            let (entry, attr) = match result {
+                Ok(pair) => pair,
+                Err(e) => return reply.error(format_errno(&e)),
+            };
+            let next = 3 + (skip + i) as u64;
+            if reply.add(
+                INodeNo(u64::from(entry.ino)),
+                next,
+                OsStr::from_bytes(entry.name),
+                &CACHE_TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = self.inode(ino).and_then(|i| {
+            self.bootstrap()
+                .xattr(&i, name.as_bytes())
+                .map_err(|e| format_errno(&e))
+        });
+        match result {
+            Ok(Some(value)) if size == 0 => reply.size(value.len() as u32),
+            Ok(Some(value)) if value.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(Some(value)) => reply.data(value),
+            Ok(None) => reply.error(Errno::ENODATA),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self
+            .inode(ino)
+            .and_then(|i| self.bootstrap().xattrs(&i).map_err(|e| format_errno(&e)));
+        let names = match result {
+            Ok(xattrs) => xattrs
+                .iter()
+                .flat_map(|(n, _)| n.iter().copied().chain([0u8]))
+                .collect::<Vec<u8>>(),
+            Err(e) => return reply.error(e),
+        };
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if names.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bootstrap = self.bootstrap();
+        let bytes: u64 = bootstrap
+            .blobs()
+            .filter_map(Result::ok)
+            .map(|b| b.uncompressed_size)
+            .sum();
+        let files = u64::from(bootstrap.inode_count());
+        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.inode(ino) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

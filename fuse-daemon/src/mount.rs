@@ -1,0 +1,183 @@
+//! Mounting and unmounting: the image, its cache and fetcher, the FUSE session and
+//! the control socket, put together.
+
+use crate::backend::{Backend, LocalBackend};
+use crate::cache::ChunkCache;
+use crate::control::ControlServer;
+use crate::error::{DaemonError, Result};
+use crate::fetch::{Fetcher, DEFAULT_AMPLIFY_BYTES};
+use crate::fs::PetrelFs;
+use crate::image::MappedImage;
+use crate::stats::{Stats, StatsSnapshot};
+use fuser::{Config, MountOption, SessionACL};
+use petrel_format::image_dir::ImageDir;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Image directory (`bootstrap` + `blobs/sha256/`); also the local backend.
+    pub image_dir: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Node cache root (bootstraps and chunk caches).
+    pub cache_dir: PathBuf,
+    /// Stored bytes a fetch may extend over following missing chunks.
+    pub amplify_bytes: u64,
+    /// Threads reading FUSE requests.
+    pub fuse_threads: usize,
+    /// Threads serving reads that wait for fetches.
+    pub fetch_threads: usize,
+    /// Control socket for `petrel stats`; none when unset.
+    pub control_socket: Option<PathBuf>,
+}
+
+impl MountConfig {
+    pub fn new(image_dir: impl Into<PathBuf>, mountpoint: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> Self {
+        MountConfig {
+            image_dir: image_dir.into(),
+            mountpoint: mountpoint.into(),
+            cache_dir: cache_dir.into(),
+            amplify_bytes: DEFAULT_AMPLIFY_BYTES,
+            fuse_threads: 4,
+            fetch_threads: 8,
+            control_socket: None,
+        }
+    }
+}
+
+/// A live mount; dropping it unmounts.
+#[derive(Debug)]
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    stats: Arc<Stats>,
+    mountpoint: PathBuf,
+    _control: Option<ControlServer>,
+}
+
+impl Mounted {
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Whether the session ended (unmounted from outside).
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let Some(session) = self.session.take() {
+            if session.guard.is_finished() {
+                let _ = session.join();
+            } else {
+                session
+                    .umount_and_join()
+                    .map_err(DaemonError::io("unmount", self.mountpoint.clone()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Cleans a mount left by a killed daemon ("Transport endpoint is not connected").
+pub fn clean_stale_mount(mountpoint: &Path) -> Result<bool> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "cleaning a stale mount left by a daemon that died");
+            rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| DaemonError::io("unmount stale", mountpoint)(e.into()))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Unmounts `mountpoint` (lazily when `lazy`).
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    rustix::mount::unmount(mountpoint, flags).map_err(|e| DaemonError::io("unmount", mountpoint)(e.into()))
+}
+
+/// Mounts an image from a local directory.
+pub fn mount(config: &MountConfig) -> Result<Mounted> {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&config.image_dir));
+    let name = config.image_dir.display().to_string();
+    mount_with_backend(
+        config,
+        backend,
+        &ImageDir::new(&config.image_dir).bootstrap_path(),
+        &name,
+    )
+}
+
+/// Mounts the bootstrap at `bootstrap_path`, fetching chunks from `backend`.
+pub fn mount_with_backend(
+    config: &MountConfig,
+    backend: Arc<dyn Backend>,
+    bootstrap_path: &Path,
+    name: &str,
+) -> Result<Mounted> {
+    clean_stale_mount(&config.mountpoint)?;
+    let image = Arc::new(MappedImage::open(bootstrap_path, &config.cache_dir, name)?);
+    let bootstrap = image.bootstrap();
+    let slot = u64::from(bootstrap.chunker().max_chunk_size());
+    let cache_dir = config.cache_dir.join("images").join(hex::encode(image.digest()));
+    let cache = Arc::new(ChunkCache::open(&cache_dir, bootstrap.chunk_count(), slot)?);
+    let stats = Arc::new(Stats::default());
+    let fetcher = Arc::new(Fetcher::new(
+        Arc::clone(&image),
+        backend,
+        cache,
+        Arc::clone(&stats),
+        config.amplify_bytes,
+    ));
+    let control = match &config.control_socket {
+        Some(path) => Some(
+            ControlServer::start(path, Arc::clone(&stats), name.to_string())
+                .map_err(DaemonError::io("serve control socket", path))?,
+        ),
+        None => None,
+    };
+    let fs = PetrelFs::new(image, fetcher, Arc::clone(&stats), config.fetch_threads);
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("petrel:{name}")),
+        MountOption::Subtype("petrel".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    fuse_config.acl = SessionACL::All;
+    fuse_config.n_threads = Some(config.fuse_threads.max(1));
+    fuse_config.clone_fd = true;
+    let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config)
+        .map_err(DaemonError::io("mount FUSE at", &config.mountpoint))?;
+    Ok(Mounted {
+        session: Some(session),
+        stats,
+        mountpoint: config.mountpoint.clone(),
+        _control: control,
+    })
+}

@@ -1,0 +1,171 @@
+//! Counters of a mount, shown by `petrel stats` as JSON or Prometheus text.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (microseconds) of the read latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    10, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
+
+/// Live counters; all updates are relaxed atomics (cheap on the read path).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub backend_requests: AtomicU64,
+    pub backend_bytes: AtomicU64,
+    pub backend_errors: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub chunks_failed_verification: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub bytes_served: AtomicU64,
+    /// Reads that waited for another reader's fetch of the same chunk.
+    pub waited_on_inflight: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub backend_requests: u64,
+    pub backend_bytes: u64,
+    pub backend_errors: u64,
+    pub chunks_fetched: u64,
+    pub chunks_failed_verification: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub reads: u64,
+    pub read_errors: u64,
+    pub bytes_served: u64,
+    pub waited_on_inflight: u64,
+    /// Reads per latency bucket; the last bucket is "above the largest bound".
+    pub read_latency_buckets_us: Vec<(u64, u64)>,
+    pub read_latency_sum_us: u64,
+}
+
+impl Stats {
+    pub fn record_read(&self, latency: Duration, bytes: usize, ok: bool) {
+        self.reads.fetch_add(1, Relaxed);
+        if ok {
+            self.bytes_served.fetch_add(bytes as u64, Relaxed);
+        } else {
+            self.read_errors.fetch_add(1, Relaxed);
+        }
+        let us = latency.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(us, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let bounds = LATENCY_BUCKETS_US.iter().copied().chain(std::iter::once(u64::MAX));
+        StatsSnapshot {
+            backend_requests: self.backend_requests.load(Relaxed),
+            backend_bytes: self.backend_bytes.load(Relaxed),
+            backend_errors: self.backend_errors.load(Relaxed),
+            chunks_fetched: self.chunks_fetched.load(Relaxed),
+            chunks_failed_verification: self.chunks_failed_verification.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_misses: self.cache_misses.load(Relaxed),
+            reads: self.reads.load(Relaxed),
+            read_errors: self.read_errors.load(Relaxed),
+            bytes_served: self.bytes_served.load(Relaxed),
+            waited_on_inflight: self.waited_on_inflight.load(Relaxed),
+            read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
+            read_latency_sum_us: self.latency_sum_us.load(Relaxed),
+        }
+    }
+}
+
+impl StatsSnapshot {
+    /// Prometheus text exposition format.
+    pub fn prometheus(&self, image: &str) -> String {
+        let label = format!("image=\"{}\"", image.replace('"', "'"));
+        let mut out = String::new();
+        let counters = [
+            (
+                "petrel_backend_requests_total",
+                self.backend_requests,
+                "Range requests sent to the backend",
+            ),
+            (
+                "petrel_backend_bytes_total",
+                self.backend_bytes,
+                "Bytes received from the backend",
+            ),
+            (
+                "petrel_backend_errors_total",
+                self.backend_errors,
+                "Failed backend requests",
+            ),
+            (
+                "petrel_chunks_fetched_total",
+                self.chunks_fetched,
+                "Chunks fetched and verified",
+            ),
+            (
+                "petrel_chunks_failed_verification_total",
+                self.chunks_failed_verification,
+                "Chunks whose digest did not match",
+            ),
+            (
+                "petrel_cache_hits_total",
+                self.cache_hits,
+                "Chunk reads served from the local cache",
+            ),
+            (
+                "petrel_cache_misses_total",
+                self.cache_misses,
+                "Chunk reads that needed a fetch",
+            ),
+            ("petrel_reads_total", self.reads, "FUSE read requests"),
+            (
+                "petrel_read_errors_total",
+                self.read_errors,
+                "FUSE reads answered with an error",
+            ),
+            (
+                "petrel_bytes_served_total",
+                self.bytes_served,
+                "Bytes returned to readers",
+            ),
+            (
+                "petrel_reads_waited_on_inflight_total",
+                self.waited_on_inflight,
+                "Reads that waited for an in-flight fetch",
+            ),
+        ];
+        for (name, value, help) in counters {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{label}}} {value}\n"
+            ));
+        }
+        out.push_str(
+            "# HELP petrel_read_latency_seconds FUSE read latency\n# TYPE petrel_read_latency_seconds histogram\n",
+        );
+        let mut cumulative = 0;
+        for (bound, count) in &self.read_latency_buckets_us {
+            cumulative += count;
+            let le = if *bound == u64::MAX {
+                "+Inf".to_string()
+            } else {
+                format!("{}", *bound as f64 / 1e6)
+            };
+            out.push_str(&format!(
+                "petrel_read_latency_seconds_bucket{{{label},le=\"{le}\"}} {cumulative}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "petrel_read_latency_seconds_sum{{{label}}} {}\n",
+            self.read_latency_sum_us as f64 / 1e6
+        ));
+        out.push_str(&format!("petrel_read_latency_seconds_count{{{label}}} {cumulative}\n"));
+        out
+    }
+}

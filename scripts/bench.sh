@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs a benchmark in release mode and prints its table.
+#   scripts/bench.sh build [--scale 0.25] [--layer-gib 4]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build --release --quiet --bin petrel && cargo build --release --quiet -p petrel-bench
+exec target/release/petrel-bench "$@"

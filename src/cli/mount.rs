@@ -1,0 +1,194 @@
+//! `petrel mount`, `petrel umount` and `petrel stats`.
+
+use anyhow::{bail, Context};
+use petrel_fuse_daemon::control;
+use petrel_fuse_daemon::mount::{mount, unmount, MountConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// Default node cache root.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/petrel/cache";
+/// Default directory of control sockets.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/petrel";
+/// How long `--daemon` waits for the mount to appear.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// Image directory (bootstrap + blobs/sha256/...).
+    image: PathBuf,
+    /// Where to mount it.
+    mountpoint: PathBuf,
+    /// Node cache root (verified bootstraps and chunk caches).
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// Directory of control sockets (for petrel stats).
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
+    runtime_dir: PathBuf,
+    /// Stored bytes a fetch may extend over following missing chunks.
+    #[arg(long, default_value_t = petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES)]
+    amplify_bytes: u64,
+    /// Threads reading FUSE requests.
+    #[arg(long, default_value_t = 4)]
+    fuse_threads: usize,
+    /// Threads serving reads that wait for fetches.
+    #[arg(long, default_value_t = 8)]
+    fetch_threads: usize,
+    /// Run in the background: return once mounted.
+    #[arg(long)]
+    daemon: bool,
+    /// With --daemon: write the daemon's pid here.
+    #[arg(long, requires = "daemon")]
+    pid_file: Option<PathBuf>,
+    /// With --daemon: append the daemon's log here (default: <cache-dir>/daemon.log).
+    #[arg(long, requires = "daemon")]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UmountArgs {
+    mountpoint: PathBuf,
+    /// Detach now even if busy (MNT_DETACH).
+    #[arg(long)]
+    lazy: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    mountpoint: PathBuf,
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
+    runtime_dir: PathBuf,
+    /// Print Prometheus text instead of JSON.
+    #[arg(long)]
+    prometheus: bool,
+}
+
+pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if args.daemon {
+        return spawn_daemon(&args);
+    }
+    let socket = control::socket_path(&args.runtime_dir, &args.mountpoint);
+    let config = MountConfig {
+        amplify_bytes: args.amplify_bytes,
+        fuse_threads: args.fuse_threads,
+        fetch_threads: args.fetch_threads,
+        control_socket: Some(socket),
+        ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
+    };
+    let mounted = mount(&config)
+        .with_context(|| format!("mounting {} at {}", args.image.display(), args.mountpoint.display()))?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let signal_tx = tx.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = signal_tx.send("signal");
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(_) => break,
+            Err(_) if mounted.is_finished() => {
+                tracing::info!("unmounted from outside");
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    mounted.unmount()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts this program again in the foreground, detached, and waits for the mount.
+fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    let log_path = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| args.cache_dir.join("daemon.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("mount")
+        .arg(&args.image)
+        .arg(&args.mountpoint)
+        .arg("--cache-dir")
+        .arg(&args.cache_dir)
+        .arg("--runtime-dir")
+        .arg(&args.runtime_dir)
+        .arg("--amplify-bytes")
+        .arg(args.amplify_bytes.to_string())
+        .arg("--fuse-threads")
+        .arg(args.fuse_threads.to_string())
+        .arg("--fetch-threads")
+        .arg(args.fetch_threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().context("starting the daemon")?;
+    let started = Instant::now();
+    while !is_mounted(&args.mountpoint)? {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon exited with {status} before mounting; see {}",
+                log_path.display()
+            );
+        }
+        if started.elapsed() > DAEMON_START_TIMEOUT {
+            bail!(
+                "the daemon did not mount within {DAEMON_START_TIMEOUT:?}; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, format!("{}\n", child.id()))
+            .with_context(|| format!("writing {}", pid_file.display()))?;
+    }
+    println!("{}", child.id());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a petrel FUSE filesystem is mounted at `mountpoint`.
+pub fn is_mounted(mountpoint: &Path) -> anyhow::Result<bool> {
+    let target = std::fs::canonicalize(mountpoint)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let at_target = fields.get(4).is_some_and(|p| Path::new(p) == target);
+        // After the " - " separator: filesystem type, then source.
+        let after = line.split(" - ").nth(1).unwrap_or("");
+        let mut rest = after.split(' ');
+        let fs_type = rest.next().unwrap_or("");
+        let source = rest.next().unwrap_or("");
+        at_target && fs_type.starts_with("fuse") && source.starts_with("petrel:")
+    }))
+}
+
+pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
+    unmount(&args.mountpoint, args.lazy).with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let socket = control::socket_path(&args.runtime_dir, &args.mountpoint);
+    let request = if args.prometheus { "metrics" } else { "stats" };
+    let answer = control::request(&socket, request).with_context(|| {
+        format!(
+            "asking the daemon of {} ({})",
+            args.mountpoint.display(),
+            socket.display()
+        )
+    })?;
+    print!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}

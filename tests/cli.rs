@@ -1,0 +1,194 @@
+//! The `petrel` binary end to end: build, inspect, check, unpack, and their exit
+//! codes and messages on bad input.
+
+use petrel_fixtures::layer_spec::write_layer;
+use petrel_fixtures::sample::{sample_layers, sample_prefetch_list};
+use petrel_fixtures::snapshot::{differences, scan};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn petrel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_petrel"))
+        .args(args)
+        .output()
+        .expect("run petrel")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn build_sample(dir: &Path) -> String {
+    let layers: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
+    let paths = petrel_fixtures::write_layer_files(&dir.join("layers"), &layers).unwrap();
+    let list = dir.join("prefetch.list");
+    std::fs::write(&list, sample_prefetch_list().join("\n")).unwrap();
+    let image = dir.join("image");
+    let mut args = vec![
+        "build",
+        "-o",
+        image.to_str().unwrap(),
+        "--prefetch-list",
+        list.to_str().unwrap(),
+    ];
+    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+    let out = petrel(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    image.to_str().unwrap().to_string()
+}
+
+#[test]
+fn build_inspect_check_unpack_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_sample(dir.path());
+
+    let out = petrel(&["inspect", &image, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["prefetch_files"], 4);
+    let prefetch = summary["prefetch_bytes"].as_u64().unwrap();
+    let blob = summary["blobs"][0]["compressed_size"].as_u64().unwrap();
+    assert!(
+        prefetch > 2 << 20 && prefetch < blob / 2,
+        "python3 and friends lead the blob: {summary}"
+    );
+    assert!(summary["files"].as_u64().unwrap() > 700);
+
+    let out = petrel(&["inspect", &image, "--tree"]);
+    let listing = text(&out);
+    assert!(
+        listing.contains("/app/app.py") && listing.contains("/bin/python -> /usr/bin/python3"),
+        "{listing}"
+    );
+    assert!(!listing.contains("pkg000.txt"), "whited out in layer 1");
+
+    let out = petrel(&["check", &image]);
+    assert!(out.status.success() && text(&out).starts_with("ok:"), "{}", text(&out));
+
+    let target = dir.path().join("rootfs");
+    let out = petrel(&["unpack", &image, target.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let app = std::fs::read_to_string(target.join("app/app.py")).unwrap();
+    assert!(app.contains("'release': 2"), "top layer wins: {app}");
+
+    // The tar form holds the same tree.
+    let tar = dir.path().join("rootfs.tar");
+    assert!(petrel(&["unpack", &image, tar.to_str().unwrap()]).status.success());
+    let again = dir.path().join("again");
+    assert!(petrel(&["build", "-o", again.to_str().unwrap(), tar.to_str().unwrap()])
+        .status
+        .success());
+    let target2 = dir.path().join("rootfs2");
+    assert!(petrel(&["unpack", again.to_str().unwrap(), target2.to_str().unwrap()])
+        .status
+        .success());
+    let diffs = differences(&scan(&target).unwrap(), &scan(&target2).unwrap());
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+#[test]
+fn check_names_the_bad_file_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_sample(dir.path());
+    let blob = std::fs::read_dir(Path::new(&image).join("blobs/sha256"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let out = petrel(&["check", &image]);
+    assert_eq!(out.status.code(), Some(1));
+    let message = text(&out);
+    assert!(
+        message.contains("check failed: file \"app/app.py\": chunk 0 at blob offset 0"),
+        "{message}"
+    );
+    let out = petrel(&["unpack", &image, dir.path().join("x").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("digest mismatch") || text(&out).contains("zstd"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let out = petrel(&["inspect", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("opening image") && text(&out).contains("No such file"),
+        "{}",
+        text(&out)
+    );
+
+    let out = petrel(&[
+        "build",
+        "-o",
+        dir.path().join("o").to_str().unwrap(),
+        "--chunker",
+        "fixed:5000",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("power of two"), "{}", text(&out));
+
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(
+        &junk,
+        b"definitely not a tar archive, but long enough to have a header? no",
+    )
+    .unwrap();
+    let out = petrel(&[
+        "build",
+        "-o",
+        dir.path().join("o").to_str().unwrap(),
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("layer 0"), "{}", text(&out));
+}
+
+#[test]
+fn directory_input_round_trips_and_skips_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("sub/a.txt"), b"alpha").unwrap();
+    std::fs::write(src.join("big.bin"), petrel_fixtures::rng::Rng::new(4).mixed(3 << 20)).unwrap();
+    std::fs::hard_link(src.join("sub/a.txt"), src.join("sub/deeper/a-link")).unwrap();
+    std::os::unix::fs::symlink("../big.bin", src.join("sub/big-link")).unwrap();
+    rustix::fs::lsetxattr(
+        src.join("big.bin").as_path(),
+        c"user.origin",
+        b"petrel",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let socket = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+    let image = dir.path().join("image");
+    let out = petrel(&["build", "-o", image.to_str().unwrap(), src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("sockets cannot be stored"), "{}", text(&out));
+    drop(socket);
+    std::fs::remove_file(src.join("sock")).unwrap();
+    let target = dir.path().join("out");
+    assert!(petrel(&["unpack", image.to_str().unwrap(), target.to_str().unwrap()])
+        .status
+        .success());
+    // Removing the socket changed the source root's mtime after the build; compare the rest.
+    let (mut expected, mut actual) = (scan(&src).unwrap(), scan(&target).unwrap());
+    expected.remove(&Vec::new());
+    actual.remove(&Vec::new());
+    let diffs = differences(&expected, &actual);
+    assert!(diffs.is_empty(), "{diffs:#?}");
+}
