@@ -97,9 +97,11 @@ impl Drop for Mounted {
 }
 
 /// Cleans a mount left by a killed daemon ("Transport endpoint is not connected").
+/// `statfs` always reaches the daemon (attributes may be answered from the kernel's
+/// cache), so it tells a dead connection from a live one.
 pub fn clean_stale_mount(mountpoint: &Path) -> Result<bool> {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
+    match rustix::fs::statfs(mountpoint) {
+        Err(rustix::io::Errno::NOTCONN) => {
             tracing::warn!(mountpoint = %mountpoint.display(), "cleaning a stale mount left by a daemon that died");
             rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
                 .map_err(|e| DaemonError::io("unmount stale", mountpoint)(e.into()))?;

@@ -41,7 +41,7 @@ pub struct MountArgs {
     /// With --daemon: write the daemon's pid here.
     #[arg(long, requires = "daemon")]
     pid_file: Option<PathBuf>,
-    /// With --daemon: append the daemon's log here (default: <cache-dir>/daemon.log).
+    /// With --daemon: append the daemon's log here (default: `<cache-dir>/daemon.log`).
     #[arg(long, requires = "daemon")]
     log_file: Option<PathBuf>,
 }

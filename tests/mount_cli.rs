@@ -1,0 +1,216 @@
+//! `petrel mount` as users run it: a foreground daemon killed with -9 in the middle
+//! of heavy fetching leaves a stale mount that the next mount cleans, and every byte
+//! read afterwards is right; SIGTERM unmounts cleanly; `--daemon`, `stats` and
+//! `umount` work together.
+
+use petrel_fixtures::layer_writer::LayerWriter;
+use petrel_fixtures::rng::Rng;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && rustix::process::geteuid().is_root();
+    if !ok {
+        eprintln!("SKIPPED: needs /dev/fuse and root");
+    }
+    ok
+}
+
+fn petrel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_petrel"))
+}
+
+fn files() -> Vec<(String, Vec<u8>)> {
+    (0..8)
+        .map(|i| {
+            (
+                format!("f{i}.bin"),
+                Rng::new(900 + i).mixed(4_000_000 + i as usize * 77_777),
+            )
+        })
+        .collect()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    mountpoint: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LayerWriter::new();
+        for (path, data) in files() {
+            w.file(&path, &Default::default(), &data);
+        }
+        let layer = dir.path().join("layer.tar");
+        std::fs::write(&layer, w.finish()).unwrap();
+        let image = dir.path().join("image");
+        let out = petrel()
+            .args(["build", "--chunker", "fixed:64K", "-o"])
+            .arg(&image)
+            .arg(&layer)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        Setup { dir, image, mountpoint }
+    }
+
+    fn mount_args(&self, command: &mut Command) {
+        command
+            .arg("mount")
+            .arg(&self.image)
+            .arg(&self.mountpoint)
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .arg("--runtime-dir")
+            .arg(self.dir.path().join("run"));
+    }
+
+    fn spawn_foreground(&self) -> Child {
+        let mut command = petrel();
+        self.mount_args(&mut command);
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        wait_until(|| is_petrel_mount(&self.mountpoint));
+        child
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Only our own mountpoint under our own temp dir.
+        let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+fn is_petrel_mount(mountpoint: &Path) -> bool {
+    let target = mountpoint.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
+}
+
+fn wait_until(mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < Duration::from_secs(30), "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_all(mountpoint: &Path) {
+    for (path, data) in files() {
+        assert_eq!(std::fs::read(mountpoint.join(&path)).unwrap(), data, "{path}");
+    }
+}
+
+#[test]
+fn kill_9_during_fetching_then_remount_serves_correct_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    for round in 0..3 {
+        let mut child = setup.spawn_foreground();
+        // Readers pull data while the daemon dies under them.
+        let readers: Vec<_> = files()
+            .into_iter()
+            .map(|(path, _)| {
+                let p = setup.mountpoint.join(path);
+                std::thread::spawn(move || {
+                    let _ = std::fs::read(p);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(30 + 40 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        let stale = rustix::fs::statfs(&setup.mountpoint).unwrap_err();
+        assert_eq!(stale, rustix::io::Errno::NOTCONN, "round {round}");
+    }
+    // The next mount cleans the stale one; everything cached or fetched is right.
+    let mut child = setup.spawn_foreground();
+    check_all(&setup.mountpoint);
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "daemon exits cleanly after umount: {status}");
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    let mut child = setup.spawn_foreground();
+    check_all(&setup.mountpoint);
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!is_petrel_mount(&setup.mountpoint));
+}
+
+#[test]
+fn daemon_mode_stats_and_umount() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    let pid_file = setup.dir.path().join("petrel.pid");
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command
+        .arg("--daemon")
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(is_petrel_mount(&setup.mountpoint));
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+
+    let data = std::fs::read(setup.mountpoint.join("f3.bin")).unwrap();
+    assert_eq!(data, files()[3].1);
+    let runtime = setup.dir.path().join("run");
+    let out = petrel()
+        .arg("stats")
+        .arg(&setup.mountpoint)
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stats["stats"]["bytes_served"].as_u64().unwrap() >= data.len() as u64,
+        "{stats}"
+    );
+    assert!(stats["stats"]["backend_requests"].as_u64().unwrap() >= 1);
+    let out = petrel()
+        .arg("stats")
+        .arg(&setup.mountpoint)
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .arg("--prometheus")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("petrel_backend_bytes_total{image=") && text.contains("petrel_read_latency_seconds_bucket"),
+        "{text}"
+    );
+
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until(|| !Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!is_petrel_mount(&setup.mountpoint));
+}
