@@ -4,14 +4,16 @@
 
 mod build;
 mod measure;
+mod mount;
 mod trees;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("build") => build::run(&args[1..]),
+        Some("mount") => mount::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m]");
             std::process::exit(2)
         }
     }
