@@ -16,7 +16,14 @@ fn bin(name: &str) -> PathBuf {
 }
 
 fn petrel_build(out: &Path, input: &Path, extra: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(bin("petrel")).arg("build").args(extra).arg("-o").arg(out).arg(input).stdout(Stdio::null()).status()?;
+    let status = Command::new(bin("petrel"))
+        .arg("build")
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(input)
+        .stdout(Stdio::null())
+        .status()?;
     if !status.success() {
         bail!("petrel build {} failed", input.display());
     }
@@ -59,7 +66,14 @@ impl Daemon {
             std::thread::sleep(Duration::from_micros(200));
         }
         let elapsed = started.elapsed();
-        Ok((Daemon { child, mountpoint: mountpoint.to_path_buf(), runtime: runtime.to_path_buf() }, elapsed))
+        Ok((
+            Daemon {
+                child,
+                mountpoint: mountpoint.to_path_buf(),
+                runtime: runtime.to_path_buf(),
+            },
+            elapsed,
+        ))
     }
 
     fn rss_mib(&self) -> f64 {
@@ -74,7 +88,12 @@ impl Daemon {
     }
 
     fn stats(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(bin("petrel")).arg("stats").arg(&self.mountpoint).arg("--runtime-dir").arg(&self.runtime).output()?;
+        let out = Command::new(bin("petrel"))
+            .arg("stats")
+            .arg(&self.mountpoint)
+            .arg("--runtime-dir")
+            .arg(&self.runtime)
+            .output()?;
         Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone())
     }
 }
@@ -125,7 +144,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut lines = Vec::new();
 
     // 1. Mount time and RSS after mount as the tree grows.
-    let sizes: Vec<usize> = if skip_million { vec![1_000, 100_000] } else { vec![1_000, 100_000, 1_000_000] };
+    let sizes: Vec<usize> = if skip_million {
+        vec![1_000, 100_000]
+    } else {
+        vec![1_000, 100_000, 1_000_000]
+    };
     let mut mount_rows = Vec::new();
     for &count in &sizes {
         let layer = w.join(format!("many-{count}.tar"));
@@ -144,7 +167,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let (_, _, base_first, base_warm, base_rss) = mount_rows[0];
     lines.push("mount (daemon start to mounted; first = bootstrap imported and verified into the cache, warm = already cached)".to_string());
-    lines.push("| files | bootstrap MiB | first mount ms | warm mount ms | warm / 1k | RSS after mount MiB | RSS / 1k |".into());
+    lines.push(
+        "| files | bootstrap MiB | first mount ms | warm mount ms | warm / 1k | RSS after mount MiB | RSS / 1k |"
+            .into(),
+    );
     lines.push("|---:|---:|---:|---:|---:|---:|---:|".into());
     for (count, bootstrap, first, warm, rss) in &mount_rows {
         lines.push(format!(
@@ -192,11 +218,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     drop(daemon);
     let mib = big_bytes as f64 / (1 << 20) as f64;
     lines.push(String::new());
-    lines.push(format!("sequential read of a {mib:.0} MiB file (cat > /dev/null); baseline = cat of the same file on local disk"));
+    lines.push(format!(
+        "sequential read of a {mib:.0} MiB file (cat > /dev/null); baseline = cat of the same file on local disk"
+    ));
     lines.push("| case | petrel MiB/s | disk MiB/s | petrel / disk |".into());
     lines.push("|---|---:|---:|---:|".into());
     for (name, p, d) in [
-        ("cold: petrel cache empty (local backend), page cache dropped", petrel_cold, disk_cold),
+        (
+            "cold: petrel cache empty (local backend), page cache dropped",
+            petrel_cold,
+            disk_cold,
+        ),
         ("petrel cache full, page cache dropped", petrel_cache_warm, disk_cold),
         ("page cache warm", petrel_page_warm, disk_warm),
     ] {
@@ -225,11 +257,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let petrel_walk_warm = seconds(&walk(&daemon.mountpoint))?;
     drop(daemon);
     lines.push(String::new());
-    lines.push(format!("find -type f | xargs stat over {count} files; baseline = the same tree on local disk"));
+    lines.push(format!(
+        "find -type f | xargs stat over {count} files; baseline = the same tree on local disk"
+    ));
     lines.push("| caches | petrel s | disk s | petrel / disk (time) |".into());
     lines.push("|---|---:|---:|---:|".into());
-    lines.push(format!("| dropped | {petrel_walk:.2} | {disk_walk:.2} | {:.2} |", petrel_walk / disk_walk));
-    lines.push(format!("| warm | {petrel_walk_warm:.2} | {disk_walk_warm:.2} | {:.2} |", petrel_walk_warm / disk_walk_warm));
+    lines.push(format!(
+        "| dropped | {petrel_walk:.2} | {disk_walk:.2} | {:.2} |",
+        petrel_walk / disk_walk
+    ));
+    lines.push(format!(
+        "| warm | {petrel_walk_warm:.2} | {disk_walk_warm:.2} | {:.2} |",
+        petrel_walk_warm / disk_walk_warm
+    ));
     std::fs::remove_dir_all(&tree)?;
 
     // 4. Startup-style random reads: 5% of the chunks of a 300 MiB image, random order.
@@ -262,7 +302,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let pick = candidates.swap_remove(rng.below(candidates.len() as u64) as usize);
         chosen.push(pick);
     }
-    let needed: u64 = chosen.iter().map(|(_, _, c)| u64::from(bootstrap.chunk(*c).map(|c| c.compressed_size).unwrap_or(0))).sum();
+    let needed: u64 = chosen
+        .iter()
+        .map(|(_, _, c)| u64::from(bootstrap.chunk(*c).map(|c| c.compressed_size).unwrap_or(0)))
+        .sum();
     let (daemon, _) = Daemon::start(&app_image, &w.join("mnt-app"), &w.join("cache-app"), &w.join("run"))?;
     let started = Instant::now();
     for (path, offset, _) in &chosen {
@@ -276,7 +319,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     drop(daemon);
     let fetched = stats["backend_bytes"].as_u64().unwrap_or(0);
     lines.push(String::new());
-    lines.push(format!("random reads: one 4 KiB read in each of {wanted} chunks (5% of {}) of a {:.0} MiB image, random order", seen.len(), scale * 300.0));
+    lines.push(format!(
+        "random reads: one 4 KiB read in each of {wanted} chunks (5% of {}) of a {:.0} MiB image, random order",
+        seen.len(),
+        scale * 300.0
+    ));
     lines.push("| bytes needed (chunks touched) | bytes fetched | fetched / needed | backend requests | chunks touched | time s |".into());
     lines.push("|---:|---:|---:|---:|---:|---:|".into());
     lines.push(format!(

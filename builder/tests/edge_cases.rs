@@ -91,3 +91,29 @@ fn builds_are_deterministic() {
         std::fs::read(ib.join("bootstrap")).unwrap()
     );
 }
+
+#[test]
+fn gzip_and_zstd_layers_build_the_same_image() {
+    use std::io::Write;
+    let layers: Vec<Vec<u8>> = edge_case_layers().into_iter().map(|l| l.tar).collect();
+    let gzip: Vec<Vec<u8>> = layers
+        .iter()
+        .map(|tar| {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(tar).unwrap();
+            encoder.finish().unwrap()
+        })
+        .collect();
+    let zstd: Vec<Vec<u8>> = layers
+        .iter()
+        .map(|tar| zstd::encode_all(tar.as_slice(), 3).unwrap())
+        .collect();
+    let mut digests = Vec::new();
+    for set in [&layers, &gzip, &zstd] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, report) = build_layers(dir.path(), set, BuildOptions::default()).unwrap();
+        digests.push(report.output.bootstrap_sha256);
+    }
+    assert_eq!(digests[0], digests[1], "gzip layers");
+    assert_eq!(digests[0], digests[2], "zstd layers");
+}

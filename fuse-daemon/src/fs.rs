@@ -171,6 +171,27 @@ pub fn read_range(
     Ok(out)
 }
 
+/// One listed entry: the offset of the entry after it, its inode, its name.
+type Listed<'a> = Result<(u64, u32, &'a [u8]), FormatError>;
+
+/// A directory's entries after readdir offset `offset`: 1 is ".", 2 is "..", and
+/// 3 + i is stored entry i.
+fn listing<'a>(
+    bootstrap: &Bootstrap<'a>,
+    dir: Inode<'a>,
+    offset: u64,
+) -> Result<impl Iterator<Item = Listed<'a>>, Errno> {
+    let entries = bootstrap.dir_entries(&dir).map_err(|e| format_errno(&e))?;
+    let dots = [(1u64, dir.ino(), &b"."[..]), (2, dir.parent(), &b".."[..])];
+    let dots = dots.into_iter().filter(move |(next, ..)| *next > offset).map(Ok);
+    let skip = offset.saturating_sub(2) as usize;
+    let stored = entries
+        .skip_to(skip)
+        .enumerate()
+        .map(move |(i, entry)| entry.map(|e| (3 + (skip + i) as u64, e.ino, e.name)));
+    Ok(dots.chain(stored))
+}
+
 impl Filesystem for PetrelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
@@ -291,39 +312,19 @@ impl Filesystem for PetrelFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let bootstrap = self.bootstrap();
-        let dir = match self.inode(ino) {
-            Ok(dir) => dir,
+        let entries = match self.inode(ino).and_then(|dir| listing(&bootstrap, dir, offset)) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(e),
         };
-        let entries = match bootstrap.dir_entries(&dir) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(format_errno(&e)),
-        };
-        // Offsets: 1 is ".", 2 is "..", 3 + i is entry i.
-        let dots = [(1u64, dir.ino(), "."), (2, dir.parent(), "..")];
-        for (next, ino, name) in dots.iter().filter(|(next, ..)| *next > offset) {
-            if reply.add(INodeNo(u64::from(*ino)), *next, FileType::Directory, name) {
-                return reply.ok();
-            }
-        }
-        let skip = offset.saturating_sub(2) as usize;
-        for (i, entry) in entries.skip_to(skip).enumerate() {
-            let entry = match entry {
-                Ok(entry) => entry,
+        for entry in entries {
+            let listed = entry.and_then(|(next, ino, name)| Ok((next, ino, name, bootstrap.inode(ino)?.kind()?)));
+            match listed {
+                Ok((next, ino, name, kind)) => {
+                    if reply.add(INodeNo(u64::from(ino)), next, file_type(kind), OsStr::from_bytes(name)) {
+                        break;
+                    }
+                }
                 Err(e) => return reply.error(format_errno(&e)),
-            };
-            let kind = match bootstrap.inode(entry.ino).and_then(|i| i.kind()) {
-                Ok(kind) => kind,
-                Err(e) => return reply.error(format_errno(&e)),
-            };
-            let next = 3 + (skip + i) as u64;
-            if reply.add(
-                INodeNo(u64::from(entry.ino)),
-                next,
-                file_type(kind),
-                OsStr::from_bytes(entry.name),
-            ) {
-                break;
             }
         }
         reply.ok();
@@ -331,41 +332,20 @@ impl Filesystem for PetrelFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let bootstrap = self.bootstrap();
-        let dir = match self.inode(ino) {
-            Ok(dir) => dir,
+        let entries = match self.inode(ino).and_then(|dir| listing(&bootstrap, dir, offset)) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(e),
         };
-        let entries = match bootstrap.dir_entries(&dir) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(format_errno(&e)),
-        };
-        let dots = [(1u64, dir.ino(), "."), (2, dir.parent(), "..")];
-        for (next, ino, name) in dots.iter().filter(|(next, ..)| *next > offset) {
-            let attr = match bootstrap.inode(*ino).and_then(|i| attributes(&i)) {
-                Ok(attr) => attr,
+        for entry in entries {
+            let listed = entry.and_then(|(next, ino, name)| Ok((next, ino, name, attributes(&bootstrap.inode(ino)?)?)));
+            match listed {
+                Ok((next, ino, name, attr)) => {
+                    let name = OsStr::from_bytes(name);
+                    if reply.add(INodeNo(u64::from(ino)), next, name, &CACHE_TTL, &attr, Generation(0)) {
+                        break;
+                    }
+                }
                 Err(e) => return reply.error(format_errno(&e)),
-            };
-            if reply.add(INodeNo(u64::from(*ino)), *next, name, &CACHE_TTL, &attr, Generation(0)) {
-                return reply.ok();
-            }
-        }
-        let skip = offset.saturating_sub(2) as usize;
-        for (i, entry) in entries.skip_to(skip).enumerate() {
-            let result = entry.and_then(|entry| Ok((entry, attributes(&bootstrap.inode(entry.ino)?)?)));
-            let (entry, attr) = match result {
-                Ok(pair) => pair,
-                Err(e) => return reply.error(format_errno(&e)),
-            };
-            let next = 3 + (skip + i) as u64;
-            if reply.add(
-                INodeNo(u64::from(entry.ino)),
-                next,
-                OsStr::from_bytes(entry.name),
-                &CACHE_TTL,
-                &attr,
-                Generation(0),
-            ) {
-                break;
             }
         }
         reply.ok();

@@ -30,6 +30,8 @@ pub struct MountConfig {
     pub fetch_threads: usize,
     /// Control socket for `petrel stats`; none when unset.
     pub control_socket: Option<PathBuf>,
+    /// Directory whose `blobs/sha256/` holds the blobs, when not the image directory.
+    pub blob_dir: Option<PathBuf>,
 }
 
 impl MountConfig {
@@ -42,6 +44,7 @@ impl MountConfig {
             fuse_threads: 4,
             fetch_threads: 8,
             control_socket: None,
+            blob_dir: None,
         }
     }
 }
@@ -111,6 +114,21 @@ pub fn clean_stale_mount(mountpoint: &Path) -> Result<bool> {
     }
 }
 
+/// Whether a petrel FUSE filesystem is mounted at `mountpoint` (per mountinfo).
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(target) = std::fs::canonicalize(mountpoint) else {
+        return false;
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo.lines().any(|line| {
+        let at_target = line.split(' ').nth(4).is_some_and(|p| Path::new(p) == target);
+        // After the " - " separator: filesystem type, then source.
+        let mut after = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        let (fs_type, source) = (after.next().unwrap_or(""), after.next().unwrap_or(""));
+        at_target && fs_type.starts_with("fuse") && source.starts_with("petrel:")
+    })
+}
+
 /// Unmounts `mountpoint` (lazily when `lazy`).
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let flags = if lazy {
@@ -123,7 +141,8 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
 
 /// Mounts an image from a local directory.
 pub fn mount(config: &MountConfig) -> Result<Mounted> {
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&config.image_dir));
+    let blobs = config.blob_dir.as_ref().unwrap_or(&config.image_dir);
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(blobs));
     let name = config.image_dir.display().to_string();
     mount_with_backend(
         config,

@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Context};
 use petrel_fuse_daemon::control;
-use petrel_fuse_daemon::mount::{mount, unmount, MountConfig};
-use std::path::{Path, PathBuf};
+use petrel_fuse_daemon::mount::{is_mounted, mount, unmount, MountConfig};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,10 @@ pub struct MountArgs {
     image: PathBuf,
     /// Where to mount it.
     mountpoint: PathBuf,
+    /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
+    /// instead of the image directory's.
+    #[arg(long)]
+    blob_dir: Option<PathBuf>,
     /// Node cache root (verified bootstraps and chunk caches).
     #[arg(long, default_value = DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
@@ -74,6 +78,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         fuse_threads: args.fuse_threads,
         fetch_threads: args.fetch_threads,
         control_socket: Some(socket),
+        blob_dir: args.blob_dir.clone(),
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
     let mounted = mount(&config)
@@ -123,6 +128,11 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
         .arg(&args.cache_dir)
         .arg("--runtime-dir")
         .arg(&args.runtime_dir)
+        .args(
+            args.blob_dir
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
+        )
         .arg("--amplify-bytes")
         .arg(args.amplify_bytes.to_string())
         .arg("--fuse-threads")
@@ -135,7 +145,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().context("starting the daemon")?;
     let started = Instant::now();
-    while !is_mounted(&args.mountpoint)? {
+    while !is_mounted(&args.mountpoint) {
         if let Some(status) = child.try_wait()? {
             bail!(
                 "the daemon exited with {status} before mounting; see {}",
@@ -156,22 +166,6 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{}", child.id());
     Ok(ExitCode::SUCCESS)
-}
-
-/// Whether a petrel FUSE filesystem is mounted at `mountpoint`.
-pub fn is_mounted(mountpoint: &Path) -> anyhow::Result<bool> {
-    let target = std::fs::canonicalize(mountpoint)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(mountinfo.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let at_target = fields.get(4).is_some_and(|p| Path::new(p) == target);
-        // After the " - " separator: filesystem type, then source.
-        let after = line.split(" - ").nth(1).unwrap_or("");
-        let mut rest = after.split(' ');
-        let fs_type = rest.next().unwrap_or("");
-        let source = rest.next().unwrap_or("");
-        at_target && fs_type.starts_with("fuse") && source.starts_with("petrel:")
-    }))
 }
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
