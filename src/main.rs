@@ -2,6 +2,7 @@
 //! container images.
 
 mod cli;
+mod convert;
 
 use clap::Parser;
 

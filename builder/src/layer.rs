@@ -15,7 +15,7 @@ pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub const MAX_SYMLINK_TARGET: usize = 4096;
 
 /// Wraps a layer stream in the decompressor its first bytes call for: gzip, zstd or none.
-pub fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
+pub fn decompressed<'a>(reader: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
     let mut buffered = BufReader::with_capacity(1 << 20, reader);
     let head = buffered.fill_buf()?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {

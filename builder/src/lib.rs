@@ -97,8 +97,10 @@ impl ImageBuilder {
         })
     }
 
-    /// Applies one layer: a tar stream, plain or gzip/zstd-compressed.
-    pub fn add_layer(&mut self, reader: impl Read + 'static) -> Result<()> {
+    /// Applies one layer: a tar stream, plain or gzip/zstd-compressed. The reader may
+    /// be left before its end (after the tar's end marker); callers that verify a
+    /// digest drain it afterwards.
+    pub fn add_layer(&mut self, reader: impl Read) -> Result<()> {
         let layer = self.layers;
         let mut stream = layer::decompressed(reader).map_err(|source| BuildError::Archive { layer, source })?;
         self.entries += layer::apply_tar_layer(&mut self.tree, &mut self.sink, &mut stream, layer, &mut self.warnings)?;

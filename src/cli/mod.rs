@@ -1,8 +1,10 @@
 //! Command-line interface: argument parsing and one module per command.
 
 mod build;
+mod convert;
 mod image_tools;
 mod mount;
+pub mod registry_args;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -20,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Convert an OCI image (registry, OCI layout or archive) into a petrel image.
+    Convert(convert::ConvertArgs),
     /// Build a petrel image from directories, tars or OCI layer tars (lowest first).
     Build(build::BuildArgs),
     /// Show a summary of an image and, with --tree, every entry.
@@ -52,6 +56,7 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Convert(args) => convert::run(args),
         Command::Build(args) => build::run(args),
         Command::Inspect(args) => image_tools::inspect(args),
         Command::Check(args) => image_tools::check(args),

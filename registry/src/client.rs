@@ -1,0 +1,487 @@
+//! A blocking OCI distribution client for one registry.
+
+use crate::auth::{parse_challenge, Challenge, Credentials};
+use crate::error::{RegistryError, Result};
+use crate::oci::{sha256_digest, MANIFEST_ACCEPT};
+use crate::retry::{Attempts, RetryPolicy};
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, StatusCode};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Largest manifest or config accepted (bytes).
+pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
+
+/// How to reach a registry.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Use http:// (always allowed for localhost and 127.0.0.0/8).
+    pub plain_http: bool,
+    /// Extra PEM CA certificates, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Explicit credentials; else the Docker config is consulted.
+    pub credentials: Option<Credentials>,
+    pub retry: RetryPolicy,
+    /// Mirrors tried first for reads (base URLs such as `http://127.0.0.1:65001`).
+    pub mirrors: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            plain_http: false,
+            ca_file: None,
+            credentials: None,
+            retry: RetryPolicy::default(),
+            mirrors: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum AuthState {
+    Anonymous,
+    Basic,
+    Bearer(String),
+}
+
+/// A client of one registry host.
+#[derive(Debug)]
+pub struct RegistryClient {
+    http: Client,
+    registry: String,
+    base: String,
+    mirrors: Vec<String>,
+    credentials: Option<Credentials>,
+    auth: Mutex<AuthState>,
+    retry: RetryPolicy,
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error()
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+impl RegistryClient {
+    /// A client for `registry` (`host[:port]`).
+    pub fn new(registry: &str, options: &ClientOptions) -> Result<Self> {
+        let local = crate::reference::ImageRef {
+            registry: registry.into(),
+            repository: "x".into(),
+            tag: None,
+            digest: None,
+        }
+        .is_local();
+        let scheme = if options.plain_http || local { "http" } else { "https" };
+        let mut builder = Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .timeout(options.request_timeout)
+            .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &options.ca_file {
+            let pem = std::fs::read(path).map_err(RegistryError::io("read CA file", path))?;
+            let certificate = reqwest::Certificate::from_pem(&pem).map_err(|e| RegistryError::BadContent {
+                what: path.display().to_string(),
+                reason: format!("not a PEM certificate: {e}"),
+            })?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let http = builder.build().map_err(|source| RegistryError::Transport {
+            method: "build",
+            url: registry.into(),
+            source,
+        })?;
+        let credentials = options
+            .credentials
+            .clone()
+            .or_else(|| Credentials::from_docker_config(registry));
+        Ok(RegistryClient {
+            http,
+            registry: registry.into(),
+            base: format!("{scheme}://{registry}"),
+            mirrors: options
+                .mirrors
+                .iter()
+                .map(|m| m.trim_end_matches('/').to_string())
+                .collect(),
+            credentials,
+            auth: Mutex::new(AuthState::Anonymous),
+            retry: options.retry,
+        })
+    }
+
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        match &*self.auth.lock().expect("auth lock") {
+            AuthState::Anonymous => request,
+            AuthState::Basic => match &self.credentials {
+                Some(c) => request.header(AUTHORIZATION, c.basic_header()),
+                None => request,
+            },
+            AuthState::Bearer(token) => request.bearer_auth(token),
+        }
+    }
+
+    /// Answers a 401 challenge: switches to Basic or fetches a fresh Bearer token.
+    fn authenticate(&self, challenge_header: Option<&str>) -> Result<()> {
+        let auth_error = |reason: String| RegistryError::Auth {
+            registry: self.registry.clone(),
+            reason,
+        };
+        let challenge = challenge_header
+            .and_then(parse_challenge)
+            .ok_or_else(|| auth_error("401 without a usable WWW-Authenticate challenge".into()))?;
+        let state = match challenge {
+            Challenge::Basic => {
+                if self.credentials.is_none() {
+                    return Err(auth_error(
+                        "the registry wants Basic credentials; give --creds or a Docker config".into(),
+                    ));
+                }
+                AuthState::Basic
+            }
+            Challenge::Bearer { realm, service, scope } => {
+                let mut request = self.http.get(&realm);
+                let mut query = Vec::new();
+                if let Some(service) = &service {
+                    query.push(("service", service.as_str()));
+                }
+                if let Some(scope) = &scope {
+                    query.push(("scope", scope.as_str()));
+                }
+                request = request.query(&query);
+                if let Some(c) = &self.credentials {
+                    request = request.header(AUTHORIZATION, c.basic_header());
+                }
+                let response = request
+                    .send()
+                    .map_err(|e| auth_error(format!("token request to {realm} failed: {}", e.without_url())))?;
+                if !response.status().is_success() {
+                    return Err(auth_error(format!(
+                        "token endpoint {realm} answered HTTP {}",
+                        response.status().as_u16()
+                    )));
+                }
+                let body: serde_json::Value = response
+                    .json()
+                    .map_err(|e| auth_error(format!("token endpoint {realm} sent no JSON: {}", e.without_url())))?;
+                let token = body
+                    .get("token")
+                    .or_else(|| body.get("access_token"))
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| auth_error(format!("token endpoint {realm} sent no token")))?;
+                AuthState::Bearer(token.to_string())
+            }
+        };
+        *self.auth.lock().expect("auth lock") = state;
+        Ok(())
+    }
+
+    /// Sends a request built by `build` for `url`, with auth, retries and backoff.
+    /// Returns the first response that is not a retryable failure.
+    fn send(&self, method: Method, url: &str, build: &dyn Fn(RequestBuilder) -> RequestBuilder) -> Result<Response> {
+        let method_name = match method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            Method::PUT => "PUT",
+            Method::POST => "POST",
+            Method::PATCH => "PATCH",
+            Method::DELETE => "DELETE",
+            _ => "request",
+        };
+        let mut attempts = Attempts::new(self.retry);
+        let mut auth_rounds = 0;
+        loop {
+            attempts.made += 1;
+            let request = self.authorize(build(self.http.request(method.clone(), url)));
+            let outcome = request.send();
+            let (hint, last) = match outcome {
+                Ok(response) if response.status() == StatusCode::UNAUTHORIZED && auth_rounds < 2 => {
+                    auth_rounds += 1;
+                    let header = response
+                        .headers()
+                        .get(WWW_AUTHENTICATE)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string);
+                    self.authenticate(header.as_deref())?;
+                    attempts.made -= 1;
+                    continue;
+                }
+                Ok(response) if is_retryable_status(response.status()) => (
+                    retry_after(response.headers()),
+                    format!("HTTP {}", response.status().as_u16()),
+                ),
+                Ok(response) => return Ok(response),
+                Err(e) if e.is_builder() || e.is_redirect() => {
+                    return Err(RegistryError::Transport {
+                        method: method_name,
+                        url: url.into(),
+                        source: e.without_url(),
+                    })
+                }
+                Err(e) => (None, e.without_url().to_string()),
+            };
+            tracing::debug!(url, attempt = attempts.made, "retrying after {last}");
+            if !attempts.wait_before_retry(hint) {
+                return Err(RegistryError::GaveUp {
+                    method: method_name,
+                    url: url.into(),
+                    attempts: attempts.made,
+                    seconds: attempts.elapsed().as_secs_f64(),
+                    last,
+                });
+            }
+        }
+    }
+
+    fn status_error(method: &'static str, url: &str, response: Response) -> RegistryError {
+        let status = response.status().as_u16();
+        let body = response.text().unwrap_or_default();
+        let detail = if body.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", body.chars().take(300).collect::<String>().trim())
+        };
+        RegistryError::Status {
+            method,
+            url: url.into(),
+            status,
+            detail,
+        }
+    }
+
+    /// Base URLs to read from: mirrors first, then the registry.
+    fn read_bases(&self) -> impl Iterator<Item = &str> {
+        self.mirrors
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.base.as_str()))
+    }
+
+    /// Tries each read base in turn; a mirror's failure falls through to the registry.
+    fn get_from_any(
+        &self,
+        path: &str,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+        ok: &dyn Fn(StatusCode) -> bool,
+    ) -> Result<Response> {
+        let mut last = None;
+        for base in self.read_bases() {
+            let url = format!("{base}{path}");
+            match self.send(Method::GET, &url, build) {
+                Ok(response) if ok(response.status()) => return Ok(response),
+                Ok(response) => last = Some(Self::status_error("GET", &url, response)),
+                Err(e) => last = Some(e),
+            }
+            if base != self.base {
+                tracing::warn!(mirror = base, "mirror failed; trying the next source");
+            }
+        }
+        Err(last.expect("at least the registry itself"))
+    }
+
+    /// Fetches a manifest or index: (bytes, media type, digest). A digest reference
+    /// is verified against the bytes.
+    pub fn get_manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let response = self.get_from_any(&path, &|r| r.header(ACCEPT, MANIFEST_ACCEPT), &|s| s.is_success())?;
+        let declared = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut bytes = Vec::new();
+        response
+            .take(MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::BadContent {
+                what: format!("manifest {repository}:{reference}"),
+                reason: e.to_string(),
+            })?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::BadContent {
+                what: format!("manifest {repository}:{reference}"),
+                reason: "larger than 8 MiB".into(),
+            });
+        }
+        let digest = sha256_digest(&bytes);
+        if reference.starts_with("sha256:") && digest != reference {
+            return Err(RegistryError::DigestMismatch {
+                what: "manifest",
+                digest: reference.into(),
+                actual: digest,
+            });
+        }
+        let media_type = crate::oci::manifest_media_type(&bytes, declared.as_deref());
+        Ok((bytes, media_type, digest))
+    }
+
+    /// A streaming reader of a whole blob (not verified: callers hash as they read).
+    pub fn blob_reader(&self, repository: &str, digest: &str) -> Result<Response> {
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK)
+    }
+
+    /// A small blob (config, bootstrap) read whole and verified against its digest.
+    pub fn get_blob_verified(&self, repository: &str, digest: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.blob_reader(repository, digest)?
+            .take(max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::BadContent {
+                what: format!("blob {digest}"),
+                reason: e.to_string(),
+            })?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(RegistryError::BadContent {
+                what: format!("blob {digest}"),
+                reason: format!("larger than {max_bytes} bytes"),
+            });
+        }
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what: "blob",
+                digest: digest.into(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Exactly `len` bytes at `offset` of a blob, by a Range request. A server that
+    /// ignores Range and sends the whole blob (200) is handled by skipping ahead; a
+    /// body cut short is retried within the retry budget.
+    pub fn get_blob_range(&self, repository: &str, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
+        let mut attempts = Attempts::new(self.retry);
+        loop {
+            attempts.made += 1;
+            let response = self.get_from_any(&path, &|r| r.header(RANGE, &range), &|s| {
+                s == StatusCode::PARTIAL_CONTENT || s == StatusCode::OK
+            })?;
+            let skip = if response.status() == StatusCode::OK { offset } else { 0 };
+            let mut body = response;
+            let result = (|| -> std::io::Result<Vec<u8>> {
+                std::io::copy(&mut (&mut body).take(skip), &mut std::io::sink())?;
+                let mut out = Vec::with_capacity(len as usize);
+                (&mut body).take(len).read_to_end(&mut out)?;
+                Ok(out)
+            })();
+            let last = match result {
+                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
+                Ok(bytes) => format!("body ended after {} of {len} bytes", bytes.len()),
+                Err(e) => e.to_string(),
+            };
+            if !attempts.wait_before_retry(None) {
+                return Err(RegistryError::GaveUp {
+                    method: "GET",
+                    url: format!("{}{path} ({range})", self.base),
+                    attempts: attempts.made,
+                    seconds: attempts.elapsed().as_secs_f64(),
+                    last,
+                });
+            }
+        }
+    }
+
+    /// Whether the registry already has a blob.
+    pub fn has_blob(&self, repository: &str, digest: &str) -> Result<bool> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let response = self.send(Method::HEAD, &url, &|r| r)?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(Self::status_error("HEAD", &url, response)),
+        }
+    }
+
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            format!("{}{location}", self.base)
+        }
+    }
+
+    /// Uploads the file at `path` as blob `digest` unless the registry has it, trying
+    /// a cross-repository mount from `mount_from` first. Returns whether bytes were sent.
+    pub fn push_blob(&self, repository: &str, digest: &str, path: &Path, mount_from: Option<&str>) -> Result<bool> {
+        if self.has_blob(repository, digest)? {
+            return Ok(false);
+        }
+        let mut start = format!("{}/v2/{repository}/blobs/uploads/", self.base);
+        if let Some(from) = mount_from.filter(|f| *f != repository) {
+            start = format!("{start}?mount={digest}&from={from}");
+        }
+        let response = self.send(Method::POST, &start, &|r| r.header(CONTENT_LENGTH, "0"))?;
+        if response.status() == StatusCode::CREATED {
+            return Ok(false);
+        }
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(Self::status_error("POST", &start, response));
+        }
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| RegistryError::BadContent {
+                what: start.clone(),
+                reason: "upload answer without Location".into(),
+            })?;
+        let location = self.absolute(location);
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{separator}digest={digest}");
+        let size = std::fs::metadata(path).map_err(RegistryError::io("stat", path))?.len();
+        let response = self.send(Method::PUT, &put, &|r| {
+            let body = match std::fs::File::open(path) {
+                Ok(file) => reqwest::blocking::Body::sized(file, size),
+                Err(_) => reqwest::blocking::Body::from(Vec::new()),
+            };
+            r.header(CONTENT_TYPE, "application/octet-stream").body(body)
+        })?;
+        if response.status() != StatusCode::CREATED {
+            return Err(Self::status_error("PUT", &put, response));
+        }
+        Ok(true)
+    }
+
+    /// Uploads small in-memory content (config, manifest parts) as a blob.
+    pub fn push_blob_bytes(&self, repository: &str, bytes: &[u8]) -> Result<String> {
+        let digest = sha256_digest(bytes);
+        let temp = tempfile::NamedTempFile::new().map_err(RegistryError::io("create", std::env::temp_dir()))?;
+        std::fs::write(temp.path(), bytes).map_err(RegistryError::io("write", temp.path()))?;
+        self.push_blob(repository, &digest, temp.path(), None)?;
+        Ok(digest)
+    }
+
+    /// Stores a manifest under `reference` (a tag or its digest).
+    pub fn put_manifest(&self, repository: &str, reference: &str, media_type: &str, bytes: &[u8]) -> Result<String> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let body = bytes.to_vec();
+        let response = self.send(Method::PUT, &url, &|r| {
+            r.header(CONTENT_TYPE, media_type).body(body.clone())
+        })?;
+        if !response.status().is_success() {
+            return Err(Self::status_error("PUT", &url, response));
+        }
+        Ok(sha256_digest(bytes))
+    }
+}

@@ -1,0 +1,163 @@
+//! OCI image layouts on disk (`oci-layout`, `index.json`, `blobs/sha256/`).
+
+use crate::error::{RegistryError, Result};
+use crate::oci::{sha256_digest, Descriptor, Index, OCI_INDEX};
+use std::path::{Path, PathBuf};
+
+/// Annotation that names a manifest's tag in `index.json`.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// An OCI image layout directory.
+#[derive(Debug, Clone)]
+pub struct OciLayout {
+    dir: PathBuf,
+}
+
+fn digest_hex(digest: &str) -> Result<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| RegistryError::BadContent {
+            what: format!("digest {digest:?}"),
+            reason: "not sha256:<64 hex>".into(),
+        })
+}
+
+impl OciLayout {
+    /// Opens an existing layout.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let marker = dir.join("oci-layout");
+        if !marker.is_file() {
+            return Err(RegistryError::BadContent {
+                what: dir.display().to_string(),
+                reason: "not an OCI image layout (no oci-layout file)".into(),
+            });
+        }
+        Ok(OciLayout { dir: dir.to_path_buf() })
+    }
+
+    /// Opens a layout, creating an empty one if the directory has none.
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(RegistryError::io("create", dir))?;
+        let marker = dir.join("oci-layout");
+        if !marker.exists() {
+            std::fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(RegistryError::io("write", &marker))?;
+        }
+        let index = dir.join("index.json");
+        if !index.exists() {
+            let empty = Index {
+                schema_version: 2,
+                media_type: Some(OCI_INDEX.into()),
+                manifests: Vec::new(),
+                annotations: Default::default(),
+            };
+            std::fs::write(&index, serde_json::to_vec_pretty(&empty).expect("serializable"))
+                .map_err(RegistryError::io("write", &index))?;
+        }
+        Ok(OciLayout { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.dir.join("blobs/sha256").join(digest_hex(digest)?))
+    }
+
+    pub fn index(&self) -> Result<Index> {
+        let path = self.dir.join("index.json");
+        let bytes = std::fs::read(&path).map_err(RegistryError::io("read", &path))?;
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadContent {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The manifest (or index) descriptor tagged `tag`, or the only one when no tag is given.
+    pub fn resolve(&self, tag: Option<&str>) -> Result<Descriptor> {
+        let index = self.index()?;
+        let found = match tag {
+            Some(tag) => index
+                .manifests
+                .iter()
+                .find(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
+                .cloned(),
+            None if index.manifests.len() == 1 => index.manifests.first().cloned(),
+            None => None,
+        };
+        found.ok_or_else(|| RegistryError::BadContent {
+            what: self.dir.display().to_string(),
+            reason: match tag {
+                Some(tag) => format!("no manifest tagged {tag:?} in index.json"),
+                None => format!(
+                    "index.json lists {} manifests; name one with oci:DIR:TAG",
+                    index.manifests.len()
+                ),
+            },
+        })
+    }
+
+    /// A blob read whole and checked against its digest.
+    pub fn read_blob(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest)?;
+        let size = std::fs::metadata(&path)
+            .map_err(RegistryError::io("stat", &path))?
+            .len();
+        if size > max_bytes {
+            return Err(RegistryError::BadContent {
+                what: path.display().to_string(),
+                reason: format!("larger than {max_bytes} bytes"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(RegistryError::io("read", &path))?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what: "blob",
+                digest: digest.into(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Stores bytes as a blob; returns the digest.
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<String> {
+        let digest = sha256_digest(bytes);
+        let path = self.blob_path(&digest)?;
+        if !path.exists() {
+            std::fs::write(&path, bytes).map_err(RegistryError::io("write", &path))?;
+        }
+        Ok(digest)
+    }
+
+    /// Copies a file in as blob `digest` (the caller computed it).
+    pub fn add_blob_file(&self, digest: &str, source: &Path) -> Result<bool> {
+        let path = self.blob_path(digest)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        std::fs::copy(source, &path).map_err(RegistryError::io("copy blob to", &path))?;
+        Ok(true)
+    }
+
+    /// Points `tag` at `descriptor` in `index.json` (replacing an older entry).
+    pub fn set_tag(&self, descriptor: &Descriptor, tag: Option<&str>) -> Result<()> {
+        let mut index = self.index()?;
+        let mut descriptor = descriptor.clone();
+        if let Some(tag) = tag {
+            descriptor.annotations.insert(REF_NAME.into(), tag.into());
+            index
+                .manifests
+                .retain(|d| d.annotations.get(REF_NAME).map(String::as_str) != Some(tag));
+        } else {
+            index.manifests.retain(|d| d.digest != descriptor.digest);
+        }
+        index.manifests.push(descriptor);
+        let path = self.dir.join("index.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("serializable"))
+            .map_err(RegistryError::io("write", &path))
+    }
+}

@@ -1,0 +1,135 @@
+//! The OCI image types petrel reads and writes: descriptors, manifests, indexes,
+//! and the image config's `rootfs`. Fields petrel does not use are kept as they
+//! came (`extra`), so a config passes through conversion unchanged but for rootfs.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// A petrel chunk blob pushed as a layer.
+pub const PETREL_BLOB: &str = "application/vnd.petrel.blob.v1";
+/// A petrel bootstrap pushed as a layer.
+pub const PETREL_BOOTSTRAP: &str = "application/vnd.petrel.bootstrap.v1";
+/// Layer annotation naming the petrel role of a layer (`blob` or `bootstrap`).
+pub const ANNOTATION_LAYER: &str = "dev.petrel.layer";
+/// Bootstrap layer annotation: the blake3 digest in its superblock (hex).
+pub const ANNOTATION_BOOTSTRAP_BLAKE3: &str = "dev.petrel.bootstrap.blake3";
+/// Manifest annotation: the petrel format version.
+pub const ANNOTATION_FORMAT: &str = "dev.petrel.format";
+/// Manifest annotation: the digest of the manifest this image was converted from.
+pub const ANNOTATION_SOURCE: &str = "dev.petrel.source.digest";
+
+/// Accept header for manifest requests (indexes and manifests, OCI and Docker).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of this machine, in OCI terms.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            other => other,
+        };
+        Platform {
+            architecture: architecture.into(),
+            os: std::env::consts::OS.into(),
+            variant: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Whether a media type is an index (OCI or Docker list).
+pub fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_LIST
+}
+
+/// The media type of manifest bytes: the declared one, else guessed from the fields.
+pub fn manifest_media_type(bytes: &[u8], declared: Option<&str>) -> String {
+    if let Some(d) = declared.filter(|d| !d.is_empty() && *d != "application/json" && *d != "text/plain") {
+        return d.split(';').next().unwrap_or(d).trim().to_string();
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    if let Some(m) = value.get("mediaType").and_then(|m| m.as_str()) {
+        return m.to_string();
+    }
+    if value.get("manifests").is_some() {
+        OCI_INDEX.into()
+    } else {
+        OCI_MANIFEST.into()
+    }
+}
+
+/// Whether an image manifest is a petrel image (has a bootstrap layer).
+pub fn bootstrap_layer(manifest: &Manifest) -> Option<&Descriptor> {
+    manifest.layers.iter().find(|l| l.media_type == PETREL_BOOTSTRAP)
+}

@@ -1,0 +1,100 @@
+//! `petrel convert`.
+
+use crate::cli::registry_args::RegistryArgs;
+use crate::convert::{convert, ConvertOptions};
+use petrel_builder::BuildOptions;
+use petrel_format::ChunkerParams;
+use petrel_registry::oci::Platform;
+use petrel_registry::Location;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Source: docker://HOST/REPO:TAG, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
+    source: String,
+    /// Target: docker://HOST/REPO:TAG or oci:DIR[:TAG].
+    target: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Convert every platform of an index and push an index.
+    #[arg(long)]
+    all_platforms: bool,
+    /// Platform to pick from an index (OS/ARCH), default this machine's.
+    #[arg(long)]
+    platform: Option<String>,
+    /// Chunker: fixed, fixed:SIZE, cdc or cdc:MIN:AVG:MAX.
+    #[arg(long, default_value = "fixed:1M")]
+    chunker: ChunkerParams,
+    /// A file listing paths to put first in the blob (the prefetch region).
+    #[arg(long)]
+    prefetch_list: Option<std::path::PathBuf>,
+    /// Directory for the temporary build (default: the system temp dir).
+    #[arg(long)]
+    work_dir: Option<std::path::PathBuf>,
+    /// Print a JSON summary at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let source = Location::parse(&args.source)?;
+    let target = Location::parse(&args.target)?;
+    let platform = match &args.platform {
+        Some(text) => {
+            let (os, architecture) = text
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("--platform takes OS/ARCH, e.g. linux/amd64"))?;
+            Platform {
+                os: os.into(),
+                architecture: architecture.into(),
+                variant: None,
+            }
+        }
+        None => Platform::host(),
+    };
+    let mut prefetch = Vec::new();
+    if let Some(list) = &args.prefetch_list {
+        let text = std::fs::read(list)?;
+        prefetch.extend(
+            text.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
+                .map(<[u8]>::to_vec),
+        );
+    }
+    let options = ConvertOptions {
+        build: BuildOptions {
+            chunker: args.chunker,
+            prefetch,
+            ..BuildOptions::default()
+        },
+        all_platforms: args.all_platforms,
+        platform,
+        progress: std::io::stderr().is_terminal() && !args.json,
+        work_dir: args.work_dir.clone(),
+    };
+    let summary = convert(&source, &target, &args.registry.client_options()?, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for m in &summary.manifests {
+            let platform = m.platform.clone().map(|p| format!(" [{p}]")).unwrap_or_default();
+            if m.reused {
+                println!(
+                    "{}{platform}: already converted at {}",
+                    m.source_digest, m.manifest_digest
+                );
+                continue;
+            }
+            println!(
+                "{}{platform} -> {}: {} layers, {} bytes in; {} files, {} chunks; uploaded {} bytes ({} blobs already there)",
+                m.source_digest, m.manifest_digest, m.source_layers, m.source_bytes, m.files, m.unique_chunks, m.uploaded_bytes, m.skipped_blobs
+            );
+        }
+        println!(
+            "{} -> {} ({}) in {:.1}s",
+            summary.source, summary.target, summary.digest, summary.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,351 @@
+//! `petrel convert SOURCE TARGET`: pull an image, stream every layer through the
+//! builder, and push the petrel image (blob layers, bootstrap layer, config and
+//! an OCI manifest; an index with --all-platforms).
+
+mod source;
+mod target;
+
+pub use source::Source;
+pub use target::Target;
+
+use anyhow::{bail, Context};
+use petrel_builder::{BuildOptions, ImageBuilder};
+use petrel_registry::oci::*;
+use petrel_registry::{ClientOptions, ImageRef, Location, RegistryClient};
+use sha2::Digest;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Instant;
+
+/// What one converted manifest produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertedManifest {
+    pub source_digest: String,
+    pub manifest_digest: String,
+    pub platform: Option<String>,
+    pub bootstrap_digest: String,
+    pub bootstrap_size: u64,
+    pub blobs: Vec<(String, u64)>,
+    pub source_layers: usize,
+    pub source_bytes: u64,
+    pub files: u64,
+    pub unique_chunks: u32,
+    pub deduplicated_small_files: u64,
+    pub uploaded_bytes: u64,
+    pub skipped_blobs: usize,
+    pub reused: bool,
+}
+
+/// The whole conversion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertSummary {
+    pub source: String,
+    pub target: String,
+    /// The digest the target tag now points at (manifest or index).
+    pub digest: String,
+    pub manifests: Vec<ConvertedManifest>,
+    pub seconds: f64,
+}
+
+/// Counts and hashes the bytes of a layer stream as it is read.
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    bytes: u64,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        if let Some(p) = &self.progress {
+            p.inc(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// Options of `petrel convert`.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub build: BuildOptions,
+    pub all_platforms: bool,
+    pub platform: Platform,
+    pub progress: bool,
+    pub work_dir: Option<std::path::PathBuf>,
+}
+
+pub fn client_for(image: &ImageRef, options: &ClientOptions) -> anyhow::Result<RegistryClient> {
+    Ok(RegistryClient::new(&image.registry, options)?)
+}
+
+pub fn convert(
+    source: &Location,
+    target: &Location,
+    client_options: &ClientOptions,
+    options: &ConvertOptions,
+) -> anyhow::Result<ConvertSummary> {
+    let started = Instant::now();
+    let source = Source::open(source, |image| client_for(image, client_options))?;
+    let target = match target {
+        Location::Registry(image) => Target::Registry {
+            client: Box::new(client_for(image, client_options)?),
+            image: image.clone(),
+        },
+        Location::OciLayout { dir, tag } => Target::Layout {
+            layout: petrel_registry::layout::OciLayout::create(dir)?,
+            tag: tag.clone(),
+        },
+        other => bail!("cannot write to {other:?}: use docker:// or oci:"),
+    };
+    let (manifests, from_index) = source.manifests(options.all_platforms, &options.platform)?;
+    let write_index = options.all_platforms && from_index;
+    let mut converted = Vec::new();
+    let mut index_entries = Vec::new();
+    for source_manifest in &manifests {
+        let (result, manifest_bytes) = convert_one(&source, &target, source_manifest, options, !write_index)?;
+        index_entries.push(Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest: result.manifest_digest.clone(),
+            size: manifest_bytes as u64,
+            annotations: Default::default(),
+            platform: source_manifest.platform.clone(),
+        });
+        converted.push(result);
+    }
+    let digest = if write_index {
+        let index = Index {
+            schema_version: 2,
+            media_type: Some(OCI_INDEX.into()),
+            manifests: index_entries,
+            annotations: BTreeMap::from([(ANNOTATION_FORMAT.to_string(), "1".to_string())]),
+        };
+        let bytes = serde_json::to_vec(&index)?;
+        target.put_manifest(&bytes, OCI_INDEX, true)?
+    } else {
+        converted[0].manifest_digest.clone()
+    };
+    Ok(ConvertSummary {
+        source: source.describe(),
+        target: target.describe(),
+        digest,
+        manifests: converted,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn layer_progress(show: bool, index: usize, count: usize, size: u64) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(size);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "layer {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{}/{count}", index + 1));
+    Some(bar)
+}
+
+/// Converts one image manifest; returns the result and the manifest's size.
+fn convert_one(
+    source: &Source,
+    target: &Target,
+    source_manifest: &source::SourceManifest,
+    options: &ConvertOptions,
+    tag_it: bool,
+) -> anyhow::Result<(ConvertedManifest, usize)> {
+    let manifest = &source_manifest.manifest;
+    if bootstrap_layer(manifest).is_some() {
+        bail!("{} is already a petrel image", source.describe());
+    }
+    // Re-running the same conversion: the target already holds it.
+    if let Some(current) = target.current_manifest().filter(|_| tag_it) {
+        if let Ok(existing) = serde_json::from_slice::<Manifest>(&current) {
+            if existing.annotations.get(ANNOTATION_SOURCE) == Some(&source_manifest.digest)
+                && bootstrap_layer(&existing).is_some()
+            {
+                tracing::info!(
+                    "{} already holds the conversion of {}",
+                    target.describe(),
+                    source_manifest.digest
+                );
+                let bootstrap = bootstrap_layer(&existing).expect("checked");
+                return Ok((
+                    ConvertedManifest {
+                        source_digest: source_manifest.digest.clone(),
+                        manifest_digest: sha256_digest(&current),
+                        platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
+                        bootstrap_digest: bootstrap.digest.clone(),
+                        bootstrap_size: bootstrap.size,
+                        blobs: existing
+                            .layers
+                            .iter()
+                            .filter(|l| l.media_type == PETREL_BLOB)
+                            .map(|l| (l.digest.clone(), l.size))
+                            .collect(),
+                        source_layers: manifest.layers.len(),
+                        source_bytes: 0,
+                        files: 0,
+                        unique_chunks: 0,
+                        deduplicated_small_files: 0,
+                        uploaded_bytes: 0,
+                        skipped_blobs: existing.layers.len(),
+                        reused: true,
+                    },
+                    current.len(),
+                ));
+            }
+        }
+    }
+    let config_bytes = source
+        .small_blob(&manifest.config.digest)
+        .context("fetching the image config")?;
+    let work = match &options.work_dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let out = work.path().join("image");
+    let mut builder = ImageBuilder::new(options.build.clone(), &out)?;
+    let mut source_bytes = 0;
+    let count = manifest.layers.len();
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let layer_started = Instant::now();
+        let progress = layer_progress(options.progress, i, count, layer.size);
+        let mut stream = Hashing {
+            inner: source.layer(&layer.digest)?,
+            hasher: sha2::Sha256::new(),
+            bytes: 0,
+            progress: progress.clone(),
+        };
+        builder
+            .add_layer(&mut stream)
+            .with_context(|| format!("converting layer {} ({})", i + 1, layer.digest))?;
+        std::io::copy(&mut stream, &mut std::io::sink())
+            .with_context(|| format!("reading the rest of layer {}", layer.digest))?;
+        let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
+        if actual != layer.digest {
+            bail!(
+                "layer {} of {}: content hashes to {actual}; refusing to convert",
+                layer.digest,
+                source.describe()
+            );
+        }
+        if let Some(p) = progress {
+            p.finish_and_clear();
+        }
+        if !options.progress {
+            tracing::info!(
+                "layer {}/{count} {} {} bytes in {:.1}s",
+                i + 1,
+                layer.digest,
+                stream.bytes,
+                layer_started.elapsed().as_secs_f64()
+            );
+        }
+        source_bytes += stream.bytes;
+    }
+    let report = builder.finish()?;
+    let image_dir = petrel_format::image_dir::ImageDir::new(&out);
+    let mut layers = Vec::new();
+    let mut uploaded = 0u64;
+    let mut skipped = 0usize;
+    let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
+        Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
+        _ => None,
+    });
+    for blob in report.output.blob.iter() {
+        let path = image_dir.blobs_dir().join(blob.digest.trim_start_matches("sha256:"));
+        if target.put_blob_file(&blob.digest, &path, mount_from.as_deref())? {
+            uploaded += blob.size;
+        } else {
+            skipped += 1;
+        }
+        layers.push(Descriptor {
+            media_type: PETREL_BLOB.into(),
+            digest: blob.digest.clone(),
+            size: blob.size,
+            annotations: BTreeMap::from([(ANNOTATION_LAYER.to_string(), "blob".to_string())]),
+            platform: None,
+        });
+    }
+    let bootstrap_path = image_dir.bootstrap_path();
+    let bootstrap_bytes = std::fs::read(&bootstrap_path)?;
+    let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
+    let bootstrap_digest = report.output.bootstrap_sha256.clone();
+    if target.put_blob_file(&bootstrap_digest, &bootstrap_path, None)? {
+        uploaded += bootstrap_bytes.len() as u64;
+    } else {
+        skipped += 1;
+    }
+    layers.push(Descriptor {
+        media_type: PETREL_BOOTSTRAP.into(),
+        digest: bootstrap_digest.clone(),
+        size: bootstrap_bytes.len() as u64,
+        annotations: BTreeMap::from([
+            (ANNOTATION_LAYER.to_string(), "bootstrap".to_string()),
+            (ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock)),
+        ]),
+        platform: None,
+    });
+    let config = converted_config(&config_bytes, &layers)?;
+    let config_digest = target.put_bytes(&config)?;
+    let new_manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        config: Descriptor {
+            media_type: OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+        },
+        layers,
+        annotations: BTreeMap::from([
+            (ANNOTATION_FORMAT.to_string(), "1".to_string()),
+            (ANNOTATION_SOURCE.to_string(), source_manifest.digest.clone()),
+        ]),
+    };
+    let manifest_bytes = serde_json::to_vec(&new_manifest)?;
+    let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
+    Ok((
+        ConvertedManifest {
+            source_digest: source_manifest.digest.clone(),
+            manifest_digest,
+            platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
+            bootstrap_digest,
+            bootstrap_size: bootstrap_bytes.len() as u64,
+            blobs: report.output.blob.iter().map(|b| (b.digest.clone(), b.size)).collect(),
+            source_layers: count,
+            source_bytes,
+            files: report.data.files,
+            unique_chunks: report.output.chunks,
+            deduplicated_small_files: report.data.deduplicated_small_files,
+            uploaded_bytes: uploaded,
+            skipped_blobs: skipped,
+            reused: false,
+        },
+        manifest_bytes.len(),
+    ))
+}
+
+/// The source config with `rootfs.diff_ids` naming the new layers (which are
+/// stored uncompressed, so their diff ids are their digests) and without the
+/// per-layer history that no longer matches.
+fn converted_config(source: &[u8], layers: &[Descriptor]) -> anyhow::Result<Vec<u8>> {
+    let mut config: serde_json::Value = serde_json::from_slice(source).context("the image config is not JSON")?;
+    let object = config
+        .as_object_mut()
+        .context("the image config is not a JSON object")?;
+    object.insert(
+        "rootfs".into(),
+        serde_json::json!({ "type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>() }),
+    );
+    object.remove("history");
+    Ok(serde_json::to_vec(&config)?)
+}

@@ -1,0 +1,282 @@
+//! Where a conversion reads from: a registry, an OCI layout, or an archive of
+//! either kind (unpacked into a temporary directory first).
+
+use anyhow::{bail, Context};
+use petrel_registry::layout::OciLayout;
+use petrel_registry::oci::{
+    is_index, Descriptor, Index, Manifest, Platform, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
+};
+use petrel_registry::{ImageRef, Location, RegistryClient};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Largest config or index blob read into memory.
+const MAX_SMALL_BLOB: u64 = 16 << 20;
+
+/// A manifest to convert.
+#[derive(Debug, Clone)]
+pub struct SourceManifest {
+    pub manifest: Manifest,
+    pub digest: String,
+    pub platform: Option<Platform>,
+}
+
+/// An open source of images.
+#[derive(Debug)]
+pub enum Source {
+    Registry {
+        client: Box<RegistryClient>,
+        image: ImageRef,
+    },
+    Layout {
+        layout: OciLayout,
+        tag: Option<String>,
+        _temp: Option<tempfile::TempDir>,
+    },
+}
+
+impl Source {
+    pub fn open(
+        location: &Location,
+        client: impl Fn(&ImageRef) -> anyhow::Result<RegistryClient>,
+    ) -> anyhow::Result<Self> {
+        Ok(match location {
+            Location::Registry(image) => Source::Registry {
+                client: Box::new(client(image)?),
+                image: image.clone(),
+            },
+            Location::OciLayout { dir, tag } => Source::Layout {
+                layout: OciLayout::open(dir)?,
+                tag: tag.clone(),
+                _temp: None,
+            },
+            Location::OciArchive(path) => {
+                let temp = unpack_archive(path)?;
+                Source::Layout {
+                    layout: OciLayout::open(temp.path())?,
+                    tag: None,
+                    _temp: Some(temp),
+                }
+            }
+            Location::DockerArchive(path) => {
+                let temp = unpack_archive(path)?;
+                let layout = docker_archive_as_layout(temp.path())?;
+                Source::Layout {
+                    layout,
+                    tag: None,
+                    _temp: Some(temp),
+                }
+            }
+        })
+    }
+
+    /// A short name for logs and annotations.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Registry { image, .. } => format!("docker://{image}"),
+            Source::Layout { layout, tag, .. } => format!(
+                "oci:{}{}",
+                layout.dir().display(),
+                tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// The registry repository of the source, if it is one (for cross-repo mounts).
+    pub fn registry_repository(&self) -> Option<(&str, &str)> {
+        match self {
+            Source::Registry { client, image } => Some((client.registry(), image.repository.as_str())),
+            Source::Layout { .. } => None,
+        }
+    }
+
+    fn fetch_manifest(&self, reference: Option<&str>) -> anyhow::Result<(Vec<u8>, String, String)> {
+        match self {
+            Source::Registry { client, image } => {
+                Ok(client.get_manifest(&image.repository, reference.unwrap_or(image.reference()))?)
+            }
+            Source::Layout { layout, tag, .. } => {
+                let descriptor = match reference {
+                    Some(digest) => Descriptor {
+                        media_type: String::new(),
+                        digest: digest.into(),
+                        size: 0,
+                        annotations: Default::default(),
+                        platform: None,
+                    },
+                    None => layout.resolve(tag.as_deref())?,
+                };
+                let bytes = layout.read_blob(&descriptor.digest, MAX_SMALL_BLOB)?;
+                let media_type = petrel_registry::oci::manifest_media_type(&bytes, Some(&descriptor.media_type));
+                Ok((bytes, media_type, descriptor.digest))
+            }
+        }
+    }
+
+    /// The manifests to convert: the image's own, or from an index the host's
+    /// platform (or every platform).
+    pub fn manifests(&self, all_platforms: bool, platform: &Platform) -> anyhow::Result<(Vec<SourceManifest>, bool)> {
+        let (bytes, media_type, digest) = self.fetch_manifest(None)?;
+        if !is_index(&media_type) {
+            let manifest: Manifest = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing manifest {digest} of {}", self.describe()))?;
+            return Ok((
+                vec![SourceManifest {
+                    manifest,
+                    digest,
+                    platform: None,
+                }],
+                false,
+            ));
+        }
+        let index: Index =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing index {digest} of {}", self.describe()))?;
+        let chosen: Vec<&Descriptor> = index
+            .manifests
+            .iter()
+            .filter(|d| d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+            .filter(|d| {
+                all_platforms
+                    || d.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == platform.os && p.architecture == platform.architecture)
+            })
+            .collect();
+        if chosen.is_empty() {
+            return Err(petrel_registry::RegistryError::NoPlatform {
+                reference: self.describe(),
+                platform: platform.to_string(),
+            }
+            .into());
+        }
+        let mut out = Vec::new();
+        for descriptor in chosen.into_iter().take(if all_platforms { usize::MAX } else { 1 }) {
+            let (bytes, _, digest) = self.fetch_manifest(Some(&descriptor.digest))?;
+            if digest != descriptor.digest {
+                bail!(
+                    "manifest {} of {} does not match its digest",
+                    descriptor.digest,
+                    self.describe()
+                );
+            }
+            let manifest: Manifest =
+                serde_json::from_slice(&bytes).with_context(|| format!("parsing manifest {digest}"))?;
+            out.push(SourceManifest {
+                manifest,
+                digest,
+                platform: descriptor.platform.clone(),
+            });
+        }
+        Ok((out, true))
+    }
+
+    /// A small blob, verified.
+    pub fn small_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Source::Registry { client, image } => {
+                client.get_blob_verified(&image.repository, digest, MAX_SMALL_BLOB)?
+            }
+            Source::Layout { layout, .. } => layout.read_blob(digest, MAX_SMALL_BLOB)?,
+        })
+    }
+
+    /// A stream of a layer's bytes as stored (compressed or not), unverified.
+    pub fn layer(&self, digest: &str) -> anyhow::Result<Box<dyn Read>> {
+        Ok(match self {
+            Source::Registry { client, image } => Box::new(client.blob_reader(&image.repository, digest)?),
+            Source::Layout { layout, .. } => {
+                let path = layout.blob_path(digest)?;
+                Box::new(std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?)
+            }
+        })
+    }
+}
+
+/// Unpacks a tar archive into a new temporary directory (the tar crate refuses
+/// entries that would land outside it).
+fn unpack_archive(path: &Path) -> anyhow::Result<tempfile::TempDir> {
+    let temp = tempfile::tempdir()?;
+    let file = std::fs::File::open(path).with_context(|| format!("opening archive {}", path.display()))?;
+    let mut archive = tar::Archive::new(petrel_builder::layer::decompressed(file)?);
+    archive
+        .unpack(temp.path())
+        .with_context(|| format!("unpacking archive {}", path.display()))?;
+    Ok(temp)
+}
+
+/// Turns an unpacked `docker save` archive (manifest.json + files) into an OCI
+/// layout in the same directory.
+fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
+    if dir.join("oci-layout").exists() && dir.join("index.json").exists() {
+        return Ok(OciLayout::open(dir)?);
+    }
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read(&manifest_path).context("docker-archive without manifest.json")?;
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&text).context("parsing docker-archive manifest.json")?;
+    let entry = entries.first().context("docker-archive manifest.json lists no image")?;
+    let layout = OciLayout::create(dir)?;
+    let config_file = entry["Config"]
+        .as_str()
+        .context("docker-archive entry without Config")?;
+    let config = std::fs::read(safe_join(dir, config_file)?)?;
+    let config_digest = layout.write_blob(&config)?;
+    let mut layers = Vec::new();
+    for layer in entry["Layers"]
+        .as_array()
+        .context("docker-archive entry without Layers")?
+    {
+        let path = safe_join(dir, layer.as_str().context("layer path is not a string")?)?;
+        let digest = sha256_file(&path)?;
+        layout.add_blob_file(&digest, &path)?;
+        let size = std::fs::metadata(&path)?.len();
+        layers.push(Descriptor {
+            media_type: DOCKER_LAYER_GZIP.into(),
+            digest,
+            size,
+            annotations: Default::default(),
+            platform: None,
+        });
+    }
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(DOCKER_MANIFEST.into()),
+        config: Descriptor {
+            media_type: DOCKER_CONFIG.into(),
+            digest: config_digest,
+            size: config.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+        },
+        layers,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&manifest)?;
+    let digest = layout.write_blob(&bytes)?;
+    let descriptor = Descriptor {
+        media_type: DOCKER_MANIFEST.into(),
+        digest,
+        size: bytes.len() as u64,
+        annotations: Default::default(),
+        platform: None,
+    };
+    layout.set_tag(&descriptor, None)?;
+    Ok(layout)
+}
+
+/// `dir/relative`, refusing paths that climb out of `dir`.
+fn safe_join(dir: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+    let path = Path::new(relative);
+    if path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        bail!("archive names a file outside itself: {relative:?}");
+    }
+    Ok(dir.join(path))
+}
+
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}

@@ -1,0 +1,94 @@
+//! Where a conversion writes: a registry repository or an OCI layout.
+
+use anyhow::Context;
+use petrel_registry::layout::OciLayout;
+use petrel_registry::oci::Descriptor;
+use petrel_registry::{ImageRef, RegistryClient};
+use std::path::Path;
+
+/// An open target.
+#[derive(Debug)]
+pub enum Target {
+    Registry {
+        client: Box<RegistryClient>,
+        image: ImageRef,
+    },
+    Layout {
+        layout: OciLayout,
+        tag: Option<String>,
+    },
+}
+
+impl Target {
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Registry { image, .. } => format!("docker://{image}"),
+            Target::Layout { layout, tag } => format!(
+                "oci:{}{}",
+                layout.dir().display(),
+                tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Stores a blob file; returns whether bytes were uploaded (false: already there).
+    pub fn put_blob_file(&self, digest: &str, path: &Path, mount_from: Option<&str>) -> anyhow::Result<bool> {
+        Ok(match self {
+            Target::Registry { client, image } => client
+                .push_blob(&image.repository, digest, path, mount_from)
+                .with_context(|| format!("pushing blob {digest}"))?,
+            Target::Layout { layout, .. } => layout.add_blob_file(digest, path)?,
+        })
+    }
+
+    /// Stores small content; returns its digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<String> {
+        Ok(match self {
+            Target::Registry { client, image } => client.push_blob_bytes(&image.repository, bytes)?,
+            Target::Layout { layout, .. } => layout.write_blob(bytes)?,
+        })
+    }
+
+    /// Stores a manifest or index under the target's tag (or only by digest).
+    pub fn put_manifest(&self, bytes: &[u8], media_type: &str, tagged: bool) -> anyhow::Result<String> {
+        let digest = petrel_registry::oci::sha256_digest(bytes);
+        match self {
+            Target::Registry { client, image } => {
+                let reference = if tagged {
+                    image.tag.clone().unwrap_or_else(|| digest.clone())
+                } else {
+                    digest.clone()
+                };
+                client.put_manifest(&image.repository, &reference, media_type, bytes)?;
+            }
+            Target::Layout { layout, tag } => {
+                layout.write_blob(bytes)?;
+                if tagged {
+                    let descriptor = Descriptor {
+                        media_type: media_type.into(),
+                        digest: digest.clone(),
+                        size: bytes.len() as u64,
+                        annotations: Default::default(),
+                        platform: None,
+                    };
+                    layout.set_tag(&descriptor, tag.as_deref())?;
+                }
+            }
+        }
+        Ok(digest)
+    }
+
+    /// The manifest currently under the target's tag, if any.
+    pub fn current_manifest(&self) -> Option<Vec<u8>> {
+        match self {
+            Target::Registry { client, image } => client
+                .get_manifest(&image.repository, image.reference())
+                .ok()
+                .map(|(b, ..)| b),
+            Target::Layout { layout, tag } => {
+                let descriptor = layout.resolve(tag.as_deref()).ok()?;
+                layout.read_blob(&descriptor.digest, 8 << 20).ok()
+            }
+        }
+    }
+}
