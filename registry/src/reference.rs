@@ -40,9 +40,7 @@ impl ImageRef {
             None => (text, None),
         };
         let (host, path) = match rest.split_once('/') {
-            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-                (first.to_string(), path.to_string())
-            }
+            Some((first, path)) if is_registry_host(first) => (first.to_string(), path.to_string()),
             _ => (DOCKER_HUB.to_string(), rest.to_string()),
         };
         let (path, tag) = match path.rsplit_once(':') {
@@ -96,6 +94,19 @@ impl ImageRef {
             .map_or(self.registry.as_str(), |(h, _)| h);
         host == "localhost" || host.starts_with("127.") || host == "[::1]"
     }
+}
+
+/// Whether the first path component names a registry host (`host.domain`,
+/// `host:port` with a numeric port, or `localhost`), as Docker decides it.
+fn is_registry_host(first: &str) -> bool {
+    let (host, port) = match first.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (first, None),
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    !host.is_empty() && (host.contains('.') || port.is_some() || host == "localhost")
 }
 
 impl std::fmt::Display for ImageRef {

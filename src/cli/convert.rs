@@ -11,9 +11,9 @@ use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
-    /// Source: docker://HOST/REPO:TAG, oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE.
+    /// Source: `docker://HOST/REPO:TAG`, `oci:DIR[:TAG]`, `docker-archive:FILE`, `oci-archive:FILE`.
     source: String,
-    /// Target: docker://HOST/REPO:TAG or oci:DIR[:TAG].
+    /// Target: `docker://HOST/REPO:TAG` or `oci:DIR[:TAG]`.
     target: String,
     #[command(flatten)]
     registry: RegistryArgs,
