@@ -34,6 +34,8 @@ pub enum DaemonError {
     },
     #[error("chunk {chunk} is {size} bytes, larger than the cache slot of {slot} bytes")]
     ChunkTooLarge { chunk: u32, size: u32, slot: u64 },
+    #[error(transparent)]
+    Registry(#[from] petrel_registry::RegistryError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod remote;
 pub mod stats;
 mod workers;
 

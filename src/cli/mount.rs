@@ -16,8 +16,8 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
-    /// Image directory (bootstrap + blobs/sha256/...).
-    image: PathBuf,
+    /// Image: a local image directory, or `docker://HOST/REPO:TAG` to mount from a registry.
+    image: String,
     /// Where to mount it.
     mountpoint: PathBuf,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -45,6 +45,8 @@ pub struct MountArgs {
     /// With --daemon: write the daemon's pid here.
     #[arg(long, requires = "daemon")]
     pid_file: Option<PathBuf>,
+    #[command(flatten)]
+    registry: crate::cli::registry_args::RegistryArgs,
     /// With --daemon: append the daemon's log here (default: `<cache-dir>/daemon.log`).
     #[arg(long, requires = "daemon")]
     log_file: Option<PathBuf>,
@@ -81,8 +83,26 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         blob_dir: args.blob_dir.clone(),
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
-    let mounted = mount(&config)
-        .with_context(|| format!("mounting {} at {}", args.image.display(), args.mountpoint.display()))?;
+    let mounted = if let Some(reference) = args.image.strip_prefix("docker://") {
+        let image = petrel_registry::ImageRef::parse(reference)?;
+        let client = std::sync::Arc::new(petrel_registry::RegistryClient::new(
+            &image.registry,
+            &args.registry.client_options()?,
+        )?);
+        let platform = petrel_registry::oci::Platform::host();
+        let remote = petrel_fuse_daemon::remote::resolve(client, &image, &args.cache_dir, &platform)
+            .with_context(|| format!("resolving {}", args.image))?;
+        tracing::info!(manifest = %remote.manifest_digest, "mounting from the registry");
+        petrel_fuse_daemon::mount::mount_with_backend(
+            &config,
+            remote.backend,
+            &remote.bootstrap_path,
+            &image.to_string(),
+        )
+    } else {
+        mount(&config)
+    }
+    .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
@@ -133,6 +153,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
         )
+        .args(args.registry.to_args())
         .arg("--amplify-bytes")
         .arg(args.amplify_bytes.to_string())
         .arg("--fuse-threads")
@@ -142,6 +163,9 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    if let Some(creds) = args.registry.creds() {
+        command.env("PETREL_CREDS", creds);
+    }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().context("starting the daemon")?;
     let started = Instant::now();

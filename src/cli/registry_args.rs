@@ -27,6 +27,32 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
+    /// The same options as command-line arguments (for a re-executed daemon; the
+    /// credentials travel in the environment, never on the command line).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--retries".to_string(),
+            self.retries.to_string(),
+            "--retry-seconds".into(),
+            self.retry_seconds.to_string(),
+        ];
+        if self.plain_http {
+            args.push("--plain-http".into());
+        }
+        if let Some(ca) = &self.ca_file {
+            args.extend(["--ca-file".into(), ca.display().to_string()]);
+        }
+        for mirror in &self.mirrors {
+            args.extend(["--mirror".into(), mirror.clone()]);
+        }
+        args
+    }
+
+    /// Credentials to hand to a child process through `PETREL_CREDS`.
+    pub fn creds(&self) -> Option<&str> {
+        self.creds.as_deref()
+    }
+
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
         let credentials = match &self.creds {
             Some(text) => Some(Credentials::parse(text).ok_or_else(|| anyhow::anyhow!("--creds takes USER:PASSWORD"))?),

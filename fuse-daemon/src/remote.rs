@@ -1,0 +1,142 @@
+//! Images mounted straight from a registry: the manifest names the bootstrap
+//! layer (its sha256 pinned there), which is fetched and verified before it is
+//! mapped; chunks are then read with Range requests through the registry client.
+
+use crate::backend::Backend;
+use crate::error::{DaemonError, Result};
+use petrel_registry::oci::{
+    bootstrap_layer, is_index, Index, Manifest, Platform, ANNOTATION_BOOTSTRAP_BLAKE3, PETREL_BLOB,
+};
+use petrel_registry::{ImageRef, RegistryClient};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest bootstrap accepted from a registry.
+pub const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+
+/// Blobs of one repository, read by Range requests.
+#[derive(Debug)]
+pub struct RegistryBackend {
+    client: Arc<RegistryClient>,
+    repository: String,
+}
+
+impl RegistryBackend {
+    pub fn new(client: Arc<RegistryClient>, repository: &str) -> Self {
+        RegistryBackend {
+            client,
+            repository: repository.into(),
+        }
+    }
+}
+
+impl Backend for RegistryBackend {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let digest = format!("sha256:{}", hex::encode(digest));
+        self.client
+            .get_blob_range(&self.repository, &digest, offset, len)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        format!("registry:{}/{}", self.client.registry(), self.repository)
+    }
+}
+
+/// A petrel image resolved in a registry, its bootstrap downloaded and verified.
+#[derive(Debug)]
+pub struct RemoteImage {
+    pub bootstrap_path: PathBuf,
+    pub manifest_digest: String,
+    pub backend: Arc<RegistryBackend>,
+}
+
+fn invalid(image: &ImageRef, reason: String) -> DaemonError {
+    DaemonError::Invalid(format!("{image}: {reason}"))
+}
+
+/// Resolves `image` (an index picks `platform`), fetches its bootstrap into
+/// `<cache_dir>/downloads/`, and checks it against the manifest before anything maps it.
+pub fn resolve(
+    client: Arc<RegistryClient>,
+    image: &ImageRef,
+    cache_dir: &Path,
+    platform: &Platform,
+) -> Result<RemoteImage> {
+    let (mut bytes, mut media_type, mut digest) = client.get_manifest(&image.repository, image.reference())?;
+    if is_index(&media_type) {
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| invalid(image, format!("bad index: {e}")))?;
+        let chosen = index
+            .manifests
+            .iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == platform.os && p.architecture == platform.architecture)
+            })
+            .ok_or_else(|| invalid(image, format!("no manifest for {platform}")))?;
+        (bytes, media_type, digest) = client.get_manifest(&image.repository, &chosen.digest)?;
+        if is_index(&media_type) {
+            return Err(invalid(image, "nested index".into()));
+        }
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(image, format!("bad manifest {digest}: {e}")))?;
+    let bootstrap = bootstrap_layer(&manifest)
+        .ok_or_else(|| invalid(image, "not a petrel image: the manifest has no bootstrap layer".into()))?;
+    if bootstrap.size > MAX_BOOTSTRAP_BYTES {
+        return Err(invalid(
+            image,
+            format!(
+                "bootstrap of {} bytes is larger than {MAX_BOOTSTRAP_BYTES}",
+                bootstrap.size
+            ),
+        ));
+    }
+    // Verified against the sha256 pinned in the manifest.
+    let content = client.get_blob_verified(&image.repository, &bootstrap.digest, bootstrap.size)?;
+    let opened = petrel_format::Bootstrap::open(&content)
+        .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
+    if let Some(expected) = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3) {
+        if *expected != hex::encode(opened.superblock().digest) {
+            return Err(invalid(
+                image,
+                format!(
+                    "bootstrap {} does not carry the blake3 digest its annotation names",
+                    bootstrap.digest
+                ),
+            ));
+        }
+    }
+    let listed: Vec<&str> = manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == PETREL_BLOB)
+        .map(|l| l.digest.as_str())
+        .collect();
+    for blob in opened.blobs() {
+        let blob = blob?;
+        if !listed.contains(&blob.oci_digest().as_str()) {
+            return Err(invalid(
+                image,
+                format!(
+                    "bootstrap needs blob {} that the manifest does not list",
+                    blob.oci_digest()
+                ),
+            ));
+        }
+    }
+    let downloads = cache_dir.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(DaemonError::io("create", &downloads))?;
+    let path = downloads.join(bootstrap.digest.trim_start_matches("sha256:"));
+    let mut temp =
+        tempfile::NamedTempFile::new_in(&downloads).map_err(DaemonError::io("create temporary file in", &downloads))?;
+    std::io::Write::write_all(&mut temp, &content).map_err(DaemonError::io("write", &path))?;
+    temp.persist(&path)
+        .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
+    Ok(RemoteImage {
+        bootstrap_path: path,
+        manifest_digest: digest,
+        backend: Arc::new(RegistryBackend::new(client, &image.repository)),
+    })
+}

@@ -1,0 +1,426 @@
+//! petrel against a real registry: convert images registry → registry (with and
+//! without auth), mount them from the registry and compare every file with the
+//! original image's merged tree; faults injected by a real proxy never yield wrong
+//! bytes; bad manifests and bootstraps are refused before anything is mounted.
+
+mod support;
+
+use petrel_fixtures::edge_cases::{edge_case_expected, edge_case_layers};
+use petrel_fixtures::layer_spec::{reference_merge, write_layer};
+use petrel_fixtures::oci_layout::write_oci_layout;
+use petrel_fixtures::sample::sample_layers;
+use petrel_fixtures::snapshot::{differences, scan, Snapshot};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use support::fault_proxy::{Fault, FaultProxy};
+use support::*;
+
+fn assert_tree(expected: &Snapshot, root: &Path) {
+    let diffs = differences(expected, &scan(root).unwrap());
+    assert!(diffs.is_empty(), "{} differences:\n{}", diffs.len(), diffs.join("\n"));
+}
+
+fn convert(from: &str, to: &str, creds: Option<&str>) -> serde_json::Value {
+    let mut command = petrel();
+    command.arg("convert").arg(from).arg(to).arg("--json");
+    if let Some(creds) = creds {
+        command.arg("--creds").arg(creds);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "convert {from} -> {to}: {}", output_text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn skopeo_inspect(image: &str, creds: Option<&str>) -> serde_json::Value {
+    let mut command = std::process::Command::new("skopeo");
+    command.args(["inspect", "--raw", "--tls-verify=false"]);
+    if let Some(creds) = creds {
+        command.arg("--creds").arg(creds);
+    }
+    let out = command.arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn edge_layers() -> Vec<Vec<u8>> {
+    edge_case_layers().into_iter().map(|l| l.tar).collect()
+}
+
+#[test]
+fn edge_cases_convert_and_mount_from_a_registry() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+    registry.push_layout(&work.path().join("layout"), "edge", "v1");
+    let source = format!("docker://{}/edge:v1", registry.addr);
+    let target = format!("docker://{}/edge:v1-petrel", registry.addr);
+    let summary = convert(&source, &target, None);
+    let manifest = skopeo_inspect(&target, None);
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(
+        layers.last().unwrap()["mediaType"],
+        "application/vnd.petrel.bootstrap.v1"
+    );
+    assert!(summary["manifests"][0]["files"].as_u64().unwrap() > 50, "{summary}");
+
+    let mount = MountProcess::start(&target, &work.path().join("mnt"), &work.path().join("cache"), &[]);
+    assert_tree(&edge_case_expected(), &mount.mountpoint);
+}
+
+#[test]
+fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(true);
+    let creds = registry.creds().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layers = sample_layers();
+    let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
+    registry.push_layout(&work.path().join("layout"), "team/app", "v1");
+    let source = format!("docker://{}/team/app:v1", registry.addr);
+    let target = format!("docker://{}/team/app:v1-petrel", registry.addr);
+
+    // Without credentials: a clear refusal that names no secret.
+    let out = petrel().args(["convert", &source, &target]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = output_text(&out);
+    assert!(text.contains("authentication") || text.contains("401"), "{text}");
+    // Wrong password: refused, and the password is not printed.
+    let out = petrel()
+        .args(["convert", &source, &target, "--creds", "petrel:wrong-password-123"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !output_text(&out).contains("wrong-password-123"),
+        "{}",
+        output_text(&out)
+    );
+
+    let first = convert(&source, &target, Some(&creds));
+    let converted = &first["manifests"][0];
+    assert!(converted["uploaded_bytes"].as_u64().unwrap() > 1 << 20);
+    skopeo_inspect(&target, Some(&creds));
+
+    // The same conversion again is recognised; to another tag it uploads nothing.
+    let again = convert(&source, &target, Some(&creds));
+    assert_eq!(again["manifests"][0]["reused"], true);
+    assert_eq!(again["digest"], first["digest"]);
+    let other = convert(
+        &source,
+        &format!("docker://{}/team/app:v1-copy", registry.addr),
+        Some(&creds),
+    );
+    assert_eq!(other["manifests"][0]["uploaded_bytes"], 0, "{other}");
+    assert_eq!(other["digest"], first["digest"], "conversions are deterministic");
+
+    // Mount with credentials from the environment, compare with the reference merge.
+    std::env::set_var("PETREL_CREDS", &creds);
+    let mount = MountProcess::start(&target, &work.path().join("mnt"), &work.path().join("cache"), &[]);
+    std::env::remove_var("PETREL_CREDS");
+    assert_tree(&reference_merge(&layers), &mount.mountpoint);
+}
+
+#[test]
+fn oci_layouts_and_archives_convert() {
+    if !registry_tools_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_oci_layout(&layout, "v1", &edge_layers()).unwrap();
+    let out_layout = work.path().join("converted");
+    convert(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:v1", out_layout.display()),
+        None,
+    );
+    let manifest = skopeo_inspect(&format!("oci:{}:v1", out_layout.display()), None);
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    // An oci-archive (a tar of the layout) converts to the same image.
+    let archive = work.path().join("image.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let from_archive = convert(
+        &format!("oci-archive:{}", archive.display()),
+        &format!("oci:{}:v2", out_layout.display()),
+        None,
+    );
+    let from_layout = convert(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:v3", out_layout.display()),
+        None,
+    );
+    assert_eq!(
+        from_archive["manifests"][0]["manifest_digest"],
+        from_layout["manifests"][0]["manifest_digest"]
+    );
+}
+
+fn read_all_expecting_eio_or_truth(root: &Path, files: &[(String, Vec<u8>)]) -> usize {
+    let mut failures = 0;
+    for (path, data) in files {
+        match std::fs::read(root.join(path)) {
+            Ok(bytes) => assert_eq!(&bytes, data, "{path}: wrong bytes served"),
+            Err(e) => {
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(rustix::io::Errno::IO.raw_os_error()),
+                    "{path}: {e}"
+                );
+                failures += 1;
+            }
+        }
+    }
+    failures
+}
+
+fn big_files() -> Vec<(String, Vec<u8>)> {
+    (0..5)
+        .map(|i| {
+            (
+                format!("data/f{i}.bin"),
+                petrel_fixtures::rng::Rng::new(40 + i).mixed(1_200_000 + 100_000 * i as usize),
+            )
+        })
+        .collect()
+}
+
+fn big_image(registry: &TestRegistry, work: &Path) -> String {
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in big_files() {
+        w.file(&path, &Default::default(), &data);
+    }
+    write_oci_layout(&work.join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.join("layout"), "faults", "v1");
+    let target = format!("docker://{}/faults:petrel", registry.addr);
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{}/faults:v1", registry.addr),
+        &target,
+        "--chunker",
+        "fixed:128K",
+    ]);
+    assert!(command.status().unwrap().success());
+    "faults:petrel".into()
+}
+
+#[test]
+fn transient_faults_are_retried_and_never_serve_wrong_bytes() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    let image = format!("docker://{}/{reference}", proxy.addr);
+    let mount = MountProcess::start(
+        &image,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--amplify-bytes", "0", "--retry-seconds", "20"],
+    );
+    proxy.plan(&[
+        Fault::Status500,
+        Fault::TooManyRequests,
+        Fault::DropConnection,
+        Fault::CutBody,
+        Fault::Slow(std::time::Duration::from_millis(1500)),
+        Fault::IgnoreRange,
+        Fault::Status500,
+        Fault::IgnoreRange,
+        Fault::CutBody,
+    ]);
+    let files = big_files();
+    assert_eq!(
+        read_all_expecting_eio_or_truth(&mount.mountpoint, &files),
+        0,
+        "transient faults are retried"
+    );
+    assert!(proxy.state.faults_injected.load(std::sync::atomic::Ordering::SeqCst) >= 9);
+
+    // Corrupted bodies: the read fails (EIO) or is right; a later read is right.
+    let work2 = tempfile::tempdir().unwrap();
+    let mount2 = MountProcess::start(
+        &image,
+        &work2.path().join("mnt"),
+        &work2.path().join("cache"),
+        &["--amplify-bytes", "0"],
+    );
+    proxy.plan(&[Fault::CorruptBody, Fault::CorruptBody, Fault::CorruptBody]);
+    let failed = read_all_expecting_eio_or_truth(&mount2.mountpoint, &files);
+    assert!(failed >= 1, "a corrupted chunk gives EIO");
+    drop_page_cache();
+    assert_eq!(
+        read_all_expecting_eio_or_truth(&mount2.mountpoint, &files),
+        0,
+        "nothing bad was cached"
+    );
+
+    // A registry that ignores Range altogether.
+    proxy
+        .state
+        .ignore_range
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let work3 = tempfile::tempdir().unwrap();
+    let mount3 = MountProcess::start(&image, &work3.path().join("mnt"), &work3.path().join("cache"), &[]);
+    assert_eq!(read_all_expecting_eio_or_truth(&mount3.mountpoint, &files), 0);
+}
+
+fn drop_page_cache() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn a_registry_that_stays_down_fails_only_uncached_reads_and_recovers() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    let image = format!("docker://{}/{reference}", proxy.addr);
+    let mount = MountProcess::start(
+        &image,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--amplify-bytes", "0", "--retries", "3", "--retry-seconds", "2"],
+    );
+    let files = big_files();
+    let cached = std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap();
+    assert_eq!(cached, files[0].1);
+
+    proxy.state.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop_page_cache();
+    let started = std::time::Instant::now();
+    let file = std::fs::File::open(mount.mountpoint.join(&files[1].0)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = file.read_exact_at(&mut buf, 500_000).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(rustix::io::Errno::IO.raw_os_error()));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    // Cached data is still served while the registry is down.
+    assert_eq!(std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap(), files[0].1);
+
+    proxy.state.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    file.read_exact_at(&mut buf, 500_000).unwrap();
+    assert_eq!(&buf[..], &files[1].1[500_000..504_096]);
+}
+
+#[test]
+fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let good = {
+        write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+        registry.push_layout(&work.path().join("layout"), "bad", "v1");
+        convert(
+            &format!("docker://{}/bad:v1", registry.addr),
+            &format!("docker://{}/bad:good", registry.addr),
+            None,
+        );
+        let (bytes, ..) = client.get_manifest("bad", "good").unwrap();
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+    };
+    let bootstrap_digest = good["layers"][1]["digest"].as_str().unwrap().to_string();
+    let bootstrap = client.get_blob_verified("bad", &bootstrap_digest, 1 << 30).unwrap();
+    let mut cases: Vec<(&str, serde_json::Value, &str)> = Vec::new();
+    // Garbage where the bootstrap should be (its digest matches the garbage).
+    let garbage_bytes = b"this is not a bootstrap at all. ".repeat(10);
+    let garbage = client.push_blob_bytes("bad", &garbage_bytes).unwrap();
+    let mut m = good.clone();
+    m["layers"][1]["digest"] = garbage.clone().into();
+    m["layers"][1]["size"] = garbage_bytes.len().into();
+    cases.push(("garbage", m, "magic"));
+    // A truncated bootstrap.
+    let truncated = client
+        .push_blob_bytes("bad", &bootstrap[..bootstrap.len() / 2])
+        .unwrap();
+    let mut m = good.clone();
+    m["layers"][1]["digest"] = truncated.into();
+    m["layers"][1]["size"] = (bootstrap.len() / 2).into();
+    cases.push(("truncated", m, "bootstrap"));
+    // The manifest pins a digest the served bytes do not have.
+    let mut m = good.clone();
+    m["layers"][1]["digest"] = garbage.into();
+    m["layers"][1]["size"] = (bootstrap.len() as u64).into();
+    cases.push(("wrong size", m, "bootstrap"));
+    // No bootstrap layer at all.
+    let mut m = good.clone();
+    m["layers"].as_array_mut().unwrap().pop();
+    cases.push(("no bootstrap", m, "not a petrel image"));
+    for (name, manifest, expected) in cases {
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        client
+            .put_manifest(
+                "bad",
+                name.replace(' ', "-").as_str(),
+                petrel_registry::oci::OCI_MANIFEST,
+                &bytes,
+            )
+            .unwrap();
+        let mountpoint = work.path().join(format!("mnt-{}", name.replace(' ', "-")));
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let out = petrel()
+            .arg("mount")
+            .arg(format!("docker://{}/bad:{}", registry.addr, name.replace(' ', "-")))
+            .arg(&mountpoint)
+            .arg("--cache-dir")
+            .arg(work.path().join("cache"))
+            .arg("--runtime-dir")
+            .arg(work.path().join("run"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", output_text(&out));
+        assert!(output_text(&out).contains(expected), "{name}: {}", output_text(&out));
+        assert!(!is_petrel_mount(&mountpoint), "{name} must not be mounted");
+    }
+    // Bytes changed on the wire: the sha256 pinned in the manifest catches it.
+    let proxy = FaultProxy::start(&registry.addr);
+    proxy.plan(&[Fault::CorruptBody]);
+    let mountpoint = work.path().join("mnt-corrupt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = petrel()
+        .arg("mount")
+        .arg(format!("docker://{}/bad:good", proxy.addr))
+        .arg(&mountpoint)
+        .args(["--retries", "1"])
+        .arg("--cache-dir")
+        .arg(work.path().join("cache2"))
+        .arg("--runtime-dir")
+        .arg(work.path().join("run"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("does not match its digest"),
+        "{}",
+        output_text(&out)
+    );
+}

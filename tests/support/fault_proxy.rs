@@ -1,0 +1,146 @@
+//! An HTTP/1.1 proxy in front of the test registry that injects faults into blob
+//! reads: 500s, 429 with Retry-After, dropped connections, bodies cut short, slow
+//! answers, Range headers ignored, corrupted bodies, or a registry that is down.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Status500,
+    TooManyRequests,
+    DropConnection,
+    CutBody,
+    Slow(Duration),
+    IgnoreRange,
+    CorruptBody,
+}
+
+#[derive(Debug, Default)]
+pub struct FaultState {
+    /// Faults for the next blob GETs, in order; then requests pass.
+    pub plan: Mutex<VecDeque<Fault>>,
+    /// Every request is dropped while set.
+    pub down: AtomicBool,
+    /// Every blob GET loses its Range header while set.
+    pub ignore_range: AtomicBool,
+    pub blob_requests: AtomicU64,
+    pub faults_injected: AtomicU64,
+}
+
+/// The proxy; its thread stops with the test process.
+pub struct FaultProxy {
+    pub addr: String,
+    pub state: Arc<FaultState>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(FaultState::default());
+        let upstream = upstream.to_string();
+        let shared = Arc::clone(&state);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let state = Arc::clone(&shared);
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(client, &upstream, &state);
+                });
+            }
+        });
+        FaultProxy { addr, state }
+    }
+
+    pub fn plan(&self, faults: &[Fault]) {
+        self.state.plan.lock().unwrap().extend(faults.iter().copied());
+    }
+}
+
+fn serve(client: TcpStream, upstream: &str, state: &FaultState) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push(line);
+    }
+    let request_line = head.first().cloned().unwrap_or_default();
+    let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/");
+    let mut client = client;
+    if state.down.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let fault = if is_blob_get {
+        state.blob_requests.fetch_add(1, Ordering::SeqCst);
+        state.plan.lock().unwrap().pop_front()
+    } else {
+        None
+    };
+    if fault.is_some() {
+        state.faults_injected.fetch_add(1, Ordering::SeqCst);
+    }
+    match fault {
+        Some(Fault::Status500) => {
+            return client
+                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        }
+        Some(Fault::TooManyRequests) => {
+            return client.write_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+        }
+        Some(Fault::DropConnection) => return Ok(()),
+        _ => {}
+    }
+    let drop_range = is_blob_get && (fault == Some(Fault::IgnoreRange) || state.ignore_range.load(Ordering::SeqCst));
+    let mut body_len = 0usize;
+    let mut forwarded = String::new();
+    for line in &head {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("connection:") || (drop_range && lower.starts_with("range:")) {
+            continue;
+        }
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            body_len = v.trim().parse().unwrap_or(0);
+        }
+        forwarded.push_str(line);
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut body = vec![0u8; body_len];
+    reader.read_exact(&mut body)?;
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(forwarded.as_bytes())?;
+    up.write_all(&body)?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    let header_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |p| p + 4);
+    match fault {
+        Some(Fault::CutBody) => {
+            let keep = header_end + (response.len() - header_end) / 2;
+            client.write_all(&response[..keep])?;
+            return Ok(());
+        }
+        Some(Fault::Slow(delay)) => std::thread::sleep(delay),
+        Some(Fault::CorruptBody) if response.len() > header_end => {
+            let at = header_end + (response.len() - header_end) / 2;
+            response[at] ^= 0x5a;
+        }
+        _ => {}
+    }
+    client.write_all(&response)
+}

@@ -1,0 +1,207 @@
+//! Test harness: a real registry (Debian's docker-registry) on 127.0.0.1 with its
+//! own storage, and a fault-injecting HTTP proxy in front of it.
+#![allow(dead_code)]
+
+pub mod fault_proxy;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const USER: &str = "petrel";
+pub const PASSWORD: &str = "s3cret-pw";
+
+/// Whether the tools these tests drive are installed (scripts/install-deps.sh).
+pub fn registry_tools_available() -> bool {
+    let ok = ["docker-registry", "skopeo", "htpasswd"].iter().all(|tool| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        eprintln!("SKIPPED: needs docker-registry, skopeo and htpasswd (scripts/install-deps.sh)");
+    }
+    ok
+}
+
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && rustix::process::geteuid().is_root();
+    if !ok {
+        eprintln!("SKIPPED: needs /dev/fuse and root");
+    }
+    ok
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A registry process of ours, killed when dropped.
+pub struct TestRegistry {
+    child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    pub auth: bool,
+}
+
+impl TestRegistry {
+    pub fn start(auth: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("storage").display()
+        );
+        if auth {
+            let htpasswd = dir.path().join("htpasswd");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", USER, PASSWORD])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            std::fs::write(&htpasswd, out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: petrel-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let registry = TestRegistry { child, addr, dir, auth };
+        registry.wait_ready();
+        registry
+    }
+
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(mut stream) = TcpStream::connect(&self.addr) {
+                let _ = stream.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.") {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "registry did not start; log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn creds(&self) -> Option<String> {
+        self.auth.then(|| format!("{USER}:{PASSWORD}"))
+    }
+
+    /// Pushes an OCI layout's tag `v1` to `repo:tag` with skopeo.
+    pub fn push_layout(&self, layout: &Path, repo: &str, tag: &str) {
+        let mut command = Command::new("skopeo");
+        command.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(creds) = self.creds() {
+            command.arg("--dest-creds").arg(creds);
+        }
+        let out = command
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{}/{repo}:{tag}", self.addr))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn petrel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_petrel"))
+}
+
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A foreground `petrel mount` of ours; unmounted (and waited for) when dropped.
+pub struct MountProcess {
+    child: Child,
+    pub mountpoint: PathBuf,
+}
+
+impl MountProcess {
+    pub fn start(image: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let log = std::fs::File::create(cache.with_extension("log")).unwrap();
+        let child = petrel()
+            .arg("mount")
+            .arg(image)
+            .arg(mountpoint)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--runtime-dir")
+            .arg(cache.with_extension("run"))
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut process = MountProcess {
+            child,
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        let started = Instant::now();
+        while !is_petrel_mount(mountpoint) {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!(
+                    "petrel mount exited with {status}: {}",
+                    std::fs::read_to_string(cache.with_extension("log")).unwrap_or_default()
+                );
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+}
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        let _ = petrel().arg("umount").arg(&self.mountpoint).status();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn is_petrel_mount(mountpoint: &Path) -> bool {
+    let target = mountpoint.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
+}
