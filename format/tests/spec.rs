@@ -5,7 +5,7 @@ use petrel_format::layout::*;
 #[test]
 fn record_sizes_match_the_spec() {
     let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../format-spec.md")).unwrap();
-    let table = spec.split("## 14. Record sizes").nth(1).expect("record size table");
+    let table = spec.split("## 15. Record sizes").nth(1).expect("record size table");
     let sizes: std::collections::HashMap<&str, usize> = table
         .lines()
         .filter_map(|line| {
