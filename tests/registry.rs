@@ -123,10 +123,13 @@ fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
     assert_eq!(other["manifests"][0]["uploaded_bytes"], 0, "{other}");
     assert_eq!(other["digest"], first["digest"], "conversions are deterministic");
 
-    // Mount with credentials from the environment, compare with the reference merge.
-    std::env::set_var("PETREL_CREDS", &creds);
-    let mount = MountProcess::start(&target, &work.path().join("mnt"), &work.path().join("cache"), &[]);
-    std::env::remove_var("PETREL_CREDS");
+    // Mount with credentials, compare with the reference merge.
+    let mount = MountProcess::start(
+        &target,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--creds", &creds],
+    );
     assert_tree(&reference_merge(&layers), &mount.mountpoint);
 }
 
