@@ -5,6 +5,8 @@
 mod build;
 mod measure;
 mod mount;
+mod registry;
+mod relay;
 mod trees;
 
 fn main() -> anyhow::Result<()> {
@@ -12,8 +14,9 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("build") => build::run(&args[1..]),
         Some("mount") => mount::run(&args[1..]),
+        Some("registry") => registry::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N]");
             std::process::exit(2)
         }
     }

@@ -1,0 +1,238 @@
+//! Registry benchmark over a shaped link (100 Mbit/s, 20 ms RTT by default):
+//! conversion registry → registry vs `skopeo copy` of the same image, and a
+//! startup-like read set through a lazy mount vs pulling the whole image with
+//! `skopeo copy` and unpacking it.
+
+use crate::measure::run_shell;
+use crate::relay;
+use anyhow::{bail, Context};
+use petrel_fixtures::rng::Rng;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe().expect("own path").with_file_name(name)
+}
+
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("config.yml");
+        std::fs::write(&config, format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", dir.join("storage").display()))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("registry did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Registry { child, addr })
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A python-app-like image: a base layer of libraries, a layer of many small
+/// modules, an app layer, a config layer. Returns the layers and the startup set
+/// (path, bytes read from its start).
+fn app_image(scale: f64) -> (Vec<Vec<u8>>, Vec<(String, u64)>) {
+    let mut rng = Rng::new(77);
+    let mut startup = Vec::new();
+    let mut base = petrel_fixtures::layer_writer::LayerWriter::new();
+    let libs = (40.0 * scale) as usize;
+    for i in 0..libs {
+        let size = (1 << 20) + rng.below(4 << 20) as usize;
+        base.file(&format!("usr/lib/lib{i:03}.so"), &Default::default(), &rng.mixed(size));
+        if i % 8 == 0 {
+            // Startup touches a sliver of some libraries.
+            startup.push((format!("usr/lib/lib{i:03}.so"), 256 << 10));
+        }
+    }
+    base.file("usr/bin/python3", &Default::default(), &rng.mixed(6 << 20));
+    startup.insert(0, ("usr/bin/python3".into(), 2 << 20));
+    let mut modules = petrel_fixtures::layer_writer::LayerWriter::new();
+    let count = (4000.0 * scale) as usize;
+    for i in 0..count {
+        let len = 500 + rng.below(20_000) as usize;
+        modules.file(
+            &format!("usr/lib/python3/site-packages/pkg{:02}/mod{i:05}.py", i % 60),
+            &Default::default(),
+            &rng.text(len),
+        );
+        if i % 40 == 0 {
+            startup.push((
+                format!("usr/lib/python3/site-packages/pkg{:02}/mod{i:05}.py", i % 60),
+                u64::MAX,
+            ));
+        }
+    }
+    let mut app = petrel_fixtures::layer_writer::LayerWriter::new();
+    app.file("app/app.py", &Default::default(), b"import json\nprint('hello')\n");
+    app.file(
+        "app/model.bin",
+        &Default::default(),
+        &rng.mixed(((30.0 * scale) as usize) << 20),
+    );
+    startup.push(("app/app.py".into(), u64::MAX));
+    let mut config = petrel_fixtures::layer_writer::LayerWriter::new();
+    config.file("etc/app.toml", &Default::default(), b"[app]\nworkers = 4\n");
+    startup.push(("etc/app.toml".into(), u64::MAX));
+    (
+        vec![base.finish(), modules.finish(), app.finish(), config.finish()],
+        startup,
+    )
+}
+
+fn is_mounted(mountpoint: &Path) -> bool {
+    let target = mountpoint.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut scale = 1.0f64;
+    let mut rtt_ms = 20.0f64;
+    let mut mbit = 100.0f64;
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).context("missing value");
+        match args[i].as_str() {
+            "--scale" => scale = value()?.parse()?,
+            "--rtt-ms" => rtt_ms = value()?.parse()?,
+            "--mbit" => mbit = value()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    let work = tempfile::tempdir_in("/var/tmp")?;
+    let w = work.path();
+    let (layers, startup) = app_image(scale);
+    let layout = w.join("layout");
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &layers)?;
+    let image_bytes: u64 = std::fs::read_dir(layout.join("blobs/sha256"))?
+        .map(|e| e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0))
+        .sum();
+    drop(layers);
+    let source = Registry::start(&w.join("source"))?;
+    let dest = Registry::start(&w.join("dest"))?;
+    run_shell(&format!(
+        "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{}/app:v1",
+        layout.display(),
+        source.addr
+    ))?;
+    let one_way = Duration::from_secs_f64(rtt_ms / 2000.0);
+    let bits = mbit * 1e6;
+    let source_link = relay::start(&source.addr, one_way, bits);
+    let dest_link = relay::start(&dest.addr, one_way, bits);
+    let petrel = bin("petrel");
+
+    // Conversion vs skopeo copy, registry to registry over the shaped links.
+    let skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/app:v1 docker://{dest_link}/copy:v1"))?;
+    let convert = run_shell(&format!(
+        "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel --json > {}/convert.json",
+        petrel.display(),
+        w.display()
+    ))?;
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("convert.json"))?)?;
+    let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
+
+    // Startup: full pull + unpack vs lazy mount + reading the startup set.
+    let pull_dir = w.join("pulled");
+    let pull = run_shell(&format!(
+        "skopeo copy --quiet --src-tls-verify=false docker://{source_link}/app:v1 oci:{dir}:v1 && mkdir -p {dir}/rootfs && for l in $(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]+\"/blobs/sha256/\"+json.load(open(sys.argv[1]+\"/index.json\"))[\"manifests\"][0][\"digest\"][7:])); print(\" \".join(x[\"digest\"][7:] for x in m[\"layers\"]))' {dir}); do tar -xzf {dir}/blobs/sha256/$l -C {dir}/rootfs; done",
+        dir = pull_dir.display()
+    ))?;
+    let mountpoint = w.join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+    let started = Instant::now();
+    let mut daemon = Command::new(&petrel)
+        .arg("mount")
+        .arg(format!("docker://{dest_link}/app:petrel"))
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(w.join("cache"))
+        .arg("--runtime-dir")
+        .arg(w.join("run"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while !is_mounted(&mountpoint) {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("mount did not appear");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mounted_after = started.elapsed();
+    let mut read_bytes = 0u64;
+    for (path, len) in &startup {
+        let mut file = std::fs::File::open(mountpoint.join(path))?;
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, *len), &mut buf)?;
+        read_bytes += buf.len() as u64;
+    }
+    let ready = started.elapsed();
+    let stats = Command::new(&petrel)
+        .arg("stats")
+        .arg(&mountpoint)
+        .arg("--runtime-dir")
+        .arg(w.join("run"))
+        .output()?;
+    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&stats.stdout)?["stats"].clone();
+    let _ = Command::new(&petrel).arg("umount").arg(&mountpoint).status();
+    let _ = daemon.wait();
+    let fetched = stats["backend_bytes"].as_u64().unwrap_or(0);
+    let requests = stats["backend_requests"].as_u64().unwrap_or(0);
+
+    println!();
+    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in {} layers (gzip)", image_bytes as f64 / (1 << 20) as f64, 4);
+    println!("| registry -> registry | seconds | vs skopeo copy |");
+    println!("|---|---:|---:|");
+    println!("| skopeo copy | {:.1} | 1.00 |", skopeo.seconds);
+    println!(
+        "| petrel convert (pull, build, push {} MiB) | {:.1} | {:.2} |",
+        uploaded >> 20,
+        convert.seconds,
+        convert.seconds / skopeo.seconds
+    );
+    println!();
+    println!(
+        "startup read set: {} files, {} MiB read",
+        startup.len(),
+        read_bytes >> 20
+    );
+    println!("| startup | bytes fetched | requests | seconds to ready | vs full pull |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| skopeo copy + unpack (whole image) | {image_bytes} | {} layers | {:.1} | 1.00 |",
+        4, pull.seconds
+    );
+    println!(
+        "| petrel mount from registry + reads (mounted after {:.2} s) | {fetched} | {requests} (+manifest, bootstrap) | {:.1} | {:.3} (bytes {:.3}) |",
+        mounted_after.as_secs_f64(),
+        ready.as_secs_f64(),
+        ready.as_secs_f64() / pull.seconds,
+        fetched as f64 / image_bytes as f64
+    );
+    Ok(())
+}

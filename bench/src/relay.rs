@@ -1,0 +1,89 @@
+//! A shaping TCP relay for benchmarks: every byte is held `one_way` before it is
+//! forwarded (so a request/response pair sees 2 × one_way extra RTT) and each
+//! direction is limited to `rate` bytes/s shared by all connections (a token
+//! bucket in time: the link is busy until `link_free_at`). Reading and delayed
+//! writing run in separate threads, so the link is pipelined, not stop-and-wait.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One direction of the shaped link.
+struct Link {
+    one_way: Duration,
+    bytes_per_second: f64,
+    free_at: Mutex<Instant>,
+}
+
+impl Link {
+    /// When `len` bytes read now may be delivered.
+    fn release_time(&self, len: usize) -> Instant {
+        let now = Instant::now();
+        let mut free_at = self.free_at.lock().expect("link lock");
+        let start = (*free_at).max(now);
+        *free_at = start + Duration::from_secs_f64(len as f64 / self.bytes_per_second);
+        *free_at + self.one_way
+    }
+}
+
+/// Starts the relay in front of `upstream`; returns its address.
+pub fn start(upstream: &str, one_way: Duration, bits_per_second: f64) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let make = || {
+        Arc::new(Link {
+            one_way,
+            bytes_per_second: bits_per_second / 8.0,
+            free_at: Mutex::new(Instant::now()),
+        })
+    };
+    let (up, down) = (make(), make());
+    let upstream = upstream.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            pump(
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+                Arc::clone(&up),
+            );
+            pump(server, client, Arc::clone(&down));
+        }
+    });
+    addr
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send((link.release_time(n), buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (when, data) in rx {
+            let now = Instant::now();
+            if when > now {
+                std::thread::sleep(when - now);
+            }
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
