@@ -427,3 +427,171 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
         output_text(&out)
     );
 }
+
+/// Rewrites a single-image layout into an index of two platforms (same image).
+fn make_multi_platform(layout: &Path) {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest = index["manifests"][0].clone();
+    let mut entries = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut entry = manifest.clone();
+        entry.as_object_mut().unwrap().remove("annotations");
+        entry["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        entries.push(entry);
+    }
+    let inner = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries});
+    let bytes = serde_json::to_vec(&inner).unwrap();
+    let digest = petrel_registry::oci::sha256_digest(&bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&digest[7..]), &bytes).unwrap();
+    let outer = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&outer).unwrap()).unwrap();
+}
+
+#[test]
+fn all_platforms_writes_an_index_and_one_platform_is_picked_otherwise() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_oci_layout(&layout, "v1", &edge_layers()).unwrap();
+    make_multi_platform(&layout);
+    let out = work.path().join("out");
+    let all = convert(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:all", out.display()),
+        None,
+    );
+    assert_eq!(
+        all["manifests"].as_array().unwrap().len(),
+        1,
+        "without --all-platforms one platform: {all}"
+    );
+    let mut command = petrel();
+    command
+        .arg("convert")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci:{}:multi", out.display()))
+        .args(["--all-platforms", "--json"]);
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["manifests"].as_array().unwrap().len(), 2);
+    let out_layout = petrel_registry::layout::OciLayout::open(&out).unwrap();
+    let tagged = out_layout.resolve(Some("multi")).unwrap();
+    let index: petrel_registry::oci::Index =
+        serde_json::from_slice(&out_layout.read_blob(&tagged.digest, 1 << 20).unwrap()).unwrap();
+    let arches: Vec<String> = index
+        .manifests
+        .iter()
+        .map(|m| m.platform.as_ref().unwrap().architecture.clone())
+        .collect();
+    assert_eq!(arches, ["amd64", "arm64"]);
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci:{}:x", work.path().join("o2").display()))
+        .args(["--platform", "linux/s390x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        output_text(&out).contains("no manifest for platform linux/s390x"),
+        "{}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn docker_archives_convert_like_the_same_layers() {
+    let work = tempfile::tempdir().unwrap();
+    let archive_dir = work.path().join("archive");
+    std::fs::create_dir_all(&archive_dir).unwrap();
+    let mut names = Vec::new();
+    for (i, tar) in edge_layers().iter().enumerate() {
+        let name = format!("layer{i}/layer.tar");
+        std::fs::create_dir_all(archive_dir.join(format!("layer{i}"))).unwrap();
+        std::fs::write(archive_dir.join(&name), tar).unwrap();
+        names.push(name);
+    }
+    std::fs::write(
+        archive_dir.join("config.json"),
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        archive_dir.join("manifest.json"),
+        serde_json::to_vec(&serde_json::json!([{"Config": "config.json", "RepoTags": ["edge:v1"], "Layers": names}]))
+            .unwrap(),
+    )
+    .unwrap();
+    let archive = work.path().join("docker.tar");
+    assert!(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&archive_dir)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let from_archive = convert(
+        &format!("docker-archive:{}", archive.display()),
+        &format!("oci:{}:a", work.path().join("out").display()),
+        None,
+    );
+    let layout = work.path().join("layout");
+    write_oci_layout(&layout, "v1", &edge_layers()).unwrap();
+    let from_layout = convert(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:b", work.path().join("out").display()),
+        None,
+    );
+    assert_eq!(
+        from_archive["manifests"][0]["bootstrap_digest"],
+        from_layout["manifests"][0]["bootstrap_digest"]
+    );
+    // An archive naming a file outside itself is refused.
+    std::fs::write(
+        archive_dir.join("manifest.json"),
+        br#"[{"Config":"../../etc/passwd","Layers":[]}]"#,
+    )
+    .unwrap();
+    let evil = work.path().join("evil.tar");
+    assert!(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&archive_dir)
+        .arg("-cf")
+        .arg(&evil)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("docker-archive:{}", evil.display()))
+        .arg(format!("oci:{}:c", work.path().join("out").display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(output_text(&out).contains("outside itself"), "{}", output_text(&out));
+}
+
+#[test]
+fn reads_go_through_a_mirror_when_the_origin_is_unreachable() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    // The image names a registry nobody listens on; the mirror is the real one.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mirror = format!("http://{}", registry.addr);
+    let mount = MountProcess::start(
+        &format!("docker://{dead}/{reference}"),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--mirror", &mirror, "--retries", "1"],
+    );
+    assert_eq!(read_all_expecting_eio_or_truth(&mount.mountpoint, &big_files()), 0);
+}
