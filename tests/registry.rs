@@ -595,3 +595,82 @@ fn reads_go_through_a_mirror_when_the_origin_is_unreachable() {
     );
     assert_eq!(read_all_expecting_eio_or_truth(&mount.mountpoint, &big_files()), 0);
 }
+
+#[test]
+fn bearer_tokens_are_fetched_and_refreshed_when_they_expire() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    *proxy.state.bearer.lock().unwrap() = Some("token-one".into());
+    let mount = MountProcess::start(
+        &format!("docker://{}/{reference}", proxy.addr),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--amplify-bytes", "0"],
+    );
+    let files = big_files();
+    assert_eq!(std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap(), files[0].1);
+    let issued = proxy.state.tokens_issued.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(issued >= 1);
+    // The token expires mid-run: the next fetch gets a 401, a new token, and succeeds.
+    *proxy.state.bearer.lock().unwrap() = Some("token-two".into());
+    assert_eq!(std::fs::read(mount.mountpoint.join(&files[1].0)).unwrap(), files[1].1);
+    assert!(proxy.state.tokens_issued.load(std::sync::atomic::Ordering::SeqCst) > issued);
+    let log = std::fs::read_to_string(work.path().join("cache.log")).unwrap_or_default();
+    assert!(
+        !log.contains("token-one") && !log.contains("token-two"),
+        "tokens stay out of logs"
+    );
+}
+
+#[test]
+fn credentials_come_from_the_docker_config() {
+    if !registry_tools_available() {
+        return;
+    }
+    let registry = TestRegistry::start(true);
+    let work = tempfile::tempdir().unwrap();
+    write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+    registry.push_layout(&work.path().join("layout"), "cfg", "v1");
+    let config_dir = work.path().join("docker");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let auth = base64_encode(format!("{USER}:{PASSWORD}").as_bytes());
+    std::fs::write(
+        config_dir.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let out = petrel()
+        .env("DOCKER_CONFIG", &config_dir)
+        .args([
+            "convert",
+            &format!("docker://{}/cfg:v1", registry.addr),
+            &format!("docker://{}/cfg:petrel", registry.addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -30,6 +30,10 @@ pub struct FaultState {
     pub ignore_range: AtomicBool,
     pub blob_requests: AtomicU64,
     pub faults_injected: AtomicU64,
+    /// When set, the proxy acts as a token-authenticated registry: requests need
+    /// `Authorization: Bearer <this token>`, and `/token` issues it.
+    pub bearer: Mutex<Option<String>>,
+    pub tokens_issued: AtomicU64,
 }
 
 /// The proxy; its thread stops with the test process.
@@ -46,11 +50,13 @@ impl FaultProxy {
         let upstream = upstream.to_string();
         let shared = Arc::clone(&state);
         std::thread::spawn(move || {
+            let own = listener.local_addr().expect("addr").to_string();
             for client in listener.incoming().flatten() {
                 let state = Arc::clone(&shared);
                 let upstream = upstream.clone();
+                let own = own.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(client, &upstream, &state);
+                    let _ = serve(client, &upstream, &own, &state);
                 });
             }
         });
@@ -62,7 +68,7 @@ impl FaultProxy {
     }
 }
 
-fn serve(client: TcpStream, upstream: &str, state: &FaultState) -> std::io::Result<()> {
+fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
@@ -81,6 +87,20 @@ fn serve(client: TcpStream, upstream: &str, state: &FaultState) -> std::io::Resu
     let mut client = client;
     if state.down.load(Ordering::SeqCst) {
         return Ok(());
+    }
+    let bearer = state.bearer.lock().unwrap().clone();
+    if let Some(valid) = &bearer {
+        if request_line.starts_with("GET /token") {
+            state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+            let body = format!("{{\"token\":\"{valid}\",\"expires_in\":60}}");
+            return client.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+        }
+        let expected = format!("authorization: bearer {}", valid.to_ascii_lowercase());
+        if !head.iter().any(|l| l.to_ascii_lowercase().trim_end() == expected) {
+            let challenge =
+                format!("Bearer realm=\"http://{own}/token\",service=\"petrel-test\",scope=\"repository:faults:pull\"");
+            return client.write_all(format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+        }
     }
     let fault = if is_blob_get {
         state.blob_requests.fetch_add(1, Ordering::SeqCst);
@@ -109,7 +129,8 @@ fn serve(client: TcpStream, upstream: &str, state: &FaultState) -> std::io::Resu
     let mut forwarded = String::new();
     for line in &head {
         let lower = line.to_ascii_lowercase();
-        if lower.starts_with("connection:") || (drop_range && lower.starts_with("range:")) {
+        let strip_auth = bearer.is_some() && lower.starts_with("authorization:");
+        if strip_auth || lower.starts_with("connection:") || (drop_range && lower.starts_with("range:")) {
             continue;
         }
         if let Some(v) = lower.strip_prefix("content-length:") {
