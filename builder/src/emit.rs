@@ -8,6 +8,7 @@ use crate::tree::{clean_path, NodeId, NodeKind, PieceSource, Tree, ROOT};
 use petrel_format::features::{BLOB_COMPRESSOR_ZSTD_CHUNKS, CHUNK_FLAG_ZSTD};
 use petrel_format::image_dir::ImageDir;
 use petrel_format::layout::*;
+use petrel_format::profile::ProfileEntry;
 use petrel_format::reader::mode_bits::*;
 use petrel_format::{BootstrapWriter, SuperblockParams};
 use sha2::{Digest, Sha256};
@@ -76,30 +77,102 @@ fn number_tree(tree: &Tree) -> Result<Numbering> {
     Ok(n)
 }
 
-/// Files named by the prefetch list, in list order; a directory stands for every
-/// regular file below it.
-fn prefetch_nodes(tree: &mut Tree, paths: &[Vec<u8>], warnings: &mut Vec<String>) -> Vec<NodeId> {
+/// Whether `path` matches a glob: `*` and `?` stay within one component, `**`
+/// crosses components.
+pub fn glob_match(pattern: &[u8], path: &[u8]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) if pattern.get(1) == Some(&b'*') => {
+            let rest = pattern[2..].strip_prefix(b"/").unwrap_or(&pattern[2..]);
+            (0..=path.len()).any(|i| glob_match(rest, &path[i..]))
+        }
+        (Some(b'*'), _) => {
+            let mut i = 0;
+            loop {
+                if glob_match(&pattern[1..], &path[i..]) {
+                    return true;
+                }
+                if i == path.len() || path[i] == b'/' {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        (Some(b'?'), Some(&c)) if c != b'/' => glob_match(&pattern[1..], &path[1..]),
+        (Some(p), Some(c)) if p == c => glob_match(&pattern[1..], &path[1..]),
+        _ => false,
+    }
+}
+
+/// Every regular file with its path, breadth-first.
+fn all_files(tree: &Tree) -> Vec<(Vec<u8>, NodeId)> {
     let mut out = Vec::new();
-    for path in paths {
-        let found = tree.lookup(&clean_path(path)).ok().flatten();
-        let Some(node) = found else {
+    let mut queue = VecDeque::from([(Vec::new(), ROOT)]);
+    while let Some((path, id)) = queue.pop_front() {
+        for (name, entry) in tree.children(id).into_iter().flatten() {
+            let child = if path.is_empty() {
+                name.clone()
+            } else {
+                [&path[..], b"/", name].concat()
+            };
+            match tree.node(entry.node).kind {
+                NodeKind::Directory(_) => queue.push_back((child, entry.node)),
+                NodeKind::Regular { .. } => out.push((child, entry.node)),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Files the prefetch entries name, in entry order, each with the byte ranges to
+/// put first (None: the whole file). A directory stands for every file below it;
+/// `*`, `?` and `**` patterns match file paths.
+fn prefetch_nodes(
+    tree: &mut Tree,
+    entries: &[ProfileEntry],
+    warnings: &mut Vec<String>,
+) -> Vec<(NodeId, Option<Vec<[u64; 2]>>)> {
+    let mut out: Vec<(NodeId, Option<Vec<[u64; 2]>>)> = Vec::new();
+    let mut files: Option<Vec<(Vec<u8>, NodeId)>> = None;
+    for entry in entries {
+        let Some(raw) = entry.path_bytes() else { continue };
+        let path = raw.strip_prefix(b"/").unwrap_or(&raw).to_vec();
+        if path.iter().any(|b| b"*?".contains(b)) {
+            let files = files.get_or_insert_with(|| all_files(tree));
+            let before = out.len();
+            out.extend(
+                files
+                    .iter()
+                    .filter(|(p, _)| glob_match(&path, p))
+                    .map(|(_, id)| (*id, None)),
+            );
+            if out.len() == before {
+                warnings.push(format!(
+                    "prefetch pattern {:?} matches no file",
+                    String::from_utf8_lossy(&path)
+                ));
+            }
+            continue;
+        }
+        let Some(node) = tree.lookup(&clean_path(&path)).ok().flatten() else {
             warnings.push(format!(
                 "prefetch path {:?} is not in the image; ignored",
-                String::from_utf8_lossy(path)
+                String::from_utf8_lossy(&path)
             ));
             continue;
         };
         let mut queue = VecDeque::from([node]);
         while let Some(id) = queue.pop_front() {
             match &tree.node(id).kind {
-                NodeKind::Regular { .. } => out.push(id),
-                NodeKind::Directory(entries) => queue.extend(entries.values().map(|e| e.node)),
+                NodeKind::Regular { .. } => out.push((id, entry.ranges.clone())),
+                NodeKind::Directory(children) => queue.extend(children.values().map(|e| e.node)),
                 _ => {}
             }
         }
     }
     let mut seen = std::collections::HashSet::new();
-    out.retain(|id| seen.insert(*id));
+    out.retain(|(id, _)| seen.insert(*id));
     out
 }
 
@@ -107,13 +180,13 @@ fn prefetch_nodes(tree: &mut Tree, paths: &[Vec<u8>], warnings: &mut Vec<String>
 pub fn emit(
     tree: &mut Tree,
     data: SinkOutput,
-    prefetch_paths: &[Vec<u8>],
+    prefetch_entries: &[ProfileEntry],
     params: SuperblockParams,
     out: &ImageDir,
     warnings: &mut Vec<String>,
 ) -> Result<EmitSummary> {
     let numbering = number_tree(tree)?;
-    let prefetch = prefetch_nodes(tree, prefetch_paths, warnings);
+    let prefetch = prefetch_nodes(tree, prefetch_entries, warnings);
     let chunk_of_piece = |source: &PieceSource| match source {
         PieceSource::Hole => None,
         PieceSource::Chunk { slot, .. } => Some(data.chunk_of_slot[*slot as usize]),
@@ -129,10 +202,17 @@ pub fn emit(
             order.push(chunk);
         }
     };
-    for node in &prefetch {
+    for (node, ranges) in &prefetch {
         if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
+            let wanted = |p: &&crate::tree::Piece| {
+                let (start, end) = (p.file_offset, p.file_offset + u64::from(p.length));
+                ranges
+                    .as_ref()
+                    .is_none_or(|r| r.iter().any(|[a, b]| *a < end && start < *b))
+            };
             pieces
                 .iter()
+                .filter(wanted)
                 .filter_map(|p| chunk_of_piece(&p.source))
                 .for_each(|c| place(c, &mut blob_order));
         }
@@ -235,7 +315,7 @@ pub fn emit(
         }
         writer.inodes.push(record);
     }
-    for node in &prefetch {
+    for (node, _) in &prefetch {
         writer.prefetch.push(PrefetchRecord {
             ino: numbering.ino_of[node].into(),
         });
@@ -344,4 +424,18 @@ fn publish_mode(file: &File, path: &std::path::Path) -> Result<()> {
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(BuildError::io("chmod", path))?;
     file.sync_all().map_err(BuildError::io("sync", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"usr/lib/*.so", b"usr/lib/libc.so"));
+        assert!(!glob_match(b"usr/lib/*.so", b"usr/lib/x/libc.so"));
+        assert!(glob_match(b"usr/**/*.so", b"usr/lib/x/libc.so"));
+        assert!(glob_match(b"**/app.py", b"app.py") && glob_match(b"**/app.py", b"srv/app/app.py"));
+        assert!(glob_match(b"etc/?.conf", b"etc/a.conf") && !glob_match(b"etc/?.conf", b"etc/ab.conf"));
+    }
 }

@@ -34,8 +34,9 @@ pub struct BuildOptions {
     pub small_file_limit: u32,
     /// Hashing and compression threads (0: one per core).
     pub threads: usize,
-    /// Paths (files or directories) whose data goes first in the blob, in order.
-    pub prefetch: Vec<Vec<u8>>,
+    /// What goes first in the blob, in order: files (or only the given byte
+    /// ranges of them), directories, or glob patterns.
+    pub prefetch: Vec<petrel_format::profile::ProfileEntry>,
 }
 
 impl Default for BuildOptions {

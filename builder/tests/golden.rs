@@ -47,7 +47,10 @@ fn golden(name: &str, chunker: &str) {
     let layers: Vec<Vec<u8>> = edge_case_layers().into_iter().map(|l| l.tar).collect();
     let options = BuildOptions {
         chunker: chunker.parse().unwrap(),
-        prefetch: vec![b"usr/bin/python3".to_vec(), b"etc".to_vec()],
+        prefetch: vec![
+            petrel_format::profile::ProfileEntry::new(b"usr/bin/python3", None),
+            petrel_format::profile::ProfileEntry::new(b"etc", None),
+        ],
         ..BuildOptions::default()
     };
     let (image, _) = build_layers(dir.path(), &layers, options).unwrap();

@@ -10,6 +10,7 @@ pub mod error;
 pub mod features;
 pub mod image_dir;
 pub mod layout;
+pub mod profile;
 pub mod reader;
 pub mod writer;
 

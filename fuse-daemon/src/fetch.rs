@@ -45,6 +45,32 @@ pub struct Fetcher {
     stats: Arc<Stats>,
     amplify_bytes: u64,
     in_flight: Mutex<HashMap<u32, Arc<Flight>>>,
+    prefetched: ChunkMarks,
+}
+
+/// One bit per chunk: fetched by the prefetcher and not yet read.
+#[derive(Debug)]
+struct ChunkMarks(Vec<std::sync::atomic::AtomicU64>);
+
+impl ChunkMarks {
+    fn new(chunks: u32) -> Self {
+        ChunkMarks(
+            (0..(chunks as usize).div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        )
+    }
+    fn mark(&self, index: u32) {
+        if let Some(word) = self.0.get(index as usize / 64) {
+            word.fetch_or(1 << (index % 64), Relaxed);
+        }
+    }
+    /// Clears the mark; true if it was set.
+    fn take(&self, index: u32) -> bool {
+        self.0
+            .get(index as usize / 64)
+            .is_some_and(|w| w.fetch_and(!(1 << (index % 64)), Relaxed) & (1 << (index % 64)) != 0)
+    }
 }
 
 impl Fetcher {
@@ -55,6 +81,7 @@ impl Fetcher {
         stats: Arc<Stats>,
         amplify_bytes: u64,
     ) -> Self {
+        let prefetched = ChunkMarks::new(image.bootstrap().chunk_count());
         Fetcher {
             image,
             backend,
@@ -62,6 +89,7 @@ impl Fetcher {
             stats,
             amplify_bytes,
             in_flight: Mutex::new(HashMap::new()),
+            prefetched,
         }
     }
 
@@ -75,6 +103,7 @@ impl Fetcher {
         loop {
             if self.cache.is_ready(index) {
                 self.stats.cache_hits.fetch_add(1, Relaxed);
+                self.note_hit(index);
                 return Ok(ChunkBytes::Cached);
             }
             let (flight, planned) = {
@@ -108,6 +137,7 @@ impl Fetcher {
                 }
                 None => {
                     self.stats.waited_on_inflight.fetch_add(1, Relaxed);
+                    self.note_hit(index);
                 }
             }
             let mut outcome = flight.outcome.lock().expect("flight lock");
@@ -122,6 +152,16 @@ impl Fetcher {
     /// blob that are contiguous, missing and not in flight, through `through` and
     /// then on while the request stays within the amplification window.
     fn plan(&self, first: u32, through: u32, in_flight: &HashMap<u32, Arc<Flight>>) -> Result<Vec<ChunkInfo>> {
+        self.plan_window(first, through, self.amplify_bytes, in_flight)
+    }
+
+    fn plan_window(
+        &self,
+        first: u32,
+        through: u32,
+        window: u64,
+        in_flight: &HashMap<u32, Arc<Flight>>,
+    ) -> Result<Vec<ChunkInfo>> {
         let bootstrap = self.image.bootstrap();
         let head = bootstrap.chunk(first)?;
         let mut plan = vec![head];
@@ -130,7 +170,7 @@ impl Fetcher {
         while next < bootstrap.chunk_count() {
             let chunk = bootstrap.chunk(next)?;
             let span = end - head.compressed_offset + u64::from(chunk.compressed_size);
-            let wanted = next <= through || span <= self.amplify_bytes;
+            let wanted = next <= through || span <= window;
             if !wanted
                 || span > MAX_REQUEST_BYTES
                 || chunk.blob_index != head.blob_index
@@ -145,6 +185,50 @@ impl Fetcher {
             next += 1;
         }
         Ok(plan)
+    }
+
+    /// Prefetches from chunk `first` on: skips chunks that are ready or in flight,
+    /// then fetches up to `window` stored bytes of following missing chunks (never
+    /// beyond `end`) in one request, shared with any reader that wants them.
+    /// Returns the chunk index to continue from and the bytes fetched.
+    pub fn prefetch_from(&self, first: u32, end: u32, window: u64) -> (u32, u64) {
+        let mut start = first;
+        let flights = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            while start < end && (self.cache.is_ready(start) || in_flight.contains_key(&start)) {
+                start += 1;
+            }
+            if start >= end {
+                return (end, 0);
+            }
+            let Ok(mut plan) = self.plan_window(start, start, window, &in_flight) else {
+                return (start + 1, 0);
+            };
+            plan.retain(|c| c.index < end);
+            plan.into_iter()
+                .map(|chunk| {
+                    let flight = Arc::new(Flight::default());
+                    in_flight.insert(chunk.index, Arc::clone(&flight));
+                    (chunk, flight)
+                })
+                .collect::<Vec<_>>()
+        };
+        let next = flights.last().map_or(start + 1, |(c, _)| c.index + 1);
+        let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
+        self.stats.prefetch_requests.fetch_add(1, Relaxed);
+        self.stats.prefetch_bytes.fetch_add(bytes, Relaxed);
+        for (chunk, _) in &flights {
+            self.prefetched.mark(chunk.index);
+        }
+        self.fetch(&flights);
+        (next, bytes)
+    }
+
+    /// Counts a read served by a chunk the prefetcher brought in.
+    pub fn note_hit(&self, index: u32) {
+        if self.prefetched.take(index) {
+            self.stats.prefetch_hits.fetch_add(1, Relaxed);
+        }
     }
 
     /// Fetches the planned chunks with one range request, verifies and caches them,

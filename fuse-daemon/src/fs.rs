@@ -32,6 +32,7 @@ pub struct PetrelFs {
     fetcher: Arc<Fetcher>,
     stats: Arc<Stats>,
     workers: Workers,
+    recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 fn format_errno(e: &FormatError) -> Errno {
@@ -105,7 +106,14 @@ impl PetrelFs {
             fetcher,
             stats,
             workers: Workers::start("petrel-fetch", fetch_threads),
+            recorder: None,
         }
+    }
+
+    /// Records every read into `recorder`.
+    pub fn with_recorder(mut self, recorder: Arc<crate::record::Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     fn bootstrap(&self) -> Bootstrap<'_> {
@@ -272,6 +280,9 @@ impl Filesystem for PetrelFs {
         let Ok(ino) = u32::try_from(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino, offset, u64::from(size));
+        }
         let serve = {
             let image = Arc::clone(&self.image);
             let fetcher = Arc::clone(&self.fetcher);

@@ -10,6 +10,8 @@ pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod prefetch;
+pub mod record;
 pub mod remote;
 pub mod stats;
 mod workers;

@@ -8,6 +8,7 @@ use crate::error::{DaemonError, Result};
 use crate::fetch::{Fetcher, DEFAULT_AMPLIFY_BYTES};
 use crate::fs::PetrelFs;
 use crate::image::MappedImage;
+use crate::prefetch::{PrefetchConfig, Prefetcher};
 use crate::stats::{Stats, StatsSnapshot};
 use fuser::{Config, MountOption, SessionACL};
 use petrel_format::image_dir::ImageDir;
@@ -32,6 +33,10 @@ pub struct MountConfig {
     pub control_socket: Option<PathBuf>,
     /// Directory whose `blobs/sha256/` holds the blobs, when not the image directory.
     pub blob_dir: Option<PathBuf>,
+    /// Background prefetch after mounting.
+    pub prefetch: PrefetchConfig,
+    /// Record reads and write the profile here on unmount.
+    pub record: Option<PathBuf>,
 }
 
 impl MountConfig {
@@ -45,6 +50,8 @@ impl MountConfig {
             fetch_threads: 8,
             control_socket: None,
             blob_dir: None,
+            prefetch: PrefetchConfig::default(),
+            record: None,
         }
     }
 }
@@ -53,6 +60,8 @@ impl MountConfig {
 #[derive(Debug)]
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    prefetcher: Option<Prefetcher>,
+    recording: Option<(Arc<crate::record::Recorder>, Arc<MappedImage>, PathBuf)>,
     stats: Arc<Stats>,
     mountpoint: PathBuf,
     _control: Option<ControlServer>,
@@ -77,7 +86,23 @@ impl Mounted {
         self.stop()
     }
 
+    /// The profile recorded so far (when recording).
+    pub fn profile(&self) -> Option<petrel_format::profile::Profile> {
+        self.recording
+            .as_ref()
+            .map(|(recorder, image, _)| recorder.profile(image))
+    }
+
     fn stop(&mut self) -> Result<()> {
+        if let Some(prefetcher) = self.prefetcher.take() {
+            prefetcher.stop();
+        }
+        if let Some((recorder, image, path)) = self.recording.take() {
+            let profile = recorder.profile(&image);
+            let text = serde_json::to_vec_pretty(&profile).expect("serializable");
+            std::fs::write(&path, text).map_err(DaemonError::io("write profile", &path))?;
+            tracing::info!(path = %path.display(), files = profile.entries.len(), "profile written");
+        }
         if let Some(session) = self.session.take() {
             if session.guard.is_finished() {
                 let _ = session.join();
@@ -152,6 +177,38 @@ pub fn mount(config: &MountConfig) -> Result<Mounted> {
     )
 }
 
+/// The storage layer of one image: its mapped bootstrap and a fetcher over its cache.
+#[derive(Debug)]
+pub struct Storage {
+    pub image: Arc<MappedImage>,
+    pub fetcher: Arc<Fetcher>,
+    pub stats: Arc<Stats>,
+}
+
+/// Maps the bootstrap at `bootstrap_path` and opens its cache under `cache_dir`.
+pub fn open_storage(
+    cache_dir: &Path,
+    backend: Arc<dyn Backend>,
+    bootstrap_path: &Path,
+    name: &str,
+    amplify_bytes: u64,
+) -> Result<Storage> {
+    let image = Arc::new(MappedImage::open(bootstrap_path, cache_dir, name)?);
+    let bootstrap = image.bootstrap();
+    let slot = u64::from(bootstrap.chunker().max_chunk_size());
+    let chunk_dir = cache_dir.join("images").join(hex::encode(image.digest()));
+    let cache = Arc::new(ChunkCache::open(&chunk_dir, bootstrap.chunk_count(), slot)?);
+    let stats = Arc::new(Stats::default());
+    let fetcher = Arc::new(Fetcher::new(
+        Arc::clone(&image),
+        backend,
+        cache,
+        Arc::clone(&stats),
+        amplify_bytes,
+    ));
+    Ok(Storage { image, fetcher, stats })
+}
+
 /// Mounts the bootstrap at `bootstrap_path`, fetching chunks from `backend`.
 pub fn mount_with_backend(
     config: &MountConfig,
@@ -160,19 +217,8 @@ pub fn mount_with_backend(
     name: &str,
 ) -> Result<Mounted> {
     clean_stale_mount(&config.mountpoint)?;
-    let image = Arc::new(MappedImage::open(bootstrap_path, &config.cache_dir, name)?);
-    let bootstrap = image.bootstrap();
-    let slot = u64::from(bootstrap.chunker().max_chunk_size());
-    let cache_dir = config.cache_dir.join("images").join(hex::encode(image.digest()));
-    let cache = Arc::new(ChunkCache::open(&cache_dir, bootstrap.chunk_count(), slot)?);
-    let stats = Arc::new(Stats::default());
-    let fetcher = Arc::new(Fetcher::new(
-        Arc::clone(&image),
-        backend,
-        cache,
-        Arc::clone(&stats),
-        config.amplify_bytes,
-    ));
+    let Storage { image, fetcher, stats } =
+        open_storage(&config.cache_dir, backend, bootstrap_path, name, config.amplify_bytes)?;
     let control = match &config.control_socket {
         Some(path) => Some(
             ControlServer::start(path, Arc::clone(&stats), name.to_string())
@@ -180,7 +226,22 @@ pub fn mount_with_backend(
         ),
         None => None,
     };
-    let fs = PetrelFs::new(image, fetcher, Arc::clone(&stats), config.fetch_threads);
+    let mut fs = PetrelFs::new(
+        Arc::clone(&image),
+        Arc::clone(&fetcher),
+        Arc::clone(&stats),
+        config.fetch_threads,
+    );
+    let recording = config.record.as_ref().map(|path| {
+        (
+            Arc::new(crate::record::Recorder::default()),
+            Arc::clone(&image),
+            path.clone(),
+        )
+    });
+    if let Some((recorder, ..)) = &recording {
+        fs = fs.with_recorder(Arc::clone(recorder));
+    }
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("petrel:{name}")),
@@ -195,8 +256,12 @@ pub fn mount_with_backend(
     fuse_config.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config)
         .map_err(DaemonError::io("mount FUSE at", &config.mountpoint))?;
+    let prefetcher = (config.prefetch.mode != crate::prefetch::PrefetchMode::Off)
+        .then(|| Prefetcher::start(&image, fetcher, config.prefetch));
     Ok(Mounted {
         session: Some(session),
+        prefetcher,
+        recording,
         stats,
         mountpoint: config.mountpoint.clone(),
         _control: control,

@@ -21,8 +21,12 @@ pub struct Stats {
     pub reads: AtomicU64,
     pub read_errors: AtomicU64,
     pub bytes_served: AtomicU64,
-    /// Reads that waited for another reader's fetch of the same chunk.
+    /// Reads that waited for another reader's (or the prefetcher's) fetch of the same chunk.
     pub waited_on_inflight: AtomicU64,
+    pub prefetch_requests: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
+    /// Chunk reads served by data the prefetcher fetched.
+    pub prefetch_hits: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -41,6 +45,9 @@ pub struct StatsSnapshot {
     pub read_errors: u64,
     pub bytes_served: u64,
     pub waited_on_inflight: u64,
+    pub prefetch_requests: u64,
+    pub prefetch_bytes: u64,
+    pub prefetch_hits: u64,
     /// Reads per latency bucket; the last bucket is "above the largest bound".
     pub read_latency_buckets_us: Vec<(u64, u64)>,
     pub read_latency_sum_us: u64,
@@ -77,6 +84,9 @@ impl Stats {
             read_errors: self.read_errors.load(Relaxed),
             bytes_served: self.bytes_served.load(Relaxed),
             waited_on_inflight: self.waited_on_inflight.load(Relaxed),
+            prefetch_requests: self.prefetch_requests.load(Relaxed),
+            prefetch_bytes: self.prefetch_bytes.load(Relaxed),
+            prefetch_hits: self.prefetch_hits.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
             read_latency_sum_us: self.latency_sum_us.load(Relaxed),
         }

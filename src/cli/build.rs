@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use petrel_builder::{build_paths, BuildOptions};
+use petrel_format::profile::{Profile, ProfileEntry};
 use petrel_format::ChunkerParams;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ pub struct BuildArgs {
     /// A path (file or directory) to put first in the blob; repeat in order.
     #[arg(long = "prefetch")]
     prefetch: Vec<PathBuf>,
-    /// A file listing prefetch paths, one per line, in order.
+    /// A prefetch profile (petrel record) or a file listing paths/globs, one per line.
     #[arg(long)]
     prefetch_list: Option<PathBuf>,
     /// Print the build report as JSON.
@@ -36,18 +37,13 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let mut prefetch: Vec<Vec<u8>> = args
+    let mut prefetch: Vec<ProfileEntry> = args
         .prefetch
         .iter()
-        .map(|p| p.as_os_str().as_bytes().to_vec())
+        .map(|p| ProfileEntry::new(p.as_os_str().as_bytes(), None))
         .collect();
     if let Some(list) = &args.prefetch_list {
-        let text = std::fs::read(list).with_context(|| format!("reading prefetch list {}", list.display()))?;
-        prefetch.extend(
-            text.split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
-                .map(<[u8]>::to_vec),
-        );
+        prefetch.extend(read_profile(list)?.entries);
     }
     let options = BuildOptions {
         chunker: args.chunker,
@@ -93,4 +89,10 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a prefetch profile or path list.
+pub fn read_profile(path: &std::path::Path) -> anyhow::Result<Profile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading prefetch profile {}", path.display()))?;
+    Profile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

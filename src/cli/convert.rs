@@ -26,8 +26,8 @@ pub struct ConvertArgs {
     /// Chunker: fixed, fixed:SIZE, cdc or cdc:MIN:AVG:MAX.
     #[arg(long, default_value = "fixed:1M")]
     chunker: ChunkerParams,
-    /// A file listing paths to put first in the blob (the prefetch region).
-    #[arg(long)]
+    /// A prefetch profile (petrel record) or a list of paths/globs to put first in the blob.
+    #[arg(long = "prefetch", alias = "prefetch-list")]
     prefetch_list: Option<std::path::PathBuf>,
     /// Directory for the temporary build (default: the system temp dir).
     #[arg(long)]
@@ -53,15 +53,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         }
         None => Platform::host(),
     };
-    let mut prefetch = Vec::new();
-    if let Some(list) = &args.prefetch_list {
-        let text = std::fs::read(list)?;
-        prefetch.extend(
-            text.split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
-                .map(<[u8]>::to_vec),
-        );
-    }
+    let prefetch = match &args.prefetch_list {
+        Some(list) => crate::cli::build::read_profile(list)?.entries,
+        None => Vec::new(),
+    };
     let options = ConvertOptions {
         build: BuildOptions {
             chunker: args.chunker,

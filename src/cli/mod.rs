@@ -1,9 +1,10 @@
 //! Command-line interface: argument parsing and one module per command.
 
-mod build;
+pub mod build;
 mod convert;
 mod image_tools;
-mod mount;
+pub mod mount;
+mod record;
 pub mod registry_args;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,12 @@ pub enum Command {
     Unpack(image_tools::UnpackArgs),
     /// Mount an image read-only through FUSE; data is fetched as it is read.
     Mount(mount::MountArgs),
+    /// Run a command against a mounted image and record what it reads (a prefetch profile).
+    Record(record::RecordArgs),
+    /// Rebuild a local image with a profile's data at the front of the blob.
+    Optimize(record::OptimizeArgs),
+    /// Fill the node cache for an image (its prefetch region, or --all) without mounting it.
+    Warm(mount::WarmArgs),
     /// Unmount a petrel mount.
     Umount(mount::UmountArgs),
     /// Show a mount's counters (JSON, or Prometheus text).
@@ -63,6 +70,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unpack(args) => image_tools::unpack(args),
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => mount::run_umount(args),
+        Command::Warm(args) => mount::run_warm(args),
+        Command::Record(args) => record::run_record(args),
+        Command::Optimize(args) => record::run_optimize(args),
         Command::Stats(args) => mount::run_stats(args),
     }
 }

@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context};
 use petrel_fuse_daemon::control;
-use petrel_fuse_daemon::mount::{is_mounted, mount, unmount, MountConfig};
+use petrel_fuse_daemon::mount::{is_mounted, unmount, MountConfig};
+use petrel_fuse_daemon::prefetch::{PrefetchConfig, PrefetchMode};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +40,11 @@ pub struct MountArgs {
     /// Threads serving reads that wait for fetches.
     #[arg(long, default_value_t = 8)]
     fetch_threads: usize,
+    #[command(flatten)]
+    prefetch: PrefetchArgs,
+    /// Record what is read and write the profile here on unmount.
+    #[arg(long)]
+    record: Option<PathBuf>,
     /// Run in the background: return once mounted.
     #[arg(long)]
     daemon: bool,
@@ -50,6 +56,158 @@ pub struct MountArgs {
     /// With --daemon: append the daemon's log here (default: `<cache-dir>/daemon.log`).
     #[arg(long, requires = "daemon")]
     log_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrefetchArgs {
+    /// Background prefetch: off, table (the prefetch region) or all (the whole image).
+    #[arg(long = "prefetch", default_value = "table")]
+    mode: PrefetchMode,
+    /// Stored bytes per prefetch range request.
+    #[arg(long, default_value_t = 8 << 20)]
+    prefetch_request_bytes: u64,
+    /// Prefetch range requests in flight at once.
+    #[arg(long, default_value_t = 2)]
+    prefetch_parallel: usize,
+    /// Cap prefetch traffic at this many bytes per second.
+    #[arg(long)]
+    prefetch_bandwidth: Option<u64>,
+}
+
+impl PrefetchArgs {
+    fn config(&self) -> PrefetchConfig {
+        PrefetchConfig {
+            mode: self.mode,
+            request_bytes: self.prefetch_request_bytes,
+            parallel: self.prefetch_parallel,
+            bandwidth: self.prefetch_bandwidth,
+        }
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let mode = match self.mode {
+            PrefetchMode::Off => "off",
+            PrefetchMode::Table => "table",
+            PrefetchMode::All => "all",
+        };
+        let mut args = vec![
+            "--prefetch".into(),
+            mode.into(),
+            "--prefetch-request-bytes".into(),
+            self.prefetch_request_bytes.to_string(),
+            "--prefetch-parallel".into(),
+            self.prefetch_parallel.to_string(),
+        ];
+        if let Some(rate) = self.prefetch_bandwidth {
+            args.extend(["--prefetch-bandwidth".into(), rate.to_string()]);
+        }
+        args
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WarmArgs {
+    /// Image: a local image directory or `docker://HOST/REPO:TAG`.
+    image: String,
+    /// Node cache root.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// Warm the whole image, not only its prefetch region.
+    #[arg(long)]
+    all: bool,
+    /// Stored bytes per range request.
+    #[arg(long, default_value_t = 8 << 20)]
+    request_bytes: u64,
+    /// Range requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    #[command(flatten)]
+    registry: crate::cli::registry_args::RegistryArgs,
+}
+
+/// The backend, bootstrap file and display name of a local or registry image.
+pub fn resolve_image(
+    image: &str,
+    cache_dir: &std::path::Path,
+    registry: &crate::cli::registry_args::RegistryArgs,
+    blob_dir: Option<&std::path::Path>,
+) -> anyhow::Result<(std::sync::Arc<dyn petrel_fuse_daemon::Backend>, PathBuf, String)> {
+    if let Some(reference) = image.strip_prefix("docker://") {
+        let image_ref = petrel_registry::ImageRef::parse(reference)?;
+        let client = std::sync::Arc::new(petrel_registry::RegistryClient::new(
+            &image_ref.registry,
+            &registry.client_options()?,
+        )?);
+        let platform = petrel_registry::oci::Platform::host();
+        let remote = petrel_fuse_daemon::remote::resolve(client, &image_ref, cache_dir, &platform)
+            .with_context(|| format!("resolving {image}"))?;
+        tracing::info!(manifest = %remote.manifest_digest, "image resolved in the registry");
+        Ok((remote.backend, remote.bootstrap_path, image_ref.to_string()))
+    } else {
+        let dir = PathBuf::from(image);
+        let blobs = blob_dir.map(PathBuf::from).unwrap_or_else(|| dir.clone());
+        let backend = std::sync::Arc::new(petrel_fuse_daemon::LocalBackend::new(blobs));
+        Ok((
+            backend,
+            petrel_format::image_dir::ImageDir::new(&dir).bootstrap_path(),
+            image.to_string(),
+        ))
+    }
+}
+
+pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None)?;
+    let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0)?;
+    let mode = if args.all {
+        PrefetchMode::All
+    } else {
+        PrefetchMode::Table
+    };
+    let ranges = petrel_fuse_daemon::prefetch::prefetch_ranges(&storage.image, mode);
+    let total = petrel_fuse_daemon::prefetch::ranges_bytes(&storage.image, &ranges);
+    let cached_before = storage.fetcher.cache().ready_count();
+    let config = PrefetchConfig {
+        mode,
+        request_bytes: args.request_bytes,
+        parallel: args.parallel,
+        bandwidth: None,
+    };
+    let prefetcher = petrel_fuse_daemon::prefetch::Prefetcher::start(
+        &storage.image,
+        std::sync::Arc::clone(&storage.fetcher),
+        config,
+    );
+    let bar = indicatif::ProgressBar::new(total);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "warming [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    while !prefetcher.is_finished() {
+        bar.set_position(prefetcher.fetched.load(std::sync::atomic::Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fetched = prefetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
+    prefetcher.wait();
+    bar.finish_and_clear();
+    let stats = storage.stats.snapshot();
+    let chunks = storage.image.bootstrap().chunk_count();
+    let ready = storage.fetcher.cache().ready_count();
+    println!(
+        "warmed {name}: fetched {fetched} bytes in {} requests; {ready} of {chunks} chunks cached ({cached_before} were already); {} failed",
+        stats.prefetch_requests, stats.backend_errors + stats.chunks_failed_verification
+    );
+    if stats.backend_errors + stats.chunks_failed_verification > 0 {
+        anyhow::bail!("some chunks could not be fetched; run petrel warm again to resume");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,28 +239,14 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         fetch_threads: args.fetch_threads,
         control_socket: Some(socket),
         blob_dir: args.blob_dir.clone(),
+        prefetch: args.prefetch.config(),
+        record: args.record.clone(),
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
-    let mounted = if let Some(reference) = args.image.strip_prefix("docker://") {
-        let image = petrel_registry::ImageRef::parse(reference)?;
-        let client = std::sync::Arc::new(petrel_registry::RegistryClient::new(
-            &image.registry,
-            &args.registry.client_options()?,
-        )?);
-        let platform = petrel_registry::oci::Platform::host();
-        let remote = petrel_fuse_daemon::remote::resolve(client, &image, &args.cache_dir, &platform)
-            .with_context(|| format!("resolving {}", args.image))?;
-        tracing::info!(manifest = %remote.manifest_digest, "mounting from the registry");
-        petrel_fuse_daemon::mount::mount_with_backend(
-            &config,
-            remote.backend,
-            &remote.bootstrap_path,
-            &image.to_string(),
-        )
-    } else {
-        mount(&config)
-    }
-    .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
+    let (backend, bootstrap, name) =
+        resolve_image(&args.image, &args.cache_dir, &args.registry, args.blob_dir.as_deref())?;
+    let mounted = petrel_fuse_daemon::mount::mount_with_backend(&config, backend, &bootstrap, &name)
+        .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
@@ -154,6 +298,12 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
                 .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
         )
         .args(args.registry.to_args())
+        .args(args.prefetch.to_args())
+        .args(
+            args.record
+                .iter()
+                .flat_map(|r| [std::ffi::OsStr::new("--record"), r.as_os_str()]),
+        )
         .arg("--amplify-bytes")
         .arg(args.amplify_bytes.to_string())
         .arg("--fuse-threads")

@@ -1,0 +1,132 @@
+//! Prefetch profiles: which files a workload read first, and which byte ranges,
+//! in first-access order. The JSON form is stable (`"petrel_profile": 1`):
+//!
+//! ```json
+//! {"petrel_profile": 1, "image": "<bootstrap blake3 hex, optional>",
+//!  "entries": [{"path": "usr/bin/python3", "ranges": [[0, 2097152]]},
+//!              {"path": "etc/app.toml"}]}
+//! ```
+//!
+//! `path` is relative to the image root (a path that is not UTF-8 is given as
+//! `path_hex` instead). `ranges` are `[start, end)` byte ranges of the file; an entry
+//! without ranges means the whole file (or, for a directory, every file below it).
+
+use serde::{Deserialize, Serialize};
+
+/// The profile format version this code reads and writes.
+pub const PROFILE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Profile {
+    pub petrel_profile: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    pub entries: Vec<ProfileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProfileEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<[u64; 2]>>,
+}
+
+impl ProfileEntry {
+    pub fn new(path: &[u8], ranges: Option<Vec<[u64; 2]>>) -> Self {
+        match std::str::from_utf8(path) {
+            Ok(text) => ProfileEntry {
+                path: Some(text.to_string()),
+                path_hex: None,
+                ranges,
+            },
+            Err(_) => ProfileEntry {
+                path: None,
+                path_hex: Some(hex::encode(path)),
+                ranges,
+            },
+        }
+    }
+
+    /// The path as bytes.
+    pub fn path_bytes(&self) -> Option<Vec<u8>> {
+        match (&self.path, &self.path_hex) {
+            (Some(p), _) => Some(p.as_bytes().to_vec()),
+            (None, Some(h)) => hex::decode(h).ok(),
+            (None, None) => None,
+        }
+    }
+}
+
+impl Profile {
+    /// Parses a profile, or a plain list of paths / globs (one per line, `#` comments).
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let trimmed = bytes
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .map_or(&bytes[..0], |i| &bytes[i..]);
+        if trimmed.first() == Some(&b'{') {
+            let profile: Profile = serde_json::from_slice(trimmed).map_err(|e| format!("not a valid profile: {e}"))?;
+            if profile.petrel_profile != PROFILE_VERSION {
+                return Err(format!(
+                    "profile version {} is not supported (this reads {PROFILE_VERSION})",
+                    profile.petrel_profile
+                ));
+            }
+            return Ok(profile);
+        }
+        let entries = bytes
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
+            .map(|l| ProfileEntry::new(l, None))
+            .collect();
+        Ok(Profile {
+            petrel_profile: PROFILE_VERSION,
+            image: None,
+            entries,
+        })
+    }
+}
+
+/// Merges `[start, end)` ranges into sorted, disjoint ones.
+pub fn merge_ranges(mut ranges: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
+    ranges.sort_unstable();
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for [start, end] in ranges.into_iter().filter(|[s, e]| s < e) {
+        match out.last_mut() {
+            Some(last) if start <= last[1] => last[1] = last[1].max(end),
+            _ => out.push([start, end]),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_parses_lists() {
+        let profile = Profile {
+            petrel_profile: 1,
+            image: Some("ab".into()),
+            entries: vec![
+                ProfileEntry::new(b"usr/bin/x", Some(vec![[0, 10]])),
+                ProfileEntry::new(b"caf\xe9", None),
+            ],
+        };
+        let text = serde_json::to_vec(&profile).unwrap();
+        assert_eq!(Profile::parse(&text).unwrap(), profile);
+        assert_eq!(profile.entries[1].path_bytes().unwrap(), b"caf\xe9");
+        let list = Profile::parse(b"# startup\n/app/app.py\r\nusr/lib/*.so\n\n").unwrap();
+        assert_eq!(list.entries.len(), 2);
+        assert!(Profile::parse(br#"{"petrel_profile": 9, "entries": []}"#).is_err());
+        assert_eq!(
+            merge_ranges(vec![[5, 9], [0, 3], [2, 4], [9, 9], [8, 12]]),
+            vec![[0, 4], [5, 12]]
+        );
+    }
+}
