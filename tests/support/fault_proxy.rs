@@ -18,6 +18,10 @@ pub enum Fault {
     Slow(Duration),
     IgnoreRange,
     CorruptBody,
+    /// Held until `FaultState::release` is set.
+    Hold,
+    /// Passes unchanged (to aim a later fault).
+    Pass,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +38,13 @@ pub struct FaultState {
     /// `Authorization: Bearer <this token>`, and `/token` issues it.
     pub bearer: Mutex<Option<String>>,
     pub tokens_issued: AtomicU64,
+    /// Releases held requests.
+    pub release: AtomicBool,
+    /// Requests currently held.
+    pub held: AtomicU64,
+    /// Once this many blob GETs have passed, every later one has its body cut
+    /// (0: never).
+    pub cut_after: AtomicU64,
 }
 
 /// The proxy; its thread stops with the test process.
@@ -103,11 +114,20 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
         }
     }
     let fault = if is_blob_get {
-        state.blob_requests.fetch_add(1, Ordering::SeqCst);
-        state.plan.lock().unwrap().pop_front()
+        let seen = state.blob_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let cut_after = state.cut_after.load(Ordering::SeqCst);
+        let planned = state.plan.lock().unwrap().pop_front();
+        planned.or((cut_after > 0 && seen > cut_after).then_some(Fault::CutBody))
     } else {
         None
     };
+    if fault == Some(Fault::Hold) {
+        state.held.fetch_add(1, Ordering::SeqCst);
+        while !state.release.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        state.held.fetch_sub(1, Ordering::SeqCst);
+    }
     if fault.is_some() {
         state.faults_injected.fetch_add(1, Ordering::SeqCst);
     }

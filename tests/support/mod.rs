@@ -191,6 +191,15 @@ impl MountProcess {
     }
 }
 
+impl MountProcess {
+    /// Kills the daemon with SIGKILL and detaches its now-stale mount (ours only).
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
 impl Drop for MountProcess {
     fn drop(&mut self) {
         let _ = petrel().arg("umount").arg(&self.mountpoint).status();

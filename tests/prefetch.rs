@@ -1,0 +1,358 @@
+//! Prefetch end to end: a profile recorded from a real workload (busybox in a
+//! chroot of the mount) round-trips through optimize; the prefetch region streams
+//! on mount while on-demand reads go past it; kill -9 mid-prefetch loses nothing
+//! and the next run continues; a registry failing midway leaves no chunk marked
+//! ready that is not.
+
+mod support;
+
+use petrel_fixtures::rng::Rng;
+use petrel_fixtures::snapshot::{differences, scan};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use support::fault_proxy::{Fault, FaultProxy};
+use support::*;
+
+fn busybox_available() -> bool {
+    let ok = Path::new("/bin/busybox").exists();
+    if !ok {
+        eprintln!("SKIPPED: needs /bin/busybox (busybox-static, scripts/install-deps.sh)");
+    }
+    ok
+}
+
+fn run_ok(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{command:?}: {}", output_text(&out));
+    output_text(&out)
+}
+
+/// A small root filesystem with a real binary and data the workload reads part of.
+fn workload_tree(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    for d in ["bin", "data", "app"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", src.join("bin/busybox")).unwrap();
+    std::fs::write(src.join("data/big.bin"), Rng::new(1).bytes(5 << 20)).unwrap();
+    std::fs::write(src.join("data/unused.bin"), Rng::new(2).bytes(3 << 20)).unwrap();
+    std::fs::write(src.join("app/config.txt"), b"workers = 4\n").unwrap();
+    src
+}
+
+fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
+    let out = petrel()
+        .arg("stats")
+        .arg(mountpoint)
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
+}
+
+#[test]
+fn a_recorded_profile_round_trips_through_optimize() {
+    if !fuse_available() || !busybox_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = workload_tree(work.path());
+    let image = work.path().join("image");
+    run_ok(
+        petrel()
+            .args(["build", "--chunker", "fixed:256K", "-o"])
+            .arg(&image)
+            .arg(&src),
+    );
+    let profile = work.path().join("profile.json");
+    let out = run_ok(
+        petrel()
+            .arg("record")
+            .arg(&image)
+            .arg("--profile")
+            .arg(&profile)
+            .arg("--cache-dir")
+            .arg(work.path().join("cache"))
+            .args(["--ready-line", "READY", "--"])
+            .args([
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "cat /app/config.txt; head -c 300000 /data/big.bin | wc -c; echo READY; sleep 30",
+            ]),
+    );
+    assert!(
+        out.contains("workers = 4") && out.contains("300000") && out.contains("printed its ready line"),
+        "{out}"
+    );
+    let recorded: petrel_format::profile::Profile = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let paths: Vec<String> = recorded.entries.iter().map(|e| e.path.clone().unwrap()).collect();
+    assert_eq!(
+        paths,
+        ["bin/busybox", "app/config.txt", "data/big.bin"],
+        "first-access order"
+    );
+    let big = &recorded.entries[2].ranges.as_ref().unwrap();
+    assert_eq!(big[0][0], 0);
+    let big_end = big.last().unwrap()[1];
+    assert!(
+        (300_000..5 << 20).contains(&big_end),
+        "only what was read (plus readahead): {big:?}"
+    );
+
+    let optimized = work.path().join("optimized");
+    run_ok(
+        petrel()
+            .arg("optimize")
+            .arg(&image)
+            .arg("--profile")
+            .arg(&profile)
+            .arg("-o")
+            .arg(&optimized),
+    );
+    // Same content, byte for byte.
+    run_ok(petrel().arg("unpack").arg(&image).arg(work.path().join("a")));
+    run_ok(petrel().arg("unpack").arg(&optimized).arg(work.path().join("b")));
+    let diffs = differences(
+        &scan(&work.path().join("a")).unwrap(),
+        &scan(&work.path().join("b")).unwrap(),
+    );
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // The recorded chunks lead the blob; the unread data does not.
+    let summary: serde_json::Value =
+        serde_json::from_str(&run_ok(petrel().arg("inspect").arg(&optimized).arg("--json"))).unwrap();
+    assert_eq!(summary["prefetch_files"], 3);
+    let prefetch = summary["prefetch_bytes"].as_u64().unwrap();
+    assert!(prefetch > 300_000 && prefetch < 4 << 20, "{summary}");
+    let bootstrap = std::fs::read(optimized.join("bootstrap")).unwrap();
+    let reader = petrel_format::Bootstrap::open(&bootstrap).unwrap();
+    let root = reader.inode(1).unwrap();
+    let bin = reader.lookup(&root, b"bin").unwrap().unwrap();
+    let busybox = reader.lookup(&reader.inode(bin).unwrap(), b"busybox").unwrap().unwrap();
+    assert_eq!(
+        reader.prefetch().next(),
+        Some(busybox),
+        "prefetch table in first-access order"
+    );
+}
+
+fn region_image(registry: &TestRegistry, work: &Path) -> (String, Vec<(String, Vec<u8>)>) {
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("data/f{i}.bin"), Rng::new(70 + i).bytes(3 << 20)))
+        .collect();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        w.file(path, &Default::default(), data);
+    }
+    petrel_fixtures::oci_layout::write_oci_layout(&work.join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.join("layout"), "pf", "v1");
+    let list = work.join("prefetch.list");
+    std::fs::write(&list, "data/f0.bin\ndata/f1.bin\n").unwrap();
+    run_ok(
+        petrel()
+            .args([
+                "convert",
+                &format!("docker://{}/pf:v1", registry.addr),
+                &format!("docker://{}/pf:petrel", registry.addr),
+                "--chunker",
+                "fixed:256K",
+                "--prefetch",
+            ])
+            .arg(&list),
+    );
+    ("pf:petrel".into(), files)
+}
+
+#[test]
+fn prefetch_streams_while_on_demand_reads_go_past_it() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let (reference, files) = region_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    // The bootstrap download passes; the next blob request is the prefetch.
+    proxy.plan(&[Fault::Pass, Fault::Hold]);
+    let cache = work.path().join("cache");
+    let mount = MountProcess::start(
+        &format!("docker://{}/{reference}", proxy.addr),
+        &work.path().join("mnt"),
+        &cache,
+        &[
+            "--prefetch",
+            "table",
+            "--prefetch-parallel",
+            "1",
+            "--prefetch-request-bytes",
+            "16777216",
+            "--amplify-bytes",
+            "0",
+        ],
+    );
+    let started = Instant::now();
+    while proxy.state.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the prefetch request never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The prefetch request is provably in flight (held by the proxy); an on-demand
+    // read outside the prefetch region is served meanwhile.
+    let mut buf = vec![0u8; 4096];
+    let file = std::fs::File::open(mount.mountpoint.join(&files[3].0)).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf[..], &files[3].1[1 << 20..(1 << 20) + 4096]);
+    assert_eq!(proxy.state.held.load(Ordering::SeqCst), 1, "prefetch still in flight");
+    proxy.state.release.store(true, Ordering::SeqCst);
+    let runtime = cache.with_extension("run");
+    let started = Instant::now();
+    while stats(&mount.mountpoint, &runtime)["prefetch_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = stats(&mount.mountpoint, &runtime);
+    for (path, data) in &files[..2] {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
+    }
+    let after = stats(&mount.mountpoint, &runtime);
+    assert_eq!(
+        after["backend_requests"], before["backend_requests"],
+        "prefetched data needs no fetch: {after}"
+    );
+    assert!(after["prefetch_hits"].as_u64().unwrap() > 0, "{after}");
+    assert!(
+        after["prefetch_requests"].as_u64().unwrap() <= 2,
+        "one large request for the region: {after}"
+    );
+}
+
+#[test]
+fn kill_9_during_prefetch_loses_nothing_and_the_next_run_continues() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}.bin"), Rng::new(90 + i).bytes(2 << 20)))
+        .collect();
+    for (path, data) in &files {
+        std::fs::write(src.join(path), data).unwrap();
+    }
+    let image = work.path().join("image");
+    run_ok(
+        petrel()
+            .args(["build", "--chunker", "fixed:128K", "-o"])
+            .arg(&image)
+            .arg(&src),
+    );
+    let cache = work.path().join("cache");
+    let image_arg = image.to_str().unwrap().to_string();
+    let mount = MountProcess::start(
+        &image_arg,
+        &work.path().join("mnt"),
+        &cache,
+        &[
+            "--prefetch",
+            "all",
+            "--prefetch-request-bytes",
+            "262144",
+            "--prefetch-parallel",
+            "1",
+            "--prefetch-bandwidth",
+            "2000000",
+        ],
+    );
+    let runtime = cache.with_extension("run");
+    let started = Instant::now();
+    while stats(&mount.mountpoint, &runtime)["prefetch_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1 << 20
+    {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mount.kill_9();
+    // The cache kept what was fetched; warming continues rather than restarting.
+    let out = run_ok(
+        petrel()
+            .arg("warm")
+            .arg(&image)
+            .arg("--all")
+            .arg("--cache-dir")
+            .arg(&cache),
+    );
+    let already: u64 = out
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(already > 0, "{out}");
+    // And every byte served from that cache is right.
+    let mount = MountProcess::start(&image_arg, &work.path().join("mnt"), &cache, &["--prefetch", "off"]);
+    for (path, data) in &files {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+    }
+    assert_eq!(stats(&mount.mountpoint, &runtime)["backend_requests"], 0);
+}
+
+#[test]
+fn a_registry_failing_midway_leaves_no_chunk_marked_ready_that_is_not() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let (reference, files) = region_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    proxy.state.cut_after.store(3, Ordering::SeqCst);
+    let cache = work.path().join("cache");
+    let image = format!("docker://{}/{reference}", proxy.addr);
+    let out = petrel()
+        .arg("warm")
+        .arg(&image)
+        .args([
+            "--all",
+            "--request-bytes",
+            "524288",
+            "--parallel",
+            "2",
+            "--retries",
+            "2",
+            "--retry-seconds",
+            "2",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the registry failed midway: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("run petrel warm again"),
+        "{}",
+        output_text(&out)
+    );
+    // With the registry healthy again, everything read (cached or not) is right.
+    proxy.state.cut_after.store(0, Ordering::SeqCst);
+    let mount = MountProcess::start(&image, &work.path().join("mnt"), &cache, &["--prefetch", "off"]);
+    for (path, data) in &files {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+    }
+}
