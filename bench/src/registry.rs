@@ -102,6 +102,68 @@ fn app_image(scale: f64) -> (Vec<Vec<u8>>, Vec<(String, u64)>) {
     )
 }
 
+struct StartupRun {
+    mounted: Duration,
+    ready: Duration,
+    fetched: u64,
+    requests: u64,
+    read_bytes: u64,
+}
+
+/// Mounts `image`, reads the startup set, and reports time and traffic.
+fn startup_run(
+    petrel: &Path,
+    image: &str,
+    dir: &Path,
+    startup: &[(String, u64)],
+    prefetch: &str,
+) -> anyhow::Result<StartupRun> {
+    let mountpoint = dir.join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+    let started = Instant::now();
+    let mut daemon = Command::new(petrel)
+        .arg("mount")
+        .arg(image)
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .args(["--prefetch", prefetch])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while !is_mounted(&mountpoint) {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("mount did not appear");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mounted = started.elapsed();
+    let mut read_bytes = 0;
+    for (path, len) in startup {
+        let mut file = std::fs::File::open(mountpoint.join(path))?;
+        read_bytes += std::io::copy(&mut std::io::Read::take(&mut file, *len), &mut std::io::sink())?;
+    }
+    let ready = started.elapsed();
+    let out = Command::new(petrel)
+        .arg("stats")
+        .arg(&mountpoint)
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .output()?;
+    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone();
+    let _ = Command::new(petrel).arg("umount").arg(&mountpoint).status();
+    let _ = daemon.wait();
+    Ok(StartupRun {
+        mounted,
+        ready,
+        fetched: stats["backend_bytes"].as_u64().unwrap_or(0),
+        requests: stats["backend_requests"].as_u64().unwrap_or(0),
+        read_bytes,
+    })
+}
+
 fn is_mounted(mountpoint: &Path) -> bool {
     let target = mountpoint.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -163,49 +225,44 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "skopeo copy --quiet --src-tls-verify=false docker://{source_link}/app:v1 oci:{dir}:v1 && mkdir -p {dir}/rootfs && for l in $(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]+\"/blobs/sha256/\"+json.load(open(sys.argv[1]+\"/index.json\"))[\"manifests\"][0][\"digest\"][7:])); print(\" \".join(x[\"digest\"][7:] for x in m[\"layers\"]))' {dir}); do tar -xzf {dir}/blobs/sha256/$l -C {dir}/rootfs; done",
         dir = pull_dir.display()
     ))?;
-    let mountpoint = w.join("mnt");
-    std::fs::create_dir_all(&mountpoint)?;
-    let started = Instant::now();
-    let mut daemon = Command::new(&petrel)
-        .arg("mount")
-        .arg(format!("docker://{dest_link}/app:petrel"))
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(w.join("cache"))
-        .arg("--runtime-dir")
-        .arg(w.join("run"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while !is_mounted(&mountpoint) {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("mount did not appear");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mounted_after = started.elapsed();
-    let mut read_bytes = 0u64;
-    for (path, len) in &startup {
-        let mut file = std::fs::File::open(mountpoint.join(path))?;
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, *len), &mut buf)?;
-        read_bytes += buf.len() as u64;
-    }
-    let ready = started.elapsed();
-    let stats = Command::new(&petrel)
-        .arg("stats")
-        .arg(&mountpoint)
-        .arg("--runtime-dir")
-        .arg(w.join("run"))
-        .output()?;
-    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&stats.stdout)?["stats"].clone();
-    let _ = Command::new(&petrel).arg("umount").arg(&mountpoint).status();
-    let _ = daemon.wait();
-    let fetched = stats["backend_bytes"].as_u64().unwrap_or(0);
-    let requests = stats["backend_requests"].as_u64().unwrap_or(0);
+    // The same startup set as a profile, for a conversion with a prefetch region.
+    let entries: Vec<serde_json::Value> = startup
+        .iter()
+        .map(|(path, len)| {
+            if *len == u64::MAX {
+                serde_json::json!({"path": path})
+            } else {
+                serde_json::json!({"path": path, "ranges": [[0, len]]})
+            }
+        })
+        .collect();
+    let profile = w.join("profile.json");
+    std::fs::write(
+        &profile,
+        serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
+    )?;
+    run_shell(&format!(
+        "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel-pf --prefetch {} > /dev/null",
+        petrel.display(),
+        profile.display()
+    ))?;
+    let lazy = startup_run(
+        &petrel,
+        &format!("docker://{dest_link}/app:petrel"),
+        &w.join("lazy"),
+        &startup,
+        "off",
+    )?;
+    let prefetched = startup_run(
+        &petrel,
+        &format!("docker://{dest_link}/app:petrel-pf"),
+        &w.join("pf"),
+        &startup,
+        "table",
+    )?;
 
     println!();
-    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in {} layers (gzip)", image_bytes as f64 / (1 << 20) as f64, 4);
+    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in 4 layers (gzip)", image_bytes as f64 / (1 << 20) as f64);
     println!("| registry -> registry | seconds | vs skopeo copy |");
     println!("|---|---:|---:|");
     println!("| skopeo copy | {:.1} | 1.00 |", skopeo.seconds);
@@ -219,20 +276,27 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!(
         "startup read set: {} files, {} MiB read",
         startup.len(),
-        read_bytes >> 20
+        lazy.read_bytes >> 20
     );
     println!("| startup | bytes fetched | requests | seconds to ready | vs full pull |");
     println!("|---|---:|---:|---:|---:|");
     println!(
-        "| skopeo copy + unpack (whole image) | {image_bytes} | {} layers | {:.1} | 1.00 |",
-        4, pull.seconds
+        "| skopeo copy + unpack (whole image) | {image_bytes} | 4 layers | {:.1} | 1.00 |",
+        pull.seconds
     );
-    println!(
-        "| petrel mount from registry + reads (mounted after {:.2} s) | {fetched} | {requests} (+manifest, bootstrap) | {:.1} | {:.3} (bytes {:.3}) |",
-        mounted_after.as_secs_f64(),
-        ready.as_secs_f64(),
-        ready.as_secs_f64() / pull.seconds,
-        fetched as f64 / image_bytes as f64
-    );
+    for (name, run) in [
+        ("petrel, on demand only", &lazy),
+        ("petrel, recorded prefetch region streamed", &prefetched),
+    ] {
+        println!(
+            "| {name} (mounted after {:.2} s) | {} | {} (+manifest, bootstrap) | {:.1} | {:.3} (bytes {:.3}) |",
+            run.mounted.as_secs_f64(),
+            run.fetched,
+            run.requests,
+            run.ready.as_secs_f64(),
+            run.ready.as_secs_f64() / pull.seconds,
+            run.fetched as f64 / image_bytes as f64
+        );
+    }
     Ok(())
 }
