@@ -5,6 +5,7 @@
 
 use petrel_fixtures::layer_writer::LayerWriter;
 use petrel_fixtures::rng::Rng;
+use petrel_fuse_daemon::mount::is_mounted as is_petrel_mount;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,14 +86,6 @@ impl Drop for Setup {
         // Only our own mountpoint under our own temp dir.
         let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
     }
-}
-
-fn is_petrel_mount(mountpoint: &Path) -> bool {
-    let target = mountpoint.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
 }
 
 fn wait_until(mut condition: impl FnMut() -> bool) {

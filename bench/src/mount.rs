@@ -7,6 +7,7 @@ use crate::measure::{drop_caches, run_shell};
 use crate::trees::{mixed_tree, small_files_tree};
 use anyhow::{bail, Context};
 use petrel_fixtures::rng::Rng;
+use petrel_fuse_daemon::mount::is_mounted;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,14 +29,6 @@ fn petrel_build(out: &Path, input: &Path, extra: &[&str]) -> anyhow::Result<()> 
         bail!("petrel build {} failed", input.display());
     }
     Ok(())
-}
-
-fn is_mounted(mountpoint: &Path) -> bool {
-    let target = mountpoint.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
 }
 
 /// A foreground daemon of ours, unmounted when dropped.

@@ -7,6 +7,7 @@ use crate::measure::run_shell;
 use crate::relay;
 use anyhow::{bail, Context};
 use petrel_fixtures::rng::Rng;
+use petrel_fuse_daemon::mount::is_mounted;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -162,14 +163,6 @@ fn startup_run(
         requests: stats["backend_requests"].as_u64().unwrap_or(0),
         read_bytes,
     })
-}
-
-fn is_mounted(mountpoint: &Path) -> bool {
-    let target = mountpoint.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {

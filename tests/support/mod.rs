@@ -4,6 +4,7 @@
 
 pub mod fault_proxy;
 
+pub use petrel_fuse_daemon::mount::is_mounted as is_petrel_mount;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -205,12 +206,4 @@ impl Drop for MountProcess {
         let _ = petrel().arg("umount").arg(&self.mountpoint).status();
         let _ = self.child.wait();
     }
-}
-
-pub fn is_petrel_mount(mountpoint: &Path) -> bool {
-    let target = mountpoint.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()) && l.contains(" - fuse petrel:"))
 }
