@@ -674,3 +674,59 @@ fn base64_encode(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn the_next_release_reuses_the_profile_kept_with_the_image() {
+    let work = tempfile::tempdir().unwrap();
+    let layers = sample_layers();
+    let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&work.path().join("v1"), "v1", &tars).unwrap();
+    // Release 2: one more layer on top.
+    let mut next = tars.clone();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("app/app.py", &Default::default(), b"print('release 3')\n");
+    next.push(w.finish());
+    write_oci_layout(&work.path().join("v2"), "v1", &next).unwrap();
+    let profile = work.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        br#"{"petrel_profile":1,"entries":[{"path":"app/app.py"},{"path":"usr/bin/python3","ranges":[[0,1048576]]}]}"#,
+    )
+    .unwrap();
+    let out = work.path().join("out");
+    let mut first = petrel();
+    first
+        .arg("convert")
+        .arg(format!("oci:{}:v1", work.path().join("v1").display()))
+        .arg(format!("oci:{}:r1", out.display()))
+        .arg("--prefetch")
+        .arg(&profile);
+    let first_out = first.output().unwrap();
+    assert!(first_out.status.success(), "{}", output_text(&first_out));
+    let mut second = petrel();
+    second
+        .arg("convert")
+        .arg(format!("oci:{}:v1", work.path().join("v2").display()))
+        .arg(format!("oci:{}:r2", out.display()))
+        .arg("--prefetch-from")
+        .arg(format!("oci:{}:r1", out.display()));
+    let second_out = second.output().unwrap();
+    assert!(second_out.status.success(), "{}", output_text(&second_out));
+    let layout = petrel_registry::layout::OciLayout::open(&out).unwrap();
+    let manifest: petrel_registry::oci::Manifest = serde_json::from_slice(
+        &layout
+            .read_blob(&layout.resolve(Some("r2")).unwrap().digest, 1 << 20)
+            .unwrap(),
+    )
+    .unwrap();
+    let kept = &manifest.annotations[petrel_registry::oci::ANNOTATION_PROFILE];
+    assert!(kept.contains("usr/bin/python3"), "{kept}");
+    let bootstrap = layout
+        .read_blob(
+            &petrel_registry::oci::bootstrap_layer(&manifest).unwrap().digest,
+            1 << 30,
+        )
+        .unwrap();
+    let reader = petrel_format::Bootstrap::open(&bootstrap).unwrap();
+    assert_eq!(reader.prefetch_len(), 2, "release 2 laid out with release 1's profile");
+}

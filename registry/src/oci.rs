@@ -26,6 +26,11 @@ pub const ANNOTATION_LAYER: &str = "dev.petrel.layer";
 pub const ANNOTATION_BOOTSTRAP_BLAKE3: &str = "dev.petrel.bootstrap.blake3";
 /// Manifest annotation: the petrel format version.
 pub const ANNOTATION_FORMAT: &str = "dev.petrel.format";
+/// Manifest annotation: the prefetch profile the image was laid out with (compact
+/// JSON, see `petrel_format::profile`), so the next release's conversion can reuse it.
+pub const ANNOTATION_PROFILE: &str = "dev.petrel.prefetch.profile";
+/// Largest profile carried in an annotation.
+pub const MAX_ANNOTATED_PROFILE: usize = 256 << 10;
 /// Manifest annotation: the digest of the manifest this image was converted from.
 pub const ANNOTATION_SOURCE: &str = "dev.petrel.source.digest";
 

@@ -29,6 +29,9 @@ pub struct ConvertArgs {
     /// A prefetch profile (petrel record) or a list of paths/globs to put first in the blob.
     #[arg(long = "prefetch", alias = "prefetch-list")]
     prefetch_list: Option<std::path::PathBuf>,
+    /// Reuse the prefetch profile kept in an earlier converted image (e.g. the previous release).
+    #[arg(long, conflicts_with = "prefetch_list")]
+    prefetch_from: Option<String>,
     /// Directory for the temporary build (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<std::path::PathBuf>,
@@ -53,10 +56,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         }
         None => Platform::host(),
     };
-    let prefetch = match &args.prefetch_list {
-        Some(list) => crate::cli::build::read_profile(list)?.entries,
-        None => Vec::new(),
+    let client_options = args.registry.client_options()?;
+    let profile = match (&args.prefetch_list, &args.prefetch_from) {
+        (Some(list), _) => Some(crate::cli::build::read_profile(list)?),
+        (None, Some(image)) => Some(crate::convert::profile_of(&Location::parse(image)?, &client_options)?),
+        (None, None) => None,
     };
+    let prefetch = profile.as_ref().map(|p| p.entries.clone()).unwrap_or_default();
     let options = ConvertOptions {
         build: BuildOptions {
             chunker: args.chunker,
@@ -67,8 +73,9 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         platform,
         progress: std::io::stderr().is_terminal() && !args.json,
         work_dir: args.work_dir.clone(),
+        profile,
     };
-    let summary = convert(&source, &target, &args.registry.client_options()?, &options)?;
+    let summary = convert(&source, &target, &client_options, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -75,6 +75,8 @@ pub struct ConvertOptions {
     pub platform: Platform,
     pub progress: bool,
     pub work_dir: Option<std::path::PathBuf>,
+    /// The profile behind `build.prefetch`, kept in the manifest for later conversions.
+    pub profile: Option<petrel_format::profile::Profile>,
 }
 
 pub fn client_for(image: &ImageRef, options: &ClientOptions) -> anyhow::Result<RegistryClient> {
@@ -167,9 +169,8 @@ fn convert_one(
     // Re-running the same conversion: the target already holds it.
     if let Some(current) = target.current_manifest().filter(|_| tag_it) {
         if let Ok(existing) = serde_json::from_slice::<Manifest>(&current) {
-            if existing.annotations.get(ANNOTATION_SOURCE) == Some(&source_manifest.digest)
-                && bootstrap_layer(&existing).is_some()
-            {
+            let same = existing.annotations == manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+            if same && bootstrap_layer(&existing).is_some() {
                 tracing::info!(
                     "{} already holds the conversion of {}",
                     target.describe(),
@@ -306,10 +307,7 @@ fn convert_one(
             platform: None,
         },
         layers,
-        annotations: BTreeMap::from([
-            (ANNOTATION_FORMAT.to_string(), "1".to_string()),
-            (ANNOTATION_SOURCE.to_string(), source_manifest.digest.clone()),
-        ]),
+        annotations: manifest_annotations(&source_manifest.digest, options.profile.as_ref()),
     };
     let manifest_bytes = serde_json::to_vec(&new_manifest)?;
     let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
@@ -348,4 +346,34 @@ fn converted_config(source: &[u8], layers: &[Descriptor]) -> anyhow::Result<Vec<
     );
     object.remove("history");
     Ok(serde_json::to_vec(&config)?)
+}
+
+fn manifest_annotations(source: &str, profile: Option<&petrel_format::profile::Profile>) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_FORMAT.to_string(), "1".to_string()),
+        (ANNOTATION_SOURCE.to_string(), source.to_string()),
+    ]);
+    if let Some(text) = profile.and_then(|p| serde_json::to_string(p).ok()) {
+        if text.len() <= MAX_ANNOTATED_PROFILE {
+            annotations.insert(ANNOTATION_PROFILE.to_string(), text);
+        } else {
+            tracing::warn!(
+                "the prefetch profile ({} bytes) is too large to keep in the manifest",
+                text.len()
+            );
+        }
+    }
+    annotations
+}
+
+/// The prefetch profile kept in a converted image's manifest.
+pub fn profile_of(image: &Location, client_options: &ClientOptions) -> anyhow::Result<petrel_format::profile::Profile> {
+    let source = Source::open(image, |image| client_for(image, client_options))?;
+    let (manifests, _) = source.manifests(false, &Platform::host())?;
+    let manifest = &manifests.first().context("no manifest")?.manifest;
+    let text = manifest
+        .annotations
+        .get(ANNOTATION_PROFILE)
+        .with_context(|| format!("{} carries no prefetch profile", source.describe()))?;
+    petrel_format::profile::Profile::parse(text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))
 }
