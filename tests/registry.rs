@@ -730,3 +730,131 @@ fn the_next_release_reuses_the_profile_kept_with_the_image() {
     let reader = petrel_format::Bootstrap::open(&bootstrap).unwrap();
     assert_eq!(reader.prefetch_len(), 2, "release 2 laid out with release 1's profile");
 }
+
+/// Release N and N+1 of the sample app: N+1 edits the model a little, adds a file.
+fn release_pair() -> (
+    Vec<Vec<petrel_fixtures::layer_spec::Op>>,
+    Vec<Vec<petrel_fixtures::layer_spec::Op>>,
+) {
+    use petrel_fixtures::layer_spec::Op;
+    let release_n = sample_layers();
+    let mut next = release_n.clone();
+    for op in next[1].iter_mut() {
+        if let Op::File { path, data, .. } = op {
+            if path == "app/models/weights.bin" {
+                // A small patch in the middle of an 8 MiB file.
+                for b in &mut data[3_000_000..3_004_000] {
+                    *b ^= 0x5a;
+                }
+            }
+        }
+    }
+    next[2].push(Op::File {
+        path: "app/CHANGELOG".into(),
+        meta: Default::default(),
+        data: b"release N+1\n".to_vec(),
+    });
+    (release_n, next)
+}
+
+#[test]
+fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let (release_n, next) = release_pair();
+    for (name, layers) in [("n", &release_n), ("n1", &next)] {
+        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+        write_oci_layout(&work.path().join(name), "v1", &tars).unwrap();
+        registry.push_layout(&work.path().join(name), "app", name);
+    }
+    let r = &registry.addr;
+    let first = convert(
+        &format!("docker://{r}/app:n"),
+        &format!("docker://{r}/app:n-petrel"),
+        None,
+    );
+    let first_upload = first["manifests"][0]["uploaded_bytes"].as_u64().unwrap();
+    let plain = convert(
+        &format!("docker://{r}/app:n1"),
+        &format!("docker://{r}/plain:n1-petrel"),
+        None,
+    );
+    let plain_upload = plain["manifests"][0]["uploaded_bytes"].as_u64().unwrap();
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{r}/app:n1"),
+        &format!("docker://{r}/app:n1-petrel"),
+        "--json",
+        "--chunk-dict",
+        &format!("docker://{r}/app:n-petrel"),
+    ]);
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let with_dict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dict_upload = with_dict["manifests"][0]["uploaded_bytes"].as_u64().unwrap();
+    assert!(
+        dict_upload * 5 < plain_upload,
+        "with the dictionary {dict_upload} bytes, without {plain_upload} (first release {first_upload})"
+    );
+    let manifest = skopeo_inspect(&format!("docker://{r}/app:n1-petrel"), None);
+    let blobs = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.petrel.blob.v1")
+        .count();
+    assert_eq!(blobs, 2, "the new blob and release N's blob: {manifest}");
+    let mount = MountProcess::start(
+        &format!("docker://{r}/app:n1-petrel"),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    assert_tree(&reference_merge(&next), &mount.mountpoint);
+}
+
+#[test]
+fn local_builds_reference_a_chunk_dictionary() {
+    let work = tempfile::tempdir().unwrap();
+    let (release_n, next) = release_pair();
+    let write = |name: &str, layers: &[Vec<petrel_fixtures::layer_spec::Op>]| {
+        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+        petrel_fixtures::write_layer_files(&work.path().join(name), &tars).unwrap()
+    };
+    let (n, n1) = (write("n", &release_n), write("n1", &next));
+    let base = work.path().join("image-n");
+    let mut build = petrel();
+    build.arg("build").arg("-o").arg(&base).args(&n);
+    assert!(build.status().unwrap().success());
+    let image = work.path().join("image-n1");
+    let mut build = petrel();
+    build
+        .arg("build")
+        .arg("--json")
+        .arg("--chunk-dict")
+        .arg(&base)
+        .arg("-o")
+        .arg(&image)
+        .args(&n1);
+    let out = build.output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_blob = report["output"]["blob"]["size"].as_u64().unwrap();
+    let base_blob = report["output"]["dict_blobs"][0]["size"].as_u64().unwrap();
+    assert!(new_blob * 5 < base_blob, "new {new_blob} vs base {base_blob}");
+    let check = petrel().arg("check").arg(&image).output().unwrap();
+    assert!(check.status.success(), "{}", output_text(&check));
+    let target = work.path().join("out");
+    assert!(petrel()
+        .arg("unpack")
+        .arg(&image)
+        .arg(&target)
+        .status()
+        .unwrap()
+        .success());
+    assert_tree(&reference_merge(&next), &target);
+}

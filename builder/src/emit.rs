@@ -2,7 +2,9 @@
 //! files first, then tree order), assembles the blob from the spool, and writes the
 //! bootstrap. Chunks no surviving file references are left out.
 
+use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
+use crate::pipeline::ChunkPlace;
 use crate::sink::SinkOutput;
 use crate::tree::{clean_path, NodeId, NodeKind, PieceSource, Tree, ROOT};
 use petrel_format::features::{BLOB_COMPRESSOR_ZSTD_CHUNKS, CHUNK_FLAG_ZSTD};
@@ -23,6 +25,8 @@ pub struct EmitSummary {
     pub inodes: u32,
     pub chunks: u32,
     pub blob: Option<BlobSummary>,
+    /// Blobs of the chunk dictionary that the image references (not written here).
+    pub dict_blobs: Vec<BlobSummary>,
     pub bootstrap_size: u64,
     /// sha256 of the bootstrap file (its digest as an OCI layer).
     pub bootstrap_sha256: String,
@@ -180,6 +184,7 @@ fn prefetch_nodes(
 pub fn emit(
     tree: &mut Tree,
     data: SinkOutput,
+    dict: &ChunkDict,
     prefetch_entries: &[ProfileEntry],
     params: SuperblockParams,
     out: &ImageDir,
@@ -196,9 +201,9 @@ pub fn emit(
     let unique = &data.collected.chunks;
     let mut final_index = vec![u32::MAX; unique.len()];
     let mut blob_order: Vec<u32> = Vec::new();
+    let mut placed = vec![false; unique.len()];
     let mut place = |chunk: u32, order: &mut Vec<u32>| {
-        if final_index[chunk as usize] == u32::MAX {
-            final_index[chunk as usize] = order.len() as u32;
+        if !std::mem::replace(&mut placed[chunk as usize], true) {
             order.push(chunk);
         }
     };
@@ -227,12 +232,68 @@ pub fn emit(
         }
     }
 
+    // The chunk table: chunks of the new blob in blob order, then chunks that stay
+    // in dictionary blobs, grouped by blob in offset order (so neighbours merge).
+    let is_new = |c: &u32| matches!(unique[*c as usize].place, ChunkPlace::Spool { .. });
+    let prefetch_new = blob_order[..prefetch_chunks].iter().filter(|c| is_new(c)).count();
+    let (new_chunks, mut dict_chunks): (Vec<u32>, Vec<u32>) = blob_order.iter().partition(|c| is_new(c));
+    let mut dict_rank: HashMap<u32, u32> = HashMap::new();
+    for c in &dict_chunks {
+        if let ChunkPlace::Dict { blob, .. } = unique[*c as usize].place {
+            let next = dict_rank.len() as u32;
+            dict_rank.entry(blob).or_insert(next);
+        }
+    }
+    let dict_key = |c: &u32| match unique[*c as usize].place {
+        ChunkPlace::Dict { blob, offset } => (dict_rank[&blob], offset),
+        ChunkPlace::Spool { .. } => (u32::MAX, 0),
+    };
+    dict_chunks.sort_by_key(dict_key);
+    for (position, chunk) in new_chunks.iter().chain(&dict_chunks).enumerate() {
+        final_index[*chunk as usize] = position as u32;
+    }
+
     let mut writer = BootstrapWriter::default();
-    let blob = if blob_order.is_empty() {
+    let blob = if new_chunks.is_empty() {
         None
     } else {
-        Some(write_blob(&data, &blob_order, prefetch_chunks, out, &mut writer)?)
+        Some(write_blob(&data, &new_chunks, prefetch_new, out, &mut writer)?)
     };
+    let first_dict_blob = u32::from(blob.is_some());
+    let mut dict_blobs = vec![None; dict_rank.len()];
+    for (&blob_id, &rank) in &dict_rank {
+        dict_blobs[rank as usize] = Some(&dict.blobs[blob_id as usize]);
+    }
+    for chunk in &dict_chunks {
+        let spooled = &unique[*chunk as usize];
+        let (rank, offset) = dict_key(chunk);
+        writer.chunks.push(ChunkRecord {
+            digest: spooled.digest,
+            blob_index: (first_dict_blob + rank).into(),
+            flags: (spooled.flags & CHUNK_FLAG_ZSTD).into(),
+            compressed_offset: offset.into(),
+            compressed_size: spooled.stored_size.into(),
+            uncompressed_size: spooled.uncompressed_size.into(),
+        });
+    }
+    let mut referenced = Vec::new();
+    for (rank, dict_blob) in dict_blobs.iter().enumerate() {
+        let dict_blob = dict_blob.expect("every rank filled");
+        let count = dict_chunks.iter().filter(|c| dict_key(c).0 == rank as u32).count();
+        writer.blobs.push(BlobRecord {
+            digest: dict_blob.digest,
+            compressed_size: dict_blob.compressed_size.into(),
+            uncompressed_size: dict_blob.uncompressed_size.into(),
+            chunk_count: (count as u32).into(),
+            compressor: BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
+            prefetch_size: 0.into(),
+        });
+        referenced.push(BlobSummary {
+            digest: format!("sha256:{}", hex::encode(dict_blob.digest)),
+            size: dict_blob.compressed_size,
+            uncompressed_size: dict_blob.uncompressed_size,
+        });
+    }
 
     for node_id in &numbering.nodes {
         let node = tree.node(*node_id);
@@ -335,6 +396,7 @@ pub fn emit(
         prefetch_files: summary_base.2,
         prefetch_bytes: blob.as_ref().map_or(0, |(_, p)| *p),
         blob: blob.map(|(b, _)| b),
+        dict_blobs: referenced,
         bootstrap_size: bootstrap.len() as u64,
         bootstrap_sha256: format!("sha256:{}", hex::encode(Sha256::digest(&bootstrap))),
     })
@@ -360,10 +422,13 @@ fn write_blob(
     let mut buffer = Vec::new();
     for (position, &chunk) in order.iter().enumerate() {
         let spooled = &data.collected.chunks[chunk as usize];
+        let ChunkPlace::Spool { offset: spool_offset } = spooled.place else {
+            unreachable!("only new chunks are written to the new blob")
+        };
         buffer.resize(spooled.stored_size as usize, 0);
         data.collected
             .spool
-            .read_exact_at(&mut buffer, spooled.spool_offset)
+            .read_exact_at(&mut buffer, spool_offset)
             .map_err(BuildError::io("read", "chunk spool"))?;
         hasher.update(&buffer);
         file.write_all(&buffer).map_err(BuildError::io("write", &dir))?;

@@ -3,6 +3,7 @@
 //! Also the local image tools: inspect, check, unpack.
 
 pub mod check;
+pub mod dict;
 pub mod dir_source;
 pub mod emit;
 pub mod error;
@@ -37,6 +38,8 @@ pub struct BuildOptions {
     /// What goes first in the blob, in order: files (or only the given byte
     /// ranges of them), directories, or glob patterns.
     pub prefetch: Vec<petrel_format::profile::ProfileEntry>,
+    /// Chunks that already exist in other images' blobs: referenced, not stored again.
+    pub chunk_dict: std::sync::Arc<dict::ChunkDict>,
 }
 
 impl Default for BuildOptions {
@@ -46,6 +49,7 @@ impl Default for BuildOptions {
             small_file_limit: sink::DEFAULT_SMALL_FILE_LIMIT,
             threads: 0,
             prefetch: Vec::new(),
+            chunk_dict: Default::default(),
         }
     }
 }
@@ -85,7 +89,13 @@ impl ImageBuilder {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let sink = ChunkSink::new(options.chunker, options.small_file_limit, threads, spool);
+        let sink = ChunkSink::new(
+            options.chunker,
+            options.small_file_limit,
+            threads,
+            spool,
+            std::sync::Arc::clone(&options.chunk_dict),
+        );
         Ok(ImageBuilder {
             options,
             out: ImageDir::new(out),
@@ -141,6 +151,7 @@ impl ImageBuilder {
         let output = emit::emit(
             &mut self.tree,
             data,
+            &self.options.chunk_dict,
             &self.options.prefetch,
             params,
             &self.out,

@@ -5,8 +5,9 @@
 //! digest and appends new chunks' stored bytes to a spool file. The final blob is
 //! assembled from the spool once the tree (and so the chunk order) is known.
 
+use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
-use petrel_format::codec::{encode_chunk, EncodedChunk};
+use petrel_format::codec::{chunk_digest, encode_chunk, EncodedChunk};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -17,12 +18,21 @@ use std::thread::JoinHandle;
 /// Chunks per worker that may be in flight (read but not yet collected).
 const IN_FLIGHT_PER_WORKER: usize = 4;
 
-/// A unique chunk whose stored bytes sit in the spool.
+/// Where a unique chunk's stored bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkPlace {
+    /// In the spool, to be copied into the new blob.
+    Spool { offset: u64 },
+    /// Already in a dictionary blob (index into `ChunkDict::blobs`).
+    Dict { blob: u32, offset: u64 },
+}
+
+/// A unique chunk of the build.
 #[derive(Debug, Clone)]
 pub struct SpooledChunk {
     pub digest: [u8; 32],
     pub flags: u32,
-    pub spool_offset: u64,
+    pub place: ChunkPlace,
     pub stored_size: u32,
     pub uncompressed_size: u32,
 }
@@ -54,8 +64,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts `threads` workers (at least 1) spooling into `spool`.
-    pub fn start(threads: usize, spool: File) -> Self {
+    /// Starts `threads` workers (at least 1) spooling into `spool`; chunks found in
+    /// `dict` are neither compressed nor spooled.
+    pub fn start(threads: usize, spool: File, dict: Arc<ChunkDict>) -> Self {
         let threads = threads.max(1);
         let capacity = threads * IN_FLIGHT_PER_WORKER;
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(capacity);
@@ -66,16 +77,17 @@ impl Pipeline {
             .map(|i| {
                 let jobs_rx = Arc::clone(&jobs_rx);
                 let results_tx = results_tx.clone();
+                let dict = Arc::clone(&dict);
                 std::thread::Builder::new()
                     .name(format!("petrel-chunk-{i}"))
-                    .spawn(move || worker(&jobs_rx, &results_tx))
+                    .spawn(move || worker(&jobs_rx, &results_tx, &dict))
                     .expect("spawn chunk worker")
             })
             .collect();
         drop(results_tx);
         let collector = std::thread::Builder::new()
             .name("petrel-collect".into())
-            .spawn(move || collect(results_rx, tokens_rx, spool))
+            .spawn(move || collect(results_rx, tokens_rx, spool, &dict))
             .expect("spawn collector");
         Pipeline {
             jobs: Some(jobs_tx),
@@ -115,20 +127,37 @@ impl Pipeline {
     }
 }
 
-fn worker(jobs: &Mutex<Receiver<Job>>, results: &std::sync::mpsc::Sender<(u64, EncodedChunk)>) {
+fn worker(jobs: &Mutex<Receiver<Job>>, results: &std::sync::mpsc::Sender<(u64, EncodedChunk)>, dict: &ChunkDict) {
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if results.send((job.seq, encode_chunk(&job.data))).is_err() {
+        let digest = chunk_digest(&job.data);
+        let encoded = if dict.chunks.contains_key(&digest) {
+            // Already stored elsewhere: no need to compress it.
+            EncodedChunk {
+                digest,
+                flags: 0,
+                uncompressed_size: job.data.len() as u32,
+                stored: Vec::new(),
+            }
+        } else {
+            encode_chunk(&job.data)
+        };
+        if results.send((job.seq, encoded)).is_err() {
             return;
         }
     }
 }
 
-fn collect(results: Receiver<(u64, EncodedChunk)>, tokens: Receiver<()>, spool: File) -> Result<Collected> {
+fn collect(
+    results: Receiver<(u64, EncodedChunk)>,
+    tokens: Receiver<()>,
+    spool: File,
+    dict: &ChunkDict,
+) -> Result<Collected> {
     let mut writer = BufWriter::with_capacity(1 << 20, spool);
     let mut pending: BTreeMap<u64, EncodedChunk> = BTreeMap::new();
     let mut by_digest: HashMap<[u8; 32], u32> = HashMap::new();
@@ -145,19 +174,35 @@ fn collect(results: Receiver<(u64, EncodedChunk)>, tokens: Receiver<()>, spool: 
                 Some(&index) => index,
                 None => {
                     let index = chunks.len() as u32;
-                    if failure.is_none() {
-                        if let Err(e) = writer.write_all(&encoded.stored) {
-                            failure = Some(e);
+                    let chunk = match dict.chunks.get(&encoded.digest) {
+                        Some(known) => SpooledChunk {
+                            digest: encoded.digest,
+                            flags: known.flags,
+                            place: ChunkPlace::Dict {
+                                blob: known.blob,
+                                offset: known.compressed_offset,
+                            },
+                            stored_size: known.compressed_size,
+                            uncompressed_size: known.uncompressed_size,
+                        },
+                        None => {
+                            if failure.is_none() {
+                                if let Err(e) = writer.write_all(&encoded.stored) {
+                                    failure = Some(e);
+                                }
+                            }
+                            let place = ChunkPlace::Spool { offset: spool_len };
+                            spool_len += encoded.stored.len() as u64;
+                            SpooledChunk {
+                                digest: encoded.digest,
+                                flags: encoded.flags,
+                                place,
+                                stored_size: encoded.stored.len() as u32,
+                                uncompressed_size: encoded.uncompressed_size,
+                            }
                         }
-                    }
-                    chunks.push(SpooledChunk {
-                        digest: encoded.digest,
-                        flags: encoded.flags,
-                        spool_offset: spool_len,
-                        stored_size: encoded.stored.len() as u32,
-                        uncompressed_size: encoded.uncompressed_size,
-                    });
-                    spool_len += encoded.stored.len() as u64;
+                    };
+                    chunks.push(chunk);
                     by_digest.insert(encoded.digest, index);
                     index
                 }
@@ -188,7 +233,7 @@ mod tests {
     #[test]
     fn dedups_in_submission_order() {
         let spool = tempfile::tempfile().unwrap();
-        let mut pipeline = Pipeline::start(3, spool);
+        let mut pipeline = Pipeline::start(3, spool, Arc::default());
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
             pipeline.submit(data.clone()).unwrap();

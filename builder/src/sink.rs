@@ -57,13 +57,19 @@ pub struct SinkOutput {
 const UNFILLED: u64 = u64::MAX;
 
 impl ChunkSink {
-    pub fn new(chunker: ChunkerParams, small_file_limit: u32, threads: usize, spool: File) -> Self {
+    pub fn new(
+        chunker: ChunkerParams,
+        small_file_limit: u32,
+        threads: usize,
+        spool: File,
+        dict: std::sync::Arc<crate::dict::ChunkDict>,
+    ) -> Self {
         let batch_target = match chunker {
             ChunkerParams::Fixed { size } => size,
             ChunkerParams::FastCdc { avg, .. } => avg,
         } as usize;
         ChunkSink {
-            pipeline: Pipeline::start(threads, spool),
+            pipeline: Pipeline::start(threads, spool, dict),
             chunker,
             small_file_limit: small_file_limit.min((batch_target / 2) as u32),
             batch_target,

@@ -31,6 +31,9 @@ pub struct BuildArgs {
     /// A prefetch profile (petrel record) or a file listing paths/globs, one per line.
     #[arg(long)]
     prefetch_list: Option<PathBuf>,
+    /// Petrel image directories whose chunks are referenced instead of stored again.
+    #[arg(long = "chunk-dict")]
+    chunk_dict: Vec<PathBuf>,
     /// Print the build report as JSON.
     #[arg(long)]
     json: bool,
@@ -45,13 +48,42 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     if let Some(list) = &args.prefetch_list {
         prefetch.extend(read_profile(list)?.entries);
     }
+    let mut dict = petrel_builder::dict::ChunkDict::default();
+    for image in &args.chunk_dict {
+        let path = petrel_format::image_dir::ImageDir::new(image).bootstrap_path();
+        let bytes = std::fs::read(&path).with_context(|| format!("reading chunk dictionary {}", path.display()))?;
+        dict.add_bootstrap(&bytes)
+            .with_context(|| format!("chunk dictionary {}", image.display()))?;
+    }
     let options = BuildOptions {
+        chunk_dict: std::sync::Arc::new(dict),
         chunker: args.chunker,
         small_file_limit: args.small_file_limit,
         threads: args.threads,
         prefetch,
     };
     let report = build_paths(&args.inputs, &args.output, options)?;
+    // The image reads dictionary chunks from their blobs: link them in beside the new one.
+    for blob in &report.output.dict_blobs {
+        let name = blob.digest.trim_start_matches("sha256:");
+        let target = petrel_format::image_dir::ImageDir::new(&args.output)
+            .blobs_dir()
+            .join(name);
+        let source = args
+            .chunk_dict
+            .iter()
+            .map(|d| petrel_format::image_dir::ImageDir::new(d).blobs_dir().join(name))
+            .find(|p| p.exists());
+        match source {
+            Some(source) if !target.exists() => {
+                if std::fs::hard_link(&source, &target).is_err() {
+                    std::fs::copy(&source, &target).with_context(|| format!("copying {}", source.display()))?;
+                }
+            }
+            Some(_) => {}
+            None => anyhow::bail!("dictionary blob {} is in none of the --chunk-dict images", blob.digest),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

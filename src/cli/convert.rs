@@ -32,6 +32,10 @@ pub struct ConvertArgs {
     /// Reuse the prefetch profile kept in an earlier converted image (e.g. the previous release).
     #[arg(long, conflicts_with = "prefetch_list")]
     prefetch_from: Option<String>,
+    /// A petrel image (docker://… or oci:…) whose chunks are referenced instead of
+    /// uploaded again, e.g. the previous release; repeat for several.
+    #[arg(long = "chunk-dict")]
+    chunk_dict: Vec<String>,
     /// Directory for the temporary build (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<std::path::PathBuf>,
@@ -74,6 +78,11 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         progress: std::io::stderr().is_terminal() && !args.json,
         work_dir: args.work_dir.clone(),
         profile,
+        chunk_dict: args
+            .chunk_dict
+            .iter()
+            .map(|r| Location::parse(r))
+            .collect::<Result<_, _>>()?,
     };
     let summary = convert(&source, &target, &client_options, &options)?;
     if args.json {

@@ -77,6 +77,8 @@ pub struct ConvertOptions {
     pub work_dir: Option<std::path::PathBuf>,
     /// The profile behind `build.prefetch`, kept in the manifest for later conversions.
     pub profile: Option<petrel_format::profile::Profile>,
+    /// Petrel images whose chunks the new image references instead of storing.
+    pub chunk_dict: Vec<Location>,
 }
 
 pub fn client_for(image: &ImageRef, options: &ClientOptions) -> anyhow::Result<RegistryClient> {
@@ -103,11 +105,33 @@ pub fn convert(
         other => bail!("cannot write to {other:?}: use docker:// or oci:"),
     };
     let (manifests, from_index) = source.manifests(options.all_platforms, &options.platform)?;
+    let mut dict = petrel_builder::dict::ChunkDict::default();
+    let mut dict_sources = Vec::new();
+    for location in &options.chunk_dict {
+        let dict_source = Source::open(location, |image| client_for(image, client_options))?;
+        let (dict_manifests, _) = dict_source.manifests(false, &options.platform)?;
+        let manifest = &dict_manifests
+            .first()
+            .context("chunk dictionary without a manifest")?
+            .manifest;
+        let bootstrap = bootstrap_layer(manifest)
+            .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
+        let bytes = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
+        let added = dict
+            .add_bootstrap(&bytes)
+            .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
+        tracing::info!("chunk dictionary {}: {added} chunks", dict_source.describe());
+        dict_sources.push(dict_source);
+    }
+    let mut options = options.clone();
+    options.build.chunk_dict = std::sync::Arc::new(dict);
+    let options = &options;
     let write_index = options.all_platforms && from_index;
     let mut converted = Vec::new();
     let mut index_entries = Vec::new();
     for source_manifest in &manifests {
-        let (result, manifest_bytes) = convert_one(&source, &target, source_manifest, options, !write_index)?;
+        let (result, manifest_bytes) =
+            convert_one(&source, &target, source_manifest, options, !write_index, &dict_sources)?;
         index_entries.push(Descriptor {
             media_type: OCI_MANIFEST.into(),
             digest: result.manifest_digest.clone(),
@@ -155,12 +179,49 @@ fn layer_progress(show: bool, index: usize, count: usize, size: u64) -> Option<i
 }
 
 /// Converts one image manifest; returns the result and the manifest's size.
+/// Makes sure the target has blob `digest` (a dictionary blob the new image
+/// references): already there, mounted from the same registry, or copied.
+fn ensure_blob(target: &Target, digest: &str, size: u64, sources: &[Source]) -> anyhow::Result<u64> {
+    if target.has_blob(digest)? {
+        return Ok(0);
+    }
+    for source in sources {
+        let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
+            Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
+            _ => None,
+        });
+        let Ok(mut reader) = source.layer(digest) else { continue };
+        let mut temp = tempfile::NamedTempFile::new()?;
+        let mut hashing = Hashing {
+            inner: &mut reader,
+            hasher: sha2::Sha256::new(),
+            bytes: 0,
+            progress: None,
+        };
+        std::io::copy(&mut hashing, &mut temp)?;
+        let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+        if actual != digest || hashing.bytes != size {
+            bail!(
+                "dictionary blob {digest} from {} does not match its digest",
+                source.describe()
+            );
+        }
+        return Ok(if target.put_blob_file(digest, temp.path(), mount_from.as_deref())? {
+            size
+        } else {
+            0
+        });
+    }
+    bail!("no chunk dictionary source holds blob {digest}")
+}
+
 fn convert_one(
     source: &Source,
     target: &Target,
     source_manifest: &source::SourceManifest,
     options: &ConvertOptions,
     tag_it: bool,
+    dict_sources: &[Source],
 ) -> anyhow::Result<(ConvertedManifest, usize)> {
     let manifest = &source_manifest.manifest;
     if bootstrap_layer(manifest).is_some() {
@@ -267,6 +328,16 @@ fn convert_one(
         } else {
             skipped += 1;
         }
+        layers.push(Descriptor {
+            media_type: PETREL_BLOB.into(),
+            digest: blob.digest.clone(),
+            size: blob.size,
+            annotations: BTreeMap::from([(ANNOTATION_LAYER.to_string(), "blob".to_string())]),
+            platform: None,
+        });
+    }
+    for blob in &report.output.dict_blobs {
+        uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?;
         layers.push(Descriptor {
             media_type: PETREL_BLOB.into(),
             digest: blob.digest.clone(),

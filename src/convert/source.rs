@@ -172,11 +172,14 @@ impl Source {
 
     /// A small blob, verified.
     pub fn small_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
+        self.blob(digest, MAX_SMALL_BLOB)
+    }
+
+    /// A blob of at most `max_bytes`, read whole and verified.
+    pub fn blob(&self, digest: &str, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
         Ok(match self {
-            Source::Registry { client, image } => {
-                client.get_blob_verified(&image.repository, digest, MAX_SMALL_BLOB)?
-            }
-            Source::Layout { layout, .. } => layout.read_blob(digest, MAX_SMALL_BLOB)?,
+            Source::Registry { client, image } => client.get_blob_verified(&image.repository, digest, max_bytes)?,
+            Source::Layout { layout, .. } => layout.read_blob(digest, max_bytes)?,
         })
     }
 

@@ -41,6 +41,14 @@ impl Target {
         })
     }
 
+    /// Whether the target already holds blob `digest`.
+    pub fn has_blob(&self, digest: &str) -> anyhow::Result<bool> {
+        Ok(match self {
+            Target::Registry { client, image } => client.has_blob(&image.repository, digest)?,
+            Target::Layout { layout, .. } => layout.blob_path(digest)?.exists(),
+        })
+    }
+
     /// Stores small content; returns its digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<String> {
         Ok(match self {
