@@ -857,4 +857,28 @@ fn local_builds_reference_a_chunk_dictionary() {
         .unwrap()
         .success());
     assert_tree(&reference_merge(&next), &target);
+    // The two releases share most of their chunks.
+    let out = petrel()
+        .arg("stats")
+        .arg("--dedup")
+        .arg(&base)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let dedup: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (shared, unique) = (
+        dedup["shared_bytes"].as_u64().unwrap(),
+        dedup["unique_bytes"].as_u64().unwrap(),
+    );
+    assert!(shared * 10 > unique * 8, "{dedup}");
+    let overlap = dedup["images"][1]["overlap_bytes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    assert_eq!(overlap, dedup["images"][1]["shared_bytes"].as_u64().unwrap());
 }

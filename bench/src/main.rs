@@ -3,6 +3,7 @@
 //! shared and noisy. Run through `scripts/bench.sh` (release build).
 
 mod build;
+mod dedup;
 mod measure;
 mod mount;
 mod registry;
@@ -14,9 +15,10 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("build") => build::run(&args[1..]),
         Some("mount") => mount::run(&args[1..]),
+        Some("dedup") => dedup::run(&args[1..]),
         Some("registry") => registry::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup");
             std::process::exit(2)
         }
     }

@@ -220,12 +220,19 @@ pub struct UmountArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
-    mountpoint: PathBuf,
+    /// A mountpoint; with --dedup, images (local directories or docker://…).
+    #[arg(required = true)]
+    targets: Vec<String>,
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
     /// Print Prometheus text instead of JSON.
     #[arg(long)]
     prometheus: bool,
+    /// Compare images' chunks: unique and shared bytes, and overlap between each pair.
+    #[arg(long)]
+    dedup: bool,
+    #[command(flatten)]
+    registry: crate::cli::registry_args::RegistryArgs,
 }
 
 pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -348,15 +355,66 @@ pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
-    let socket = control::socket_path(&args.runtime_dir, &args.mountpoint);
+    if args.dedup {
+        return run_dedup_stats(&args);
+    }
+    let [mountpoint] = args.targets.as_slice() else {
+        anyhow::bail!("give one mountpoint (or --dedup with images)");
+    };
+    let socket = control::socket_path(&args.runtime_dir, std::path::Path::new(mountpoint));
     let request = if args.prometheus { "metrics" } else { "stats" };
-    let answer = control::request(&socket, request).with_context(|| {
-        format!(
-            "asking the daemon of {} ({})",
-            args.mountpoint.display(),
-            socket.display()
-        )
-    })?;
+    let answer = control::request(&socket, request)
+        .with_context(|| format!("asking the daemon of {mountpoint} ({})", socket.display()))?;
     print!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Chunk digests and plain sizes of each image, compared.
+fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
+    let cache = tempfile::tempdir()?;
+    let mut images: Vec<(String, std::collections::HashMap<[u8; 32], u64>)> = Vec::new();
+    for target in &args.targets {
+        let (_, bootstrap_path, name) = resolve_image(target, cache.path(), &args.registry, None)?;
+        let bytes = std::fs::read(&bootstrap_path).with_context(|| format!("reading {}", bootstrap_path.display()))?;
+        let bootstrap = petrel_format::Bootstrap::open(&bytes).with_context(|| format!("bootstrap of {target}"))?;
+        let mut chunks = std::collections::HashMap::new();
+        for index in 0..bootstrap.chunk_count() {
+            let chunk = bootstrap.chunk(index)?;
+            chunks.insert(chunk.digest, u64::from(chunk.uncompressed_size));
+        }
+        images.push((name, chunks));
+    }
+    let mut holders: std::collections::HashMap<[u8; 32], (u64, usize)> = std::collections::HashMap::new();
+    for (_, chunks) in &images {
+        for (digest, size) in chunks {
+            holders.entry(*digest).or_insert((*size, 0)).1 += 1;
+        }
+    }
+    let unique: u64 = holders.values().map(|(s, _)| s).sum();
+    let shared: u64 = holders.values().filter(|(_, n)| *n > 1).map(|(s, _)| s).sum();
+    let total: u64 = images.iter().map(|(_, c)| c.values().sum::<u64>()).sum();
+    let per_image: Vec<serde_json::Value> = images
+        .iter()
+        .map(|(name, chunks)| {
+            let bytes: u64 = chunks.values().sum();
+            let shared_bytes: u64 = chunks.iter().filter(|(d, _)| holders[*d].1 > 1).map(|(_, s)| s).sum();
+            let overlap: serde_json::Map<String, serde_json::Value> = images
+                .iter()
+                .filter(|(other, _)| other != name)
+                .map(|(other, other_chunks)| {
+                    let common: u64 = chunks
+                        .iter()
+                        .filter(|(d, _)| other_chunks.contains_key(*d))
+                        .map(|(_, s)| s)
+                        .sum();
+                    (other.clone(), serde_json::json!(common))
+                })
+                .collect();
+            serde_json::json!({"image": name, "bytes": bytes, "shared_bytes": shared_bytes, "overlap_bytes": overlap})
+        })
+        .collect();
+    let summary =
+        serde_json::json!({"unique_bytes": unique, "shared_bytes": shared, "total_bytes": total, "images": per_image});
+    println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
 }
