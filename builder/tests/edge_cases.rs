@@ -38,7 +38,7 @@ fn round_trip(chunker: ChunkerParams) {
 
 #[test]
 fn edge_cases_round_trip_with_fixed_chunks() {
-    round_trip(ChunkerParams::default());
+    round_trip(ChunkerParams::default_fixed());
 }
 
 #[test]

@@ -26,20 +26,28 @@ pub const CHUNKER_FIXED: u32 = 1;
 /// Superblock code of FastCDC 2020.
 pub const CHUNKER_FASTCDC_2020: u32 = 2;
 
+/// The default chunker is FastCDC 16 KiB / 64 KiB / 256 KiB: on the release pairs
+/// of `petrel-bench dedup` it left the least new data for the next release (0.53x
+/// and 0.06x of plain OCI layers, against 0.58x and 0.12x for fixed 1 MiB chunks).
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams::Fixed { size: 1 << 20 }
+        Self::default_cdc()
     }
 }
 
 impl ChunkerParams {
-    /// The default content-defined setting (64 KiB / 256 KiB / 1 MiB).
+    /// The default content-defined setting (16 KiB / 64 KiB / 256 KiB).
     pub fn default_cdc() -> Self {
         ChunkerParams::FastCdc {
-            min: 64 << 10,
-            avg: 256 << 10,
-            max: 1 << 20,
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
         }
+    }
+
+    /// The default fixed-size setting (1 MiB).
+    pub fn default_fixed() -> Self {
+        ChunkerParams::Fixed { size: 1 << 20 }
     }
 
     /// Checks the parameters against what we and the pinned chunker support.
@@ -139,7 +147,7 @@ impl std::str::FromStr for ChunkerParams {
             .map(|p| parse_size(p).ok_or_else(bad))
             .collect::<Result<Vec<u32>>>()?;
         let params = match (kind, sizes.as_slice()) {
-            ("fixed", []) => ChunkerParams::default(),
+            ("fixed", []) => ChunkerParams::default_fixed(),
             ("fixed", [size]) => ChunkerParams::Fixed { size: *size },
             ("cdc" | "fastcdc", []) => ChunkerParams::default_cdc(),
             ("cdc" | "fastcdc", [min, avg, max]) => ChunkerParams::FastCdc {
@@ -169,7 +177,10 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        assert_eq!("fixed".parse::<ChunkerParams>().unwrap(), ChunkerParams::default());
+        assert_eq!(
+            "fixed".parse::<ChunkerParams>().unwrap(),
+            ChunkerParams::default_fixed()
+        );
         assert_eq!(
             "fixed:64K".parse::<ChunkerParams>().unwrap(),
             ChunkerParams::Fixed { size: 65536 }
@@ -196,7 +207,7 @@ mod tests {
 
     #[test]
     fn raw_round_trip() {
-        for p in [ChunkerParams::default(), ChunkerParams::default_cdc()] {
+        for p in [ChunkerParams::default_fixed(), ChunkerParams::default_cdc()] {
             let (k, a, b, c) = p.to_raw();
             assert_eq!(ChunkerParams::from_raw(k, a, b, c).unwrap(), p);
         }

@@ -17,7 +17,7 @@ pub struct BuildArgs {
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Chunker: fixed, fixed:SIZE, cdc or cdc:MIN:AVG:MAX (sizes accept K and M).
-    #[arg(long, default_value = "fixed:1M")]
+    #[arg(long, default_value = "cdc:16K:64K:256K")]
     chunker: ChunkerParams,
     /// Files smaller than this many bytes are packed into shared chunks.
     #[arg(long, default_value_t = petrel_builder::sink::DEFAULT_SMALL_FILE_LIMIT)]

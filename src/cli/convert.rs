@@ -24,7 +24,7 @@ pub struct ConvertArgs {
     #[arg(long)]
     platform: Option<String>,
     /// Chunker: fixed, fixed:SIZE, cdc or cdc:MIN:AVG:MAX.
-    #[arg(long, default_value = "fixed:1M")]
+    #[arg(long, default_value = "cdc:16K:64K:256K")]
     chunker: ChunkerParams,
     /// A prefetch profile (petrel record) or a list of paths/globs to put first in the blob.
     #[arg(long = "prefetch", alias = "prefetch-list")]
