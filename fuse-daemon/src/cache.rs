@@ -1,167 +1,98 @@
-//! The local chunk cache of one image: plain (decompressed, verified) chunk bytes
-//! in a sparse data file, chunk N at offset N × slot, and a readiness bitmap file.
-//!
-//! Crash safety: a chunk's bytes are written and `fdatasync`ed before its bit is
-//! set, and bits are set with single-byte writes, so after a kill -9 or power loss
-//! a set bit always means the bytes are durable. A cleared or lost bit only costs a
-//! refetch. Bytes are verified against their blake3 digest before they are written,
-//! so the cache never holds bytes that failed verification.
-//!
-//! Why plain bytes at fixed slots rather than a mirror of the compressed blob: a
-//! cached read is one `pread` of exactly the bytes asked for (no decompression, no
-//! index), the data file is sparse so unused slot space costs nothing, and the
-//! location of a chunk needs no table built at mount time.
+//! One image's view of the node-wide chunk store: chunk index → digest → stored
+//! bytes, with an in-memory bitset remembering which chunks were seen stored (a
+//! chunk evicted since is noticed when its read finds no file, and refetched).
 
 use crate::error::{DaemonError, Result};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use crate::image::MappedImage;
+use crate::store::ChunkStore;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
-/// Readiness of every chunk of one image plus its data file.
+/// The chunks of one image in the node's store.
 #[derive(Debug)]
 pub struct ChunkCache {
-    dir: PathBuf,
-    data: File,
-    bitmap_file: File,
-    /// In-memory copy of the bitmap; the file is the durable truth.
-    bitmap: Mutex<Vec<u8>>,
-    slot: u64,
-    chunk_count: u32,
+    image: Arc<MappedImage>,
+    store: Arc<ChunkStore>,
+    seen: Vec<AtomicU64>,
 }
 
 impl ChunkCache {
-    /// Opens (or creates) the cache in `dir` for `chunk_count` chunks of at most
-    /// `slot` bytes each. A bitmap of the wrong size is discarded (all chunks refetched).
-    pub fn open(dir: &Path, chunk_count: u32, slot: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(DaemonError::io("create cache directory", dir))?;
-        let data_path = dir.join("data");
-        let bitmap_path = dir.join("ready");
-        let open = |path: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(DaemonError::io("open cache file", path))
-        };
-        let data = open(&data_path)?;
-        let bitmap_file = open(&bitmap_path)?;
-        let expected_len = (chunk_count as usize).div_ceil(8);
-        let mut bitmap = std::fs::read(&bitmap_path).map_err(DaemonError::io("read", &bitmap_path))?;
-        if bitmap.len() != expected_len {
-            if !bitmap.is_empty() {
-                tracing::warn!(path = %bitmap_path.display(), "readiness bitmap has the wrong size; discarding the cache");
-            }
-            bitmap = vec![0; expected_len];
-            bitmap_file
-                .set_len(0)
-                .map_err(DaemonError::io("truncate", &bitmap_path))?;
-            bitmap_file
-                .write_all_at(&bitmap, 0)
-                .map_err(DaemonError::io("write", &bitmap_path))?;
-            data.set_len(0).map_err(DaemonError::io("truncate", &data_path))?;
+    pub fn new(image: Arc<MappedImage>, store: Arc<ChunkStore>) -> Self {
+        let words = (image.bootstrap().chunk_count() as usize).div_ceil(64);
+        ChunkCache {
+            image,
+            store,
+            seen: (0..words).map(|_| AtomicU64::new(0)).collect(),
         }
-        Ok(ChunkCache {
-            dir: dir.to_path_buf(),
-            data,
-            bitmap_file,
-            bitmap: Mutex::new(bitmap),
-            slot,
-            chunk_count,
-        })
     }
 
-    /// Whether chunk `index` is cached.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    fn digest(&self, index: u32) -> Option<[u8; 32]> {
+        self.image.bootstrap().chunk(index).ok().map(|c| c.digest)
+    }
+
+    fn mark(&self, index: u32, on: bool) {
+        if let Some(word) = self.seen.get(index as usize / 64) {
+            let bit = 1u64 << (index % 64);
+            if on {
+                word.fetch_or(bit, Relaxed);
+            } else {
+                word.fetch_and(!bit, Relaxed);
+            }
+        }
+    }
+
+    /// Whether chunk `index` is in the store.
     pub fn is_ready(&self, index: u32) -> bool {
-        if index >= self.chunk_count {
+        let Some(word) = self.seen.get(index as usize / 64) else {
             return false;
+        };
+        if word.load(Relaxed) & (1 << (index % 64)) != 0 {
+            return true;
         }
-        let bitmap = self.bitmap.lock().expect("bitmap lock");
-        bitmap[(index / 8) as usize] & (1 << (index % 8)) != 0
+        let present = self.digest(index).is_some_and(|d| self.store.contains(&d));
+        if present {
+            self.mark(index, true);
+        }
+        present
     }
 
-    /// Number of cached chunks.
+    /// Number of this image's chunks in the store.
     pub fn ready_count(&self) -> u64 {
-        let bitmap = self.bitmap.lock().expect("bitmap lock");
-        bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
+        (0..self.image.bootstrap().chunk_count())
+            .filter(|&i| self.is_ready(i))
+            .count() as u64
     }
 
-    /// Reads `buf.len()` plain bytes at `offset` inside cached chunk `index`.
+    /// Reads plain bytes at `offset` of chunk `index`. An `Io` error of kind
+    /// `NotFound` means the chunk was evicted: call `forget` and fetch it again.
     pub fn read(&self, index: u32, offset: u32, buf: &mut [u8]) -> Result<()> {
-        let at = u64::from(index) * self.slot + u64::from(offset);
-        self.data
-            .read_exact_at(buf, at)
-            .map_err(DaemonError::io("read cache data", self.dir.join("data")))
+        let digest = self
+            .digest(index)
+            .ok_or_else(|| DaemonError::Invalid(format!("chunk {index} out of range")))?;
+        self.store
+            .read(&digest, offset, buf)
+            .map_err(DaemonError::io("read cached chunk", self.store.root()))
     }
 
-    /// Stores verified chunks durably, then marks them ready.
-    pub fn store(&self, chunks: &[(u32, &[u8])]) -> Result<()> {
-        for (index, bytes) in chunks {
-            if bytes.len() as u64 > self.slot {
-                return Err(DaemonError::ChunkTooLarge {
-                    chunk: *index,
-                    size: bytes.len() as u32,
-                    slot: self.slot,
-                });
-            }
-            self.data
-                .write_all_at(bytes, u64::from(*index) * self.slot)
-                .map_err(DaemonError::io("write cache data", self.dir.join("data")))?;
-        }
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        self.data
-            .sync_data()
-            .map_err(DaemonError::io("sync cache data", self.dir.join("data")))?;
-        let mut bitmap = self.bitmap.lock().expect("bitmap lock");
+    /// Forgets that chunk `index` was stored (it was evicted).
+    pub fn forget(&self, index: u32) {
+        self.mark(index, false);
+    }
+
+    /// Stores verified chunks durably; they are then ready.
+    pub fn put(&self, chunks: &[(u32, &[u8])]) -> Result<()> {
+        let by_digest: Vec<([u8; 32], &[u8])> = chunks
+            .iter()
+            .filter_map(|(i, b)| Some((self.digest(*i)?, *b)))
+            .collect();
+        self.store.put(&by_digest)?;
         for (index, _) in chunks {
-            let byte = (index / 8) as usize;
-            bitmap[byte] |= 1 << (index % 8);
-            self.bitmap_file
-                .write_all_at(&bitmap[byte..byte + 1], byte as u64)
-                .map_err(DaemonError::io("write readiness bitmap", self.dir.join("ready")))?;
+            self.mark(*index, true);
         }
         Ok(())
-    }
-
-    /// Clears chunk `index` (its cached bytes turned out bad); it will be refetched.
-    pub fn invalidate(&self, index: u32) -> Result<()> {
-        let mut bitmap = self.bitmap.lock().expect("bitmap lock");
-        let byte = (index / 8) as usize;
-        if byte < bitmap.len() {
-            bitmap[byte] &= !(1 << (index % 8));
-            self.bitmap_file
-                .write_all_at(&bitmap[byte..byte + 1], byte as u64)
-                .map_err(DaemonError::io("write readiness bitmap", self.dir.join("ready")))?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn survives_reopen_and_rejects_a_wrong_size_bitmap() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(dir.path(), 20, 4096).unwrap();
-        assert!(!cache.is_ready(3));
-        cache.store(&[(3, b"three"), (17, b"seventeen")]).unwrap();
-        assert!(cache.is_ready(3) && cache.is_ready(17) && !cache.is_ready(4));
-        drop(cache);
-        let cache = ChunkCache::open(dir.path(), 20, 4096).unwrap();
-        assert_eq!(cache.ready_count(), 2);
-        let mut buf = [0u8; 4];
-        cache.read(17, 5, &mut buf).unwrap();
-        assert_eq!(&buf, b"teen");
-        cache.invalidate(17).unwrap();
-        drop(cache);
-        let cache = ChunkCache::open(dir.path(), 21 * 8, 4096).unwrap();
-        assert_eq!(cache.ready_count(), 0, "a bitmap of another size is discarded");
-        assert!(cache.store(&[(1, &[0u8; 5000])]).is_err(), "larger than a slot");
     }
 }

@@ -309,7 +309,7 @@ impl Fetcher {
         }
         self.stats.chunks_fetched.fetch_add(verified.len() as u64, Relaxed);
         let to_store: Vec<(u32, &[u8])> = verified.iter().map(|(i, b)| (*i, b.as_slice())).collect();
-        if let Err(e) = self.cache.store(&to_store) {
+        if let Err(e) = self.cache.put(&to_store) {
             // The bytes are verified; serve them even though they could not be cached.
             tracing::warn!("could not cache {} chunks: {e}", to_store.len());
         }

@@ -166,11 +166,25 @@ pub fn read_range(
     for segment in &segments {
         let target = &mut out[at..at + segment.length as usize];
         if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
-            match fetcher.ensure(index, last_chunk)? {
-                ChunkBytes::Cached => fetcher.cache().read(index, chunk_offset, target).map_err(Arc::new)?,
-                ChunkBytes::Fetched(bytes) => {
-                    let start = chunk_offset as usize;
-                    target.copy_from_slice(&bytes[start..start + target.len()]);
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match fetcher.ensure(index, last_chunk)? {
+                    ChunkBytes::Cached => match fetcher.cache().read(index, chunk_offset, target) {
+                        Ok(()) => break,
+                        // Evicted between the check and the read: fetch it again.
+                        Err(DaemonError::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound && attempts < 3 =>
+                        {
+                            fetcher.cache().forget(index);
+                        }
+                        Err(e) => return Err(Arc::new(e)),
+                    },
+                    ChunkBytes::Fetched(bytes) => {
+                        let start = chunk_offset as usize;
+                        target.copy_from_slice(&bytes[start..start + target.len()]);
+                        break;
+                    }
                 }
             }
         }

@@ -14,6 +14,7 @@ pub mod prefetch;
 pub mod record;
 pub mod remote;
 pub mod stats;
+pub mod store;
 mod workers;
 
 pub use backend::{Backend, LocalBackend};

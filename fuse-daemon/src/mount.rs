@@ -10,6 +10,7 @@ use crate::fs::PetrelFs;
 use crate::image::MappedImage;
 use crate::prefetch::{PrefetchConfig, Prefetcher};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::store::ChunkStore;
 use fuser::{Config, MountOption, SessionACL};
 use petrel_format::image_dir::ImageDir;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub struct MountConfig {
     pub prefetch: PrefetchConfig,
     /// Record reads and write the profile here on unmount.
     pub record: Option<PathBuf>,
+    /// Bound on the node's chunk store; least recently used chunks are evicted.
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl MountConfig {
@@ -52,6 +55,7 @@ impl MountConfig {
             blob_dir: None,
             prefetch: PrefetchConfig::default(),
             record: None,
+            cache_max_bytes: None,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     prefetcher: Option<Prefetcher>,
     recording: Option<(Arc<crate::record::Recorder>, Arc<MappedImage>, PathBuf)>,
+    /// This mount's pin file (its prefetch region is kept through GC while mounted).
+    pins: Option<PathBuf>,
     stats: Arc<Stats>,
     mountpoint: PathBuf,
     _control: Option<ControlServer>,
@@ -96,6 +102,9 @@ impl Mounted {
     fn stop(&mut self) -> Result<()> {
         if let Some(prefetcher) = self.prefetcher.take() {
             prefetcher.stop();
+        }
+        if let Some(pins) = self.pins.take() {
+            let _ = std::fs::remove_file(pins);
         }
         if let Some((recorder, image, path)) = self.recording.take() {
             let profile = recorder.profile(&image);
@@ -185,19 +194,19 @@ pub struct Storage {
     pub stats: Arc<Stats>,
 }
 
-/// Maps the bootstrap at `bootstrap_path` and opens its cache under `cache_dir`.
+/// Maps the bootstrap at `bootstrap_path` and opens the node's chunk store under
+/// `cache_dir` (bounded to `max_bytes` when given).
 pub fn open_storage(
     cache_dir: &Path,
     backend: Arc<dyn Backend>,
     bootstrap_path: &Path,
     name: &str,
     amplify_bytes: u64,
+    max_bytes: Option<u64>,
 ) -> Result<Storage> {
     let image = Arc::new(MappedImage::open(bootstrap_path, cache_dir, name)?);
-    let bootstrap = image.bootstrap();
-    let slot = u64::from(bootstrap.chunker().max_chunk_size());
-    let chunk_dir = cache_dir.join("images").join(hex::encode(image.digest()));
-    let cache = Arc::new(ChunkCache::open(&chunk_dir, bootstrap.chunk_count(), slot)?);
+    let store = ChunkStore::open(cache_dir, max_bytes)?;
+    let cache = Arc::new(ChunkCache::new(Arc::clone(&image), store));
     let stats = Arc::new(Stats::default());
     let fetcher = Arc::new(Fetcher::new(
         Arc::clone(&image),
@@ -217,8 +226,14 @@ pub fn mount_with_backend(
     name: &str,
 ) -> Result<Mounted> {
     clean_stale_mount(&config.mountpoint)?;
-    let Storage { image, fetcher, stats } =
-        open_storage(&config.cache_dir, backend, bootstrap_path, name, config.amplify_bytes)?;
+    let Storage { image, fetcher, stats } = open_storage(
+        &config.cache_dir,
+        backend,
+        bootstrap_path,
+        name,
+        config.amplify_bytes,
+        config.cache_max_bytes,
+    )?;
     let control = match &config.control_socket {
         Some(path) => Some(
             ControlServer::start(path, Arc::clone(&stats), name.to_string())
@@ -256,12 +271,28 @@ pub fn mount_with_backend(
     fuse_config.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config)
         .map_err(DaemonError::io("mount FUSE at", &config.mountpoint))?;
+    let pins = if config.prefetch.mode == crate::prefetch::PrefetchMode::Off {
+        None
+    } else {
+        let bootstrap = image.bootstrap();
+        let digests: Vec<[u8; 32]> = crate::prefetch::prefetch_ranges(&image, crate::prefetch::PrefetchMode::Table)
+            .into_iter()
+            .flat_map(|(a, b)| a..b)
+            .filter_map(|i| bootstrap.chunk(i).ok().map(|c| c.digest))
+            .collect();
+        Some(crate::store::write_pins(
+            &config.cache_dir,
+            &hex::encode(&image.digest()[..8]),
+            &digests,
+        )?)
+    };
     let prefetcher = (config.prefetch.mode != crate::prefetch::PrefetchMode::Off)
         .then(|| Prefetcher::start(&image, fetcher, config.prefetch));
     Ok(Mounted {
         session: Some(session),
         prefetcher,
         recording,
+        pins,
         stats,
         mountpoint: config.mountpoint.clone(),
         _control: control,

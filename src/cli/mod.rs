@@ -41,6 +41,8 @@ pub enum Command {
     Optimize(record::OptimizeArgs),
     /// Fill the node cache for an image (its prefetch region, or --all) without mounting it.
     Warm(mount::WarmArgs),
+    /// The node cache: list images, collect garbage, remove an image.
+    Cache(mount::CacheArgs),
     /// Unmount a petrel mount.
     Umount(mount::UmountArgs),
     /// Show a mount's counters (JSON, or Prometheus text).
@@ -71,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => mount::run_umount(args),
         Command::Warm(args) => mount::run_warm(args),
+        Command::Cache(args) => mount::run_cache(args),
         Command::Record(args) => record::run_record(args),
         Command::Optimize(args) => record::run_optimize(args),
         Command::Stats(args) => mount::run_stats(args),

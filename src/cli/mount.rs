@@ -45,6 +45,9 @@ pub struct MountArgs {
     /// Record what is read and write the profile here on unmount.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
+    #[arg(long)]
+    cache_max_bytes: Option<u64>,
     /// Run in the background: return once mounted.
     #[arg(long)]
     daemon: bool,
@@ -158,7 +161,7 @@ pub fn resolve_image(
 pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
     let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None)?;
-    let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0)?;
+    let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0, None)?;
     let mode = if args.all {
         PrefetchMode::All
     } else {
@@ -248,6 +251,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         blob_dir: args.blob_dir.clone(),
         prefetch: args.prefetch.config(),
         record: args.record.clone(),
+        cache_max_bytes: args.cache_max_bytes,
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
     let (backend, bootstrap, name) =
@@ -416,5 +420,106 @@ fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
     let summary =
         serde_json::json!({"unique_bytes": unique, "shared_bytes": shared, "total_bytes": total, "images": per_image});
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+    /// Node cache root.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR, global = true)]
+    cache_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CacheCommand {
+    /// Images with bootstraps in the cache: chunks cached, bytes, last use.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict least recently used chunks (never those a live mount pins) down to a size.
+    Gc {
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
+    },
+    /// Remove an image (its bootstrap digest, or a prefix of it) and the chunks only it uses.
+    Rm { image: String },
+}
+
+pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
+    let store = petrel_fuse_daemon::store::ChunkStore::open(&args.cache_dir, None)?;
+    match args.command {
+        CacheCommand::Ls { json } => {
+            let images = petrel_fuse_daemon::store::cached_images(&args.cache_dir, &store);
+            let (chunks, bytes) = store.usage();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"chunks": chunks, "bytes": bytes, "images": images})
+                    )?
+                );
+            } else {
+                println!("{chunks} chunks, {bytes} bytes in {}", store.root().display());
+                for image in images {
+                    println!(
+                        "{}  {}/{} chunks  {} bytes  last use {}",
+                        image.bootstrap,
+                        image.chunks_cached,
+                        image.chunks,
+                        image.bytes_cached,
+                        image.last_use.map_or("-".into(), |t| t.to_string())
+                    );
+                }
+            }
+        }
+        CacheCommand::Gc { max_bytes } => {
+            let report = store.gc(max_bytes);
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        CacheCommand::Rm { image } => {
+            let dir = args.cache_dir.join("bootstraps");
+            let matches: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&image)))
+                .collect();
+            let [path] = matches.as_slice() else {
+                anyhow::bail!(
+                    "{} cached images match {image:?}; give more of the digest",
+                    matches.len()
+                );
+            };
+            let digests = |p: &std::path::Path| -> anyhow::Result<Vec<[u8; 32]>> {
+                let bytes = std::fs::read(p)?;
+                let bootstrap = petrel_format::Bootstrap::open(&bytes)?;
+                Ok((0..bootstrap.chunk_count())
+                    .filter_map(|i| bootstrap.chunk(i).ok().map(|c| c.digest))
+                    .collect())
+            };
+            let mine = digests(path)?;
+            let mut others = std::collections::HashSet::new();
+            for other in std::fs::read_dir(&dir)?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p != path)
+            {
+                others.extend(digests(&other).unwrap_or_default());
+            }
+            let mut removed = 0;
+            for digest in mine.iter().filter(|d| !others.contains(*d)) {
+                if store.contains(digest) {
+                    store.remove(digest);
+                    removed += 1;
+                }
+            }
+            std::fs::remove_file(path)?;
+            println!("removed {} and {removed} chunks only it used", path.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,205 @@
+//! The node-wide chunk cache: images that share chunks fetch them once; a cache
+//! bound far below the image stays correct under 32 concurrent readers while
+//! eviction runs; kill -9 during GC leaves only correct data; ls and rm.
+
+mod support;
+
+use petrel_fixtures::rng::Rng;
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use support::*;
+
+fn build(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
+    let src = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(&src).unwrap();
+    for (path, data) in files {
+        std::fs::write(src.join(path), data).unwrap();
+    }
+    let image = dir.join(name);
+    let out = petrel().arg("build").arg("-o").arg(&image).arg(&src).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    image
+}
+
+fn file(i: u64) -> (String, Vec<u8>) {
+    (format!("f{i}.bin"), Rng::new(500 + i).bytes(2 << 20))
+}
+
+fn chunk_digests(image: &Path) -> Vec<([u8; 32], u64)> {
+    let bytes = std::fs::read(image.join("bootstrap")).unwrap();
+    let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
+    (0..bootstrap.chunk_count())
+        .map(|i| bootstrap.chunk(i).unwrap())
+        .map(|c| (c.digest, u64::from(c.compressed_size)))
+        .collect()
+}
+
+fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
+    let out = petrel()
+        .arg("stats")
+        .arg(mountpoint)
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
+}
+
+#[test]
+fn two_images_sharing_chunks_fetch_each_shared_chunk_once() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let a_files: Vec<_> = (0..4).map(file).collect();
+    let b_files: Vec<_> = (2..6).map(file).collect();
+    let (a, b) = (build(work.path(), "a", &a_files), build(work.path(), "b", &b_files));
+    let a_chunks: HashSet<[u8; 32]> = chunk_digests(&a).into_iter().map(|(d, _)| d).collect();
+    let b_only = chunk_digests(&b)
+        .into_iter()
+        .filter(|(d, _)| !a_chunks.contains(d))
+        .count() as u64;
+    let cache = work.path().join("cache");
+    let args = ["--amplify-bytes", "0", "--prefetch", "off"];
+    let mount_a = MountProcess::start(a.to_str().unwrap(), &work.path().join("mnt-a"), &cache, &args);
+    let mount_b = MountProcess::start(
+        b.to_str().unwrap(),
+        &work.path().join("mnt-b"),
+        &cache.with_file_name("cache"),
+        &args,
+    );
+    for (path, data) in &a_files {
+        assert_eq!(&std::fs::read(mount_a.mountpoint.join(path)).unwrap(), data);
+    }
+    for (path, data) in &b_files {
+        assert_eq!(&std::fs::read(mount_b.mountpoint.join(path)).unwrap(), data);
+    }
+    let b_stats = stats(&mount_b.mountpoint, &cache.with_extension("run"));
+    assert_eq!(
+        b_stats["chunks_fetched"].as_u64().unwrap(),
+        b_only,
+        "B fetched only what A had not: {b_stats}"
+    );
+}
+
+#[test]
+fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..6).map(file).collect();
+    let image = build(work.path(), "big", &files);
+    let cache = work.path().join("cache");
+    let limit = 1u64 << 20;
+    let mount = MountProcess::start(
+        image.to_str().unwrap(),
+        &work.path().join("mnt"),
+        &cache,
+        &["--cache-max-bytes", &limit.to_string(), "--prefetch", "off"],
+    );
+    let root = mount.mountpoint.clone();
+    std::thread::scope(|scope| {
+        for t in 0..32u64 {
+            let (root, files) = (&root, &files);
+            scope.spawn(move || {
+                let mut rng = Rng::new(t);
+                for _ in 0..30 {
+                    let (path, data) = &files[rng.below(files.len() as u64) as usize];
+                    let offset = rng.below(data.len() as u64 - 1);
+                    let mut buf = vec![0u8; (1 + rng.below(200_000)) as usize];
+                    let got = std::fs::File::open(root.join(path))
+                        .unwrap()
+                        .read_at(&mut buf, offset)
+                        .unwrap();
+                    assert_eq!(
+                        &buf[..got],
+                        &data[offset as usize..offset as usize + got],
+                        "{path} at {offset}"
+                    );
+                }
+            });
+        }
+    });
+    let out = petrel()
+        .arg("cache")
+        .arg("ls")
+        .arg("--json")
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stored = listing["bytes"].as_u64().unwrap();
+    let image_bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    assert!(
+        stored < image_bytes / 3,
+        "the bound holds roughly: {stored} of {image_bytes}"
+    );
+    drop(mount);
+}
+
+#[test]
+fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..5).map(file).collect();
+    let image = build(work.path(), "img", &files);
+    let cache = work.path().join("cache");
+    for attempt in 0..3u64 {
+        let out = petrel()
+            .arg("warm")
+            .arg(&image)
+            .arg("--all")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        let mut gc = petrel()
+            .args(["cache", "gc", "--max-bytes", "0", "--cache-dir"])
+            .arg(&cache)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5 * attempt));
+        let _ = gc.kill();
+        let _ = gc.wait();
+        let mount = MountProcess::start(
+            image.to_str().unwrap(),
+            &work.path().join("mnt"),
+            &cache,
+            &["--prefetch", "off"],
+        );
+        for (path, data) in &files {
+            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+        }
+    }
+    let out = petrel()
+        .args(["cache", "ls", "--json", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let name = listing["images"][0]["bootstrap"].as_str().unwrap().to_string();
+    assert_eq!(
+        listing["images"][0]["chunks_cached"], listing["images"][0]["chunks"],
+        "{listing}"
+    );
+    let out = petrel()
+        .args(["cache", "rm", &name[..12], "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = petrel()
+        .args(["cache", "ls", "--json", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listing["images"].as_array().unwrap().len(), 0);
+    assert_eq!(listing["chunks"], 0, "{listing}");
+}
