@@ -882,3 +882,58 @@ fn local_builds_reference_a_chunk_dictionary() {
         .unwrap();
     assert_eq!(overlap, dedup["images"][1]["shared_bytes"].as_u64().unwrap());
 }
+
+#[test]
+fn a_standalone_dictionary_serves_as_chunk_dict() {
+    let work = tempfile::tempdir().unwrap();
+    let (release_n, next) = release_pair();
+    let tars_n: Vec<Vec<u8>> = release_n.iter().map(|ops| write_layer(ops, "")).collect();
+    let tars_n1: Vec<Vec<u8>> = next.iter().map(|ops| write_layer(ops, "")).collect();
+    let n = petrel_fixtures::write_layer_files(&work.path().join("n"), &tars_n).unwrap();
+    let n1 = petrel_fixtures::write_layer_files(&work.path().join("n1"), &tars_n1).unwrap();
+    let base = work.path().join("base");
+    assert!(petrel()
+        .arg("build")
+        .arg("-o")
+        .arg(&base)
+        .args(&n)
+        .status()
+        .unwrap()
+        .success());
+    let dict = work.path().join("dict");
+    let out = petrel()
+        .args(["dict", "build", "--max-bytes", "30000000", "-o"])
+        .arg(&dict)
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["bytes"].as_u64().unwrap() <= 30_000_000 && report["chunks"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let image = work.path().join("image");
+    let out = petrel()
+        .arg("build")
+        .arg("--json")
+        .arg("--chunk-dict")
+        .arg(&dict)
+        .arg("-o")
+        .arg(&image)
+        .args(&n1)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!built["output"]["dict_blobs"].as_array().unwrap().is_empty(), "{built}");
+    let target = work.path().join("out");
+    assert!(petrel()
+        .arg("unpack")
+        .arg(&image)
+        .arg(&target)
+        .status()
+        .unwrap()
+        .success());
+    assert_tree(&reference_merge(&next), &target);
+}

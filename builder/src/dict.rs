@@ -73,3 +73,96 @@ impl ChunkDict {
         self.chunks.is_empty()
     }
 }
+
+/// What `build_dictionary` selected.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct DictionaryReport {
+    pub candidate_chunks: u64,
+    pub chunks: u64,
+    /// Plain bytes of the selected chunks.
+    pub bytes: u64,
+}
+
+/// A standalone dictionary from several images' bootstraps: the chunks most images
+/// share first (then larger first), up to `max_bytes` of plain data. The result is
+/// a bootstrap with an empty root, the selected chunks and the blobs they live in,
+/// usable wherever `--chunk-dict` takes an image.
+pub fn build_dictionary(bootstraps: &[Vec<u8>], max_bytes: u64) -> Result<(Vec<u8>, DictionaryReport), FormatError> {
+    use petrel_format::layout::*;
+    let mut dict = ChunkDict::default();
+    let mut holders: HashMap<[u8; 32], u32> = HashMap::new();
+    for bytes in bootstraps {
+        dict.add_bootstrap(bytes)?;
+        let bootstrap = Bootstrap::open(bytes)?;
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..bootstrap.chunk_count() {
+            let digest = bootstrap.chunk(index)?.digest;
+            if seen.insert(digest) {
+                *holders.entry(digest).or_default() += 1;
+            }
+        }
+    }
+    let mut ranked: Vec<(&[u8; 32], &DictChunk)> = dict.chunks.iter().collect();
+    ranked.sort_by_key(|(digest, chunk)| {
+        (
+            std::cmp::Reverse(holders[*digest]),
+            std::cmp::Reverse(chunk.uncompressed_size),
+            **digest,
+        )
+    });
+    let mut report = DictionaryReport {
+        candidate_chunks: ranked.len() as u64,
+        ..DictionaryReport::default()
+    };
+    let mut chosen = Vec::new();
+    for (digest, chunk) in ranked {
+        if report.bytes + u64::from(chunk.uncompressed_size) > max_bytes {
+            continue;
+        }
+        report.bytes += u64::from(chunk.uncompressed_size);
+        chosen.push((*digest, *chunk));
+    }
+    report.chunks = chosen.len() as u64;
+    // Blob order of first use; chunks grouped by blob in offset order.
+    chosen.sort_by_key(|(_, c)| (c.blob, c.compressed_offset));
+    let mut writer = petrel_format::BootstrapWriter::default();
+    let mut blob_slot: HashMap<u32, u32> = HashMap::new();
+    for (_, chunk) in &chosen {
+        if !blob_slot.contains_key(&chunk.blob) {
+            let blob = &dict.blobs[chunk.blob as usize];
+            blob_slot.insert(chunk.blob, writer.blobs.len() as u32);
+            writer.blobs.push(BlobRecord {
+                digest: blob.digest,
+                compressed_size: blob.compressed_size.into(),
+                uncompressed_size: blob.uncompressed_size.into(),
+                chunk_count: 0.into(),
+                compressor: petrel_format::features::BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
+                prefetch_size: 0.into(),
+            });
+        }
+        let slot = blob_slot[&chunk.blob];
+        let count = writer.blobs[slot as usize].chunk_count.get();
+        writer.blobs[slot as usize].chunk_count.set(count + 1);
+    }
+    for (digest, chunk) in &chosen {
+        writer.chunks.push(ChunkRecord {
+            digest: *digest,
+            blob_index: blob_slot[&chunk.blob].into(),
+            flags: chunk.flags.into(),
+            compressed_offset: chunk.compressed_offset.into(),
+            compressed_size: chunk.compressed_size.into(),
+            uncompressed_size: chunk.uncompressed_size.into(),
+        });
+    }
+    let mut root = InodeRecord::default();
+    root.mode.set(petrel_format::reader::mode_bits::S_IFDIR | 0o755);
+    root.nlink.set(2);
+    root.parent_ino.set(ROOT_INO);
+    writer.inodes.push(root);
+    let params = petrel_format::SuperblockParams {
+        chunker: petrel_format::ChunkerParams::default(),
+        small_file_limit: 0,
+        compression_level: petrel_format::codec::ZSTD_LEVEL as u32,
+    };
+    Ok((writer.finish(params)?, report))
+}

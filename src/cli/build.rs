@@ -128,3 +128,60 @@ pub fn read_profile(path: &std::path::Path) -> anyhow::Result<Profile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading prefetch profile {}", path.display()))?;
     Profile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
+
+#[derive(Debug, clap::Args)]
+pub struct DictArgs {
+    #[command(subcommand)]
+    command: DictCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DictCommand {
+    /// Build a standalone chunk dictionary from local images (most-shared chunks first).
+    Build {
+        /// Petrel image directories.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Output directory (a bootstrap with only chunks, plus links to their blobs).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Plain bytes of chunks at most.
+        #[arg(long, default_value_t = 1 << 30)]
+        max_bytes: u64,
+    },
+}
+
+pub fn run_dict(args: DictArgs) -> anyhow::Result<ExitCode> {
+    let DictCommand::Build {
+        images,
+        output,
+        max_bytes,
+    } = args.command;
+    let bootstraps = images
+        .iter()
+        .map(|i| {
+            std::fs::read(petrel_format::image_dir::ImageDir::new(i).bootstrap_path())
+                .with_context(|| format!("reading {}", i.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (bytes, report) = petrel_builder::dict::build_dictionary(&bootstraps, max_bytes)?;
+    let out = petrel_format::image_dir::ImageDir::new(&output);
+    std::fs::create_dir_all(out.blobs_dir()).with_context(|| format!("creating {}", output.display()))?;
+    std::fs::write(out.bootstrap_path(), &bytes)?;
+    let bootstrap = petrel_format::Bootstrap::open(&bytes)?;
+    for blob in bootstrap.blobs() {
+        let blob = blob?;
+        let target = out.blob_path(&blob.digest);
+        if let Some(source) = images
+            .iter()
+            .map(|i| petrel_format::image_dir::ImageDir::new(i).blob_path(&blob.digest))
+            .find(|p| p.exists())
+        {
+            if !target.exists() && std::fs::hard_link(&source, &target).is_err() {
+                std::fs::copy(&source, &target)?;
+            }
+        }
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}

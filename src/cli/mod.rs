@@ -41,6 +41,8 @@ pub enum Command {
     Optimize(record::OptimizeArgs),
     /// Fill the node cache for an image (its prefetch region, or --all) without mounting it.
     Warm(mount::WarmArgs),
+    /// Chunk dictionaries: `petrel dict build IMAGE... -o DICT`.
+    Dict(build::DictArgs),
     /// The node cache: list images, collect garbage, remove an image.
     Cache(mount::CacheArgs),
     /// Unmount a petrel mount.
@@ -74,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => mount::run_umount(args),
         Command::Warm(args) => mount::run_warm(args),
         Command::Cache(args) => mount::run_cache(args),
+        Command::Dict(args) => build::run_dict(args),
         Command::Record(args) => record::run_record(args),
         Command::Optimize(args) => record::run_optimize(args),
         Command::Stats(args) => mount::run_stats(args),
