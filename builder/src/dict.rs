@@ -128,9 +128,10 @@ pub fn build_dictionary(bootstraps: &[Vec<u8>], max_bytes: u64) -> Result<(Vec<u
     let mut writer = petrel_format::BootstrapWriter::default();
     let mut blob_slot: HashMap<u32, u32> = HashMap::new();
     for (_, chunk) in &chosen {
-        if !blob_slot.contains_key(&chunk.blob) {
+        let next = writer.blobs.len() as u32;
+        if let std::collections::hash_map::Entry::Vacant(entry) = blob_slot.entry(chunk.blob) {
+            entry.insert(next);
             let blob = &dict.blobs[chunk.blob as usize];
-            blob_slot.insert(chunk.blob, writer.blobs.len() as u32);
             writer.blobs.push(BlobRecord {
                 digest: blob.digest,
                 compressed_size: blob.compressed_size.into(),
