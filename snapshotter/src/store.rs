@@ -1,0 +1,420 @@
+//! Snapshot metadata and directories with the semantics of containerd's overlayfs
+//! snapshotter. Metadata lives in a redb database (`<root>/metadata.redb`), so
+//! anything committed survives a crash or restart; directories live under
+//! `<root>/snapshots/<id>/{fs,work}` with short numeric ids, so overlay mount
+//! options stay short even for deep layer stacks. Keys are never used as paths.
+
+use crate::error::{Result, SnapshotError};
+use crate::filter::{Fields, Filter};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// containerd's snapshot kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// What containerd knows of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub parent: Option<String>,
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    /// Nanoseconds since the epoch.
+    pub created: u128,
+    pub updated: u128,
+}
+
+impl Fields for Info {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [field] if field == "name" => Some(self.name.clone()),
+            [field] if field == "parent" => Some(self.parent.clone().unwrap_or_default()),
+            [field] if field == "kind" => Some(self.kind.name().into()),
+            [labels, key] if labels == "labels" => self.labels.get(key).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// A stored snapshot: its info and directory id.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Record {
+    id: u64,
+    info: Info,
+}
+
+/// A mount for containerd to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Disk usage of one snapshot, excluding its parents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+/// The snapshot store.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    root: PathBuf,
+    db: Database,
+}
+
+fn now() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+impl SnapshotStore {
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root.join("snapshots")).map_err(SnapshotError::io("create", root))?;
+        let db = Database::create(root.join("metadata.redb"))?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(COUNTERS)?;
+        }
+        txn.commit()?;
+        Ok(SnapshotStore {
+            root: root.to_path_buf(),
+            db,
+        })
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn get(&self, key: &str) -> Result<Record> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let value = table.get(key)?.ok_or_else(|| SnapshotError::NotFound(key.into()))?;
+        serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(format!("record {key:?}: {e}")))
+    }
+
+    fn all(&self) -> Result<Vec<Record>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            out.push(serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Directories of the parent chain, nearest first.
+    fn parent_dirs(&self, parent: Option<&str>) -> Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        let mut next = parent.map(str::to_string);
+        while let Some(key) = next {
+            let record = self.get(&key)?;
+            dirs.push(self.dir(record.id).join("fs"));
+            next = record.info.parent;
+        }
+        Ok(dirs)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if let Some(parent) = parent {
+            let record = self.get(parent)?;
+            if record.info.kind != Kind::Committed {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "parent {parent:?} is not committed"
+                )));
+            }
+        }
+        let txn = self.db.begin_write()?;
+        let id = {
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            if snapshots.get(key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(key.into()));
+            }
+            let mut counters = txn.open_table(COUNTERS)?;
+            let id = counters.get("next_id")?.map_or(1, |v| v.value());
+            counters.insert("next_id", id + 1)?;
+            let time = now();
+            let record = Record {
+                id,
+                info: Info {
+                    name: key.into(),
+                    parent: parent.map(Into::into),
+                    kind,
+                    labels,
+                    created: time,
+                    updated: time,
+                },
+            };
+            let bytes = serde_json::to_vec(&record).expect("serializable");
+            snapshots.insert(key, bytes.as_slice())?;
+            id
+        };
+        let dir = self.dir(id);
+        std::fs::create_dir_all(dir.join("fs")).map_err(SnapshotError::io("create", &dir))?;
+        std::fs::create_dir_all(dir.join("work")).map_err(SnapshotError::io("create", &dir))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("fs"), std::fs::Permissions::from_mode(0o755))
+            .map_err(SnapshotError::io("chmod", &dir))?;
+        txn.commit()?;
+        self.mounts(key)
+    }
+
+    /// A new active (writable) snapshot on top of `parent`.
+    pub fn prepare(&self, key: &str, parent: Option<&str>, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// A new read-only view of `parent`.
+    pub fn view(&self, key: &str, parent: Option<&str>, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    /// The mounts of an active snapshot or view.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let record = self.get(key)?;
+        let dir = self.dir(record.id);
+        let lowers = self.parent_dirs(record.info.parent.as_deref())?;
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        Ok(match (record.info.kind, lowers.as_slice()) {
+            (Kind::Active, []) => vec![Mount {
+                kind: "bind".into(),
+                source: path(&dir.join("fs")),
+                options: vec!["rw".into(), "rbind".into()],
+            }],
+            (Kind::View, []) => vec![Mount {
+                kind: "bind".into(),
+                source: path(&dir.join("fs")),
+                options: vec!["ro".into(), "rbind".into()],
+            }],
+            (Kind::View, [only]) => vec![Mount {
+                kind: "bind".into(),
+                source: path(only),
+                options: vec!["ro".into(), "rbind".into()],
+            }],
+            (Kind::View, many) => vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!(
+                    "lowerdir={}",
+                    many.iter().map(|p| path(p)).collect::<Vec<_>>().join(":")
+                )],
+            }],
+            (Kind::Active, many) => vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![
+                    format!("workdir={}", path(&dir.join("work"))),
+                    format!("upperdir={}", path(&dir.join("fs"))),
+                    format!(
+                        "lowerdir={}",
+                        many.iter().map(|p| path(p)).collect::<Vec<_>>().join(":")
+                    ),
+                ],
+            }],
+            (Kind::Committed, _) => {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed; mount a view or an active snapshot of it"
+                )))
+            }
+        })
+    }
+
+    /// Commits active snapshot `key` as `name` (same directory).
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            if snapshots.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(name.into()));
+            }
+            let record: Record = {
+                let value = snapshots.get(key)?.ok_or_else(|| SnapshotError::NotFound(key.into()))?;
+                serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?
+            };
+            if record.info.kind != Kind::Active {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key:?} is not active"
+                )));
+            }
+            let time = now();
+            let mut merged = record.info.labels.clone();
+            merged.extend(labels);
+            let committed = Record {
+                id: record.id,
+                info: Info {
+                    name: name.into(),
+                    kind: Kind::Committed,
+                    labels: merged,
+                    created: time,
+                    updated: time,
+                    parent: record.info.parent,
+                },
+            };
+            snapshots.remove(key)?;
+            let bytes = serde_json::to_vec(&committed).expect("serializable");
+            snapshots.insert(name, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes a snapshot that has no children, and its directory.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let record = self.get(key)?;
+        let children = self
+            .all()?
+            .iter()
+            .filter(|r| r.info.parent.as_deref() == Some(key))
+            .count();
+        if children > 0 {
+            return Err(SnapshotError::HasChildren {
+                key: key.into(),
+                children,
+            });
+        }
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(SNAPSHOTS)?.remove(key)?;
+        }
+        txn.commit()?;
+        let dir = self.dir(record.id);
+        std::fs::remove_dir_all(&dir).map_err(SnapshotError::io("remove", &dir))?;
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(self.get(key)?.info)
+    }
+
+    /// Updates labels (all, or those named by `labels.<key>` field paths); the
+    /// name, parent and kind cannot change.
+    pub fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        let txn = self.db.begin_write()?;
+        let updated = {
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            let mut record: Record = {
+                let value = snapshots
+                    .get(info.name.as_str())?
+                    .ok_or_else(|| SnapshotError::NotFound(info.name.clone()))?;
+                serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?
+            };
+            if info
+                .parent
+                .as_ref()
+                .is_some_and(|p| Some(p) != record.info.parent.as_ref())
+                || info.kind != record.info.kind
+            {
+                return Err(SnapshotError::InvalidArgument(
+                    "parent and kind of a snapshot cannot change".into(),
+                ));
+            }
+            if fieldpaths.is_empty() {
+                record.info.labels = info.labels.clone();
+            }
+            for path in fieldpaths {
+                match path.split_once('.') {
+                    Some(("labels", key)) => match info.labels.get(key) {
+                        Some(value) => {
+                            record.info.labels.insert(key.into(), value.clone());
+                        }
+                        None => {
+                            record.info.labels.remove(key);
+                        }
+                    },
+                    None if path == "labels" => record.info.labels = info.labels.clone(),
+                    _ => return Err(SnapshotError::InvalidArgument(format!("cannot update field {path:?}"))),
+                }
+            }
+            record.info.updated = now();
+            let bytes = serde_json::to_vec(&record).expect("serializable");
+            snapshots.insert(info.name.as_str(), bytes.as_slice())?;
+            record.info
+        };
+        txn.commit()?;
+        Ok(updated)
+    }
+
+    /// Bytes and inodes of the snapshot's own directory (parents excluded).
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let record = self.get(key)?;
+        let mut usage = Usage::default();
+        let mut stack = vec![self.dir(record.id).join("fs")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let Ok(meta) = entry.path().symlink_metadata() else {
+                    continue;
+                };
+                usage.inodes += 1;
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    use std::os::unix::fs::MetadataExt;
+                    usage.size += meta.blocks() * 512;
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Every snapshot matching the filters, collected before returning (no lock
+    /// is held while the caller streams them).
+    pub fn walk(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filter = Filter::parse(filters)?;
+        Ok(self
+            .all()?
+            .into_iter()
+            .map(|r| r.info)
+            .filter(|i| filter.matches(i))
+            .collect())
+    }
+
+    /// Removes directories no snapshot owns (left by a crash between steps).
+    pub fn cleanup(&self) -> Result<usize> {
+        let owned: std::collections::HashSet<String> = self.all()?.iter().map(|r| r.id.to_string()).collect();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.root.join("snapshots"))
+            .map_err(SnapshotError::io("read", &self.root))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&name) && name.bytes().all(|b| b.is_ascii_digit()) {
+                std::fs::remove_dir_all(entry.path()).map_err(SnapshotError::io("remove", entry.path()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
