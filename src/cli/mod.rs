@@ -45,10 +45,22 @@ pub enum Command {
     Dict(build::DictArgs),
     /// The node cache: list images, collect garbage, remove an image.
     Cache(mount::CacheArgs),
+    /// Serve containerd's snapshots API (proxy plugin) on a unix socket.
+    Snapshotter(SnapshotterArgs),
     /// Unmount a petrel mount.
     Umount(mount::UmountArgs),
     /// Show a mount's counters (JSON, or Prometheus text).
     Stats(mount::StatsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotterArgs {
+    /// Root of the snapshotter's state (metadata database and snapshot directories).
+    #[arg(long, default_value = "/var/lib/petrel/snapshotter")]
+    root: std::path::PathBuf,
+    /// Unix socket containerd's proxy plugin connects to.
+    #[arg(long, default_value = "/run/petrel/snapshotter.sock")]
+    address: std::path::PathBuf,
 }
 
 pub fn init_logging(verbose: u8) {
@@ -76,6 +88,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => mount::run_umount(args),
         Command::Warm(args) => mount::run_warm(args),
         Command::Cache(args) => mount::run_cache(args),
+        Command::Snapshotter(args) => {
+            petrel_snapshotter::service::serve(&args.root, &args.address).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dict(args) => build::run_dict(args),
         Command::Record(args) => record::run_record(args),
         Command::Optimize(args) => record::run_optimize(args),

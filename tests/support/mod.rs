@@ -2,6 +2,7 @@
 //! own storage, and a fault-injecting HTTP proxy in front of it.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod fault_proxy;
 
 pub use petrel_fuse_daemon::mount::is_mounted as is_petrel_mount;

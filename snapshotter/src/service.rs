@@ -1,0 +1,219 @@
+//! The containerd snapshots gRPC service: a thin adapter from
+//! `containerd_snapshots::Snapshotter` to `SnapshotStore`, with the one mapping
+//! from `SnapshotError` to `tonic::Status`.
+
+use crate::error::SnapshotError;
+use crate::store::{Info, Kind, SnapshotStore};
+use containerd_snapshots::api::types::Mount as GrpcMount;
+use containerd_snapshots::tonic::Status;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A `SnapshotError` on its way to becoming a gRPC status.
+#[derive(Debug)]
+pub struct GrpcError(pub SnapshotError);
+
+impl From<SnapshotError> for GrpcError {
+    fn from(e: SnapshotError) -> Self {
+        GrpcError(e)
+    }
+}
+
+impl From<GrpcError> for Status {
+    fn from(GrpcError(e): GrpcError) -> Self {
+        let message = e.to_string();
+        match e {
+            SnapshotError::NotFound(_) => Status::not_found(message),
+            SnapshotError::AlreadyExists(_) => Status::already_exists(message),
+            SnapshotError::HasChildren { .. } | SnapshotError::FailedPrecondition(_) => {
+                Status::failed_precondition(message)
+            }
+            SnapshotError::InvalidArgument(_) => Status::invalid_argument(message),
+            SnapshotError::Database(_) | SnapshotError::Io { .. } => Status::internal(message),
+        }
+    }
+}
+
+/// The service over a store.
+#[derive(Debug)]
+pub struct Service {
+    store: Arc<SnapshotStore>,
+}
+
+impl Service {
+    pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        Ok(Service {
+            store: Arc::new(SnapshotStore::open(root)?),
+        })
+    }
+}
+
+fn time(nanos: u128) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+fn to_grpc(info: Info) -> containerd_snapshots::Info {
+    containerd_snapshots::Info {
+        kind: match info.kind {
+            Kind::View => containerd_snapshots::Kind::View,
+            Kind::Active => containerd_snapshots::Kind::Active,
+            Kind::Committed => containerd_snapshots::Kind::Committed,
+        },
+        name: info.name,
+        parent: info.parent.unwrap_or_default(),
+        labels: info.labels.into_iter().collect(),
+        created_at: time(info.created),
+        updated_at: time(info.updated),
+    }
+}
+
+fn from_grpc(info: containerd_snapshots::Info) -> Info {
+    let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    Info {
+        kind: match info.kind {
+            containerd_snapshots::Kind::View => Kind::View,
+            containerd_snapshots::Kind::Active => Kind::Active,
+            _ => Kind::Committed,
+        },
+        name: info.name,
+        parent: (!info.parent.is_empty()).then_some(info.parent),
+        labels: info.labels.into_iter().collect(),
+        created: nanos(info.created_at),
+        updated: nanos(info.updated_at),
+    }
+}
+
+fn mounts(mounts: Vec<crate::store::Mount>) -> Vec<GrpcMount> {
+    mounts
+        .into_iter()
+        .map(|m| GrpcMount {
+            r#type: m.kind,
+            source: m.source,
+            options: m.options,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn labels(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn parent(parent: &str) -> Option<&str> {
+    (!parent.is_empty()).then_some(parent)
+}
+
+type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<containerd_snapshots::Info, GrpcError>>>;
+
+#[containerd_snapshots::tonic::async_trait]
+impl containerd_snapshots::Snapshotter for Service {
+    type Error = GrpcError;
+
+    async fn stat(&self, key: String) -> Result<containerd_snapshots::Info, GrpcError> {
+        Ok(to_grpc(self.store.stat(&key)?))
+    }
+
+    async fn update(
+        &self,
+        info: containerd_snapshots::Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<containerd_snapshots::Info, GrpcError> {
+        Ok(to_grpc(
+            self.store.update(from_grpc(info), &fieldpaths.unwrap_or_default())?,
+        ))
+    }
+
+    async fn usage(&self, key: String) -> Result<containerd_snapshots::Usage, GrpcError> {
+        let usage = self.store.usage(&key)?;
+        Ok(containerd_snapshots::Usage {
+            inodes: usage.inodes as i64,
+            size: usage.size as i64,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<GrpcMount>, GrpcError> {
+        Ok(mounts(self.store.mounts(&key)?))
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent_key: String,
+        labels_in: HashMap<String, String>,
+    ) -> Result<Vec<GrpcMount>, GrpcError> {
+        Ok(mounts(self.store.prepare(
+            &key,
+            parent(&parent_key),
+            labels(labels_in),
+        )?))
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent_key: String,
+        labels_in: HashMap<String, String>,
+    ) -> Result<Vec<GrpcMount>, GrpcError> {
+        Ok(mounts(self.store.view(&key, parent(&parent_key), labels(labels_in))?))
+    }
+
+    async fn commit(&self, name: String, key: String, labels_in: HashMap<String, String>) -> Result<(), GrpcError> {
+        Ok(self.store.commit(&name, &key, labels(labels_in))?)
+    }
+
+    async fn remove(&self, key: String) -> Result<(), GrpcError> {
+        Ok(self.store.remove(&key)?)
+    }
+
+    async fn clear(&self) -> Result<(), GrpcError> {
+        self.store.cleanup()?;
+        Ok(())
+    }
+
+    type InfoStream = InfoStream;
+
+    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<InfoStream, GrpcError> {
+        // Collected first: no lock is held while containerd consumes the stream.
+        let infos: Vec<Result<containerd_snapshots::Info, GrpcError>> =
+            self.store.walk(&filters)?.into_iter().map(to_grpc).map(Ok).collect();
+        Ok(futures::stream::iter(infos))
+    }
+}
+
+/// Serves the snapshots API on a unix socket until SIGINT or SIGTERM. A stale
+/// socket (nobody answering) is replaced; a live one is an error.
+pub fn serve(root: &Path, socket: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::os::unix::fs::PermissionsExt;
+    let service = Arc::new(Service::open(root)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if socket.exists() {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(format!("{} is served by a running snapshotter", socket.display()).into());
+            }
+            std::fs::remove_file(socket)?;
+        }
+        let listener = tokio::net::UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        containerd_snapshots::tonic::transport::Server::builder()
+            .add_service(containerd_snapshots::server(service))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        let _ = std::fs::remove_file(socket);
+        Ok(())
+    })
+}

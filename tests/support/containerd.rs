@@ -1,0 +1,148 @@
+//! A containerd 1.6 of our own (root, state, socket under a temp dir) with petrel's
+//! snapshotter as a proxy plugin; both stopped (only our PIDs) when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn containerd_available() -> bool {
+    let ok = ["containerd", "ctr", "runc"].iter().all(|t| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        eprintln!("SKIPPED: needs containerd, ctr and runc (scripts/install-deps.sh)");
+    }
+    ok
+}
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    containerd: Option<Child>,
+    snapshotter: Option<Child>,
+}
+
+impl Containerd {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{root}/containerd.sock\"\n[proxy_plugins.petrel]\n  type = \"snapshot\"\n  address = \"{root}/snapshotter.sock\"\n",
+            root = dir.path().display()
+        );
+        std::fs::write(dir.path().join("containerd.toml"), config).unwrap();
+        let mut harness = Containerd {
+            dir,
+            containerd: None,
+            snapshotter: None,
+        };
+        harness.start_snapshotter();
+        let log = std::fs::File::create(harness.dir.path().join("containerd.log")).unwrap();
+        harness.containerd = Some(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(harness.dir.path().join("containerd.toml"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        harness.wait_ready();
+        harness
+    }
+
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.dir.path().join("snapshotter")
+    }
+
+    pub fn start_snapshotter(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotter.log"))
+            .unwrap();
+        self.snapshotter = Some(
+            super::petrel()
+                .arg("snapshotter")
+                .arg("--root")
+                .arg(self.snapshotter_root())
+                .arg("--address")
+                .arg(self.dir.path().join("snapshotter.sock"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// Stops the snapshotter (SIGTERM) and starts it again.
+    pub fn restart_snapshotter(&mut self) {
+        if let Some(mut child) = self.snapshotter.take() {
+            let _ =
+                rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
+            let _ = child.wait();
+        }
+        self.start_snapshotter();
+        self.wait_ready();
+    }
+
+    /// Waits with a real call until containerd answers through the snapshotter.
+    pub fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            if self.dir.path().join("containerd.sock").exists() {
+                let out = self.ctr(&["snapshots", "--snapshotter", "petrel", "ls"]);
+                if out.status.success() {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "containerd did not come up: {}",
+                std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir.path().join("containerd.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for child in [self.containerd.take(), self.snapshotter.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ =
+                rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
+            let _ = child.wait();
+        }
+        // Only mounts below our own temp dir.
+        let ours = self.dir.path().to_string_lossy().to_string();
+        if !ours.is_empty() {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let mut targets: Vec<&str> = mountinfo
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|t| t.starts_with(&ours))
+                .collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for target in targets {
+                let _ = rustix::mount::unmount(Path::new(target), rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+    }
+}
