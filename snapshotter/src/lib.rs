@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod filter;
+pub mod remote;
 pub mod service;
 pub mod store;
 

@@ -3,6 +3,7 @@
 //! from `SnapshotError` to `tonic::Status`.
 
 use crate::error::SnapshotError;
+use crate::remote::{self, RemoteConfig, RemoteLayer};
 use crate::store::{Info, Kind, SnapshotStore};
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::tonic::Status;
@@ -40,13 +41,73 @@ impl From<GrpcError> for Status {
 #[derive(Debug)]
 pub struct Service {
     store: Arc<SnapshotStore>,
+    remote: RemoteConfig,
 }
 
 impl Service {
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        let petrel = std::env::current_exe().map_err(SnapshotError::io("find", "the petrel binary"))?;
         Ok(Service {
             store: Arc::new(SnapshotStore::open(root)?),
+            remote: RemoteConfig {
+                petrel,
+                root: root.to_path_buf(),
+            },
         })
+    }
+
+    /// Remounts lazy layers whose daemons are gone (after a reboot or a crash).
+    pub fn reconcile(&self) -> Result<usize, SnapshotError> {
+        let mut remounted = 0;
+        for (info, mountpoint) in self.store.lazy_mounts()? {
+            if !remote::is_live(&mountpoint) {
+                remote::ensure_mounted(&self.remote, &info.labels, &mountpoint)?;
+                remounted += 1;
+            }
+        }
+        Ok(remounted)
+    }
+
+    /// Checks the lazy layers under `key` before containerd mounts them.
+    async fn ensure_lazy_layers(&self, key: Option<&str>) -> Result<(), GrpcError> {
+        let Some(key) = key else { return Ok(()) };
+        for (info, mountpoint) in self.store.lazy_mounts_below(key)? {
+            if !remote::is_live(&mountpoint) {
+                let config = self.remote.clone();
+                tokio::task::spawn_blocking(move || remote::ensure_mounted(&config, &info.labels, &mountpoint))
+                    .await
+                    .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+            }
+        }
+        Ok(())
+    }
+
+    /// A pull's Prepare of a layer of a petrel image: commit it without a download.
+    async fn prepare_remote(&self, parent: Option<&str>, labels: &BTreeMap<String, String>) -> Result<bool, GrpcError> {
+        let Some(target) = labels.get(remote::TARGET_REF).cloned() else {
+            return Ok(false);
+        };
+        let to_classify = labels.clone();
+        let layer = tokio::task::spawn_blocking(move || remote::classify(&to_classify))
+            .await
+            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+        let mount = match layer {
+            None => return Ok(false),
+            Some(RemoteLayer::Blob) => None,
+            Some(RemoteLayer::Bootstrap { image }) => {
+                let mountpoint = self.remote.mountpoint(&target);
+                if !remote::is_live(&mountpoint) {
+                    let config = self.remote.clone();
+                    let at = mountpoint.clone();
+                    tokio::task::spawn_blocking(move || remote::mount(&config, &image, &at))
+                        .await
+                        .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+                }
+                Some(mountpoint)
+            }
+        };
+        self.store.commit_remote(&target, parent, labels.clone(), mount)?;
+        Ok(true)
     }
 }
 
@@ -134,6 +195,7 @@ impl containerd_snapshots::Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<GrpcMount>, GrpcError> {
+        self.ensure_lazy_layers(Some(&key)).await?;
         Ok(mounts(self.store.mounts(&key)?))
     }
 
@@ -143,11 +205,20 @@ impl containerd_snapshots::Snapshotter for Service {
         parent_key: String,
         labels_in: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, GrpcError> {
-        Ok(mounts(self.store.prepare(
-            &key,
-            parent(&parent_key),
-            labels(labels_in),
-        )?))
+        let labels = labels(labels_in);
+        // Diagnostics for remote-layer pulls: which labels containerd passed.
+        if std::env::var_os("PETREL_SNAPSHOTTER_DEBUG").is_some() {
+            eprintln!(
+                "petrel snapshotter: Prepare key={key:?} parent={parent_key:?} labels={:?}",
+                labels.keys().collect::<Vec<_>>()
+            );
+        }
+        if self.prepare_remote(parent(&parent_key), &labels).await? {
+            let target = labels.get(remote::TARGET_REF).cloned().unwrap_or(key);
+            return Err(SnapshotError::AlreadyExists(target).into());
+        }
+        self.ensure_lazy_layers(parent(&parent_key)).await?;
+        Ok(mounts(self.store.prepare(&key, parent(&parent_key), labels)?))
     }
 
     async fn view(
@@ -156,6 +227,7 @@ impl containerd_snapshots::Snapshotter for Service {
         parent_key: String,
         labels_in: HashMap<String, String>,
     ) -> Result<Vec<GrpcMount>, GrpcError> {
+        self.ensure_lazy_layers(parent(&parent_key)).await?;
         Ok(mounts(self.store.view(&key, parent(&parent_key), labels(labels_in))?))
     }
 
@@ -164,7 +236,10 @@ impl containerd_snapshots::Snapshotter for Service {
     }
 
     async fn remove(&self, key: String) -> Result<(), GrpcError> {
-        Ok(self.store.remove(&key)?)
+        if let Some(mountpoint) = self.store.remove_returning_mount(&key)? {
+            remote::unmount(&mountpoint);
+        }
+        Ok(())
     }
 
     async fn clear(&self) -> Result<(), GrpcError> {
@@ -186,7 +261,12 @@ impl containerd_snapshots::Snapshotter for Service {
 /// socket (nobody answering) is replaced; a live one is an error.
 pub fn serve(root: &Path, socket: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use std::os::unix::fs::PermissionsExt;
-    let service = Arc::new(Service::open(root)?);
+    let service = Service::open(root)?;
+    let remounted = service.reconcile()?;
+    if remounted > 0 {
+        eprintln!("petrel snapshotter: remounted {remounted} lazy layers");
+    }
+    let service = Arc::new(service);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         if let Some(dir) = socket.parent() {

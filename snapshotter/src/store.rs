@@ -56,11 +56,14 @@ impl Fields for Info {
     }
 }
 
-/// A stored snapshot: its info and directory id.
+/// A stored snapshot: its info, directory id, and for a remote (lazy) layer the
+/// mountpoint that stands in for its directory.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Record {
     id: u64,
     info: Info,
+    #[serde(default)]
+    lazy_mount: Option<PathBuf>,
 }
 
 /// A mount for containerd to perform.
@@ -136,7 +139,12 @@ impl SnapshotStore {
         let mut next = parent.map(str::to_string);
         while let Some(key) = next {
             let record = self.get(&key)?;
-            dirs.push(self.dir(record.id).join("fs"));
+            dirs.push(
+                record
+                    .lazy_mount
+                    .clone()
+                    .unwrap_or_else(|| self.dir(record.id).join("fs")),
+            );
             next = record.info.parent;
         }
         Ok(dirs)
@@ -177,6 +185,7 @@ impl SnapshotStore {
                     created: time,
                     updated: time,
                 },
+                lazy_mount: None,
             };
             let bytes = serde_json::to_vec(&record).expect("serializable");
             snapshots.insert(key, bytes.as_slice())?;
@@ -282,6 +291,7 @@ impl SnapshotStore {
                     updated: time,
                     parent: record.info.parent,
                 },
+                lazy_mount: record.lazy_mount,
             };
             snapshots.remove(key)?;
             let bytes = serde_json::to_vec(&committed).expect("serializable");
@@ -289,6 +299,65 @@ impl SnapshotStore {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Creates committed snapshot `name` directly: a remote layer containerd will
+    /// not download. `lazy_mount` (a petrel FUSE mount) stands in for its contents.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        lazy_mount: Option<PathBuf>,
+    ) -> Result<()> {
+        self.create(Kind::Active, name, parent, labels)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            let mut record: Record = {
+                let value = snapshots
+                    .get(name)?
+                    .ok_or_else(|| SnapshotError::NotFound(name.into()))?;
+                serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?
+            };
+            record.info.kind = Kind::Committed;
+            record.lazy_mount = lazy_mount;
+            let bytes = serde_json::to_vec(&record).expect("serializable");
+            snapshots.insert(name, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Remote layers and their lazy mounts, with their labels (to remount them).
+    pub fn lazy_mounts(&self) -> Result<Vec<(Info, PathBuf)>> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter_map(|r| Some((r.info, r.lazy_mount?)))
+            .collect())
+    }
+
+    /// Lazy mounts of a snapshot's parent chain (to check before handing out mounts).
+    pub fn lazy_mounts_below(&self, key: &str) -> Result<Vec<(Info, PathBuf)>> {
+        let mut out = Vec::new();
+        let mut next = Some(key.to_string());
+        while let Some(k) = next {
+            let record = self.get(&k)?;
+            next = record.info.parent.clone();
+            if let Some(mount) = record.lazy_mount {
+                out.push((record.info, mount));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a snapshot that has no children, and its directory. Returns its lazy
+    /// mount, if it had one, for the caller to unmount.
+    pub fn remove_returning_mount(&self, key: &str) -> Result<Option<PathBuf>> {
+        let mount = self.get(key)?.lazy_mount;
+        self.remove(key)?;
+        Ok(mount)
     }
 
     /// Removes a snapshot that has no children, and its directory.

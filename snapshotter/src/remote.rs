@@ -1,0 +1,150 @@
+//! Remote petrel layers. During a pull, containerd prepares each layer with the
+//! target chain ID in `containerd.io/snapshot.ref` and the CRI labels naming the
+//! image, manifest and layer. A layer of a petrel image is never downloaded: blob
+//! layers become empty committed snapshots, and the bootstrap layer becomes a
+//! committed snapshot whose contents are a lazy `petrel mount` of the image.
+//!
+//! One daemon per image: each lazy mount is its own `petrel mount --daemon`
+//! process, detached from the snapshotter, so restarting the snapshotter never
+//! breaks running containers; on start the snapshotter remounts any mount whose
+//! daemon is gone.
+
+use crate::error::{Result, SnapshotError};
+use petrel_registry::oci::{Manifest, PETREL_BLOB, PETREL_BOOTSTRAP};
+use petrel_registry::{ClientOptions, ImageRef, RegistryClient};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// `statfs` type of a FUSE mount.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// What a layer being pulled is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteLayer {
+    /// A petrel chunk blob: nothing to unpack.
+    Blob,
+    /// The bootstrap: the whole image is served lazily from this image reference.
+    Bootstrap { image: String },
+}
+
+/// Where lazy mounts, their cache and their daemons' files live.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// The `petrel` binary that runs mount daemons.
+    pub petrel: PathBuf,
+    pub root: PathBuf,
+}
+
+impl RemoteConfig {
+    pub fn mountpoint(&self, target: &str) -> PathBuf {
+        let digest = petrel_registry::oci::sha256_digest(target.as_bytes());
+        self.root.join("mounts").join(&digest[7..19])
+    }
+}
+
+/// Decides from the labels whether a layer is part of a petrel image. Labels
+/// missing: `None` (an ordinary pull).
+pub fn classify(labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>> {
+    let (Some(image), Some(manifest_digest), Some(layer)) = (
+        labels.get(CRI_IMAGE_REF),
+        labels.get(CRI_MANIFEST),
+        labels.get(CRI_LAYER),
+    ) else {
+        return Ok(None);
+    };
+    let unavailable =
+        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
+    let image_ref = ImageRef::parse(image).map_err(unavailable)?;
+    let client = RegistryClient::new(&image_ref.registry, &ClientOptions::default()).map_err(unavailable)?;
+    let (bytes, _, _) = client
+        .get_manifest(&image_ref.repository, manifest_digest)
+        .map_err(unavailable)?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| SnapshotError::FailedPrecondition(format!("manifest {manifest_digest}: {e}")))?;
+    let Some(descriptor) = manifest.layers.iter().find(|l| &l.digest == layer) else {
+        return Ok(None);
+    };
+    Ok(match descriptor.media_type.as_str() {
+        PETREL_BLOB => Some(RemoteLayer::Blob),
+        PETREL_BOOTSTRAP => Some(RemoteLayer::Bootstrap {
+            image: format!(
+                "docker://{}/{}@{manifest_digest}",
+                image_ref.registry, image_ref.repository
+            ),
+        }),
+        _ => None,
+    })
+}
+
+/// Whether a live FUSE filesystem answers at `mountpoint`.
+pub fn is_live(mountpoint: &Path) -> bool {
+    rustix::fs::statfs(mountpoint).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
+}
+
+/// Starts a mount daemon for `image` at `mountpoint` (returns once mounted).
+pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()> {
+    std::fs::create_dir_all(mountpoint).map_err(SnapshotError::io("create", mountpoint))?;
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let run = config.root.join("run");
+    let out = Command::new(&config.petrel)
+        .arg("mount")
+        .arg(image)
+        .arg(mountpoint)
+        .arg("--daemon")
+        .arg("--cache-dir")
+        .arg(config.root.join("cache"))
+        .arg("--runtime-dir")
+        .arg(&run)
+        .arg("--pid-file")
+        .arg(run.join(format!("{name}.pid")))
+        .arg("--log-file")
+        .arg(run.join(format!("{name}.log")))
+        .output()
+        .map_err(SnapshotError::io("run", &config.petrel))?;
+    if !out.status.success() {
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "mounting {image}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Remounts a lazy layer whose daemon is gone (image from its labels).
+pub fn ensure_mounted(config: &RemoteConfig, labels: &BTreeMap<String, String>, mountpoint: &Path) -> Result<()> {
+    if is_live(mountpoint) {
+        return Ok(());
+    }
+    let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+    let (Some(image), Some(manifest)) = (labels.get(CRI_IMAGE_REF), labels.get(CRI_MANIFEST)) else {
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "lazy layer at {} has no image labels to remount from",
+            mountpoint.display()
+        )));
+    };
+    let image_ref = ImageRef::parse(image).map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
+    tracing_free_log(&format!("remounting {} at {}", image, mountpoint.display()));
+    mount(
+        config,
+        &format!("docker://{}/{}@{manifest}", image_ref.registry, image_ref.repository),
+        mountpoint,
+    )
+}
+
+/// Unmounts a lazy layer; its daemon exits when the mount goes.
+pub fn unmount(mountpoint: &Path) {
+    let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(mountpoint);
+}
+
+fn tracing_free_log(message: &str) {
+    eprintln!("petrel snapshotter: {message}");
+}
