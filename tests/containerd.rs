@@ -92,3 +92,106 @@ fn an_ordinary_image_pulls_runs_and_is_cleaned_up() {
         .count();
     assert_eq!(left, 0, "snapshot directories are removed");
 }
+
+/// Pulls `image` through containerd's CRI image service (what the kubelet does).
+fn cri_pull(socket: &std::path::Path, image: &str) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let path = socket.to_path_buf();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = k8s_cri::v1::image_service_client::ImageServiceClient::new(channel);
+        let request = k8s_cri::v1::PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        client
+            .pull_image(request)
+            .await
+            .map(|r| r.into_inner().image_ref)
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs() {
+    if !registry_tools_available()
+        || !fuse_available()
+        || !containerd_available()
+        || !std::path::Path::new("/bin/busybox").exists()
+    {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let containerd = Containerd::start_with(Some(&registry.addr));
+    let layout = containerd.path("layout");
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
+    registry.push_layout(&layout, "busy", "v1");
+    let converted = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/busy:v1", registry.addr),
+            &format!("docker://{}/busy:petrel", registry.addr),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(converted.status.success(), "{}", text(&converted));
+    let summary: serde_json::Value = serde_json::from_slice(&converted.stdout).unwrap();
+    let blob = summary["manifests"][0]["blobs"][0][0].as_str().unwrap().to_string();
+
+    let image = format!("{}/busy:petrel", registry.addr);
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap_or_else(|e| {
+        panic!(
+            "CRI pull: {e}\nsnapshotter log:\n{}",
+            std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+        )
+    });
+    let content = text(&containerd.ctr(&["-n", "k8s.io", "content", "ls"]));
+    let stored: Vec<&str> = content.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(
+        !stored.contains(&blob.as_str()),
+        "the petrel blob was never downloaded into containerd:\n{content}"
+    );
+    assert!(stored.len() >= 2, "manifest and config only: {content}");
+    let out = containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "petrel",
+        &image,
+        "lazy-e2e",
+        "/bin/busybox",
+        "cat",
+        "/etc/motd",
+    ]);
+    assert!(
+        out.status.success(),
+        "run: {}\nsnapshotter log:\n{}",
+        text(&out),
+        std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+    );
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "{}",
+        text(&out)
+    );
+}

@@ -64,9 +64,10 @@ fn edge_cases_convert_and_mount_from_a_registry() {
     let summary = convert(&source, &target, None);
     let manifest = skopeo_inspect(&target, None);
     let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.last().unwrap()["annotations"]["dev.petrel.layer"], "bootstrap");
     assert_eq!(
         layers.last().unwrap()["mediaType"],
-        "application/vnd.petrel.bootstrap.v1"
+        "application/vnd.oci.image.layer.v1.tar"
     );
     assert!(summary["manifests"][0]["files"].as_u64().unwrap() > 50, "{summary}");
 
@@ -805,7 +806,7 @@ fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|l| l["mediaType"] == "application/vnd.petrel.blob.v1")
+        .filter(|l| l["annotations"]["dev.petrel.layer"] == "blob")
         .count();
     assert_eq!(blobs, 2, "the new blob and release N's blob: {manifest}");
     let mount = MountProcess::start(

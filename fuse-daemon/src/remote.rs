@@ -4,10 +4,12 @@
 
 use crate::backend::Backend;
 use crate::error::{DaemonError, Result};
-use petrel_registry::oci::{
-    bootstrap_layer, is_index, Index, Manifest, Platform, ANNOTATION_BOOTSTRAP_BLAKE3, PETREL_BLOB,
-};
+use petrel_registry::oci::{bootstrap_layer, is_index, Index, Manifest, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
 use petrel_registry::{ImageRef, RegistryClient};
+
+fn petrel_layer_is_blob(layer: &petrel_registry::oci::Descriptor) -> bool {
+    petrel_registry::oci::petrel_role(layer) == Some(petrel_registry::oci::ROLE_BLOB)
+}
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -111,7 +113,7 @@ pub fn resolve(
     let listed: Vec<&str> = manifest
         .layers
         .iter()
-        .filter(|l| l.media_type == PETREL_BLOB)
+        .filter(|l| petrel_layer_is_blob(l))
         .map(|l| l.digest.as_str())
         .collect();
     for blob in opened.blobs() {

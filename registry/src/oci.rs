@@ -16,12 +16,18 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
-/// A petrel chunk blob pushed as a layer.
-pub const PETREL_BLOB: &str = "application/vnd.petrel.blob.v1";
-/// A petrel bootstrap pushed as a layer.
-pub const PETREL_BOOTSTRAP: &str = "application/vnd.petrel.bootstrap.v1";
+/// Media type of petrel's layers (blobs and the bootstrap). It is a standard
+/// layer type because containerd only passes annotations of layer types on to a
+/// snapshotter; the role is in the annotations below.
+pub const PETREL_LAYER: &str = OCI_LAYER_TAR;
 /// Layer annotation naming the petrel role of a layer (`blob` or `bootstrap`).
 pub const ANNOTATION_LAYER: &str = "dev.petrel.layer";
+/// The same role under the prefix containerd passes to snapshotters as a label.
+pub const ANNOTATION_SNAPSHOT_LAYER: &str = "containerd.io/snapshot/petrel.layer";
+/// Role of a petrel chunk blob layer.
+pub const ROLE_BLOB: &str = "blob";
+/// Role of the petrel bootstrap layer.
+pub const ROLE_BOOTSTRAP: &str = "bootstrap";
 /// Bootstrap layer annotation: the blake3 digest in its superblock (hex).
 pub const ANNOTATION_BOOTSTRAP_BLAKE3: &str = "dev.petrel.bootstrap.blake3";
 /// Manifest annotation: the petrel format version.
@@ -136,5 +142,18 @@ pub fn manifest_media_type(bytes: &[u8], declared: Option<&str>) -> String {
 
 /// Whether an image manifest is a petrel image (has a bootstrap layer).
 pub fn bootstrap_layer(manifest: &Manifest) -> Option<&Descriptor> {
-    manifest.layers.iter().find(|l| l.media_type == PETREL_BOOTSTRAP)
+    manifest.layers.iter().find(|l| petrel_role(l) == Some(ROLE_BOOTSTRAP))
+}
+
+/// The petrel role of a layer (`blob`, `bootstrap`), if it is a petrel layer.
+pub fn petrel_role(layer: &Descriptor) -> Option<&str> {
+    layer.annotations.get(ANNOTATION_LAYER).map(String::as_str)
+}
+
+/// Annotations of a petrel layer with `role`.
+pub fn petrel_layer_annotations(role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (ANNOTATION_LAYER.to_string(), role.to_string()),
+        (ANNOTATION_SNAPSHOT_LAYER.to_string(), role.to_string()),
+    ])
 }

@@ -10,7 +10,7 @@
 //! daemon is gone.
 
 use crate::error::{Result, SnapshotError};
-use petrel_registry::oci::{Manifest, PETREL_BLOB, PETREL_BOOTSTRAP};
+use petrel_registry::oci::{petrel_role, Manifest, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
 use petrel_registry::{ClientOptions, ImageRef, RegistryClient};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,18 +60,27 @@ pub fn classify(labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>
     let unavailable =
         |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
     let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-    let client = RegistryClient::new(&image_ref.registry, &ClientOptions::default()).map_err(unavailable)?;
-    let (bytes, _, _) = client
-        .get_manifest(&image_ref.repository, manifest_digest)
-        .map_err(unavailable)?;
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| SnapshotError::FailedPrecondition(format!("manifest {manifest_digest}: {e}")))?;
-    let Some(descriptor) = manifest.layers.iter().find(|l| &l.digest == layer) else {
-        return Ok(None);
+    // The layer's role arrives as a label when containerd passes its annotations;
+    // otherwise the manifest says.
+    let role = match labels.get(ANNOTATION_SNAPSHOT_LAYER) {
+        Some(role) => Some(role.clone()),
+        None => {
+            let client = RegistryClient::new(&image_ref.registry, &ClientOptions::default()).map_err(unavailable)?;
+            let (bytes, _, _) = client
+                .get_manifest(&image_ref.repository, manifest_digest)
+                .map_err(unavailable)?;
+            let manifest: Manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| SnapshotError::FailedPrecondition(format!("manifest {manifest_digest}: {e}")))?;
+            manifest
+                .layers
+                .iter()
+                .find(|l| &l.digest == layer)
+                .and_then(|l| petrel_role(l).map(str::to_string))
+        }
     };
-    Ok(match descriptor.media_type.as_str() {
-        PETREL_BLOB => Some(RemoteLayer::Blob),
-        PETREL_BOOTSTRAP => Some(RemoteLayer::Bootstrap {
+    Ok(match role.as_deref() {
+        Some(ROLE_BLOB) => Some(RemoteLayer::Blob),
+        Some(ROLE_BOOTSTRAP) => Some(RemoteLayer::Bootstrap {
             image: format!(
                 "docker://{}/{}@{manifest_digest}",
                 image_ref.registry, image_ref.repository
@@ -94,6 +103,7 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let run = config.root.join("run");
+    std::fs::create_dir_all(&run).map_err(SnapshotError::io("create", &run))?;
     let out = Command::new(&config.petrel)
         .arg("mount")
         .arg(image)

@@ -248,7 +248,7 @@ fn convert_one(
                         blobs: existing
                             .layers
                             .iter()
-                            .filter(|l| l.media_type == PETREL_BLOB)
+                            .filter(|l| petrel_role(l) == Some(ROLE_BLOB))
                             .map(|l| (l.digest.clone(), l.size))
                             .collect(),
                         source_layers: manifest.layers.len(),
@@ -329,20 +329,20 @@ fn convert_one(
             skipped += 1;
         }
         layers.push(Descriptor {
-            media_type: PETREL_BLOB.into(),
+            media_type: PETREL_LAYER.into(),
             digest: blob.digest.clone(),
             size: blob.size,
-            annotations: BTreeMap::from([(ANNOTATION_LAYER.to_string(), "blob".to_string())]),
+            annotations: petrel_layer_annotations(ROLE_BLOB),
             platform: None,
         });
     }
     for blob in &report.output.dict_blobs {
         uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?;
         layers.push(Descriptor {
-            media_type: PETREL_BLOB.into(),
+            media_type: PETREL_LAYER.into(),
             digest: blob.digest.clone(),
             size: blob.size,
-            annotations: BTreeMap::from([(ANNOTATION_LAYER.to_string(), "blob".to_string())]),
+            annotations: petrel_layer_annotations(ROLE_BLOB),
             platform: None,
         });
     }
@@ -356,13 +356,14 @@ fn convert_one(
         skipped += 1;
     }
     layers.push(Descriptor {
-        media_type: PETREL_BOOTSTRAP.into(),
+        media_type: PETREL_LAYER.into(),
         digest: bootstrap_digest.clone(),
         size: bootstrap_bytes.len() as u64,
-        annotations: BTreeMap::from([
-            (ANNOTATION_LAYER.to_string(), "bootstrap".to_string()),
-            (ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock)),
-        ]),
+        annotations: {
+            let mut annotations = petrel_layer_annotations(ROLE_BOOTSTRAP);
+            annotations.insert(ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock));
+            annotations
+        },
         platform: None,
     });
     let config = converted_config(&config_bytes, &layers)?;

@@ -28,11 +28,23 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// With `cri_registry` (host:port), the CRI plugin is on, pulls through petrel with
+    /// image annotations passed to the snapshotter, and that registry is plain HTTP.
+    pub fn start_with(cri_registry: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = format!(
-            "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{root}/containerd.sock\"\n[proxy_plugins.petrel]\n  type = \"snapshot\"\n  address = \"{root}/snapshotter.sock\"\n",
+        let mut config = format!(
+            "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\n[grpc]\n  address = \"{root}/containerd.sock\"\n[proxy_plugins.petrel]\n  type = \"snapshot\"\n  address = \"{root}/snapshotter.sock\"\n",
             root = dir.path().display()
         );
+        match cri_registry {
+            None => config = format!("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{config}"),
+            Some(registry) => config.push_str(&format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"petrel\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n    endpoint = [\"http://{registry}\"]\n"
+            )),
+        }
         std::fs::write(dir.path().join("containerd.toml"), config).unwrap();
         let mut harness = Containerd {
             dir,
@@ -66,6 +78,7 @@ impl Containerd {
             .unwrap();
         self.snapshotter = Some(
             super::petrel()
+                .env("PETREL_SNAPSHOTTER_DEBUG", "1")
                 .arg("snapshotter")
                 .arg("--root")
                 .arg(self.snapshotter_root())
