@@ -194,4 +194,65 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         "{}",
         text(&out)
     );
+
+    // A running container keeps reading its lazy files across a snapshotter restart.
+    let mut containerd = containerd;
+    let out = containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "-d",
+        "--snapshotter",
+        "petrel",
+        &image,
+        "lazy-bg",
+        "/bin/busybox",
+        "sleep",
+        "60",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out));
+    containerd.restart_snapshotter();
+    let out = containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "task",
+        "exec",
+        "--exec-id",
+        "read",
+        "lazy-bg",
+        "/bin/busybox",
+        "cat",
+        "/etc/motd",
+    ]);
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "exec after restart: {}",
+        text(&out)
+    );
+    let _ = containerd.ctr(&["-n", "k8s.io", "task", "kill", "-s", "SIGKILL", "lazy-bg"]);
+    let started = std::time::Instant::now();
+    while !containerd
+        .ctr(&["-n", "k8s.io", "task", "delete", "lazy-bg"])
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "task did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(containerd
+        .ctr(&["-n", "k8s.io", "containers", "delete", "lazy-bg"])
+        .status
+        .success());
+
+    // The lazy mount belongs to the image and stays while containerd references it.
+    let root = containerd.snapshotter_root().to_string_lossy().to_string();
+    let lazy_mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root) && l.contains(" - fuse petrel:"))
+        .count();
+    assert_eq!(lazy_mounts, 1, "one lazy mount (one daemon) for the image");
 }
