@@ -35,17 +35,6 @@ fn chunk_digests(image: &Path) -> Vec<([u8; 32], u64)> {
         .collect()
 }
 
-fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
-    let out = petrel()
-        .arg("stats")
-        .arg(mountpoint)
-        .arg("--runtime-dir")
-        .arg(runtime)
-        .output()
-        .unwrap();
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
-}
-
 #[test]
 fn two_images_sharing_chunks_fetch_each_shared_chunk_once() {
     if !fuse_available() {

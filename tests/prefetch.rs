@@ -41,17 +41,6 @@ fn workload_tree(dir: &Path) -> PathBuf {
     src
 }
 
-fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
-    let out = petrel()
-        .arg("stats")
-        .arg(mountpoint)
-        .arg("--runtime-dir")
-        .arg(runtime)
-        .output()
-        .unwrap();
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
-}
-
 #[test]
 fn a_recorded_profile_round_trips_through_optimize() {
     if !fuse_available() || !busybox_available() {

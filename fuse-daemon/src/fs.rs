@@ -13,7 +13,7 @@ use fuser::{
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use petrel_format::reader::SegmentSource;
+use petrel_format::reader::{FileSegment, SegmentSource};
 use petrel_format::{Bootstrap, FileKind, FormatError, Inode};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -125,13 +125,8 @@ impl PetrelFs {
         self.bootstrap().inode(ino).map_err(|_| Errno::ENOENT)
     }
 
-    /// Whether every chunk of the range is cached (so the read can be served inline).
-    fn all_cached(&self, ino: u32, offset: u64, size: u32) -> bool {
-        let bootstrap = self.bootstrap();
-        let Ok(inode) = bootstrap.inode(ino) else { return true };
-        let Ok(segments) = bootstrap.segments(&inode, offset, u64::from(size)) else {
-            return true;
-        };
+    /// Whether every chunk of the segments is cached (so the read can be served inline).
+    fn all_cached(&self, segments: &[FileSegment]) -> bool {
         segments.iter().all(|s| match s.source {
             SegmentSource::Hole => true,
             SegmentSource::Chunk { index, .. } => self.fetcher.cache().is_ready(index),
@@ -139,19 +134,8 @@ impl PetrelFs {
     }
 }
 
-/// Reads bytes `[offset, offset + size)` of regular file `ino`, fetching what is missing.
-pub fn read_range(
-    image: &MappedImage,
-    fetcher: &Fetcher,
-    ino: u32,
-    offset: u64,
-    size: u32,
-) -> Result<Vec<u8>, Arc<DaemonError>> {
-    let bootstrap = image.bootstrap();
-    let inode = bootstrap.inode(ino).map_err(|e| Arc::new(e.into()))?;
-    let segments = bootstrap
-        .segments(&inode, offset, u64::from(size))
-        .map_err(|e| Arc::new(e.into()))?;
+/// The bytes of `segments` (one read's worth), fetching chunks that are missing.
+pub fn read_segments(fetcher: &Fetcher, segments: &[FileSegment]) -> Result<Vec<u8>, Arc<DaemonError>> {
     let last_chunk = segments
         .iter()
         .rev()
@@ -163,7 +147,7 @@ pub fn read_range(
     let total: usize = segments.iter().map(|s| s.length as usize).sum();
     let mut out = vec![0u8; total];
     let mut at = 0usize;
-    for segment in &segments {
+    for segment in segments {
         let target = &mut out[at..at + segment.length as usize];
         if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
             let mut attempts = 0;
@@ -297,11 +281,22 @@ impl Filesystem for PetrelFs {
         if let Some(recorder) = &self.recorder {
             recorder.record(ino, offset, u64::from(size));
         }
+        let bootstrap = self.bootstrap();
+        let segments = match bootstrap
+            .inode(ino)
+            .and_then(|inode| bootstrap.segments(&inode, offset, u64::from(size)))
+        {
+            Ok(segments) => segments,
+            Err(e) => {
+                self.stats.record_read(started.elapsed(), 0, false);
+                return reply.error(format_errno(&e));
+            }
+        };
+        let cached = self.all_cached(&segments);
         let serve = {
-            let image = Arc::clone(&self.image);
             let fetcher = Arc::clone(&self.fetcher);
             let stats = Arc::clone(&self.stats);
-            move || match read_range(&image, &fetcher, ino, offset, size) {
+            move || match read_segments(&fetcher, &segments) {
                 Ok(bytes) => {
                     stats.record_read(started.elapsed(), bytes.len(), true);
                     reply.data(&bytes);
@@ -313,7 +308,7 @@ impl Filesystem for PetrelFs {
                 }
             }
         };
-        if self.all_cached(ino, offset, size) {
+        if cached {
             serve();
         } else {
             self.workers.run(Box::new(serve));

@@ -208,3 +208,15 @@ impl Drop for MountProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A mount's counters, from `petrel stats`.
+pub fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
+    let out = petrel()
+        .arg("stats")
+        .arg(mountpoint)
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
+}
