@@ -256,3 +256,92 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         .count();
     assert_eq!(lazy_mounts, 1, "one lazy mount (one daemon) for the image");
 }
+
+/// Converts the busybox image and returns the converted manifest as JSON.
+fn converted_busybox(registry: &TestRegistry, containerd: &Containerd, tag: &str) -> serde_json::Value {
+    let layout = containerd.path(&format!("layout-{tag}"));
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
+    registry.push_layout(&layout, "busy", "v1");
+    let out = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/busy:v1", registry.addr),
+            &format!("docker://{}/busy:{tag}", registry.addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let (bytes, ..) = client.get_manifest("busy", tag).unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn bad_bootstraps_missing_labels_and_a_registry_that_is_down_fail_cleanly() {
+    if !registry_tools_available()
+        || !fuse_available()
+        || !containerd_available()
+        || !std::path::Path::new("/bin/busybox").exists()
+    {
+        return;
+    }
+    let mut registry = TestRegistry::start(false);
+    let mut containerd = Containerd::start_with(Some(&registry.addr));
+    let good = converted_busybox(&registry, &containerd, "petrel");
+    let socket = containerd.path("containerd.sock");
+    let lazy_mounts = |root: &str| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(root) && l.contains(" - fuse petrel:"))
+            .count()
+    };
+    let root = containerd.snapshotter_root().to_string_lossy().to_string();
+
+    // A manifest whose bootstrap layer holds garbage: the pull fails, nothing is mounted.
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let garbage = b"not a bootstrap, but a valid blob of its own digest ".repeat(8);
+    let digest = client.push_blob_bytes("busy", &garbage).unwrap();
+    let mut bad = good.clone();
+    let last = bad["layers"].as_array().unwrap().len() - 1;
+    bad["layers"][last]["digest"] = digest.into();
+    bad["layers"][last]["size"] = garbage.len().into();
+    client
+        .put_manifest(
+            "busy",
+            "bad",
+            petrel_registry::oci::OCI_MANIFEST,
+            &serde_json::to_vec(&bad).unwrap(),
+        )
+        .unwrap();
+    let err = cri_pull(&socket, &format!("{}/busy:bad", registry.addr)).unwrap_err();
+    assert!(err.contains("magic") || err.contains("bootstrap"), "{err}");
+    assert_eq!(lazy_mounts(&root), 0);
+
+    // Without image labels (plain ctr pull), containerd unpacks as usual: a petrel
+    // layer is no tar, so the pull fails with containerd's error and the snapshotter
+    // keeps serving.
+    let out = containerd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "petrel",
+        &format!("{}/busy:petrel", registry.addr),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(containerd
+        .ctr(&["snapshots", "--snapshotter", "petrel", "ls"])
+        .status
+        .success());
+
+    // The registry is down at pull time: a clean error; once it is back, the pull works.
+    registry.stop();
+    let err = cri_pull(&socket, &format!("{}/busy:petrel", registry.addr)).unwrap_err();
+    assert!(!err.is_empty());
+    registry.restart();
+    containerd.wait_ready();
+    cri_pull(&socket, &format!("{}/busy:petrel", registry.addr)).unwrap();
+    assert_eq!(lazy_mounts(&root), 1);
+    let _ = &mut containerd;
+}

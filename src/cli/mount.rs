@@ -332,8 +332,18 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     while !is_mounted(&args.mountpoint) {
         if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last: Vec<&str> = log
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             bail!(
-                "the daemon exited with {status} before mounting; see {}",
+                "the daemon exited with {status} before mounting: {} (log: {})",
+                last.join(" / "),
                 log_path.display()
             );
         }
