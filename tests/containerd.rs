@@ -247,6 +247,16 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         .status
         .success());
 
+    // The snapshotter's Prometheus endpoint reports the lazy mount's counters.
+    let mut stream = std::net::TcpStream::connect(containerd.metrics_address()).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut metrics).unwrap();
+    assert!(
+        metrics.contains("1 lazy mounts") && metrics.contains("petrel_backend_bytes_total"),
+        "{metrics}"
+    );
+
     // The lazy mount belongs to the image and stays while containerd references it.
     let root = containerd.snapshotter_root().to_string_lossy().to_string();
     let lazy_mounts = std::fs::read_to_string("/proc/self/mountinfo")

@@ -4,6 +4,7 @@
 //! Walk with containerd's filter syntax, Cleanup) behind a plain API. The gRPC
 //! adapter (containerd-snapshots + tonic) and remote petrel layers build on it.
 
+pub mod config;
 pub mod error;
 pub mod filter;
 pub mod remote;

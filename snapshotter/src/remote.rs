@@ -38,6 +38,7 @@ pub struct RemoteConfig {
     /// The `petrel` binary that runs mount daemons.
     pub petrel: PathBuf,
     pub root: PathBuf,
+    pub settings: crate::config::Config,
 }
 
 impl RemoteConfig {
@@ -104,7 +105,15 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
         .unwrap_or_default();
     let run = config.root.join("run");
     std::fs::create_dir_all(&run).map_err(SnapshotError::io("create", &run))?;
-    let out = Command::new(&config.petrel)
+    let mut command = Command::new(&config.petrel);
+    let host = image
+        .strip_prefix("docker://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+    if let Some(creds) = config.settings.credentials_for(host) {
+        command.env("PETREL_CREDS", creds);
+    }
+    let out = command
         .arg("mount")
         .arg(image)
         .arg(mountpoint)
@@ -117,6 +126,13 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
         .arg(run.join(format!("{name}.pid")))
         .arg("--log-file")
         .arg(run.join(format!("{name}.log")))
+        .args(
+            config
+                .settings
+                .cache_max_bytes
+                .iter()
+                .flat_map(|max| ["--cache-max-bytes".to_string(), max.to_string()]),
+        )
         .output()
         .map_err(SnapshotError::io("run", &config.petrel))?;
     if !out.status.success() {
@@ -157,4 +173,32 @@ pub fn unmount(mountpoint: &Path) {
 
 fn tracing_free_log(message: &str) {
     eprintln!("petrel snapshotter: {message}");
+}
+
+/// Evicts chunks beyond the configured bound (after a layer was removed).
+pub fn collect_garbage(config: &RemoteConfig) {
+    if let Some(max) = config.settings.cache_max_bytes {
+        let _ = Command::new(&config.petrel)
+            .args(["cache", "gc", "--max-bytes", &max.to_string(), "--cache-dir"])
+            .arg(config.root.join("cache"))
+            .output();
+    }
+}
+
+/// Prometheus text of every live lazy mount (each daemon's control socket).
+pub fn metrics(config: &RemoteConfig, mountpoints: &[PathBuf]) -> String {
+    let mut out = String::new();
+    for mountpoint in mountpoints {
+        let answer = Command::new(&config.petrel)
+            .arg("stats")
+            .arg(mountpoint)
+            .arg("--prometheus")
+            .arg("--runtime-dir")
+            .arg(config.root.join("run"))
+            .output();
+        if let Some(answer) = answer.ok().filter(|a| a.status.success()) {
+            out.push_str(&String::from_utf8_lossy(&answer.stdout));
+        }
+    }
+    out
 }

@@ -8,7 +8,6 @@ use crate::store::{Info, Kind, SnapshotStore};
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::tonic::Status;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,13 +44,15 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+    pub fn open(settings: &crate::config::Config) -> Result<Self, SnapshotError> {
         let petrel = std::env::current_exe().map_err(SnapshotError::io("find", "the petrel binary"))?;
+        let root = settings.root.clone();
         Ok(Service {
-            store: Arc::new(SnapshotStore::open(root)?),
+            store: Arc::new(SnapshotStore::open(&root)?),
             remote: RemoteConfig {
                 petrel,
-                root: root.to_path_buf(),
+                root,
+                settings: settings.clone(),
             },
         })
     }
@@ -238,6 +239,8 @@ impl containerd_snapshots::Snapshotter for Service {
     async fn remove(&self, key: String) -> Result<(), GrpcError> {
         if let Some(mountpoint) = self.store.remove_returning_mount(&key)? {
             remote::unmount(&mountpoint);
+            let config = self.remote.clone();
+            tokio::task::spawn_blocking(move || remote::collect_garbage(&config));
         }
         Ok(())
     }
@@ -259,9 +262,13 @@ impl containerd_snapshots::Snapshotter for Service {
 
 /// Serves the snapshots API on a unix socket until SIGINT or SIGTERM. A stale
 /// socket (nobody answering) is replaced; a live one is an error.
-pub fn serve(root: &Path, socket: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use std::os::unix::fs::PermissionsExt;
-    let service = Service::open(root)?;
+    let socket = settings.address.as_path();
+    let service = Service::open(settings)?;
+    if let Some(address) = &settings.metrics_address {
+        serve_metrics(address, Arc::clone(&service.store), service.remote.clone())?;
+    }
     let remounted = service.reconcile()?;
     if remounted > 0 {
         eprintln!("petrel snapshotter: remounted {remounted} lazy layers");
@@ -296,4 +303,35 @@ pub fn serve(root: &Path, socket: &Path) -> Result<(), Box<dyn std::error::Error
         let _ = std::fs::remove_file(socket);
         Ok(())
     })
+}
+
+/// Answers any HTTP request on `address` with the Prometheus text of every lazy mount.
+fn serve_metrics(address: &str, store: Arc<SnapshotStore>, remote: RemoteConfig) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(address)?;
+    std::thread::Builder::new()
+        .name("petrel-metrics".into())
+        .spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let mountpoints: Vec<std::path::PathBuf> = store
+                    .lazy_mounts()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect();
+                let body = format!(
+                    "# petrel snapshotter: {} lazy mounts\n{}",
+                    mountpoints.len(),
+                    remote::metrics(&remote, &mountpoints)
+                );
+                let _ = write!(
+                    stream,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
+    Ok(())
 }

@@ -55,12 +55,15 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct SnapshotterArgs {
-    /// Root of the snapshotter's state (metadata database and snapshot directories).
-    #[arg(long, default_value = "/var/lib/petrel/snapshotter")]
-    root: std::path::PathBuf,
-    /// Unix socket containerd's proxy plugin connects to.
-    #[arg(long, default_value = "/run/petrel/snapshotter.sock")]
-    address: std::path::PathBuf,
+    /// TOML configuration (root, address, cache_max_bytes, metrics_address, [[registry]] credentials).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Root of the snapshotter's state (default /var/lib/petrel/snapshotter); overrides the config.
+    #[arg(long)]
+    root: Option<std::path::PathBuf>,
+    /// Unix socket containerd's proxy plugin connects to (default /run/petrel/snapshotter.sock).
+    #[arg(long)]
+    address: Option<std::path::PathBuf>,
 }
 
 pub fn init_logging(verbose: u8) {
@@ -89,7 +92,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Warm(args) => mount::run_warm(args),
         Command::Cache(args) => mount::run_cache(args),
         Command::Snapshotter(args) => {
-            petrel_snapshotter::service::serve(&args.root, &args.address).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut settings = match &args.config {
+                Some(path) => petrel_snapshotter::config::Config::load(path)?,
+                None => petrel_snapshotter::config::Config::default(),
+            };
+            if let Some(root) = args.root {
+                settings.root = root;
+            }
+            if let Some(address) = args.address {
+                settings.address = address;
+            }
+            petrel_snapshotter::service::serve(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dict(args) => build::run_dict(args),

@@ -70,7 +70,22 @@ impl Containerd {
         self.dir.path().join("snapshotter")
     }
 
+    /// Address of the snapshotter's Prometheus endpoint.
+    pub fn metrics_address(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("metrics.addr")).unwrap()
+    }
+
     pub fn start_snapshotter(&mut self) {
+        let config = self.dir.path().join("snapshotter.toml");
+        if !config.exists() {
+            let metrics = format!("127.0.0.1:{}", super::free_port());
+            std::fs::write(self.dir.path().join("metrics.addr"), &metrics).unwrap();
+            std::fs::write(
+                &config,
+                format!("metrics_address = \"{metrics}\"\ncache_max_bytes = 1073741824\n"),
+            )
+            .unwrap();
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -80,6 +95,8 @@ impl Containerd {
             super::petrel()
                 .env("PETREL_SNAPSHOTTER_DEBUG", "1")
                 .arg("snapshotter")
+                .arg("--config")
+                .arg(self.dir.path().join("snapshotter.toml"))
                 .arg("--root")
                 .arg(self.snapshotter_root())
                 .arg("--address")
