@@ -55,7 +55,7 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct SnapshotterArgs {
-    /// TOML configuration (root, address, cache_max_bytes, metrics_address, [[registry]] credentials).
+    /// TOML configuration (root, address, cache_max_bytes, metrics_address, `[[registry]]` credentials).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     /// Root of the snapshotter's state (default /var/lib/petrel/snapshotter); overrides the config.
