@@ -257,6 +257,81 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         "{metrics}"
     );
 
+    // A mount daemon that dies is remounted when the snapshotter starts again.
+    let run_dir = containerd.snapshotter_root().join("run");
+    let pid_file = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "pid"))
+        .expect("daemon pid file");
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let _ = containerd.ctr(&["-n", "k8s.io", "task", "kill", "-s", "SIGKILL", "lazy-bg"]);
+    // Only the daemon this test's snapshotter started.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    containerd.restart_snapshotter();
+    let started = std::time::Instant::now();
+    while !petrel_fuse_daemon::mount::is_mounted(
+        &run_dir
+            .parent()
+            .unwrap()
+            .join("mounts")
+            .join(pid_file.file_stem().unwrap()),
+    ) {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let logs: String = std::fs::read_dir(&run_dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            panic!(
+                "not remounted; daemon log:\n{logs}\nsnapshotter log:\n{}",
+                std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // containerd may refuse to reach a restarted snapshotter for a moment: retry the real call.
+    let started = std::time::Instant::now();
+    let out = loop {
+        let out = containerd.ctr(&[
+            "-n",
+            "k8s.io",
+            "run",
+            "--rm",
+            "--snapshotter",
+            "petrel",
+            &image,
+            "after-remount",
+            "/bin/busybox",
+            "cat",
+            "/etc/motd",
+        ]);
+        if out.status.success()
+            || !text(&out).contains("unavailable")
+            || started.elapsed() > std::time::Duration::from_secs(20)
+        {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "after the daemon died: {}\nsnapshotter log:\n{}",
+        text(&out),
+        std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+    );
+
     // The lazy mount belongs to the image and stays while containerd references it.
     let root = containerd.snapshotter_root().to_string_lossy().to_string();
     let lazy_mounts = std::fs::read_to_string("/proc/self/mountinfo")

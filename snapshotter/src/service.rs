@@ -269,10 +269,6 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
     if let Some(address) = &settings.metrics_address {
         serve_metrics(address, Arc::clone(&service.store), service.remote.clone())?;
     }
-    let remounted = service.reconcile()?;
-    if remounted > 0 {
-        eprintln!("petrel snapshotter: remounted {remounted} lazy layers");
-    }
     let service = Arc::new(service);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -287,6 +283,13 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
         }
         let listener = tokio::net::UnixListener::bind(socket)?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+        // Remount lazy layers whose daemons are gone, without holding up containerd.
+        let reconciling = Arc::clone(&service);
+        tokio::task::spawn_blocking(move || match reconciling.reconcile() {
+            Ok(0) => {}
+            Ok(n) => eprintln!("petrel snapshotter: remounted {n} lazy layers"),
+            Err(e) => eprintln!("petrel snapshotter: remounting lazy layers: {e}"),
+        });
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let shutdown = async {
             let mut term =
