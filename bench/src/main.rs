@@ -3,6 +3,7 @@
 //! shared and noisy. Run through `scripts/bench.sh` (release build).
 
 mod build;
+mod containerd;
 mod dedup;
 mod measure;
 mod mount;
@@ -16,9 +17,10 @@ fn main() -> anyhow::Result<()> {
         Some("build") => build::run(&args[1..]),
         Some("mount") => mount::run(&args[1..]),
         Some("dedup") => dedup::run(&args[1..]),
+        Some("containerd") => containerd::run(&args[1..]),
         Some("registry") => registry::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd");
             std::process::exit(2)
         }
     }

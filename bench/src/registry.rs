@@ -16,13 +16,13 @@ fn bin(name: &str) -> PathBuf {
     std::env::current_exe().expect("own path").with_file_name(name)
 }
 
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Registry {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(dir)?;
@@ -55,7 +55,7 @@ impl Drop for Registry {
 /// A python-app-like image: a base layer of libraries, a layer of many small
 /// modules, an app layer, a config layer. Returns the layers and the startup set
 /// (path, bytes read from its start).
-fn app_image(scale: f64) -> (Vec<Vec<u8>>, Vec<(String, u64)>) {
+pub(crate) fn app_image(scale: f64) -> (Vec<Vec<u8>>, Vec<(String, u64)>) {
     let mut rng = Rng::new(77);
     let mut startup = Vec::new();
     let mut base = petrel_fixtures::layer_writer::LayerWriter::new();

@@ -28,6 +28,9 @@ impl Link {
     }
 }
 
+/// Bytes the relay carried from the server to clients (all connections).
+pub static BYTES_DOWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Starts the relay in front of `upstream`; returns its address.
 pub fn start(upstream: &str, one_way: Duration, bits_per_second: f64) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
@@ -52,14 +55,15 @@ pub fn start(upstream: &str, one_way: Duration, bits_per_second: f64) -> String 
                 client.try_clone().expect("clone"),
                 server.try_clone().expect("clone"),
                 Arc::clone(&up),
+                false,
             );
-            pump(server, client, Arc::clone(&down));
+            pump(server, client, Arc::clone(&down), true);
         }
     });
     addr
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>, count: bool) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
@@ -67,6 +71,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if count {
+                        BYTES_DOWN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if tx.send((link.release_time(n), buf[..n].to_vec())).is_err() {
                         break;
                     }
