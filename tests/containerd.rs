@@ -93,40 +93,71 @@ fn an_ordinary_image_pulls_runs_and_is_cleaned_up() {
     assert_eq!(left, 0, "snapshot directories are removed");
 }
 
-/// Pulls `image` through containerd's CRI image service (what the kubelet does).
-fn cri_pull(socket: &std::path::Path, image: &str) -> Result<String, String> {
+/// Whether `pid` runs (a zombie waiting for its reaper counts as gone).
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+type CriImages = k8s_cri::v1::image_service_client::ImageServiceClient<tonic::transport::Channel>;
+
+/// Connects to containerd's CRI image service (what the kubelet talks to).
+fn cri_images(socket: &std::path::Path) -> Result<(tokio::runtime::Runtime, CriImages), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
-        let path = socket.to_path_buf();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut client = k8s_cri::v1::image_service_client::ImageServiceClient::new(channel);
-        let request = k8s_cri::v1::PullImageRequest {
-            image: Some(k8s_cri::v1::ImageSpec {
-                image: image.to_string(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        client
-            .pull_image(request)
-            .await
-            .map(|r| r.into_inner().image_ref)
-            .map_err(|e| e.to_string())
+    let path = socket.to_path_buf();
+    let channel = runtime
+        .block_on(
+            tonic::transport::Endpoint::try_from("http://[::]:50051")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                })),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((runtime, CriImages::new(channel)))
+}
+
+fn image_spec(image: &str) -> Option<k8s_cri::v1::ImageSpec> {
+    Some(k8s_cri::v1::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
     })
+}
+
+/// Pulls `image` through CRI, as the kubelet does.
+fn cri_pull(socket: &std::path::Path, image: &str) -> Result<String, String> {
+    let (runtime, mut client) = cri_images(socket)?;
+    let request = k8s_cri::v1::PullImageRequest {
+        image: image_spec(image),
+        ..Default::default()
+    };
+    runtime
+        .block_on(client.pull_image(request))
+        .map(|r| r.into_inner().image_ref)
+        .map_err(|e| e.to_string())
+}
+
+/// Removes `image` through CRI, as the kubelet's image GC does (all its names at once).
+fn cri_remove(socket: &std::path::Path, image: &str) -> Result<(), String> {
+    let (runtime, mut client) = cri_images(socket)?;
+    let request = k8s_cri::v1::RemoveImageRequest {
+        image: image_spec(image),
+    };
+    runtime
+        .block_on(client.remove_image(request))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -332,6 +363,9 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
     );
 
+    let remounted_pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(process_alive(remounted_pid), "the remounted daemon runs");
+
     // The lazy mount belongs to the image and stays while containerd references it.
     let root = containerd.snapshotter_root().to_string_lossy().to_string();
     let lazy_mounts = std::fs::read_to_string("/proc/self/mountinfo")
@@ -340,6 +374,44 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         .filter(|l| l.contains(&root) && l.contains(" - fuse petrel:"))
         .count();
     assert_eq!(lazy_mounts, 1, "one lazy mount (one daemon) for the image");
+
+    // Removing the image releases its snapshots, its lazy mount and its daemon.
+    cri_remove(&containerd.path("containerd.sock"), &image).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let snapshots = text(&containerd.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "petrel", "ls"]));
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&root))
+            .count();
+        if snapshots.lines().count() <= 1 && mounted == 0 {
+            break;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            panic!(
+                "after removing the image: {mounted} mounts left, snapshots:\n{snapshots}\ncontent:\n{}\nleases:\n{}\nimages:\n{}",
+                text(&containerd.ctr(&["-n", "k8s.io", "content", "ls"])),
+                text(&containerd.ctr(&["-n", "k8s.io", "leases", "ls"])),
+                text(&containerd.ctr(&["-n", "k8s.io", "images", "ls"])),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let started = std::time::Instant::now();
+    while process_alive(remounted_pid) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the daemon {remounted_pid} exits once its image is removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let daemons_left = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .count();
+    assert_eq!(daemons_left, 0, "no daemon pid files left in {}", run_dir.display());
 }
 
 /// Converts the busybox image and returns the converted manifest as JSON.

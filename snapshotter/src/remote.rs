@@ -165,10 +165,21 @@ pub fn ensure_mounted(config: &RemoteConfig, labels: &BTreeMap<String, String>, 
     )
 }
 
-/// Unmounts a lazy layer; its daemon exits when the mount goes.
-pub fn unmount(mountpoint: &Path) {
+/// Unmounts a lazy layer; its daemon exits when the mount goes. Its pid and log files
+/// go too, so a later reconcile never trusts a pid the kernel may have reused.
+pub fn unmount(config: &RemoteConfig, mountpoint: &Path) {
     let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
     let _ = std::fs::remove_dir(mountpoint);
+    if let Some(name) = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .filter(|n| !n.is_empty())
+    {
+        let run = config.root.join("run");
+        for extension in ["pid", "log"] {
+            let _ = std::fs::remove_file(run.join(format!("{name}.{extension}")));
+        }
+    }
 }
 
 fn tracing_free_log(message: &str) {

@@ -238,7 +238,7 @@ impl containerd_snapshots::Snapshotter for Service {
 
     async fn remove(&self, key: String) -> Result<(), GrpcError> {
         if let Some(mountpoint) = self.store.remove_returning_mount(&key)? {
-            remote::unmount(&mountpoint);
+            remote::unmount(&self.remote, &mountpoint);
             let config = self.remote.clone();
             tokio::task::spawn_blocking(move || remote::collect_garbage(&config));
         }
