@@ -137,9 +137,19 @@ fn image_spec(image: &str) -> Option<k8s_cri::v1::ImageSpec> {
 
 /// Pulls `image` through CRI, as the kubelet does.
 fn cri_pull(socket: &std::path::Path, image: &str) -> Result<String, String> {
+    cri_pull_as(socket, image, None)
+}
+
+/// Pulls `image` through CRI with the kubelet's pull secret `(user, password)`.
+fn cri_pull_as(socket: &std::path::Path, image: &str, login: Option<(&str, &str)>) -> Result<String, String> {
     let (runtime, mut client) = cri_images(socket)?;
     let request = k8s_cri::v1::PullImageRequest {
         image: image_spec(image),
+        auth: login.map(|(username, password)| k8s_cri::v1::AuthConfig {
+            username: username.to_string(),
+            password: password.to_string(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     runtime
@@ -522,4 +532,86 @@ fn bad_bootstraps_missing_labels_and_a_registry_that_is_down_fail_cleanly() {
     cri_pull(&socket, &format!("{}/busy:petrel", registry.addr)).unwrap();
     assert_eq!(lazy_mounts(&root), 1);
     let _ = &mut containerd;
+}
+
+#[test]
+fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
+    if !registry_tools_available()
+        || !fuse_available()
+        || !containerd_available()
+        || !std::path::Path::new("/bin/busybox").exists()
+    {
+        return;
+    }
+    let registry = TestRegistry::start(true);
+    let creds = registry.creds().unwrap();
+    let containerd = Containerd::start_configured(
+        Some(&registry.addr),
+        &format!(
+            "[[registry]]\nhost = \"{}\"\nusername = \"{USER}\"\npassword = \"{PASSWORD}\"\n",
+            registry.addr
+        ),
+    );
+    let layout = containerd.path("layout");
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
+    registry.push_layout(&layout, "private", "v1");
+    let converted = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/private:v1", registry.addr),
+            &format!("docker://{}/private:petrel", registry.addr),
+            "--creds",
+            &creds,
+        ])
+        .output()
+        .unwrap();
+    assert!(converted.status.success(), "{}", text(&converted));
+
+    // CRI fetches the manifest with the pull secret; the mount daemon fetches the
+    // bootstrap and chunks with the snapshotter's [[registry]] credentials.
+    let image = format!("{}/private:petrel", registry.addr);
+    let socket = containerd.path("containerd.sock");
+    cri_pull_as(&socket, &image, Some((USER, PASSWORD))).unwrap_or_else(|e| {
+        panic!(
+            "CRI pull: {e}\nsnapshotter log:\n{}",
+            std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+        )
+    });
+    let out = containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "petrel",
+        &image,
+        "private-e2e",
+        "/bin/busybox",
+        "cat",
+        "/etc/motd",
+    ]);
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "run: {}\nsnapshotter log:\n{}",
+        text(&out),
+        std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+    );
+
+    // The password is in no log and on no daemon's command line.
+    let run_dir = containerd.snapshotter_root().join("run");
+    let mut places = vec![std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()];
+    for entry in std::fs::read_dir(&run_dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            places.push(std::fs::read_to_string(&path).unwrap_or_default());
+        }
+        if path.extension().is_some_and(|e| e == "pid") {
+            let pid = std::fs::read_to_string(&path).unwrap();
+            places.push(std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default());
+        }
+    }
+    assert!(places.len() >= 3, "snapshotter log, daemon log and daemon command line");
+    for place in places {
+        assert!(!place.contains(PASSWORD), "password leaked: {place}");
+    }
 }

@@ -34,6 +34,11 @@ impl Containerd {
     /// With `cri_registry` (host:port), the CRI plugin is on, pulls through petrel with
     /// image annotations passed to the snapshotter, and that registry is plain HTTP.
     pub fn start_with(cri_registry: Option<&str>) -> Self {
+        Self::start_configured(cri_registry, "")
+    }
+
+    /// Like `start_with`, with `snapshotter_config` appended to the snapshotter's TOML.
+    pub fn start_configured(cri_registry: Option<&str>, snapshotter_config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = format!(
             "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\n[grpc]\n  address = \"{root}/containerd.sock\"\n[proxy_plugins.petrel]\n  type = \"snapshot\"\n  address = \"{root}/snapshotter.sock\"\n",
@@ -46,6 +51,13 @@ impl Containerd {
             )),
         }
         std::fs::write(dir.path().join("containerd.toml"), config).unwrap();
+        let metrics = format!("127.0.0.1:{}", super::free_port());
+        std::fs::write(dir.path().join("metrics.addr"), &metrics).unwrap();
+        std::fs::write(
+            dir.path().join("snapshotter.toml"),
+            format!("metrics_address = \"{metrics}\"\ncache_max_bytes = 1073741824\n{snapshotter_config}"),
+        )
+        .unwrap();
         let mut harness = Containerd {
             dir,
             containerd: None,
@@ -76,16 +88,6 @@ impl Containerd {
     }
 
     pub fn start_snapshotter(&mut self) {
-        let config = self.dir.path().join("snapshotter.toml");
-        if !config.exists() {
-            let metrics = format!("127.0.0.1:{}", super::free_port());
-            std::fs::write(self.dir.path().join("metrics.addr"), &metrics).unwrap();
-            std::fs::write(
-                &config,
-                format!("metrics_address = \"{metrics}\"\ncache_max_bytes = 1073741824\n"),
-            )
-            .unwrap();
-        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
