@@ -385,6 +385,49 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         .count();
     assert_eq!(lazy_mounts, 1, "one lazy mount (one daemon) for the image");
 
+    // A mixed stack: an ordinary layer committed on top of the lazy image (what a
+    // build on a lazy base does), then a snapshot of both sees the files of each.
+    let lazy_top = text(&containerd.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "petrel", "ls"]))
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 3 && f[2] == "Committed")
+        .map(|f| f[0].to_string())
+        .expect("the image's top layer");
+    let snapshots = |args: &[&str]| {
+        let out = containerd.ctr(&[&["-n", "k8s.io", "snapshots", "--snapshotter", "petrel"], args].concat());
+        assert!(out.status.success(), "snapshots {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mount_snapshot = |key: &str, target: &std::path::Path| {
+        std::fs::create_dir_all(target).unwrap();
+        let command = snapshots(&["mounts", &target.to_string_lossy(), key]);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command.trim())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {}", text(&out));
+    };
+    let unmount = |target: &std::path::Path| {
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty()).unwrap();
+    };
+    snapshots(&["prepare", "mixed-build", &lazy_top]);
+    let build = containerd.path("mixed-build");
+    mount_snapshot("mixed-build", &build);
+    std::fs::write(build.join("added-by-build"), "a plain layer on a lazy one\n").unwrap();
+    unmount(&build);
+    snapshots(&["commit", "mixed-layer", "mixed-build"]);
+    snapshots(&["prepare", "mixed-run", "mixed-layer"]);
+    let run = containerd.path("mixed-run");
+    mount_snapshot("mixed-run", &run);
+    let lazy_file = std::fs::read_to_string(run.join("etc/motd"));
+    let plain_file = std::fs::read_to_string(run.join("added-by-build"));
+    unmount(&run);
+    assert!(lazy_file.unwrap().contains("served through petrel's snapshotter"));
+    assert_eq!(plain_file.unwrap(), "a plain layer on a lazy one\n");
+    snapshots(&["rm", "mixed-run"]);
+    snapshots(&["rm", "mixed-layer"]);
+
     // Removing the image releases its snapshots, its lazy mount and its daemon.
     cri_remove(&containerd.path("containerd.sock"), &image).unwrap();
     let started = std::time::Instant::now();
