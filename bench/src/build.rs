@@ -22,7 +22,10 @@ fn petrel_bin() -> PathBuf {
 }
 
 fn measure(name: &str, input: &Path, input_bytes: u64, work: &Path, chunker: &str) -> anyhow::Result<Case> {
-    let out = work.join(format!("out-{}", name.replace([' ', '/'], "-")));
+    let out = work.join(format!(
+        "out-{}",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    ));
     let baseline_out = work.join("baseline.tar.zst");
     let is_dir = input.is_dir();
     drop_caches();
@@ -90,7 +93,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "fixed:1M",
     )?);
     cases.push(measure(
-        "mixed 1 GiB, cdc 64K/256K/1M",
+        "mixed 1 GiB, default cdc 16K/64K/256K",
         &mixed,
         mixed_bytes,
         work.path(),
@@ -101,11 +104,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let small_bytes = small_files_tree(&small, (scale * 50_000.0) as usize)?;
     eprintln!("generated {} small files", (scale * 50_000.0) as usize);
     cases.push(measure(
-        "50k small files",
+        "50k small files, fixed 1M",
         &small,
         small_bytes,
         work.path(),
         "fixed:1M",
+    )?);
+    cases.push(measure(
+        "50k small files, default cdc",
+        &small,
+        small_bytes,
+        work.path(),
+        "cdc",
     )?);
     std::fs::remove_dir_all(&small)?;
 
