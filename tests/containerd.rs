@@ -428,6 +428,36 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
     snapshots(&["rm", "mixed-run"]);
     snapshots(&["rm", "mixed-layer"]);
 
+    // A lazy mount no snapshot owns (as a crash between a Remove's metadata change and
+    // its unmount leaves behind): Cleanup, which containerd's GC calls, releases it.
+    let snapshotter_root = containerd.snapshotter_root();
+    let orphan = snapshotter_root.join("mounts").join("orphan000000");
+    // containerd's GC may run Cleanup at any moment, even while this mount starts: retry.
+    let mut attempts = 0;
+    let orphan_pid: i32 = loop {
+        attempts += 1;
+        std::fs::create_dir_all(&orphan).unwrap();
+        let out = petrel()
+            .arg("mount")
+            .arg(format!("docker://{image}"))
+            .arg(&orphan)
+            .arg("--daemon")
+            .arg("--cache-dir")
+            .arg(snapshotter_root.join("cache"))
+            .arg("--runtime-dir")
+            .arg(&run_dir)
+            .arg("--pid-file")
+            .arg(run_dir.join("orphan000000.pid"))
+            .arg("--log-file")
+            .arg(run_dir.join("orphan000000.log"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        }
+        assert!(attempts < 5, "orphan mount: {}", text(&out));
+    };
+
     // Removing the image releases its snapshots, its lazy mount and its daemon.
     cri_remove(&containerd.path("containerd.sock"), &image).unwrap();
     let started = std::time::Instant::now();
@@ -451,8 +481,12 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    assert!(!orphan.exists(), "the orphan mount is unmounted and its directory gone");
+    assert!(std::fs::read_to_string(containerd.path("snapshotter.log"))
+        .unwrap()
+        .contains("cleanup: unmounting orphan"));
     let started = std::time::Instant::now();
-    while process_alive(remounted_pid) {
+    while process_alive(remounted_pid) || process_alive(orphan_pid) {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(10),
             "the daemon {remounted_pid} exits once its image is removed"

@@ -182,6 +182,25 @@ pub fn unmount(config: &RemoteConfig, mountpoint: &Path) {
     }
 }
 
+/// Unmounts lazy mounts no snapshot owns (left by a crash between a Remove's metadata
+/// change and its unmount); returns how many. `keep` is compared by mount name, so a
+/// root spelled differently since the mounts were recorded cannot make them orphans.
+pub fn unmount_orphans(config: &RemoteConfig, keep: &std::collections::HashSet<PathBuf>) -> usize {
+    let Ok(entries) = std::fs::read_dir(config.root.join("mounts")) else {
+        return 0;
+    };
+    let kept: std::collections::HashSet<&std::ffi::OsStr> = keep.iter().filter_map(|k| k.file_name()).collect();
+    let mut released = 0;
+    for mountpoint in entries.flatten().map(|e| e.path()) {
+        if mountpoint.file_name().is_some_and(|name| !kept.contains(name)) {
+            tracing_free_log(&format!("cleanup: unmounting orphan {}", mountpoint.display()));
+            unmount(config, &mountpoint);
+            released += 1;
+        }
+    }
+    released
+}
+
 fn tracing_free_log(message: &str) {
     eprintln!("petrel snapshotter: {message}");
 }

@@ -8,6 +8,7 @@ use crate::store::{Info, Kind, SnapshotStore};
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::tonic::Status;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +42,22 @@ impl From<GrpcError> for Status {
 pub struct Service {
     store: Arc<SnapshotStore>,
     remote: RemoteConfig,
+    /// Lazy mounts a Prepare is setting up and has not committed yet (Cleanup spares them).
+    mounting: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+}
+
+/// Takes a mountpoint out of `Service::mounting` when its Prepare ends, however it ends.
+struct MountingGuard {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    mountpoint: PathBuf,
+}
+
+impl Drop for MountingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.mountpoint);
+        }
+    }
 }
 
 impl Service {
@@ -54,6 +71,7 @@ impl Service {
                 root,
                 settings: settings.clone(),
             },
+            mounting: Default::default(),
         })
     }
 
@@ -92,11 +110,19 @@ impl Service {
         let layer = tokio::task::spawn_blocking(move || remote::classify(&to_classify))
             .await
             .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+        let mut _in_flight = None;
         let mount = match layer {
             None => return Ok(false),
             Some(RemoteLayer::Blob) => None,
             Some(RemoteLayer::Bootstrap { image }) => {
                 let mountpoint = self.remote.mountpoint(&target);
+                if let Ok(mut set) = self.mounting.lock() {
+                    set.insert(mountpoint.clone());
+                }
+                _in_flight = Some(MountingGuard {
+                    set: self.mounting.clone(),
+                    mountpoint: mountpoint.clone(),
+                });
                 if !remote::is_live(&mountpoint) {
                     let config = self.remote.clone();
                     let at = mountpoint.clone();
@@ -247,6 +273,19 @@ impl containerd_snapshots::Snapshotter for Service {
 
     async fn clear(&self) -> Result<(), GrpcError> {
         self.store.cleanup()?;
+        let mut keep: std::collections::HashSet<PathBuf> = self
+            .store
+            .lazy_mounts()?
+            .into_iter()
+            .map(|(_, mountpoint)| mountpoint)
+            .collect();
+        if let Ok(set) = self.mounting.lock() {
+            keep.extend(set.iter().cloned());
+        }
+        let config = self.remote.clone();
+        tokio::task::spawn_blocking(move || remote::unmount_orphans(&config, &keep))
+            .await
+            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
         Ok(())
     }
 
