@@ -32,13 +32,34 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Runs a CRI-namespace container of `image` that prints its /etc/motd.
+fn cat_motd(containerd: &Containerd, image: &str, name: &str) -> std::process::Output {
+    containerd.ctr(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "petrel",
+        image,
+        name,
+        "/bin/busybox",
+        "cat",
+        "/etc/motd",
+    ])
+}
+
+/// Whether registry tools, FUSE, containerd and busybox are all here.
+fn can_run() -> bool {
+    registry_tools_available()
+        && fuse_available()
+        && containerd_available()
+        && std::path::Path::new("/bin/busybox").exists()
+}
+
 #[test]
 fn an_ordinary_image_pulls_runs_and_is_cleaned_up() {
-    if !registry_tools_available()
-        || !fuse_available()
-        || !containerd_available()
-        || !std::path::Path::new("/bin/busybox").exists()
-    {
+    if !can_run() {
         return;
     }
     let registry = TestRegistry::start(false);
@@ -141,7 +162,25 @@ fn cri_pull(socket: &std::path::Path, image: &str) -> Result<String, String> {
 }
 
 /// Pulls `image` through CRI with the kubelet's pull secret `(user, password)`.
+///
+/// After a failed pull, containerd's GC removes the layers that pull committed. A
+/// pull racing it can see a parent in the middle of removal ("parent snapshot ... does
+/// not exist"), a containerd 1.6 race that is independent of the snapshotter. The
+/// kubelet retries such a pull, and so does this helper (only for that error).
 fn cri_pull_as(socket: &std::path::Path, image: &str, login: Option<(&str, &str)>) -> Result<String, String> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match cri_pull_once(socket, image, login) {
+            Err(e) if attempts < 10 && e.contains("parent snapshot") && e.contains("does not exist") => {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn cri_pull_once(socket: &std::path::Path, image: &str, login: Option<(&str, &str)>) -> Result<String, String> {
     let (runtime, mut client) = cri_images(socket)?;
     let request = k8s_cri::v1::PullImageRequest {
         image: image_spec(image),
@@ -172,29 +211,13 @@ fn cri_remove(socket: &std::path::Path, image: &str) -> Result<(), String> {
 
 #[test]
 fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs() {
-    if !registry_tools_available()
-        || !fuse_available()
-        || !containerd_available()
-        || !std::path::Path::new("/bin/busybox").exists()
-    {
+    if !can_run() {
         return;
     }
     let registry = TestRegistry::start(false);
     let containerd = Containerd::start_with(Some(&registry.addr));
-    let layout = containerd.path("layout");
-    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
-    registry.push_layout(&layout, "busy", "v1");
-    let converted = petrel()
-        .args([
-            "convert",
-            &format!("docker://{}/busy:v1", registry.addr),
-            &format!("docker://{}/busy:petrel", registry.addr),
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(converted.status.success(), "{}", text(&converted));
-    let summary: serde_json::Value = serde_json::from_slice(&converted.stdout).unwrap();
+    let converted = convert_busybox(&registry, &containerd, "busy", "petrel", &["--json"]);
+    let summary: serde_json::Value = serde_json::from_slice(&converted).unwrap();
     let blob = summary["manifests"][0]["blobs"][0][0].as_str().unwrap().to_string();
 
     let image = format!("{}/busy:petrel", registry.addr);
@@ -211,19 +234,7 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         "the petrel blob was never downloaded into containerd:\n{content}"
     );
     assert!(stored.len() >= 2, "manifest and config only: {content}");
-    let out = containerd.ctr(&[
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "petrel",
-        &image,
-        "lazy-e2e",
-        "/bin/busybox",
-        "cat",
-        "/etc/motd",
-    ]);
+    let out = cat_motd(&containerd, &image, "lazy-e2e");
     assert!(
         out.status.success(),
         "run: {}\nsnapshotter log:\n{}",
@@ -345,19 +356,7 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
     // containerd may refuse to reach a restarted snapshotter for a moment: retry the real call.
     let started = std::time::Instant::now();
     let out = loop {
-        let out = containerd.ctr(&[
-            "-n",
-            "k8s.io",
-            "run",
-            "--rm",
-            "--snapshotter",
-            "petrel",
-            &image,
-            "after-remount",
-            "/bin/busybox",
-            "cat",
-            "/etc/motd",
-        ]);
+        let out = cat_motd(&containerd, &image, "after-remount");
         if out.status.success()
             || !text(&out).contains("unavailable")
             || started.elapsed() > std::time::Duration::from_secs(20)
@@ -503,30 +502,32 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
 
 /// Converts the busybox image and returns the converted manifest as JSON.
 fn converted_busybox(registry: &TestRegistry, containerd: &Containerd, tag: &str) -> serde_json::Value {
-    let layout = containerd.path(&format!("layout-{tag}"));
-    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
-    registry.push_layout(&layout, "busy", "v1");
-    let out = petrel()
-        .args([
-            "convert",
-            &format!("docker://{}/busy:v1", registry.addr),
-            &format!("docker://{}/busy:{tag}", registry.addr),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    convert_busybox(registry, containerd, "busy", tag, &[]);
     let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
     let (bytes, ..) = client.get_manifest("busy", tag).unwrap();
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Pushes the busybox image as `repo:v1`, converts it to `repo:tag` (with `extra`
+/// arguments) and returns what `petrel convert` printed.
+fn convert_busybox(registry: &TestRegistry, containerd: &Containerd, repo: &str, tag: &str, extra: &[&str]) -> Vec<u8> {
+    let layout = containerd.path(&format!("layout-{repo}-{tag}"));
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
+    registry.push_layout(&layout, repo, "v1");
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("docker://{}/{repo}:v1", registry.addr))
+        .arg(format!("docker://{}/{repo}:{tag}", registry.addr))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    out.stdout
+}
+
 #[test]
 fn bad_bootstraps_missing_labels_and_a_registry_that_is_down_fail_cleanly() {
-    if !registry_tools_available()
-        || !fuse_available()
-        || !containerd_available()
-        || !std::path::Path::new("/bin/busybox").exists()
-    {
+    if !can_run() {
         return;
     }
     let mut registry = TestRegistry::start(false);
@@ -613,11 +614,7 @@ fn bad_bootstraps_missing_labels_and_a_registry_that_is_down_fail_cleanly() {
 
 #[test]
 fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
-    if !registry_tools_available()
-        || !fuse_available()
-        || !containerd_available()
-        || !std::path::Path::new("/bin/busybox").exists()
-    {
+    if !can_run() {
         return;
     }
     let registry = TestRegistry::start(true);
@@ -629,20 +626,7 @@ fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
             registry.addr
         ),
     );
-    let layout = containerd.path("layout");
-    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
-    registry.push_layout(&layout, "private", "v1");
-    let converted = petrel()
-        .args([
-            "convert",
-            &format!("docker://{}/private:v1", registry.addr),
-            &format!("docker://{}/private:petrel", registry.addr),
-            "--creds",
-            &creds,
-        ])
-        .output()
-        .unwrap();
-    assert!(converted.status.success(), "{}", text(&converted));
+    convert_busybox(&registry, &containerd, "private", "petrel", &["--creds", &creds]);
 
     // CRI fetches the manifest with the pull secret; the mount daemon fetches the
     // bootstrap and chunks with the snapshotter's [[registry]] credentials.
@@ -654,19 +638,7 @@ fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
             std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
         )
     });
-    let out = containerd.ctr(&[
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "petrel",
-        &image,
-        "private-e2e",
-        "/bin/busybox",
-        "cat",
-        "/etc/motd",
-    ]);
+    let out = cat_motd(&containerd, &image, "private-e2e");
     assert!(
         text(&out).contains("served through petrel's snapshotter"),
         "run: {}\nsnapshotter log:\n{}",
