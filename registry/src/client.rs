@@ -354,14 +354,7 @@ impl RegistryClient {
                 reason: format!("larger than {max_bytes} bytes"),
             });
         }
-        let actual = sha256_digest(&bytes);
-        if actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                what: "blob",
-                digest: digest.into(),
-                actual,
-            });
-        }
+        crate::oci::verify_digest("blob", digest, &bytes)?;
         Ok(bytes)
     }
 

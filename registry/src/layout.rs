@@ -112,14 +112,7 @@ impl OciLayout {
             });
         }
         let bytes = std::fs::read(&path).map_err(RegistryError::io("read", &path))?;
-        let actual = sha256_digest(&bytes);
-        if actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                what: "blob",
-                digest: digest.into(),
-                actual,
-            });
-        }
+        crate::oci::verify_digest("blob", digest, &bytes)?;
         Ok(bytes)
     }
 

@@ -119,6 +119,19 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
+/// Checks that `bytes` hash to `digest` (what names the content in the error).
+pub fn verify_digest(what: &'static str, digest: &str, bytes: &[u8]) -> Result<(), crate::RegistryError> {
+    let actual = sha256_digest(bytes);
+    if actual != digest {
+        return Err(crate::RegistryError::DigestMismatch {
+            what,
+            digest: digest.into(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Whether a media type is an index (OCI or Docker list).
 pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_LIST
