@@ -52,6 +52,18 @@ struct MountingGuard {
     mountpoint: PathBuf,
 }
 
+impl MountingGuard {
+    fn new(set: &Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>, mountpoint: &std::path::Path) -> Self {
+        if let Ok(mut in_flight) = set.lock() {
+            in_flight.insert(mountpoint.to_path_buf());
+        }
+        MountingGuard {
+            set: set.clone(),
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
 impl Drop for MountingGuard {
     fn drop(&mut self) {
         if let Ok(mut set) = self.set.lock() {
@@ -116,13 +128,7 @@ impl Service {
             Some(RemoteLayer::Blob) => None,
             Some(RemoteLayer::Bootstrap { image }) => {
                 let mountpoint = self.remote.mountpoint(&target);
-                if let Ok(mut set) = self.mounting.lock() {
-                    set.insert(mountpoint.clone());
-                }
-                _in_flight = Some(MountingGuard {
-                    set: self.mounting.clone(),
-                    mountpoint: mountpoint.clone(),
-                });
+                _in_flight = Some(MountingGuard::new(&self.mounting, &mountpoint));
                 if !remote::is_live(&mountpoint) {
                     let config = self.remote.clone();
                     let at = mountpoint.clone();
