@@ -101,13 +101,13 @@ fn check_names_the_bad_file_and_exits_1() {
         .unwrap()
         .path();
     let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[100] ^= 0xff;
+    bytes[512 + 100] ^= 0xff;
     std::fs::write(&blob, &bytes).unwrap();
     let out = petrel(&["check", &image]);
     assert_eq!(out.status.code(), Some(1));
     let message = text(&out);
     assert!(
-        message.contains("check failed: file \"app/app.py\": chunk 0 at blob offset 0"),
+        message.contains("check failed: file \"app/app.py\": chunk 0 at blob offset 512"),
         "{message}"
     );
     let out = petrel(&["unpack", &image, dir.path().join("x").to_str().unwrap()]);

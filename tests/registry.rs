@@ -361,7 +361,14 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     let mut m = good.clone();
     m["layers"][1]["digest"] = garbage.clone().into();
     m["layers"][1]["size"] = garbage_bytes.len().into();
-    cases.push(("garbage", m, "magic"));
+    cases.push(("garbage", m, "petrel/bootstrap layer is not petrel's one-entry tar"));
+    // Garbage in a well-formed bootstrap layer.
+    let wrapped_bytes = petrel_format::layer_tar::wrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &garbage_bytes);
+    let wrapped = client.push_blob_bytes("bad", &wrapped_bytes).unwrap();
+    let mut m = good.clone();
+    m["layers"][1]["digest"] = wrapped.into();
+    m["layers"][1]["size"] = wrapped_bytes.len().into();
+    cases.push(("wrapped garbage", m, "magic"));
     // A truncated bootstrap.
     let truncated = client
         .push_blob_bytes("bad", &bootstrap[..bootstrap.len() / 2])
@@ -728,7 +735,8 @@ fn the_next_release_reuses_the_profile_kept_with_the_image() {
             1 << 30,
         )
         .unwrap();
-    let reader = petrel_format::Bootstrap::open(&bootstrap).unwrap();
+    let bootstrap = petrel_format::layer_tar::unwrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &bootstrap).unwrap();
+    let reader = petrel_format::Bootstrap::open(bootstrap).unwrap();
     assert_eq!(reader.prefetch_len(), 2, "release 2 laid out with release 1's profile");
 }
 

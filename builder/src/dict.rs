@@ -138,7 +138,7 @@ pub fn build_dictionary(bootstraps: &[Vec<u8>], max_bytes: u64) -> Result<(Vec<u
                 uncompressed_size: blob.uncompressed_size.into(),
                 chunk_count: 0.into(),
                 compressor: petrel_format::features::BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
-                prefetch_size: 0.into(),
+                prefetch_end: 0.into(),
             });
         }
         let slot = blob_slot[&chunk.blob];

@@ -9,6 +9,7 @@ use crate::sink::SinkOutput;
 use crate::tree::{clean_path, NodeId, NodeKind, PieceSource, Tree, ROOT};
 use petrel_format::features::{BLOB_COMPRESSOR_ZSTD_CHUNKS, CHUNK_FLAG_ZSTD};
 use petrel_format::image_dir::ImageDir;
+use petrel_format::layer_tar;
 use petrel_format::layout::*;
 use petrel_format::profile::ProfileEntry;
 use petrel_format::reader::mode_bits::*;
@@ -286,7 +287,7 @@ pub fn emit(
             uncompressed_size: dict_blob.uncompressed_size.into(),
             chunk_count: (count as u32).into(),
             compressor: BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
-            prefetch_size: 0.into(),
+            prefetch_end: 0.into(),
         });
         referenced.push(BlobSummary {
             digest: format!("sha256:{}", hex::encode(dict_blob.digest)),
@@ -416,9 +417,17 @@ fn write_blob(
     let temp = tempfile::NamedTempFile::new_in(&dir).map_err(BuildError::io("create temporary blob in", &dir))?;
     let mut file = BufWriter::with_capacity(1 << 20, temp);
     let mut hasher = Sha256::new();
-    let mut offset = 0u64;
+    // The blob is a one-entry tar layer (spec §14): its header needs the data size.
+    let data_size: u64 = order
+        .iter()
+        .map(|&c| u64::from(data.collected.chunks[c as usize].stored_size))
+        .sum();
+    let header = layer_tar::header(layer_tar::BLOB_ENTRY, data_size);
+    hasher.update(header);
+    file.write_all(&header).map_err(BuildError::io("write", &dir))?;
+    let mut offset = layer_tar::DATA_OFFSET;
     let mut uncompressed = 0u64;
-    let mut prefetch_size = 0u64;
+    let mut prefetch_end = 0u64;
     let mut buffer = Vec::new();
     for (position, &chunk) in order.iter().enumerate() {
         let spooled = &data.collected.chunks[chunk as usize];
@@ -443,9 +452,13 @@ fn write_blob(
         offset += u64::from(spooled.stored_size);
         uncompressed += u64::from(spooled.uncompressed_size);
         if position + 1 == prefetch_chunks {
-            prefetch_size = offset;
+            prefetch_end = offset;
         }
     }
+    let trailer = vec![0u8; layer_tar::trailer_len(data_size) as usize];
+    hasher.update(&trailer);
+    file.write_all(&trailer).map_err(BuildError::io("write", &dir))?;
+    let layer_size = layer_tar::layer_len(data_size);
     let digest: [u8; 32] = hasher.finalize().into();
     let temp = file
         .into_inner()
@@ -456,19 +469,19 @@ fn write_blob(
         .map_err(|e| BuildError::io("rename blob to", &path)(e.error))?;
     writer.blobs.push(BlobRecord {
         digest,
-        compressed_size: offset.into(),
+        compressed_size: layer_size.into(),
         uncompressed_size: uncompressed.into(),
         chunk_count: (order.len() as u32).into(),
         compressor: BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
-        prefetch_size: prefetch_size.into(),
+        prefetch_end: prefetch_end.into(),
     });
     Ok((
         BlobSummary {
             digest: format!("sha256:{}", hex::encode(digest)),
-            size: offset,
+            size: layer_size,
             uncompressed_size: uncompressed,
         },
-        prefetch_size,
+        prefetch_end.saturating_sub(layer_tar::DATA_OFFSET),
     ))
 }
 

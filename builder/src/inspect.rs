@@ -81,16 +81,24 @@ pub fn summarize(bootstrap: &Bootstrap<'_>, bootstrap_bytes: u64) -> Result<Summ
         }
     }
     let mut stored = 0u64;
-    for blob in bootstrap.blobs() {
+    let mut prefetch_bytes = vec![0u64; bootstrap.blob_count() as usize];
+    for index in 0..bootstrap.chunk_count() {
+        let chunk = bootstrap.chunk(index)?;
+        let blob = bootstrap.blob(chunk.blob_index)?;
+        if chunk.compressed_offset < blob.prefetch_end {
+            prefetch_bytes[chunk.blob_index as usize] += u64::from(chunk.compressed_size);
+        }
+    }
+    for (blob, prefetch) in bootstrap.blobs().zip(prefetch_bytes) {
         let blob = blob?;
         stored += blob.uncompressed_size;
-        s.prefetch_bytes += blob.prefetch_size;
+        s.prefetch_bytes += prefetch;
         s.blobs.push(BlobLine {
             digest: blob.oci_digest(),
             compressed_size: blob.compressed_size,
             uncompressed_size: blob.uncompressed_size,
             chunks: blob.chunk_count,
-            prefetch_bytes: blob.prefetch_size,
+            prefetch_bytes: prefetch,
         });
     }
     s.dedup_ratio = if stored == 0 {

@@ -90,3 +90,23 @@ fn golden_fixed_chunks() {
 fn golden_cdc_chunks() {
     golden("edge-cases-cdc-16k-64k-256k", "cdc:16K:64K:256K");
 }
+
+/// Images built before blobs became one-entry tar layers (chunk offsets from 0 of a
+/// raw blob) still read: offsets are absolute in the blob either way, and their
+/// trees are the same as today's.
+#[test]
+fn bootstraps_of_raw_blobs_still_read() {
+    let legacy = golden_dir().join("../v1-raw-blobs");
+    for name in ["edge-cases-fixed-1m", "edge-cases-cdc-16k-64k-256k"] {
+        let stored = std::fs::read(legacy.join(format!("{name}.bootstrap"))).unwrap();
+        let stored_dump = std::fs::read_to_string(golden_dir().join(format!("{name}.dump.txt"))).unwrap();
+        assert!(read_everything(&stored, true).unwrap().entries > 100);
+        assert_eq!(dump(&stored), stored_dump, "{name}");
+        let bootstrap = Bootstrap::open(&stored).unwrap();
+        assert_eq!(
+            bootstrap.chunk(0).unwrap().compressed_offset,
+            0,
+            "{name} starts its blob at 0"
+        );
+    }
+}

@@ -135,8 +135,8 @@ pub struct BlobRecord {
     pub chunk_count: U32,
     /// 1 = independently zstd-compressed chunks.
     pub compressor: U32,
-    /// Bytes at the start of the blob that hold the prefetch region.
-    pub prefetch_size: U64,
+    /// Where the prefetch region ends: the chunks stored before this offset.
+    pub prefetch_end: U64,
 }
 
 /// One extended attribute (16 bytes); name and value live in the string heap.

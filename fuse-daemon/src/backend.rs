@@ -3,6 +3,7 @@
 //! backend (later) is one more implementation of the same trait.
 
 use petrel_format::image_dir::ImageDir;
+use petrel_format::layer_tar;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -22,25 +23,47 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     dir: ImageDir,
+    /// Where a blob's first stored byte is in its file, less than in its layer: 0 for
+    /// whole layers, [`layer_tar::DATA_OFFSET`] for unpacked `petrel/blob` entries.
+    header_bytes: u64,
 }
 
 impl LocalBackend {
+    /// Blob files that are whole blob layers.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         LocalBackend {
             dir: ImageDir::new(dir.into()),
+            header_bytes: 0,
+        }
+    }
+
+    /// Blob files that are the `petrel/blob` entries of unpacked blob layers (as a
+    /// tar unpacker such as containerd's leaves them): their tar header is gone.
+    pub fn unpacked(dir: impl Into<PathBuf>) -> Self {
+        LocalBackend {
+            dir: ImageDir::new(dir.into()),
+            header_bytes: layer_tar::DATA_OFFSET,
         }
     }
 }
 
 impl Backend for LocalBackend {
     fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let file = File::open(self.dir.blob_path(digest))?;
+        let path = self.dir.blob_path(digest);
+        let at = offset.checked_sub(self.header_bytes).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("offset {offset} of {} lies in the layer's tar header", path.display()),
+            )
+        })?;
+        let file = File::open(&path)?;
         let mut buffer = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
-        file.read_exact_at(&mut buffer, offset)?;
+        file.read_exact_at(&mut buffer, at)?;
         Ok(buffer)
     }
 
     fn describe(&self) -> String {
-        format!("local:{}", self.dir.root().display())
+        let form = if self.header_bytes == 0 { "" } else { " (unpacked)" };
+        format!("local:{}{form}", self.dir.root().display())
     }
 }

@@ -72,7 +72,7 @@ pub fn prefetch_ranges(image: &MappedImage, mode: PrefetchMode) -> Vec<(u32, u32
                 let Ok(blob) = bootstrap.blob(chunk.blob_index) else {
                     continue;
                 };
-                if chunk.compressed_offset < blob.prefetch_size {
+                if chunk.compressed_offset < blob.prefetch_end {
                     match ranges.last_mut() {
                         Some((_, end)) if *end == index => *end = index + 1,
                         _ => ranges.push((index, index + 1)),

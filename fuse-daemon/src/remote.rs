@@ -96,8 +96,10 @@ pub fn resolve(
         ));
     }
     // Verified against the sha256 pinned in the manifest.
-    let content = client.get_blob_verified(&image.repository, &bootstrap.digest, bootstrap.size)?;
-    let opened = petrel_format::Bootstrap::open(&content)
+    let layer = client.get_blob_verified(&image.repository, &bootstrap.digest, bootstrap.size)?;
+    let content = petrel_format::layer_tar::unwrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &layer)
+        .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
+    let opened = petrel_format::Bootstrap::open(content)
         .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
     if let Some(expected) = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3) {
         if *expected != hex::encode(opened.superblock().digest) {
@@ -133,7 +135,7 @@ pub fn resolve(
     let path = downloads.join(bootstrap.digest.trim_start_matches("sha256:"));
     let mut temp =
         tempfile::NamedTempFile::new_in(&downloads).map_err(DaemonError::io("create temporary file in", &downloads))?;
-    std::io::Write::write_all(&mut temp, &content).map_err(DaemonError::io("write", &path))?;
+    std::io::Write::write_all(&mut temp, content).map_err(DaemonError::io("write", &path))?;
     temp.persist(&path)
         .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
     Ok(RemoteImage {

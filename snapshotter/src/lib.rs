@@ -10,6 +10,7 @@ pub mod filter;
 pub mod remote;
 pub mod service;
 pub mod store;
+pub mod unpacked;
 
 pub use error::{Result, SnapshotError};
 pub use store::{Info, Kind, Mount, SnapshotStore, Usage};

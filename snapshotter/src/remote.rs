@@ -46,6 +46,12 @@ impl RemoteConfig {
         let digest = petrel_registry::oci::sha256_digest(target.as_bytes());
         self.root.join("mounts").join(&digest[7..19])
     }
+
+    /// Where the links to the unpacked blobs of the image mounted at `mountpoint` live.
+    pub fn unpacked_blob_dir(&self, mountpoint: &Path) -> PathBuf {
+        let name = mountpoint.file_name().unwrap_or(std::ffi::OsStr::new("none"));
+        self.root.join("unpacked").join(name)
+    }
 }
 
 /// Decides from the labels whether a layer is part of a petrel image. Labels
@@ -96,15 +102,8 @@ pub fn is_live(mountpoint: &Path) -> bool {
     rustix::fs::statfs(mountpoint).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
 }
 
-/// Starts a mount daemon for `image` at `mountpoint` (returns once mounted).
+/// Starts a mount daemon for registry image `image` at `mountpoint` (returns once mounted).
 pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()> {
-    std::fs::create_dir_all(mountpoint).map_err(SnapshotError::io("create", mountpoint))?;
-    let name = mountpoint
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let run = config.root.join("run");
-    std::fs::create_dir_all(&run).map_err(SnapshotError::io("create", &run))?;
     let mut command = Command::new(&config.petrel);
     let host = image
         .strip_prefix("docker://")
@@ -113,9 +112,26 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
     if let Some(creds) = config.settings.credentials_for(host) {
         command.env("PETREL_CREDS", creds);
     }
+    command.arg("mount").arg(image);
+    run_mount_daemon(config, command, image, mountpoint)
+}
+
+/// Runs `command` (`petrel mount IMAGE` and its source options) as the daemon of
+/// the lazy mount at `mountpoint`, with the snapshotter's cache and run files.
+pub(crate) fn run_mount_daemon(
+    config: &RemoteConfig,
+    mut command: Command,
+    image: &str,
+    mountpoint: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(mountpoint).map_err(SnapshotError::io("create", mountpoint))?;
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let run = config.root.join("run");
+    std::fs::create_dir_all(&run).map_err(SnapshotError::io("create", &run))?;
     let out = command
-        .arg("mount")
-        .arg(image)
         .arg(mountpoint)
         .arg("--daemon")
         .arg("--cache-dir")
@@ -144,12 +160,19 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
     Ok(())
 }
 
-/// Remounts a lazy layer whose daemon is gone (image from its labels).
-pub fn ensure_mounted(config: &RemoteConfig, labels: &BTreeMap<String, String>, mountpoint: &Path) -> Result<()> {
+/// Remounts a lazy layer whose daemon is gone: an unpacked image from its layers,
+/// a registry image from its labels.
+pub fn ensure_mounted(config: &RemoteConfig, layer: &crate::store::LazyLayer) -> Result<()> {
+    let mountpoint = layer.mountpoint.as_path();
     if is_live(mountpoint) {
         return Ok(());
     }
     let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+    if let Some(image) = &layer.unpacked {
+        tracing_free_log(&format!("remounting unpacked image at {}", mountpoint.display()));
+        return crate::unpacked::mount(config, image, mountpoint);
+    }
+    let labels = &layer.info.labels;
     let (Some(image), Some(manifest)) = (labels.get(CRI_IMAGE_REF), labels.get(CRI_MANIFEST)) else {
         return Err(SnapshotError::FailedPrecondition(format!(
             "lazy layer at {} has no image labels to remount from",
@@ -179,6 +202,7 @@ pub fn unmount(config: &RemoteConfig, mountpoint: &Path) {
         for extension in ["pid", "log"] {
             let _ = std::fs::remove_file(run.join(format!("{name}.{extension}")));
         }
+        let _ = std::fs::remove_dir_all(config.unpacked_blob_dir(mountpoint));
     }
 }
 
@@ -201,7 +225,7 @@ pub fn unmount_orphans(config: &RemoteConfig, keep: &std::collections::HashSet<P
     released
 }
 
-fn tracing_free_log(message: &str) {
+pub(crate) fn tracing_free_log(message: &str) {
     eprintln!("petrel snapshotter: {message}");
 }
 

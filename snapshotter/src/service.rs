@@ -4,7 +4,8 @@
 
 use crate::error::SnapshotError;
 use crate::remote::{self, RemoteConfig, RemoteLayer};
-use crate::store::{Info, Kind, SnapshotStore};
+use crate::store::{Info, Kind, SnapshotStore, Unpacked, UnpackedImage};
+use crate::unpacked::{self, UnpackedKind};
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::tonic::Status;
 use std::collections::{BTreeMap, HashMap};
@@ -90,9 +91,9 @@ impl Service {
     /// Remounts lazy layers whose daemons are gone (after a reboot or a crash).
     pub fn reconcile(&self) -> Result<usize, SnapshotError> {
         let mut remounted = 0;
-        for (info, mountpoint) in self.store.lazy_mounts()? {
-            if !remote::is_live(&mountpoint) {
-                remote::ensure_mounted(&self.remote, &info.labels, &mountpoint)?;
+        for layer in self.store.lazy_mounts()? {
+            if !remote::is_live(&layer.mountpoint) {
+                remote::ensure_mounted(&self.remote, &layer)?;
                 remounted += 1;
             }
         }
@@ -102,10 +103,10 @@ impl Service {
     /// Checks the lazy layers under `key` before containerd mounts them.
     async fn ensure_lazy_layers(&self, key: Option<&str>) -> Result<(), GrpcError> {
         let Some(key) = key else { return Ok(()) };
-        for (info, mountpoint) in self.store.lazy_mounts_below(key)? {
-            if !remote::is_live(&mountpoint) {
+        for layer in self.store.lazy_mounts_below(key)? {
+            if !remote::is_live(&layer.mountpoint) {
                 let config = self.remote.clone();
-                tokio::task::spawn_blocking(move || remote::ensure_mounted(&config, &info.labels, &mountpoint))
+                tokio::task::spawn_blocking(move || remote::ensure_mounted(&config, &layer))
                     .await
                     .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
             }
@@ -141,6 +142,45 @@ impl Service {
         };
         self.store.commit_remote(&target, parent, labels.clone(), mount)?;
         Ok(true)
+    }
+
+    /// Commits `key` as `name`; a petrel layer containerd unpacked itself (a pull
+    /// without labels) is recognised, and its bootstrap mounted before the commit.
+    async fn commit_layer(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), GrpcError> {
+        if self.store.stat(name).is_ok() {
+            return Err(SnapshotError::AlreadyExists(name.into()).into());
+        }
+        let fs = self.store.fs_dir(key)?;
+        let (unpacked, mountpoint, _in_flight) = match unpacked::detect(&fs) {
+            None => (None, None, None),
+            Some(UnpackedKind::Blob) => {
+                let digest = tokio::task::spawn_blocking(move || unpacked::blob_layer(&fs))
+                    .await
+                    .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+                (Some(digest), None, None)
+            }
+            Some(UnpackedKind::Bootstrap) => {
+                let image = UnpackedImage {
+                    image_dir: fs.join("petrel"),
+                    blobs: self.store.unpacked_blobs(self.store.parent_of(key)?.as_deref())?,
+                };
+                let mountpoint = self.remote.mountpoint(name);
+                let guard = MountingGuard::new(&self.mounting, &mountpoint);
+                let config = self.remote.clone();
+                let at = mountpoint.clone();
+                tokio::task::spawn_blocking(move || unpacked::mount(&config, &image, &at))
+                    .await
+                    .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+                (Some(Unpacked::Bootstrap), Some(mountpoint), Some(guard))
+            }
+        };
+        let committed = self
+            .store
+            .commit_unpacked(name, key, labels, unpacked, mountpoint.clone());
+        if let (Err(_), Some(mountpoint)) = (&committed, &mountpoint) {
+            remote::unmount(&self.remote, mountpoint);
+        }
+        Ok(committed?)
     }
 }
 
@@ -265,7 +305,7 @@ impl containerd_snapshots::Snapshotter for Service {
     }
 
     async fn commit(&self, name: String, key: String, labels_in: HashMap<String, String>) -> Result<(), GrpcError> {
-        Ok(self.store.commit(&name, &key, labels(labels_in))?)
+        self.commit_layer(&name, &key, labels(labels_in)).await
     }
 
     async fn remove(&self, key: String) -> Result<(), GrpcError> {
@@ -283,7 +323,7 @@ impl containerd_snapshots::Snapshotter for Service {
             .store
             .lazy_mounts()?
             .into_iter()
-            .map(|(_, mountpoint)| mountpoint)
+            .map(|layer| layer.mountpoint)
             .collect();
         if let Ok(set) = self.mounting.lock() {
             keep.extend(set.iter().cloned());
@@ -367,7 +407,7 @@ fn serve_metrics(address: &str, store: Arc<SnapshotStore>, remote: RemoteConfig)
                     .lazy_mounts()
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(_, m)| m)
+                    .map(|layer| layer.mountpoint)
                     .collect();
                 let body = format!(
                     "# petrel snapshotter: {} lazy mounts\n{}",

@@ -64,6 +64,37 @@ struct Record {
     info: Info,
     #[serde(default)]
     lazy_mount: Option<PathBuf>,
+    /// A layer of a petrel image that containerd downloaded and unpacked itself.
+    #[serde(default)]
+    unpacked: Option<Unpacked>,
+}
+
+/// What an unpacked petrel layer holds in its directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Unpacked {
+    /// `petrel/blob`, the data of the blob layer with this digest.
+    Blob { digest: String },
+    /// `petrel/bootstrap`: the image, lazily mounted from the blobs below it.
+    Bootstrap,
+}
+
+/// A lazy mount and what it is mounted from.
+#[derive(Debug, Clone)]
+pub struct LazyLayer {
+    pub info: Info,
+    pub mountpoint: PathBuf,
+    /// Set for an unpacked petrel image; otherwise the image is in the registry its
+    /// labels name.
+    pub unpacked: Option<UnpackedImage>,
+}
+
+/// An unpacked petrel image: its bootstrap's directory and the unpacked blobs below it.
+#[derive(Debug, Clone)]
+pub struct UnpackedImage {
+    /// Holds `bootstrap` (the snapshot's `fs/petrel`).
+    pub image_dir: PathBuf,
+    /// Blob layer digest and the file holding its data, nearest layer first.
+    pub blobs: Vec<(String, PathBuf)>,
 }
 
 /// A mount for containerd to perform.
@@ -139,15 +170,62 @@ impl SnapshotStore {
         let mut next = parent.map(str::to_string);
         while let Some(key) = next {
             let record = self.get(&key)?;
-            dirs.push(
-                record
-                    .lazy_mount
-                    .clone()
-                    .unwrap_or_else(|| self.dir(record.id).join("fs")),
-            );
+            match record.lazy_mount {
+                // A lazy mount is a whole image: the layers below it hold its blobs.
+                Some(mount) => {
+                    dirs.push(mount);
+                    break;
+                }
+                None => dirs.push(self.dir(record.id).join("fs")),
+            }
             next = record.info.parent;
         }
         Ok(dirs)
+    }
+
+    /// The directory holding a snapshot's files.
+    pub fn fs_dir(&self, key: &str) -> Result<PathBuf> {
+        Ok(self.dir(self.get(key)?.id).join("fs"))
+    }
+
+    /// The parent a snapshot was created on.
+    pub fn parent_of(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.get(key)?.info.parent)
+    }
+
+    /// The unpacked blobs of a chain, from `key` down.
+    pub fn unpacked_blobs(&self, key: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
+        let mut blobs = Vec::new();
+        let mut next = key.map(str::to_string);
+        while let Some(key) = next {
+            let record = self.get(&key)?;
+            if let Some(Unpacked::Blob { digest }) = &record.unpacked {
+                blobs.push((
+                    digest.clone(),
+                    self.dir(record.id).join("fs").join("petrel").join("blob"),
+                ));
+            }
+            next = record.info.parent;
+        }
+        Ok(blobs)
+    }
+
+    fn lazy_layer(&self, record: Record) -> Result<Option<LazyLayer>> {
+        let Some(mountpoint) = record.lazy_mount else {
+            return Ok(None);
+        };
+        let unpacked = match record.unpacked {
+            Some(Unpacked::Bootstrap) => Some(UnpackedImage {
+                image_dir: self.dir(record.id).join("fs").join("petrel"),
+                blobs: self.unpacked_blobs(record.info.parent.as_deref())?,
+            }),
+            _ => None,
+        };
+        Ok(Some(LazyLayer {
+            info: record.info,
+            mountpoint,
+            unpacked,
+        }))
     }
 
     fn create(
@@ -186,6 +264,7 @@ impl SnapshotStore {
                     updated: time,
                 },
                 lazy_mount: None,
+                unpacked: None,
             };
             let bytes = serde_json::to_vec(&record).expect("serializable");
             snapshots.insert(key, bytes.as_slice())?;
@@ -263,6 +342,19 @@ impl SnapshotStore {
 
     /// Commits active snapshot `key` as `name` (same directory).
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        self.commit_unpacked(name, key, labels, None, None)
+    }
+
+    /// Commits active snapshot `key` as `name`, recording what petrel layer
+    /// containerd unpacked into it and the lazy mount that serves it.
+    pub fn commit_unpacked(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        unpacked: Option<Unpacked>,
+        lazy_mount: Option<PathBuf>,
+    ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut snapshots = txn.open_table(SNAPSHOTS)?;
@@ -291,7 +383,8 @@ impl SnapshotStore {
                     updated: time,
                     parent: record.info.parent,
                 },
-                lazy_mount: record.lazy_mount,
+                lazy_mount: lazy_mount.or(record.lazy_mount),
+                unpacked,
             };
             snapshots.remove(key)?;
             let bytes = serde_json::to_vec(&committed).expect("serializable");
@@ -329,25 +422,23 @@ impl SnapshotStore {
         Ok(())
     }
 
-    /// Remote layers and their lazy mounts, with their labels (to remount them).
-    pub fn lazy_mounts(&self) -> Result<Vec<(Info, PathBuf)>> {
-        Ok(self
-            .all()?
-            .into_iter()
-            .filter_map(|r| Some((r.info, r.lazy_mount?)))
-            .collect())
+    /// Every lazy mount and what it is mounted from (to remount it).
+    pub fn lazy_mounts(&self) -> Result<Vec<LazyLayer>> {
+        let mut out = Vec::new();
+        for record in self.all()? {
+            out.extend(self.lazy_layer(record)?);
+        }
+        Ok(out)
     }
 
     /// Lazy mounts of a snapshot's parent chain (to check before handing out mounts).
-    pub fn lazy_mounts_below(&self, key: &str) -> Result<Vec<(Info, PathBuf)>> {
+    pub fn lazy_mounts_below(&self, key: &str) -> Result<Vec<LazyLayer>> {
         let mut out = Vec::new();
         let mut next = Some(key.to_string());
         while let Some(k) = next {
             let record = self.get(&k)?;
             next = record.info.parent.clone();
-            if let Some(mount) = record.lazy_mount {
-                out.push((record.info, mount));
-            }
+            out.extend(self.lazy_layer(record)?);
         }
         Ok(out)
     }

@@ -25,6 +25,10 @@ pub struct MountArgs {
     /// instead of the image directory's.
     #[arg(long)]
     blob_dir: Option<PathBuf>,
+    /// The files in --blob-dir are unpacked blob layers (each layer's `petrel/blob`
+    /// entry, as `tar -x` or containerd leaves it), not whole layers.
+    #[arg(long, requires = "blob_dir")]
+    unpacked_blobs: bool,
     /// Node cache root (verified bootstraps and chunk caches).
     #[arg(long, default_value = DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
@@ -134,6 +138,7 @@ pub fn resolve_image(
     cache_dir: &std::path::Path,
     registry: &crate::cli::registry_args::RegistryArgs,
     blob_dir: Option<&std::path::Path>,
+    unpacked_blobs: bool,
 ) -> anyhow::Result<(std::sync::Arc<dyn petrel_fuse_daemon::Backend>, PathBuf, String)> {
     if let Some(reference) = image.strip_prefix("docker://") {
         let image_ref = petrel_registry::ImageRef::parse(reference)?;
@@ -149,7 +154,11 @@ pub fn resolve_image(
     } else {
         let dir = PathBuf::from(image);
         let blobs = blob_dir.map(PathBuf::from).unwrap_or_else(|| dir.clone());
-        let backend = std::sync::Arc::new(petrel_fuse_daemon::LocalBackend::new(blobs));
+        let backend = std::sync::Arc::new(if unpacked_blobs {
+            petrel_fuse_daemon::LocalBackend::unpacked(blobs)
+        } else {
+            petrel_fuse_daemon::LocalBackend::new(blobs)
+        });
         Ok((
             backend,
             petrel_format::image_dir::ImageDir::new(&dir).bootstrap_path(),
@@ -160,7 +169,7 @@ pub fn resolve_image(
 
 pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
-    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None)?;
+    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
     let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0, None)?;
     let mode = if args.all {
         PrefetchMode::All
@@ -254,8 +263,13 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         cache_max_bytes: args.cache_max_bytes,
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
-    let (backend, bootstrap, name) =
-        resolve_image(&args.image, &args.cache_dir, &args.registry, args.blob_dir.as_deref())?;
+    let (backend, bootstrap, name) = resolve_image(
+        &args.image,
+        &args.cache_dir,
+        &args.registry,
+        args.blob_dir.as_deref(),
+        args.unpacked_blobs,
+    )?;
     let mounted = petrel_fuse_daemon::mount::mount_with_backend(&config, backend, &bootstrap, &name)
         .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
@@ -308,6 +322,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
         )
+        .args(args.unpacked_blobs.then_some("--unpacked-blobs"))
         .args(args.registry.to_args())
         .args(args.prefetch.to_args())
         .args(
@@ -388,7 +403,7 @@ fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
     let cache = tempfile::tempdir()?;
     let mut images: Vec<(String, std::collections::HashMap<[u8; 32], u64>)> = Vec::new();
     for target in &args.targets {
-        let (_, bootstrap_path, name) = resolve_image(target, cache.path(), &args.registry, None)?;
+        let (_, bootstrap_path, name) = resolve_image(target, cache.path(), &args.registry, None, false)?;
         let bytes = std::fs::read(&bootstrap_path).with_context(|| format!("reading {}", bootstrap_path.display()))?;
         let bootstrap = petrel_format::Bootstrap::open(&bytes).with_context(|| format!("bootstrap of {target}"))?;
         let mut chunks = std::collections::HashMap::new();

@@ -82,7 +82,7 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::create_dir_all(&args.cache_dir)?;
-    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None)?;
+    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
     let config = MountConfig {
         record: Some(args.profile.clone()),
         prefetch: PrefetchConfig {

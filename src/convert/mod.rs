@@ -10,11 +10,12 @@ pub use target::Target;
 
 use anyhow::{bail, Context};
 use petrel_builder::{BuildOptions, ImageBuilder};
+use petrel_format::layer_tar;
 use petrel_registry::oci::*;
 use petrel_registry::{ClientOptions, ImageRef, Location, RegistryClient};
 use sha2::Digest;
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Instant;
 
 /// What one converted manifest produced.
@@ -116,9 +117,11 @@ pub fn convert(
             .manifest;
         let bootstrap = bootstrap_layer(manifest)
             .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
-        let bytes = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
+        let layer = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
+        let bytes = layer_tar::unwrap(layer_tar::BOOTSTRAP_ENTRY, &layer)
+            .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
         let added = dict
-            .add_bootstrap(&bytes)
+            .add_bootstrap(bytes)
             .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
         tracing::info!("chunk dictionary {}: {added} chunks", dict_source.describe());
         dict_sources.push(dict_source);
@@ -346,19 +349,22 @@ fn convert_one(
             platform: None,
         });
     }
-    let bootstrap_path = image_dir.bootstrap_path();
-    let bootstrap_bytes = std::fs::read(&bootstrap_path)?;
+    let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
     let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
-    let bootstrap_digest = report.output.bootstrap_sha256.clone();
-    if target.put_blob_file(&bootstrap_digest, &bootstrap_path, None)? {
-        uploaded += bootstrap_bytes.len() as u64;
+    // The bootstrap travels as a one-entry tar layer, like the blobs (spec §14).
+    let bootstrap_layer = layer_tar::wrap(layer_tar::BOOTSTRAP_ENTRY, &bootstrap_bytes);
+    let bootstrap_digest = sha256_digest(&bootstrap_layer);
+    let mut bootstrap_file = tempfile::NamedTempFile::new_in(image_dir.root())?;
+    bootstrap_file.write_all(&bootstrap_layer)?;
+    if target.put_blob_file(&bootstrap_digest, bootstrap_file.path(), None)? {
+        uploaded += bootstrap_layer.len() as u64;
     } else {
         skipped += 1;
     }
     layers.push(Descriptor {
         media_type: PETREL_LAYER.into(),
         digest: bootstrap_digest.clone(),
-        size: bootstrap_bytes.len() as u64,
+        size: bootstrap_layer.len() as u64,
         annotations: {
             let mut annotations = petrel_layer_annotations(ROLE_BOOTSTRAP);
             annotations.insert(ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock));
@@ -389,7 +395,7 @@ fn convert_one(
             manifest_digest,
             platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
             bootstrap_digest,
-            bootstrap_size: bootstrap_bytes.len() as u64,
+            bootstrap_size: bootstrap_layer.len() as u64,
             blobs: report.output.blob.iter().map(|b| (b.digest.clone(), b.size)).collect(),
             source_layers: count,
             source_bytes,

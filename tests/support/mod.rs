@@ -2,6 +2,7 @@
 //! own storage, and a fault-injecting HTTP proxy in front of it.
 #![allow(dead_code)]
 
+pub mod busybox_image;
 pub mod containerd;
 pub mod fault_proxy;
 

@@ -73,7 +73,7 @@ pub struct BlobInfo {
     pub compressed_size: u64,
     pub uncompressed_size: u64,
     pub chunk_count: u32,
-    pub prefetch_size: u64,
+    pub prefetch_end: u64,
 }
 
 impl BlobInfo {
@@ -279,7 +279,7 @@ impl<'a> Bootstrap<'a> {
         if record.compressor.get() != BLOB_COMPRESSOR_ZSTD_CHUNKS {
             return Err(FormatError::corrupt("blob", index, "unknown compressor"));
         }
-        if record.prefetch_size.get() > record.compressed_size.get() {
+        if record.prefetch_end.get() > record.compressed_size.get() {
             return Err(FormatError::corrupt(
                 "blob",
                 index,
@@ -292,7 +292,7 @@ impl<'a> Bootstrap<'a> {
             compressed_size: record.compressed_size.get(),
             uncompressed_size: record.uncompressed_size.get(),
             chunk_count: record.chunk_count.get(),
-            prefetch_size: record.prefetch_size.get(),
+            prefetch_end: record.prefetch_end.get(),
         })
     }
 

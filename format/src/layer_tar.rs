@@ -1,0 +1,162 @@
+//! Petrel's OCI layers are tar archives of exactly one regular file (spec §14): a
+//! blob layer holds `petrel/blob`, the bootstrap layer `petrel/bootstrap`. Any tar
+//! reader can unpack them, so a runtime that pulls a petrel image without petrel's
+//! snapshotter labels still gets the files on disk.
+//!
+//! The wrapping is fixed to the byte: a 512-byte ustar header (mode 0444, uid and gid
+//! 0, mtime 0, no user or group names), the file's bytes, zero padding to a multiple
+//! of 512, then the two zero blocks that end an archive. A blob's data therefore
+//! starts at [`DATA_OFFSET`] of its layer, and chunk offsets count from the layer's
+//! first byte.
+
+/// Where the wrapped file's bytes start in a layer.
+pub const DATA_OFFSET: u64 = 512;
+/// The entry of a blob layer.
+pub const BLOB_ENTRY: &str = "petrel/blob";
+/// The entry of a bootstrap layer.
+pub const BOOTSTRAP_ENTRY: &str = "petrel/bootstrap";
+
+const BLOCK: u64 = 512;
+const END_OF_ARCHIVE: u64 = 2 * BLOCK;
+
+/// A layer that is not petrel's one-entry tar.
+#[derive(Debug, thiserror::Error)]
+#[error("{entry} layer is not petrel's one-entry tar: {reason}")]
+pub struct LayerTarError {
+    pub entry: &'static str,
+    pub reason: String,
+}
+
+/// The ustar header that opens a layer wrapping `size` bytes as `entry`.
+pub fn header(entry: &str, size: u64) -> [u8; 512] {
+    let mut header = tar::Header::new_ustar();
+    header
+        .set_path(entry)
+        .expect("petrel's entry names are short relative paths");
+    header.set_size(size);
+    header.set_mode(0o444);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    *header.as_bytes()
+}
+
+/// The zero bytes that follow `size` bytes of data: padding to a block, then the
+/// end-of-archive marker.
+pub fn trailer_len(size: u64) -> u64 {
+    (BLOCK - size % BLOCK) % BLOCK + END_OF_ARCHIVE
+}
+
+/// Length of a layer wrapping `size` bytes.
+pub fn layer_len(size: u64) -> u64 {
+    DATA_OFFSET + size + trailer_len(size)
+}
+
+/// `bytes` wrapped as the layer of `entry`.
+pub fn wrap(entry: &str, bytes: &[u8]) -> Vec<u8> {
+    let size = bytes.len() as u64;
+    let mut layer = Vec::with_capacity(layer_len(size) as usize);
+    layer.extend_from_slice(&header(entry, size));
+    layer.extend_from_slice(bytes);
+    layer.resize(layer_len(size) as usize, 0);
+    layer
+}
+
+/// The file a layer of `entry` wraps; anything but the exact wrapping is refused.
+pub fn unwrap<'a>(entry: &'static str, layer: &'a [u8]) -> Result<&'a [u8], LayerTarError> {
+    let fail = |reason: String| LayerTarError { entry, reason };
+    if (layer.len() as u64) < DATA_OFFSET + END_OF_ARCHIVE {
+        return Err(fail(format!(
+            "{} bytes is shorter than an empty tar entry",
+            layer.len()
+        )));
+    }
+    let size = data_size(entry, &layer[..DATA_OFFSET as usize])?;
+    if layer.len() as u64 != layer_len(size) {
+        return Err(fail(format!(
+            "the header announces {size} bytes, so the layer must be {} bytes, not {}",
+            layer_len(size),
+            layer.len()
+        )));
+    }
+    let end = (DATA_OFFSET + size) as usize;
+    if layer[end..].iter().any(|b| *b != 0) {
+        return Err(fail("bytes after the entry are not zero".into()));
+    }
+    Ok(&layer[DATA_OFFSET as usize..end])
+}
+
+/// The data size a layer header announces, if it is exactly petrel's header for `entry`.
+pub fn data_size(entry: &'static str, header_bytes: &[u8]) -> Result<u64, LayerTarError> {
+    let fail = |reason: String| LayerTarError { entry, reason };
+    let bytes: &[u8; 512] = header_bytes
+        .try_into()
+        .map_err(|_| fail(format!("a header is 512 bytes, not {}", header_bytes.len())))?;
+    let parsed = tar::Header::from_byte_slice(bytes);
+    let size = parsed
+        .size()
+        .map_err(|e| fail(format!("unreadable size in the tar header: {e}")))?;
+    if &header(entry, size) != bytes {
+        let name = String::from_utf8_lossy(&parsed.path_bytes()).into_owned();
+        return Err(fail(format!(
+            "its tar header (entry {name:?}) is not petrel's header for {entry}"
+        )));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_file_unwraps_and_reads_as_a_tar() {
+        for size in [0usize, 1, 511, 512, 513, 4096, 100_000] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
+            let layer = wrap(BLOB_ENTRY, &data);
+            assert_eq!(layer.len() as u64, layer_len(size as u64));
+            assert_eq!(layer.len() % 512, 0);
+            assert_eq!(unwrap(BLOB_ENTRY, &layer).unwrap(), &data[..]);
+            let mut archive = tar::Archive::new(&layer[..]);
+            let mut entries = archive.entries().unwrap();
+            let mut entry = entries.next().unwrap().unwrap();
+            assert_eq!(entry.path().unwrap().to_str(), Some(BLOB_ENTRY));
+            assert_eq!(entry.header().mode().unwrap(), 0o444);
+            let mut read = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut read).unwrap();
+            assert_eq!(read, data);
+            drop(entry);
+            assert!(entries.next().is_none());
+        }
+    }
+
+    #[test]
+    fn anything_but_the_exact_wrapping_is_refused() {
+        let layer = wrap(BOOTSTRAP_ENTRY, b"bootstrap bytes");
+        let error = unwrap(BLOB_ENTRY, &layer).unwrap_err().to_string();
+        assert!(
+            error.contains("petrel/bootstrap") && error.contains("not petrel's header for petrel/blob"),
+            "{error}"
+        );
+        assert!(unwrap(BOOTSTRAP_ENTRY, &layer[..layer.len() - 1]).is_err());
+        let mut longer = layer.clone();
+        longer.extend_from_slice(&[0; 512]);
+        assert!(unwrap(BOOTSTRAP_ENTRY, &longer)
+            .unwrap_err()
+            .to_string()
+            .contains("must be"));
+        let mut dirty = layer.clone();
+        *dirty.last_mut().unwrap() = 1;
+        assert!(unwrap(BOOTSTRAP_ENTRY, &dirty)
+            .unwrap_err()
+            .to_string()
+            .contains("not zero"));
+        let mut renamed = layer.clone();
+        renamed[0] = b'x';
+        assert!(unwrap(BOOTSTRAP_ENTRY, &renamed).is_err());
+        assert!(unwrap(BOOTSTRAP_ENTRY, b"short").is_err());
+        assert!(unwrap(BOOTSTRAP_ENTRY, &[0xff; 2048]).is_err());
+    }
+}
