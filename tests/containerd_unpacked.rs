@@ -8,27 +8,6 @@ use support::busybox_image::*;
 use support::containerd::Containerd;
 use support::*;
 
-fn petrel_mounts_under(root: &std::path::Path) -> usize {
-    let root = root.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&root) && l.contains(" - fuse petrel:"))
-        .count()
-}
-
-fn daemon_pids(run_dir: &std::path::Path) -> Vec<i32> {
-    std::fs::read_dir(run_dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     if !can_run() {
@@ -53,7 +32,7 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
             "a normal pull downloads layer {digest}: {content}"
         );
     }
-    assert_eq!(petrel_mounts_under(&root), 1, "the unpacked bootstrap is mounted");
+    assert_eq!(containerd.lazy_mount_count(), 1, "the unpacked bootstrap is mounted");
 
     // The container sees the image's tree, not petrel's layer files.
     let run = |name: &str| {
@@ -81,17 +60,9 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
 
     // The mount's daemon dies: the next container's Prepare remounts the image from
     // the unpacked layers.
-    let pids = daemon_pids(&root.join("run"));
+    let pids = containerd.mount_daemon_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pids[0]).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{}", pids[0])).exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    containerd.kill_mount_daemon(pids[0]);
     let out = run("unpacked-2");
     assert!(
         text(&out).contains("served through petrel's snapshotter"),
@@ -99,16 +70,12 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
         text(&out),
         log()
     );
-    assert_eq!(petrel_mounts_under(&root), 1);
+    assert_eq!(containerd.lazy_mount_count(), 1);
 
     // Removing the image releases the mount, its daemon and its blob links.
     let out = containerd.ctr(&["images", "rm", "--sync", &image]);
     assert!(out.status.success(), "{}", text(&out));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while petrel_mounts_under(&root) > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(petrel_mounts_under(&root), 0, "snapshotter log:\n{}", log());
+    assert_eq!(containerd.wait_lazy_mounts_gone(), 0, "snapshotter log:\n{}", log());
     let snapshots = text(&containerd.ctr(&["snapshots", "--snapshotter", "petrel", "ls"]));
     assert_eq!(
         snapshots.lines().count(),

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod labels;
 pub mod remote;
 pub mod service;
 pub mod store;

@@ -1,6 +1,6 @@
 //! Remote petrel layers. During a pull, containerd prepares each layer with the
-//! target chain ID in `containerd.io/snapshot.ref` and the CRI labels naming the
-//! image, manifest and layer. A layer of a petrel image is never downloaded: blob
+//! target chain ID in `containerd.io/snapshot.ref` and labels naming the
+//! image and layer (`crate::labels`). A layer of a petrel image is never downloaded: blob
 //! layers become empty committed snapshots, and the bootstrap layer becomes a
 //! committed snapshot whose contents are a lazy `petrel mount` of the image.
 //!
@@ -10,27 +10,16 @@
 //! daemon is gone.
 
 use crate::error::{Result, SnapshotError};
-use petrel_registry::oci::{petrel_role, Manifest, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
-use petrel_registry::{ClientOptions, ImageRef, RegistryClient};
-use std::collections::BTreeMap;
+use petrel_registry::ImageRef;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
-pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+pub use crate::labels::{classify, PETREL_IMAGE, TARGET_REF};
+use crate::labels::{CRI_IMAGE_REF, CRI_MANIFEST};
 /// `statfs` type of a FUSE mount.
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
-/// What a layer being pulled is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RemoteLayer {
-    /// A petrel chunk blob: nothing to unpack.
-    Blob,
-    /// The bootstrap: the whole image is served lazily from this image reference.
-    Bootstrap { image: String },
-}
+pub use crate::labels::RemoteLayer;
 
 /// Where lazy mounts, their cache and their daemons' files live.
 #[derive(Debug, Clone)]
@@ -52,49 +41,6 @@ impl RemoteConfig {
         let name = mountpoint.file_name().unwrap_or(std::ffi::OsStr::new("none"));
         self.root.join("unpacked").join(name)
     }
-}
-
-/// Decides from the labels whether a layer is part of a petrel image. Labels
-/// missing: `None` (an ordinary pull).
-pub fn classify(labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>> {
-    let (Some(image), Some(manifest_digest), Some(layer)) = (
-        labels.get(CRI_IMAGE_REF),
-        labels.get(CRI_MANIFEST),
-        labels.get(CRI_LAYER),
-    ) else {
-        return Ok(None);
-    };
-    let unavailable =
-        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
-    let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-    // The layer's role arrives as a label when containerd passes its annotations;
-    // otherwise the manifest says.
-    let role = match labels.get(ANNOTATION_SNAPSHOT_LAYER) {
-        Some(role) => Some(role.clone()),
-        None => {
-            let client = RegistryClient::new(&image_ref.registry, &ClientOptions::default()).map_err(unavailable)?;
-            let (bytes, _, _) = client
-                .get_manifest(&image_ref.repository, manifest_digest)
-                .map_err(unavailable)?;
-            let manifest: Manifest = serde_json::from_slice(&bytes)
-                .map_err(|e| SnapshotError::FailedPrecondition(format!("manifest {manifest_digest}: {e}")))?;
-            manifest
-                .layers
-                .iter()
-                .find(|l| &l.digest == layer)
-                .and_then(|l| petrel_role(l).map(str::to_string))
-        }
-    };
-    Ok(match role.as_deref() {
-        Some(ROLE_BLOB) => Some(RemoteLayer::Blob),
-        Some(ROLE_BOOTSTRAP) => Some(RemoteLayer::Bootstrap {
-            image: format!(
-                "docker://{}/{}@{manifest_digest}",
-                image_ref.registry, image_ref.repository
-            ),
-        }),
-        _ => None,
-    })
 }
 
 /// Whether a live FUSE filesystem answers at `mountpoint`.
@@ -173,6 +119,10 @@ pub fn ensure_mounted(config: &RemoteConfig, layer: &crate::store::LazyLayer) ->
         return crate::unpacked::mount(config, image, mountpoint);
     }
     let labels = &layer.info.labels;
+    if let Some(image) = labels.get(PETREL_IMAGE) {
+        tracing_free_log(&format!("remounting {image} at {}", mountpoint.display()));
+        return mount(config, image, mountpoint);
+    }
     let (Some(image), Some(manifest)) = (labels.get(CRI_IMAGE_REF), labels.get(CRI_MANIFEST)) else {
         return Err(SnapshotError::FailedPrecondition(format!(
             "lazy layer at {} has no image labels to remount from",

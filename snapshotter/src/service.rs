@@ -120,14 +120,17 @@ impl Service {
             return Ok(false);
         };
         let to_classify = labels.clone();
-        let layer = tokio::task::spawn_blocking(move || remote::classify(&to_classify))
+        let settings = self.remote.settings.clone();
+        let layer = tokio::task::spawn_blocking(move || remote::classify(&to_classify, &settings))
             .await
             .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
         let mut _in_flight = None;
+        let mut labels = labels.clone();
         let mount = match layer {
             None => return Ok(false),
             Some(RemoteLayer::Blob) => None,
             Some(RemoteLayer::Bootstrap { image }) => {
+                labels.insert(remote::PETREL_IMAGE.to_string(), image.clone());
                 let mountpoint = self.remote.mountpoint(&target);
                 _in_flight = Some(MountingGuard::new(&self.mounting, &mountpoint));
                 if !remote::is_live(&mountpoint) {
@@ -140,7 +143,7 @@ impl Service {
                 Some(mountpoint)
             }
         };
-        self.store.commit_remote(&target, parent, labels.clone(), mount)?;
+        self.store.commit_remote(&target, parent, labels, mount)?;
         Ok(true)
     }
 

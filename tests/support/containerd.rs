@@ -152,6 +152,56 @@ impl Containerd {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Live petrel FUSE mounts under the snapshotter's root.
+    pub fn lazy_mount_count(&self) -> usize {
+        let root = self.snapshotter_root().to_string_lossy().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&root) && l.contains(" - fuse petrel:"))
+            .count()
+    }
+
+    /// Pids of the snapshotter's mount daemons, from their pid files.
+    pub fn mount_daemon_pids(&self) -> Vec<i32> {
+        std::fs::read_dir(self.snapshotter_root().join("run"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Kills mount daemon `pid` (one this harness's snapshotter started) and waits
+    /// until it is gone.
+    pub fn kill_mount_daemon(&self, pid: i32) {
+        assert!(
+            self.mount_daemon_pids().contains(&pid),
+            "{pid} is not one of our daemons"
+        );
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to 20 s for the lazy mounts to be gone; returns how many are left.
+    pub fn wait_lazy_mounts_gone(&self) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.lazy_mount_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.lazy_mount_count()
+    }
 }
 
 impl Drop for Containerd {

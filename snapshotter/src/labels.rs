@@ -1,0 +1,142 @@
+//! What containerd's clients tell a snapshotter about a layer being pulled, and
+//! whether that layer belongs to a petrel image.
+//!
+//! Two sets of labels name the image:
+//! - CRI (and `ctr-remote image rpull --use-containerd-labels`): image reference,
+//!   manifest digest and layer digest under `containerd.io/snapshot/cri.`;
+//! - `ctr-remote image rpull` without that flag (stargz-snapshotter's own labels):
+//!   image reference and layer digest under `containerd.io/snapshot/remote/stargz.`,
+//!   but no manifest digest. The reference is resolved once, and the manifest it
+//!   names must list the layer, so the lazy mount is pinned to that manifest digest.
+//!
+//! A layer's role comes from its `containerd.io/snapshot/petrel.layer` annotation,
+//! which both pass on, or else from the manifest.
+
+use crate::error::{Result, SnapshotError};
+use petrel_registry::oci::{
+    is_index, petrel_role, Index, Manifest, Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP,
+};
+use petrel_registry::{ClientOptions, Credentials, ImageRef, RegistryClient};
+use std::collections::BTreeMap;
+
+pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const STARGZ_IMAGE_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+pub const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
+/// Set by the snapshotter on a lazy bootstrap snapshot: the pinned image it mounts
+/// (`docker://HOST/REPO@sha256:…`), to remount it from.
+pub const PETREL_IMAGE: &str = "containerd.io/snapshot/petrel.image";
+
+/// What a layer being pulled is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteLayer {
+    /// A petrel chunk blob: nothing to unpack.
+    Blob,
+    /// The bootstrap: the whole image is served lazily from this pinned image.
+    Bootstrap { image: String },
+}
+
+/// Decides from the labels whether a layer is part of a petrel image. No image
+/// labels: `None` (an ordinary pull).
+pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Config) -> Result<Option<RemoteLayer>> {
+    let (image, manifest_digest, layer) = match (
+        labels.get(CRI_IMAGE_REF),
+        labels.get(CRI_MANIFEST),
+        labels.get(CRI_LAYER),
+        labels.get(STARGZ_IMAGE_REF),
+        labels.get(STARGZ_LAYER),
+    ) {
+        (Some(image), Some(manifest), Some(layer), ..) => (image, Some(manifest), layer),
+        (.., Some(image), Some(layer)) => (image, None, layer),
+        _ => return Ok(None),
+    };
+    let unavailable =
+        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
+    let image_ref = ImageRef::parse(image).map_err(unavailable)?;
+    let mut role = labels.get(ANNOTATION_SNAPSHOT_LAYER).cloned();
+    let mut pinned = manifest_digest.cloned();
+    if role.is_none() || (role.as_deref() == Some(ROLE_BOOTSTRAP) && pinned.is_none()) {
+        let options = ClientOptions {
+            credentials: settings
+                .credentials_for(&image_ref.registry)
+                .and_then(|c| Credentials::parse(&c)),
+            ..ClientOptions::default()
+        };
+        let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
+        let reference = manifest_digest.map_or_else(|| image_ref.reference().to_string(), Clone::clone);
+        let (digest, manifest) = manifest_listing(&client, &image_ref, &reference, layer).map_err(|e| match e {
+            Listing::Registry(e) => unavailable(e),
+            Listing::Invalid(reason) => SnapshotError::FailedPrecondition(format!("{image}: {reason}")),
+        })?;
+        role = role.or_else(|| {
+            manifest
+                .layers
+                .iter()
+                .find(|l| &l.digest == layer)
+                .and_then(|l| petrel_role(l).map(str::to_string))
+        });
+        pinned = Some(digest);
+    }
+    Ok(match role.as_deref() {
+        Some(ROLE_BLOB) => Some(RemoteLayer::Blob),
+        Some(ROLE_BOOTSTRAP) => Some(RemoteLayer::Bootstrap {
+            image: format!(
+                "docker://{}/{}@{}",
+                image_ref.registry,
+                image_ref.repository,
+                pinned.expect("resolved above for a bootstrap")
+            ),
+        }),
+        _ => None,
+    })
+}
+
+enum Listing {
+    Registry(petrel_registry::RegistryError),
+    Invalid(String),
+}
+
+impl From<petrel_registry::RegistryError> for Listing {
+    fn from(e: petrel_registry::RegistryError) -> Self {
+        Listing::Registry(e)
+    }
+}
+
+/// The manifest `reference` names (through an index, this host's platform) and its
+/// digest; it must list `layer`.
+fn manifest_listing(
+    client: &RegistryClient,
+    image: &ImageRef,
+    reference: &str,
+    layer: &str,
+) -> std::result::Result<(String, Manifest), Listing> {
+    let (mut bytes, mut media_type, mut digest) = client.get_manifest(&image.repository, reference)?;
+    if is_index(&media_type) {
+        let index: Index =
+            serde_json::from_slice(&bytes).map_err(|e| Listing::Invalid(format!("bad index {digest}: {e}")))?;
+        let host = Platform::host();
+        let chosen = index
+            .manifests
+            .iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == host.os && p.architecture == host.architecture)
+            })
+            .ok_or_else(|| Listing::Invalid(format!("index {digest} has no manifest for {host}")))?;
+        (bytes, media_type, digest) = client.get_manifest(&image.repository, &chosen.digest)?;
+        if is_index(&media_type) {
+            return Err(Listing::Invalid(format!("nested index {digest}")));
+        }
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| Listing::Invalid(format!("bad manifest {digest}: {e}")))?;
+    if !manifest.layers.iter().any(|l| l.digest == layer) {
+        return Err(Listing::Invalid(format!(
+            "manifest {digest} does not list layer {layer} (did {reference} move during the pull?)"
+        )));
+    }
+    Ok((digest, manifest))
+}
