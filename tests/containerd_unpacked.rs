@@ -84,4 +84,44 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     );
     let links = std::fs::read_dir(root.join("unpacked")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(links, 0, "blob links of removed mounts are gone");
+
+    // A manifest that lists the bootstrap but none of the blobs it names: containerd
+    // unpacks it, and the Commit of the bootstrap layer fails naming the missing blob,
+    // so the pull fails and nothing is mounted.
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let bootstrap = manifest["layers"].as_array().unwrap().last().unwrap().clone();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&client.get_blob_verified("busy", config_digest, 1 << 20).unwrap()).unwrap();
+    config["rootfs"]["diff_ids"] = serde_json::json!([bootstrap["digest"]]);
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let mut broken = manifest.clone();
+    broken["config"]["digest"] = client.push_blob_bytes("busy", &config_bytes).unwrap().into();
+    broken["config"]["size"] = config_bytes.len().into();
+    broken["layers"] = serde_json::json!([bootstrap]);
+    client
+        .put_manifest(
+            "busy",
+            "broken",
+            petrel_registry::oci::OCI_MANIFEST,
+            &serde_json::to_vec(&broken).unwrap(),
+        )
+        .unwrap();
+    let broken_image = format!("{}/busy:broken", registry.addr);
+    let out = containerd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "petrel",
+        &broken_image,
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let blob = manifest["layers"][0]["digest"].as_str().unwrap();
+    assert!(
+        text(&out).contains(&format!("needs blob {blob}, which no layer below it holds")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(containerd.lazy_mount_count(), 0);
 }
