@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::{DaemonError, Result};
-use petrel_registry::oci::{bootstrap_layer, is_index, Index, Manifest, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
+use petrel_registry::oci::{bootstrap_layer, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
 use petrel_registry::{ImageRef, RegistryClient};
 
 fn petrel_layer_is_blob(layer: &petrel_registry::oci::Descriptor) -> bool {
@@ -65,25 +65,14 @@ pub fn resolve(
     cache_dir: &Path,
     platform: &Platform,
 ) -> Result<RemoteImage> {
-    let (mut bytes, mut media_type, mut digest) = client.get_manifest(&image.repository, image.reference())?;
-    if is_index(&media_type) {
-        let index: Index = serde_json::from_slice(&bytes).map_err(|e| invalid(image, format!("bad index: {e}")))?;
-        let chosen = index
-            .manifests
-            .iter()
-            .find(|d| {
-                d.platform
-                    .as_ref()
-                    .is_none_or(|p| p.os == platform.os && p.architecture == platform.architecture)
-            })
-            .ok_or_else(|| invalid(image, format!("no manifest for {platform}")))?;
-        (bytes, media_type, digest) = client.get_manifest(&image.repository, &chosen.digest)?;
-        if is_index(&media_type) {
-            return Err(invalid(image, "nested index".into()));
-        }
-    }
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(image, format!("bad manifest {digest}: {e}")))?;
+    let (manifest, digest) = client
+        .get_image_manifest(&image.repository, image.reference(), platform)
+        .map_err(|e| match e {
+            petrel_registry::RegistryError::BadContent { what, reason } => {
+                invalid(image, format!("bad {what}: {reason}"))
+            }
+            other => other.into(),
+        })?;
     let bootstrap = bootstrap_layer(&manifest)
         .ok_or_else(|| invalid(image, "not a petrel image: the manifest has no bootstrap layer".into()))?;
     if bootstrap.size > MAX_BOOTSTRAP_BYTES {

@@ -332,6 +332,46 @@ impl RegistryClient {
         Ok((bytes, media_type, digest))
     }
 
+    /// The image manifest `reference` names, parsed, and its digest. Through an index,
+    /// the first entry for `platform` (or without a platform); a nested index is refused.
+    pub fn get_image_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        platform: &crate::oci::Platform,
+    ) -> Result<(crate::oci::Manifest, String)> {
+        let bad = |what: String, e: serde_json::Error| RegistryError::BadContent {
+            what,
+            reason: e.to_string(),
+        };
+        let (mut bytes, mut media_type, mut digest) = self.get_manifest(repository, reference)?;
+        if crate::oci::is_index(&media_type) {
+            let index: crate::oci::Index =
+                serde_json::from_slice(&bytes).map_err(|e| bad(format!("index {repository}@{digest}"), e))?;
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_none_or(|p| p.os == platform.os && p.architecture == platform.architecture)
+                })
+                .ok_or_else(|| RegistryError::NoPlatform {
+                    reference: format!("{repository}@{digest}"),
+                    platform: platform.to_string(),
+                })?;
+            (bytes, media_type, digest) = self.get_manifest(repository, &chosen.digest)?;
+            if crate::oci::is_index(&media_type) {
+                return Err(RegistryError::BadContent {
+                    what: format!("index {repository}@{digest}"),
+                    reason: "an index inside an index".into(),
+                });
+            }
+        }
+        let manifest = serde_json::from_slice(&bytes).map_err(|e| bad(format!("manifest {repository}@{digest}"), e))?;
+        Ok((manifest, digest))
+    }
+
     /// A streaming reader of a whole blob (not verified: callers hash as they read).
     pub fn blob_reader(&self, repository: &str, digest: &str) -> Result<Response> {
         let path = format!("/v2/{repository}/blobs/{digest}");

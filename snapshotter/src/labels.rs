@@ -13,9 +13,7 @@
 //! which both pass on, or else from the manifest.
 
 use crate::error::{Result, SnapshotError};
-use petrel_registry::oci::{
-    is_index, petrel_role, Index, Manifest, Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP,
-};
+use petrel_registry::oci::{petrel_role, Manifest, Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
 use petrel_registry::{ClientOptions, Credentials, ImageRef, RegistryClient};
 use std::collections::BTreeMap;
 
@@ -66,10 +64,7 @@ pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Con
         };
         let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
         let reference = manifest_digest.map_or_else(|| image_ref.reference().to_string(), Clone::clone);
-        let (digest, manifest) = manifest_listing(&client, &image_ref, &reference, layer).map_err(|e| match e {
-            Listing::Registry(e) => unavailable(e),
-            Listing::Invalid(reason) => SnapshotError::FailedPrecondition(format!("{image}: {reason}")),
-        })?;
+        let (digest, manifest) = manifest_listing(&client, &image_ref, &reference, layer)?;
         role = role.or_else(|| {
             manifest
                 .layers
@@ -93,17 +88,6 @@ pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Con
     })
 }
 
-enum Listing {
-    Registry(petrel_registry::RegistryError),
-    Invalid(String),
-}
-
-impl From<petrel_registry::RegistryError> for Listing {
-    fn from(e: petrel_registry::RegistryError) -> Self {
-        Listing::Registry(e)
-    }
-}
-
 /// The manifest `reference` names (through an index, this host's platform) and its
 /// digest; it must list `layer`.
 fn manifest_listing(
@@ -111,31 +95,13 @@ fn manifest_listing(
     image: &ImageRef,
     reference: &str,
     layer: &str,
-) -> std::result::Result<(String, Manifest), Listing> {
-    let (mut bytes, mut media_type, mut digest) = client.get_manifest(&image.repository, reference)?;
-    if is_index(&media_type) {
-        let index: Index =
-            serde_json::from_slice(&bytes).map_err(|e| Listing::Invalid(format!("bad index {digest}: {e}")))?;
-        let host = Platform::host();
-        let chosen = index
-            .manifests
-            .iter()
-            .find(|d| {
-                d.platform
-                    .as_ref()
-                    .is_none_or(|p| p.os == host.os && p.architecture == host.architecture)
-            })
-            .ok_or_else(|| Listing::Invalid(format!("index {digest} has no manifest for {host}")))?;
-        (bytes, media_type, digest) = client.get_manifest(&image.repository, &chosen.digest)?;
-        if is_index(&media_type) {
-            return Err(Listing::Invalid(format!("nested index {digest}")));
-        }
-    }
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| Listing::Invalid(format!("bad manifest {digest}: {e}")))?;
+) -> Result<(String, Manifest)> {
+    let (manifest, digest) = client
+        .get_image_manifest(&image.repository, reference, &Platform::host())
+        .map_err(|e| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}")))?;
     if !manifest.layers.iter().any(|l| l.digest == layer) {
-        return Err(Listing::Invalid(format!(
-            "manifest {digest} does not list layer {layer} (did {reference} move during the pull?)"
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "{image}: manifest {digest} does not list layer {layer} (did {reference} move during the pull?)"
         )));
     }
     Ok((digest, manifest))
