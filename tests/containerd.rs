@@ -11,19 +11,7 @@ use support::*;
 
 /// Runs a CRI-namespace container of `image` that prints its /etc/motd.
 fn cat_motd(containerd: &Containerd, image: &str, name: &str) -> std::process::Output {
-    containerd.ctr(&[
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "petrel",
-        image,
-        name,
-        "/bin/busybox",
-        "cat",
-        "/etc/motd",
-    ])
+    containerd.run_container("k8s.io", image, name, &["/bin/busybox", "cat", "/etc/motd"])
 }
 
 #[test]
@@ -45,17 +33,7 @@ fn an_ordinary_image_pulls_runs_and_is_cleaned_up() {
 
     // Metadata survives a restart of the snapshotter.
     containerd.restart_snapshotter();
-    let out = containerd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "petrel",
-        &image,
-        "petrel-e2e",
-        "/bin/busybox",
-        "cat",
-        "/etc/motd",
-    ]);
+    let out = containerd.run_container("default", &image, "petrel-e2e", &["/bin/busybox", "cat", "/etc/motd"]);
     assert!(out.status.success(), "run: {}", text(&out));
     assert!(
         text(&out).contains("served through petrel's snapshotter"),

@@ -56,19 +56,7 @@ fn a_petrel_image_pulled_with_ctr_remote_runs_lazily_without_downloading_a_layer
     let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", pids[0])).unwrap();
     assert!(cmdline.contains(&format!("busy@{manifest_digest}")), "{cmdline:?}");
 
-    let run = |name: &str| {
-        containerd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "petrel",
-            &image,
-            name,
-            "/bin/busybox",
-            "cat",
-            "/etc/motd",
-        ])
-    };
+    let run = |name: &str| containerd.run_container("default", &image, name, &["/bin/busybox", "cat", "/etc/motd"]);
     let out = run("rpull-1");
     assert!(
         text(&out).contains("served through petrel's snapshotter"),

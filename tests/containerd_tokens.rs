@@ -53,21 +53,7 @@ fn an_expired_token_is_refreshed_by_the_running_mount_daemon() {
     let socket = containerd.path("containerd.sock");
     let log = || std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default();
     cri_pull(&socket, &image).unwrap_or_else(|e| panic!("CRI pull: {e}\nsnapshotter log:\n{}", log()));
-    let run = |name: &str, script: &str| {
-        containerd.ctr(&[
-            "-n",
-            "k8s.io",
-            "run",
-            "--rm",
-            "--snapshotter",
-            "petrel",
-            &image,
-            name,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-    };
+    let run = |name: &str, script: &str| containerd.run_container("k8s.io", &image, name, &["/bin/sh", "-c", script]);
     let out = run("tokens-1", "cat /etc/motd; head -c 4096 /data/big | wc -c");
     assert!(
         text(&out).contains("served through petrel's snapshotter") && text(&out).contains("4096"),

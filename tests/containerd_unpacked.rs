@@ -35,19 +35,7 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     assert_eq!(containerd.lazy_mount_count(), 1, "the unpacked bootstrap is mounted");
 
     // The container sees the image's tree, not petrel's layer files.
-    let run = |name: &str| {
-        containerd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "petrel",
-            &image,
-            name,
-            "/bin/sh",
-            "-c",
-            "cat /etc/motd; ls /",
-        ])
-    };
+    let run = |name: &str| containerd.run_container("default", &image, name, &["/bin/sh", "-c", "cat /etc/motd; ls /"]);
     let out = run("unpacked-1");
     let listing = text(&out);
     assert!(out.status.success(), "{listing}\nsnapshotter log:\n{}", log());

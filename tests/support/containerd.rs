@@ -149,6 +149,14 @@ impl Containerd {
             .unwrap()
     }
 
+    /// Runs `command` in a new container `name` of `image` (namespace `namespace`) on
+    /// petrel's snapshotter, removed when it exits.
+    pub fn run_container(&self, namespace: &str, image: &str, name: &str, command: &[&str]) -> Output {
+        let mut args = vec!["-n", namespace, "run", "--rm", "--snapshotter", "petrel", image, name];
+        args.extend_from_slice(command);
+        self.ctr(&args)
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
