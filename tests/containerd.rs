@@ -483,3 +483,36 @@ fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
         assert!(!place.contains(PASSWORD), "password leaked: {place}");
     }
 }
+
+#[test]
+fn an_ordinary_private_image_pulls_through_cri_without_snapshotter_credentials() {
+    if !can_run() {
+        return;
+    }
+    // The snapshotter knows no credentials for this registry; containerd has the pull
+    // secret. An ordinary layer must not make the snapshotter call the registry.
+    let registry = TestRegistry::start(true);
+    let containerd = Containerd::start_with(Some(&registry.addr));
+    let layout = containerd.path("layout-plain");
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer()]).unwrap();
+    registry.push_layout(&layout, "plain", "v1");
+    let image = format!("{}/plain:v1", registry.addr);
+    let socket = containerd.path("containerd.sock");
+    cri_pull_as(&socket, &image, Some((USER, PASSWORD))).unwrap_or_else(|e| {
+        panic!(
+            "CRI pull: {e}\nsnapshotter log:\n{}",
+            std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+        )
+    });
+    let out = cat_motd(&containerd, &image, "plain-private");
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        containerd.lazy_mount_count(),
+        0,
+        "an ordinary image is not mounted lazily"
+    );
+}

@@ -10,10 +10,10 @@
 //!   names must list the layer, so the lazy mount is pinned to that manifest digest.
 //!
 //! A layer's role comes from its `containerd.io/snapshot/petrel.layer` annotation,
-//! which both pass on, or else from the manifest.
+//! which both pass on.
 
 use crate::error::{Result, SnapshotError};
-use petrel_registry::oci::{petrel_role, Manifest, Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
+use petrel_registry::oci::{Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
 use petrel_registry::{ClientOptions, Credentials, ImageRef, RegistryClient};
 use std::collections::BTreeMap;
 
@@ -37,7 +37,9 @@ pub enum RemoteLayer {
 }
 
 /// Decides from the labels whether a layer is part of a petrel image. No image
-/// labels: `None` (an ordinary pull).
+/// labels, or no petrel role: `None` (an ordinary pull). Converted layers carry their
+/// role as an annotation, which containerd passes on with the image labels, so an
+/// ordinary layer costs no registry call (and needs no credentials here).
 pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Config) -> Result<Option<RemoteLayer>> {
     let (image, manifest_digest, layer) = match (
         labels.get(CRI_IMAGE_REF),
@@ -50,59 +52,49 @@ pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Con
         (.., Some(image), Some(layer)) => (image, None, layer),
         _ => return Ok(None),
     };
-    let unavailable =
-        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
-    let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-    let mut role = labels.get(ANNOTATION_SNAPSHOT_LAYER).cloned();
-    let mut pinned = manifest_digest.cloned();
-    if role.is_none() || (role.as_deref() == Some(ROLE_BOOTSTRAP) && pinned.is_none()) {
-        let options = ClientOptions {
-            credentials: settings
-                .credentials_for(&image_ref.registry)
-                .and_then(|c| Credentials::parse(&c)),
-            ..ClientOptions::default()
-        };
-        let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
-        let reference = manifest_digest.map_or_else(|| image_ref.reference().to_string(), Clone::clone);
-        let (digest, manifest) = manifest_listing(&client, &image_ref, &reference, layer)?;
-        role = role.or_else(|| {
-            manifest
-                .layers
-                .iter()
-                .find(|l| &l.digest == layer)
-                .and_then(|l| petrel_role(l).map(str::to_string))
-        });
-        pinned = Some(digest);
+    let Some(role) = labels.get(ANNOTATION_SNAPSHOT_LAYER) else {
+        return Ok(None);
+    };
+    match role.as_str() {
+        ROLE_BLOB => Ok(Some(RemoteLayer::Blob)),
+        ROLE_BOOTSTRAP => {
+            let unavailable = |e: petrel_registry::RegistryError| {
+                SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"))
+            };
+            let image_ref = ImageRef::parse(image).map_err(unavailable)?;
+            let pinned = match manifest_digest {
+                Some(digest) => digest.clone(),
+                None => {
+                    let options = ClientOptions {
+                        credentials: settings
+                            .credentials_for(&image_ref.registry)
+                            .and_then(|c| Credentials::parse(&c)),
+                        ..ClientOptions::default()
+                    };
+                    let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
+                    pinned_manifest(&client, &image_ref, layer)?
+                }
+            };
+            Ok(Some(RemoteLayer::Bootstrap {
+                image: format!("docker://{}/{}@{pinned}", image_ref.registry, image_ref.repository),
+            }))
+        }
+        other => Err(SnapshotError::FailedPrecondition(format!(
+            "layer {layer} of {image} has petrel role {other:?}, which this snapshotter does not know"
+        ))),
     }
-    Ok(match role.as_deref() {
-        Some(ROLE_BLOB) => Some(RemoteLayer::Blob),
-        Some(ROLE_BOOTSTRAP) => Some(RemoteLayer::Bootstrap {
-            image: format!(
-                "docker://{}/{}@{}",
-                image_ref.registry,
-                image_ref.repository,
-                pinned.expect("resolved above for a bootstrap")
-            ),
-        }),
-        _ => None,
-    })
 }
 
-/// The manifest `reference` names (through an index, this host's platform) and its
-/// digest; it must list `layer`.
-fn manifest_listing(
-    client: &RegistryClient,
-    image: &ImageRef,
-    reference: &str,
-    layer: &str,
-) -> Result<(String, Manifest)> {
+/// The digest of the manifest `image` names now (through an index, this host's
+/// platform), which must list `layer`.
+fn pinned_manifest(client: &RegistryClient, image: &ImageRef, layer: &str) -> Result<String> {
     let (manifest, digest) = client
-        .get_image_manifest(&image.repository, reference, &Platform::host())
+        .get_image_manifest(&image.repository, image.reference(), &Platform::host())
         .map_err(|e| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}")))?;
     if !manifest.layers.iter().any(|l| l.digest == layer) {
         return Err(SnapshotError::FailedPrecondition(format!(
-            "{image}: manifest {digest} does not list layer {layer} (did {reference} move during the pull?)"
+            "{image}: manifest {digest} does not list layer {layer} (did the tag move during the pull?)"
         )));
     }
-    Ok((digest, manifest))
+    Ok(digest)
 }
