@@ -118,6 +118,7 @@ fn startup_run(
     dir: &Path,
     startup: &[(String, u64)],
     prefetch: &str,
+    extra: &[String],
 ) -> anyhow::Result<StartupRun> {
     let mountpoint = dir.join("mnt");
     std::fs::create_dir_all(&mountpoint)?;
@@ -131,6 +132,7 @@ fn startup_run(
         .arg("--runtime-dir")
         .arg(dir.join("run"))
         .args(["--prefetch", prefetch])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -169,6 +171,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut scale = 1.0f64;
     let mut rtt_ms = 20.0f64;
     let mut mbit = 100.0f64;
+    let mut amplify_only = false;
     let mut i = 0;
     while i < args.len() {
         let value = || args.get(i + 1).context("missing value");
@@ -176,6 +179,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--scale" => scale = value()?.parse()?,
             "--rtt-ms" => rtt_ms = value()?.parse()?,
             "--mbit" => mbit = value()?.parse()?,
+            "--amplify-only" => {
+                amplify_only = true;
+                i += 1;
+                continue;
+            }
             other => bail!("unknown argument {other}"),
         }
         i += 2;
@@ -201,6 +209,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let source_link = relay::start(&source.addr, one_way, bits);
     let dest_link = relay::start(&dest.addr, one_way, bits);
     let petrel = bin("petrel");
+
+    if amplify_only {
+        run_shell(&format!(
+            "{} convert docker://{}/app:v1 docker://{}/app:petrel > /dev/null",
+            petrel.display(),
+            source.addr,
+            dest.addr
+        ))?;
+        return amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms);
+    }
 
     // Conversion vs skopeo copy, registry to registry over the shaped links.
     let skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/app:v1 docker://{dest_link}/copy:v1"))?;
@@ -245,6 +263,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &w.join("lazy"),
         &startup,
         "off",
+        &[],
     )?;
     let prefetched = startup_run(
         &petrel,
@@ -252,6 +271,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &w.join("pf"),
         &startup,
         "table",
+        &[],
     )?;
 
     println!();
@@ -289,6 +309,57 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             run.ready.as_secs_f64(),
             run.ready.as_secs_f64() / pull.seconds,
             run.fetched as f64 / image_bytes as f64
+        );
+    }
+    amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms)
+}
+
+/// On-demand startup with each amplification window (how far a fetch extends over
+/// following missing chunks), as ratios to the default window.
+fn amplify_sweep(
+    petrel: &Path,
+    dest_link: &str,
+    w: &Path,
+    startup: &[(String, u64)],
+    mbit: f64,
+    rtt_ms: f64,
+) -> anyhow::Result<()> {
+    let windows: [u64; 7] = [0, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 4 << 20];
+    let mut sweep = Vec::new();
+    for window in windows {
+        let dir = w.join(format!("amplify-{window}"));
+        let run = startup_run(
+            petrel,
+            &format!("docker://{dest_link}/app:petrel"),
+            &dir,
+            startup,
+            "off",
+            &["--amplify-bytes".to_string(), window.to_string()],
+        )?;
+        sweep.push((window, run));
+    }
+    let baseline = sweep
+        .iter()
+        .find(|(w, _)| *w == petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES)
+        .map(|(_, r)| (r.ready.as_secs_f64(), r.fetched as f64))
+        .unwrap_or((1.0, 1.0));
+    println!();
+    println!(
+        "on-demand startup by amplification window over {mbit} Mbit/s, {rtt_ms} ms RTT (default {} KiB = 1.00)",
+        petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES >> 10
+    );
+    println!("| --amplify-bytes | requests | bytes fetched | bytes / read | seconds to ready | ready vs default | bytes vs default |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (window, run) in &sweep {
+        println!(
+            "| {} KiB | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            window >> 10,
+            run.requests,
+            run.fetched,
+            run.fetched as f64 / run.read_bytes.max(1) as f64,
+            run.ready.as_secs_f64(),
+            run.ready.as_secs_f64() / baseline.0,
+            run.fetched as f64 / baseline.1
         );
     }
     Ok(())
