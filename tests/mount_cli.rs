@@ -202,8 +202,22 @@ fn daemon_mode_stats_and_umount() {
         "{text}"
     );
 
+    // umount, then mount the same mountpoint at once: the new daemon waits for the
+    // old one to let go of the mountpoint's control socket instead of failing.
     let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
     assert!(out.status.success(), "{out:?}");
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command.arg("--daemon").output().unwrap();
+    assert!(
+        out.status.success(),
+        "remount right after umount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(setup.mountpoint.join("f3.bin")).unwrap(), files()[3].1);
     wait_until(|| !Path::new(&format!("/proc/{pid}")).exists());
-    assert!(!is_petrel_mount(&setup.mountpoint));
+
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until(|| !is_petrel_mount(&setup.mountpoint));
 }

@@ -21,17 +21,26 @@ pub struct ControlServer {
     path: PathBuf,
 }
 
+/// How long a new daemon waits for the previous one at its mountpoint to exit.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ControlServer {
     /// Binds `path` (replacing a stale socket) with mode 0660.
     pub fn start(path: &Path, stats: Arc<Stats>, image: String) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is served by a running daemon", path.display()),
-            ));
+        // A daemon whose mount was just unmounted answers until it has exited (a
+        // moment later); only one that keeps answering is in the way.
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        while UnixStream::connect(path).is_ok() {
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by a running daemon", path.display()),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
