@@ -192,3 +192,21 @@ fn directory_input_round_trips_and_skips_sockets() {
     let diffs = differences(&expected, &actual);
     assert!(diffs.is_empty(), "{diffs:#?}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_sample(dir.path());
+    // The reader is gone before petrel writes (`petrel inspect --tree | head -0`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_petrel"))
+        .args(["inspect", &image, "--tree"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

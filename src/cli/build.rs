@@ -85,39 +85,46 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     for warning in &report.warnings {
         eprintln!("petrel: warning: {warning}");
     }
     let out = &report.output;
-    println!("built {} in {:.2}s", args.output.display(), report.seconds);
-    println!("  layers         {}", report.layers);
-    println!("  inodes         {}", out.inodes);
-    println!(
+    outln!("built {} in {:.2}s", args.output.display(), report.seconds);
+    outln!("  layers         {}", report.layers);
+    outln!("  inodes         {}", out.inodes);
+    outln!(
         "  file data      {} bytes in {} files ({} packed small files)",
-        report.data.bytes, report.data.files, report.data.packed_files
+        report.data.bytes,
+        report.data.files,
+        report.data.packed_files
     );
-    println!(
+    outln!(
         "  chunks         {} unique of {} submitted",
-        out.chunks, report.unique_chunks
+        out.chunks,
+        report.unique_chunks
     );
     match &out.blob {
-        Some(blob) => println!(
+        Some(blob) => outln!(
             "  blob           {} ({} bytes, {} uncompressed)",
-            blob.digest, blob.size, blob.uncompressed_size
+            blob.digest,
+            blob.size,
+            blob.uncompressed_size
         ),
-        None => println!("  blob           none (no file data)"),
+        None => outln!("  blob           none (no file data)"),
     }
-    println!(
+    outln!(
         "  bootstrap      {} ({} bytes)",
-        out.bootstrap_sha256, out.bootstrap_size
+        out.bootstrap_sha256,
+        out.bootstrap_size
     );
     if out.prefetch_files > 0 {
-        println!(
+        outln!(
             "  prefetch       {} files, {} bytes at the front of the blob",
-            out.prefetch_files, out.prefetch_bytes
+            out.prefetch_files,
+            out.prefetch_bytes
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -182,6 +189,6 @@ pub fn run_dict(args: DictArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!("{}", serde_json::to_string(&report)?);
+    outln!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }

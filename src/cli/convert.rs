@@ -86,25 +86,29 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = convert(&source, &target, &client_options, &options)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         for m in &summary.manifests {
             let platform = m.platform.clone().map(|p| format!(" [{p}]")).unwrap_or_default();
             if m.reused {
-                println!(
+                outln!(
                     "{}{platform}: already converted at {}",
-                    m.source_digest, m.manifest_digest
+                    m.source_digest,
+                    m.manifest_digest
                 );
                 continue;
             }
-            println!(
+            outln!(
                 "{}{platform} -> {}: {} layers, {} bytes in; {} files, {} chunks; uploaded {} bytes ({} blobs already there)",
                 m.source_digest, m.manifest_digest, m.source_layers, m.source_bytes, m.files, m.unique_chunks, m.uploaded_bytes, m.skipped_blobs
             );
         }
-        println!(
+        outln!(
             "{} -> {} ({}) in {:.1}s",
-            summary.source, summary.target, summary.digest, summary.seconds
+            summary.source,
+            summary.target,
+            summary.digest,
+            summary.seconds
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -50,36 +50,49 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         if args.tree {
             value["tree"] = serde_json::Value::String(listing(&bootstrap)?);
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("image        {}", args.image.display());
-    println!("format       {} (chunker {})", summary.version, summary.chunker);
-    println!(
+    outln!("image        {}", args.image.display());
+    outln!("format       {} (chunker {})", summary.version, summary.chunker);
+    outln!(
         "inodes       {} ({} files, {} dirs, {} symlinks, {} other, {} hardlinked)",
-        summary.inodes, summary.files, summary.directories, summary.symlinks, summary.other, summary.hardlinked_inodes
+        summary.inodes,
+        summary.files,
+        summary.directories,
+        summary.symlinks,
+        summary.other,
+        summary.hardlinked_inodes
     );
-    println!("file bytes   {} ({} in holes)", summary.file_bytes, summary.hole_bytes);
-    println!(
+    outln!("file bytes   {} ({} in holes)", summary.file_bytes, summary.hole_bytes);
+    outln!(
         "chunks       {} unique, {} refs, dedup ratio {:.2}",
-        summary.unique_chunks, summary.chunk_refs, summary.dedup_ratio
+        summary.unique_chunks,
+        summary.chunk_refs,
+        summary.dedup_ratio
     );
-    println!(
+    outln!(
         "bootstrap    {} bytes ({:.1} per inode)",
-        summary.bootstrap_bytes, summary.bootstrap_bytes_per_inode
+        summary.bootstrap_bytes,
+        summary.bootstrap_bytes_per_inode
     );
     for blob in &summary.blobs {
-        println!(
+        outln!(
             "blob         {} {} bytes ({} uncompressed, {} chunks, prefetch {} bytes)",
-            blob.digest, blob.compressed_size, blob.uncompressed_size, blob.chunks, blob.prefetch_bytes
+            blob.digest,
+            blob.compressed_size,
+            blob.uncompressed_size,
+            blob.chunks,
+            blob.prefetch_bytes
         );
     }
-    println!(
+    outln!(
         "prefetch     {} files, {} bytes",
-        summary.prefetch_files, summary.prefetch_bytes
+        summary.prefetch_files,
+        summary.prefetch_bytes
     );
     if args.tree {
-        print!("{}", listing(&bootstrap)?);
+        out!("{}", listing(&bootstrap)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -89,18 +102,21 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     match check_image(&image) {
         Ok(report) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
+                outln!(
                     "ok: {} entries, {} chunks, {} blobs ({} bytes) verified",
-                    report.entries, report.chunks, report.blobs, report.blob_bytes
+                    report.entries,
+                    report.chunks,
+                    report.blobs,
+                    report.blob_bytes
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(failure) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"ok": false, "object": failure.object, "error": format!("{:#}", anyhow::Error::from(failure.source))})
                 );
@@ -131,7 +147,7 @@ pub fn unpack(args: UnpackArgs) -> anyhow::Result<ExitCode> {
         eprintln!("petrel: warning: {warning}");
     }
     if target.as_os_str() != "-" {
-        println!(
+        outln!(
             "unpacked {} entries ({} bytes) to {}",
             report.entries,
             report.bytes,

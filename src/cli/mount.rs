@@ -212,7 +212,7 @@ pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     let stats = storage.stats.snapshot();
     let chunks = storage.image.bootstrap().chunk_count();
     let ready = storage.fetcher.cache().ready_count();
-    println!(
+    outln!(
         "warmed {name}: fetched {fetched} bytes in {} requests; {ready} of {chunks} chunks cached ({cached_before} were already); {} failed",
         stats.prefetch_requests, stats.backend_errors + stats.chunks_failed_verification
     );
@@ -374,7 +374,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(pid_file, format!("{}\n", child.id()))
             .with_context(|| format!("writing {}", pid_file.display()))?;
     }
-    println!("{}", child.id());
+    outln!("{}", child.id());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -394,7 +394,7 @@ pub fn run_stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let request = if args.prometheus { "metrics" } else { "stats" };
     let answer = control::request(&socket, request)
         .with_context(|| format!("asking the daemon of {mountpoint} ({})", socket.display()))?;
-    print!("{answer}");
+    out!("{answer}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -444,7 +444,7 @@ fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let summary =
         serde_json::json!({"unique_bytes": unique, "shared_bytes": shared, "total_bytes": total, "images": per_image});
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -480,16 +480,16 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
             let images = petrel_fuse_daemon::store::cached_images(&args.cache_dir, &store);
             let (chunks, bytes) = store.usage();
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({"chunks": chunks, "bytes": bytes, "images": images})
                     )?
                 );
             } else {
-                println!("{chunks} chunks, {bytes} bytes in {}", store.root().display());
+                outln!("{chunks} chunks, {bytes} bytes in {}", store.root().display());
                 for image in images {
-                    println!(
+                    outln!(
                         "{}  {}/{} chunks  {} bytes  last use {}",
                         image.bootstrap,
                         image.chunks_cached,
@@ -502,7 +502,7 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
         }
         CacheCommand::Gc { max_bytes } => {
             let report = store.gc(max_bytes);
-            println!("{}", serde_json::to_string(&report)?);
+            outln!("{}", serde_json::to_string(&report)?);
         }
         CacheCommand::Rm { image } => {
             let dir = args.cache_dir.join("bootstraps");
@@ -543,7 +543,7 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             std::fs::remove_file(path)?;
-            println!("removed {} and {removed} chunks only it used", path.display());
+            outln!("removed {} and {removed} chunks only it used", path.display());
         }
     }
     Ok(ExitCode::SUCCESS)

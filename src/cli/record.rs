@@ -140,7 +140,7 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     };
     mounted.unmount()?;
     let profile = crate::cli::build::read_profile(&args.profile)?;
-    println!(
+    outln!(
         "workload {status}; profile {}: {} files",
         args.profile.display(),
         profile.entries.len()
@@ -162,7 +162,7 @@ fn run_workload(root: &Path, args: &RecordArgs) -> anyhow::Result<String> {
     let ready_text = args.ready_line.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("{line}");
+            outln!("{line}");
             if ready_text.as_deref().is_some_and(|t| line.contains(t)) {
                 let _ = ready_tx.send(());
             }
@@ -208,7 +208,7 @@ pub fn run_optimize(args: OptimizeArgs) -> anyhow::Result<ExitCode> {
     for warning in &report.warnings {
         eprintln!("petrel: warning: {warning}");
     }
-    println!(
+    outln!(
         "optimized {} -> {}: {} files first, {} bytes of prefetch region",
         args.image.display(),
         args.output.display(),
