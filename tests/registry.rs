@@ -412,6 +412,42 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
         assert!(output_text(&out).contains(expected), "{name}: {}", output_text(&out));
         assert!(!is_petrel_mount(&mountpoint), "{name} must not be mounted");
     }
+    // An image converted before bootstrap layers were tars (the bare bootstrap as the
+    // layer) still mounts.
+    let bare = petrel_format::layer_tar::bootstrap_of_layer(&bootstrap)
+        .unwrap()
+        .to_vec();
+    let bare_digest = client.push_blob_bytes("bad", &bare).unwrap();
+    let mut m = good.clone();
+    m["layers"][1]["digest"] = bare_digest.into();
+    m["layers"][1]["size"] = bare.len().into();
+    client
+        .put_manifest(
+            "bad",
+            "bare",
+            petrel_registry::oci::OCI_MANIFEST,
+            &serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+    let mountpoint = work.path().join("mnt-bare");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = petrel()
+        .arg("mount")
+        .arg(format!("docker://{}/bad:bare", registry.addr))
+        .arg(&mountpoint)
+        .arg("--daemon")
+        .arg("--cache-dir")
+        .arg(work.path().join("cache-bare"))
+        .arg("--runtime-dir")
+        .arg(work.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bare bootstrap layer: {}", output_text(&out));
+    assert!(is_petrel_mount(&mountpoint));
+    assert!(std::fs::read_dir(&mountpoint).unwrap().count() > 0);
+    let out = petrel().arg("umount").arg(&mountpoint).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+
     // Bytes changed on the wire: the sha256 pinned in the manifest catches it.
     let proxy = FaultProxy::start(&registry.addr);
     proxy.plan(&[Fault::CorruptBody]);

@@ -88,6 +88,16 @@ pub fn unwrap<'a>(entry: &'static str, layer: &'a [u8]) -> Result<&'a [u8], Laye
     Ok(&layer[DATA_OFFSET as usize..end])
 }
 
+/// The bootstrap a bootstrap layer carries: petrel's exact tar wrapping, or (images
+/// converted before bootstrap layers were tars) the bare bootstrap, recognised by its
+/// magic.
+pub fn bootstrap_of_layer(layer: &[u8]) -> Result<&[u8], LayerTarError> {
+    if layer.starts_with(&crate::layout::MAGIC) {
+        return Ok(layer);
+    }
+    unwrap(BOOTSTRAP_ENTRY, layer)
+}
+
 /// The data size a layer header announces, if it is exactly petrel's header for `entry`.
 pub fn data_size(entry: &'static str, header_bytes: &[u8]) -> Result<u64, LayerTarError> {
     let fail = |reason: String| LayerTarError { entry, reason };
@@ -130,6 +140,16 @@ mod tests {
             drop(entry);
             assert!(entries.next().is_none());
         }
+    }
+
+    #[test]
+    fn a_bare_bootstrap_layer_of_older_images_still_reads() {
+        let mut bare = crate::layout::MAGIC.to_vec();
+        bare.extend_from_slice(b" and the rest of an old bootstrap layer");
+        assert_eq!(bootstrap_of_layer(&bare).unwrap(), &bare[..]);
+        let wrapped = wrap(BOOTSTRAP_ENTRY, &bare);
+        assert_eq!(bootstrap_of_layer(&wrapped).unwrap(), &bare[..]);
+        assert!(bootstrap_of_layer(b"neither").is_err());
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub fn resolve(
     }
     // Verified against the sha256 pinned in the manifest.
     let layer = client.get_blob_verified(&image.repository, &bootstrap.digest, bootstrap.size)?;
-    let content = petrel_format::layer_tar::unwrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &layer)
+    let content = petrel_format::layer_tar::bootstrap_of_layer(&layer)
         .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
     let opened = petrel_format::Bootstrap::open(content)
         .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;

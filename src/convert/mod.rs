@@ -118,7 +118,7 @@ pub fn convert(
         let bootstrap = bootstrap_layer(manifest)
             .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
         let layer = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
-        let bytes = layer_tar::unwrap(layer_tar::BOOTSTRAP_ENTRY, &layer)
+        let bytes = layer_tar::bootstrap_of_layer(&layer)
             .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
         let added = dict
             .add_bootstrap(bytes)
