@@ -14,13 +14,21 @@ pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Longest symlink target accepted (Linux PATH_MAX).
 pub const MAX_SYMLINK_TARGET: usize = 4096;
 
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Whether a layer starting with `head` is gzip or zstd.
+pub fn is_compressed(head: &[u8]) -> bool {
+    head.starts_with(&GZIP_MAGIC) || head.starts_with(&ZSTD_MAGIC)
+}
+
 /// Wraps a layer stream in the decompressor its first bytes call for: gzip, zstd or none.
 pub fn decompressed<'a>(reader: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
     let mut buffered = BufReader::with_capacity(1 << 20, reader);
     let head = buffered.fill_buf()?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+    Ok(if head.starts_with(&GZIP_MAGIC) {
         Box::new(flate2::read::MultiGzDecoder::new(buffered))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if head.starts_with(&ZSTD_MAGIC) {
         Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
     } else {
         Box::new(buffered)

@@ -11,6 +11,7 @@ pub mod image;
 pub mod inspect;
 pub mod layer;
 pub mod pipeline;
+mod read_ahead;
 pub mod sink;
 pub mod tree;
 pub mod unpack;
@@ -108,13 +109,21 @@ impl ImageBuilder {
         })
     }
 
-    /// Applies one layer: a tar stream, plain or gzip/zstd-compressed. The reader may
-    /// be left before its end (after the tar's end marker); callers that verify a
-    /// digest drain it afterwards.
-    pub fn add_layer(&mut self, reader: impl Read) -> Result<()> {
+    /// Applies one layer: a tar stream, plain or gzip/zstd-compressed (decompressed on
+    /// a thread of its own). The reader may be left before its end (after the tar's end
+    /// marker); callers that verify a digest drain it afterwards.
+    pub fn add_layer(&mut self, reader: impl Read + Send) -> Result<()> {
         let layer = self.layers;
-        let mut stream = layer::decompressed(reader).map_err(|source| BuildError::Archive { layer, source })?;
-        self.entries += layer::apply_tar_layer(&mut self.tree, &mut self.sink, &mut stream, layer, &mut self.warnings)?;
+        let mut buffered = std::io::BufReader::with_capacity(1 << 20, reader);
+        let head = std::io::BufRead::fill_buf(&mut buffered).map_err(|source| BuildError::Archive { layer, source })?;
+        let (tree, sink, warnings) = (&mut self.tree, &mut self.sink, &mut self.warnings);
+        self.entries += if layer::is_compressed(head) {
+            read_ahead::with_decoded(buffered, |stream| {
+                layer::apply_tar_layer(tree, sink, stream, layer, warnings)
+            })?
+        } else {
+            layer::apply_tar_layer(tree, sink, &mut buffered, layer, warnings)?
+        };
         self.layers += 1;
         Ok(())
     }

@@ -184,7 +184,7 @@ impl Source {
     }
 
     /// A stream of a layer's bytes as stored (compressed or not), unverified.
-    pub fn layer(&self, digest: &str) -> anyhow::Result<Box<dyn Read>> {
+    pub fn layer(&self, digest: &str) -> anyhow::Result<Box<dyn Read + Send>> {
         Ok(match self {
             Source::Registry { client, image } => Box::new(client.blob_reader(&image.repository, digest)?),
             Source::Layout { layout, .. } => {
