@@ -166,7 +166,7 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
     let mut metrics = String::new();
     std::io::Read::read_to_string(&mut stream, &mut metrics).unwrap();
     assert!(
-        metrics.contains("1 lazy mounts") && metrics.contains("petrel_backend_bytes_total"),
+        metrics.contains("petrel_snapshotter_lazy_mounts 1") && metrics.contains("petrel_backend_bytes_total"),
         "{metrics}"
     );
 

@@ -150,6 +150,21 @@ impl StatsSnapshot {
                 self.waited_on_inflight,
                 "Reads that waited for an in-flight fetch",
             ),
+            (
+                "petrel_prefetch_requests_total",
+                self.prefetch_requests,
+                "Range requests sent by the background prefetcher",
+            ),
+            (
+                "petrel_prefetch_bytes_total",
+                self.prefetch_bytes,
+                "Bytes the background prefetcher received",
+            ),
+            (
+                "petrel_prefetch_hits_total",
+                self.prefetch_hits,
+                "Chunk reads served by data the prefetcher fetched",
+            ),
         ];
         for (name, value, help) in counters {
             out.push_str(&format!(

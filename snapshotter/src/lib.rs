@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod filter;
 pub mod labels;
+pub mod metrics;
 pub mod remote;
 pub mod service;
 pub mod store;

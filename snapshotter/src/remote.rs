@@ -189,9 +189,9 @@ pub fn collect_garbage(config: &RemoteConfig) {
     }
 }
 
-/// Prometheus text of every live lazy mount (each daemon's control socket).
+/// Prometheus text of every live lazy mount (each daemon's control socket), merged.
 pub fn metrics(config: &RemoteConfig, mountpoints: &[PathBuf]) -> String {
-    let mut out = String::new();
+    let mut texts = Vec::new();
     for mountpoint in mountpoints {
         let answer = Command::new(&config.petrel)
             .arg("stats")
@@ -201,8 +201,8 @@ pub fn metrics(config: &RemoteConfig, mountpoints: &[PathBuf]) -> String {
             .arg(config.root.join("run"))
             .output();
         if let Some(answer) = answer.ok().filter(|a| a.status.success()) {
-            out.push_str(&String::from_utf8_lossy(&answer.stdout));
+            texts.push(String::from_utf8_lossy(&answer.stdout).into_owned());
         }
     }
-    out
+    crate::metrics::merge_expositions(&texts, mountpoints.len())
 }

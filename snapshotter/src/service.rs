@@ -412,11 +412,7 @@ fn serve_metrics(address: &str, store: Arc<SnapshotStore>, remote: RemoteConfig)
                     .into_iter()
                     .map(|layer| layer.mountpoint)
                     .collect();
-                let body = format!(
-                    "# petrel snapshotter: {} lazy mounts\n{}",
-                    mountpoints.len(),
-                    remote::metrics(&remote, &mountpoints)
-                );
+                let body = remote::metrics(&remote, &mountpoints);
                 let _ = write!(
                     stream,
                     "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
