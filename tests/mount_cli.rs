@@ -221,3 +221,88 @@ fn daemon_mode_stats_and_umount() {
     assert!(out.status.success(), "{out:?}");
     wait_until(|| !is_petrel_mount(&setup.mountpoint));
 }
+
+fn stats_of(setup: &Setup) -> serde_json::Value {
+    let out = petrel()
+        .arg("stats")
+        .arg(&setup.mountpoint)
+        .arg("--runtime-dir")
+        .arg(setup.dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
+}
+
+#[test]
+fn fully_cached_files_are_opened_with_a_backing_file() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command.arg("--daemon").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (name, data) = &files()[2];
+    let path = setup.mountpoint.join(name);
+
+    // First open: chunks are fetched, the reads go through FUSE.
+    assert_eq!(&std::fs::read(&path).unwrap(), data);
+    let first = stats_of(&setup);
+    assert_eq!(first["passthrough_opens"], 0, "{first}");
+    let reads = first["reads"].as_u64().unwrap();
+
+    // Second open: every chunk is cached, so the file is materialized and opened with
+    // it as the backing file: the kernel reads it, FUSE sees no read.
+    assert_eq!(&std::fs::read(&path).unwrap(), data);
+    let second = stats_of(&setup);
+    if second["passthrough_opens"] == 0 {
+        // Only a kernel without FUSE passthrough (before 6.9) may keep reads on FUSE,
+        // and the daemon says so.
+        let log = std::fs::read_to_string(setup.dir.path().join("cache/daemon.log")).unwrap_or_default();
+        assert!(log.contains("FUSE passthrough off"), "{second}\n{log}");
+        return;
+    }
+    assert_eq!(second["passthrough_opens"], 1, "{second}");
+    assert_eq!(second["reads"].as_u64().unwrap(), reads, "no FUSE read: {second}");
+    let materialized: Vec<_> = std::fs::read_dir(setup.dir.path().join("cache/files"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .collect();
+    assert_eq!(materialized.len(), 1);
+    assert_eq!(&std::fs::read(materialized[0].path()).unwrap(), data);
+
+    // A file held open through FUSE keeps its later opens on FUSE too (the kernel
+    // refuses mixing the two on one inode), and they still read the right bytes.
+    let (other_name, other_data) = &files()[3];
+    let other = setup.mountpoint.join(other_name);
+    let held = std::fs::File::open(&other).unwrap();
+    let mut head = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 0).unwrap();
+    assert_eq!(&std::fs::read(&other).unwrap(), other_data);
+    assert_eq!(stats_of(&setup)["passthrough_opens"], 1);
+    drop(held);
+
+    // GC removes materialized files first; an open file keeps reading, new opens
+    // work from whatever is left.
+    let open = std::fs::File::open(&path).unwrap();
+    let out = petrel()
+        .args(["cache", "gc", "--max-bytes", "0", "--cache-dir"])
+        .arg(setup.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("\"files_removed\":1"), "{report}");
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut &open, &mut all).unwrap();
+    assert_eq!(&all, data);
+    drop(open);
+    assert_eq!(&std::fs::read(&path).unwrap(), data);
+
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until(|| !is_petrel_mount(&setup.mountpoint));
+}

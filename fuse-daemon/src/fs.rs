@@ -33,6 +33,7 @@ pub struct PetrelFs {
     stats: Arc<Stats>,
     workers: Workers,
     recorder: Option<Arc<crate::record::Recorder>>,
+    passthrough: Option<crate::passthrough::Passthrough>,
 }
 
 fn format_errno(e: &FormatError) -> Errno {
@@ -107,7 +108,15 @@ impl PetrelFs {
             stats,
             workers: Workers::start("petrel-fetch", fetch_threads),
             recorder: None,
+            passthrough: None,
         }
+    }
+
+    /// Opens files whose chunks are all cached with a backing file (FUSE passthrough),
+    /// when the kernel offers it.
+    pub fn with_passthrough(mut self, passthrough: crate::passthrough::Passthrough) -> Self {
+        self.passthrough = Some(passthrough);
+        self
     }
 
     /// Records every read into `recorder`.
@@ -209,6 +218,15 @@ impl Filesystem for PetrelFs {
         if let Err(unsupported) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - unsupported);
         }
+        if let Some(passthrough) = &self.passthrough {
+            // Depth 1: backing files on a plain filesystem, and this mount usable as an
+            // overlayfs lower layer (as containerd mounts it).
+            let offered =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !offered {
+                passthrough.disable("the kernel does not offer it");
+            }
+        }
         Ok(())
     }
 
@@ -256,11 +274,36 @@ impl Filesystem for PetrelFs {
             return reply.error(Errno::EROFS);
         }
         match self.inode(ino).map(|i| i.kind()) {
-            Ok(Ok(FileKind::Regular)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(Ok(FileKind::Regular)) => match (&self.passthrough, self.inode(ino)) {
+                (Some(passthrough), Ok(inode)) => {
+                    if passthrough.open(&self.bootstrap(), &inode, self.fetcher.cache(), reply) {
+                        self.stats
+                            .passthrough_opens
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                _ => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Ok(Ok(FileKind::Directory)) => reply.error(Errno::EISDIR),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let (Some(passthrough), true) = (&self.passthrough, fh.0 != 0) {
+            passthrough.release(fh.0);
+        }
+        reply.ok();
     }
 
     fn read(

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod passthrough;
 pub mod prefetch;
 pub mod record;
 pub mod remote;

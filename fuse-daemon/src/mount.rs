@@ -40,6 +40,9 @@ pub struct MountConfig {
     pub record: Option<PathBuf>,
     /// Bound on the node's chunk store; least recently used chunks are evicted.
     pub cache_max_bytes: Option<u64>,
+    /// Open fully cached files with a backing file (FUSE passthrough) when the kernel
+    /// offers it. Off while recording, which must see every read.
+    pub passthrough: bool,
 }
 
 impl MountConfig {
@@ -56,6 +59,7 @@ impl MountConfig {
             prefetch: PrefetchConfig::default(),
             record: None,
             cache_max_bytes: None,
+            passthrough: true,
         }
     }
 }
@@ -256,6 +260,8 @@ pub fn mount_with_backend(
     });
     if let Some((recorder, ..)) = &recording {
         fs = fs.with_recorder(Arc::clone(recorder));
+    } else if config.passthrough {
+        fs = fs.with_passthrough(crate::passthrough::Passthrough::new(&config.cache_dir));
     }
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![

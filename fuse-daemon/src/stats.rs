@@ -27,6 +27,9 @@ pub struct Stats {
     pub prefetch_bytes: AtomicU64,
     /// Chunk reads served by data the prefetcher fetched.
     pub prefetch_hits: AtomicU64,
+    /// Opens answered with a backing file (FUSE passthrough): their reads bypass FUSE
+    /// and these counters.
+    pub passthrough_opens: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -48,6 +51,8 @@ pub struct StatsSnapshot {
     pub prefetch_requests: u64,
     pub prefetch_bytes: u64,
     pub prefetch_hits: u64,
+    #[serde(default)]
+    pub passthrough_opens: u64,
     /// Reads per latency bucket; the last bucket is "above the largest bound".
     pub read_latency_buckets_us: Vec<(u64, u64)>,
     pub read_latency_sum_us: u64,
@@ -87,6 +92,7 @@ impl Stats {
             prefetch_requests: self.prefetch_requests.load(Relaxed),
             prefetch_bytes: self.prefetch_bytes.load(Relaxed),
             prefetch_hits: self.prefetch_hits.load(Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
             read_latency_sum_us: self.latency_sum_us.load(Relaxed),
         }
@@ -164,6 +170,11 @@ impl StatsSnapshot {
                 "petrel_prefetch_hits_total",
                 self.prefetch_hits,
                 "Chunk reads served by data the prefetcher fetched",
+            ),
+            (
+                "petrel_passthrough_opens_total",
+                self.passthrough_opens,
+                "Opens served by a backing file (FUSE passthrough), whose reads bypass these counters",
             ),
         ];
         for (name, value, help) in counters {

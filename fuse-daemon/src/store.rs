@@ -43,6 +43,8 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub bytes_removed: u64,
     pub pinned_kept: u64,
+    /// Materialized files (passthrough backing files) removed; they go first.
+    pub files_removed: u64,
 }
 
 fn hex_name(digest: &[u8; 32]) -> String {
@@ -166,18 +168,59 @@ impl ChunkStore {
         (list.len() as u64, list.iter().map(|(_, size, _)| size).sum())
     }
 
-    /// Evicts least recently used chunks, never pinned ones, until at most
-    /// `max_bytes` remain. Also removes stray temporary files of dead writers.
+    /// Counts bytes of files derived from chunks (materialized passthrough files)
+    /// towards the bound.
+    pub fn add_derived_bytes(&self, bytes: u64) {
+        let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if self.max_bytes.is_some_and(|max| total > max) {
+            self.gc_in_background();
+        }
+    }
+
+    fn files_dir(&self) -> PathBuf {
+        self.root.parent().expect("cache root").join("files")
+    }
+
+    /// Materialized files: (path, bytes, last modified), oldest first.
+    fn derived_files(&self) -> Vec<(PathBuf, u64, SystemTime)> {
+        let mut files: Vec<(PathBuf, u64, SystemTime)> = std::fs::read_dir(self.files_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                Some((e.path(), meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+            })
+            .collect();
+        files.sort_by_key(|f| f.2);
+        files
+    }
+
+    /// Evicts materialized files (derived, so first), then least recently used chunks,
+    /// never pinned ones, until at most `max_bytes` remain. Also removes stray
+    /// temporary files of dead writers. A mount that has a removed file open keeps
+    /// reading it; the next open goes through FUSE.
     pub fn gc(&self, max_bytes: u64) -> GcReport {
         let pinned = live_pins(self.root.parent().expect("cache root"));
         let mut chunks = self.list();
+        let files = self.derived_files();
         let mut report = GcReport {
             chunks_before: chunks.len() as u64,
-            bytes_before: chunks.iter().map(|c| c.1).sum(),
+            bytes_before: chunks.iter().map(|c| c.1).sum::<u64>() + files.iter().map(|f| f.1).sum::<u64>(),
             ..GcReport::default()
         };
         chunks.sort_by_key(|c| c.2);
         let mut total = report.bytes_before;
+        for (path, size, _) in files {
+            if total <= max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= size;
+                report.files_removed += 1;
+                report.bytes_removed += size;
+            }
+        }
         for (digest, size, _) in chunks {
             if total <= max_bytes {
                 break;
@@ -192,7 +235,11 @@ impl ChunkStore {
                 report.bytes_removed += size;
             }
         }
-        for entry in std::fs::read_dir(self.root.join("tmp")).into_iter().flatten().flatten() {
+        let temporaries = [self.root.join("tmp"), self.files_dir().join("tmp")];
+        for entry in temporaries
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        {
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())

@@ -52,6 +52,11 @@ pub struct MountArgs {
     /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
     #[arg(long)]
     cache_max_bytes: Option<u64>,
+    /// Serve every read through FUSE, never through a backing file (by default, files
+    /// whose chunks are all cached are opened with FUSE passthrough where the kernel
+    /// offers it).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Run in the background: return once mounted.
     #[arg(long)]
     daemon: bool,
@@ -261,6 +266,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         prefetch: args.prefetch.config(),
         record: args.record.clone(),
         cache_max_bytes: args.cache_max_bytes,
+        passthrough: !args.no_passthrough,
         ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
     };
     let (backend, bootstrap, name) = resolve_image(
@@ -323,6 +329,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
                 .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
         )
         .args(args.unpacked_blobs.then_some("--unpacked-blobs"))
+        .args(args.no_passthrough.then_some("--no-passthrough"))
         .args(args.registry.to_args())
         .args(args.prefetch.to_args())
         .args(

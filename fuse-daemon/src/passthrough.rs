@@ -1,0 +1,207 @@
+//! FUSE passthrough (Linux 6.9+) for files whose chunks are all cached: the file is
+//! materialized once as a plain file under `<cache>/files/` (named by a digest of
+//! its content description, so identical files of different images share it), and
+//! opens of it are answered with that file as the backing file. The kernel then
+//! reads, and maps, it directly: no FUSE round trip, no decompression, native speed.
+//!
+//! Materialized files are derived data, written from verified chunks through a
+//! synced temporary file and a rename, like chunks; the store's GC removes them
+//! first when the cache is over its bound. A file being materialized while a chunk
+//! is evicted is simply not materialized, and the open goes through FUSE as before.
+
+use crate::cache::ChunkCache;
+use crate::error::{DaemonError, Result};
+use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
+use petrel_format::reader::SegmentSource;
+use petrel_format::{Bootstrap, Inode};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+/// Files smaller than this are not worth a backing file (one FUSE read serves them).
+pub const MIN_FILE_BYTES: u64 = 64 << 10;
+/// Files larger than this are not materialized during an open (it would stall it).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Backing files of one mount and the opens that use them.
+///
+/// The kernel does not let an inode be open with and without a backing file at the
+/// same time (the second kind of open fails with ETXTBSY), so every open of an
+/// eligible inode is counted, and while an inode has opens, new ones take the same
+/// mode: a file first opened before all its chunks were cached stays on FUSE reads
+/// until its last open is released.
+#[derive(Debug)]
+pub struct Passthrough {
+    dir: PathBuf,
+    enabled: AtomicBool,
+    next_handle: AtomicU64,
+    state: Mutex<Opens>,
+}
+
+#[derive(Debug, Default)]
+struct Opens {
+    /// Per inode: open handles, and the backing file they share (none: FUSE reads).
+    inodes: HashMap<u32, (u32, Option<Arc<BackingId>>)>,
+    /// Per handle: its inode.
+    handles: HashMap<u64, u32>,
+}
+
+impl Passthrough {
+    /// Backing files live in `cache_dir/files`.
+    pub fn new(cache_dir: &Path) -> Self {
+        Passthrough {
+            dir: cache_dir.join("files"),
+            enabled: AtomicBool::new(true),
+            next_handle: AtomicU64::new(1),
+            state: Mutex::new(Opens::default()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Relaxed)
+    }
+
+    /// Turns passthrough off for new files (the kernel does not offer it, or refused a
+    /// backing file).
+    pub fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Relaxed) {
+            tracing::info!("FUSE passthrough off: {why}");
+        }
+    }
+
+    /// Answers the open of a regular file: with its backing file when it has one (or
+    /// can have one now), otherwise as an ordinary cached open. True for a backing file.
+    pub fn open(&self, bootstrap: &Bootstrap<'_>, inode: &Inode<'_>, cache: &ChunkCache, reply: ReplyOpen) -> bool {
+        let ordinary = |reply: ReplyOpen, handle: u64| {
+            reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+            false
+        };
+        if !(MIN_FILE_BYTES..=MAX_FILE_BYTES).contains(&inode.size()) {
+            return ordinary(reply, 0);
+        }
+        let ino = inode.ino();
+        let already_open = self.state.lock().expect("opens lock").inodes.contains_key(&ino);
+        // Materialized outside the lock (it may copy megabytes); decided under it.
+        let file = match (already_open, self.enabled()) {
+            (false, true) => self.materialized(bootstrap, inode, cache).unwrap_or_else(|e| {
+                tracing::warn!(ino, "no backing file: {e}");
+                None
+            }),
+            _ => None,
+        };
+        let mut state = self.state.lock().expect("opens lock");
+        let backing = match state.inodes.get(&ino) {
+            Some((_, backing)) => backing.clone(),
+            None => file.and_then(|file| match reply.open_backing(&file) {
+                Ok(id) => Some(Arc::new(id)),
+                Err(e) => {
+                    self.disable(&format!("the kernel refused a backing file: {e}"));
+                    None
+                }
+            }),
+        };
+        let handle = self.next_handle.fetch_add(1, Relaxed);
+        let entry = state.inodes.entry(ino).or_insert((0, backing.clone()));
+        entry.0 += 1;
+        state.handles.insert(handle, ino);
+        drop(state);
+        match backing {
+            Some(id) => {
+                reply.opened_passthrough(FileHandle(handle), FopenFlags::empty(), &id);
+                true
+            }
+            None => ordinary(reply, handle),
+        }
+    }
+
+    /// Ends an open; the inode's backing file is let go with its last open.
+    pub fn release(&self, handle: u64) {
+        let mut state = self.state.lock().expect("opens lock");
+        let Some(ino) = state.handles.remove(&handle) else {
+            return;
+        };
+        if let Some(entry) = state.inodes.get_mut(&ino) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                state.inodes.remove(&ino);
+            }
+        }
+    }
+
+    /// The plain copy of the file, made now if every chunk is cached.
+    fn materialized(&self, bootstrap: &Bootstrap<'_>, inode: &Inode<'_>, cache: &ChunkCache) -> Result<Option<File>> {
+        let segments = bootstrap.segments(inode, 0, inode.size())?;
+        let path = self.dir.join(content_key(bootstrap, inode.size(), &segments)?);
+        if let Ok(file) = File::open(&path) {
+            return Ok(Some(file));
+        }
+        let all_cached = segments.iter().all(|s| match s.source {
+            SegmentSource::Hole => true,
+            SegmentSource::Chunk { index, .. } => cache.is_ready(index),
+        });
+        if !all_cached {
+            return Ok(None);
+        }
+        let tmp = self.dir.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
+        let temp = tempfile::NamedTempFile::new_in(&tmp).map_err(DaemonError::io("create temporary file in", &tmp))?;
+        let mut buffer = Vec::new();
+        for segment in &segments {
+            if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
+                buffer.resize(segment.length as usize, 0);
+                match cache.read(index, chunk_offset, &mut buffer) {
+                    Ok(()) => {}
+                    // Evicted meanwhile: serve this open through FUSE.
+                    Err(DaemonError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e),
+                }
+                temp.as_file()
+                    .write_all_at(&buffer, segment.file_offset)
+                    .map_err(DaemonError::io("write", temp.path()))?;
+            }
+        }
+        let file = temp.as_file();
+        file.set_len(inode.size())
+            .map_err(DaemonError::io("size", temp.path()))?;
+        // Readable and executable like an image file: the kernel execs and maps it.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o555))
+            .map_err(DaemonError::io("chmod", temp.path()))?;
+        file.sync_data().map_err(DaemonError::io("sync", temp.path()))?;
+        temp.persist(&path)
+            .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
+        cache.store().add_derived_bytes(inode.size());
+        Ok(Some(File::open(&path).map_err(DaemonError::io("open", &path))?))
+    }
+}
+
+/// Names a file's content: its size and, piece by piece, where its bytes come from
+/// (chunk digest and offset, or a hole). Equal names mean equal bytes.
+fn content_key(
+    bootstrap: &Bootstrap<'_>,
+    size: u64,
+    segments: &[petrel_format::reader::FileSegment],
+) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"petrel file v1");
+    hasher.update(&size.to_le_bytes());
+    for segment in segments {
+        hasher.update(&segment.file_offset.to_le_bytes());
+        hasher.update(&segment.length.to_le_bytes());
+        match segment.source {
+            SegmentSource::Hole => {
+                hasher.update(&[0]);
+            }
+            SegmentSource::Chunk { index, chunk_offset } => {
+                hasher.update(&[1]);
+                hasher.update(&bootstrap.chunk(index)?.digest);
+                hasher.update(&chunk_offset.to_le_bytes());
+            }
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
