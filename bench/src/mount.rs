@@ -39,7 +39,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(image: &Path, mountpoint: &Path, cache: &Path, runtime: &Path) -> anyhow::Result<(Self, Duration)> {
+    fn start(
+        image: &Path,
+        mountpoint: &Path,
+        cache: &Path,
+        runtime: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<(Self, Duration)> {
         std::fs::create_dir_all(mountpoint)?;
         let started = Instant::now();
         let child = Command::new(bin("petrel"))
@@ -50,6 +56,7 @@ impl Daemon {
             .arg(cache)
             .arg("--runtime-dir")
             .arg(runtime)
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()?;
         while !is_mounted(mountpoint) {
@@ -151,9 +158,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         std::fs::remove_file(&layer)?;
         let bootstrap = std::fs::metadata(image.join("bootstrap"))?.len();
         let cache = w.join("cache-many");
-        let (first, first_time) = Daemon::start(&image, &w.join("mnt-many"), &cache, &w.join("run"))?;
+        let (first, first_time) = Daemon::start(&image, &w.join("mnt-many"), &cache, &w.join("run"), &[])?;
         drop(first);
-        let (daemon, warm_time) = Daemon::start(&image, &w.join("mnt-many"), &cache, &w.join("run"))?;
+        let (daemon, warm_time) = Daemon::start(&image, &w.join("mnt-many"), &cache, &w.join("run"), &[])?;
         let rss = daemon.rss_mib();
         drop(daemon);
         mount_rows.push((count, bootstrap, first_time, warm_time, rss));
@@ -200,7 +207,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let disk_cold = seconds(&format!("cat {} > /dev/null", original.display()))?;
     let disk_warm = seconds(&format!("cat {} > /dev/null", original.display()))?;
     let cache = w.join("cache-big");
-    let (daemon, _) = Daemon::start(&big_image, &w.join("mnt-big"), &cache, &w.join("run"))?;
+    // Through FUSE only, so these rows measure the read path itself.
+    let (daemon, _) = Daemon::start(
+        &big_image,
+        &w.join("mnt-big"),
+        &cache,
+        &w.join("run"),
+        &["--no-passthrough"],
+    )?;
     let through = daemon.mountpoint.join("big.bin");
     drop_caches();
     let petrel_cold = seconds(&format!("cat {} > /dev/null", through.display()))?;
@@ -208,6 +222,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     drop_caches();
     let petrel_cache_warm = seconds(&format!("cat {} > /dev/null", through.display()))?;
     let petrel_page_warm = seconds(&format!("cat {} > /dev/null", through.display()))?;
+    drop(daemon);
+    // The same cache with passthrough: an open of the fully cached file materializes
+    // it (in the background at this size); once an open gets the backing file, time it.
+    let (daemon, _) = Daemon::start(&big_image, &w.join("mnt-big"), &cache, &w.join("run"), &[])?;
+    let started = Instant::now();
+    while daemon.stats()?["passthrough_opens"].as_u64().unwrap_or(0) == 0 {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("no open got a backing file");
+        }
+        drop(std::fs::File::open(&through)?);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop_caches();
+    let passthrough_cold = seconds(&format!("cat {} > /dev/null", through.display()))?;
+    let passthrough_warm = seconds(&format!("cat {} > /dev/null", through.display()))?;
     drop(daemon);
     let mib = big_bytes as f64 / (1 << 20) as f64;
     lines.push(String::new());
@@ -224,6 +253,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ),
         ("petrel cache full, page cache dropped", petrel_cache_warm, disk_cold),
         ("page cache warm", petrel_page_warm, disk_warm),
+        (
+            "passthrough (materialized backing file), page cache dropped",
+            passthrough_cold,
+            disk_cold,
+        ),
+        ("passthrough, page cache warm", passthrough_warm, disk_warm),
     ] {
         lines.push(format!("| {name} | {:.0} | {:.0} | {:.2} |", mib / p, mib / d, d / p));
     }
@@ -240,7 +275,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     small_files_tree(&tree, count)?;
     let tree_image = w.join("tree-image");
     petrel_build(&tree_image, &tree, &[])?;
-    let (daemon, _) = Daemon::start(&tree_image, &w.join("mnt-tree"), &w.join("cache-tree"), &w.join("run"))?;
+    let (daemon, _) = Daemon::start(
+        &tree_image,
+        &w.join("mnt-tree"),
+        &w.join("cache-tree"),
+        &w.join("run"),
+        &[],
+    )?;
     let walk = |root: &Path| format!("find {} -type f -print0 | xargs -0 stat > /dev/null", root.display());
     drop_caches();
     let disk_walk = seconds(&walk(&tree))?;
@@ -299,7 +340,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .iter()
         .map(|(_, _, c)| u64::from(bootstrap.chunk(*c).map(|c| c.compressed_size).unwrap_or(0)))
         .sum();
-    let (daemon, _) = Daemon::start(&app_image, &w.join("mnt-app"), &w.join("cache-app"), &w.join("run"))?;
+    let (daemon, _) = Daemon::start(
+        &app_image,
+        &w.join("mnt-app"),
+        &w.join("cache-app"),
+        &w.join("run"),
+        &[],
+    )?;
     let started = Instant::now();
     for (path, offset, _) in &chosen {
         use std::os::unix::fs::FileExt;

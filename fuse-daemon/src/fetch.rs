@@ -96,7 +96,7 @@ impl Fetcher {
         }
     }
 
-    pub fn cache(&self) -> &ChunkCache {
+    pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
     }
 

@@ -276,7 +276,7 @@ impl Filesystem for PetrelFs {
         match self.inode(ino).map(|i| i.kind()) {
             Ok(Ok(FileKind::Regular)) => match (&self.passthrough, self.inode(ino)) {
                 (Some(passthrough), Ok(inode)) => {
-                    if passthrough.open(&self.bootstrap(), &inode, self.fetcher.cache(), reply) {
+                    if passthrough.open(&self.image, &inode, self.fetcher.cache(), reply) {
                         self.stats
                             .passthrough_opens
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

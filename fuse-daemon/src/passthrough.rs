@@ -11,6 +11,7 @@
 
 use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
+use crate::image::MappedImage;
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 use petrel_format::reader::SegmentSource;
 use petrel_format::{Bootstrap, Inode};
@@ -23,8 +24,10 @@ use std::sync::{Arc, Mutex};
 
 /// Files smaller than this are not worth a backing file (one FUSE read serves them).
 pub const MIN_FILE_BYTES: u64 = 64 << 10;
-/// Files larger than this are not materialized during an open (it would stall it).
-pub const MAX_FILE_BYTES: u64 = 256 << 20;
+/// Files up to this size are materialized during the open that finds them cached.
+pub const MATERIALIZE_NOW_BYTES: u64 = 32 << 20;
+/// Larger files are materialized on a background thread, up to this size.
+pub const MAX_FILE_BYTES: u64 = 8 << 30;
 
 /// Backing files of one mount and the opens that use them.
 ///
@@ -39,6 +42,8 @@ pub struct Passthrough {
     enabled: AtomicBool,
     next_handle: AtomicU64,
     state: Mutex<Opens>,
+    /// Content keys being materialized in the background.
+    in_progress: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +62,7 @@ impl Passthrough {
             enabled: AtomicBool::new(true),
             next_handle: AtomicU64::new(1),
             state: Mutex::new(Opens::default()),
+            in_progress: Arc::default(),
         }
     }
 
@@ -74,7 +80,7 @@ impl Passthrough {
 
     /// Answers the open of a regular file: with its backing file when it has one (or
     /// can have one now), otherwise as an ordinary cached open. True for a backing file.
-    pub fn open(&self, bootstrap: &Bootstrap<'_>, inode: &Inode<'_>, cache: &ChunkCache, reply: ReplyOpen) -> bool {
+    pub fn open(&self, image: &Arc<MappedImage>, inode: &Inode<'_>, cache: &Arc<ChunkCache>, reply: ReplyOpen) -> bool {
         let ordinary = |reply: ReplyOpen, handle: u64| {
             reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
             false
@@ -86,7 +92,7 @@ impl Passthrough {
         let already_open = self.state.lock().expect("opens lock").inodes.contains_key(&ino);
         // Materialized outside the lock (it may copy megabytes); decided under it.
         let file = match (already_open, self.enabled()) {
-            (false, true) => self.materialized(bootstrap, inode, cache).unwrap_or_else(|e| {
+            (false, true) => self.materialized(image, inode, cache).unwrap_or_else(|e| {
                 tracing::warn!(ino, "no backing file: {e}");
                 None
             }),
@@ -131,10 +137,19 @@ impl Passthrough {
         }
     }
 
-    /// The plain copy of the file, made now if every chunk is cached.
-    fn materialized(&self, bootstrap: &Bootstrap<'_>, inode: &Inode<'_>, cache: &ChunkCache) -> Result<Option<File>> {
+    /// The plain copy of the file if it exists. Otherwise, when every chunk is cached,
+    /// a small file is materialized now and a large one on a background thread (this
+    /// open goes through FUSE, a later one gets the backing file).
+    fn materialized(
+        &self,
+        image: &Arc<MappedImage>,
+        inode: &Inode<'_>,
+        cache: &Arc<ChunkCache>,
+    ) -> Result<Option<File>> {
+        let bootstrap = image.bootstrap();
         let segments = bootstrap.segments(inode, 0, inode.size())?;
-        let path = self.dir.join(content_key(bootstrap, inode.size(), &segments)?);
+        let key = content_key(&bootstrap, inode.size(), &segments)?;
+        let path = self.dir.join(&key);
         if let Ok(file) = File::open(&path) {
             return Ok(Some(file));
         }
@@ -145,38 +160,79 @@ impl Passthrough {
         if !all_cached {
             return Ok(None);
         }
-        let tmp = self.dir.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
-        let temp = tempfile::NamedTempFile::new_in(&tmp).map_err(DaemonError::io("create temporary file in", &tmp))?;
-        let mut buffer = Vec::new();
-        for segment in &segments {
-            if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
-                buffer.resize(segment.length as usize, 0);
-                match cache.read(index, chunk_offset, &mut buffer) {
-                    Ok(()) => {}
-                    // Evicted meanwhile: serve this open through FUSE.
-                    Err(DaemonError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                        return Ok(None)
+        if inode.size() <= MATERIALIZE_NOW_BYTES {
+            return Ok(materialize(&self.dir, &segments, inode.size(), cache, &path)?
+                .then(|| File::open(&path).ok())
+                .flatten());
+        }
+        if self.in_progress.lock().expect("progress lock").insert(key.clone()) {
+            let (dir, image, cache, in_progress) = (
+                self.dir.clone(),
+                Arc::clone(image),
+                Arc::clone(cache),
+                Arc::clone(&self.in_progress),
+            );
+            let (ino, size, job) = (inode.ino(), inode.size(), key.clone());
+            let spawned = std::thread::Builder::new()
+                .name("petrel-materialize".into())
+                .spawn(move || {
+                    let bootstrap = image.bootstrap();
+                    let done = bootstrap
+                        .inode(ino)
+                        .and_then(|inode| bootstrap.segments(&inode, 0, size))
+                        .map_err(DaemonError::from)
+                        .and_then(|segments| materialize(&dir, &segments, size, &cache, &path));
+                    if let Err(e) = done {
+                        tracing::warn!(ino, "materializing for passthrough: {e}");
                     }
-                    Err(e) => return Err(e),
-                }
-                temp.as_file()
-                    .write_all_at(&buffer, segment.file_offset)
-                    .map_err(DaemonError::io("write", temp.path()))?;
+                    in_progress.lock().expect("progress lock").remove(&job);
+                });
+            if spawned.is_err() {
+                self.in_progress.lock().expect("progress lock").remove(&key);
             }
         }
-        let file = temp.as_file();
-        file.set_len(inode.size())
-            .map_err(DaemonError::io("size", temp.path()))?;
-        // Readable and executable like an image file: the kernel execs and maps it.
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o555))
-            .map_err(DaemonError::io("chmod", temp.path()))?;
-        file.sync_data().map_err(DaemonError::io("sync", temp.path()))?;
-        temp.persist(&path)
-            .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
-        cache.store().add_derived_bytes(inode.size());
-        Ok(Some(File::open(&path).map_err(DaemonError::io("open", &path))?))
+        Ok(None)
     }
+}
+
+/// Writes the file's bytes from cached chunks to `path` (temporary file, sync,
+/// rename). False when a chunk was evicted meanwhile.
+fn materialize(
+    dir: &Path,
+    segments: &[petrel_format::reader::FileSegment],
+    size: u64,
+    cache: &ChunkCache,
+    path: &Path,
+) -> Result<bool> {
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
+    let temp = tempfile::NamedTempFile::new_in(&tmp).map_err(DaemonError::io("create temporary file in", &tmp))?;
+    let mut buffer = Vec::new();
+    for segment in segments {
+        if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
+            buffer.resize(segment.length as usize, 0);
+            match cache.read(index, chunk_offset, &mut buffer) {
+                Ok(()) => {}
+                Err(DaemonError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e),
+            }
+            temp.as_file()
+                .write_all_at(&buffer, segment.file_offset)
+                .map_err(DaemonError::io("write", temp.path()))?;
+        }
+    }
+    let file = temp.as_file();
+    file.set_len(size).map_err(DaemonError::io("size", temp.path()))?;
+    // Readable and executable like an image file: the kernel execs and maps it.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o555))
+        .map_err(DaemonError::io("chmod", temp.path()))?;
+    file.sync_data().map_err(DaemonError::io("sync", temp.path()))?;
+    temp.persist(path)
+        .map_err(|e| DaemonError::io("rename to", path)(e.error))?;
+    cache.store().add_derived_bytes(size);
+    Ok(true)
 }
 
 /// Names a file's content: its size and, piece by piece, where its bytes come from
