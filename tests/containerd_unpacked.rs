@@ -59,6 +59,28 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
         log()
     );
     assert_eq!(containerd.lazy_mount_count(), 1);
+    // Its chunks were all cached by the first run, so the remounted image served the
+    // busybox binary to the container's overlay through a backing file (passthrough),
+    // which the snapshotter's metrics report.
+    let mut stream = std::net::TcpStream::connect(containerd.metrics_address()).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut metrics).unwrap();
+    let opens: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("petrel_passthrough_opens_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let daemon_log = std::fs::read_dir(root.join("run"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        opens > 0 || daemon_log.contains("FUSE passthrough off"),
+        "{metrics}\n{daemon_log}"
+    );
 
     // Removing the image releases the mount, its daemon and its blob links.
     let out = containerd.ctr(&["images", "rm", "--sync", &image]);
