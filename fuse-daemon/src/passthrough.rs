@@ -206,6 +206,8 @@ fn materialize(
 ) -> Result<bool> {
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(DaemonError::io("chmod", dir))?;
     let temp = tempfile::NamedTempFile::new_in(&tmp).map_err(DaemonError::io("create temporary file in", &tmp))?;
     let mut buffer = Vec::new();
     for segment in segments {
@@ -225,8 +227,9 @@ fn materialize(
     }
     let file = temp.as_file();
     file.set_len(size).map_err(DaemonError::io("size", temp.path()))?;
-    // Readable and executable like an image file: the kernel execs and maps it.
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o555))
+    // Only the daemon opens it (the kernel then uses that open); image content from a
+    // private registry must not become readable by other local users.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o400))
         .map_err(DaemonError::io("chmod", temp.path()))?;
     file.sync_data().map_err(DaemonError::io("sync", temp.path()))?;
     temp.persist(path)
