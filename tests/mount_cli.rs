@@ -273,6 +273,11 @@ fn fully_cached_files_are_opened_with_a_backing_file() {
         .collect();
     assert_eq!(materialized.len(), 1);
     assert_eq!(&std::fs::read(materialized[0].path()).unwrap(), data);
+    // Image content stays private to the daemon's user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&materialized[0].path()), 0o400);
+    assert_eq!(mode(&setup.dir.path().join("cache/files")), 0o700);
 
     // A file held open through FUSE keeps its later opens on FUSE too (the kernel
     // refuses mixing the two on one inode), and they still read the right bytes.
