@@ -177,6 +177,17 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
         listing["images"][0]["chunks_cached"], listing["images"][0]["chunks"],
         "{listing}"
     );
+    let materialized = || {
+        std::fs::read_dir(cache.join("files"))
+            .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+            .unwrap_or(0)
+    };
+    // The reads above found every chunk cached, so (with kernel passthrough) their
+    // files were materialized.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let passthrough_kernel = (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 9);
+    assert!(!passthrough_kernel || materialized() > 0, "no materialized files");
     let out = petrel()
         .args(["cache", "rm", &name[..12], "--cache-dir"])
         .arg(&cache)
@@ -191,4 +202,6 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
     let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listing["images"].as_array().unwrap().len(), 0);
     assert_eq!(listing["chunks"], 0, "{listing}");
+    // Files the mounts materialized for passthrough went with the image.
+    assert_eq!(materialized(), 0, "materialized files left behind");
 }

@@ -238,6 +238,14 @@ fn materialize(
     Ok(true)
 }
 
+/// Where the materialized copy of `inode` lives (whether or not it exists yet).
+pub fn materialized_path(cache_dir: &Path, bootstrap: &Bootstrap<'_>, inode: &Inode<'_>) -> Result<PathBuf> {
+    let segments = bootstrap.segments(inode, 0, inode.size())?;
+    Ok(cache_dir
+        .join("files")
+        .join(content_key(bootstrap, inode.size(), &segments)?))
+}
+
 /// Names a file's content: its size and, piece by piece, where its bytes come from
 /// (chunk digest and offset, or a hole). Equal names mean equal bytes.
 fn content_key(

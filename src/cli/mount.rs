@@ -549,8 +549,26 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                     removed += 1;
                 }
             }
+            // Its materialized (passthrough) files are derived data: they go too.
+            let bytes = std::fs::read(path)?;
+            let bootstrap = petrel_format::Bootstrap::open(&bytes)?;
+            let mut files = 0;
+            for entry in bootstrap.walk() {
+                let inode = entry?.inode;
+                if inode.kind()? != petrel_format::FileKind::Regular {
+                    continue;
+                }
+                let materialized =
+                    petrel_fuse_daemon::passthrough::materialized_path(&args.cache_dir, &bootstrap, &inode)?;
+                if std::fs::remove_file(materialized).is_ok() {
+                    files += 1;
+                }
+            }
             std::fs::remove_file(path)?;
-            outln!("removed {} and {removed} chunks only it used", path.display());
+            outln!(
+                "removed {} and {removed} chunks only it used ({files} materialized files)",
+                path.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
