@@ -224,7 +224,7 @@ impl Filesystem for PetrelFs {
             let offered =
                 config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
             if !offered {
-                passthrough.disable("the kernel does not offer it");
+                passthrough.disable("the kernel does not offer it (Linux 6.9 or later does)");
             }
         }
         Ok(())

@@ -74,7 +74,7 @@ impl Passthrough {
     /// backing file).
     pub fn disable(&self, why: &str) {
         if self.enabled.swap(false, Relaxed) {
-            tracing::info!("FUSE passthrough off: {why}");
+            tracing::warn!("FUSE passthrough off: {why}; every read stays on FUSE");
         }
     }
 
