@@ -240,7 +240,13 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     // passthrough); the page cache is dropped first, so both read from disk.
     let mut again = Vec::new();
     for (label, image, name, snapshotter, namespace) in [
-        ("overlayfs", format!("{link}/app:v1"), "overlay-again", "overlayfs", "default"),
+        (
+            "overlayfs",
+            format!("{link}/app:v1"),
+            "overlay-again",
+            "overlayfs",
+            "default",
+        ),
         (
             "petrel (same lazy image, node cache warm)",
             format!("{link}/app:petrel-pf"),
