@@ -142,6 +142,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn wrapping_round_trips_and_damage_outside_the_data_is_refused(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let layer = wrap(BLOB_ENTRY, &data);
+            proptest::prop_assert_eq!(unwrap(BLOB_ENTRY, &layer).unwrap(), &data[..]);
+            let mut damaged = layer.clone();
+            let i = at.index(damaged.len());
+            damaged[i] ^= flip;
+            let inside_data = (DATA_OFFSET as usize..DATA_OFFSET as usize + data.len()).contains(&i);
+            proptest::prop_assert_eq!(unwrap(BLOB_ENTRY, &damaged).is_ok(), inside_data);
+        }
+    }
+
     #[test]
     fn a_bare_bootstrap_layer_of_older_images_still_reads() {
         let mut bare = crate::layout::MAGIC.to_vec();
