@@ -161,10 +161,7 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         .success());
 
     // The snapshotter's Prometheus endpoint reports the lazy mount's counters.
-    let mut stream = std::net::TcpStream::connect(containerd.metrics_address()).unwrap();
-    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut metrics = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut metrics).unwrap();
+    let metrics = containerd.metrics();
     assert!(
         metrics.contains("petrel_snapshotter_lazy_mounts 1") && metrics.contains("petrel_backend_bytes_total"),
         "{metrics}"

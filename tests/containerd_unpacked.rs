@@ -62,10 +62,7 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     // Its chunks were all cached by the first run, so the remounted image served the
     // busybox binary to the container's overlay through a backing file (passthrough),
     // which the snapshotter's metrics report.
-    let mut stream = std::net::TcpStream::connect(containerd.metrics_address()).unwrap();
-    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut metrics = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut metrics).unwrap();
+    let metrics = containerd.metrics();
     let opens: u64 = metrics
         .lines()
         .find(|l| l.starts_with("petrel_passthrough_opens_total{"))

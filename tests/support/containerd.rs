@@ -87,6 +87,15 @@ impl Containerd {
         std::fs::read_to_string(self.dir.path().join("metrics.addr")).unwrap()
     }
 
+    /// What the snapshotter's Prometheus endpoint answers (headers and body).
+    pub fn metrics(&self) -> String {
+        let mut stream = std::net::TcpStream::connect(self.metrics_address()).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+        answer
+    }
+
     pub fn start_snapshotter(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
