@@ -41,16 +41,23 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with_files(&files(), &["--chunker", "fixed:64K"])
+    }
+
+    /// An image of `files`, built with `build_args`.
+    fn with_files(files: &[(String, Vec<u8>)], build_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut w = LayerWriter::new();
-        for (path, data) in files() {
-            w.file(&path, &Default::default(), &data);
+        for (path, data) in files {
+            w.file(path, &Default::default(), data);
         }
         let layer = dir.path().join("layer.tar");
         std::fs::write(&layer, w.finish()).unwrap();
         let image = dir.path().join("image");
         let out = petrel()
-            .args(["build", "--chunker", "fixed:64K", "-o"])
+            .arg("build")
+            .args(build_args)
+            .arg("-o")
             .arg(&image)
             .arg(&layer)
             .output()
@@ -317,47 +324,19 @@ fn a_large_cached_file_is_materialized_in_the_background() {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     let data = Rng::new(77).mixed(40 << 20);
-    let mut w = LayerWriter::new();
-    w.file("large.bin", &Default::default(), &data);
-    let layer = dir.path().join("layer.tar");
-    std::fs::write(&layer, w.finish()).unwrap();
-    let image = dir.path().join("image");
-    let out = petrel().args(["build", "-o"]).arg(&image).arg(&layer).output().unwrap();
+    let setup = Setup::with_files(&[("large.bin".to_string(), data.clone())], &[]);
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command.arg("--daemon").output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let runtime = dir.path().join("run");
-    let out = petrel()
-        .arg("mount")
-        .arg(&image)
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--runtime-dir")
-        .arg(&runtime)
-        .arg("--daemon")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stats = || -> serde_json::Value {
-        let out = petrel()
-            .arg("stats")
-            .arg(&mountpoint)
-            .arg("--runtime-dir")
-            .arg(&runtime)
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
-    };
-    let path = mountpoint.join("large.bin");
+    let path = setup.mountpoint.join("large.bin");
     assert_eq!(std::fs::read(&path).unwrap(), data);
     // Too large to copy during an open: the open that finds it cached goes through FUSE
     // and starts the copy; a later open gets the backing file.
     let started = Instant::now();
-    while stats()["passthrough_opens"] == 0 {
-        let log = std::fs::read_to_string(dir.path().join("cache/daemon.log")).unwrap_or_default();
+    while stats_of(&setup)["passthrough_opens"] == 0 {
+        let log = std::fs::read_to_string(setup.dir.path().join("cache/daemon.log")).unwrap_or_default();
         if log.contains("FUSE passthrough off") {
             break; // a kernel without passthrough
         }
@@ -369,7 +348,7 @@ fn a_large_cached_file_is_materialized_in_the_background() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(std::fs::read(&path).unwrap(), data);
-    let out = petrel().arg("umount").arg(&mountpoint).output().unwrap();
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    wait_until(|| !is_petrel_mount(&mountpoint));
+    wait_until(|| !is_petrel_mount(&setup.mountpoint));
 }
