@@ -382,8 +382,17 @@ fn bad_bootstraps_and_a_registry_that_is_down_fail_cleanly() {
     let digest = client.push_blob_bytes("busy", &garbage).unwrap();
     let mut bad = good.clone();
     let last = bad["layers"].as_array().unwrap().len() - 1;
-    bad["layers"][last]["digest"] = digest.into();
+    bad["layers"][last]["digest"] = digest.clone().into();
     bad["layers"][last]["size"] = garbage.len().into();
+    // An honest config for it (diff_ids are the digests of uncompressed layers), so the
+    // garbage reaches the mount daemon instead of failing the snapshotter's chain check.
+    let config_digest = good["config"]["digest"].as_str().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&client.get_blob_verified("busy", config_digest, 1 << 20).unwrap()).unwrap();
+    config["rootfs"]["diff_ids"][last] = digest.into();
+    let config = serde_json::to_vec(&config).unwrap();
+    bad["config"]["digest"] = client.push_blob_bytes("busy", &config).unwrap().into();
+    bad["config"]["size"] = config.len().into();
     client
         .put_manifest(
             "busy",
@@ -434,7 +443,7 @@ fn a_private_image_is_fetched_lazily_with_the_snapshotter_credentials() {
         return;
     }
     let registry = TestRegistry::start(true);
-    let creds = registry.creds().unwrap();
+    let creds = registry.creds_file().unwrap();
     let containerd = Containerd::start_configured(
         Some(&registry.addr),
         &format!(

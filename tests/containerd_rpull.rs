@@ -10,13 +10,6 @@ use support::busybox_image::*;
 use support::containerd::Containerd;
 use support::*;
 
-fn ctr_remote_available() -> bool {
-    std::process::Command::new("ctr-remote")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn a_petrel_image_pulled_with_ctr_remote_runs_lazily_without_downloading_a_layer() {
     if !can_run() || !ctr_remote_available() {

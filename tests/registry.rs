@@ -24,7 +24,7 @@ fn convert(from: &str, to: &str, creds: Option<&str>) -> serde_json::Value {
     let mut command = petrel();
     command.arg("convert").arg(from).arg(to).arg("--json");
     if let Some(creds) = creds {
-        command.arg("--creds").arg(creds);
+        command.env("PETREL_CREDS", creds);
     }
     let out = command.output().unwrap();
     assert!(out.status.success(), "convert {from} -> {to}: {}", output_text(&out));
@@ -97,7 +97,8 @@ fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
     assert!(text.contains("authentication") || text.contains("401"), "{text}");
     // Wrong password: refused, and the password is not printed.
     let out = petrel()
-        .args(["convert", &source, &target, "--creds", "petrel:wrong-password-123"])
+        .args(["convert", &source, &target])
+        .env("PETREL_CREDS", "petrel:wrong-password-123")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -105,6 +106,18 @@ fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
         !output_text(&out).contains("wrong-password-123"),
         "{}",
         output_text(&out)
+    );
+    // Credentials on the command line (readable by every local user in /proc) are
+    // refused, without repeating them.
+    let out = petrel()
+        .args(["convert", &source, &target, "--creds", "petrel:wrong-password-123"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = output_text(&out);
+    assert!(
+        said.contains("--creds takes a file") && !said.contains("wrong-password-123"),
+        "{said}"
     );
 
     let first = convert(&source, &target, Some(&creds));
@@ -129,7 +142,7 @@ fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
         &target,
         &work.path().join("mnt"),
         &work.path().join("cache"),
-        &["--creds", &creds],
+        &["--creds", &registry.creds_file().unwrap()],
     );
     assert_tree(&reference_merge(&layers), &mount.mountpoint);
 }

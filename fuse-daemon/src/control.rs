@@ -28,7 +28,8 @@ impl ControlServer {
     /// Binds `path` (replacing a stale socket) with mode 0660.
     pub fn start(path: &Path, stats: Arc<Stats>, image: String) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            // Private, like the cache: the sockets answer with image names and counters.
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
         }
         // A daemon whose mount was just unmounted answers until it has exited (a
         // moment later); only one that keeps answering is in the way.

@@ -22,6 +22,13 @@ use std::sync::{Arc, Condvar, Mutex};
 pub const DEFAULT_AMPLIFY_BYTES: u64 = 256 << 10;
 /// Largest single range request, whatever the read asked for.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// Most decoded bytes one request may produce. Stored bytes say little: a 16 MiB
+/// chunk of one repeated byte is ~500 stored bytes, so a request is also bounded by
+/// what its chunks decode to (always at least one chunk, at most
+/// `petrel_format::chunker::MAX_CHUNK_SIZE`).
+pub const MAX_REQUEST_DECODED_BYTES: u64 = 64 << 20;
+/// Most decoded bytes a daemon's fetches hold at once; further fetches wait.
+pub const MAX_DAEMON_DECODED_BYTES: u64 = 256 << 20;
 
 /// The outcome of one chunk's fetch, shared by everyone who waited for it.
 type Outcome = std::result::Result<Arc<Vec<u8>>, Arc<DaemonError>>;
@@ -49,6 +56,55 @@ pub struct Fetcher {
     amplify_bytes: u64,
     in_flight: Mutex<HashMap<u32, Arc<Flight>>>,
     prefetched: ChunkMarks,
+    decoded: ByteBudget,
+}
+
+/// A counting bound on bytes held at once: `take` waits until `amount` fits.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: u64,
+    held: Mutex<u64>,
+    freed: Condvar,
+}
+
+/// Bytes taken from a `ByteBudget`, given back when dropped.
+#[derive(Debug)]
+pub struct BudgetGuard<'a> {
+    budget: &'a ByteBudget,
+    amount: u64,
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> Self {
+        ByteBudget {
+            limit,
+            held: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Takes `amount` (at most the whole limit) once it fits.
+    pub fn take(&self, amount: u64) -> BudgetGuard<'_> {
+        let amount = amount.min(self.limit);
+        let mut held = self.held.lock().expect("budget lock");
+        while *held + amount > self.limit {
+            held = self.freed.wait(held).expect("budget lock");
+        }
+        *held += amount;
+        BudgetGuard { budget: self, amount }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        *self.held.lock().expect("budget lock")
+    }
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        *self.budget.held.lock().expect("budget lock") -= self.amount;
+        self.budget.freed.notify_all();
+    }
 }
 
 /// One bit per chunk: fetched by the prefetcher and not yet read.
@@ -93,6 +149,7 @@ impl Fetcher {
             amplify_bytes,
             in_flight: Mutex::new(HashMap::new()),
             prefetched,
+            decoded: ByteBudget::new(MAX_DAEMON_DECODED_BYTES),
         }
     }
 
@@ -169,13 +226,16 @@ impl Fetcher {
         let head = bootstrap.chunk(first)?;
         let mut plan = vec![head];
         let mut end = head.compressed_offset + u64::from(head.compressed_size);
+        let mut decoded = u64::from(head.uncompressed_size);
         let mut next = first + 1;
         while next < bootstrap.chunk_count() {
             let chunk = bootstrap.chunk(next)?;
             let span = end - head.compressed_offset + u64::from(chunk.compressed_size);
             let wanted = next <= through || span <= window;
+            decoded += u64::from(chunk.uncompressed_size);
             if !wanted
                 || span > MAX_REQUEST_BYTES
+                || decoded > MAX_REQUEST_DECODED_BYTES
                 || chunk.blob_index != head.blob_index
                 || chunk.compressed_offset != end
                 || self.cache.is_ready(next)
@@ -237,6 +297,8 @@ impl Fetcher {
     /// Fetches the planned chunks with one range request, verifies and caches them,
     /// and publishes each chunk's outcome.
     fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)]) {
+        let decoded: u64 = flights.iter().map(|(c, _)| u64::from(c.uncompressed_size)).sum();
+        let _held = self.decoded.take(decoded);
         let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect());
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
         for ((chunk, flight), outcome) in flights.iter().zip(outcomes) {
@@ -330,5 +392,34 @@ impl DaemonError {
             source = s.source();
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_lets_no_more_than_its_limit_be_held() {
+        let budget = Arc::new(ByteBudget::new(100));
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (budget, peak) = (Arc::clone(&budget), Arc::clone(&peak));
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let _guard = budget.take(30 + i);
+                        peak.fetch_max(budget.held(), Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Relaxed) <= 100, "{}", peak.load(Relaxed));
+        assert_eq!(budget.held(), 0);
+        // More than the limit is taken as the whole limit, never a deadlock.
+        drop(budget.take(1_000));
     }
 }

@@ -86,7 +86,7 @@ impl MappedImage {
 
 /// Copies `source` into the cache as `cached`, verifying it completely first.
 fn import_bootstrap(source: &Path, dir: &Path, cached: &PathBuf, digest: &[u8; 32]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(DaemonError::io("create", dir))?;
+    crate::store::create_private_dir(dir)?;
     let bytes = std::fs::read(source).map_err(DaemonError::io("read", source))?;
     let bootstrap = Bootstrap::open(&bytes)?;
     if bootstrap.superblock().digest != *digest {

@@ -120,7 +120,7 @@ pub fn resolve(
         }
     }
     let downloads = cache_dir.join("downloads");
-    std::fs::create_dir_all(&downloads).map_err(DaemonError::io("create", &downloads))?;
+    crate::store::create_private_dir(&downloads)?;
     let path = downloads.join(bootstrap.digest.trim_start_matches("sha256:"));
     let mut temp =
         tempfile::NamedTempFile::new_in(&downloads).map_err(DaemonError::io("create temporary file in", &downloads))?;

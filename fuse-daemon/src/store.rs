@@ -51,11 +51,32 @@ fn hex_name(digest: &[u8; 32]) -> String {
     hex::encode(digest)
 }
 
+/// Creates the node cache directory `cache_dir` (and its parents) and makes it private
+/// to its owner (0700), as containerd keeps its snapshot roots since CVE-2021-41103.
+/// Cached bootstraps name every chunk's digest, and chunks and materialized files are
+/// image content, so no other local user may list or read any of it.
+pub fn create_cache_dir(cache_dir: &Path) -> Result<()> {
+    create_private_dir(cache_dir)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, tightening it if it exists.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(DaemonError::io("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(DaemonError::io("chmod", dir))
+}
+
 impl ChunkStore {
-    /// Opens the store under `cache_dir/chunks` (creating it).
+    /// Opens the store under `cache_dir/chunks` (creating it, private: `create_cache_dir`).
     pub fn open(cache_dir: &Path, max_bytes: Option<u64>) -> Result<Arc<Self>> {
+        create_cache_dir(cache_dir)?;
         let root = cache_dir.join("chunks");
-        std::fs::create_dir_all(root.join("tmp")).map_err(DaemonError::io("create", &root))?;
+        create_private_dir(&root.join("tmp"))?;
+        create_private_dir(&root)?;
         let store = ChunkStore {
             root,
             max_bytes,

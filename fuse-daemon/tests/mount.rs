@@ -227,3 +227,52 @@ fn only_the_chunks_a_read_touches_are_fetched() {
         .sum();
     assert!(stats.backend_bytes < blob_size / 4, "{stats:?} of {blob_size}");
 }
+
+/// A chunk's stored size says little about what it decodes to (16 MiB of one repeated
+/// byte is ~1.5 KiB of zstd): a fetch is bounded by the decoded bytes it would hold,
+/// not only by the stored bytes it asks for (docs/security.md, bounded resources).
+#[test]
+fn a_fetch_holds_a_bounded_number_of_decoded_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    let chunk = 16usize << 20;
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    // Eight different chunks (identical ones would be stored once), each one byte repeated.
+    let bomb: Vec<u8> = (0..8 * chunk).map(|i| (i / chunk) as u8 + 1).collect();
+    w.file("bomb.bin", &Default::default(), &bomb);
+    let fixture = Fixture::new(
+        &[w.finish()],
+        BuildOptions {
+            chunker: "fixed:16M".parse().unwrap(),
+            ..BuildOptions::default()
+        },
+    );
+    let blob_size: u64 = std::fs::read_dir(fixture.image.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        blob_size < 64 << 10,
+        "the whole 128 MiB file stores as {blob_size} bytes"
+    );
+    let mounted = mount(&fixture.config("mnt")).unwrap();
+    let file = std::fs::File::open(mounted.mountpoint().join("bomb.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|b| *b == 1));
+    let stats = mounted.stats();
+    // The amplification window (256 KiB of stored bytes) covers all 8 chunks, but one
+    // request may decode at most MAX_REQUEST_DECODED_BYTES.
+    let bound = petrel_fuse_daemon::fetch::MAX_REQUEST_DECODED_BYTES / chunk as u64;
+    assert_eq!(stats.backend_requests, 1, "{stats:?}");
+    assert_eq!(stats.chunks_fetched, bound, "{stats:?}");
+    // Every byte still reads back right, in bounded requests.
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::fs::File::open(mounted.mountpoint().join("bomb.bin")).unwrap(),
+        &mut all,
+    )
+    .unwrap();
+    assert!(all == bomb, "the file reads back byte for byte");
+}

@@ -40,7 +40,16 @@ pub enum RemoteLayer {
 /// labels, or no petrel role: `None` (an ordinary pull). Converted layers carry their
 /// role as an annotation, which containerd passes on with the image labels, so an
 /// ordinary layer costs no registry call (and needs no credentials here).
-pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Config) -> Result<Option<RemoteLayer>> {
+///
+/// A petrel layer is verified before it is classified (`crate::provenance`): the
+/// snapshot name containerd asks for (`target`, on top of `parent`) must be the chain
+/// ID of the layer digests, and the layer must be what its role says in the manifest.
+pub fn classify(
+    labels: &BTreeMap<String, String>,
+    target: &str,
+    parent: Option<&str>,
+    settings: &crate::config::Config,
+) -> Result<Option<RemoteLayer>> {
     let (image, manifest_digest, layer) = match (
         labels.get(CRI_IMAGE_REF),
         labels.get(CRI_MANIFEST),
@@ -55,46 +64,38 @@ pub fn classify(labels: &BTreeMap<String, String>, settings: &crate::config::Con
     let Some(role) = labels.get(ANNOTATION_SNAPSHOT_LAYER) else {
         return Ok(None);
     };
-    match role.as_str() {
-        ROLE_BLOB => Ok(Some(RemoteLayer::Blob)),
-        ROLE_BOOTSTRAP => {
-            let unavailable = |e: petrel_registry::RegistryError| {
-                SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"))
-            };
-            let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-            let pinned = match manifest_digest {
-                Some(digest) => digest.clone(),
-                None => {
-                    let options = ClientOptions {
-                        credentials: settings
-                            .credentials_for(&image_ref.registry)
-                            .and_then(|c| Credentials::parse(&c)),
-                        ..ClientOptions::default()
-                    };
-                    let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
-                    pinned_manifest(&client, &image_ref, layer)?
-                }
-            };
-            Ok(Some(RemoteLayer::Bootstrap {
-                image: format!("docker://{}/{}@{pinned}", image_ref.registry, image_ref.repository),
-            }))
-        }
-        other => Err(SnapshotError::FailedPrecondition(format!(
-            "layer {layer} of {image} has petrel role {other:?}, which this snapshotter does not know"
-        ))),
-    }
-}
-
-/// The digest of the manifest `image` names now (through an index, this host's
-/// platform), which must list `layer`.
-fn pinned_manifest(client: &RegistryClient, image: &ImageRef, layer: &str) -> Result<String> {
-    let (manifest, digest) = client
-        .get_image_manifest(&image.repository, image.reference(), &Platform::host())
-        .map_err(|e| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}")))?;
-    if !manifest.layers.iter().any(|l| l.digest == layer) {
+    if role != ROLE_BLOB && role != ROLE_BOOTSTRAP {
         return Err(SnapshotError::FailedPrecondition(format!(
-            "{image}: manifest {digest} does not list layer {layer} (did the tag move during the pull?)"
+            "layer {layer} of {image} has petrel role {role:?}, which this snapshotter does not know"
         )));
     }
-    Ok(digest)
+    let unavailable =
+        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
+    let image_ref = ImageRef::parse(image).map_err(unavailable)?;
+    let options = ClientOptions {
+        credentials: settings
+            .credentials_for(&image_ref.registry)
+            .and_then(|c| Credentials::parse(&c)),
+        ..ClientOptions::default()
+    };
+    let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
+    // By the digest containerd resolved (CRI), else by the reference, which must then
+    // list the layer (the tag may have moved during the pull).
+    let reference = manifest_digest.map_or(image_ref.reference(), String::as_str);
+    let (manifest, pinned) = client
+        .get_image_manifest(&image_ref.repository, reference, &Platform::host())
+        .map_err(unavailable)?;
+    if manifest_digest.is_none() && !manifest.layers.iter().any(|l| &l.digest == layer) {
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "{image}: manifest {pinned} does not list layer {layer} (did the tag move during the pull?)"
+        )));
+    }
+    crate::provenance::verify_remote_layer(&client, &image_ref.repository, &manifest, layer, role, target, parent)?;
+    Ok(Some(if role == ROLE_BLOB {
+        RemoteLayer::Blob
+    } else {
+        RemoteLayer::Bootstrap {
+            image: format!("docker://{}/{}@{pinned}", image_ref.registry, image_ref.repository),
+        }
+    }))
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod filter;
 pub mod labels;
 pub mod metrics;
+pub mod provenance;
 pub mod remote;
 pub mod service;
 pub mod store;

@@ -70,13 +70,13 @@ pub(crate) fn run_mount_daemon(
     image: &str,
     mountpoint: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(mountpoint).map_err(SnapshotError::io("create", mountpoint))?;
+    crate::store::private_dir(mountpoint)?;
     let name = mountpoint
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let run = config.root.join("run");
-    std::fs::create_dir_all(&run).map_err(SnapshotError::io("create", &run))?;
+    crate::store::private_dir(&run)?;
     let out = command
         .arg(mountpoint)
         .arg("--daemon")

@@ -121,9 +121,11 @@ impl Service {
         };
         let to_classify = labels.clone();
         let settings = self.remote.settings.clone();
-        let layer = tokio::task::spawn_blocking(move || remote::classify(&to_classify, &settings))
-            .await
-            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+        let (name, below) = (target.clone(), parent.map(str::to_string));
+        let layer =
+            tokio::task::spawn_blocking(move || remote::classify(&to_classify, &name, below.as_deref(), &settings))
+                .await
+                .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
         let mut _in_flight = None;
         let mut labels = labels.clone();
         let mount = match layer {
@@ -154,18 +156,28 @@ impl Service {
             return Err(SnapshotError::AlreadyExists(name.into()).into());
         }
         let fs = self.store.fs_dir(key)?;
-        let (unpacked, mountpoint, _in_flight) = match unpacked::detect(&fs) {
-            None => (None, None, None),
-            Some(UnpackedKind::Blob) => {
-                let digest = tokio::task::spawn_blocking(move || unpacked::blob_layer(&fs))
-                    .await
-                    .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
-                (Some(digest), None, None)
+        let parent = self.store.parent_of(key)?;
+        // A petrel layer is committed only under the chain ID of the layer digest
+        // hashed here (its diff_id).
+        let verified = match unpacked::detect(&fs) {
+            None => None,
+            Some(kind) => {
+                let (name, parent, fs) = (name.to_string(), parent.clone(), fs.clone());
+                let digest = tokio::task::spawn_blocking(move || {
+                    unpacked::verified_layer_digest(&fs, kind, &name, parent.as_deref())
+                })
+                .await
+                .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+                Some((kind, digest))
             }
-            Some(UnpackedKind::Bootstrap) => {
+        };
+        let (unpacked, mountpoint, _in_flight) = match verified {
+            None => (None, None, None),
+            Some((UnpackedKind::Blob, digest)) => (Some(Unpacked::Blob { digest }), None, None),
+            Some((UnpackedKind::Bootstrap, _)) => {
                 let image = UnpackedImage {
                     image_dir: fs.join("petrel"),
-                    blobs: self.store.unpacked_blobs(self.store.parent_of(key)?.as_deref())?,
+                    blobs: self.store.unpacked_blobs(parent.as_deref())?,
                 };
                 let mountpoint = self.remote.mountpoint(name);
                 let guard = MountingGuard::new(&self.mounting, &mountpoint);

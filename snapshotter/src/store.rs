@@ -8,6 +8,7 @@ use crate::error::{Result, SnapshotError};
 use crate::filter::{Fields, Filter};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -119,6 +120,18 @@ pub struct SnapshotStore {
     db: Database,
 }
 
+/// Creates `dir` (and its parents) private to root: 0700, as containerd's own
+/// snapshotters keep their roots since CVE-2021-41103 (host users ran setuid binaries
+/// that containers wrote into their upper dirs). An existing directory is tightened.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(SnapshotError::io("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(SnapshotError::io("chmod", dir))
+}
+
 fn now() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -128,8 +141,11 @@ fn now() -> u128 {
 
 impl SnapshotStore {
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("snapshots")).map_err(SnapshotError::io("create", root))?;
+        private_dir(root)?;
+        private_dir(&root.join("snapshots"))?;
         let db = Database::create(root.join("metadata.redb"))?;
+        std::fs::set_permissions(root.join("metadata.redb"), std::fs::Permissions::from_mode(0o600))
+            .map_err(SnapshotError::io("chmod", root.join("metadata.redb")))?;
         let txn = db.begin_write()?;
         {
             txn.open_table(SNAPSHOTS)?;
@@ -235,17 +251,27 @@ impl SnapshotStore {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        if let Some(parent) = parent {
-            let record = self.get(parent)?;
-            if record.info.kind != Kind::Committed {
-                return Err(SnapshotError::InvalidArgument(format!(
-                    "parent {parent:?} is not committed"
-                )));
-            }
+        if key.is_empty() {
+            return Err(SnapshotError::InvalidArgument("a snapshot key cannot be empty".into()));
         }
+        // The parent is checked in the same write transaction that adds the child, and
+        // Remove counts children in its own: write transactions are serialized, so a
+        // Remove of the parent and a Prepare on it cannot both succeed.
         let txn = self.db.begin_write()?;
         let id = {
             let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            if let Some(parent) = parent {
+                let value = snapshots
+                    .get(parent)?
+                    .ok_or_else(|| SnapshotError::NotFound(parent.into()))?;
+                let record: Record =
+                    serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?;
+                if record.info.kind != Kind::Committed {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "parent {parent:?} is not committed"
+                    )));
+                }
+            }
             if snapshots.get(key)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(key.into()));
             }
@@ -273,7 +299,6 @@ impl SnapshotStore {
         let dir = self.dir(id);
         std::fs::create_dir_all(dir.join("fs")).map_err(SnapshotError::io("create", &dir))?;
         std::fs::create_dir_all(dir.join("work")).map_err(SnapshotError::io("create", &dir))?;
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.join("fs"), std::fs::Permissions::from_mode(0o755))
             .map_err(SnapshotError::io("chmod", &dir))?;
         txn.commit()?;
@@ -355,6 +380,9 @@ impl SnapshotStore {
         unpacked: Option<Unpacked>,
         lazy_mount: Option<PathBuf>,
     ) -> Result<()> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument("a snapshot name cannot be empty".into()));
+        }
         let txn = self.db.begin_write()?;
         {
             let mut snapshots = txn.open_table(SNAPSHOTS)?;
@@ -453,22 +481,31 @@ impl SnapshotStore {
 
     /// Removes a snapshot that has no children, and its directory.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let record = self.get(key)?;
-        let children = self
-            .all()?
-            .iter()
-            .filter(|r| r.info.parent.as_deref() == Some(key))
-            .count();
-        if children > 0 {
-            return Err(SnapshotError::HasChildren {
-                key: key.into(),
-                children,
-            });
-        }
         let txn = self.db.begin_write()?;
-        {
-            txn.open_table(SNAPSHOTS)?.remove(key)?;
-        }
+        let record = {
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            let mut record = None;
+            let mut children = 0;
+            for entry in snapshots.iter()? {
+                let (name, value) = entry?;
+                let r: Record =
+                    serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?;
+                if name.value() == key {
+                    record = Some(r);
+                } else if r.info.parent.as_deref() == Some(key) {
+                    children += 1;
+                }
+            }
+            let record = record.ok_or_else(|| SnapshotError::NotFound(key.into()))?;
+            if children > 0 {
+                return Err(SnapshotError::HasChildren {
+                    key: key.into(),
+                    children,
+                });
+            }
+            snapshots.remove(key)?;
+            record
+        };
         txn.commit()?;
         let dir = self.dir(record.id);
         std::fs::remove_dir_all(&dir).map_err(SnapshotError::io("remove", &dir))?;
@@ -480,7 +517,7 @@ impl SnapshotStore {
     }
 
     /// Updates labels (all, or those named by `labels.<key>` field paths); the
-    /// name, parent and kind cannot change.
+    /// name, parent and kind cannot change, and any other field path is refused.
     pub fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
         let txn = self.db.begin_write()?;
         let updated = {
@@ -491,16 +528,8 @@ impl SnapshotStore {
                     .ok_or_else(|| SnapshotError::NotFound(info.name.clone()))?;
                 serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?
             };
-            if info
-                .parent
-                .as_ref()
-                .is_some_and(|p| Some(p) != record.info.parent.as_ref())
-                || info.kind != record.info.kind
-            {
-                return Err(SnapshotError::InvalidArgument(
-                    "parent and kind of a snapshot cannot change".into(),
-                ));
-            }
+            // As containerd's storage.UpdateInfo: only labels change; the kind and
+            // parent in the request are ignored (containerd always sends Committed).
             if fieldpaths.is_empty() {
                 record.info.labels = info.labels.clone();
             }

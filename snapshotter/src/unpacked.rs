@@ -7,7 +7,7 @@
 
 use crate::error::{Result, SnapshotError};
 use crate::remote::RemoteConfig;
-use crate::store::{Unpacked, UnpackedImage};
+use crate::store::UnpackedImage;
 use petrel_format::layer_tar;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -49,14 +49,27 @@ pub enum UnpackedKind {
     Bootstrap,
 }
 
-/// The digest of the blob layer that unpacked to `fs/petrel/blob`: the layer is
-/// petrel's exact tar wrapping of these bytes, so it is hashed without rebuilding it.
-pub fn blob_layer(fs: &Path) -> Result<Unpacked> {
-    let path = fs.join("petrel").join("blob");
+/// The digest of the petrel layer of `kind` unpacked in `fs`, which must be committed
+/// as `name` on `parent`: `name` must be the chain ID of that digest on `parent`.
+pub fn verified_layer_digest(fs: &Path, kind: UnpackedKind, name: &str, parent: Option<&str>) -> Result<String> {
+    let entry = match kind {
+        UnpackedKind::Blob => layer_tar::BLOB_ENTRY,
+        UnpackedKind::Bootstrap => layer_tar::BOOTSTRAP_ENTRY,
+    };
+    let digest = layer_digest(fs, entry)?;
+    crate::provenance::check_chain_id(name, parent, &digest, &format!("unpacked petrel layer {digest}"))?;
+    Ok(digest)
+}
+
+/// The digest of the petrel layer that unpacked to `fs/<entry>`: the layer is
+/// petrel's exact tar wrapping of the file, so it is hashed without rebuilding it.
+/// Petrel layers are uncompressed, so this is also the layer's diff_id.
+pub fn layer_digest(fs: &Path, entry: &str) -> Result<String> {
+    let path = fs.join(entry);
     let mut file = std::fs::File::open(&path).map_err(SnapshotError::io("open", &path))?;
     let size = file.metadata().map_err(SnapshotError::io("stat", &path))?.len();
     let mut hasher = Sha256::new();
-    hasher.update(layer_tar::header(layer_tar::BLOB_ENTRY, size));
+    hasher.update(layer_tar::header(entry, size));
     let mut buffer = vec![0u8; 1 << 20];
     let mut hashed = 0u64;
     loop {
@@ -74,9 +87,7 @@ pub fn blob_layer(fs: &Path) -> Result<Unpacked> {
         )));
     }
     hasher.update(vec![0u8; layer_tar::trailer_len(size) as usize]);
-    Ok(Unpacked::Blob {
-        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
-    })
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
 /// Mounts an unpacked image at `mountpoint`: links its blobs into one directory and
@@ -90,7 +101,7 @@ pub fn mount(config: &RemoteConfig, image: &UnpackedImage, mountpoint: &Path) ->
     let links = config.unpacked_blob_dir(mountpoint);
     let blobs_dir = petrel_format::image_dir::ImageDir::new(&links).blobs_dir();
     let _ = std::fs::remove_dir_all(&links);
-    std::fs::create_dir_all(&blobs_dir).map_err(SnapshotError::io("create", &blobs_dir))?;
+    crate::store::private_dir(&blobs_dir)?;
     for blob in bootstrap.blobs() {
         let blob = blob.map_err(|e| SnapshotError::FailedPrecondition(format!("unpacked bootstrap: {e}")))?;
         let digest = blob.oci_digest();
@@ -131,7 +142,12 @@ mod tests {
             let dir = unpack(&layer);
             assert_eq!(detect(dir.path()), Some(UnpackedKind::Blob));
             let expected = petrel_registry::oci::sha256_digest(&layer);
-            assert_eq!(blob_layer(dir.path()).unwrap(), Unpacked::Blob { digest: expected });
+            assert_eq!(
+                verified_layer_digest(dir.path(), UnpackedKind::Blob, &expected, None).unwrap(),
+                expected
+            );
+            let wrong = verified_layer_digest(dir.path(), UnpackedKind::Blob, "sha256:other", None);
+            assert!(wrong.unwrap_err().to_string().contains("diff_ids do not match"));
         }
     }
 

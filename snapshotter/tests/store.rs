@@ -139,16 +139,37 @@ fn remove_update_walk_and_cleanup_follow_containerd() {
     assert_eq!(updated.labels["team"], "edge");
     assert_eq!(updated.labels["containerd.io/snapshot.ref"], "sha256:top");
     assert!(updated.updated > updated.created);
+    // As containerd: the kind and parent in an Update are ignored (containerd always
+    // sends Committed, and `ctr snapshots label` of an active snapshot must work), and
+    // a field path other than labels is refused.
     let mut moved = info.clone();
     moved.parent = Some("elsewhere".into());
+    moved.kind = Kind::Active;
+    moved.labels.insert("moved".into(), "yes".into());
+    let updated = store.update(moved, &["labels.moved".into()]).unwrap();
+    assert_eq!(
+        (updated.kind, updated.parent.as_deref()),
+        (Kind::Committed, Some("base"))
+    );
+    assert_eq!(updated.labels["moved"], "yes");
+    store.prepare("active", Some("top"), BTreeMap::new()).unwrap();
+    let mut active = store.stat("active").unwrap();
+    active.kind = Kind::Committed;
+    active.labels.insert("team".into(), "edge".into());
+    let updated = store.update(active.clone(), &["labels.team".into()]).unwrap();
+    assert_eq!((updated.kind, updated.labels["team"].as_str()), (Kind::Active, "edge"));
+    for path in ["parent", "kind", "name", "labelsx"] {
+        assert!(
+            matches!(
+                store.update(active.clone(), &[path.into()]),
+                Err(SnapshotError::InvalidArgument(_))
+            ),
+            "{path}"
+        );
+    }
+    store.remove("active").unwrap();
     assert!(matches!(
-        store.update(moved, &[]),
-        Err(SnapshotError::InvalidArgument(_))
-    ));
-    let mut rekinded = info;
-    rekinded.kind = Kind::Active;
-    assert!(matches!(
-        store.update(rekinded, &[]),
+        store.prepare("", None, BTreeMap::new()),
         Err(SnapshotError::InvalidArgument(_))
     ));
 
@@ -176,4 +197,37 @@ fn remove_update_walk_and_cleanup_follow_containerd() {
     std::fs::create_dir_all(dir.path().join("snapshots/999/fs")).unwrap();
     assert_eq!(store.cleanup().unwrap(), 1);
     assert_eq!(std::fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 0);
+}
+
+/// A Remove of a parent racing a Prepare on it: never both succeed (no orphan child).
+#[test]
+fn remove_and_prepare_of_a_child_never_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SnapshotStore::open(dir.path()).unwrap());
+    for round in 0..100 {
+        let (key, parent) = (format!("a{round}"), format!("base{round}"));
+        store.prepare(&key, None, BTreeMap::new()).unwrap();
+        store.commit(&parent, &key, BTreeMap::new()).unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (s, b, p) = (store.clone(), barrier.clone(), parent.clone());
+        let remover = std::thread::spawn(move || {
+            b.wait();
+            s.remove(&p).is_ok()
+        });
+        barrier.wait();
+        let child = format!("child{round}");
+        let prepared = store.prepare(&child, Some(&parent), BTreeMap::new()).is_ok();
+        let removed = remover.join().unwrap();
+        assert!(
+            !(prepared && removed),
+            "round {round}: both the Remove and the Prepare succeeded"
+        );
+        assert!(prepared || removed);
+        if prepared {
+            assert_eq!(store.stat(&child).unwrap().parent.as_deref(), Some(parent.as_str()));
+            store.remove(&child).unwrap();
+            store.remove(&parent).unwrap();
+        }
+    }
+    assert!(store.walk(&[]).unwrap().is_empty());
 }

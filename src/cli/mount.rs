@@ -145,6 +145,7 @@ pub fn resolve_image(
     blob_dir: Option<&std::path::Path>,
     unpacked_blobs: bool,
 ) -> anyhow::Result<(std::sync::Arc<dyn petrel_fuse_daemon::Backend>, PathBuf, String)> {
+    petrel_fuse_daemon::store::create_cache_dir(cache_dir)?;
     if let Some(reference) = image.strip_prefix("docker://") {
         let image_ref = petrel_registry::ImageRef::parse(reference)?;
         let client = std::sync::Arc::new(petrel_registry::RegistryClient::new(
@@ -173,7 +174,7 @@ pub fn resolve_image(
 }
 
 pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
     let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
     let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0, None)?;
     let mode = if args.all {
@@ -304,7 +305,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
 /// Starts this program again in the foreground, detached, and waits for the mount.
 fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
-    std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
     let log_path = args
         .log_file
         .clone()
@@ -346,7 +347,7 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if let Some(creds) = args.registry.creds() {
+    if let Some(creds) = args.registry.creds()? {
         command.env("PETREL_CREDS", creds);
     }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);

@@ -81,7 +81,7 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     for dir in [&lower, &root, &upper, &overlay_work] {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::create_dir_all(&args.cache_dir)?;
+    petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
     let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
     let config = MountConfig {
         record: Some(args.profile.clone()),

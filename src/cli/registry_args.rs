@@ -4,11 +4,16 @@ use petrel_registry::{ClientOptions, Credentials, RetryPolicy};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The largest `--creds` file read (a token-sized password fits many times over).
+const MAX_CREDS_FILE: u64 = 64 << 10;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryArgs {
-    /// Credentials USER:PASSWORD (default: the Docker config's, if any).
-    #[arg(long, env = "PETREL_CREDS", hide_env_values = true)]
-    creds: Option<String>,
+    /// A file holding USER:PASSWORD (default: `PETREL_CREDS` in the environment, then
+    /// the Docker config). Never the credentials themselves: every local user can read
+    /// a process's command line in /proc.
+    #[arg(long = "creds", value_name = "FILE")]
+    creds_file: Option<PathBuf>,
     /// Use plain HTTP (always allowed for localhost and 127.0.0.0/8).
     #[arg(long)]
     plain_http: bool,
@@ -48,16 +53,33 @@ impl RegistryArgs {
         args
     }
 
-    /// Credentials to hand to a child process through `PETREL_CREDS`.
-    pub fn creds(&self) -> Option<&str> {
-        self.creds.as_deref()
+    /// Credentials to hand to a child process through `PETREL_CREDS`: the `--creds`
+    /// file's, else `PETREL_CREDS`'s.
+    pub fn creds(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.creds_file else {
+            return Ok(std::env::var("PETREL_CREDS").ok().filter(|c| !c.is_empty()));
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CREDS_FILE), &mut text))
+            .map_err(|e| {
+                // The path is not repeated: it may be credentials given by mistake.
+                anyhow::anyhow!(
+                    "--creds takes a file holding USER:PASSWORD, not the credentials themselves \
+                     (a command line is visible to every local user); the file given cannot be read: {e}"
+                )
+            })?;
+        Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
     }
 
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
-        let credentials = match &self.creds {
-            Some(text) => Some(Credentials::parse(text).ok_or_else(|| anyhow::anyhow!("--creds takes USER:PASSWORD"))?),
-            None => None,
-        };
+        let credentials =
+            match self.creds()? {
+                Some(text) => Some(Credentials::parse(&text).ok_or_else(|| {
+                    anyhow::anyhow!("credentials (--creds file or PETREL_CREDS) must be USER:PASSWORD")
+                })?),
+                None => None,
+            };
         Ok(ClientOptions {
             plain_http: self.plain_http,
             ca_file: self.ca_file.clone(),

@@ -37,6 +37,18 @@ pub fn can_run() -> bool {
         && std::path::Path::new("/bin/busybox").exists()
 }
 
+/// Whether `ctr-remote` (Debian's stargz-snapshotter package) is here.
+pub fn ctr_remote_available() -> bool {
+    let ok = std::process::Command::new("ctr-remote")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: needs ctr-remote (scripts/install-deps.sh)");
+    }
+    ok
+}
+
 /// Converts the busybox image and returns the converted manifest as JSON.
 pub fn converted_busybox(registry: &TestRegistry, containerd: &Containerd, tag: &str) -> serde_json::Value {
     convert_busybox(registry, containerd, "busy", tag, &[]);

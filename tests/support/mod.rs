@@ -137,6 +137,15 @@ impl TestRegistry {
         self.auth.then(|| format!("{USER}:{PASSWORD}"))
     }
 
+    /// A file (0600) holding the credentials, for `--creds FILE`.
+    pub fn creds_file(&self) -> Option<String> {
+        let creds = self.creds()?;
+        let path = self.dir.path().join("creds");
+        std::fs::write(&path, creds).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        Some(path.display().to_string())
+    }
+
     /// Pushes an OCI layout's tag `v1` to `repo:tag` with skopeo.
     pub fn push_layout(&self, layout: &Path, repo: &str, tag: &str) {
         let mut command = Command::new("skopeo");

@@ -1,0 +1,206 @@
+//! Which name a petrel layer may be committed under.
+//!
+//! containerd names a layer's snapshot by the chain ID it computes from the image
+//! config's `rootfs.diff_ids`, and skips every later layer whose chain ID already
+//! exists. For a remote snapshot nothing is ever unpacked, so nothing checks those
+//! diff_ids: the image author chooses the names. An image claiming another image's
+//! diff_ids would then be committed under that image's names, and a later pull of the
+//! victim (or of any image sharing the claimed base layer) would run the attacker's
+//! files.
+//!
+//! So the snapshotter commits a petrel layer only under the chain ID it derives from
+//! what it verified itself: petrel layers are uncompressed tars, so each layer's
+//! manifest digest is its diff_id. The manifest is fetched by its pinned digest (and
+//! checked against it), the layer must be listed in it with its petrel role and an
+//! uncompressed media type, and:
+//! - a blob layer must be petrel's exact one-entry tar (its header and trailer are read
+//!   by two small Range requests), so a real layer's digest cannot be committed as an
+//!   empty petrel blob;
+//! - a bootstrap layer must be the manifest's bootstrap, the one the mount daemon
+//!   verifies byte for byte against that digest before it serves anything.
+
+use crate::error::{Result, SnapshotError};
+use petrel_format::layer_tar;
+use petrel_registry::oci::{self, Descriptor, Manifest, ROLE_BLOB, ROLE_BOOTSTRAP};
+use petrel_registry::RegistryClient;
+
+/// Media types whose digest is the diff_id (the layer is not compressed).
+const UNCOMPRESSED_LAYER_TYPES: [&str; 2] = [oci::OCI_LAYER_TAR, "application/vnd.docker.image.rootfs.diff.tar"];
+
+/// containerd's chain ID (`identity.ChainID`): the first layer's diff_id, then
+/// `sha256(parent + " " + diff_id)`.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(parent) => oci::sha256_digest(format!("{parent} {diff_id}").as_bytes()),
+    }
+}
+
+/// The chain ID a snapshot name stands for. containerd's metadata store names the
+/// snapshots it commits `<namespace>/<id>/<chain ID>`; remote layers are committed
+/// under the bare chain ID (`containerd.io/snapshot.ref`). Chain IDs hold no `/`.
+pub fn chain_id_of(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// Refuses `target` (the name containerd asks for) unless it names the chain ID of
+/// `parent` (a snapshot committed under a verified name) and `diff_id`.
+pub fn check_chain_id(target: &str, parent: Option<&str>, diff_id: &str, what: &str) -> Result<()> {
+    let derived = chain_id(parent.map(chain_id_of), diff_id);
+    if derived == chain_id_of(target) {
+        return Ok(());
+    }
+    Err(SnapshotError::FailedPrecondition(format!(
+        "refusing {what}: containerd names its snapshot {target}, but the chain ID of its layer digests is {derived}; \
+         the image config's rootfs.diff_ids do not match its layers"
+    )))
+}
+
+/// The descriptor of `layer` in `manifest`, which must carry petrel role `role` and an
+/// uncompressed media type.
+pub fn petrel_layer<'m>(manifest: &'m Manifest, layer: &str, role: &str, image: &str) -> Result<&'m Descriptor> {
+    let refuse =
+        |reason: String| SnapshotError::FailedPrecondition(format!("refusing layer {layer} of {image}: {reason}"));
+    let descriptor = manifest
+        .layers
+        .iter()
+        .find(|d| d.digest == layer)
+        .ok_or_else(|| refuse("the image's manifest does not list it".into()))?;
+    if oci::petrel_role(descriptor) != Some(role) {
+        return Err(refuse(format!(
+            "its manifest entry has petrel role {:?}, not {role:?}",
+            oci::petrel_role(descriptor)
+        )));
+    }
+    if !UNCOMPRESSED_LAYER_TYPES.contains(&descriptor.media_type.as_str()) {
+        return Err(refuse(format!(
+            "media type {:?} is not an uncompressed tar, so its digest is not its diff_id",
+            descriptor.media_type
+        )));
+    }
+    if role == ROLE_BOOTSTRAP && oci::bootstrap_layer(manifest).map(|d| d.digest.as_str()) != Some(layer) {
+        return Err(refuse("it is not the bootstrap the image's manifest mounts".into()));
+    }
+    Ok(descriptor)
+}
+
+/// Checks by two Range requests that blob layer `descriptor` is petrel's exact
+/// one-entry tar of `petrel/blob`: its header announces the size the descriptor
+/// implies, and the bytes after the data are zero.
+pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor: &Descriptor) -> Result<()> {
+    let refuse = |reason: String| {
+        SnapshotError::FailedPrecondition(format!(
+            "refusing blob layer {} of {repository}: {reason}",
+            descriptor.digest
+        ))
+    };
+    let fetch = |offset: u64, len: u64| {
+        client
+            .get_blob_range(repository, &descriptor.digest, offset, len)
+            .map_err(|e| SnapshotError::FailedPrecondition(format!("reading blob layer {}: {e}", descriptor.digest)))
+    };
+    if descriptor.size < layer_tar::layer_len(0) {
+        return Err(refuse(format!(
+            "{} bytes is too short for a petrel blob",
+            descriptor.size
+        )));
+    }
+    let header = fetch(0, layer_tar::DATA_OFFSET)?;
+    let size = layer_tar::data_size(layer_tar::BLOB_ENTRY, &header).map_err(|e| refuse(e.to_string()))?;
+    if layer_tar::layer_len(size) != descriptor.size {
+        return Err(refuse(format!(
+            "its header announces {size} bytes, so the layer must be {} bytes, but the manifest says {}",
+            layer_tar::layer_len(size),
+            descriptor.size
+        )));
+    }
+    let trailer = fetch(layer_tar::DATA_OFFSET + size, layer_tar::trailer_len(size))?;
+    if trailer.iter().any(|b| *b != 0) {
+        return Err(refuse("bytes after the blob are not zero".into()));
+    }
+    Ok(())
+}
+
+/// Verifies a petrel layer being pulled: `target` must be its chain ID, and the layer
+/// must be what its role says in `manifest` (pinned by digest).
+pub fn verify_remote_layer(
+    client: &RegistryClient,
+    repository: &str,
+    manifest: &Manifest,
+    layer: &str,
+    role: &str,
+    target: &str,
+    parent: Option<&str>,
+) -> Result<()> {
+    let image = format!("{}/{repository}", client.registry());
+    let descriptor = petrel_layer(manifest, layer, role, &image)?;
+    check_chain_id(target, parent, layer, &format!("{role} layer {layer} of {image}"))?;
+    if role == ROLE_BLOB {
+        check_blob_wrapping(client, repository, descriptor)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn descriptor(digest: &str, role: &str, media_type: &str) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: digest.into(),
+            size: 2048,
+            annotations: oci::petrel_layer_annotations(role),
+            platform: None,
+        }
+    }
+
+    fn manifest(layers: Vec<Descriptor>) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": oci::OCI_CONFIG, "digest": "sha256:c", "size": 2},
+            "layers": layers,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn chain_ids_are_containerds() {
+        let a = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
+        let b = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+        assert_eq!(chain_id(None, a), a);
+        assert_eq!(chain_id(Some(a), b), oci::sha256_digest(format!("{a} {b}").as_bytes()));
+        assert!(check_chain_id(a, None, a, "x").is_ok());
+        let err = check_chain_id(b, None, a, "blob layer x").unwrap_err().to_string();
+        assert!(err.contains("rootfs.diff_ids do not match") && err.contains(b), "{err}");
+        assert!(check_chain_id(&chain_id(Some(a), b), Some(b), b, "x").is_err());
+        // containerd's own commits are named <namespace>/<id>/<chain ID>.
+        let committed = format!("k8s.io/7/{}", chain_id(Some(a), b));
+        assert!(check_chain_id(&committed, Some(&format!("k8s.io/6/{a}")), b, "x").is_ok());
+        assert!(check_chain_id(&committed, Some("k8s.io/6/sha256:other"), b, "x").is_err());
+    }
+
+    #[test]
+    fn a_layer_must_be_listed_with_its_role_and_uncompressed() {
+        let m = manifest(vec![
+            descriptor("sha256:blob", ROLE_BLOB, oci::OCI_LAYER_TAR),
+            descriptor("sha256:gz", ROLE_BLOB, oci::OCI_LAYER_GZIP),
+            descriptor("sha256:boot", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
+            descriptor("sha256:boot2", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
+        ]);
+        assert!(petrel_layer(&m, "sha256:blob", ROLE_BLOB, "i").is_ok());
+        assert!(petrel_layer(&m, "sha256:boot", ROLE_BOOTSTRAP, "i").is_ok());
+        let refused = |layer: &str, role: &str| petrel_layer(&m, layer, role, "i").unwrap_err().to_string();
+        assert!(refused("sha256:none", ROLE_BLOB).contains("does not list"));
+        assert!(refused("sha256:blob", ROLE_BOOTSTRAP).contains("role"));
+        assert!(refused("sha256:gz", ROLE_BLOB).contains("not an uncompressed tar"));
+        assert!(refused("sha256:boot2", ROLE_BOOTSTRAP).contains("not the bootstrap"));
+        let no_role = Descriptor {
+            annotations: BTreeMap::new(),
+            ..descriptor("sha256:plain", ROLE_BLOB, oci::OCI_LAYER_TAR)
+        };
+        let m = manifest(vec![no_role]);
+        assert!(petrel_layer(&m, "sha256:plain", ROLE_BLOB, "i").is_err());
+    }
+}
