@@ -346,6 +346,60 @@ fn a_registry_that_stays_down_fails_only_uncached_reads_and_recovers() {
     assert_eq!(&buf[..], &files[1].1[500_000..504_096]);
 }
 
+/// A registry that answers at once but sends its body a byte at a time: every read
+/// has one deadline (the retry budget plus the body at a minimum rate), so the read
+/// fails with EIO instead of hanging, and succeeds once the registry heals.
+#[test]
+fn a_trickling_registry_fails_the_read_within_its_deadline_and_recovers() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    let image = format!("docker://{}/{reference}", proxy.addr);
+    let mount = MountProcess::start(
+        &image,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--amplify-bytes", "0", "--retries", "3", "--retry-seconds", "2"],
+    );
+    let files = big_files();
+    proxy.plan(&[Fault::Trickle(std::time::Duration::from_millis(100)); 200]);
+    let started = std::time::Instant::now();
+    let file = std::fs::File::open(mount.mountpoint.join(&files[1].0)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = file.read_exact_at(&mut buf, 500_000).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(rustix::io::Errno::IO.raw_os_error()));
+    // A chunk of ~64 KiB at 10 bytes/s would take almost two hours.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    assert!(proxy.state.faults_injected.load(std::sync::atomic::Ordering::SeqCst) > 0);
+
+    proxy.state.plan.lock().unwrap().clear();
+    file.read_exact_at(&mut buf, 500_000).unwrap();
+    assert_eq!(&buf[..], &files[1].1[500_000..504_096]);
+
+    // The mount goes away (detached from outside) while a read trickles: the read
+    // ends at its deadline, and with it the daemon.
+    proxy.plan(&[Fault::Trickle(std::time::Duration::from_millis(100)); 200]);
+    let reader = {
+        let path = mount.mountpoint.join(&files[2].0);
+        std::thread::spawn(move || std::fs::read(path).map(|b| b.len()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(file);
+    rustix::mount::unmount(&mount.mountpoint, rustix::mount::UnmountFlags::DETACH).unwrap();
+    assert!(reader.join().unwrap().is_err(), "the trickled read fails");
+    let mut mount = mount;
+    let status = mount.wait_exit(std::time::Duration::from_secs(60));
+    assert!(status.is_some(), "the daemon of a mount that is gone exits");
+}
+
 #[test]
 fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     if !registry_tools_available() || !fuse_available() {

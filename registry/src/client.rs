@@ -12,10 +12,38 @@ use reqwest::{Method, StatusCode};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest manifest or config accepted (bytes).
 pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
+/// The slowest body a bounded read accepts (bytes per second): a read of N bytes has
+/// the retry budget plus N / this rate to finish, all attempts included, however the
+/// registry trickles its bytes.
+pub const MIN_BODY_BYTES_PER_SECOND: u64 = 128 << 10;
+
+/// The deadline of a bounded read of `len` bytes that starts now.
+fn read_deadline(retry: &RetryPolicy, len: u64) -> Instant {
+    Instant::now() + retry.max_elapsed + Duration::from_secs_f64(len as f64 / MIN_BODY_BYTES_PER_SECOND as f64)
+}
+
+/// A body that fails once its operation's deadline has passed (a per-read timeout
+/// alone lets a registry trickle one byte at a time forever).
+struct DeadlineReader<R> {
+    inner: R,
+    deadline: Instant,
+}
+
+impl<R: Read> Read for DeadlineReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the read's deadline passed (the registry sends too slowly)",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
 
 /// How to reach a registry.
 #[derive(Debug, Clone)]
@@ -194,8 +222,15 @@ impl RegistryClient {
     }
 
     /// Sends a request built by `build` for `url`, with auth, retries and backoff.
-    /// Returns the first response that is not a retryable failure.
-    fn send(&self, method: Method, url: &str, build: &dyn Fn(RequestBuilder) -> RequestBuilder) -> Result<Response> {
+    /// Returns the first response that is not a retryable failure. With `deadline`,
+    /// no attempt (nor its wait for the response) runs past it.
+    fn send(
+        &self,
+        method: Method,
+        url: &str,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+        deadline: Option<Instant>,
+    ) -> Result<Response> {
         let method_name = match method {
             Method::GET => "GET",
             Method::HEAD => "HEAD",
@@ -205,11 +240,17 @@ impl RegistryClient {
             Method::DELETE => "DELETE",
             _ => "request",
         };
-        let mut attempts = Attempts::new(self.retry);
+        let mut attempts = match deadline {
+            Some(deadline) => Attempts::until(self.retry, deadline),
+            None => Attempts::new(self.retry),
+        };
         let mut auth_rounds = 0;
         loop {
             attempts.made += 1;
-            let request = self.authorize(build(self.http.request(method.clone(), url)));
+            let mut request = self.authorize(build(self.http.request(method.clone(), url)));
+            if deadline.is_some() {
+                request = request.timeout(attempts.remaining().max(Duration::from_millis(1)));
+            }
             let outcome = request.send();
             let (hint, last) = match outcome {
                 Ok(response) if response.status() == StatusCode::UNAUTHORIZED && auth_rounds < 2 => {
@@ -280,11 +321,12 @@ impl RegistryClient {
         path: &str,
         build: &dyn Fn(RequestBuilder) -> RequestBuilder,
         ok: &dyn Fn(StatusCode) -> bool,
+        deadline: Option<Instant>,
     ) -> Result<Response> {
         let mut last = None;
         for base in self.read_bases() {
             let url = format!("{base}{path}");
-            match self.send(Method::GET, &url, build) {
+            match self.send(Method::GET, &url, build, deadline) {
                 Ok(response) if ok(response.status()) => return Ok(response),
                 Ok(response) => last = Some(Self::status_error("GET", &url, response)),
                 Err(e) => last = Some(e),
@@ -300,20 +342,29 @@ impl RegistryClient {
     /// is verified against the bytes.
     pub fn get_manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
         let path = format!("/v2/{repository}/manifests/{reference}");
-        let response = self.get_from_any(&path, &|r| r.header(ACCEPT, MANIFEST_ACCEPT), &|s| s.is_success())?;
+        let deadline = read_deadline(&self.retry, MAX_MANIFEST_BYTES);
+        let response = self.get_from_any(
+            &path,
+            &|r| r.header(ACCEPT, MANIFEST_ACCEPT),
+            &|s| s.is_success(),
+            Some(deadline),
+        )?;
         let declared = response
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let mut bytes = Vec::new();
-        response
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| RegistryError::BadContent {
-                what: format!("manifest {repository}:{reference}"),
-                reason: e.to_string(),
-            })?;
+        DeadlineReader {
+            inner: response,
+            deadline,
+        }
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| RegistryError::BadContent {
+            what: format!("manifest {repository}:{reference}"),
+            reason: e.to_string(),
+        })?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(RegistryError::BadContent {
                 what: format!("manifest {repository}:{reference}"),
@@ -373,21 +424,29 @@ impl RegistryClient {
     }
 
     /// A streaming reader of a whole blob (not verified: callers hash as they read).
+    /// Layers of any size stream through it, so it has a per-read timeout, not a deadline.
     pub fn blob_reader(&self, repository: &str, digest: &str) -> Result<Response> {
         let path = format!("/v2/{repository}/blobs/{digest}");
-        self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK)
+        self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK, None)
     }
 
-    /// A small blob (config, bootstrap) read whole and verified against its digest.
+    /// A small blob (config, bootstrap) read whole and verified against its digest,
+    /// within the deadline of a bounded read of `max_bytes`.
     pub fn get_blob_verified(&self, repository: &str, digest: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let deadline = read_deadline(&self.retry, max_bytes);
+        let response = self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK, Some(deadline))?;
         let mut bytes = Vec::new();
-        self.blob_reader(repository, digest)?
-            .take(max_bytes + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| RegistryError::BadContent {
-                what: format!("blob {digest}"),
-                reason: e.to_string(),
-            })?;
+        DeadlineReader {
+            inner: response,
+            deadline,
+        }
+        .take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| RegistryError::BadContent {
+            what: format!("blob {digest}"),
+            reason: e.to_string(),
+        })?;
         if bytes.len() as u64 > max_bytes {
             return Err(RegistryError::BadContent {
                 what: format!("blob {digest}"),
@@ -404,14 +463,21 @@ impl RegistryClient {
     pub fn get_blob_range(&self, repository: &str, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let path = format!("/v2/{repository}/blobs/{digest}");
         let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
-        let mut attempts = Attempts::new(self.retry);
+        // One deadline for the whole read, its retries and every body byte included.
+        let mut attempts = Attempts::until(self.retry, read_deadline(&self.retry, len));
         loop {
             attempts.made += 1;
-            let response = self.get_from_any(&path, &|r| r.header(RANGE, &range), &|s| {
-                s == StatusCode::PARTIAL_CONTENT || s == StatusCode::OK
-            })?;
+            let response = self.get_from_any(
+                &path,
+                &|r| r.header(RANGE, &range),
+                &|s| s == StatusCode::PARTIAL_CONTENT || s == StatusCode::OK,
+                Some(attempts.deadline()),
+            )?;
             let skip = if response.status() == StatusCode::OK { offset } else { 0 };
-            let mut body = response;
+            let mut body = DeadlineReader {
+                inner: response,
+                deadline: attempts.deadline(),
+            };
             let result = (|| -> std::io::Result<Vec<u8>> {
                 std::io::copy(&mut (&mut body).take(skip), &mut std::io::sink())?;
                 let mut out = Vec::with_capacity(len as usize);
@@ -438,7 +504,12 @@ impl RegistryClient {
     /// Whether the registry already has a blob.
     pub fn has_blob(&self, repository: &str, digest: &str) -> Result<bool> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-        let response = self.send(Method::HEAD, &url, &|r| r)?;
+        let response = self.send(
+            Method::HEAD,
+            &url,
+            &|r| r,
+            Some(Instant::now() + self.retry.max_elapsed),
+        )?;
         match response.status() {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
@@ -464,7 +535,7 @@ impl RegistryClient {
         if let Some(from) = mount_from.filter(|f| *f != repository) {
             start = format!("{start}?mount={digest}&from={from}");
         }
-        let response = self.send(Method::POST, &start, &|r| r.header(CONTENT_LENGTH, "0"))?;
+        let response = self.send(Method::POST, &start, &|r| r.header(CONTENT_LENGTH, "0"), None)?;
         if response.status() == StatusCode::CREATED {
             return Ok(false);
         }
@@ -483,13 +554,18 @@ impl RegistryClient {
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={digest}");
         let size = std::fs::metadata(path).map_err(RegistryError::io("stat", path))?.len();
-        let response = self.send(Method::PUT, &put, &|r| {
-            let body = match std::fs::File::open(path) {
-                Ok(file) => reqwest::blocking::Body::sized(file, size),
-                Err(_) => reqwest::blocking::Body::from(Vec::new()),
-            };
-            r.header(CONTENT_TYPE, "application/octet-stream").body(body)
-        })?;
+        let response = self.send(
+            Method::PUT,
+            &put,
+            &|r| {
+                let body = match std::fs::File::open(path) {
+                    Ok(file) => reqwest::blocking::Body::sized(file, size),
+                    Err(_) => reqwest::blocking::Body::from(Vec::new()),
+                };
+                r.header(CONTENT_TYPE, "application/octet-stream").body(body)
+            },
+            None,
+        )?;
         if response.status() != StatusCode::CREATED {
             return Err(Self::status_error("PUT", &put, response));
         }
@@ -509,9 +585,12 @@ impl RegistryClient {
     pub fn put_manifest(&self, repository: &str, reference: &str, media_type: &str, bytes: &[u8]) -> Result<String> {
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
         let body = bytes.to_vec();
-        let response = self.send(Method::PUT, &url, &|r| {
-            r.header(CONTENT_TYPE, media_type).body(body.clone())
-        })?;
+        let response = self.send(
+            Method::PUT,
+            &url,
+            &|r| r.header(CONTENT_TYPE, media_type).body(body.clone()),
+            None,
+        )?;
         if !response.status().is_success() {
             return Err(Self::status_error("PUT", &url, response));
         }

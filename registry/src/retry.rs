@@ -29,16 +29,37 @@ impl Default for RetryPolicy {
 pub struct Attempts {
     policy: RetryPolicy,
     started: Instant,
+    /// No attempt runs past this instant.
+    deadline: Instant,
     pub made: u32,
 }
 
 impl Attempts {
     pub fn new(policy: RetryPolicy) -> Self {
+        let started = Instant::now();
         Attempts {
             policy,
-            started: Instant::now(),
+            started,
+            deadline: started + policy.max_elapsed,
             made: 0,
         }
+    }
+
+    /// Attempts that also end at `deadline` (an operation's, shared by its requests).
+    pub fn until(policy: RetryPolicy, deadline: Instant) -> Self {
+        let mut attempts = Self::new(policy);
+        attempts.deadline = attempts.deadline.min(deadline);
+        attempts
+    }
+
+    /// When the last attempt must have ended.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -59,7 +80,7 @@ impl Attempts {
         // Up to +50% jitter so many clients do not retry in lockstep.
         let jitter = delay.mul_f64(f64::from(jitter_fraction()) * 0.5);
         let delay = delay + jitter;
-        if self.started.elapsed() + delay > self.policy.max_elapsed {
+        if Instant::now() + delay >= self.deadline {
             return false;
         }
         std::thread::sleep(delay);

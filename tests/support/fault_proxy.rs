@@ -1,6 +1,6 @@
 //! An HTTP/1.1 proxy in front of the test registry that injects faults into blob
 //! reads: 500s, 429 with Retry-After, dropped connections, bodies cut short, slow
-//! answers, Range headers ignored, corrupted bodies, or a registry that is down.
+//! or trickling answers, Range headers ignored, corrupted bodies, or a registry that is down.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -16,6 +16,8 @@ pub enum Fault {
     DropConnection,
     CutBody,
     Slow(Duration),
+    /// Headers at once, then the body one byte per this delay (a slow-loris registry).
+    Trickle(Duration),
     IgnoreRange,
     CorruptBody,
     /// Held until `FaultState::release` is set.
@@ -177,6 +179,15 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
             return Ok(());
         }
         Some(Fault::Slow(delay)) => std::thread::sleep(delay),
+        Some(Fault::Trickle(delay)) => {
+            client.write_all(&response[..header_end])?;
+            for byte in &response[header_end..] {
+                client.write_all(std::slice::from_ref(byte))?;
+                client.flush()?;
+                std::thread::sleep(delay);
+            }
+            return Ok(());
+        }
         Some(Fault::CorruptBody) if response.len() > header_end => {
             let at = header_end + (response.len() - header_end) / 2;
             response[at] ^= 0x5a;

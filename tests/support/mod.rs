@@ -228,6 +228,18 @@ impl MountProcess {
 }
 
 impl MountProcess {
+    /// Waits up to `limit` for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Kills the daemon with SIGKILL and detaches its now-stale mount (ours only).
     pub fn kill_9(mut self) {
         let _ = self.child.kill();
