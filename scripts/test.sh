@@ -13,6 +13,8 @@ echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --quiet
 echo "== fuzz targets build and replay their corpus"
 scripts/fuzz-replay.sh
+echo "== the patched tar crate's own tests (vendor/tar/PETREL-PATCHES.md)"
+cargo test --quiet --manifest-path vendor/tar/Cargo.toml --lib
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast

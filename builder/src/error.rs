@@ -20,6 +20,14 @@ pub enum EntryProblem {
     BadSymlinkTarget,
     #[error("name longer than 255 bytes")]
     NameTooLong,
+    #[error("a path component holds a NUL byte")]
+    NulInName,
+    #[error("path of {bytes} bytes is longer than {max} (PATH_MAX)")]
+    PathTooLong { bytes: usize, max: usize },
+    #[error("path of {depth} components is deeper than {max}")]
+    PathTooDeep { depth: usize, max: usize },
+    #[error("extended attribute {name:?}: {reason}")]
+    BadXattr { name: String, reason: String },
     #[error("file data ended after {read} of {expected} bytes")]
     Truncated { read: u64, expected: u64 },
     #[error("unreadable header or data: {0}")]

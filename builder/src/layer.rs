@@ -13,6 +13,18 @@ pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
 pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Longest symlink target accepted (Linux PATH_MAX).
 pub const MAX_SYMLINK_TARGET: usize = 4096;
+/// Longest entry path accepted once cleaned (Linux PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Deepest entry path accepted, in components.
+pub const MAX_PATH_DEPTH: usize = 1024;
+/// Most bytes of metadata held for one tar entry: each GNU long name or link name,
+/// each PAX extended header, its GNU sparse extension headers (Go's `archive/tar`
+/// allows 1 MiB too).
+pub const MAX_TAR_METADATA: u64 = 1 << 20;
+/// Longest extended attribute name (Linux XATTR_NAME_MAX).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value (Linux XATTR_SIZE_MAX).
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -45,6 +57,7 @@ pub fn apply_tar_layer(
 ) -> Result<u64> {
     let archive_error = |source| BuildError::Archive { layer, source };
     let mut archive = tar::Archive::new(reader);
+    archive.set_max_metadata_size(MAX_TAR_METADATA);
     let mut count = 0u64;
     for entry in archive.entries().map_err(archive_error)? {
         let mut entry = entry.map_err(archive_error)?;
@@ -106,6 +119,7 @@ fn apply_entry(
         ));
     }
     let components = clean_path(raw_path);
+    check_path(&components)?;
     let meta = entry_meta(entry)?;
     let Some((name, parents)) = components.split_last() else {
         if kind == EntryType::Directory {
@@ -153,6 +167,7 @@ fn apply_entry(
                 .ok_or(EntryProblem::HardlinkWithoutTarget)?
                 .into_owned();
             let target_components = clean_path(&target);
+            check_path(&target_components)?;
             let shown_target = String::from_utf8_lossy(&target).into_owned();
             let node = tree
                 .lookup(&target_components)?
@@ -218,6 +233,50 @@ fn apply_whiteout(
     Ok(())
 }
 
+/// Refuses a path the image's reader would refuse, or that no kernel could open:
+/// NUL in a component, too long, too deep. (Component length is checked with the
+/// whiteout handling, which names other entries.)
+fn check_path(components: &[Vec<u8>]) -> Result<(), EntryProblem> {
+    if components.iter().any(|c| c.contains(&0)) {
+        return Err(EntryProblem::NulInName);
+    }
+    if components.len() > MAX_PATH_DEPTH {
+        return Err(EntryProblem::PathTooDeep {
+            depth: components.len(),
+            max: MAX_PATH_DEPTH,
+        });
+    }
+    let bytes = components.iter().map(|c| c.len() + 1).sum::<usize>();
+    if bytes > MAX_PATH_BYTES {
+        return Err(EntryProblem::PathTooLong {
+            bytes,
+            max: MAX_PATH_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an extended attribute the image's reader or the kernel would refuse.
+fn check_xattr(name: &[u8], value: &[u8]) -> Result<(), EntryProblem> {
+    let bad = |reason: String| EntryProblem::BadXattr {
+        name: String::from_utf8_lossy(name).into_owned(),
+        reason,
+    };
+    if name.is_empty() || name.contains(&0) {
+        return Err(bad("empty name or NUL in the name".into()));
+    }
+    if name.len() > MAX_XATTR_NAME {
+        return Err(bad(format!("name longer than {MAX_XATTR_NAME} bytes")));
+    }
+    if value.len() > MAX_XATTR_VALUE {
+        return Err(bad(format!(
+            "value of {} bytes is larger than {MAX_XATTR_VALUE}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Metadata of a tar entry, with PAX records (mtime with fraction, uid, gid, xattrs)
 /// taking precedence over the header fields.
 fn entry_meta(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<Meta, EntryError> {
@@ -235,6 +294,7 @@ fn entry_meta(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<Meta, EntryEr
             let extension = extension.map_err(io)?;
             let (key, value) = (extension.key_bytes(), extension.value_bytes());
             if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {
+                check_xattr(xattr, value)?;
                 xattrs.push((xattr.to_vec(), value.to_vec()));
                 continue;
             }

@@ -174,3 +174,154 @@ fn unpack_refuses_a_non_empty_target() {
     assert!(petrel_builder::unpack::unpack_to_dir(&image, &target).is_err());
     assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"mine");
 }
+
+/// The whole error chain, as the CLI prints it.
+fn build_error_chain(layers: &[Vec<u8>]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    match build_layers(dir.path(), layers, BuildOptions::default()) {
+        Ok(_) => panic!("build should fail"),
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// A metadata entry (`L`, `K`, `x`, `g`) that declares `declared` bytes, followed by
+/// `present` zero bytes of it: tar refuses it before reading it into memory.
+fn metadata_bomb(kind: u8, declared: u64, present: usize) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    header.set_entry_type(tar::EntryType::new(kind));
+    header.set_mode(0o644);
+    header.set_size(declared);
+    header.set_cksum();
+    let mut out = header.as_bytes().to_vec();
+    out.resize(512 + present, 0);
+    out
+}
+
+#[test]
+fn gnu_long_names_and_pax_headers_are_bounded() {
+    for (kind, what) in [
+        (b'L', "GNU long name"),
+        (b'K', "GNU long link name"),
+        (b'x', "PAX extended header"),
+    ] {
+        // 8 GiB declared; the archive ends long before, but nothing may be buffered.
+        let err = build_error_chain(&[metadata_bomb(kind, 8 << 30, 4096)]);
+        assert!(
+            err.contains(what) && err.contains("larger than the limit of 1048576"),
+            "{err}"
+        );
+        // Just over the limit, and all present (a gzip of it would be tiny).
+        let err = build_error_chain(&[metadata_bomb(kind, (1 << 20) + 1, (1 << 20) + 512)]);
+        assert!(err.contains("larger than the limit"), "{err}");
+    }
+    // A long name within the limit still works.
+    let mut w = LayerWriter::new();
+    let long = format!("{}/file", "d".repeat(200));
+    w.file(&long, &EntryMeta::default(), b"x");
+    let dir = tempfile::tempdir().unwrap();
+    build_layers(dir.path(), &[w.finish()], BuildOptions::default()).unwrap();
+}
+
+#[test]
+fn gnu_sparse_extension_headers_are_bounded() {
+    // A sparse entry whose extension headers never end (each says "more follow").
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..6].copy_from_slice(b"sparse");
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_mode(0o644);
+    header.set_size(0);
+    header.as_gnu_mut().unwrap().isextended[0] = 1;
+    header.set_cksum();
+    let mut layer = header.as_bytes().to_vec();
+    let mut extension = [0u8; 512];
+    extension[504] = 1;
+    for _ in 0..4096 {
+        layer.extend_from_slice(&extension);
+    }
+    let err = build_error_chain(&[layer]);
+    assert!(err.contains("sparse extension headers larger than the limit"), "{err}");
+}
+
+#[test]
+fn names_and_xattrs_the_reader_would_refuse_fail_the_build() {
+    let entry = |path: &[u8], meta: &EntryMeta| {
+        let mut w = LayerWriter::new();
+        w.pax_long_names = true;
+        w.entry(path, tar::EntryType::Regular, meta, None, b"x");
+        w.finish()
+    };
+    let with_xattr = |name: &str, value: Vec<u8>| EntryMeta {
+        xattrs: vec![(name.to_string(), value)],
+        ..EntryMeta::default()
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            entry(b"a/b", &with_xattr("user.big", vec![7; 65 << 10])),
+            "larger than 65536",
+        ),
+        (entry(b"a/b", &with_xattr("", b"v".to_vec())), "empty name"),
+        (
+            entry(b"a/b", &with_xattr(&"u".repeat(256), b"v".to_vec())),
+            "name longer than 255",
+        ),
+        (
+            entry(&[b"x".repeat(150), b"\0evil".to_vec()].concat(), &EntryMeta::default()),
+            "NUL",
+        ),
+        (
+            entry("d/".repeat(1100).as_bytes(), &EntryMeta::default()),
+            "deeper than 1024",
+        ),
+        (
+            entry(
+                format!("{}/f", vec!["n".repeat(200); 30].join("/")).as_bytes(),
+                &EntryMeta::default(),
+            ),
+            "longer than 4096",
+        ),
+    ];
+    for (layer, expected) in cases {
+        let err = build_error_chain(&[layer]);
+        assert!(err.contains(expected), "expected {expected:?}: {err}");
+    }
+}
+
+/// PAX records whose values hold newlines (binary xattrs such as
+/// `security.capability` as Go and buildkit write them) keep every record.
+#[test]
+fn pax_values_with_newlines_keep_their_metadata() {
+    let capability = b"\x01\x00\x00\x02\x0a\x20\x00\x00\x0a\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00".to_vec();
+    let mut w = LayerWriter::new();
+    let meta = EntryMeta {
+        xattrs: vec![
+            ("security.capability".into(), capability.clone()),
+            ("user.note".into(), b"line one\nline two\n".to_vec()),
+        ],
+        mtime: 1_700_000_000,
+        mtime_nsec: 5,
+        ..EntryMeta::mode(0o755)
+    };
+    w.file("usr/bin/ping", &meta, b"binary");
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = build_layers(dir.path(), &[w.finish()], BuildOptions::default()).unwrap();
+    let tree = unpack_and_scan(&image, dir.path(), "out");
+    let ping = &tree[&b"usr/bin/ping".to_vec()];
+    assert_eq!(
+        ping.xattrs,
+        [
+            (b"security.capability".to_vec(), capability),
+            (b"user.note".to_vec(), b"line one\nline two\n".to_vec()),
+        ]
+    );
+    assert_eq!(ping.mtime, (1_700_000_000, 5));
+}

@@ -1,0 +1,129 @@
+//! Layers as real tools write them: PAX records whose values hold newlines (binary
+//! file capabilities, notes) written by Python's `tarfile`, GNU tar and bsdtar keep
+//! every record through the builder (the `tar` crate split them at newlines; see
+//! vendor/tar/PETREL-PATCHES.md).
+
+mod common;
+
+use common::*;
+use petrel_builder::BuildOptions;
+use std::path::Path;
+use std::process::Command;
+
+const NOTE: &[u8] = b"line one\nline two\n";
+/// A VFS_CAP_REVISION_2 capability (cap_net_raw) with 0x0a bytes in it.
+const CAPABILITY: &[u8] = b"\x01\x00\x00\x02\x0a\x20\x00\x00\x0a\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+
+fn tool_available(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: needs {tool} (scripts/install-deps.sh)");
+    }
+    ok
+}
+
+/// A tree with one file carrying both xattrs (set as root).
+fn source_tree(dir: &Path) -> std::path::PathBuf {
+    let tree = dir.join("src");
+    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+    let file = tree.join("usr/bin/ping");
+    std::fs::write(&file, b"binary").unwrap();
+    rustix::fs::setxattr(&file, "user.note", NOTE, rustix::fs::XattrFlags::empty()).unwrap();
+    rustix::fs::setxattr(
+        &file,
+        "security.capability",
+        CAPABILITY,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    tree
+}
+
+fn assert_keeps_xattrs(layer: &Path, writer: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = std::fs::read(layer).unwrap();
+    let (image, _) =
+        build_layers(dir.path(), &[layer], BuildOptions::default()).unwrap_or_else(|e| panic!("{writer}: {e}"));
+    let tree = unpack_and_scan(&image, dir.path(), "out");
+    let ping = &tree[&b"usr/bin/ping".to_vec()];
+    assert_eq!(
+        ping.xattrs,
+        [
+            (b"security.capability".to_vec(), CAPABILITY.to_vec()),
+            (b"user.note".to_vec(), NOTE.to_vec()),
+        ],
+        "{writer}"
+    );
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn gnu_tar_posix_xattrs() {
+    if !tool_available("tar") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = source_tree(dir.path());
+    let layer = dir.path().join("gnu.tar");
+    run(Command::new("tar")
+        .args(["--format=posix", "--xattrs", "--xattrs-include=*", "-C"])
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("usr"));
+    assert_keeps_xattrs(&layer, "GNU tar");
+}
+
+#[test]
+fn bsdtar_xattrs() {
+    if !tool_available("bsdtar") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = source_tree(dir.path());
+    let layer = dir.path().join("bsd.tar");
+    run(Command::new("bsdtar")
+        .args(["--format", "pax", "--xattrs", "-C"])
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("usr"));
+    assert_keeps_xattrs(&layer, "bsdtar");
+}
+
+#[test]
+fn python_tarfile_pax_headers() {
+    if !tool_available("python3") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("python.tar");
+    let script = r#"
+import sys, tarfile, io
+note = b"line one\nline two\n"
+cap = bytes([1,0,0,2,10,32,0,0,10,0,0,0,0,0,0,0,0,0,0,0])
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
+    for d in ("usr", "usr/bin"):
+        info = tarfile.TarInfo(d); info.type = tarfile.DIRTYPE; info.mode = 0o755; t.addfile(info)
+    info = tarfile.TarInfo("usr/bin/ping"); info.size = 6; info.mode = 0o755
+    info.pax_headers = {
+        "SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape"),
+        "SCHILY.xattr.user.note": note.decode(),
+    }
+    t.addfile(info, io.BytesIO(b"binary"))
+"#;
+    run(Command::new("python3").arg("-c").arg(script).arg(&layer));
+    assert_keeps_xattrs(&layer, "Python tarfile");
+}
