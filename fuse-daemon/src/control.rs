@@ -2,7 +2,7 @@
 //! `stats` answers JSON, `metrics` answers Prometheus text.
 
 use crate::stats::Stats;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -49,9 +49,11 @@ impl ControlServer {
         std::thread::Builder::new()
             .name("petrel-control".into())
             .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let _ = answer(stream, &stats, &image);
-                }
+                crate::endpoint::serve(
+                    listener.incoming(),
+                    |request| request.contains(&b'\n'),
+                    Arc::new(move |request: &[u8]| answer(request, &stats, &image).into_bytes()),
+                )
             })?;
         Ok(ControlServer {
             path: path.to_path_buf(),
@@ -65,21 +67,20 @@ impl Drop for ControlServer {
     }
 }
 
-fn answer(stream: UnixStream, stats: &Stats, image: &str) -> std::io::Result<()> {
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+fn answer(request: &[u8], stats: &Stats, image: &str) -> String {
+    let line = String::from_utf8_lossy(request);
     let snapshot = stats.snapshot();
-    let reply = match line.trim() {
+    match line.trim() {
         "stats" => serde_json::json!({ "image": image, "stats": snapshot }).to_string() + "\n",
         "metrics" => snapshot.prometheus(image),
         other => format!("error: unknown request {other:?}; use stats or metrics\n"),
-    };
-    (&stream).write_all(reply.as_bytes())
+    }
 }
 
 /// Asks the daemon behind `path` for `request` (`stats` or `metrics`).
 pub fn request(path: &Path, request: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(path)?;
+    crate::endpoint::Connection::set_timeouts(&stream, crate::endpoint::CLIENT_TIMEOUT)?;
     stream.write_all(format!("{request}\n").as_bytes())?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut out = String::new();

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cache;
 pub mod control;
+pub mod endpoint;
 pub mod error;
 pub mod fetch;
 pub mod fs;

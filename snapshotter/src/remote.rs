@@ -189,20 +189,16 @@ pub fn collect_garbage(config: &RemoteConfig) {
     }
 }
 
-/// Prometheus text of every live lazy mount (each daemon's control socket), merged.
+/// Prometheus text of every live lazy mount (each daemon's control socket, asked
+/// in-process with a timeout), merged.
 pub fn metrics(config: &RemoteConfig, mountpoints: &[PathBuf]) -> String {
-    let mut texts = Vec::new();
-    for mountpoint in mountpoints {
-        let answer = Command::new(&config.petrel)
-            .arg("stats")
-            .arg(mountpoint)
-            .arg("--prometheus")
-            .arg("--runtime-dir")
-            .arg(config.root.join("run"))
-            .output();
-        if let Some(answer) = answer.ok().filter(|a| a.status.success()) {
-            texts.push(String::from_utf8_lossy(&answer.stdout).into_owned());
-        }
-    }
+    let run = config.root.join("run");
+    let texts: Vec<String> = mountpoints
+        .iter()
+        .filter_map(|mountpoint| {
+            let socket = petrel_fuse_daemon::control::socket_path(&run, mountpoint);
+            petrel_fuse_daemon::control::request(&socket, "metrics").ok()
+        })
+        .collect();
     crate::metrics::merge_expositions(&texts, mountpoints.len())
 }

@@ -408,29 +408,32 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
     })
 }
 
-/// Answers any HTTP request on `address` with the Prometheus text of every lazy mount.
+/// Answers any HTTP request on `address` with the Prometheus text of every lazy mount,
+/// serving clients concurrently with timeouts (`petrel_fuse_daemon::endpoint`).
 fn serve_metrics(address: &str, store: Arc<SnapshotStore>, remote: RemoteConfig) -> std::io::Result<()> {
-    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind(address)?;
+    let answer = move |_request: &[u8]| {
+        let mountpoints: Vec<std::path::PathBuf> = store
+            .lazy_mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|layer| layer.mountpoint)
+            .collect();
+        let body = remote::metrics(&remote, &mountpoints);
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
     std::thread::Builder::new()
         .name("petrel-metrics".into())
         .spawn(move || {
-            for mut stream in listener.incoming().flatten() {
-                let mut request = [0u8; 1024];
-                let _ = stream.read(&mut request);
-                let mountpoints: Vec<std::path::PathBuf> = store
-                    .lazy_mounts()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|layer| layer.mountpoint)
-                    .collect();
-                let body = remote::metrics(&remote, &mountpoints);
-                let _ = write!(
-                    stream,
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-            }
+            petrel_fuse_daemon::endpoint::serve(
+                listener.incoming(),
+                |request| request.windows(4).any(|w| w == b"\r\n\r\n"),
+                Arc::new(answer),
+            )
         })?;
     Ok(())
 }
