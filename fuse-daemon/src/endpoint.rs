@@ -14,6 +14,9 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most bytes of a request that are read.
 pub const MAX_REQUEST_BYTES: u64 = 8 << 10;
 
+/// What answers a request: its bytes in, the reply out.
+pub type Answer = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
 /// A connected client stream whose reads and writes can time out.
 pub trait Connection: Read + Write + Send + 'static {
     fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()>;
@@ -40,7 +43,7 @@ impl Connection for std::net::TcpStream {
 pub fn serve<C: Connection>(
     incoming: impl Iterator<Item = std::io::Result<C>>,
     is_complete: fn(&[u8]) -> bool,
-    answer: Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>,
+    answer: Answer,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in incoming.flatten() {
