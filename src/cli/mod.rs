@@ -6,6 +6,7 @@ mod image_tools;
 pub mod mount;
 mod record;
 pub mod registry_args;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -51,6 +52,9 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Show a mount's counters (JSON, or Prometheus text).
     Stats(mount::StatsArgs),
+    /// (internal) PID 1 of `petrel record`'s sandbox.
+    #[command(name = "__record-sandbox-init", hide = true)]
+    RecordSandboxInit(record::SandboxInitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dict(args) => build::run_dict(args),
         Command::Record(args) => record::run_record(args),
+        Command::RecordSandboxInit(args) => sandbox::run_init(&args.root, &args.workload),
         Command::Optimize(args) => record::run_optimize(args),
         Command::Stats(args) => mount::run_stats(args),
     }

@@ -9,7 +9,7 @@ use petrel_fuse_daemon::prefetch::{PrefetchConfig, PrefetchMode};
 use rustix::mount::{MountFlags, UnmountFlags};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -30,9 +30,20 @@ pub struct RecordArgs {
     cache_dir: PathBuf,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// The workload, run chrooted into the image (with /proc, /dev and a writable /tmp).
+    /// The workload, run in a sandbox rooted at the image (its own namespaces, /proc,
+    /// minimal /dev and /tmp, loopback only, reduced capabilities; see docs/security.md).
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// Arguments of the sandbox's PID 1 (`crate::cli::sandbox`).
+#[derive(Debug, clap::Args)]
+pub struct SandboxInitArgs {
+    /// The workload's root (a mount point).
+    pub root: PathBuf,
+    /// The workload.
+    #[arg(last = true, required = true)]
+    pub workload: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,40 +112,12 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             upper.display(),
             overlay_work.display()
         ))?;
+        // The workload writes into the overlay's upper dir, never into the image;
+        // device nodes it creates there do not work (nodev).
         mounts.push(
             &root,
-            rustix::mount::mount("overlay", &root, "overlay", MountFlags::empty(), options.as_c_str()),
+            rustix::mount::mount("overlay", &root, "overlay", MountFlags::NODEV, options.as_c_str()),
             "overlay",
-        )?;
-        for dir in ["proc", "dev", "tmp"] {
-            std::fs::create_dir_all(root.join(dir))?;
-        }
-        mounts.push(
-            &root.join("proc"),
-            rustix::mount::mount(
-                "proc",
-                root.join("proc"),
-                "proc",
-                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-                None,
-            ),
-            "proc",
-        )?;
-        mounts.push(
-            &root.join("dev"),
-            rustix::mount::mount_bind_recursive("/dev", root.join("dev")),
-            "/dev",
-        )?;
-        mounts.push(
-            &root.join("tmp"),
-            rustix::mount::mount(
-                "tmpfs",
-                root.join("tmp"),
-                "tmpfs",
-                MountFlags::NOSUID | MountFlags::NODEV,
-                None,
-            ),
-            "tmpfs",
         )?;
         run_workload(&root, &args)?
     };
@@ -148,15 +131,14 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the command chrooted into `root` until it exits, prints the ready line, or times out.
+/// Runs the command in a sandbox rooted at `root` until it exits, prints the ready
+/// line, or times out (then the whole sandbox is killed).
 fn run_workload(root: &Path, args: &RecordArgs) -> anyhow::Result<String> {
-    let mut child = Command::new("chroot")
-        .arg(root)
-        .args(&args.command)
+    let mut child = crate::cli::sandbox::command(root, &args.command)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .context("starting the workload with chroot")?;
+        .context("starting the workload's sandbox (unshare, from util-linux)")?;
     let stdout = child.stdout.take().expect("piped");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ready_text = args.ready_line.clone();
