@@ -78,12 +78,17 @@ impl Default for ClientOptions {
 
 #[derive(Debug, Clone)]
 enum AuthState {
-    Anonymous,
     Basic,
     Bearer(String),
 }
 
 /// A client of one registry host.
+///
+/// Credentials belong to a host: the origin's go only to the origin (and to the token
+/// realm its own challenge names), a mirror gets only its own (from the Docker
+/// config), and a URL on any other host gets none. Auth state (Basic, or a Bearer
+/// token) is kept per host and repository, so a token scoped to one repository is
+/// never sent for another.
 #[derive(Debug)]
 pub struct RegistryClient {
     http: Client,
@@ -91,8 +96,22 @@ pub struct RegistryClient {
     base: String,
     mirrors: Vec<String>,
     credentials: Option<Credentials>,
-    auth: Mutex<AuthState>,
+    mirror_credentials: Vec<Option<Credentials>>,
+    auth: Mutex<std::collections::HashMap<AuthScope, AuthState>>,
     retry: RetryPolicy,
+}
+
+/// Whose auth state a request uses: a source (origin or mirror base URL) and a repository.
+type AuthScope = (String, String);
+
+/// The repository a registry API path names (`/v2/<repository>/blobs/…`).
+fn repository_of(path: &str) -> &str {
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    ["/blobs/", "/manifests/", "/tags/"]
+        .iter()
+        .filter_map(|marker| rest.find(marker))
+        .min()
+        .map_or("", |end| &rest[..end])
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
@@ -136,17 +155,27 @@ impl RegistryClient {
             .credentials
             .clone()
             .or_else(|| Credentials::from_docker_config(registry));
+        let mirrors: Vec<String> = options
+            .mirrors
+            .iter()
+            .map(|m| m.trim_end_matches('/').to_string())
+            .collect();
+        // A mirror authenticates with its own host's credentials, never the origin's.
+        let mirror_credentials = mirrors
+            .iter()
+            .map(|m| {
+                let host = m.split("://").nth(1).unwrap_or(m).split('/').next().unwrap_or("");
+                Credentials::from_docker_config(host)
+            })
+            .collect();
         Ok(RegistryClient {
             http,
             registry: registry.into(),
             base: format!("{scheme}://{registry}"),
-            mirrors: options
-                .mirrors
-                .iter()
-                .map(|m| m.trim_end_matches('/').to_string())
-                .collect(),
+            mirrors,
             credentials,
-            auth: Mutex::new(AuthState::Anonymous),
+            mirror_credentials,
+            auth: Mutex::new(std::collections::HashMap::new()),
             retry: options.retry,
         })
     }
@@ -155,19 +184,39 @@ impl RegistryClient {
         &self.registry
     }
 
-    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
-        match &*self.auth.lock().expect("auth lock") {
-            AuthState::Anonymous => request,
-            AuthState::Basic => match &self.credentials {
+    /// The auth scope of `url` and the credentials of its host: the origin's, a
+    /// mirror's own, or none for any other host.
+    fn scope_of(&self, url: &str) -> (AuthScope, Option<&Credentials>) {
+        let sources = std::iter::once((self.base.as_str(), self.credentials.as_ref())).chain(
+            self.mirrors
+                .iter()
+                .map(String::as_str)
+                .zip(self.mirror_credentials.iter().map(Option::as_ref)),
+        );
+        for (base, credentials) in sources {
+            if let Some(path) = url.strip_prefix(base).filter(|p| p.is_empty() || p.starts_with('/')) {
+                let path = path.split('?').next().unwrap_or(path);
+                return ((base.to_string(), repository_of(path).to_string()), credentials);
+            }
+        }
+        ((url.to_string(), String::new()), None)
+    }
+
+    fn authorize(&self, request: RequestBuilder, url: &str) -> RequestBuilder {
+        let (scope, credentials) = self.scope_of(url);
+        match self.auth.lock().expect("auth lock").get(&scope) {
+            None => request,
+            Some(AuthState::Basic) => match credentials {
                 Some(c) => request.header(AUTHORIZATION, c.basic_header()),
                 None => request,
             },
-            AuthState::Bearer(token) => request.bearer_auth(token),
+            Some(AuthState::Bearer(token)) => request.bearer_auth(token),
         }
     }
 
     /// Answers a 401 challenge: switches to Basic or fetches a fresh Bearer token.
-    fn authenticate(&self, challenge_header: Option<&str>) -> Result<()> {
+    fn authenticate(&self, url: &str, challenge_header: Option<&str>) -> Result<()> {
+        let (scope, credentials) = self.scope_of(url);
         let auth_error = |reason: String| RegistryError::Auth {
             registry: self.registry.clone(),
             reason,
@@ -177,7 +226,7 @@ impl RegistryClient {
             .ok_or_else(|| auth_error("401 without a usable WWW-Authenticate challenge".into()))?;
         let state = match challenge {
             Challenge::Basic => {
-                if self.credentials.is_none() {
+                if credentials.is_none() {
                     return Err(auth_error(
                         "the registry wants Basic credentials; give --creds or a Docker config".into(),
                     ));
@@ -194,7 +243,7 @@ impl RegistryClient {
                     query.push(("scope", scope.as_str()));
                 }
                 request = request.query(&query);
-                if let Some(c) = &self.credentials {
+                if let Some(c) = credentials {
                     request = request.header(AUTHORIZATION, c.basic_header());
                 }
                 let response = request
@@ -217,7 +266,7 @@ impl RegistryClient {
                 AuthState::Bearer(token.to_string())
             }
         };
-        *self.auth.lock().expect("auth lock") = state;
+        self.auth.lock().expect("auth lock").insert(scope, state);
         Ok(())
     }
 
@@ -247,7 +296,7 @@ impl RegistryClient {
         let mut auth_rounds = 0;
         loop {
             attempts.made += 1;
-            let mut request = self.authorize(build(self.http.request(method.clone(), url)));
+            let mut request = self.authorize(build(self.http.request(method.clone(), url)), url);
             if deadline.is_some() {
                 request = request.timeout(attempts.remaining().max(Duration::from_millis(1)));
             }
@@ -260,7 +309,7 @@ impl RegistryClient {
                         .get(WWW_AUTHENTICATE)
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_string);
-                    self.authenticate(header.as_deref())?;
+                    self.authenticate(url, header.as_deref())?;
                     attempts.made -= 1;
                     continue;
                 }
@@ -595,5 +644,40 @@ impl RegistryClient {
             return Err(Self::status_error("PUT", &url, response));
         }
         Ok(sha256_digest(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_scopes_are_per_source_and_repository() {
+        assert_eq!(repository_of("/v2/team/app/blobs/sha256:ab"), "team/app");
+        assert_eq!(repository_of("/v2/a/manifests/v1"), "a");
+        assert_eq!(repository_of("/v2/a/blobs/uploads/x"), "a");
+        assert_eq!(repository_of("/v2/"), "");
+        let options = ClientOptions {
+            credentials: Credentials::parse("u:p"),
+            mirrors: vec!["http://127.0.0.1:7001/".into()],
+            ..ClientOptions::default()
+        };
+        let client = RegistryClient::new("127.0.0.1:7000", &options).unwrap();
+        let (scope, credentials) = client.scope_of("http://127.0.0.1:7000/v2/a/blobs/sha256:1");
+        assert_eq!(scope, ("http://127.0.0.1:7000".to_string(), "a".to_string()));
+        assert!(credentials.is_some());
+        // The mirror, a host that merely starts the same, and a redirect elsewhere
+        // get none of the origin's credentials.
+        for url in [
+            "http://127.0.0.1:7001/v2/a/blobs/sha256:1",
+            "http://127.0.0.1:70001/v2/a/blobs/sha256:1",
+            "https://storage.example/blob?sig=1",
+        ] {
+            assert!(client.scope_of(url).1.is_none(), "{url}");
+        }
+        assert_ne!(
+            client.scope_of("http://127.0.0.1:7000/v2/a/manifests/v1").0,
+            client.scope_of("http://127.0.0.1:7000/v2/b/manifests/v1").0
+        );
     }
 }

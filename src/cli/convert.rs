@@ -17,6 +17,13 @@ pub struct ConvertArgs {
     target: String,
     #[command(flatten)]
     registry: RegistryArgs,
+    /// A file holding USER:PASSWORD for the source registry only (overrides --creds there).
+    #[arg(long, value_name = "FILE")]
+    src_creds: Option<std::path::PathBuf>,
+    /// A file holding USER:PASSWORD for the target registry, and for --chunk-dict and
+    /// --prefetch-from images (overrides --creds there).
+    #[arg(long, value_name = "FILE")]
+    dest_creds: Option<std::path::PathBuf>,
     /// Convert every platform of an index and push an index.
     #[arg(long)]
     all_platforms: bool,
@@ -60,10 +67,11 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         }
         None => Platform::host(),
     };
-    let client_options = args.registry.client_options()?;
+    let source_options = args.registry.client_options_with(args.src_creds.as_deref())?;
+    let target_options = args.registry.client_options_with(args.dest_creds.as_deref())?;
     let profile = match (&args.prefetch_list, &args.prefetch_from) {
         (Some(list), _) => Some(crate::cli::build::read_profile(list)?),
-        (None, Some(image)) => Some(crate::convert::profile_of(&Location::parse(image)?, &client_options)?),
+        (None, Some(image)) => Some(crate::convert::profile_of(&Location::parse(image)?, &target_options)?),
         (None, None) => None,
     };
     let prefetch = profile.as_ref().map(|p| p.entries.clone()).unwrap_or_default();
@@ -84,7 +92,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
             .map(|r| Location::parse(r))
             .collect::<Result<_, _>>()?,
     };
-    let summary = convert(&source, &target, &client_options, &options)?;
+    let summary = convert(&source, &target, &source_options, &target_options, &options)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

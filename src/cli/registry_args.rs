@@ -56,7 +56,13 @@ impl RegistryArgs {
     /// Credentials to hand to a child process through `PETREL_CREDS`: the `--creds`
     /// file's, else `PETREL_CREDS`'s.
     pub fn creds(&self) -> anyhow::Result<Option<String>> {
-        let Some(path) = &self.creds_file else {
+        self.creds_from(self.creds_file.as_deref())
+    }
+
+    /// The credentials in the file `path` (`--creds`, `--src-creds`, `--dest-creds`),
+    /// else `PETREL_CREDS`'s.
+    fn creds_from(&self, path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+        let Some(path) = path else {
             return Ok(std::env::var("PETREL_CREDS").ok().filter(|c| !c.is_empty()));
         };
         let mut text = String::new();
@@ -65,7 +71,7 @@ impl RegistryArgs {
             .map_err(|e| {
                 // The path is not repeated: it may be credentials given by mistake.
                 anyhow::anyhow!(
-                    "--creds takes a file holding USER:PASSWORD, not the credentials themselves \
+                    "--creds (and --src-creds, --dest-creds) take a file holding USER:PASSWORD, not the credentials themselves \
                      (a command line is visible to every local user); the file given cannot be read: {e}"
                 )
             })?;
@@ -73,13 +79,18 @@ impl RegistryArgs {
     }
 
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
-        let credentials =
-            match self.creds()? {
-                Some(text) => Some(Credentials::parse(&text).ok_or_else(|| {
-                    anyhow::anyhow!("credentials (--creds file or PETREL_CREDS) must be USER:PASSWORD")
-                })?),
-                None => None,
-            };
+        self.client_options_with(None)
+    }
+
+    /// Client options whose credentials come from `creds_file` when given (a
+    /// side-specific `--src-creds` / `--dest-creds`), else as `client_options`.
+    pub fn client_options_with(&self, creds_file: Option<&std::path::Path>) -> anyhow::Result<ClientOptions> {
+        let credentials = match self.creds_from(creds_file.or(self.creds_file.as_deref()))? {
+            Some(text) => Some(Credentials::parse(&text).ok_or_else(|| {
+                anyhow::anyhow!("credentials (a --creds file or PETREL_CREDS) must be USER:PASSWORD")
+            })?),
+            None => None,
+        };
         Ok(ClientOptions {
             plain_http: self.plain_http,
             ca_file: self.ca_file.clone(),

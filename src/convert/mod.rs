@@ -86,17 +86,20 @@ pub fn client_for(image: &ImageRef, options: &ClientOptions) -> anyhow::Result<R
     Ok(RegistryClient::new(&image.registry, options)?)
 }
 
+/// Converts `source` (read with `source_options`) into `target` (written with
+/// `target_options`, which also read the chunk dictionaries: they live with the target).
 pub fn convert(
     source: &Location,
     target: &Location,
-    client_options: &ClientOptions,
+    source_options: &ClientOptions,
+    target_options: &ClientOptions,
     options: &ConvertOptions,
 ) -> anyhow::Result<ConvertSummary> {
     let started = Instant::now();
-    let source = Source::open(source, |image| client_for(image, client_options))?;
+    let source = Source::open(source, |image| client_for(image, source_options))?;
     let target = match target {
         Location::Registry(image) => Target::Registry {
-            client: Box::new(client_for(image, client_options)?),
+            client: Box::new(client_for(image, target_options)?),
             image: image.clone(),
         },
         Location::OciLayout { dir, tag } => Target::Layout {
@@ -109,7 +112,7 @@ pub fn convert(
     let mut dict = petrel_builder::dict::ChunkDict::default();
     let mut dict_sources = Vec::new();
     for location in &options.chunk_dict {
-        let dict_source = Source::open(location, |image| client_for(image, client_options))?;
+        let dict_source = Source::open(location, |image| client_for(image, target_options))?;
         let (dict_manifests, _) = dict_source.manifests(false, &options.platform)?;
         let manifest = &dict_manifests
             .first()
