@@ -116,7 +116,7 @@ fn basic_auth_multi_layer_image_converts_mounts_and_reconverts_cheaply() {
     assert_eq!(out.status.code(), Some(1));
     let said = output_text(&out);
     assert!(
-        said.contains("--creds takes a file") && !said.contains("wrong-password-123"),
+        said.contains("take a file holding USER:PASSWORD") && !said.contains("wrong-password-123"),
         "{said}"
     );
 

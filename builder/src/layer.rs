@@ -1,7 +1,7 @@
 //! Applies one OCI layer (a tar stream) to the merged tree.
 
 use crate::error::{BuildError, EntryProblem, Result};
-use crate::sink::{ChunkSink, FileDataError};
+use crate::sink::{ChunkSink, FileDataError, SparseFile};
 use crate::tree::{clean_path, Meta, Node, NodeKind, Tree, ROOT};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -149,9 +149,14 @@ fn apply_entry(
             }
             NodeKind::Directory(BTreeMap::new())
         }
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+        EntryType::Regular | EntryType::Continuous => {
             let size = entry.size();
             let pieces = sink.add_file(entry, size)?;
+            NodeKind::Regular { size, pieces }
+        }
+        EntryType::GNUSparse => {
+            let size = entry.size();
+            let pieces = sink.add_sparse_file(&mut SparseEntry(entry), size)?;
             NodeKind::Regular { size, pieces }
         }
         EntryType::Symlink => {
@@ -201,6 +206,21 @@ fn apply_entry(
     let id = tree.add_node(Node { meta, kind: node_kind });
     tree.insert(parent, name.clone(), id, layer);
     Ok(())
+}
+
+/// A GNU sparse tar entry, walked by its sparse map.
+struct SparseEntry<'e, 'a, 'r>(&'e mut tar::Entry<'a, &'r mut dyn Read>);
+
+impl SparseFile for SparseEntry<'_, '_, '_> {
+    fn skip_hole(&mut self) -> u64 {
+        self.0.skip_sparse_hole()
+    }
+    fn data_len(&self) -> u64 {
+        self.0.sparse_data_len()
+    }
+    fn data(&mut self) -> &mut dyn Read {
+        self.0
+    }
 }
 
 fn apply_whiteout(

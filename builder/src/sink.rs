@@ -29,7 +29,24 @@ pub struct SinkStats {
     pub packed_files: u64,
     pub deduplicated_small_files: u64,
     pub hole_bytes: u64,
+    /// Of `hole_bytes`, those a sparse map declared: skipped, never read or scanned.
+    pub unread_hole_bytes: u64,
 }
+
+/// A file that arrives as holes and data regions (a sparse tar entry, read by its
+/// sparse map).
+pub trait SparseFile {
+    /// Passes over the hole at the current position; returns its length (0 when
+    /// data, or the end, follows).
+    fn skip_hole(&mut self) -> u64;
+    /// Data bytes before the next hole or the end.
+    fn data_len(&self) -> u64;
+    /// Where those data bytes are read from.
+    fn data(&mut self) -> &mut dyn Read;
+}
+
+/// Longest hole piece (piece lengths are 32-bit).
+const MAX_HOLE_PIECE: u64 = 1 << 30;
 
 /// Receives every regular file's data while layers are applied.
 #[derive(Debug)]
@@ -97,25 +114,75 @@ impl ChunkSink {
         if size < u64::from(self.small_file_limit) {
             return self.add_small_file(&mut limited, size);
         }
+        self.add_region(&mut limited, 0, size)
+    }
+
+    /// Takes a sparse file by its map: holes become hole pieces without a byte of
+    /// them read (a few kilobytes of archive may declare gigabytes of hole), data
+    /// regions are cut like any file's data.
+    pub fn add_sparse_file(&mut self, file: &mut dyn SparseFile, size: u64) -> Result<Vec<Piece>, FileDataError> {
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        let mut pieces = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let hole = file.skip_hole();
+            if hole > size.saturating_sub(offset) {
+                return Err(FileDataError::Input(EntryProblem::Io(std::io::Error::other(
+                    "sparse map runs past the file size",
+                ))));
+            }
+            let mut left = hole;
+            while left > 0 {
+                let length = left.min(MAX_HOLE_PIECE);
+                pieces.push(Piece {
+                    file_offset: offset,
+                    length: length as u32,
+                    source: PieceSource::Hole,
+                });
+                offset += length;
+                left -= length;
+            }
+            self.stats.hole_bytes += hole;
+            self.stats.unread_hole_bytes += hole;
+            let data = file.data_len().min(size - offset);
+            if data > 0 {
+                pieces.extend(self.add_region(&mut file.data().take(data), offset, data)?);
+                offset += data;
+            } else if hole == 0 {
+                break;
+            }
+        }
+        if offset != size {
+            return Err(FileDataError::Input(EntryProblem::Truncated {
+                read: offset,
+                expected: size,
+            }));
+        }
+        Ok(pieces)
+    }
+
+    /// Cuts exactly `size` bytes of `reader`, which start at `base` in their file.
+    fn add_region(&mut self, limited: &mut dyn Read, base: u64, size: u64) -> Result<Vec<Piece>, FileDataError> {
         let mut pieces = Vec::new();
         let mut offset = 0u64;
         match self.chunker {
             ChunkerParams::Fixed { size: chunk_size } => loop {
                 let mut data = vec![0u8; chunk_size as usize];
-                let got = read_full(&mut limited, &mut data).map_err(|e| FileDataError::Input(EntryProblem::Io(e)))?;
+                let got = read_full(limited, &mut data).map_err(|e| FileDataError::Input(EntryProblem::Io(e)))?;
                 if got == 0 {
                     break;
                 }
                 data.truncate(got);
-                pieces.push(self.add_chunk(offset, data)?);
+                pieces.push(self.add_chunk(base + offset, data)?);
                 offset += got as u64;
             },
             ChunkerParams::FastCdc { min, avg, max } => {
-                let chunks = fastcdc::v2020::StreamCDC::new(&mut limited, min as usize, avg as usize, max as usize);
+                let chunks = fastcdc::v2020::StreamCDC::new(limited, min as usize, avg as usize, max as usize);
                 for chunk in chunks {
                     let chunk = chunk.map_err(|e| FileDataError::Input(EntryProblem::Io(e.into())))?;
                     let length = chunk.length as u64;
-                    pieces.push(self.add_chunk(offset, chunk.data)?);
+                    pieces.push(self.add_chunk(base + offset, chunk.data)?);
                     offset += length;
                 }
             }

@@ -151,6 +151,25 @@ impl<'a, R: Read> Entry<'a, R> {
         self.fields.size
     }
 
+    /// Skips the hole (sparse padding) at the current read position of a GNU
+    /// sparse entry without producing its zeros, and returns its length; 0 when
+    /// the next bytes are data (or at the end, or for an entry that is not sparse).
+    ///
+    /// With [`Entry::sparse_data_len`] this lets a reader walk a sparse file by
+    /// its map: a few kilobytes of archive may declare a file of many gigabytes
+    /// that is almost all hole, which reading through `Read` would produce as
+    /// zeros byte by byte.
+    pub fn skip_sparse_hole(&mut self) -> u64 {
+        self.fields.skip_sparse_hole()
+    }
+
+    /// How many data bytes follow the current read position before the next hole
+    /// or the end of the entry (for an entry that is not sparse: what is left of
+    /// it).
+    pub fn sparse_data_len(&self) -> u64 {
+        self.fields.sparse_data_len()
+    }
+
     /// Returns the starting position, in bytes, of the header of this entry in
     /// the archive.
     ///
@@ -947,6 +966,31 @@ impl<'a> EntryFields<'a> {
             return Err(err.into());
         }
         Ok(canon_target)
+    }
+}
+
+impl<'a> EntryFields<'a> {
+    fn skip_sparse_hole(&mut self) -> u64 {
+        let mut skipped = 0;
+        loop {
+            match self.data.first() {
+                Some(EntryIo::Pad(pad)) => skipped += pad.limit(),
+                // Empty data blocks of the sparse map are nothing to read.
+                Some(EntryIo::Data(data)) if data.limit() == 0 => {}
+                _ => return skipped,
+            }
+            self.data.remove(0);
+        }
+    }
+
+    fn sparse_data_len(&self) -> u64 {
+        self.data
+            .iter()
+            .map_while(|io| match io {
+                EntryIo::Data(data) => Some(data.limit()),
+                EntryIo::Pad(_) => None,
+            })
+            .sum()
     }
 }
 
