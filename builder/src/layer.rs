@@ -1,6 +1,7 @@
 //! Applies one OCI layer (a tar stream) to the merged tree.
 
 use crate::error::{BuildError, EntryProblem, Result};
+use crate::pax_sparse::{self, MappedSparse};
 use crate::sink::{ChunkSink, FileDataError, SparseFile};
 use crate::tree::{clean_path, Meta, Node, NodeKind, Tree, ROOT};
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub const MAX_XATTR_NAME: usize = 255;
 pub const MAX_XATTR_VALUE: usize = 64 << 10;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// The type flag of a GNU dump directory.
+const GNU_DUMP_DIR: u8 = b'D';
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Whether a layer starting with `head` is gzip or zstd.
@@ -105,13 +108,25 @@ fn apply_entry(
     layer: usize,
     warnings: &mut Vec<String>,
 ) -> Result<(), EntryError> {
-    let kind = entry.header().entry_type();
+    // A GNU dump directory ('D', from `tar --listed-incremental`) is a directory whose
+    // data lists its contents for incremental restores: the directory is what counts.
+    let kind = match entry.header().entry_type() {
+        kind if kind.as_byte() == GNU_DUMP_DIR => EntryType::Directory,
+        kind => kind,
+    };
     if matches!(
         kind,
         EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
     ) {
         return Ok(());
     }
+    // A PAX sparse file (GNU 0.0, 0.1, 1.0; bsdtar) names its real path and size in
+    // its records.
+    let sparse = match kind {
+        EntryType::Regular | EntryType::Continuous => pax_sparse::detect(&pax_records(entry)?)?,
+        _ => None,
+    };
+    let raw_path = sparse.as_ref().and_then(|s| s.name.as_deref()).unwrap_or(raw_path);
     let shown = String::from_utf8_lossy(raw_path);
     if raw_path.split(|&b| b == b'/').any(|c| c == b"..") {
         warnings.push(format!(
@@ -149,11 +164,21 @@ fn apply_entry(
             }
             NodeKind::Directory(BTreeMap::new())
         }
-        EntryType::Regular | EntryType::Continuous => {
-            let size = entry.size();
-            let pieces = sink.add_file(entry, size)?;
-            NodeKind::Regular { size, pieces }
-        }
+        EntryType::Regular | EntryType::Continuous => match sparse {
+            None => {
+                let size = entry.size();
+                let pieces = sink.add_file(entry, size)?;
+                NodeKind::Regular { size, pieces }
+            }
+            Some(mut sparse) => {
+                if sparse.map_in_data {
+                    pax_sparse::read_map(&mut sparse, entry)?;
+                }
+                let size = sparse.size;
+                let pieces = sink.add_sparse_file(&mut MappedSparse::new(sparse, entry), size)?;
+                NodeKind::Regular { size, pieces }
+            }
+        },
         EntryType::GNUSparse => {
             let size = entry.size();
             let pieces = sink.add_sparse_file(&mut SparseEntry(entry), size)?;
@@ -251,6 +276,18 @@ fn apply_whiteout(
         tree.whiteout(dir, hidden, layer);
     }
     Ok(())
+}
+
+/// An entry's PAX records (key, value), in order.
+fn pax_records(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<pax_sparse::PaxRecords, EntryProblem> {
+    let mut records = Vec::new();
+    if let Some(extensions) = entry.pax_extensions().map_err(EntryProblem::Io)? {
+        for extension in extensions {
+            let extension = extension.map_err(EntryProblem::Io)?;
+            records.push((extension.key_bytes().to_vec(), extension.value_bytes().to_vec()));
+        }
+    }
+    Ok(records)
 }
 
 /// Refuses a path the image's reader would refuse, or that no kernel could open:

@@ -10,6 +10,7 @@ pub mod error;
 pub mod image;
 pub mod inspect;
 pub mod layer;
+pub mod pax_sparse;
 pub mod pipeline;
 mod read_ahead;
 pub mod sink;

@@ -1,6 +1,7 @@
 //! Sparse files in layers are read by their sparse map: a few kilobytes of archive
 //! that declare a 60 GiB file build at once, holes stay holes, and the data regions
-//! read back byte for byte (GNU tar writes the archives).
+//! read back byte for byte: GNU sparse, PAX sparse 0.0, 0.1 and 1.0 (GNU tar writes
+//! the archives), and bsdtar's.
 
 mod common;
 
@@ -29,13 +30,9 @@ fn gnu_tar_available() -> bool {
     ok
 }
 
-#[test]
-fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
-    if !gnu_tar_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
+/// A 60 GiB sparse file in `dir/src`, archived by `tar_args` (run in `src`).
+fn sparse_archive(dir: &std::path::Path, program: &str, tar_args: &[&str]) -> Vec<u8> {
+    let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     let file = std::fs::File::create(src.join("disk.img")).unwrap();
     file.set_len(SIZE).unwrap();
@@ -43,10 +40,10 @@ fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
         file.write_all_at(bytes, offset).unwrap();
     }
     drop(file);
-    let layer = dir.path().join("layer.tar");
-    let out = Command::new("tar")
-        .args(["--format=gnu", "--sparse", "-C"])
-        .arg(&src)
+    let layer = dir.join("layer.tar");
+    let out = Command::new(program)
+        .current_dir(&src)
+        .args(tar_args)
         .arg("-cf")
         .arg(&layer)
         .arg("disk.img")
@@ -54,24 +51,35 @@ fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let archive = std::fs::read(&layer).unwrap();
-    assert!(archive.len() < 64 << 10, "GNU tar stored {} bytes", archive.len());
+    assert!(archive.len() < 64 << 10, "{program} stored {} bytes", archive.len());
+    archive
+}
 
-    let (image, report) = build_layers(dir.path(), &[archive], BuildOptions::default()).unwrap();
-    // Every hole came from the map; not one of its bytes was read or scanned.
+/// Builds `archive` and checks the 60 GiB file: no hole byte read, the data where it was.
+fn assert_builds_by_its_map(dir: &std::path::Path, archive: Vec<u8>, writer: &str) {
+    let (image, report) =
+        build_layers(dir, &[archive], BuildOptions::default()).unwrap_or_else(|e| panic!("{writer}: {e}"));
     let data_bytes: u64 = DATA.iter().map(|(_, b)| b.len() as u64).sum();
     assert!(
         report.data.unread_hole_bytes >= SIZE - 16 * 4096 - data_bytes,
-        "{:?}",
+        "{writer}: {:?}",
         report.data
     );
-    assert_eq!(report.data.bytes, SIZE);
-
+    assert_eq!(report.data.bytes, SIZE, "{writer}");
     let image = LocalImage::open(&image).unwrap();
     let bootstrap = image.bootstrap();
     let root = bootstrap.inode(ROOT_INO).unwrap();
-    let ino = bootstrap.lookup(&root, b"disk.img").unwrap().expect("disk.img");
+    let ino = bootstrap
+        .lookup(&root, b"disk.img")
+        .unwrap()
+        .unwrap_or_else(|| panic!("{writer}: disk.img under its real name"));
+    assert_eq!(
+        bootstrap.dir_entries(&root).unwrap().len(),
+        1,
+        "{writer}: nothing else at the root"
+    );
     let inode = bootstrap.inode(ino).unwrap();
-    assert_eq!(inode.size(), SIZE);
+    assert_eq!(inode.size(), SIZE, "{writer}");
     for (offset, bytes) in DATA {
         let mut got = Vec::new();
         for segment in bootstrap.segments(&inode, offset, bytes.len() as u64).unwrap() {
@@ -84,9 +92,52 @@ fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
                 }
             }
         }
-        assert_eq!(got, bytes, "at {offset}");
+        assert_eq!(got, bytes, "{writer}: at {offset}");
     }
-    // Between the data: a hole.
     let middle = bootstrap.segments(&inode, 10 << 30, 4096).unwrap();
-    assert!(middle.iter().all(|s| s.source == SegmentSource::Hole), "{middle:?}");
+    assert!(
+        middle.iter().all(|s| s.source == SegmentSource::Hole),
+        "{writer}: {middle:?}"
+    );
+}
+
+#[test]
+fn pax_sparse_files_of_every_version_build_by_their_map() {
+    if !gnu_tar_available() {
+        return;
+    }
+    for version in ["0.0", "0.1", "1.0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = sparse_archive(
+            dir.path(),
+            "tar",
+            &["--format=posix", "--sparse", &format!("--sparse-version={version}")],
+        );
+        assert_builds_by_its_map(dir.path(), archive, &format!("GNU tar, PAX sparse {version}"));
+    }
+}
+
+#[test]
+fn bsdtar_sparse_files_build_by_their_map() {
+    let available = Command::new("bsdtar")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        eprintln!("SKIPPED: needs bsdtar (libarchive-tools, scripts/install-deps.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let archive = sparse_archive(dir.path(), "bsdtar", &["--format", "pax", "--read-sparse"]);
+    assert_builds_by_its_map(dir.path(), archive, "bsdtar");
+}
+
+#[test]
+fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
+    if !gnu_tar_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let archive = sparse_archive(dir.path(), "tar", &["--format=gnu", "--sparse"]);
+    assert_builds_by_its_map(dir.path(), archive, "GNU tar, GNU sparse");
 }

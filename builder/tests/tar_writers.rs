@@ -127,3 +127,49 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
     run(Command::new("python3").arg("-c").arg(script).arg(&layer));
     assert_keeps_xattrs(&layer, "Python tarfile");
 }
+
+/// GNU tar's incremental archives store directories as dump directories ('D'): they
+/// keep their mode, owner and mtime like any directory.
+#[test]
+fn gnu_dump_directories_keep_their_metadata() {
+    if !tool_available("tar") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("src");
+    std::fs::create_dir_all(tree.join("srv/private")).unwrap();
+    std::fs::write(tree.join("srv/private/key"), b"k").unwrap();
+    std::os::unix::fs::chown(tree.join("srv/private"), Some(1234), Some(5678)).unwrap();
+    std::fs::set_permissions(
+        tree.join("srv/private"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o710),
+    )
+    .unwrap();
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    std::fs::File::open(tree.join("srv/private"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let layer = dir.path().join("incremental.tar");
+    run(Command::new("tar")
+        .arg("--listed-incremental")
+        .arg(dir.path().join("snapshot.snar"))
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("srv"));
+    let bytes = std::fs::read(&layer).unwrap();
+    assert!(
+        bytes.chunks(512).any(|block| block[156] == b'D'),
+        "GNU tar wrote dump directories"
+    );
+    let (image, _) = build_layers(dir.path(), &[bytes], BuildOptions::default()).unwrap();
+    let tree = unpack_and_scan(&image, dir.path(), "out");
+    let private = &tree[&b"srv/private".to_vec()];
+    assert_eq!(
+        (private.permissions, private.uid, private.gid, private.mtime.0),
+        (0o710, 1234, 5678, 1_600_000_000)
+    );
+    assert!(tree.contains_key(&b"srv/private/key".to_vec()));
+}
