@@ -115,13 +115,57 @@ impl LocalImage {
         Ok(())
     }
 
-    /// A regular file's whole content, verified.
-    pub fn read_file(&self, file: &Inode<'_>) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(file.size() as usize);
-        self.for_each_piece(file, |_, bytes| {
-            out.extend_from_slice(bytes);
-            Ok(())
-        })?;
-        Ok(out)
+    /// A regular file's content as a stream: one verified chunk is held at a time,
+    /// holes are produced as zeros, whatever size the bootstrap declares.
+    pub fn file_reader(&self, file: &Inode<'_>) -> Result<FileReader<'_>> {
+        Ok(FileReader {
+            image: self,
+            segments: self.bootstrap().segments(file, 0, file.size())?.into_iter(),
+            current: None,
+            chunk: None,
+        })
+    }
+}
+
+/// A regular file of a `LocalImage`, read in order (`LocalImage::file_reader`).
+#[derive(Debug)]
+pub struct FileReader<'i> {
+    image: &'i LocalImage,
+    segments: std::vec::IntoIter<FileSegment>,
+    /// The segment being read and how much of it was.
+    current: Option<(FileSegment, usize)>,
+    /// The last chunk read (index, plain bytes).
+    chunk: Option<(u32, Vec<u8>)>,
+}
+
+impl std::io::Read for FileReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let Some((segment, done)) = self.current.take().or_else(|| self.segments.next().map(|s| (s, 0))) else {
+                return Ok(0);
+            };
+            let left = segment.length as usize - done;
+            if left == 0 {
+                continue;
+            }
+            let n = left.min(out.len());
+            match segment.source {
+                SegmentSource::Hole => out[..n].fill(0),
+                SegmentSource::Chunk { index, chunk_offset } => {
+                    if self.chunk.as_ref().is_none_or(|(i, _)| *i != index) {
+                        let bytes = self.image.read_chunk(index).map_err(std::io::Error::other)?;
+                        self.chunk = Some((index, bytes));
+                    }
+                    let data = &self.chunk.as_ref().expect("just filled").1;
+                    let start = chunk_offset as usize + done;
+                    let bytes = data
+                        .get(start..start + n)
+                        .ok_or_else(|| std::io::Error::other("a chunk is shorter than its reference"))?;
+                    out[..n].copy_from_slice(bytes);
+                }
+            }
+            self.current = Some((segment, done + n));
+            return Ok(n);
+        }
     }
 }

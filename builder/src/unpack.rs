@@ -213,13 +213,17 @@ pub fn unpack_to_tar(image: &LocalImage, out: impl Write) -> Result<UnpackReport
         }
         match kind {
             FileKind::Regular => {
-                let content = image.read_file(&inode)?;
-                report.bytes += content.len() as u64;
+                // Streamed chunk by chunk: no file is ever held whole.
+                report.bytes += inode.size();
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(content.len() as u64);
+                header.set_size(inode.size());
+                let content = image.file_reader(&inode)?;
                 builder
-                    .append_data(&mut header, OsStr::from_bytes(&name), content.as_slice())
-                    .map_err(tar_io)?;
+                    .append_data(&mut header, OsStr::from_bytes(&name), content)
+                    .map_err(|e| match e.downcast::<BuildError>() {
+                        Ok(e) => e,
+                        Err(e) => tar_io(e),
+                    })?;
             }
             FileKind::Symlink => {
                 header.set_entry_type(tar::EntryType::Symlink);

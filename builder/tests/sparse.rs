@@ -141,3 +141,63 @@ fn a_gnu_sparse_file_of_60_gib_builds_by_its_map() {
     let archive = sparse_archive(dir.path(), "tar", &["--format=gnu", "--sparse"]);
     assert_builds_by_its_map(dir.path(), archive, "GNU tar, GNU sparse");
 }
+
+/// `unpack` to a tar streams each file: a 1 GiB (mostly hole) file goes out whole
+/// while the process never holds more than a few chunks of it.
+#[test]
+fn unpacking_a_huge_file_to_a_tar_streams_it() {
+    if !gnu_tar_available() {
+        return;
+    }
+    let size: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let file = std::fs::File::create(src.join("big")).unwrap();
+    file.set_len(size).unwrap();
+    file.write_all_at(b"END", size - 3).unwrap();
+    drop(file);
+    let out = Command::new("tar")
+        .current_dir(&src)
+        .args(["--format=gnu", "--sparse", "-cf", "../layer.tar", "big"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let layer = std::fs::read(dir.path().join("layer.tar")).unwrap();
+    let (image, _) = build_layers(dir.path(), &[layer], BuildOptions::default()).unwrap();
+    let image = LocalImage::open(&image).unwrap();
+    struct Tail {
+        bytes: u64,
+        last: Vec<u8>,
+    }
+    impl std::io::Write for Tail {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes += buf.len() as u64;
+            if let Some(at) = buf.iter().rposition(|b| *b != 0) {
+                self.last = buf[..=at].to_vec();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut tail = Tail {
+        bytes: 0,
+        last: Vec::new(),
+    };
+    let report = petrel_builder::unpack::unpack_to_tar(&image, &mut tail).unwrap();
+    assert_eq!(report.bytes, size);
+    assert!(tail.bytes > size, "{}", tail.bytes);
+    assert!(tail.last.ends_with(b"END"), "the file's last bytes went out");
+    let peak_kib: u64 = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 256 << 10,
+        "peak RSS {peak_kib} KiB while writing a 1 GiB file"
+    );
+}
