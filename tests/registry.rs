@@ -449,6 +449,11 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     m["layers"][1]["digest"] = garbage.into();
     m["layers"][1]["size"] = (bootstrap.len() as u64).into();
     cases.push(("wrong size", m, "bootstrap"));
+    // The registry serves more bytes than the manifest says: refused as they stream
+    // in, before the rest is read.
+    let mut m = good.clone();
+    m["layers"][1]["size"] = (bootstrap.len() as u64 / 2).into();
+    cases.push(("larger than the manifest says", m, "larger than"));
     // No bootstrap layer at all.
     let mut m = good.clone();
     m["layers"].as_array_mut().unwrap().pop();

@@ -84,24 +84,29 @@ impl MappedImage {
     }
 }
 
-/// Copies `source` into the cache as `cached`, verifying it completely first.
+/// Copies `source` into the cache as `cached`, verifying it completely first: the
+/// copy is streamed into a temporary file, mapped, checked (digest and structure),
+/// and renamed into place; the bootstrap is never read into memory.
 fn import_bootstrap(source: &Path, dir: &Path, cached: &PathBuf, digest: &[u8; 32]) -> Result<()> {
     crate::store::create_private_dir(dir)?;
-    let bytes = std::fs::read(source).map_err(DaemonError::io("read", source))?;
-    let bootstrap = Bootstrap::open(&bytes)?;
-    if bootstrap.superblock().digest != *digest {
-        return Err(DaemonError::Invalid(format!(
-            "{} changed while it was read",
-            source.display()
-        )));
-    }
-    petrel_format::reader::read_everything(&bytes, false)?;
     let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(DaemonError::io("create temporary file in", dir))?;
-    std::io::Write::write_all(&mut temp, &bytes).map_err(DaemonError::io("write", dir))?;
+    let mut input = File::open(source).map_err(DaemonError::io("open", source))?;
+    std::io::copy(&mut input, temp.as_file_mut()).map_err(DaemonError::io("copy", source))?;
     temp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(0o444))
         .map_err(DaemonError::io("chmod", dir))?;
     temp.as_file().sync_all().map_err(DaemonError::io("sync", dir))?;
+    {
+        let map = map_read_only(temp.as_file()).map_err(DaemonError::io("map", temp.path()))?;
+        let bootstrap = Bootstrap::open(&map)?;
+        if bootstrap.superblock().digest != *digest {
+            return Err(DaemonError::Invalid(format!(
+                "{} changed while it was read",
+                source.display()
+            )));
+        }
+        petrel_format::reader::read_everything(&map, false)?;
+    }
     temp.persist(cached)
         .map_err(|e| DaemonError::io("rename to", cached)(e.error))?;
     Ok(())
@@ -109,9 +114,10 @@ fn import_bootstrap(source: &Path, dir: &Path, cached: &PathBuf, digest: &[u8; 3
 
 #[allow(unsafe_code)]
 fn map_read_only(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the file is the daemon's own content-addressed copy of a verified
-    // bootstrap: created 0444 through a temporary file and a rename, and never
-    // opened for writing again, so the mapped bytes cannot change under us. Every
+    // SAFETY: the file is the daemon's own copy of a bootstrap: a temporary file it
+    // created (O_EXCL, in its 0700 cache) and finished writing before mapping it,
+    // made 0444 and renamed into place by content digest, and never opened for
+    // writing again, so the mapped bytes cannot change under us. Every
     // access through `Bootstrap` is bounds-checked, so even a changed file could
     // only give errors, not out-of-bounds reads.
     unsafe { memmap2::Mmap::map(file) }

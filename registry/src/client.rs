@@ -9,7 +9,7 @@ use reqwest::header::{
     HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, StatusCode};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -504,6 +504,50 @@ impl RegistryClient {
         }
         crate::oci::verify_digest("blob", digest, &bytes)?;
         Ok(bytes)
+    }
+
+    /// Streams blob `digest` into `out` (at most `max_bytes`, within the deadline of
+    /// a bounded read of that length), verifying it against its digest as it goes;
+    /// returns its length. Nothing of it is held in memory.
+    pub fn download_blob(&self, repository: &str, digest: &str, max_bytes: u64, out: &mut dyn Write) -> Result<u64> {
+        use sha2::Digest as _;
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let deadline = read_deadline(&self.retry, max_bytes);
+        let response = self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK, Some(deadline))?;
+        let mut body = DeadlineReader {
+            inner: response,
+            deadline,
+        }
+        .take(max_bytes + 1);
+        let bad = |reason: String| RegistryError::BadContent {
+            what: format!("blob {digest}"),
+            reason,
+        };
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = body.read(&mut buffer).map_err(|e| bad(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > max_bytes {
+                return Err(bad(format!("larger than {max_bytes} bytes")));
+            }
+            hasher.update(&buffer[..n]);
+            out.write_all(&buffer[..n])
+                .map_err(|e| bad(format!("writing it: {e}")))?;
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what: "blob",
+                digest: digest.into(),
+                actual,
+            });
+        }
+        Ok(total)
     }
 
     /// Exactly `len` bytes at `offset` of a blob, by a Range request. A server that
