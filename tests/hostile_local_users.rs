@@ -140,6 +140,23 @@ fn a_host_user_cannot_read_the_snapshotter_state_nor_run_a_containers_setuid_fil
     assert!(!out.status.success(), "nobody ran the setuid file: {}", text(&out));
     assert!(!String::from_utf8_lossy(&out.stdout).contains('0'), "{}", text(&out));
 
+    // Sockets: the snapshotter's (0660, root's) and every mount daemon's control
+    // socket (in the 0700 run dir). The harness's own dir is opened for traversal so
+    // that only the sockets' and the snapshotter's modes stand in the way.
+    std::fs::set_permissions(containerd.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let connect = ["python3", "-c", "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"];
+    assert_denied(&containerd.path("snapshotter.sock"), &connect);
+    let control_sockets: Vec<PathBuf> = std::fs::read_dir(root.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert!(!control_sockets.is_empty(), "the lazy mount's daemon has a control socket");
+    for socket in &control_sockets {
+        assert_denied(socket, &connect);
+    }
+
     let _ = containerd.ctr(&["-n", "k8s.io", "containers", "rm", "suid-writer"]);
 }
 
