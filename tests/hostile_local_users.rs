@@ -144,7 +144,11 @@ fn a_host_user_cannot_read_the_snapshotter_state_nor_run_a_containers_setuid_fil
     // socket (in the 0700 run dir). The harness's own dir is opened for traversal so
     // that only the sockets' and the snapshotter's modes stand in the way.
     std::fs::set_permissions(containerd.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let connect = ["python3", "-c", "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"];
+    let connect = [
+        "python3",
+        "-c",
+        "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+    ];
     assert_denied(&containerd.path("snapshotter.sock"), &connect);
     let control_sockets: Vec<PathBuf> = std::fs::read_dir(root.join("run"))
         .unwrap()
@@ -152,7 +156,10 @@ fn a_host_user_cannot_read_the_snapshotter_state_nor_run_a_containers_setuid_fil
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "sock"))
         .collect();
-    assert!(!control_sockets.is_empty(), "the lazy mount's daemon has a control socket");
+    assert!(
+        !control_sockets.is_empty(),
+        "the lazy mount's daemon has a control socket"
+    );
     for socket in &control_sockets {
         assert_denied(socket, &connect);
     }

@@ -49,6 +49,7 @@ pub fn classify(
     target: &str,
     parent: Option<&str>,
     settings: &crate::config::Config,
+    manifests: &ManifestCache,
 ) -> Result<Option<RemoteLayer>> {
     let (image, manifest_digest, layer) = match (
         labels.get(CRI_IMAGE_REF),
@@ -82,9 +83,20 @@ pub fn classify(
     // By the digest containerd resolved (CRI), else by the reference, which must then
     // list the layer (the tag may have moved during the pull).
     let reference = manifest_digest.map_or(image_ref.reference(), String::as_str);
-    let (manifest, pinned) = client
-        .get_image_manifest(&image_ref.repository, reference, &Platform::host())
-        .map_err(unavailable)?;
+    let key = format!("{}/{}@{reference}", image_ref.registry, image_ref.repository);
+    let (manifest, pinned) = match manifests.get(&key) {
+        Some(found) => found,
+        None => {
+            let fetched = client
+                .get_image_manifest(&image_ref.repository, reference, &Platform::host())
+                .map_err(unavailable)?;
+            // Only what a digest names is immutable, so only that is kept.
+            if reference.starts_with("sha256:") {
+                manifests.put(key, fetched.clone());
+            }
+            fetched
+        }
+    };
     if manifest_digest.is_none() && !manifest.layers.iter().any(|l| &l.digest == layer) {
         return Err(SnapshotError::FailedPrecondition(format!(
             "{image}: manifest {pinned} does not list layer {layer} (did the tag move during the pull?)"
@@ -98,4 +110,31 @@ pub fn classify(
             image: format!("docker://{}/{}@{pinned}", image_ref.registry, image_ref.repository),
         }
     }))
+}
+
+/// Manifests fetched by digest during pulls (each layer of a pull needs its image's
+/// manifest; fetched once, not once per layer). A digest names immutable bytes, which
+/// were checked against it, so an entry never goes stale; the cache is bounded.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    entries: std::sync::Mutex<std::collections::VecDeque<(String, (petrel_registry::oci::Manifest, String))>>,
+}
+
+/// Manifests a `ManifestCache` keeps.
+const CACHED_MANIFESTS: usize = 64;
+
+impl ManifestCache {
+    fn get(&self, key: &str) -> Option<(petrel_registry::oci::Manifest, String)> {
+        let entries = self.entries.lock().ok()?;
+        entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: String, value: (petrel_registry::oci::Manifest, String)) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHED_MANIFESTS {
+                entries.pop_front();
+            }
+            entries.push_back((key, value));
+        }
+    }
 }

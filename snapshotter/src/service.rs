@@ -45,6 +45,8 @@ pub struct Service {
     remote: RemoteConfig,
     /// Lazy mounts a Prepare is setting up and has not committed yet (Cleanup spares them).
     mounting: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// Manifests of images being pulled, by digest.
+    manifests: Arc<crate::labels::ManifestCache>,
 }
 
 /// Takes a mountpoint out of `Service::mounting` when its Prepare ends, however it ends.
@@ -85,6 +87,7 @@ impl Service {
                 settings: settings.clone(),
             },
             mounting: Default::default(),
+            manifests: Default::default(),
         })
     }
 
@@ -121,11 +124,12 @@ impl Service {
         };
         let to_classify = labels.clone();
         let settings = self.remote.settings.clone();
-        let (name, below) = (target.clone(), parent.map(str::to_string));
-        let layer =
-            tokio::task::spawn_blocking(move || remote::classify(&to_classify, &name, below.as_deref(), &settings))
-                .await
-                .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+        let (name, below, manifests) = (target.clone(), parent.map(str::to_string), Arc::clone(&self.manifests));
+        let layer = tokio::task::spawn_blocking(move || {
+            remote::classify(&to_classify, &name, below.as_deref(), &settings, &manifests)
+        })
+        .await
+        .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
         let mut _in_flight = None;
         let mut labels = labels.clone();
         let mount = match layer {
