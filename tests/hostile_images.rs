@@ -194,3 +194,49 @@ fn a_forged_diff_ids_image_pulled_with_ctr_remote_cannot_take_over_other_images(
         assert_runs_own_motd(&containerd, "default", &image, &format!("{repo}-rpull"), motd);
     }
 }
+
+/// The digest of a real layer (the victim's base, uploaded uncompressed, so its digest
+/// is its diff_id and the chain ID checks out) claimed as a petrel blob: committed
+/// as an empty petrel blob, it would hide the victim's base layer. The snapshotter
+/// reads the layer's header and tail and refuses it.
+#[test]
+fn a_real_layer_claimed_as_a_petrel_blob_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let containerd = Containerd::start_with(Some(&registry.addr));
+    publish_images(&registry, &containerd);
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let base = base_layer();
+    let base_digest = client.push_blob_bytes("attacker", &base).unwrap();
+    let (bytes, ..) = client.get_manifest("attacker", "petrel").unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    manifest["layers"][0]["digest"] = base_digest.clone().into();
+    manifest["layers"][0]["size"] = base.len().into();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&client.get_blob_verified("attacker", &config_digest, 1 << 20).unwrap()).unwrap();
+    config["rootfs"]["diff_ids"][0] = base_digest.into();
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = client.push_blob_bytes("attacker", &config_bytes).unwrap().into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    client
+        .put_manifest(
+            "attacker",
+            "blob-claim",
+            petrel_registry::oci::OCI_MANIFEST,
+            &serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+    let socket = containerd.path("containerd.sock");
+    let err = cri_pull(&socket, &format!("{}/attacker:blob-claim", registry.addr)).unwrap_err();
+    assert!(
+        err.contains("not petrel's one-entry tar") || err.contains("not petrel's header"),
+        "{err}\nsnapshotter log:\n{}",
+        snapshotter_log(&containerd)
+    );
+    let victim = format!("{}/victim:v1", registry.addr);
+    cri_pull(&socket, &victim).unwrap();
+    assert_runs_own_motd(&containerd, "k8s.io", &victim, "victim-after-blob-claim", VICTIM_MOTD);
+}

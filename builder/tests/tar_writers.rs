@@ -1,5 +1,6 @@
 //! Layers as real tools write them: PAX records whose values hold newlines (binary
-//! file capabilities, notes) written by Python's `tarfile`, GNU tar and bsdtar keep
+//! file capabilities, notes) written by Go's `archive/tar` (docker, buildkit),
+//! Python's `tarfile`, GNU tar and bsdtar keep
 //! every record through the builder (the `tar` crate split them at newlines; see
 //! vendor/tar/PETREL-PATCHES.md).
 
@@ -172,4 +173,67 @@ fn gnu_dump_directories_keep_their_metadata() {
         (0o710, 1234, 5678, 1_600_000_000)
     );
     assert!(tree.contains_key(b"srv/private/key".as_slice()));
+}
+
+/// Go's `archive/tar` (what docker, buildkit and containerd use) with PAX records.
+#[test]
+fn go_archive_tar_pax_records() {
+    if !tool_available("go") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("write_layer.go");
+    std::fs::write(
+        &program,
+        r#"package main
+
+import (
+	"archive/tar"
+	"os"
+)
+
+func main() {
+	out, err := os.Create(os.Args[1])
+	if err != nil {
+		panic(err)
+	}
+	w := tar.NewWriter(out)
+	for _, d := range []string{"usr/", "usr/bin/"} {
+		if err := w.WriteHeader(&tar.Header{Name: d, Typeflag: tar.TypeDir, Mode: 0755, Format: tar.FormatPAX}); err != nil {
+			panic(err)
+		}
+	}
+	capability := string([]byte{1, 0, 0, 2, 10, 32, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+	header := &tar.Header{
+		Name: "usr/bin/ping", Typeflag: tar.TypeReg, Mode: 0755, Size: 6, Format: tar.FormatPAX,
+		PAXRecords: map[string]string{
+			"SCHILY.xattr.security.capability": capability,
+			"SCHILY.xattr.user.note":           "line one\nline two\n",
+		},
+	}
+	if err := w.WriteHeader(header); err != nil {
+		panic(err)
+	}
+	if _, err := w.Write([]byte("binary")); err != nil {
+		panic(err)
+	}
+	if err := w.Close(); err != nil {
+		panic(err)
+	}
+	out.Close()
+}
+"#,
+    )
+    .unwrap();
+    let layer = dir.path().join("go.tar");
+    run(Command::new("go")
+        .arg("run")
+        .arg(&program)
+        .arg(&layer)
+        .env("GOCACHE", dir.path().join("gocache"))
+        .env("GOPATH", dir.path().join("gopath"))
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOTOOLCHAIN", "local"));
+    assert_keeps_xattrs(&layer, "Go archive/tar");
 }

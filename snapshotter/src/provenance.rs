@@ -105,8 +105,16 @@ pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor
             descriptor.size
         )));
     }
-    let header = fetch(0, layer_tar::DATA_OFFSET)?;
-    let size = layer_tar::data_size(layer_tar::BLOB_ENTRY, &header).map_err(|e| refuse(e.to_string()))?;
+    // Header and tail in parallel (one round trip): whatever the data size, the
+    // padding and end-of-archive blocks lie in the layer's last 1535 bytes.
+    let tail_len = MAX_TRAILER.min(descriptor.size);
+    let tail_start = descriptor.size - tail_len;
+    let (header, tail) = std::thread::scope(|scope| {
+        let tail = scope.spawn(|| fetch(tail_start, tail_len));
+        let header = fetch(0, layer_tar::DATA_OFFSET);
+        (header, tail.join().expect("the tail fetch does not panic"))
+    });
+    let size = layer_tar::data_size(layer_tar::BLOB_ENTRY, &header?).map_err(|e| refuse(e.to_string()))?;
     if layer_tar::layer_len(size) != descriptor.size {
         return Err(refuse(format!(
             "its header announces {size} bytes, so the layer must be {} bytes, but the manifest says {}",
@@ -114,12 +122,15 @@ pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor
             descriptor.size
         )));
     }
-    let trailer = fetch(layer_tar::DATA_OFFSET + size, layer_tar::trailer_len(size))?;
-    if trailer.iter().any(|b| *b != 0) {
+    let zeros_from = (layer_tar::DATA_OFFSET + size).saturating_sub(tail_start) as usize;
+    if tail?.get(zeros_from..).is_none_or(|t| t.iter().any(|b| *b != 0)) {
         return Err(refuse("bytes after the blob are not zero".into()));
     }
     Ok(())
 }
+
+/// The most bytes after a blob's data: padding to a block, then two zero blocks.
+const MAX_TRAILER: u64 = 511 + 1024;
 
 /// Verifies a petrel layer being pulled: `target` must be its chain ID, and the layer
 /// must be what its role says in `manifest` (pinned by digest).
