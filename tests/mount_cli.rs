@@ -352,3 +352,59 @@ fn a_large_cached_file_is_materialized_in_the_background() {
     assert!(out.status.success(), "{out:?}");
     wait_until(|| !is_petrel_mount(&setup.mountpoint));
 }
+
+/// `--daemon` relaunches the same command line: every option reaches the daemon
+/// (the cache bound and the global `-v` used to be dropped).
+#[test]
+fn a_daemon_keeps_every_option_it_was_given() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    let log = setup.dir.path().join("daemon.log");
+    let mut command = petrel();
+    command.arg("-v");
+    setup.mount_args(&mut command);
+    let out = command
+        .args(["--daemon", "--cache-max-bytes", "3000000", "--log-file"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        !cmdline.windows(8).any(|w| w == b"--daemon"),
+        "the daemon runs in the foreground"
+    );
+    let mut read = 0;
+    for (name, data) in files() {
+        assert_eq!(std::fs::read(setup.mountpoint.join(&name)).unwrap(), data);
+        read += data.len();
+    }
+    let cached: u64 = walk_sizes(&setup.dir.path().join("cache/chunks"));
+    assert!(
+        cached < 10_000_000,
+        "the 3 MB cache bound holds: {cached} bytes cached after reading {read}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("INFO"), "-v reached the daemon:\n{text}");
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn walk_sizes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                walk_sizes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}

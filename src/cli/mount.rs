@@ -95,26 +95,6 @@ impl PrefetchArgs {
             bandwidth: self.prefetch_bandwidth,
         }
     }
-
-    fn to_args(&self) -> Vec<String> {
-        let mode = match self.mode {
-            PrefetchMode::Off => "off",
-            PrefetchMode::Table => "table",
-            PrefetchMode::All => "all",
-        };
-        let mut args = vec![
-            "--prefetch".into(),
-            mode.into(),
-            "--prefetch-request-bytes".into(),
-            self.prefetch_request_bytes.to_string(),
-            "--prefetch-parallel".into(),
-            self.prefetch_parallel.to_string(),
-        ];
-        if let Some(rate) = self.prefetch_bandwidth {
-            args.extend(["--prefetch-bandwidth".into(), rate.to_string()]);
-        }
-        args
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -302,6 +282,34 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The options that only the parent of a `--daemon` acts on.
+const PARENT_ONLY_FLAGS: [&str; 1] = ["--daemon"];
+const PARENT_ONLY_OPTIONS: [&str; 2] = ["--pid-file", "--log-file"];
+
+/// `arguments` less the parent-only flags and options (with their values).
+fn daemon_arguments(arguments: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut kept = Vec::new();
+    let mut skip_value = false;
+    for argument in arguments {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let text = argument.to_string_lossy();
+        if PARENT_ONLY_FLAGS.contains(&text.as_ref()) {
+            continue;
+        }
+        if PARENT_ONLY_OPTIONS.contains(&text.as_ref()) {
+            skip_value = true;
+            continue;
+        }
+        if PARENT_ONLY_OPTIONS.iter().any(|o| text.starts_with(&format!("{o}="))) {
+            continue;
+        }
+        kept.push(argument);
+    }
+    kept
+}
+
 /// Starts this program again in the foreground, detached, and waits for the mount.
 fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
@@ -315,35 +323,13 @@ fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
+    // The daemon is this very command line, less what only this parent acts on:
+    // every option the user (or the snapshotter) gave reaches it, global ones (`-v`)
+    // included, instead of an argument list assembled here that forgets the ones
+    // added later.
     let mut command = Command::new(exe);
     command
-        .arg("mount")
-        .arg(&args.image)
-        .arg(&args.mountpoint)
-        .arg("--cache-dir")
-        .arg(&args.cache_dir)
-        .arg("--runtime-dir")
-        .arg(&args.runtime_dir)
-        .args(
-            args.blob_dir
-                .iter()
-                .flat_map(|d| [std::ffi::OsStr::new("--blob-dir"), d.as_os_str()]),
-        )
-        .args(args.unpacked_blobs.then_some("--unpacked-blobs"))
-        .args(args.no_passthrough.then_some("--no-passthrough"))
-        .args(args.registry.to_args())
-        .args(args.prefetch.to_args())
-        .args(
-            args.record
-                .iter()
-                .flat_map(|r| [std::ffi::OsStr::new("--record"), r.as_os_str()]),
-        )
-        .arg("--amplify-bytes")
-        .arg(args.amplify_bytes.to_string())
-        .arg("--fuse-threads")
-        .arg(args.fuse_threads.to_string())
-        .arg("--fetch-threads")
-        .arg(args.fetch_threads.to_string())
+        .args(daemon_arguments(std::env::args_os().skip(1)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -573,4 +559,42 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_gets_every_argument_but_the_parents_own() {
+        let given = [
+            "-v",
+            "mount",
+            "img",
+            "mnt",
+            "--daemon",
+            "--pid-file",
+            "p",
+            "--cache-max-bytes",
+            "5",
+            "--log-file=l",
+            "--mirror",
+            "http://m",
+        ];
+        let kept = daemon_arguments(given.iter().map(std::ffi::OsString::from));
+        assert_eq!(
+            kept,
+            [
+                "-v",
+                "mount",
+                "img",
+                "mnt",
+                "--cache-max-bytes",
+                "5",
+                "--mirror",
+                "http://m"
+            ]
+            .map(std::ffi::OsString::from)
+        );
+    }
 }

@@ -32,27 +32,6 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// The same options as command-line arguments (for a re-executed daemon; the
-    /// credentials travel in the environment, never on the command line).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--retries".to_string(),
-            self.retries.to_string(),
-            "--retry-seconds".into(),
-            self.retry_seconds.to_string(),
-        ];
-        if self.plain_http {
-            args.push("--plain-http".into());
-        }
-        if let Some(ca) = &self.ca_file {
-            args.extend(["--ca-file".into(), ca.display().to_string()]);
-        }
-        for mirror in &self.mirrors {
-            args.extend(["--mirror".into(), mirror.clone()]);
-        }
-        args
-    }
-
     /// Credentials to hand to a child process through `PETREL_CREDS`: the `--creds`
     /// file's, else `PETREL_CREDS`'s.
     pub fn creds(&self) -> anyhow::Result<Option<String>> {
