@@ -400,6 +400,48 @@ fn a_trickling_registry_fails_the_read_within_its_deadline_and_recovers() {
     assert!(status.is_some(), "the daemon of a mount that is gone exits");
 }
 
+/// A mirror that is down costs one failed request, not one per read (it is skipped
+/// while it stays down); a background probe finds it healed, and reads go through it
+/// again.
+#[test]
+fn a_dead_mirror_costs_one_failure_and_is_used_again_once_it_heals() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let mirror = FaultProxy::start(&registry.addr);
+    mirror.state.down.store(true, SeqCst);
+    let mount = MountProcess::start(
+        &format!("docker://{}/{reference}", registry.addr),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--amplify-bytes", "0", "--mirror", &format!("http://{}", mirror.addr)],
+    );
+    let files = big_files();
+    for (path, data) in &files[..4] {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
+    }
+    let stats = stats(&mount.mountpoint, &work.path().join("cache").with_extension("run"));
+    let requests = stats["backend_requests"].as_u64().unwrap();
+    let tried = mirror.state.connections.load(SeqCst);
+    assert!(requests > 10, "{stats}");
+    // One failed request, and at most a probe or two since, not one per request.
+    assert!(tried <= 3, "the dead mirror was asked {tried} times for {requests} requests");
+
+    mirror.state.down.store(false, SeqCst);
+    let started = std::time::Instant::now();
+    while mirror.state.forwarded.load(SeqCst) == 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no probe reached the healed mirror");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (path, data) = &files[4];
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
+    assert!(mirror.state.blob_requests.load(SeqCst) > 0, "reads go through the healed mirror");
+}
+
 #[test]
 fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     if !registry_tools_available() || !fuse_available() {

@@ -99,6 +99,8 @@ pub struct RegistryClient {
     mirror_credentials: Vec<Option<Credentials>>,
     auth: Mutex<std::collections::HashMap<AuthScope, AuthState>>,
     retry: RetryPolicy,
+    /// Which mirrors are down (skipped, probed in the background).
+    health: std::sync::Arc<crate::health::SourceHealth>,
 }
 
 /// Whose auth state a request uses: a source (origin or mirror base URL) and a repository.
@@ -177,6 +179,7 @@ impl RegistryClient {
             mirror_credentials,
             auth: Mutex::new(std::collections::HashMap::new()),
             retry: options.retry,
+            health: Default::default(),
         })
     }
 
@@ -280,6 +283,19 @@ impl RegistryClient {
         build: &dyn Fn(RequestBuilder) -> RequestBuilder,
         deadline: Option<Instant>,
     ) -> Result<Response> {
+        self.send_with(method, url, build, deadline, self.retry)
+    }
+
+    /// `send` with its own retry policy (a mirror gets one attempt: the next source,
+    /// not a retry, is what helps when it fails).
+    fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+        deadline: Option<Instant>,
+        retry: RetryPolicy,
+    ) -> Result<Response> {
         let method_name = match method {
             Method::GET => "GET",
             Method::HEAD => "HEAD",
@@ -290,8 +306,8 @@ impl RegistryClient {
             _ => "request",
         };
         let mut attempts = match deadline {
-            Some(deadline) => Attempts::until(self.retry, deadline),
-            None => Attempts::new(self.retry),
+            Some(deadline) => Attempts::until(retry, deadline),
+            None => Attempts::new(retry),
         };
         let mut auth_rounds = 0;
         loop {
@@ -375,13 +391,38 @@ impl RegistryClient {
         let mut last = None;
         for base in self.read_bases() {
             let url = format!("{base}{path}");
-            match self.send(Method::GET, &url, build, deadline) {
-                Ok(response) if ok(response.status()) => return Ok(response),
-                Ok(response) => last = Some(Self::status_error("GET", &url, response)),
-                Err(e) => last = Some(e),
+            if base == self.base {
+                match self.send(Method::GET, &url, build, deadline) {
+                    Ok(response) if ok(response.status()) => return Ok(response),
+                    Ok(response) => last = Some(Self::status_error("GET", &url, response)),
+                    Err(e) => last = Some(e),
+                }
+                continue;
             }
-            if base != self.base {
-                tracing::warn!(mirror = base, "mirror failed; trying the next source");
+            if !self.health.is_up(base) {
+                continue;
+            }
+            let once = RetryPolicy {
+                max_attempts: 1,
+                ..self.retry
+            };
+            let down = match self.send_with(Method::GET, &url, build, deadline, once) {
+                Ok(response) if ok(response.status()) => {
+                    self.health.succeeded(base);
+                    return Ok(response);
+                }
+                Ok(response) => {
+                    let down = response.status().is_server_error();
+                    last = Some(Self::status_error("GET", &url, response));
+                    down
+                }
+                Err(e) => {
+                    last = Some(e);
+                    true
+                }
+            };
+            if down && self.health.failed(base) {
+                crate::health::start_prober(&self.health, self.http.clone(), base.to_string());
             }
         }
         Err(last.expect("at least the registry itself"))

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod layout;
 pub mod oci;
 pub mod reference;

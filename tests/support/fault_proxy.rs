@@ -47,6 +47,9 @@ pub struct FaultState {
     /// Once this many blob GETs have passed, every later one has its body cut
     /// (0: never).
     pub cut_after: AtomicU64,
+    /// Connections accepted, and requests passed on to the registry.
+    pub connections: AtomicU64,
+    pub forwarded: AtomicU64,
 }
 
 /// The proxy; its thread stops with the test process.
@@ -82,6 +85,7 @@ impl FaultProxy {
 }
 
 fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> std::io::Result<()> {
+    state.connections.fetch_add(1, Ordering::SeqCst);
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
@@ -163,6 +167,7 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
     forwarded.push_str("Connection: close\r\n\r\n");
     let mut body = vec![0u8; body_len];
     reader.read_exact(&mut body)?;
+    state.forwarded.fetch_add(1, Ordering::SeqCst);
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(forwarded.as_bytes())?;
     up.write_all(&body)?;
