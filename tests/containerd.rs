@@ -524,3 +524,37 @@ fn an_ordinary_private_image_pulls_through_cri_without_snapshotter_credentials()
         "an ordinary image is not mounted lazily"
     );
 }
+
+/// Edge autonomy under containerd: the registry goes away and the mount daemon is
+/// killed (an OOM kill, a power cut); the snapshotter remounts the warmed image from
+/// the node cache and a new container reads its files.
+#[test]
+fn a_warmed_lazy_image_restarts_with_the_registry_gone() {
+    if !can_run() {
+        return;
+    }
+    let mut registry = TestRegistry::start(false);
+    let containerd = Containerd::start_with(Some(&registry.addr));
+    convert_busybox(&registry, &containerd, "busy", "petrel", &[]);
+    let image = format!("{}/busy:petrel", registry.addr);
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap();
+    let out = petrel()
+        .args(["warm", &format!("docker://{image}"), "--all", "--cache-dir"])
+        .arg(containerd.snapshotter_root().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    registry.stop();
+    for pid in containerd.mount_daemon_pids() {
+        containerd.kill_mount_daemon(pid);
+    }
+    let out = cat_motd(&containerd, &image, "offline");
+    assert!(
+        out.status.success() && text(&out).contains("served through petrel's snapshotter"),
+        "{}\nsnapshotter log:\n{}",
+        text(&out),
+        std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+    );
+    registry.restart();
+}

@@ -429,17 +429,26 @@ fn a_dead_mirror_costs_one_failure_and_is_used_again_once_it_heals() {
     let tried = mirror.state.connections.load(SeqCst);
     assert!(requests > 10, "{stats}");
     // One failed request, and at most a probe or two since, not one per request.
-    assert!(tried <= 3, "the dead mirror was asked {tried} times for {requests} requests");
+    assert!(
+        tried <= 3,
+        "the dead mirror was asked {tried} times for {requests} requests"
+    );
 
     mirror.state.down.store(false, SeqCst);
     let started = std::time::Instant::now();
     while mirror.state.forwarded.load(SeqCst) == 0 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no probe reached the healed mirror");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no probe reached the healed mirror"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let (path, data) = &files[4];
     assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
-    assert!(mirror.state.blob_requests.load(SeqCst) > 0, "reads go through the healed mirror");
+    assert!(
+        mirror.state.blob_requests.load(SeqCst) > 0,
+        "reads go through the healed mirror"
+    );
 }
 
 #[test]
@@ -1095,4 +1104,60 @@ fn a_standalone_dictionary_serves_as_chunk_dict() {
         .unwrap()
         .success());
     assert_tree(&reference_merge(&next), &target);
+}
+
+/// Edge autonomy: a node that warmed an image starts it again with the registry
+/// gone, by tag (its last resolution, not refreshed) and by digest, and serves every
+/// file from its cache; a reference it never resolved fails with a clear error.
+#[test]
+fn a_warmed_image_mounts_and_reads_with_the_registry_gone() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let mut registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let cache = work.path().join("cache");
+    let image = format!("docker://{}/{reference}", registry.addr);
+    let out = petrel()
+        .args(["warm", &image, "--all", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let (repository, tag) = reference.split_once(':').unwrap();
+    let (_, _, digest) = client.get_manifest(repository, tag).unwrap();
+
+    registry.stop();
+    let offline = ["--retries", "2", "--retry-seconds", "2"];
+    for (name, reference) in [
+        ("by-tag", image.clone()),
+        ("by-digest", format!("docker://{}/{repository}@{digest}", registry.addr)),
+    ] {
+        let mount = MountProcess::start(&reference, &work.path().join(name), &cache, &offline);
+        for (path, data) in big_files() {
+            assert_eq!(
+                std::fs::read(mount.mountpoint.join(&path)).unwrap(),
+                data,
+                "{name}: {path}"
+            );
+        }
+        let log = std::fs::read_to_string(cache.with_extension("log")).unwrap_or_default();
+        if name == "by-tag" {
+            assert!(log.contains("tag could not be refreshed"), "{log}");
+        }
+    }
+    let out = petrel()
+        .arg("mount")
+        .arg(format!("docker://{}/{repository}:never-resolved", registry.addr))
+        .arg(work.path().join("never"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(offline)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("gave up"), "{}", output_text(&out));
+    registry.restart();
 }

@@ -15,6 +15,7 @@ pub mod passthrough;
 pub mod prefetch;
 pub mod record;
 pub mod remote;
+pub mod resolved;
 pub mod stats;
 pub mod store;
 mod workers;

@@ -90,12 +90,84 @@ fn bootstrap_in_layer(file: &std::fs::File, path: &Path) -> std::result::Result<
 
 /// Resolves `image` (an index picks `platform`), fetches its bootstrap into
 /// `<cache_dir>/downloads/`, and checks it against the manifest before anything maps it.
+///
+/// With the registry unreachable, the last resolution kept in the cache
+/// (`crate::resolved`) is used when there is one: the mount starts from the cached
+/// bootstrap, and reads of chunks not cached fail until the registry is back.
 pub fn resolve(
     client: Arc<RegistryClient>,
     image: &ImageRef,
     cache_dir: &Path,
     platform: &Platform,
 ) -> Result<RemoteImage> {
+    match resolve_online(Arc::clone(&client), image, cache_dir, platform) {
+        Ok((remote, bootstrap_digest)) => {
+            let resolution = crate::resolved::Resolution {
+                reference: image.to_string(),
+                manifest_digest: remote.manifest_digest.clone(),
+                bootstrap_digest,
+                resolved_at: crate::resolved::now(),
+            };
+            if let Err(e) = crate::resolved::remember(cache_dir, image, platform, &resolution) {
+                tracing::warn!(image = %image, "cannot keep the resolution for offline restarts: {e}");
+            }
+            Ok(remote)
+        }
+        Err(e) if is_unreachable(&e) => resolve_offline(client, image, cache_dir, platform).ok_or(e),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `error` says the registry could not be reached (rather than refused).
+fn is_unreachable(error: &DaemonError) -> bool {
+    use petrel_registry::RegistryError;
+    match error {
+        DaemonError::Registry(RegistryError::Transport { .. } | RegistryError::GaveUp { .. }) => true,
+        DaemonError::Registry(RegistryError::Status { status, .. }) => *status >= 500,
+        _ => false,
+    }
+}
+
+/// `image` from its last resolution and the bootstrap cached then, if both are here.
+fn resolve_offline(
+    client: Arc<RegistryClient>,
+    image: &ImageRef,
+    cache_dir: &Path,
+    platform: &Platform,
+) -> Option<RemoteImage> {
+    let resolution = crate::resolved::recall(cache_dir, image, platform)?;
+    let path = cache_dir
+        .join("downloads")
+        .join(resolution.bootstrap_digest.trim_start_matches("sha256:"));
+    if let Err(e) = crate::image::MappedImage::open(&path, cache_dir, &image.to_string()) {
+        tracing::warn!(image = %image, "the cached bootstrap cannot be used offline: {e}");
+        return None;
+    }
+    if image.digest.is_none() {
+        tracing::warn!(
+            image = %image,
+            manifest = %resolution.manifest_digest,
+            resolved_at = resolution.resolved_at,
+            "the registry is unreachable: the tag could not be refreshed; starting from its last resolution"
+        );
+    } else {
+        tracing::warn!(image = %image, "the registry is unreachable; starting from the cache");
+    }
+    Some(RemoteImage {
+        bootstrap_path: path,
+        manifest_digest: resolution.manifest_digest,
+        backend: Arc::new(RegistryBackend::new(client, &image.repository)),
+    })
+}
+
+/// `resolve` with the registry: the manifest, then the bootstrap, downloaded and
+/// verified; also returns the bootstrap layer's digest.
+fn resolve_online(
+    client: Arc<RegistryClient>,
+    image: &ImageRef,
+    cache_dir: &Path,
+    platform: &Platform,
+) -> Result<(RemoteImage, String)> {
     let (manifest, digest) = client
         .get_image_manifest(&image.repository, image.reference(), platform)
         .map_err(|e| match e {
@@ -175,9 +247,12 @@ pub fn resolve(
             ));
         }
     }
-    Ok(RemoteImage {
-        bootstrap_path: path,
-        manifest_digest: digest,
-        backend: Arc::new(RegistryBackend::new(client, &image.repository)),
-    })
+    Ok((
+        RemoteImage {
+            bootstrap_path: path,
+            manifest_digest: digest,
+            backend: Arc::new(RegistryBackend::new(client, &image.repository)),
+        },
+        bootstrap.digest.clone(),
+    ))
 }
