@@ -558,3 +558,44 @@ fn a_warmed_lazy_image_restarts_with_the_registry_gone() {
     );
     registry.restart();
 }
+
+/// What `[[registry]]` says in the snapshotter's config is what its mount daemons use:
+/// here a mirror, through which the daemon's reads go (and the cache bound, which
+/// the harness sets, reaches the daemon).
+#[test]
+fn the_snapshotters_registry_mirrors_reach_its_daemons() {
+    if !can_run() {
+        return;
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let registry = TestRegistry::start(false);
+    let mirror = support::fault_proxy::FaultProxy::start(&registry.addr);
+    let containerd = Containerd::start_configured(
+        Some(&registry.addr),
+        &format!(
+            "[[registry]]\nhost = \"{}\"\nmirrors = [\"http://{}\"]\n",
+            registry.addr, mirror.addr
+        ),
+    );
+    convert_busybox(&registry, &containerd, "busy", "petrel", &[]);
+    let image = format!("{}/busy:petrel", registry.addr);
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap();
+    let out = cat_motd(&containerd, &image, "through-mirror");
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        mirror.state.blob_requests.load(SeqCst) > 0,
+        "the daemon read through the mirror"
+    );
+    let pids = containerd.mount_daemon_pids();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("--mirror http://{}", mirror.addr))
+            && cmdline.contains("--cache-max-bytes 1073741824"),
+        "{cmdline}"
+    );
+}

@@ -6,32 +6,52 @@
 //! cache_max_bytes = 10737418240        # bound on the node chunk cache (optional)
 //! metrics_address = "127.0.0.1:9864"   # Prometheus text of every lazy mount (optional)
 //!
-//! [[registry]]                          # credentials for on-demand fetches (optional)
+//! [[registry]]                          # how to reach a registry (all optional)
 //! host = "registry.example.com"
-//! username = "puller"
+//! username = "puller"                   # credentials for on-demand fetches
 //! password = "…"
+//! mirrors = ["http://127.0.0.1:4001"]   # tried first for reads (e.g. a dfdaemon)
+//! plain_http = false                    # http:// (always for localhost)
+//! ca_file = "/etc/petrel/registry-ca.pem"
 //! ```
 //!
 //! Credentials reach mount daemons through their environment, never their command
-//! line, and are never logged.
+//! line, and are never logged. Mirrors, plain HTTP and the CA file are used by the
+//! snapshotter itself and by every mount daemon it starts.
 
 use crate::error::{Result, SnapshotError};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, serde::Deserialize)]
+/// How to reach one registry host.
+#[derive(Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegistryCredentials {
+pub struct RegistryHost {
     pub host: String,
-    pub username: String,
-    pub password: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Mirrors (base URLs) tried first for reads; a mirror that fails is skipped
+    /// while it stays down.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// Speak plain HTTP to this host (always allowed for localhost).
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Extra CA certificates (PEM) for this host and its mirrors.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
-impl std::fmt::Debug for RegistryCredentials {
+impl std::fmt::Debug for RegistryHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryCredentials")
+        f.debug_struct("RegistryHost")
             .field("host", &self.host)
             .field("username", &self.username)
-            .field("password", &"<redacted>")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("mirrors", &self.mirrors)
+            .field("plain_http", &self.plain_http)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -49,7 +69,7 @@ pub struct Config {
     #[serde(default)]
     pub metrics_address: Option<String>,
     #[serde(default)]
-    pub registry: Vec<RegistryCredentials>,
+    pub registry: Vec<RegistryHost>,
 }
 
 fn default_root() -> PathBuf {
@@ -81,10 +101,44 @@ impl Config {
 
     /// `user:password` for a registry host, if configured.
     pub fn credentials_for(&self, host: &str) -> Option<String> {
-        self.registry
-            .iter()
-            .find(|r| r.host == host)
-            .map(|r| format!("{}:{}", r.username, r.password))
+        let registry = self.registry.iter().find(|r| r.host == host)?;
+        Some(format!(
+            "{}:{}",
+            registry.username.as_ref()?,
+            registry.password.as_ref()?
+        ))
+    }
+
+    /// How the snapshotter's own registry client reaches `host`.
+    pub fn client_options_for(&self, host: &str) -> petrel_registry::ClientOptions {
+        let registry = self.registry.iter().find(|r| r.host == host);
+        petrel_registry::ClientOptions {
+            credentials: self
+                .credentials_for(host)
+                .and_then(|c| petrel_registry::Credentials::parse(&c)),
+            mirrors: registry.map(|r| r.mirrors.clone()).unwrap_or_default(),
+            plain_http: registry.is_some_and(|r| r.plain_http),
+            ca_file: registry.and_then(|r| r.ca_file.clone()),
+            ..petrel_registry::ClientOptions::default()
+        }
+    }
+
+    /// The same, as `petrel mount` options for a mount daemon (credentials travel in
+    /// its environment instead).
+    pub fn daemon_args_for(&self, host: &str) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if let Some(registry) = self.registry.iter().find(|r| r.host == host) {
+            for mirror in &registry.mirrors {
+                args.extend(["--mirror".into(), mirror.into()]);
+            }
+            if registry.plain_http {
+                args.push("--plain-http".into());
+            }
+            if let Some(ca) = &registry.ca_file {
+                args.extend(["--ca-file".into(), ca.clone().into_os_string()]);
+            }
+        }
+        args
     }
 }
 

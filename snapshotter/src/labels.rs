@@ -14,7 +14,7 @@
 
 use crate::error::{Result, SnapshotError};
 use petrel_registry::oci::{Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
-use petrel_registry::{ClientOptions, Credentials, ImageRef, RegistryClient};
+use petrel_registry::{ImageRef, RegistryClient};
 use std::collections::BTreeMap;
 
 pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
@@ -73,13 +73,8 @@ pub fn classify(
     let unavailable =
         |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
     let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-    let options = ClientOptions {
-        credentials: settings
-            .credentials_for(&image_ref.registry)
-            .and_then(|c| Credentials::parse(&c)),
-        ..ClientOptions::default()
-    };
-    let client = RegistryClient::new(&image_ref.registry, &options).map_err(unavailable)?;
+    let client = RegistryClient::new(&image_ref.registry, &settings.client_options_for(&image_ref.registry))
+        .map_err(unavailable)?;
     // By the digest containerd resolved (CRI), else by the reference, which must then
     // list the layer (the tag may have moved during the pull).
     let reference = manifest_digest.map_or(image_ref.reference(), String::as_str);

@@ -58,7 +58,10 @@ pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()
     if let Some(creds) = config.settings.credentials_for(host) {
         command.env("PETREL_CREDS", creds);
     }
-    command.arg("mount").arg(image);
+    command
+        .arg("mount")
+        .arg(image)
+        .args(config.settings.daemon_args_for(host));
     run_mount_daemon(config, command, image, mountpoint)
 }
 
