@@ -205,3 +205,62 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
     // Files the mounts materialized for passthrough went with the image.
     assert_eq!(materialized(), 0, "materialized files left behind");
 }
+
+/// `petrel warm --pin` keeps an image's chunks whatever the cache bound (GC to zero
+/// leaves them), `cache ls` says so, and `cache rm` releases them.
+#[test]
+fn a_pinned_warm_survives_gc_until_it_is_removed() {
+    let work = tempfile::tempdir().unwrap();
+    let pinned = build(work.path(), "pinned", &[file(1), file(2)]);
+    let loose = build(work.path(), "loose", &[file(3)]);
+    let cache = work.path().join("cache");
+    let petrel_cache = |args: &[&str]| {
+        let out = petrel()
+            .arg("cache")
+            .args(args)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (image, extra) in [(&pinned, &["--pin"][..]), (&loose, &[][..])] {
+        let out = petrel()
+            .arg("warm")
+            .arg(image)
+            .args(["--all", "--cache-dir"])
+            .arg(&cache)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let listing: serde_json::Value = serde_json::from_str(&petrel_cache(&["ls", "--json"])).unwrap();
+    let images = listing["images"].as_array().unwrap();
+    assert_eq!(images.iter().filter(|i| i["pinned"] == true).count(), 1, "{listing}");
+    let pinned_image = images.iter().find(|i| i["pinned"] == true).unwrap()["bootstrap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    petrel_cache(&["gc", "--max-bytes", "0"]);
+    let listing: serde_json::Value = serde_json::from_str(&petrel_cache(&["ls", "--json"])).unwrap();
+    for image in listing["images"].as_array().unwrap() {
+        let cached = image["chunks_cached"].as_u64().unwrap();
+        if image["bootstrap"] == pinned_image.as_str() {
+            assert_eq!(
+                cached,
+                image["chunks"].as_u64().unwrap(),
+                "the pinned image is whole: {listing}"
+            );
+        } else {
+            assert_eq!(cached, 0, "the other image was evicted: {listing}");
+        }
+    }
+    let said = petrel_cache(&["rm", &pinned_image[..16]]);
+    assert!(said.contains("released its pin"), "{said}");
+    petrel_cache(&["gc", "--max-bytes", "0"]);
+    let listing: serde_json::Value = serde_json::from_str(&petrel_cache(&["ls", "--json"])).unwrap();
+    assert_eq!(listing["chunks"], 0, "{listing}");
+}

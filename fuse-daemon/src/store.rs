@@ -299,7 +299,39 @@ pub fn write_pins(cache_dir: &Path, name: &str, digests: &[[u8; 32]]) -> Result<
     Ok(path)
 }
 
-/// Digests pinned by daemons that are still alive (pins of dead ones are removed).
+/// Prefix of a pin that outlives its writer (`petrel warm --pin`), named by the
+/// image's bootstrap digest.
+const KEPT_PIN_PREFIX: &str = "kept.";
+
+/// Pins `digests` for the image whose bootstrap digest is `bootstrap_hex` until
+/// `unpin_image`: eviction never removes them, whatever the cache bound.
+pub fn pin_image(cache_dir: &Path, bootstrap_hex: &str, digests: &[[u8; 32]]) -> Result<PathBuf> {
+    let dir = cache_dir.join("pins");
+    create_private_dir(&dir)?;
+    let path = dir.join(format!("{KEPT_PIN_PREFIX}{bootstrap_hex}"));
+    let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(DaemonError::io("create temporary file in", &dir))?;
+    let bytes: Vec<u8> = digests.iter().flatten().copied().collect();
+    std::io::Write::write_all(&mut temp, &bytes).map_err(DaemonError::io("write", &path))?;
+    temp.persist(&path)
+        .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
+    Ok(path)
+}
+
+/// Whether the image with bootstrap digest `bootstrap_hex` is pinned.
+pub fn is_pinned(cache_dir: &Path, bootstrap_hex: &str) -> bool {
+    cache_dir
+        .join("pins")
+        .join(format!("{KEPT_PIN_PREFIX}{bootstrap_hex}"))
+        .exists()
+}
+
+/// Removes the pin of `bootstrap_hex`; whether there was one.
+pub fn unpin_image(cache_dir: &Path, bootstrap_hex: &str) -> bool {
+    std::fs::remove_file(cache_dir.join("pins").join(format!("{KEPT_PIN_PREFIX}{bootstrap_hex}"))).is_ok()
+}
+
+/// Digests pinned by images kept with `pin_image` and by daemons that are still
+/// alive (pins of dead daemons are removed).
 fn live_pins(cache_dir: &Path) -> HashSet<[u8; 32]> {
     let mut pinned = HashSet::new();
     for entry in std::fs::read_dir(cache_dir.join("pins"))
@@ -309,7 +341,8 @@ fn live_pins(cache_dir: &Path) -> HashSet<[u8; 32]> {
     {
         let name = entry.file_name().to_string_lossy().to_string();
         let pid = name.split('.').next().unwrap_or("");
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || !Path::new(&format!("/proc/{pid}")).exists() {
+        let kept = name.starts_with(KEPT_PIN_PREFIX);
+        if !kept && (!pid.bytes().all(|b| b.is_ascii_digit()) || !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = std::fs::remove_file(entry.path());
             continue;
         }
@@ -330,6 +363,8 @@ pub struct CachedImage {
     pub chunks_cached: u64,
     pub bytes_cached: u64,
     pub last_use: Option<u64>,
+    /// Kept against eviction (`petrel warm --pin`).
+    pub pinned: bool,
 }
 
 /// Images whose bootstraps are in the cache, with how much of each is cached.
@@ -353,6 +388,7 @@ pub fn cached_images(cache_dir: &Path, store: &ChunkStore) -> Vec<CachedImage> {
             chunks_cached: 0,
             bytes_cached: 0,
             last_use: None,
+            pinned: is_pinned(cache_dir, &entry.file_name().to_string_lossy()),
         };
         let mut last: Option<SystemTime> = None;
         for index in 0..bootstrap.chunk_count() {

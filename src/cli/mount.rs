@@ -113,6 +113,10 @@ pub struct WarmArgs {
     /// Range requests in flight at once.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// Keep what was warmed against eviction, whatever the cache bound, until
+    /// `petrel cache rm` (an edge node's images that must survive the uplink going).
+    #[arg(long)]
+    pin: bool,
     #[command(flatten)]
     registry: crate::cli::registry_args::RegistryArgs,
 }
@@ -204,6 +208,21 @@ pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     );
     if stats.backend_errors + stats.chunks_failed_verification > 0 {
         anyhow::bail!("some chunks could not be fetched; run petrel warm again to resume");
+    }
+    if args.pin {
+        let bootstrap = storage.image.bootstrap();
+        let digests: Vec<[u8; 32]> = ranges
+            .iter()
+            .flat_map(|&(start, end)| start..end)
+            .filter_map(|i| bootstrap.chunk(i).ok().map(|c| c.digest))
+            .collect();
+        let hex = hex::encode(storage.image.digest());
+        petrel_fuse_daemon::store::pin_image(&args.cache_dir, &hex, &digests)?;
+        outln!(
+            "pinned {} chunks of {name} (petrel cache rm {} to release them)",
+            digests.len(),
+            &hex[..16]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -484,12 +503,13 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 outln!("{chunks} chunks, {bytes} bytes in {}", store.root().display());
                 for image in images {
                     outln!(
-                        "{}  {}/{} chunks  {} bytes  last use {}",
+                        "{}  {}/{} chunks  {} bytes  last use {}{}",
                         image.bootstrap,
                         image.chunks_cached,
                         image.chunks,
                         image.bytes_cached,
-                        image.last_use.map_or("-".into(), |t| t.to_string())
+                        image.last_use.map_or("-".into(), |t| t.to_string()),
+                        if image.pinned { "  pinned" } else { "" }
                     );
                 }
             }
@@ -550,6 +570,12 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 if std::fs::remove_file(materialized).is_ok() {
                     files += 1;
                 }
+            }
+            let unpinned = path
+                .file_name()
+                .is_some_and(|n| petrel_fuse_daemon::store::unpin_image(&args.cache_dir, &n.to_string_lossy()));
+            if unpinned {
+                outln!("released its pin");
             }
             std::fs::remove_file(path)?;
             outln!(
