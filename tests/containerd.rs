@@ -549,12 +549,25 @@ fn a_warmed_lazy_image_restarts_with_the_registry_gone() {
     for pid in containerd.mount_daemon_pids() {
         containerd.kill_mount_daemon(pid);
     }
+    let log = |c: &Containerd| std::fs::read_to_string(c.path("snapshotter.log")).unwrap_or_default();
     let out = cat_motd(&containerd, &image, "offline");
     assert!(
         out.status.success() && text(&out).contains("served through petrel's snapshotter"),
         "{}\nsnapshotter log:\n{}",
         text(&out),
-        std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default()
+        log(&containerd)
+    );
+
+    // Then the whole node goes down (containerd, snapshotter, daemons: kill -9) and
+    // comes back with the registry still gone.
+    let mut containerd = containerd;
+    containerd.kill_everything_and_restart();
+    let out = cat_motd(&containerd, &image, "offline-after-power-cut");
+    assert!(
+        out.status.success() && text(&out).contains("served through petrel's snapshotter"),
+        "{}\nsnapshotter log:\n{}",
+        text(&out),
+        log(&containerd)
     );
     registry.restart();
 }

@@ -64,18 +64,43 @@ impl Containerd {
             snapshotter: None,
         };
         harness.start_snapshotter();
-        let log = std::fs::File::create(harness.dir.path().join("containerd.log")).unwrap();
-        harness.containerd = Some(
+        harness.start_containerd();
+        harness.wait_ready();
+        harness
+    }
+
+    fn start_containerd(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("containerd.log"))
+            .unwrap();
+        self.containerd = Some(
             Command::new("containerd")
                 .arg("--config")
-                .arg(harness.dir.path().join("containerd.toml"))
+                .arg(self.dir.path().join("containerd.toml"))
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap(),
         );
-        harness.wait_ready();
-        harness
+    }
+
+    /// A node's power cut, as far as our processes go: containerd, the snapshotter
+    /// and every mount daemon killed with SIGKILL (their mounts left stale), then
+    /// containerd and the snapshotter started again on the same state.
+    pub fn kill_everything_and_restart(&mut self) {
+        for pid in self.mount_daemon_pids() {
+            self.kill_mount_daemon(pid);
+        }
+        for child in [self.containerd.take(), self.snapshotter.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.start_snapshotter();
+        self.start_containerd();
+        self.wait_ready();
     }
 
     pub fn snapshotter_root(&self) -> PathBuf {
