@@ -572,11 +572,12 @@ fn a_warmed_lazy_image_restarts_with_the_registry_gone() {
     registry.restart();
 }
 
-/// What `[[registry]]` says in the snapshotter's config is what its mount daemons use:
-/// here a mirror, through which the daemon's reads go (and the cache bound, which
-/// the harness sets, reaches the daemon).
+/// What the snapshotter's config says is what its mount daemons use: `[[registry]]`
+/// mirrors (the daemon's reads go through the mirror), `[daemon]` settings (threads,
+/// window, passthrough, log level: the daemon logs at debug level), and the cache
+/// bound the harness sets.
 #[test]
-fn the_snapshotters_registry_mirrors_reach_its_daemons() {
+fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
     if !can_run() {
         return;
     }
@@ -586,7 +587,7 @@ fn the_snapshotters_registry_mirrors_reach_its_daemons() {
     let containerd = Containerd::start_configured(
         Some(&registry.addr),
         &format!(
-            "[[registry]]\nhost = \"{}\"\nmirrors = [\"http://{}\"]\n",
+            "[[registry]]\nhost = \"{}\"\nmirrors = [\"http://{}\"]\n\n[daemon]\nfetch_threads = 3\namplify_bytes = 0\npassthrough = false\nlog_level = \"debug\"\n",
             registry.addr, mirror.addr
         ),
     );
@@ -606,9 +607,24 @@ fn the_snapshotters_registry_mirrors_reach_its_daemons() {
     let pids = containerd.mount_daemon_pids();
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    for expected in [
+        format!("--mirror http://{}", mirror.addr),
+        "--cache-max-bytes 1073741824".into(),
+        "--fetch-threads 3".into(),
+        "--amplify-bytes 0".into(),
+        "--no-passthrough".into(),
+        "-vv".into(),
+    ] {
+        assert!(cmdline.contains(&expected), "{expected} missing: {cmdline}");
+    }
+    let daemon_logs: String = std::fs::read_dir(containerd.snapshotter_root().join("run"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
     assert!(
-        cmdline.contains(&format!("--mirror http://{}", mirror.addr))
-            && cmdline.contains("--cache-max-bytes 1073741824"),
-        "{cmdline}"
+        daemon_logs.contains("DEBUG"),
+        "the daemon logs at debug level:\n{daemon_logs}"
     );
 }

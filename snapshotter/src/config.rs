@@ -13,6 +13,16 @@
 //! mirrors = ["http://127.0.0.1:4001"]   # tried first for reads (e.g. a dfdaemon)
 //! plain_http = false                    # http:// (always for localhost)
 //! ca_file = "/etc/petrel/registry-ca.pem"
+//!
+//! [daemon]                              # every lazy mount's daemon (all optional;
+//! retries = 6                           # unset keys keep `petrel mount`'s defaults)
+//! retry_seconds = 60.0
+//! amplify_bytes = 262144
+//! fuse_threads = 4
+//! fetch_threads = 8
+//! prefetch = "table"                    # off, table or all
+//! passthrough = true
+//! log_level = "warn"                    # warn, info or debug
 //! ```
 //!
 //! Credentials reach mount daemons through their environment, never their command
@@ -70,6 +80,76 @@ pub struct Config {
     pub metrics_address: Option<String>,
     #[serde(default)]
     pub registry: Vec<RegistryHost>,
+    #[serde(default)]
+    pub daemon: DaemonSettings,
+}
+
+/// Settings of every mount daemon the snapshotter starts; unset ones keep
+/// `petrel mount`'s defaults (defined there, once).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    pub retries: Option<u32>,
+    pub retry_seconds: Option<f64>,
+    pub amplify_bytes: Option<u64>,
+    pub fuse_threads: Option<usize>,
+    pub fetch_threads: Option<usize>,
+    pub prefetch: Option<PrefetchSetting>,
+    pub passthrough: Option<bool>,
+    pub log_level: Option<LogLevel>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchSetting {
+    Off,
+    Table,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Warn,
+    Info,
+    Debug,
+}
+
+impl DaemonSettings {
+    /// The settings as `petrel mount` options (the one place they are spelled).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let mut option = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                args.extend([name.into(), value.into()]);
+            }
+        };
+        option("--retries", self.retries.map(|v| v.to_string()));
+        option("--retry-seconds", self.retry_seconds.map(|v| v.to_string()));
+        option("--amplify-bytes", self.amplify_bytes.map(|v| v.to_string()));
+        option("--fuse-threads", self.fuse_threads.map(|v| v.to_string()));
+        option("--fetch-threads", self.fetch_threads.map(|v| v.to_string()));
+        option(
+            "--prefetch",
+            self.prefetch.map(|p| {
+                match p {
+                    PrefetchSetting::Off => "off",
+                    PrefetchSetting::Table => "table",
+                    PrefetchSetting::All => "all",
+                }
+                .to_string()
+            }),
+        );
+        if self.passthrough == Some(false) {
+            args.push("--no-passthrough".into());
+        }
+        match self.log_level {
+            Some(LogLevel::Info) => args.push("-v".into()),
+            Some(LogLevel::Debug) => args.push("-vv".into()),
+            _ => {}
+        }
+        args
+    }
 }
 
 fn default_root() -> PathBuf {
@@ -88,6 +168,7 @@ impl Default for Config {
             cache_max_bytes: None,
             metrics_address: None,
             registry: Vec::new(),
+            daemon: DaemonSettings::default(),
         }
     }
 }
@@ -153,5 +234,33 @@ mod tests {
         assert_eq!(config.credentials_for("h:5000").as_deref(), Some("u:p4ss"));
         assert!(!format!("{config:?}").contains("p4ss"));
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn daemon_settings_become_mount_options() {
+        let config: Config = toml::from_str(
+            "[daemon]\nretries = 2\nprefetch = \"all\"\npassthrough = false\nlog_level = \"info\"\n[[registry]]\nhost = \"h\"\nmirrors = [\"http://m\"]\nplain_http = true\n",
+        )
+        .unwrap();
+        let args: Vec<String> = config
+            .daemon
+            .to_args()
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args, ["--retries", "2", "--prefetch", "all", "--no-passthrough", "-v"]);
+        let host: Vec<String> = config
+            .daemon_args_for("h")
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(host, ["--mirror", "http://m", "--plain-http"]);
+        assert!(config.daemon_args_for("other").is_empty());
+        assert!(config.credentials_for("h").is_none());
+        assert!(
+            toml::from_str::<Config>("[daemon]\nthreads = 1\n").is_err(),
+            "unknown keys are refused"
+        );
+        assert!(toml::from_str::<Config>("[daemon]\nprefetch = \"some\"\n").is_err());
     }
 }

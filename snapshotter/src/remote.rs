@@ -91,6 +91,7 @@ pub(crate) fn run_mount_daemon(
         .arg(run.join(format!("{name}.pid")))
         .arg("--log-file")
         .arg(run.join(format!("{name}.log")))
+        .args(config.settings.daemon.to_args())
         .args(
             config
                 .settings
