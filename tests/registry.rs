@@ -1161,3 +1161,43 @@ fn a_warmed_image_mounts_and_reads_with_the_registry_gone() {
     assert!(output_text(&out).contains("gave up"), "{}", output_text(&out));
     registry.restart();
 }
+
+/// Proxies come from the environment, and `NO_PROXY` follows the usual conventions:
+/// `localhost` covers the loopback addresses, CIDRs work.
+#[test]
+fn proxies_from_the_environment_follow_no_proxy_conventions() {
+    if !registry_tools_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+    registry.push_layout(&work.path().join("layout"), "proxied", "v1");
+    let dead_proxy = format!("http://127.0.0.1:{}", free_port());
+    let convert_via = |no_proxy: Option<&str>, out: &str| {
+        let mut command = petrel();
+        command
+            .arg("convert")
+            .arg(format!("docker://{}/proxied:v1", registry.addr))
+            .arg(format!("oci:{}", work.path().join(out).display()))
+            .args(["--retries", "1", "--retry-seconds", "1"])
+            .env("HTTP_PROXY", &dead_proxy)
+            .env_remove("http_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
+        if let Some(list) = no_proxy {
+            command.env("NO_PROXY", list);
+        }
+        command.output().unwrap()
+    };
+    let out = convert_via(None, "through-the-proxy");
+    assert!(
+        !out.status.success(),
+        "the (dead) proxy was used: {}",
+        output_text(&out)
+    );
+    for (list, out) in [("localhost", "localhost"), ("example.com, 127.0.0.0/8", "cidr")] {
+        let result = convert_via(Some(list), out);
+        assert!(result.status.success(), "NO_PROXY={list}: {}", output_text(&result));
+    }
+}

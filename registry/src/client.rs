@@ -106,6 +106,51 @@ pub struct RegistryClient {
 /// Whose auth state a request uses: a source (origin or mirror base URL) and a repository.
 type AuthScope = (String, String);
 
+/// `NO_PROXY` as the usual conventions read it (curl, Go): entries are domains
+/// (a leading dot optional; subdomains match), IPs and CIDRs, `*`; and `localhost`
+/// covers the loopback addresses, which the proxy matcher alone does not.
+pub fn no_proxy_list(raw: &str) -> String {
+    let mut entries: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    if entries.iter().any(|e| e.eq_ignore_ascii_case("localhost")) {
+        entries.extend(["127.0.0.0/8".to_string(), "::1".to_string()]);
+    }
+    entries.join(",")
+}
+
+/// The proxies the environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, or
+/// lowercase), each with `NO_PROXY` read by `no_proxy_list`. Empty: no proxy.
+fn proxies_from_env() -> Result<Vec<reqwest::Proxy>> {
+    let var = |name: &str| {
+        std::env::var(name.to_ascii_lowercase())
+            .or_else(|_| std::env::var(name))
+            .ok()
+            .filter(|v| !v.is_empty())
+    };
+    let no_proxy = var("NO_PROXY").map(|raw| no_proxy_list(&raw));
+    let bad = |e: reqwest::Error| RegistryError::Transport {
+        method: "proxy",
+        url: "the proxy environment variables".into(),
+        source: e.without_url(),
+    };
+    let mut proxies = Vec::new();
+    for name in ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"] {
+        let Some(url) = var(name) else { continue };
+        let proxy = match name {
+            "HTTPS_PROXY" => reqwest::Proxy::https(url.as_str()),
+            "HTTP_PROXY" => reqwest::Proxy::http(url.as_str()),
+            _ => reqwest::Proxy::all(url.as_str()),
+        }
+        .map_err(bad)?;
+        proxies.push(proxy.no_proxy(no_proxy.as_deref().and_then(reqwest::NoProxy::from_string)));
+    }
+    Ok(proxies)
+}
+
 /// The repository a registry API path names (`/v2/<repository>/blobs/…`).
 fn repository_of(path: &str) -> &str {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
@@ -140,6 +185,9 @@ impl RegistryClient {
             .connect_timeout(options.connect_timeout)
             .timeout(options.request_timeout)
             .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")));
+        for proxy in proxies_from_env()? {
+            builder = builder.proxy(proxy);
+        }
         if let Some(path) = &options.ca_file {
             let pem = std::fs::read(path).map_err(RegistryError::io("read CA file", path))?;
             let certificate = reqwest::Certificate::from_pem(&pem).map_err(|e| RegistryError::BadContent {
@@ -735,6 +783,16 @@ impl RegistryClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_proxy_localhost_covers_loopback() {
+        assert_eq!(
+            no_proxy_list(" localhost, .corp.example ,10.0.0.0/8"),
+            "localhost,.corp.example,10.0.0.0/8,127.0.0.0/8,::1"
+        );
+        assert_eq!(no_proxy_list("registry.example"), "registry.example");
+        assert_eq!(no_proxy_list(""), "");
+    }
 
     #[test]
     fn auth_scopes_are_per_source_and_repository() {
