@@ -1201,3 +1201,45 @@ fn proxies_from_the_environment_follow_no_proxy_conventions() {
         assert!(result.status.success(), "NO_PROXY={list}: {}", output_text(&result));
     }
 }
+
+/// Distribution through a real pull-through mirror (docker-registry's proxy mode, the
+/// role a node-local dfdaemon plays): three nodes with caches of their own read the
+/// whole image through one mirror, and the origin serves each blob to the mirror
+/// about once, not once per node.
+#[test]
+fn nodes_behind_a_pull_through_mirror_fetch_from_the_origin_once() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let origin = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&origin, work.path());
+    let counter = FaultProxy::start(&origin.addr);
+    let mirror = TestRegistry::start_mirror_of(&counter.addr);
+    let files = big_files();
+    for node in 0..3 {
+        let mount = MountProcess::start(
+            &format!("docker://{}/{reference}", origin.addr),
+            &work.path().join(format!("mnt{node}")),
+            &work.path().join(format!("cache{node}")),
+            &["--mirror", &format!("http://{}", mirror.addr), "--prefetch", "off"],
+        );
+        for (path, data) in &files {
+            assert_eq!(
+                &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+                data,
+                "node {node}: {path}"
+            );
+        }
+    }
+    // Two blobs (the chunk blob and the bootstrap); the mirror may ask twice while its
+    // first copy is still streaming in. Without the mirror it would be hundreds of
+    // range requests per node.
+    let origin_blob_requests = counter.state.blob_requests.load(SeqCst);
+    eprintln!("origin blob requests for 3 nodes behind the mirror: {origin_blob_requests}");
+    assert!(
+        (1..=6).contains(&origin_blob_requests),
+        "the origin served {origin_blob_requests} blob requests for 3 nodes"
+    );
+}

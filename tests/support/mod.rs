@@ -55,10 +55,19 @@ pub struct TestRegistry {
 
 impl TestRegistry {
     pub fn start(auth: bool) -> Self {
+        Self::start_with(auth, "")
+    }
+
+    /// A pull-through mirror of the registry at `upstream` (docker-registry's proxy mode).
+    pub fn start_mirror_of(upstream: &str) -> Self {
+        Self::start_with(false, &format!("proxy:\n  remoteurl: http://{upstream}\n"))
+    }
+
+    fn start_with(auth: bool, extra_config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra_config}",
             dir.path().join("storage").display()
         );
         if auth {
