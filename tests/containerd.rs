@@ -628,3 +628,33 @@ fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
         "the daemon logs at debug level:\n{daemon_logs}"
     );
 }
+
+/// When the snapshotter cannot reach the registry that containerd pulls from (here:
+/// its CA file for that registry is missing), a petrel image is pulled the ordinary
+/// way, verified by containerd, and runs from its unpacked layers.
+#[test]
+fn a_lazy_pull_falls_back_to_an_ordinary_pull_when_the_snapshotter_cannot_reach_the_registry() {
+    if !can_run() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let containerd = Containerd::start_configured(
+        Some(&registry.addr),
+        &format!(
+            "[[registry]]\nhost = \"{}\"\nca_file = \"/nonexistent/petrel-test-ca.pem\"\n",
+            registry.addr
+        ),
+    );
+    convert_busybox(&registry, &containerd, "busy", "petrel", &[]);
+    let image = format!("{}/busy:petrel", registry.addr);
+    let log = || std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default();
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    assert!(log().contains("the ordinary way"), "{}", log());
+    let out = cat_motd(&containerd, &image, "fallen-back");
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "{}\n{}",
+        text(&out),
+        log()
+    );
+}

@@ -13,6 +13,10 @@ pub enum SnapshotError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The registry could not be reached or read (a lazy pull can fall back to a
+    /// normal one, which containerd verifies).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("metadata database: {0}")]
     Database(String),
     #[error("{action} {path}")]

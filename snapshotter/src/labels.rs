@@ -70,8 +70,15 @@ pub fn classify(
             "layer {layer} of {image} has petrel role {role:?}, which this snapshotter does not know"
         )));
     }
-    let unavailable =
-        |e: petrel_registry::RegistryError| SnapshotError::FailedPrecondition(format!("cannot resolve {image}: {e}"));
+    let unavailable = |e: petrel_registry::RegistryError| {
+        use petrel_registry::RegistryError::{GaveUp, Io, Status, Transport};
+        let reason = format!("cannot resolve {image}: {e}");
+        match e {
+            Transport { .. } | GaveUp { .. } | Io { .. } => SnapshotError::Unavailable(reason),
+            Status { status, .. } if status >= 500 => SnapshotError::Unavailable(reason),
+            _ => SnapshotError::FailedPrecondition(reason),
+        }
+    };
     let image_ref = ImageRef::parse(image).map_err(unavailable)?;
     let client = RegistryClient::new(&image_ref.registry, &settings.client_options_for(&image_ref.registry))
         .map_err(unavailable)?;

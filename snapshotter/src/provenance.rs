@@ -97,7 +97,7 @@ pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor
     let fetch = |offset: u64, len: u64| {
         client
             .get_blob_range(repository, &descriptor.digest, offset, len)
-            .map_err(|e| SnapshotError::FailedPrecondition(format!("reading blob layer {}: {e}", descriptor.digest)))
+            .map_err(|e| SnapshotError::Unavailable(format!("reading blob layer {}: {e}", descriptor.digest)))
     };
     if descriptor.size < layer_tar::layer_len(0) {
         return Err(refuse(format!(

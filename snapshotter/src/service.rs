@@ -33,6 +33,7 @@ impl From<GrpcError> for Status {
                 Status::failed_precondition(message)
             }
             SnapshotError::InvalidArgument(_) => Status::invalid_argument(message),
+            SnapshotError::Unavailable(_) => Status::unavailable(message),
             SnapshotError::Database(_) | SnapshotError::Io { .. } => Status::internal(message),
         }
     }
@@ -125,11 +126,21 @@ impl Service {
         let to_classify = labels.clone();
         let settings = self.remote.settings.clone();
         let (name, below, manifests) = (target.clone(), parent.map(str::to_string), Arc::clone(&self.manifests));
-        let layer = tokio::task::spawn_blocking(move || {
+        let classified = tokio::task::spawn_blocking(move || {
             remote::classify(&to_classify, &name, below.as_deref(), &settings, &manifests)
         })
         .await
-        .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))??;
+        .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
+        let layer = match classified {
+            // The snapshotter cannot reach the registry (containerd could: it is
+            // pulling): the layer is pulled the ordinary way, verified by containerd,
+            // and a petrel image then runs from its unpacked layers.
+            Err(SnapshotError::Unavailable(reason)) => {
+                remote::tracing_free_log(&format!("{reason}; pulling {target} the ordinary way"));
+                return Ok(false);
+            }
+            other => other?,
+        };
         let mut _in_flight = None;
         let mut labels = labels.clone();
         let mount = match layer {
