@@ -449,6 +449,45 @@ fn a_dead_mirror_costs_one_failure_and_is_used_again_once_it_heals() {
         mirror.state.blob_requests.load(SeqCst) > 0,
         "reads go through the healed mirror"
     );
+
+    // As a dfdaemon may: the mirror answers 5xx (skipped again), then, back, streams
+    // whole blobs for Range requests (a cold cache); every byte still reads right.
+    let cache_dir = work.path().join("cache");
+    let evict = || {
+        let out = petrel()
+            .args(["cache", "gc", "--max-bytes", "0", "--cache-dir"])
+            .arg(&cache_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        drop_page_cache();
+    };
+    mirror.plan(&[Fault::Status500]);
+    evict();
+    assert_eq!(&std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap(), &files[0].1);
+    let forwarded = mirror.state.forwarded.load(SeqCst);
+    mirror.state.ignore_range.store(true, SeqCst);
+    let started = std::time::Instant::now();
+    while mirror.state.forwarded.load(SeqCst) == forwarded {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no probe found the mirror back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    evict();
+    let before = mirror.state.blob_requests.load(SeqCst);
+    for (path, data) in &files {
+        assert_eq!(
+            &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+            data,
+            "{path} through a whole-blob mirror"
+        );
+    }
+    assert!(
+        mirror.state.blob_requests.load(SeqCst) > before,
+        "the whole-blob mirror served the reads"
+    );
 }
 
 #[test]
