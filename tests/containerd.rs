@@ -658,3 +658,78 @@ fn a_lazy_pull_falls_back_to_an_ordinary_pull_when_the_snapshotter_cannot_reach_
         log()
     );
 }
+
+/// A lazy image that was not warmed, with the registry gone and its daemon killed:
+/// the container starts (the remount works from the cache), reads what was cached,
+/// gets EIO for what was not (after the retry budget), and reads it once the
+/// registry is back.
+#[test]
+fn an_unwarmed_lazy_image_fails_only_uncached_reads_while_the_registry_is_gone() {
+    if !can_run() {
+        return;
+    }
+    let mut registry = TestRegistry::start(false);
+    // No read extends over its neighbours (amplify_bytes = 0) and nothing is
+    // prefetched: exactly what was read is cached.
+    let containerd = Containerd::start_configured(
+        Some(&registry.addr),
+        "[daemon]\nretries = 2\nretry_seconds = 2.0\namplify_bytes = 0\nprefetch = \"off\"\n",
+    );
+    let mut data = petrel_fixtures::layer_writer::LayerWriter::new();
+    data.dir("data/", &petrel_fixtures::layer_writer::EntryMeta::mode(0o755));
+    data.file(
+        "data/read-before",
+        &Default::default(),
+        &b"read before the uplink went\n".repeat(3000),
+    );
+    data.file(
+        "data/read-after",
+        &Default::default(),
+        &b"read after the uplink came back\n".repeat(3000),
+    );
+    let layout = containerd.path("layout-data");
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[busybox_layer(), data.finish()]).unwrap();
+    registry.push_layout(&layout, "data", "v1");
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("docker://{}/data:v1", registry.addr))
+        .arg(format!("docker://{}/data:petrel", registry.addr))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let image = format!("{}/data:petrel", registry.addr);
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap();
+    let cat = |name: &str, file: &str| containerd.run_container("k8s.io", &image, name, &["/bin/busybox", "cat", file]);
+    let out = cat("before", "/data/read-before");
+    assert!(text(&out).starts_with("read before the uplink went"), "{}", text(&out));
+
+    registry.stop();
+    for pid in containerd.mount_daemon_pids() {
+        containerd.kill_mount_daemon(pid);
+    }
+    let out = cat("cached", "/data/read-before");
+    assert!(
+        out.status.success() && text(&out).starts_with("read before"),
+        "{}",
+        text(&out)
+    );
+    let out = cat("uncached", "/data/read-after");
+    assert!(
+        !out.status.success(),
+        "an uncached read fails while the registry is gone: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("I/O error") || text(&out).contains("Input/output error"),
+        "{}",
+        text(&out)
+    );
+
+    registry.restart();
+    let out = cat("recovered", "/data/read-after");
+    assert!(
+        out.status.success() && text(&out).starts_with("read after the uplink came back"),
+        "{}",
+        text(&out)
+    );
+}
