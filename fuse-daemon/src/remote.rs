@@ -91,15 +91,23 @@ fn bootstrap_in_layer(file: &std::fs::File, path: &Path) -> std::result::Result<
 /// Resolves `image` (an index picks `platform`), fetches its bootstrap into
 /// `<cache_dir>/downloads/`, and checks it against the manifest before anything maps it.
 ///
-/// With the registry unreachable, the last resolution kept in the cache
-/// (`crate::resolved`) is used when there is one: the mount starts from the cached
-/// bootstrap, and reads of chunks not cached fail until the registry is back.
+/// A digest reference resolved on this node before starts from the cache without
+/// asking the registry. A tag is resolved again; with the registry unreachable, its
+/// last resolution kept in the cache (`crate::resolved`) is used when there is one.
+/// Either way, reads of chunks not cached fail until the registry is back.
 pub fn resolve(
     client: Arc<RegistryClient>,
     image: &ImageRef,
     cache_dir: &Path,
     platform: &Platform,
 ) -> Result<RemoteImage> {
+    // A digest names immutable bytes: once resolved and verified on this node, it
+    // needs no registry round trip (remounts are instant, with or without a link).
+    if image.digest.is_some() {
+        if let Some(cached) = cached_resolution(Arc::clone(&client), image, cache_dir, platform) {
+            return Ok(cached);
+        }
+    }
     match resolve_online(Arc::clone(&client), image, cache_dir, platform) {
         Ok((remote, bootstrap_digest)) => {
             let resolution = crate::resolved::Resolution {
@@ -113,7 +121,17 @@ pub fn resolve(
             }
             Ok(remote)
         }
-        Err(e) if is_unreachable(&e) => resolve_offline(client, image, cache_dir, platform).ok_or(e),
+        Err(e) if is_unreachable(&e) => match cached_resolution(client, image, cache_dir, platform) {
+            Some(cached) => {
+                tracing::warn!(
+                    image = %image,
+                    manifest = %cached.manifest_digest,
+                    "the registry is unreachable ({e}): the tag could not be refreshed; starting from its last resolution"
+                );
+                Ok(cached)
+            }
+            None => Err(e),
+        },
         Err(e) => Err(e),
     }
 }
@@ -129,7 +147,7 @@ fn is_unreachable(error: &DaemonError) -> bool {
 }
 
 /// `image` from its last resolution and the bootstrap cached then, if both are here.
-fn resolve_offline(
+fn cached_resolution(
     client: Arc<RegistryClient>,
     image: &ImageRef,
     cache_dir: &Path,
@@ -140,18 +158,8 @@ fn resolve_offline(
         .join("downloads")
         .join(resolution.bootstrap_digest.trim_start_matches("sha256:"));
     if let Err(e) = crate::image::MappedImage::open(&path, cache_dir, &image.to_string()) {
-        tracing::warn!(image = %image, "the cached bootstrap cannot be used offline: {e}");
+        tracing::warn!(image = %image, "the cached bootstrap cannot be used: {e}");
         return None;
-    }
-    if image.digest.is_none() {
-        tracing::warn!(
-            image = %image,
-            manifest = %resolution.manifest_digest,
-            resolved_at = resolution.resolved_at,
-            "the registry is unreachable: the tag could not be refreshed; starting from its last resolution"
-        );
-    } else {
-        tracing::warn!(image = %image, "the registry is unreachable; starting from the cache");
     }
     Some(RemoteImage {
         bootstrap_path: path,
