@@ -96,8 +96,9 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let layout = w.join("layout");
     petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &layers)?;
     drop(layers);
-    let registry = Registry::start(&w.join("registry"))?;
-    let direct = registry.addr.clone();
+    let mut registry = Some(Registry::start(&w.join("registry"))?);
+    let registry_addr = registry.as_ref().expect("started").addr.clone();
+    let direct = registry_addr.clone();
     crate::measure::run_shell(&format!(
         "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{direct}/app:v1",
         layout.display()
@@ -262,6 +263,60 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         again.push((label, first, ready));
     }
 
+    // Edge autonomy: the node warmed the petrel image (`warm --all --pin`), then the
+    // registry goes away and the node "reboots": mount daemons killed with SIGKILL,
+    // page cache dropped. overlayfs has its unpacked layers; petrel remounts from its
+    // node cache.
+    let warm = Command::new(&petrel)
+        .args([
+            "warm",
+            &format!("docker://{link}/app:petrel-pf"),
+            "--all",
+            "--pin",
+            "--cache-dir",
+        ])
+        .arg(w.join("snapshotter/cache"))
+        .output()?;
+    if !warm.status.success() {
+        bail!("warm: {}", String::from_utf8_lossy(&warm.stderr));
+    }
+    drop(registry.take());
+    for entry in std::fs::read_dir(w.join("snapshotter/run"))?.flatten() {
+        if entry.path().extension().is_some_and(|x| x == "pid") {
+            if let Some(pid) = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut offline = Vec::new();
+    for (label, image, name, snapshotter, namespace) in [
+        (
+            "overlayfs",
+            format!("{link}/app:v1"),
+            "overlay-offline",
+            "overlayfs",
+            "default",
+        ),
+        (
+            "petrel (warmed, pinned; daemon killed, remounted from the node cache)",
+            format!("{link}/app:petrel-pf"),
+            "petrel-offline",
+            "petrel",
+            "k8s.io",
+        ),
+    ] {
+        crate::measure::drop_caches();
+        let t0 = Instant::now();
+        let args = workload(&image, name, snapshotter, namespace);
+        let (first, ready) = run_workload(&ctr, &args.iter().map(String::as_str).collect::<Vec<_>>(), t0)?;
+        offline.push((label, first, ready));
+    }
+
     println!();
     println!(
         "container start over a shaped link (100 Mbit/s, 20 ms RTT, userspace relay); {} startup reads; pull start = 0",
@@ -283,6 +338,13 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|");
     for (label, first, ready) in &again {
         println!("| {label} | {first:.2} | {ready:.2} | {:.2} |", ready / again[0].2);
+    }
+    println!();
+    println!("the registry gone, the node rebooted (daemons killed, page cache dropped); run start = 0");
+    println!("| mode | first output s | ready s | ready vs overlayfs |");
+    println!("|---|---:|---:|---:|");
+    for (label, first, ready) in &offline {
+        println!("| {label} | {first:.2} | {ready:.2} | {:.2} |", ready / offline[0].2);
     }
     // Lazy mounts live under our work dir: detach them (ours only).
     let ours = w.to_string_lossy().to_string();
