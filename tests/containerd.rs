@@ -388,21 +388,9 @@ fn bad_bootstraps_and_a_registry_that_is_down_fail_cleanly() {
     bad["layers"][last]["size"] = garbage.len().into();
     // An honest config for it (diff_ids are the digests of uncompressed layers), so the
     // garbage reaches the mount daemon instead of failing the snapshotter's chain check.
-    let config_digest = good["config"]["digest"].as_str().unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&client.get_blob_verified("busy", config_digest, 1 << 20).unwrap()).unwrap();
-    config["rootfs"]["diff_ids"][last] = digest.into();
-    let config = serde_json::to_vec(&config).unwrap();
-    bad["config"]["digest"] = client.push_blob_bytes("busy", &config).unwrap().into();
-    bad["config"]["size"] = config.len().into();
-    client
-        .put_manifest(
-            "busy",
-            "bad",
-            petrel_registry::oci::OCI_MANIFEST,
-            &serde_json::to_vec(&bad).unwrap(),
-        )
-        .unwrap();
+    publish_with_config(&client, "busy", "bad", bad, |config| {
+        config["rootfs"]["diff_ids"][last] = digest.into();
+    });
     let err = cri_pull(&socket, &format!("{}/busy:bad", registry.addr)).unwrap_err();
     assert!(err.contains("magic") || err.contains("bootstrap"), "{err}");
     assert_eq!(lazy_mounts(&root), 0);

@@ -83,23 +83,11 @@ fn publish_images(registry: &TestRegistry, containerd: &Containerd) -> String {
     // The forgery: the same petrel layers (blob, bootstrap), the victim's diff_ids.
     let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
     let (bytes, ..) = client.get_manifest("attacker", "petrel").unwrap();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 2, "{manifest}");
-    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&client.get_blob_verified("attacker", &config_digest, 1 << 20).unwrap()).unwrap();
-    config["rootfs"]["diff_ids"] = serde_json::json!(victim_diff_ids);
-    let config_bytes = serde_json::to_vec(&config).unwrap();
-    manifest["config"]["digest"] = client.push_blob_bytes("attacker", &config_bytes).unwrap().into();
-    manifest["config"]["size"] = config_bytes.len().into();
-    client
-        .put_manifest(
-            "attacker",
-            "forged",
-            petrel_registry::oci::OCI_MANIFEST,
-            &serde_json::to_vec(&manifest).unwrap(),
-        )
-        .unwrap();
+    publish_with_config(&client, "attacker", "forged", manifest, |config| {
+        config["rootfs"]["diff_ids"] = serde_json::json!(victim_diff_ids);
+    });
     format!("{}/attacker:forged", registry.addr)
 }
 
@@ -214,21 +202,9 @@ fn a_real_layer_claimed_as_a_petrel_blob_is_refused() {
     let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     manifest["layers"][0]["digest"] = base_digest.clone().into();
     manifest["layers"][0]["size"] = base.len().into();
-    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&client.get_blob_verified("attacker", &config_digest, 1 << 20).unwrap()).unwrap();
-    config["rootfs"]["diff_ids"][0] = base_digest.into();
-    let config_bytes = serde_json::to_vec(&config).unwrap();
-    manifest["config"]["digest"] = client.push_blob_bytes("attacker", &config_bytes).unwrap().into();
-    manifest["config"]["size"] = config_bytes.len().into();
-    client
-        .put_manifest(
-            "attacker",
-            "blob-claim",
-            petrel_registry::oci::OCI_MANIFEST,
-            &serde_json::to_vec(&manifest).unwrap(),
-        )
-        .unwrap();
+    publish_with_config(&client, "attacker", "blob-claim", manifest, |config| {
+        config["rootfs"]["diff_ids"][0] = base_digest.into();
+    });
     let socket = containerd.path("containerd.sock");
     let err = cri_pull(&socket, &format!("{}/attacker:blob-claim", registry.addr)).unwrap_err();
     assert!(

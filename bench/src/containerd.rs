@@ -88,6 +88,16 @@ fn run_workload(ctr: &dyn Fn() -> Command, args: &[&str], t0: Instant) -> anyhow
     }
 }
 
+/// A table of runs, each against the first (overlayfs).
+fn print_runs(title: &str, runs: &[(&str, f64, f64)]) {
+    println!("{title}");
+    println!("| mode | first output s | ready s | ready vs overlayfs |");
+    println!("|---|---:|---:|---:|");
+    for (label, first, ready) in runs {
+        println!("| {label} | {first:.2} | {ready:.2} | {:.2} |", ready / runs[0].2);
+    }
+}
+
 pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let work = tempfile::tempdir_in("/var/tmp")?;
     let w = work.path();
@@ -239,8 +249,19 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     // A second container of each image on the same node: everything is local (the
     // overlayfs snapshot; petrel's node cache, whose fully cached files now open with
     // passthrough); the page cache is dropped first, so both read from disk.
-    let mut again = Vec::new();
-    for (label, image, name, snapshotter, namespace) in [
+    // Runs each case once with the page cache dropped first; (label, first, ready).
+    let page_cache_dropped_runs = |cases: [(&'static str, String, &str, &str, &str); 2]| {
+        let mut runs = Vec::new();
+        for (label, image, name, snapshotter, namespace) in cases {
+            crate::measure::drop_caches();
+            let t0 = Instant::now();
+            let args = workload(&image, name, snapshotter, namespace);
+            let (first, ready) = run_workload(&ctr, &args.iter().map(String::as_str).collect::<Vec<_>>(), t0)?;
+            runs.push((label, first, ready));
+        }
+        anyhow::Ok(runs)
+    };
+    let again = page_cache_dropped_runs([
         (
             "overlayfs",
             format!("{link}/app:v1"),
@@ -255,13 +276,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             "petrel",
             "k8s.io",
         ),
-    ] {
-        crate::measure::drop_caches();
-        let t0 = Instant::now();
-        let args = workload(&image, name, snapshotter, namespace);
-        let (first, ready) = run_workload(&ctr, &args.iter().map(String::as_str).collect::<Vec<_>>(), t0)?;
-        again.push((label, first, ready));
-    }
+    ])?;
 
     // Edge autonomy: the node warmed the petrel image (`warm --all --pin`), then the
     // registry goes away and the node "reboots": mount daemons killed with SIGKILL,
@@ -293,8 +308,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let mut offline = Vec::new();
-    for (label, image, name, snapshotter, namespace) in [
+    let offline = page_cache_dropped_runs([
         (
             "overlayfs",
             format!("{link}/app:v1"),
@@ -309,13 +323,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             "petrel",
             "k8s.io",
         ),
-    ] {
-        crate::measure::drop_caches();
-        let t0 = Instant::now();
-        let args = workload(&image, name, snapshotter, namespace);
-        let (first, ready) = run_workload(&ctr, &args.iter().map(String::as_str).collect::<Vec<_>>(), t0)?;
-        offline.push((label, first, ready));
-    }
+    ])?;
 
     println!();
     println!(
@@ -333,19 +341,15 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("a second container of the same image on the node (page cache dropped); run start = 0");
-    println!("| mode | first output s | ready s | ready vs overlayfs |");
-    println!("|---|---:|---:|---:|");
-    for (label, first, ready) in &again {
-        println!("| {label} | {first:.2} | {ready:.2} | {:.2} |", ready / again[0].2);
-    }
+    print_runs(
+        "a second container of the same image on the node (page cache dropped); run start = 0",
+        &again,
+    );
     println!();
-    println!("the registry gone, the node rebooted (daemons killed, page cache dropped); run start = 0");
-    println!("| mode | first output s | ready s | ready vs overlayfs |");
-    println!("|---|---:|---:|---:|");
-    for (label, first, ready) in &offline {
-        println!("| {label} | {first:.2} | {ready:.2} | {:.2} |", ready / offline[0].2);
-    }
+    print_runs(
+        "the registry gone, the node rebooted (daemons killed, page cache dropped); run start = 0",
+        &offline,
+    );
     // Lazy mounts live under our work dir: detach them (ours only).
     let ours = w.to_string_lossy().to_string();
     for line in std::fs::read_to_string("/proc/self/mountinfo")?.lines() {

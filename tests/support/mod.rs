@@ -275,3 +275,29 @@ pub fn stats(mountpoint: &Path, runtime: &Path) -> serde_json::Value {
         .unwrap();
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["stats"].clone()
 }
+
+/// Publishes `manifest` (JSON) as `repo:tag` with its config edited by `edit_config`
+/// (the new config pushed, the manifest pointed at it): how the tests forge images.
+pub fn publish_with_config(
+    client: &petrel_registry::RegistryClient,
+    repo: &str,
+    tag: &str,
+    mut manifest: serde_json::Value,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+) {
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&client.get_blob_verified(repo, &config_digest, 1 << 20).unwrap()).unwrap();
+    edit_config(&mut config);
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = client.push_blob_bytes(repo, &config_bytes).unwrap().into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    client
+        .put_manifest(
+            repo,
+            tag,
+            petrel_registry::oci::OCI_MANIFEST,
+            &serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+}
