@@ -25,7 +25,7 @@ fn setpriv_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: needs setpriv (util-linux)");
+        petrel_fixtures::report_skip("needs setpriv (util-linux)");
     }
     ok
 }

@@ -12,7 +12,7 @@ use support::*;
 fn can_run() -> bool {
     let ok = fuse_available() && Path::new("/bin/busybox").exists();
     if !ok {
-        eprintln!("SKIPPED: needs /dev/fuse, root and /bin/busybox (scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs /dev/fuse, root and /bin/busybox (scripts/install-deps.sh)");
     }
     ok
 }

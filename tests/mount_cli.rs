@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 fn fuse_available() -> bool {
     let ok = Path::new("/dev/fuse").exists() && rustix::process::geteuid().is_root();
     if !ok {
-        eprintln!("SKIPPED: needs /dev/fuse and root");
+        petrel_fixtures::report_skip("needs /dev/fuse and root");
     }
     ok
 }

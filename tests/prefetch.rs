@@ -17,7 +17,7 @@ use support::*;
 fn busybox_available() -> bool {
     let ok = Path::new("/bin/busybox").exists();
     if !ok {
-        eprintln!("SKIPPED: needs /bin/busybox (busybox-static, scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs /bin/busybox (busybox-static, scripts/install-deps.sh)");
     }
     ok
 }

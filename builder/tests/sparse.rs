@@ -25,7 +25,7 @@ fn gnu_tar_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: needs GNU tar");
+        petrel_fixtures::report_skip("needs GNU tar");
     }
     ok
 }
@@ -124,7 +124,7 @@ fn bsdtar_sparse_files_build_by_their_map() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !available {
-        eprintln!("SKIPPED: needs bsdtar (libarchive-tools, scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs bsdtar (libarchive-tools, scripts/install-deps.sh)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

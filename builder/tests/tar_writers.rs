@@ -22,7 +22,7 @@ fn tool_available(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: needs {tool} (scripts/install-deps.sh)");
+        petrel_fixtures::report_skip(&format!("needs {tool} (scripts/install-deps.sh)"));
     }
     ok
 }

@@ -14,7 +14,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Performs a mount the way containerd would (root only).
 fn mount_at(mounts: &[Mount], target: &Path) -> bool {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED mounting: needs root");
+        petrel_fixtures::report_skip("mounting needs root");
         return false;
     }
     let m = &mounts[0];

@@ -44,7 +44,7 @@ pub fn ctr_remote_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: needs ctr-remote (scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs ctr-remote (scripts/install-deps.sh)");
     }
     ok
 }

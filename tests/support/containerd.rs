@@ -15,7 +15,7 @@ pub fn containerd_available() -> bool {
             .is_ok_and(|s| s.success())
     });
     if !ok {
-        eprintln!("SKIPPED: needs containerd, ctr and runc (scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs containerd, ctr and runc (scripts/install-deps.sh)");
     }
     ok
 }

@@ -28,7 +28,7 @@ pub fn registry_tools_available() -> bool {
             .is_ok_and(|s| s.success())
     });
     if !ok {
-        eprintln!("SKIPPED: needs docker-registry, skopeo and htpasswd (scripts/install-deps.sh)");
+        petrel_fixtures::report_skip("needs docker-registry, skopeo and htpasswd (scripts/install-deps.sh)");
     }
     ok
 }
@@ -36,7 +36,7 @@ pub fn registry_tools_available() -> bool {
 pub fn fuse_available() -> bool {
     let ok = Path::new("/dev/fuse").exists() && rustix::process::geteuid().is_root();
     if !ok {
-        eprintln!("SKIPPED: needs /dev/fuse and root");
+        petrel_fixtures::report_skip("needs /dev/fuse and root");
     }
     ok
 }
