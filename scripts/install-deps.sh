@@ -15,6 +15,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo is required (Rust 1.85 or newer)" >&2
+  echo "cargo is required (Rust 1.90 or newer)" >&2
   exit 1
 fi
