@@ -1,4 +1,5 @@
-//! `petrel snapshotter --config FILE`: a TOML file.
+//! `petrel snapshotter --config FILE`: a TOML file. `docs/config.md` is the reference
+//! (a test keeps it in step with these types).
 //!
 //! ```toml
 //! root = "/var/lib/petrel/snapshotter"
@@ -33,7 +34,7 @@ use crate::error::{Result, SnapshotError};
 use std::path::{Path, PathBuf};
 
 /// How to reach one registry host.
-#[derive(Clone, Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryHost {
     pub host: String,
@@ -67,7 +68,7 @@ impl std::fmt::Debug for RegistryHost {
 }
 
 /// The snapshotter's configuration.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_root")]
@@ -86,7 +87,7 @@ pub struct Config {
 
 /// Settings of every mount daemon the snapshotter starts; unset ones keep
 /// `petrel mount`'s defaults (defined there, once).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
     pub retries: Option<u32>,
@@ -99,7 +100,7 @@ pub struct DaemonSettings {
     pub log_level: Option<LogLevel>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PrefetchSetting {
     Off,
@@ -107,7 +108,7 @@ pub enum PrefetchSetting {
     All,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Warn,
