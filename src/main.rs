@@ -40,7 +40,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
+    cli::init_logging(args.verbose, args.log_format);
     match cli::run(args) {
         Ok(code) => code,
         Err(error) => {

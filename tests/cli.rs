@@ -210,3 +210,46 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Log lines carry a level and a time, as text or JSON, and no colour codes when
+/// they go to a file (a daemon's log, a journal). (A dead mirror makes a warning.)
+#[test]
+fn logs_have_levels_and_times_and_no_colour_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = |port: u16| format!("127.0.0.1:{port}");
+    let unused = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    for format in ["text", "json"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_petrel"))
+            .args(["--log-format", format, "warm"])
+            .arg(format!("docker://{}/app:v1", dead(unused())))
+            .arg("--mirror")
+            .arg(format!("http://{}", dead(unused())))
+            .args(["--retries", "1", "--retry-seconds", "1", "--cache-dir"])
+            .arg(dir.path().join("cache"))
+            .env_remove("PETREL_LOG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains('\u{1b}'), "no ANSI escape codes: {text:?}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("mirror failed"))
+            .unwrap_or_else(|| panic!("{format}: a warning about the mirror: {text}"));
+        if format == "json" {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(value["timestamp"].is_string() && value["level"] == "WARN", "{line}");
+        } else {
+            assert!(
+                line.starts_with("20") && line.contains("WARN"),
+                "time and level first: {line}"
+            );
+        }
+    }
+}

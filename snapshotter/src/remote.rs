@@ -119,12 +119,12 @@ pub fn ensure_mounted(config: &RemoteConfig, layer: &crate::store::LazyLayer) ->
     }
     let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
     if let Some(image) = &layer.unpacked {
-        tracing_free_log(&format!("remounting unpacked image at {}", mountpoint.display()));
+        tracing::info!(mountpoint = %mountpoint.display(), "remounting an unpacked image");
         return crate::unpacked::mount(config, image, mountpoint);
     }
     let labels = &layer.info.labels;
     if let Some(image) = labels.get(PETREL_IMAGE) {
-        tracing_free_log(&format!("remounting {image} at {}", mountpoint.display()));
+        tracing::info!(image = %image, mountpoint = %mountpoint.display(), "remounting a lazy image");
         return mount(config, image, mountpoint);
     }
     let (Some(image), Some(manifest)) = (labels.get(CRI_IMAGE_REF), labels.get(CRI_MANIFEST)) else {
@@ -134,7 +134,7 @@ pub fn ensure_mounted(config: &RemoteConfig, layer: &crate::store::LazyLayer) ->
         )));
     };
     let image_ref = ImageRef::parse(image).map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
-    tracing_free_log(&format!("remounting {} at {}", image, mountpoint.display()));
+    tracing::info!(image = %image, mountpoint = %mountpoint.display(), "remounting a lazy image");
     mount(
         config,
         &format!("docker://{}/{}@{manifest}", image_ref.registry, image_ref.repository),
@@ -171,16 +171,12 @@ pub fn unmount_orphans(config: &RemoteConfig, keep: &std::collections::HashSet<P
     let mut released = 0;
     for mountpoint in entries.flatten().map(|e| e.path()) {
         if mountpoint.file_name().is_some_and(|name| !kept.contains(name)) {
-            tracing_free_log(&format!("cleanup: unmounting orphan {}", mountpoint.display()));
+            tracing::info!(mountpoint = %mountpoint.display(), "cleanup: unmounting an orphan lazy mount");
             unmount(config, &mountpoint);
             released += 1;
         }
     }
     released
-}
-
-pub(crate) fn tracing_free_log(message: &str) {
-    eprintln!("petrel snapshotter: {message}");
 }
 
 /// Evicts chunks beyond the configured bound (after a layer was removed).

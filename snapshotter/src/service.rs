@@ -136,7 +136,7 @@ impl Service {
             // pulling): the layer is pulled the ordinary way, verified by containerd,
             // and a petrel image then runs from its unpacked layers.
             Err(SnapshotError::Unavailable(reason)) => {
-                remote::tracing_free_log(&format!("{reason}; pulling {target} the ordinary way"));
+                tracing::warn!(snapshot = %target, "{reason}; pulling the layer the ordinary way");
                 return Ok(false);
             }
             other => other?,
@@ -310,12 +310,7 @@ impl containerd_snapshots::Snapshotter for Service {
     ) -> Result<Vec<GrpcMount>, GrpcError> {
         let labels = labels(labels_in);
         // Diagnostics for remote-layer pulls: which labels containerd passed.
-        if std::env::var_os("PETREL_SNAPSHOTTER_DEBUG").is_some() {
-            eprintln!(
-                "petrel snapshotter: Prepare key={key:?} parent={parent_key:?} labels={:?}",
-                labels.keys().collect::<Vec<_>>()
-            );
-        }
+        tracing::debug!(key = %key, parent = %parent_key, labels = ?labels.keys().collect::<Vec<_>>(), "Prepare");
         if self.prepare_remote(parent(&parent_key), &labels).await? {
             let target = labels.get(remote::TARGET_REF).cloned().unwrap_or(key);
             return Err(SnapshotError::AlreadyExists(target).into());
@@ -402,8 +397,8 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
         let reconciling = Arc::clone(&service);
         tokio::task::spawn_blocking(move || match reconciling.reconcile() {
             Ok(0) => {}
-            Ok(n) => eprintln!("petrel snapshotter: remounted {n} lazy layers"),
-            Err(e) => eprintln!("petrel snapshotter: remounting lazy layers: {e}"),
+            Ok(n) => tracing::info!(remounted = n, "lazy layers remounted"),
+            Err(e) => tracing::warn!("remounting lazy layers: {e}"),
         });
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let shutdown = async {

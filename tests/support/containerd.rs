@@ -129,7 +129,7 @@ impl Containerd {
             .unwrap();
         self.snapshotter = Some(
             super::petrel()
-                .env("PETREL_SNAPSHOTTER_DEBUG", "1")
+                .env("PETREL_LOG", "info,petrel_snapshotter=debug,fuser=error")
                 .arg("snapshotter")
                 .arg("--config")
                 .arg(self.dir.path().join("snapshotter.toml"))
