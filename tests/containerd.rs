@@ -343,7 +343,7 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
     assert!(!orphan.exists(), "the orphan mount is unmounted and its directory gone");
     assert!(std::fs::read_to_string(containerd.path("snapshotter.log"))
         .unwrap()
-        .contains("cleanup: unmounting orphan"));
+        .contains("cleanup: unmounting an orphan"));
     let started = std::time::Instant::now();
     while process_alive(remounted_pid) || process_alive(orphan_pid) {
         assert!(

@@ -80,6 +80,10 @@ pub(crate) fn run_mount_daemon(
         .unwrap_or_default();
     let run = config.root.join("run");
     crate::store::private_dir(&run)?;
+    if config.settings.daemon.log_level.is_some() {
+        // The configured level, not the snapshotter's own PETREL_LOG, sets the daemon's.
+        command.env_remove("PETREL_LOG");
+    }
     let out = command
         .arg(mountpoint)
         .arg("--daemon")
