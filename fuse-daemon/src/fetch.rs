@@ -294,17 +294,32 @@ impl Fetcher {
         }
     }
 
-    /// Fetches the planned chunks with one range request, verifies and caches them,
-    /// and publishes each chunk's outcome.
+    /// Fetches the planned chunks with one range request, verifies them, publishes
+    /// each chunk's outcome to its waiting readers, then caches them.
     fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)]) {
         let decoded: u64 = flights.iter().map(|(c, _)| u64::from(c.uncompressed_size)).sum();
         let _held = self.decoded.take(decoded);
         let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect());
-        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
-        for ((chunk, flight), outcome) in flights.iter().zip(outcomes) {
-            in_flight.remove(&chunk.index);
-            *flight.outcome.lock().expect("flight lock") = Some(outcome);
+        // Readers wait for the network, not the disk: they get the verified bytes now.
+        for ((_, flight), outcome) in flights.iter().zip(&outcomes) {
+            *flight.outcome.lock().expect("flight lock") = Some(outcome.clone());
             flight.done.notify_all();
+        }
+        // Then the chunks are made durable. The flights stay registered until they
+        // are, so a reader arriving meanwhile takes the bytes from its flight rather
+        // than fetching them again.
+        let verified: Vec<(u32, &[u8])> = flights
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|((chunk, _), outcome)| outcome.as_ref().ok().map(|b| (chunk.index, b.as_slice())))
+            .collect();
+        if let Err(e) = self.cache.put(&verified) {
+            // The bytes are verified and were served; only the cache missed them.
+            tracing::warn!("could not cache {} chunks: {e}", verified.len());
+        }
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for (chunk, _) in flights {
+            in_flight.remove(&chunk.index);
         }
     }
 
@@ -348,15 +363,14 @@ impl Fetcher {
         };
         self.stats.backend_bytes.fetch_add(bytes.len() as u64, Relaxed);
         let mut outcomes = Vec::with_capacity(chunks.len());
-        let mut verified: Vec<(u32, Arc<Vec<u8>>)> = Vec::new();
+        let mut verified = 0u64;
         for chunk in &chunks {
             let at = (chunk.compressed_offset - start) as usize;
             let stored = &bytes[at..at + chunk.compressed_size as usize];
             match decode_chunk(chunk, stored) {
                 Ok(plain) => {
-                    let plain = Arc::new(plain);
-                    verified.push((chunk.index, Arc::clone(&plain)));
-                    outcomes.push(Ok(plain));
+                    verified += 1;
+                    outcomes.push(Ok(Arc::new(plain)));
                 }
                 Err(source) => {
                     self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
@@ -372,12 +386,7 @@ impl Fetcher {
                 }
             }
         }
-        self.stats.chunks_fetched.fetch_add(verified.len() as u64, Relaxed);
-        let to_store: Vec<(u32, &[u8])> = verified.iter().map(|(i, b)| (*i, b.as_slice())).collect();
-        if let Err(e) = self.cache.put(&to_store) {
-            // The bytes are verified; serve them even though they could not be cached.
-            tracing::warn!("could not cache {} chunks: {e}", to_store.len());
-        }
+        self.stats.chunks_fetched.fetch_add(verified, Relaxed);
         outcomes
     }
 }
