@@ -302,6 +302,20 @@ fn transient_faults_are_retried_and_never_serve_wrong_bytes() {
     assert_eq!(read_all_expecting_eio_or_truth(&mount3.mountpoint, &files), 0);
 }
 
+/// The big image mounted from `registry` through a fault proxy, with a small retry
+/// budget and no amplification (each read is its own request).
+fn mount_behind_a_fault_proxy(registry: &TestRegistry, work: &Path) -> (FaultProxy, MountProcess) {
+    let reference = big_image(registry, work);
+    let proxy = FaultProxy::start(&registry.addr);
+    let mount = MountProcess::start(
+        &format!("docker://{}/{reference}", proxy.addr),
+        &work.join("mnt"),
+        &work.join("cache"),
+        &["--amplify-bytes", "0", "--retries", "3", "--retry-seconds", "2"],
+    );
+    (proxy, mount)
+}
+
 fn drop_page_cache() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
@@ -311,17 +325,8 @@ fn a_registry_that_stays_down_fails_only_uncached_reads_and_recovers() {
     if !registry_tools_available() || !fuse_available() {
         return;
     }
-    let registry = TestRegistry::start(false);
-    let work = tempfile::tempdir().unwrap();
-    let reference = big_image(&registry, work.path());
-    let proxy = FaultProxy::start(&registry.addr);
-    let image = format!("docker://{}/{reference}", proxy.addr);
-    let mount = MountProcess::start(
-        &image,
-        &work.path().join("mnt"),
-        &work.path().join("cache"),
-        &["--amplify-bytes", "0", "--retries", "3", "--retry-seconds", "2"],
-    );
+    let (registry, work) = (TestRegistry::start(false), tempfile::tempdir().unwrap());
+    let (proxy, mount) = mount_behind_a_fault_proxy(&registry, work.path());
     let files = big_files();
     let cached = std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap();
     assert_eq!(cached, files[0].1);
@@ -354,17 +359,8 @@ fn a_trickling_registry_fails_the_read_within_its_deadline_and_recovers() {
     if !registry_tools_available() || !fuse_available() {
         return;
     }
-    let registry = TestRegistry::start(false);
-    let work = tempfile::tempdir().unwrap();
-    let reference = big_image(&registry, work.path());
-    let proxy = FaultProxy::start(&registry.addr);
-    let image = format!("docker://{}/{reference}", proxy.addr);
-    let mount = MountProcess::start(
-        &image,
-        &work.path().join("mnt"),
-        &work.path().join("cache"),
-        &["--amplify-bytes", "0", "--retries", "3", "--retry-seconds", "2"],
-    );
+    let (registry, work) = (TestRegistry::start(false), tempfile::tempdir().unwrap());
+    let (proxy, mount) = mount_behind_a_fault_proxy(&registry, work.path());
     let files = big_files();
     proxy.plan(&[Fault::Trickle(std::time::Duration::from_millis(100)); 200]);
     let started = std::time::Instant::now();

@@ -571,27 +571,8 @@ impl RegistryClient {
     /// A small blob (config, bootstrap) read whole and verified against its digest,
     /// within the deadline of a bounded read of `max_bytes`.
     pub fn get_blob_verified(&self, repository: &str, digest: &str, max_bytes: u64) -> Result<Vec<u8>> {
-        let path = format!("/v2/{repository}/blobs/{digest}");
-        let deadline = read_deadline(&self.retry, max_bytes);
-        let response = self.get_from_any(&path, &|r| r, &|s| s == StatusCode::OK, Some(deadline))?;
         let mut bytes = Vec::new();
-        DeadlineReader {
-            inner: response,
-            deadline,
-        }
-        .take(max_bytes + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| RegistryError::BadContent {
-            what: format!("blob {digest}"),
-            reason: e.to_string(),
-        })?;
-        if bytes.len() as u64 > max_bytes {
-            return Err(RegistryError::BadContent {
-                what: format!("blob {digest}"),
-                reason: format!("larger than {max_bytes} bytes"),
-            });
-        }
-        crate::oci::verify_digest("blob", digest, &bytes)?;
+        self.download_blob(repository, digest, max_bytes, &mut bytes)?;
         Ok(bytes)
     }
 

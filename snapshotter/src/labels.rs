@@ -116,27 +116,69 @@ pub fn classify(
 
 /// Manifests fetched by digest during pulls (each layer of a pull needs its image's
 /// manifest; fetched once, not once per layer). A digest names immutable bytes, which
-/// were checked against it, so an entry never goes stale; the cache is bounded.
+/// were checked against it, so an entry never goes stale. Bounded by the manifests'
+/// size, oldest dropped first: a registry's manifests may be up to 8 MiB each.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
-    entries: std::sync::Mutex<std::collections::VecDeque<(String, (petrel_registry::oci::Manifest, String))>>,
+    entries: std::sync::Mutex<std::collections::VecDeque<(String, CachedManifest, usize)>>,
 }
 
-/// Manifests a `ManifestCache` keeps.
-const CACHED_MANIFESTS: usize = 64;
+type CachedManifest = (petrel_registry::oci::Manifest, String);
+
+/// The most bytes (of the manifests' JSON) a `ManifestCache` keeps.
+const CACHED_MANIFEST_BYTES: usize = 16 << 20;
 
 impl ManifestCache {
-    fn get(&self, key: &str) -> Option<(petrel_registry::oci::Manifest, String)> {
+    fn get(&self, key: &str) -> Option<CachedManifest> {
         let entries = self.entries.lock().ok()?;
-        entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        entries.iter().find(|(k, ..)| k == key).map(|(_, v, _)| v.clone())
     }
 
-    fn put(&self, key: String, value: (petrel_registry::oci::Manifest, String)) {
+    fn put(&self, key: String, value: CachedManifest) {
+        let bytes = serde_json::to_vec(&value.0).map_or(usize::MAX, |json| json.len() + key.len());
+        if bytes > CACHED_MANIFEST_BYTES {
+            return;
+        }
         if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= CACHED_MANIFESTS {
+            while entries.iter().map(|(.., b)| b).sum::<usize>() + bytes > CACHED_MANIFEST_BYTES {
                 entries.pop_front();
             }
-            entries.push_back((key, value));
+            entries.push_back((key, value, bytes));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(annotation_bytes: usize) -> CachedManifest {
+        let manifest = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "c", "digest": "sha256:c", "size": 1},
+            "layers": [],
+            "annotations": {"pad": "x".repeat(annotation_bytes)},
+        }))
+        .unwrap();
+        (manifest, "sha256:m".into())
+    }
+
+    #[test]
+    fn the_manifest_cache_is_bounded_by_bytes() {
+        let cache = ManifestCache::default();
+        for i in 0..40 {
+            cache.put(format!("k{i}"), manifest(1 << 20));
+        }
+        let held: usize = cache.entries.lock().unwrap().iter().map(|(.., b)| b).sum();
+        assert!(held <= CACHED_MANIFEST_BYTES, "{held}");
+        assert!(
+            cache.get("k39").is_some() && cache.get("k0").is_none(),
+            "oldest dropped first"
+        );
+        cache.put("huge".into(), manifest(CACHED_MANIFEST_BYTES + 1));
+        assert!(
+            cache.get("huge").is_none(),
+            "a manifest larger than the bound is not kept"
+        );
     }
 }
