@@ -40,7 +40,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose, args.log_format);
+    if !matches!(args.command, cli::Command::Mount(_)) {
+        // A mount logs at its spec's level, which may come from a file: it sets up its own.
+        cli::init_logging(args.verbose, args.log_format);
+    }
     match cli::run(args) {
         Ok(code) => code,
         Err(error) => {

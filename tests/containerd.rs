@@ -563,7 +563,8 @@ fn a_warmed_lazy_image_restarts_with_the_registry_gone() {
 /// What the snapshotter's config says is what its mount daemons use: `[[registry]]`
 /// mirrors (the daemon's reads go through the mirror), `[daemon]` settings (threads,
 /// window, passthrough, log level: the daemon logs at debug level), and the cache
-/// bound the harness sets.
+/// bound: the daemon's spec says it, and the cache stays within it after a container
+/// read five times as much.
 #[test]
 fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
     if !can_run() {
@@ -575,7 +576,7 @@ fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
     let containerd = Containerd::start_configured(
         Some(&registry.addr),
         &format!(
-            "[[registry]]\nhost = \"{}\"\nmirrors = [\"http://{}\"]\n\n[daemon]\nfetch_threads = 3\namplify_bytes = 0\npassthrough = false\nlog_level = \"debug\"\n",
+            "cache_max_bytes = 400000\n\n[[registry]]\nhost = \"{}\"\nmirrors = [\"http://{}\"]\n\n[daemon]\nfetch_threads = 3\namplify_bytes = 0\npassthrough = false\nlog_level = \"debug\"\n",
             registry.addr, mirror.addr
         ),
     );
@@ -592,19 +593,60 @@ fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
         mirror.state.blob_requests.load(SeqCst) > 0,
         "the daemon read through the mirror"
     );
-    let pids = containerd.mount_daemon_pids();
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    // The running daemon's own answer: the spec it mounted with.
+    let mounts: Vec<_> = std::fs::read_dir(containerd.snapshotter_root().join("mounts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let out = petrel()
+        .arg("stats")
+        .arg("--runtime-dir")
+        .arg(containerd.snapshotter_root().join("run"))
+        .arg(&mounts[0])
+        .arg("--spec")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let spec = String::from_utf8_lossy(&out.stdout);
     for expected in [
-        format!("--mirror http://{}", mirror.addr),
-        "--cache-max-bytes 1073741824".into(),
-        "--fetch-threads 3".into(),
-        "--amplify-bytes 0".into(),
-        "--no-passthrough".into(),
-        "-vv".into(),
+        format!("mirrors = [\"http://{}\"]", mirror.addr),
+        "cache_max_bytes = 400000".into(),
+        "fetch_threads = 3".into(),
+        "amplify_bytes = 0".into(),
+        "passthrough = false".into(),
+        "log_level = \"debug\"".into(),
+        // Pinned by the manifest digest containerd resolved, not by the tag.
+        format!("image = \"docker://{}/busy@sha256:", registry.addr),
     ] {
-        assert!(cmdline.contains(&expected), "{expected} missing: {cmdline}");
+        assert!(
+            spec.contains(&expected),
+            "{expected} missing from the daemon's spec:\n{spec}"
+        );
     }
+    let out = containerd.run_container(
+        "k8s.io",
+        &image,
+        "read-all",
+        &["/bin/busybox", "md5sum", "/bin/busybox"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Eviction runs in the background once a put crosses the bound.
+    let chunks = containerd.snapshotter_root().join("cache/chunks");
+    let started = std::time::Instant::now();
+    let mut cached = u64::MAX;
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        cached = dir_bytes(&chunks);
+        if cached <= 400_000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        cached <= 400_000,
+        "the configured 400 kB bound holds: {cached} bytes cached"
+    );
     let daemon_logs: String = std::fs::read_dir(containerd.snapshotter_root().join("run"))
         .unwrap()
         .flatten()
@@ -720,4 +762,59 @@ fn an_unwarmed_lazy_image_fails_only_uncached_reads_while_the_registry_is_gone()
         "{}",
         text(&out)
     );
+}
+
+/// A plain-HTTP registry that is not on localhost (an edge site's own registry):
+/// the containerd `hosts.toml` that tells containerd to speak HTTP tells petrel too
+/// (`hosts_dir`), and the image is pulled lazily instead of falling back to an
+/// ordinary pull after trying HTTPS.
+#[test]
+fn a_plain_http_registry_off_localhost_is_pulled_lazily_through_its_hosts_toml() {
+    if !can_run() {
+        return;
+    }
+    let Some(ip) = non_loopback_ipv4() else {
+        petrel_fixtures::report_skip("this machine has no IPv4 address outside loopback");
+        return;
+    };
+    let registry = TestRegistry::start_on(&ip);
+    let certs = tempfile::tempdir().unwrap();
+    let host_dir = certs.path().join(&registry.addr);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{0}\"\n\n[host.\"http://{0}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let containerd = Containerd::start_configured(Some(&registry.addr), &format!("hosts_dir = {:?}\n", certs.path()));
+    convert_busybox(&registry, &containerd, "busy", "petrel", &["--plain-http"]);
+    let image = format!("{}/busy:petrel", registry.addr);
+    let log = || std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default();
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    let out = cat_motd(&containerd, &image, "plain-http");
+    assert!(
+        text(&out).contains("served through petrel's snapshotter"),
+        "{}\n{}",
+        text(&out),
+        log()
+    );
+    assert_eq!(containerd.lazy_mount_count(), 1, "pulled lazily:\n{}", log());
+    assert!(!log().contains("the ordinary way"), "{}", log());
+}
+
+/// Bytes of the regular files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&e.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -353,8 +353,9 @@ fn a_large_cached_file_is_materialized_in_the_background() {
     wait_until(|| !is_petrel_mount(&setup.mountpoint));
 }
 
-/// `--daemon` relaunches the same command line: every option reaches the daemon
-/// (the cache bound and the global `-v` used to be dropped).
+/// `--daemon` hands its child the whole daemon spec: every option reaches the daemon
+/// (the cache bound and the global `-v` used to be dropped), and the daemon answers
+/// the spec it runs from.
 #[test]
 fn a_daemon_keeps_every_option_it_was_given() {
     if !fuse_available() {
@@ -389,8 +390,93 @@ fn a_daemon_keeps_every_option_it_was_given() {
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("INFO"), "-v reached the daemon:\n{text}");
+    let out = petrel()
+        .arg("stats")
+        .arg("--runtime-dir")
+        .arg(setup.dir.path().join("run"))
+        .arg(&setup.mountpoint)
+        .arg("--spec")
+        .output()
+        .unwrap();
+    let spec = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for expected in ["cache_max_bytes = 3000000", "log_level = \"info\"", "fetch_threads = 8"] {
+        assert!(spec.contains(expected), "{expected} missing:\n{spec}");
+    }
     let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// A systemd unit's way: `petrel mount --spec FILE` in the foreground, every
+/// setting from the file; a bad spec is refused naming the file and the key.
+#[test]
+fn a_mount_runs_from_a_spec_file() {
+    if !fuse_available() {
+        return;
+    }
+    let setup = Setup::new();
+    let spec_path = setup.dir.path().join("app.toml");
+    std::fs::write(
+        &spec_path,
+        format!(
+            "image = {:?}\nmountpoint = {:?}\ncache_dir = {:?}\nruntime_dir = {:?}\nlog_level = \"info\"\n\n[tuning]\nfetch_threads = 2\npassthrough = false\n\n[tuning.prefetch]\nmode = \"off\"\n",
+            setup.image,
+            setup.mountpoint,
+            setup.dir.path().join("cache"),
+            setup.dir.path().join("run"),
+        ),
+    )
+    .unwrap();
+    let log = setup.dir.path().join("unit.log");
+    let mut child = petrel()
+        .arg("mount")
+        .arg("--spec")
+        .arg(&spec_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(|| is_petrel_mount(&setup.mountpoint));
+    for (name, data) in files().into_iter().take(2) {
+        assert_eq!(std::fs::read(setup.mountpoint.join(&name)).unwrap(), data);
+    }
+    let out = petrel()
+        .arg("stats")
+        .arg("--runtime-dir")
+        .arg(setup.dir.path().join("run"))
+        .arg(&setup.mountpoint)
+        .arg("--spec")
+        .output()
+        .unwrap();
+    let spec = String::from_utf8_lossy(&out.stdout);
+    for expected in ["fetch_threads = 2", "passthrough = false", "mode = \"off\""] {
+        assert!(spec.contains(expected), "{expected} missing:\n{spec}");
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success(), "SIGTERM unmounts and exits cleanly");
+    assert!(!is_petrel_mount(&setup.mountpoint));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("INFO"));
+
+    std::fs::write(&spec_path, "image = \"x\"\nmountpoint = \"/m\"\nfetch_thread = 2\n").unwrap();
+    let out = petrel().arg("mount").arg("--spec").arg(&spec_path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains(&spec_path.display().to_string()) && stderr.contains("unknown field `fetch_thread`"),
+        "{stderr}"
+    );
+    let out = petrel()
+        .args(["mount", "--spec"])
+        .arg(&spec_path)
+        .arg("--fetch-threads")
+        .arg("3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "options beside --spec are refused");
 }
 
 fn walk_sizes(dir: &std::path::Path) -> u64 {

@@ -1,5 +1,6 @@
 //! The control socket of a mount: one request line in, one answer out.
-//! `stats` answers JSON, `metrics` answers Prometheus text.
+//! `stats` answers JSON, `metrics` answers Prometheus text, `spec` answers the
+//! daemon spec the mount runs from (TOML).
 
 use crate::stats::Stats;
 use std::io::Write;
@@ -26,7 +27,13 @@ const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ControlServer {
     /// Binds `path` (replacing a stale socket) with mode 0660.
-    pub fn start(path: &Path, stats: Arc<Stats>, image: String) -> std::io::Result<Self> {
+    pub fn start(
+        path: &Path,
+        stats: Arc<Stats>,
+        image: String,
+        spec: Option<crate::spec::DaemonSpec>,
+    ) -> std::io::Result<Self> {
+        let spec = spec.map(|s| s.to_toml());
         if let Some(dir) = path.parent() {
             // Private, like the cache: the sockets answer with image names and counters.
             std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
@@ -52,7 +59,7 @@ impl ControlServer {
                 crate::endpoint::serve(
                     listener.incoming(),
                     |request| request.contains(&b'\n'),
-                    Arc::new(move |request: &[u8]| answer(request, &stats, &image).into_bytes()),
+                    Arc::new(move |request: &[u8]| answer(request, &stats, &image, spec.as_deref()).into_bytes()),
                 )
             })?;
         Ok(ControlServer {
@@ -67,17 +74,21 @@ impl Drop for ControlServer {
     }
 }
 
-fn answer(request: &[u8], stats: &Stats, image: &str) -> String {
+fn answer(request: &[u8], stats: &Stats, image: &str, spec: Option<&str>) -> String {
     let line = String::from_utf8_lossy(request);
     let snapshot = stats.snapshot();
     match line.trim() {
         "stats" => serde_json::json!({ "image": image, "stats": snapshot }).to_string() + "\n",
         "metrics" => snapshot.prometheus(image),
-        other => format!("error: unknown request {other:?}; use stats or metrics\n"),
+        "spec" => spec.map_or_else(
+            || "error: this mount was not started from a spec\n".into(),
+            str::to_string,
+        ),
+        other => format!("error: unknown request {other:?}; use stats, metrics or spec\n"),
     }
 }
 
-/// Asks the daemon behind `path` for `request` (`stats` or `metrics`).
+/// Asks the daemon behind `path` for `request` (`stats`, `metrics` or `spec`).
 pub fn request(path: &Path, request: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(path)?;
     crate::endpoint::Connection::set_timeouts(&stream, crate::endpoint::CLIENT_TIMEOUT)?;

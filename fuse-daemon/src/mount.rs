@@ -43,6 +43,8 @@ pub struct MountConfig {
     /// Open fully cached files with a backing file (FUSE passthrough) when the kernel
     /// offers it. Off while recording, which must see every read.
     pub passthrough: bool,
+    /// The spec this mount runs from, answered on its control socket.
+    pub spec: Option<crate::spec::DaemonSpec>,
 }
 
 impl MountConfig {
@@ -60,6 +62,7 @@ impl MountConfig {
             record: None,
             cache_max_bytes: None,
             passthrough: true,
+            spec: None,
         }
     }
 }
@@ -240,7 +243,7 @@ pub fn mount_with_backend(
     )?;
     let control = match &config.control_socket {
         Some(path) => Some(
-            ControlServer::start(path, Arc::clone(&stats), name.to_string())
+            ControlServer::start(path, Arc::clone(&stats), name.to_string(), config.spec.clone())
                 .map_err(DaemonError::io("serve control socket", path))?,
         ),
         None => None,

@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// What to prefetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PrefetchMode {
     Off,
     /// The prefetch region at the front of each blob (the prefetch table's data).
@@ -36,7 +37,8 @@ impl std::str::FromStr for PrefetchMode {
 }
 
 /// How to prefetch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PrefetchConfig {
     pub mode: PrefetchMode,
     /// Stored bytes per range request.
@@ -44,6 +46,7 @@ pub struct PrefetchConfig {
     /// Range requests in flight at once.
     pub parallel: usize,
     /// Bytes per second across all prefetch requests; none: unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<u64>,
 }
 

@@ -15,6 +15,8 @@
 //! plain_http = false                    # http:// (always for localhost)
 //! ca_file = "/etc/petrel/registry-ca.pem"
 //!
+//! hosts_dir = "/etc/containerd/certs.d"  # containerd's hosts.toml files (optional)
+//!
 //! [daemon]                              # every lazy mount's daemon (all optional;
 //! retries = 6                           # unset keys keep `petrel mount`'s defaults)
 //! retry_seconds = 60.0
@@ -22,6 +24,9 @@
 //! fuse_threads = 4
 //! fetch_threads = 8
 //! prefetch = "table"                    # off, table or all
+//! prefetch_request_bytes = 8388608
+//! prefetch_parallel = 2
+//! prefetch_bandwidth = 10485760         # bytes per second (unset: unlimited)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
@@ -31,6 +36,8 @@
 //! snapshotter itself and by every mount daemon it starts.
 
 use crate::error::{Result, SnapshotError};
+use petrel_fuse_daemon::prefetch::PrefetchMode;
+use petrel_fuse_daemon::spec::{DaemonSpec, LogLevel as SpecLogLevel, RegistrySpec};
 use std::path::{Path, PathBuf};
 
 /// How to reach one registry host.
@@ -81,12 +88,16 @@ pub struct Config {
     pub metrics_address: Option<String>,
     #[serde(default)]
     pub registry: Vec<RegistryHost>,
+    /// containerd's registry `config_path` (e.g. `/etc/containerd/certs.d`): each
+    /// host's `hosts.toml` adds its mirrors, plain HTTP and CA (`crate::hosts_toml`).
+    #[serde(default)]
+    pub hosts_dir: Option<PathBuf>,
     #[serde(default)]
     pub daemon: DaemonSettings,
 }
 
-/// Settings of every mount daemon the snapshotter starts; unset ones keep
-/// `petrel mount`'s defaults (defined there, once).
+/// Settings of every mount daemon the snapshotter starts; unset ones keep the
+/// daemon spec's defaults (`petrel_fuse_daemon::spec`, defined there, once).
 #[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
@@ -96,6 +107,9 @@ pub struct DaemonSettings {
     pub fuse_threads: Option<usize>,
     pub fetch_threads: Option<usize>,
     pub prefetch: Option<PrefetchSetting>,
+    pub prefetch_request_bytes: Option<u64>,
+    pub prefetch_parallel: Option<usize>,
+    pub prefetch_bandwidth: Option<u64>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
 }
@@ -117,39 +131,43 @@ pub enum LogLevel {
 }
 
 impl DaemonSettings {
-    /// The settings as `petrel mount` options (the one place they are spelled).
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = Vec::new();
-        let mut option = |name: &str, value: Option<String>| {
-            if let Some(value) = value {
-                args.extend([name.into(), value.into()]);
-            }
-        };
-        option("--retries", self.retries.map(|v| v.to_string()));
-        option("--retry-seconds", self.retry_seconds.map(|v| v.to_string()));
-        option("--amplify-bytes", self.amplify_bytes.map(|v| v.to_string()));
-        option("--fuse-threads", self.fuse_threads.map(|v| v.to_string()));
-        option("--fetch-threads", self.fetch_threads.map(|v| v.to_string()));
-        option(
-            "--prefetch",
-            self.prefetch.map(|p| {
-                match p {
-                    PrefetchSetting::Off => "off",
-                    PrefetchSetting::Table => "table",
-                    PrefetchSetting::All => "all",
-                }
-                .to_string()
+    /// Sets what is configured in `spec` (the one place these settings reach a daemon).
+    pub fn apply(&self, spec: &mut DaemonSpec) {
+        let tuning = &mut spec.tuning;
+        let registry = &mut spec.registry;
+        set(&mut registry.retries, self.retries);
+        set(&mut registry.retry_seconds, self.retry_seconds);
+        set(&mut tuning.amplify_bytes, self.amplify_bytes);
+        set(&mut tuning.fuse_threads, self.fuse_threads);
+        set(&mut tuning.fetch_threads, self.fetch_threads);
+        set(&mut tuning.passthrough, self.passthrough);
+        set(
+            &mut tuning.prefetch.mode,
+            self.prefetch.map(|p| match p {
+                PrefetchSetting::Off => PrefetchMode::Off,
+                PrefetchSetting::Table => PrefetchMode::Table,
+                PrefetchSetting::All => PrefetchMode::All,
             }),
         );
-        if self.passthrough == Some(false) {
-            args.push("--no-passthrough".into());
+        set(&mut tuning.prefetch.request_bytes, self.prefetch_request_bytes);
+        set(&mut tuning.prefetch.parallel, self.prefetch_parallel);
+        if self.prefetch_bandwidth.is_some() {
+            tuning.prefetch.bandwidth = self.prefetch_bandwidth;
         }
-        match self.log_level {
-            Some(LogLevel::Info) => args.push("-v".into()),
-            Some(LogLevel::Debug) => args.push("-vv".into()),
-            _ => {}
-        }
-        args
+        set(
+            &mut spec.log_level,
+            self.log_level.map(|l| match l {
+                LogLevel::Warn => SpecLogLevel::Warn,
+                LogLevel::Info => SpecLogLevel::Info,
+                LogLevel::Debug => SpecLogLevel::Debug,
+            }),
+        );
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
     }
 }
 
@@ -169,6 +187,7 @@ impl Default for Config {
             cache_max_bytes: None,
             metrics_address: None,
             registry: Vec::new(),
+            hosts_dir: None,
             daemon: DaemonSettings::default(),
         }
     }
@@ -191,36 +210,64 @@ impl Config {
         ))
     }
 
-    /// How the snapshotter's own registry client reaches `host`.
-    pub fn client_options_for(&self, host: &str) -> petrel_registry::ClientOptions {
-        let registry = self.registry.iter().find(|r| r.host == host);
-        petrel_registry::ClientOptions {
-            credentials: self
-                .credentials_for(host)
-                .and_then(|c| petrel_registry::Credentials::parse(&c)),
-            mirrors: registry.map(|r| r.mirrors.clone()).unwrap_or_default(),
-            plain_http: registry.is_some_and(|r| r.plain_http),
-            ca_file: registry.and_then(|r| r.ca_file.clone()),
-            ..petrel_registry::ClientOptions::default()
+    /// How `host` is reached: its `[[registry]]` entry, then its hosts.toml (whose
+    /// mirrors come after the entry's), then the `[daemon]` retry settings.
+    pub fn registry_spec_for(&self, host: &str) -> Result<RegistrySpec> {
+        let mut spec = RegistrySpec::default();
+        if let Some(registry) = self.registry.iter().find(|r| r.host == host) {
+            spec.mirrors = registry.mirrors.clone();
+            spec.plain_http = registry.plain_http;
+            spec.ca_file = registry.ca_file.clone();
         }
+        if let Some(dir) = &self.hosts_dir {
+            if let Some(hosts) = crate::hosts_toml::load(dir, host)? {
+                for mirror in hosts.mirrors {
+                    if !spec.mirrors.contains(&mirror) {
+                        spec.mirrors.push(mirror);
+                    }
+                }
+                spec.plain_http |= hosts.plain_http;
+                spec.ca_file = spec.ca_file.or(hosts.ca_file);
+            }
+        }
+        set(&mut spec.retries, self.daemon.retries);
+        set(&mut spec.retry_seconds, self.daemon.retry_seconds);
+        Ok(spec)
     }
 
-    /// The same, as `petrel mount` options for a mount daemon (credentials travel in
-    /// its environment instead).
-    pub fn daemon_args_for(&self, host: &str) -> Vec<std::ffi::OsString> {
-        let mut args = Vec::new();
-        if let Some(registry) = self.registry.iter().find(|r| r.host == host) {
-            for mirror in &registry.mirrors {
-                args.extend(["--mirror".into(), mirror.into()]);
-            }
-            if registry.plain_http {
-                args.push("--plain-http".into());
-            }
-            if let Some(ca) = &registry.ca_file {
-                args.extend(["--ca-file".into(), ca.clone().into_os_string()]);
-            }
-        }
-        args
+    /// How the snapshotter's own registry client reaches `host` (as its daemons do).
+    pub fn client_options_for(&self, host: &str) -> Result<petrel_registry::ClientOptions> {
+        let spec = DaemonSpec {
+            registry: self.registry_spec_for(host)?,
+            ..DaemonSpec::new("-", "-")
+        };
+        Ok(spec.client_options(
+            self.credentials_for(host)
+                .and_then(|c| petrel_registry::Credentials::parse(&c)),
+        ))
+    }
+
+    /// The spec of the daemon that mounts `image` at `mountpoint`, with the node
+    /// cache and run directory under `root` (the one place the snapshotter's
+    /// configuration becomes a daemon's). Credentials travel in its environment.
+    pub fn daemon_spec(&self, image: &str, mountpoint: &Path) -> Result<DaemonSpec> {
+        let host = image
+            .strip_prefix("docker://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("");
+        let mut spec = DaemonSpec {
+            cache_dir: self.root.join("cache"),
+            runtime_dir: self.root.join("run"),
+            cache_max_bytes: self.cache_max_bytes,
+            registry: if host.is_empty() {
+                RegistrySpec::default()
+            } else {
+                self.registry_spec_for(host)?
+            },
+            ..DaemonSpec::new(image, mountpoint)
+        };
+        self.daemon.apply(&mut spec);
+        Ok(spec)
     }
 }
 
@@ -238,25 +285,30 @@ mod tests {
     }
 
     #[test]
-    fn daemon_settings_become_mount_options() {
+    fn daemon_settings_and_registry_hosts_make_the_daemon_spec() {
         let config: Config = toml::from_str(
-            "[daemon]\nretries = 2\nprefetch = \"all\"\npassthrough = false\nlog_level = \"info\"\n[[registry]]\nhost = \"h\"\nmirrors = [\"http://m\"]\nplain_http = true\n",
+            "root = \"/r\"\ncache_max_bytes = 9\n[daemon]\nretries = 2\nprefetch = \"all\"\nprefetch_parallel = 3\npassthrough = false\nlog_level = \"info\"\n[[registry]]\nhost = \"h\"\nmirrors = [\"http://m\"]\nplain_http = true\n",
         )
         .unwrap();
-        let args: Vec<String> = config
-            .daemon
-            .to_args()
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(args, ["--retries", "2", "--prefetch", "all", "--no-passthrough", "-v"]);
-        let host: Vec<String> = config
-            .daemon_args_for("h")
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(host, ["--mirror", "http://m", "--plain-http"]);
-        assert!(config.daemon_args_for("other").is_empty());
+        let spec = config
+            .daemon_spec("docker://h/app:1", Path::new("/r/mounts/x"))
+            .unwrap();
+        let mut expected = DaemonSpec {
+            cache_dir: "/r/cache".into(),
+            runtime_dir: "/r/run".into(),
+            cache_max_bytes: Some(9),
+            log_level: SpecLogLevel::Info,
+            ..DaemonSpec::new("docker://h/app:1", "/r/mounts/x")
+        };
+        expected.registry.mirrors = vec!["http://m".into()];
+        expected.registry.plain_http = true;
+        expected.registry.retries = 2;
+        expected.tuning.passthrough = false;
+        expected.tuning.prefetch.mode = PrefetchMode::All;
+        expected.tuning.prefetch.parallel = 3;
+        assert_eq!(spec, expected);
+        let other = config.daemon_spec("docker://other/app:1", Path::new("/m")).unwrap();
+        assert!(other.registry.mirrors.is_empty() && !other.registry.plain_http);
         assert!(config.credentials_for("h").is_none());
         assert!(
             toml::from_str::<Config>("[daemon]\nthreads = 1\n").is_err(),

@@ -80,7 +80,7 @@ pub fn classify(
         }
     };
     let image_ref = ImageRef::parse(image).map_err(unavailable)?;
-    let client = RegistryClient::new(&image_ref.registry, &settings.client_options_for(&image_ref.registry))
+    let client = RegistryClient::new(&image_ref.registry, &settings.client_options_for(&image_ref.registry)?)
         .map_err(unavailable)?;
     // By the digest containerd resolved (CRI), else by the reference, which must then
     // list the layer (the tag may have moved during the pull).

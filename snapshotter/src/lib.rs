@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod hosts_toml;
 pub mod labels;
 pub mod metrics;
 pub mod provenance;

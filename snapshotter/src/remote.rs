@@ -10,6 +10,7 @@
 //! daemon is gone.
 
 use crate::error::{Result, SnapshotError};
+use petrel_fuse_daemon::DaemonSpec;
 use petrel_registry::ImageRef;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,29 +51,19 @@ pub fn is_live(mountpoint: &Path) -> bool {
 
 /// Starts a mount daemon for registry image `image` at `mountpoint` (returns once mounted).
 pub fn mount(config: &RemoteConfig, image: &str, mountpoint: &Path) -> Result<()> {
-    let mut command = Command::new(&config.petrel);
     let host = image
         .strip_prefix("docker://")
         .and_then(|r| r.split('/').next())
         .unwrap_or("");
-    if let Some(creds) = config.settings.credentials_for(host) {
-        command.env("PETREL_CREDS", creds);
-    }
-    command
-        .arg("mount")
-        .arg(image)
-        .args(config.settings.daemon_args_for(host));
-    run_mount_daemon(config, command, image, mountpoint)
+    let credentials = config.settings.credentials_for(host);
+    let spec = config.settings.daemon_spec(image, mountpoint)?;
+    run_mount_daemon(config, &spec, credentials)
 }
 
-/// Runs `command` (`petrel mount IMAGE` and its source options) as the daemon of
-/// the lazy mount at `mountpoint`, with the snapshotter's cache and run files.
-pub(crate) fn run_mount_daemon(
-    config: &RemoteConfig,
-    mut command: Command,
-    image: &str,
-    mountpoint: &Path,
-) -> Result<()> {
+/// Starts the daemon `spec` describes (`petrel mount --spec FILE --daemon`), its
+/// spec, pid and log files in the run directory; returns once it has mounted.
+pub(crate) fn run_mount_daemon(config: &RemoteConfig, spec: &DaemonSpec, credentials: Option<String>) -> Result<()> {
+    let mountpoint = spec.mountpoint.as_path();
     crate::store::private_dir(mountpoint)?;
     let name = mountpoint
         .file_name()
@@ -80,34 +71,31 @@ pub(crate) fn run_mount_daemon(
         .unwrap_or_default();
     let run = config.root.join("run");
     crate::store::private_dir(&run)?;
+    let spec_path = run.join(format!("{name}.spec.toml"));
+    std::fs::write(&spec_path, spec.to_toml()).map_err(SnapshotError::io("write", &spec_path))?;
+    let mut command = Command::new(&config.petrel);
+    if let Some(credentials) = credentials {
+        command.env("PETREL_CREDS", credentials);
+    }
     if config.settings.daemon.log_level.is_some() {
         // The configured level, not the snapshotter's own PETREL_LOG, sets the daemon's.
         command.env_remove("PETREL_LOG");
     }
     let out = command
-        .arg(mountpoint)
+        .arg("mount")
+        .arg("--spec")
+        .arg(&spec_path)
         .arg("--daemon")
-        .arg("--cache-dir")
-        .arg(config.root.join("cache"))
-        .arg("--runtime-dir")
-        .arg(&run)
         .arg("--pid-file")
         .arg(run.join(format!("{name}.pid")))
         .arg("--log-file")
         .arg(run.join(format!("{name}.log")))
-        .args(config.settings.daemon.to_args())
-        .args(
-            config
-                .settings
-                .cache_max_bytes
-                .iter()
-                .flat_map(|max| ["--cache-max-bytes".to_string(), max.to_string()]),
-        )
         .output()
         .map_err(SnapshotError::io("run", &config.petrel))?;
     if !out.status.success() {
         return Err(SnapshotError::FailedPrecondition(format!(
-            "mounting {image}: {}",
+            "mounting {}: {}",
+            spec.image,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
@@ -157,7 +145,7 @@ pub fn unmount(config: &RemoteConfig, mountpoint: &Path) {
         .filter(|n| !n.is_empty())
     {
         let run = config.root.join("run");
-        for extension in ["pid", "log"] {
+        for extension in ["pid", "log", "spec.toml"] {
             let _ = std::fs::remove_file(run.join(format!("{name}.{extension}")));
         }
         let _ = std::fs::remove_dir_all(config.unpacked_blob_dir(mountpoint));
@@ -185,11 +173,15 @@ pub fn unmount_orphans(config: &RemoteConfig, keep: &std::collections::HashSet<P
 
 /// Evicts chunks beyond the configured bound (after a layer was removed).
 pub fn collect_garbage(config: &RemoteConfig) {
-    if let Some(max) = config.settings.cache_max_bytes {
-        let _ = Command::new(&config.petrel)
-            .args(["cache", "gc", "--max-bytes", &max.to_string(), "--cache-dir"])
-            .arg(config.root.join("cache"))
-            .output();
+    let Some(max) = config.settings.cache_max_bytes else {
+        return;
+    };
+    match petrel_fuse_daemon::store::ChunkStore::open(&config.root.join("cache"), Some(max)) {
+        Ok(store) => {
+            let report = store.gc(max);
+            tracing::debug!(?report, "cache garbage collected");
+        }
+        Err(error) => tracing::warn!(%error, "cannot collect the cache's garbage"),
     }
 }
 

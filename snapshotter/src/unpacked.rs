@@ -12,7 +12,6 @@ use petrel_format::layer_tar;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 
 /// What petrel layer, if any, containerd unpacked into the snapshot directory `fs`:
 /// exactly one directory `petrel` holding exactly one regular file `blob` or
@@ -114,14 +113,14 @@ pub fn mount(config: &RemoteConfig, image: &UnpackedImage, mountpoint: &Path) ->
         let link = blobs_dir.join(digest.trim_start_matches("sha256:"));
         std::os::unix::fs::symlink(file, &link).map_err(SnapshotError::io("link", &link))?;
     }
-    let mut command = Command::new(&config.petrel);
-    command
-        .arg("mount")
-        .arg(&image.image_dir)
-        .arg("--blob-dir")
-        .arg(&links)
-        .arg("--unpacked-blobs");
-    crate::remote::run_mount_daemon(config, command, &image.image_dir.to_string_lossy(), mountpoint)
+    let spec = petrel_fuse_daemon::DaemonSpec {
+        blob_dir: Some(links),
+        unpacked_blobs: true,
+        ..config
+            .settings
+            .daemon_spec(&image.image_dir.to_string_lossy(), mountpoint)?
+    };
+    crate::remote::run_mount_daemon(config, &spec, None)
 }
 
 #[cfg(test)]

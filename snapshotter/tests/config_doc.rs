@@ -57,9 +57,13 @@ fn the_reference_page_lists_every_key_and_parses() {
             fuse_threads: Some(1),
             fetch_threads: Some(1),
             prefetch: Some(PrefetchSetting::All),
+            prefetch_request_bytes: Some(1),
+            prefetch_parallel: Some(1),
+            prefetch_bandwidth: Some(1),
             passthrough: Some(true),
             log_level: Some(LogLevel::Debug),
         },
+        hosts_dir: Some("d".into()),
         ..Config::default()
     };
     let mut type_keys = Vec::new();

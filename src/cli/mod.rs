@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and one module per command.
 
 pub mod build;
+mod cache;
 mod convert;
 mod image_tools;
 pub mod mount;
@@ -44,11 +45,11 @@ pub enum Command {
     /// Rebuild a local image with a profile's data at the front of the blob.
     Optimize(record::OptimizeArgs),
     /// Fill the node cache for an image (its prefetch region, or --all) without mounting it.
-    Warm(mount::WarmArgs),
+    Warm(cache::WarmArgs),
     /// Chunk dictionaries: `petrel dict build IMAGE... -o DICT`.
     Dict(build::DictArgs),
     /// The node cache: list images, collect garbage, remove an image.
-    Cache(mount::CacheArgs),
+    Cache(cache::CacheArgs),
     /// Serve containerd's snapshots API (proxy plugin) on a unix socket.
     Snapshotter(SnapshotterArgs),
     /// Unmount a petrel mount.
@@ -106,10 +107,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => image_tools::inspect(args),
         Command::Check(args) => image_tools::check(args),
         Command::Unpack(args) => image_tools::unpack(args),
-        Command::Mount(args) => mount::run_mount(args),
+        Command::Mount(args) => mount::run_mount(args, cli.verbose, cli.log_format),
         Command::Umount(args) => mount::run_umount(args),
-        Command::Warm(args) => mount::run_warm(args),
-        Command::Cache(args) => mount::run_cache(args),
+        Command::Warm(args) => cache::run_warm(args),
+        Command::Cache(args) => cache::run_cache(args),
         Command::Snapshotter(args) => {
             let mut settings = match &args.config {
                 Some(path) => petrel_snapshotter::config::Config::load(path)?,

@@ -1,26 +1,38 @@
-//! `petrel mount`, `petrel umount` and `petrel stats`.
+//! `petrel mount`, `petrel umount` and `petrel stats`. A mount daemon runs from one
+//! typed spec (`petrel_fuse_daemon::spec`): built here from the options, or read
+//! from `--spec FILE` (a systemd unit's, the snapshotter's); `--daemon` hands the
+//! spec to its child on standard input.
 
 use anyhow::{bail, Context};
 use petrel_fuse_daemon::control;
-use petrel_fuse_daemon::mount::{is_mounted, unmount, MountConfig};
+use petrel_fuse_daemon::mount::{is_mounted, unmount};
 use petrel_fuse_daemon::prefetch::{PrefetchConfig, PrefetchMode};
+use petrel_fuse_daemon::spec::{self, DaemonSpec, LogLevel, Tuning};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-/// Default node cache root.
-pub const DEFAULT_CACHE_DIR: &str = "/var/lib/petrel/cache";
-/// Default directory of control sockets.
-pub const DEFAULT_RUNTIME_DIR: &str = "/run/petrel";
+pub use petrel_fuse_daemon::spec::{DEFAULT_CACHE_DIR, DEFAULT_RUNTIME_DIR};
 /// How long `--daemon` waits for the mount to appear.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
     /// Image: a local image directory, or `docker://HOST/REPO:TAG` to mount from a registry.
-    image: String,
+    #[arg(required_unless_present = "spec")]
+    image: Option<String>,
     /// Where to mount it.
-    mountpoint: PathBuf,
+    #[arg(required_unless_present = "spec")]
+    mountpoint: Option<PathBuf>,
+    /// Run from this daemon spec (TOML; `-` reads standard input) instead of options:
+    /// image, mountpoint, cache, registry and tuning all come from it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
+        "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
+        "no_passthrough", "PrefetchArgs", "RegistryArgs",
+    ])]
+    spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
     /// instead of the image directory's.
     #[arg(long)]
@@ -39,10 +51,10 @@ pub struct MountArgs {
     #[arg(long, default_value_t = petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES)]
     amplify_bytes: u64,
     /// Threads reading FUSE requests.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = spec::DEFAULT_FUSE_THREADS)]
     fuse_threads: usize,
     /// Threads serving reads that wait for fetches.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = spec::DEFAULT_FETCH_THREADS)]
     fetch_threads: usize,
     #[command(flatten)]
     prefetch: PrefetchArgs,
@@ -76,10 +88,10 @@ pub struct PrefetchArgs {
     #[arg(long = "prefetch", default_value = "table")]
     mode: PrefetchMode,
     /// Stored bytes per prefetch range request.
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = PrefetchConfig::default().request_bytes)]
     prefetch_request_bytes: u64,
     /// Prefetch range requests in flight at once.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = PrefetchConfig::default().parallel)]
     prefetch_parallel: usize,
     /// Cap prefetch traffic at this many bytes per second.
     #[arg(long)]
@@ -97,44 +109,63 @@ impl PrefetchArgs {
     }
 }
 
-#[derive(Debug, clap::Args)]
-pub struct WarmArgs {
-    /// Image: a local image directory or `docker://HOST/REPO:TAG`.
-    image: String,
-    /// Node cache root.
-    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-    cache_dir: PathBuf,
-    /// Warm the whole image, not only its prefetch region.
-    #[arg(long)]
-    all: bool,
-    /// Stored bytes per range request.
-    #[arg(long, default_value_t = 8 << 20)]
-    request_bytes: u64,
-    /// Range requests in flight at once.
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
-    /// Keep what was warmed against eviction, whatever the cache bound, until
-    /// `petrel cache rm` (an edge node's images that must survive the uplink going).
-    #[arg(long)]
-    pin: bool,
-    #[command(flatten)]
-    registry: crate::cli::registry_args::RegistryArgs,
+impl MountArgs {
+    /// The daemon spec: `--spec`'s file, or the options; `-v` raises its log level.
+    pub fn spec(&self, verbose: u8) -> anyhow::Result<DaemonSpec> {
+        let mut spec = match (&self.spec, &self.image, &self.mountpoint) {
+            (Some(path), _, _) => DaemonSpec::load(path)?,
+            (None, Some(image), Some(mountpoint)) => DaemonSpec {
+                blob_dir: self.blob_dir.clone(),
+                unpacked_blobs: self.unpacked_blobs,
+                cache_dir: self.cache_dir.clone(),
+                runtime_dir: self.runtime_dir.clone(),
+                cache_max_bytes: self.cache_max_bytes,
+                record: self.record.clone(),
+                registry: self.registry.registry_spec(),
+                tuning: Tuning {
+                    amplify_bytes: self.amplify_bytes,
+                    fuse_threads: self.fuse_threads,
+                    fetch_threads: self.fetch_threads,
+                    passthrough: !self.no_passthrough,
+                    prefetch: self.prefetch.config(),
+                },
+                ..DaemonSpec::new(image.clone(), mountpoint.clone())
+            },
+            _ => bail!("give an image and a mountpoint, or --spec FILE"),
+        };
+        spec.log_level = spec.log_level.max(LogLevel::from_verbosity(verbose));
+        Ok(spec)
+    }
 }
 
-/// The backend, bootstrap file and display name of a local or registry image.
+/// The image's source: a registry client's options, or a local blob directory.
+pub struct ImageSource<'a> {
+    pub client_options: petrel_registry::ClientOptions,
+    pub blob_dir: Option<&'a std::path::Path>,
+    pub unpacked_blobs: bool,
+}
+
+impl ImageSource<'_> {
+    pub fn registry(args: &crate::cli::registry_args::RegistryArgs) -> anyhow::Result<Self> {
+        Ok(ImageSource {
+            client_options: args.client_options()?,
+            blob_dir: None,
+            unpacked_blobs: false,
+        })
+    }
+}
+
 pub fn resolve_image(
     image: &str,
     cache_dir: &std::path::Path,
-    registry: &crate::cli::registry_args::RegistryArgs,
-    blob_dir: Option<&std::path::Path>,
-    unpacked_blobs: bool,
+    source: &ImageSource<'_>,
 ) -> anyhow::Result<(std::sync::Arc<dyn petrel_fuse_daemon::Backend>, PathBuf, String)> {
     petrel_fuse_daemon::store::create_cache_dir(cache_dir)?;
     if let Some(reference) = image.strip_prefix("docker://") {
         let image_ref = petrel_registry::ImageRef::parse(reference)?;
         let client = std::sync::Arc::new(petrel_registry::RegistryClient::new(
             &image_ref.registry,
-            &registry.client_options()?,
+            &source.client_options,
         )?);
         let platform = petrel_registry::oci::Platform::host();
         let remote = petrel_fuse_daemon::remote::resolve(client, &image_ref, cache_dir, &platform)
@@ -143,8 +174,8 @@ pub fn resolve_image(
         Ok((remote.backend, remote.bootstrap_path, image_ref.to_string()))
     } else {
         let dir = PathBuf::from(image);
-        let blobs = blob_dir.map(PathBuf::from).unwrap_or_else(|| dir.clone());
-        let backend = std::sync::Arc::new(if unpacked_blobs {
+        let blobs = source.blob_dir.map(PathBuf::from).unwrap_or_else(|| dir.clone());
+        let backend = std::sync::Arc::new(if source.unpacked_blobs {
             petrel_fuse_daemon::LocalBackend::unpacked(blobs)
         } else {
             petrel_fuse_daemon::LocalBackend::new(blobs)
@@ -155,76 +186,6 @@ pub fn resolve_image(
             image.to_string(),
         ))
     }
-}
-
-pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
-    petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
-    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
-    let storage = petrel_fuse_daemon::mount::open_storage(&args.cache_dir, backend, &bootstrap, &name, 0, None)?;
-    let mode = if args.all {
-        PrefetchMode::All
-    } else {
-        PrefetchMode::Table
-    };
-    let ranges = petrel_fuse_daemon::prefetch::prefetch_ranges(&storage.image, mode);
-    let total = petrel_fuse_daemon::prefetch::ranges_bytes(&storage.image, &ranges);
-    let cached_before = storage.fetcher.cache().ready_count();
-    let config = PrefetchConfig {
-        mode,
-        request_bytes: args.request_bytes,
-        parallel: args.parallel,
-        bandwidth: None,
-    };
-    let prefetcher = petrel_fuse_daemon::prefetch::Prefetcher::start(
-        &storage.image,
-        std::sync::Arc::clone(&storage.fetcher),
-        config,
-    );
-    let bar = indicatif::ProgressBar::new(total);
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "warming [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-    } else {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    while !prefetcher.is_finished() {
-        bar.set_position(prefetcher.fetched.load(std::sync::atomic::Ordering::Relaxed));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let fetched = prefetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
-    prefetcher.wait();
-    bar.finish_and_clear();
-    let stats = storage.stats.snapshot();
-    let chunks = storage.image.bootstrap().chunk_count();
-    let ready = storage.fetcher.cache().ready_count();
-    outln!(
-        "warmed {name}: fetched {fetched} bytes in {} requests; {ready} of {chunks} chunks cached ({cached_before} were already); {} failed",
-        stats.prefetch_requests, stats.backend_errors + stats.chunks_failed_verification
-    );
-    if stats.backend_errors + stats.chunks_failed_verification > 0 {
-        anyhow::bail!("some chunks could not be fetched; run petrel warm again to resume");
-    }
-    if args.pin {
-        let bootstrap = storage.image.bootstrap();
-        let digests: Vec<[u8; 32]> = ranges
-            .iter()
-            .flat_map(|&(start, end)| start..end)
-            .filter_map(|i| bootstrap.chunk(i).ok().map(|c| c.digest))
-            .collect();
-        let hex = hex::encode(storage.image.digest());
-        petrel_fuse_daemon::store::pin_image(&args.cache_dir, &hex, &digests)?;
-        outln!(
-            "pinned {} chunks of {name} (petrel cache rm {} to release them)",
-            digests.len(),
-            &hex[..16]
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Args)]
@@ -245,6 +206,9 @@ pub struct StatsArgs {
     /// Print Prometheus text instead of JSON.
     #[arg(long)]
     prometheus: bool,
+    /// Print the daemon spec the mount runs from (TOML) instead.
+    #[arg(long, conflicts_with = "prometheus")]
+    spec: bool,
     /// Compare images' chunks: unique and shared bytes, and overlap between each pair.
     #[arg(long)]
     dedup: bool,
@@ -252,33 +216,25 @@ pub struct StatsArgs {
     registry: crate::cli::registry_args::RegistryArgs,
 }
 
-pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
+/// `petrel mount`: sets up logging at the spec's level (which may come from a file),
+/// then mounts in the foreground, or in a child with `--daemon`.
+pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat) -> anyhow::Result<ExitCode> {
+    let spec = args.spec(verbose)?;
+    crate::cli::init_logging(spec.log_level.verbosity(), log_format);
     if args.daemon {
-        return spawn_daemon(&args);
+        return spawn_daemon(&args, &spec, log_format);
     }
-    let socket = control::socket_path(&args.runtime_dir, &args.mountpoint);
-    let config = MountConfig {
-        amplify_bytes: args.amplify_bytes,
-        fuse_threads: args.fuse_threads,
-        fetch_threads: args.fetch_threads,
-        control_socket: Some(socket),
-        blob_dir: args.blob_dir.clone(),
-        prefetch: args.prefetch.config(),
-        record: args.record.clone(),
-        cache_max_bytes: args.cache_max_bytes,
-        passthrough: !args.no_passthrough,
-        ..MountConfig::new(&args.image, &args.mountpoint, &args.cache_dir)
+    let credentials = crate::cli::registry_args::read_credentials(spec.registry.creds_file.as_deref())?;
+    let config = spec.mount_config();
+    let source = ImageSource {
+        client_options: spec.client_options(credentials),
+        blob_dir: spec.blob_dir.as_deref(),
+        unpacked_blobs: spec.unpacked_blobs,
     };
-    let (backend, bootstrap, name) = resolve_image(
-        &args.image,
-        &args.cache_dir,
-        &args.registry,
-        args.blob_dir.as_deref(),
-        args.unpacked_blobs,
-    )?;
+    let (backend, bootstrap, name) = resolve_image(&spec.image, &spec.cache_dir, &source)?;
     let mounted = petrel_fuse_daemon::mount::mount_with_backend(&config, backend, &bootstrap, &name)
-        .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+        .with_context(|| format!("mounting {} at {}", spec.image, spec.mountpoint.display()))?;
+    tracing::info!(mountpoint = %spec.mountpoint.display(), "mounted");
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let signal_tx = tx.clone();
@@ -301,64 +257,41 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The options that only the parent of a `--daemon` acts on.
-const PARENT_ONLY_FLAGS: [&str; 1] = ["--daemon"];
-const PARENT_ONLY_OPTIONS: [&str; 2] = ["--pid-file", "--log-file"];
-
-/// `arguments` less the parent-only flags and options (with their values).
-fn daemon_arguments(arguments: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let mut kept = Vec::new();
-    let mut skip_value = false;
-    for argument in arguments {
-        if std::mem::take(&mut skip_value) {
-            continue;
-        }
-        let text = argument.to_string_lossy();
-        if PARENT_ONLY_FLAGS.contains(&text.as_ref()) {
-            continue;
-        }
-        if PARENT_ONLY_OPTIONS.contains(&text.as_ref()) {
-            skip_value = true;
-            continue;
-        }
-        if PARENT_ONLY_OPTIONS.iter().any(|o| text.starts_with(&format!("{o}="))) {
-            continue;
-        }
-        kept.push(argument);
-    }
-    kept
-}
-
-/// Starts this program again in the foreground, detached, and waits for the mount.
-fn spawn_daemon(args: &MountArgs) -> anyhow::Result<ExitCode> {
+/// Starts `petrel mount --spec -` detached, hands it `spec` on standard input, and
+/// waits for the mount.
+fn spawn_daemon(args: &MountArgs, spec: &DaemonSpec, log_format: crate::cli::LogFormat) -> anyhow::Result<ExitCode> {
+    // Credentials that cannot be read fail here, not in a detached child.
+    crate::cli::registry_args::read_credentials(spec.registry.creds_file.as_deref())?;
     let exe = std::env::current_exe()?;
-    petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
+    petrel_fuse_daemon::store::create_cache_dir(&spec.cache_dir)?;
     let log_path = args
         .log_file
         .clone()
-        .unwrap_or_else(|| args.cache_dir.join("daemon.log"));
+        .unwrap_or_else(|| spec.cache_dir.join("daemon.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
-    // The daemon is this very command line, less what only this parent acts on:
-    // every option the user (or the snapshotter) gave reaches it, global ones (`-v`)
-    // included, instead of an argument list assembled here that forgets the ones
-    // added later.
     let mut command = Command::new(exe);
     command
-        .args(daemon_arguments(std::env::args_os().skip(1)))
-        .stdin(Stdio::null())
+        .arg("--log-format")
+        .arg(match log_format {
+            crate::cli::LogFormat::Text => "text",
+            crate::cli::LogFormat::Json => "json",
+        })
+        .args(["mount", "--spec", "-"])
+        .stdin(Stdio::piped())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if let Some(creds) = args.registry.creds()? {
-        command.env("PETREL_CREDS", creds);
-    }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().context("starting the daemon")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A child that died at once closes the pipe; its log says why (below).
+        let _ = stdin.write_all(spec.to_toml().as_bytes());
+    }
     let started = Instant::now();
-    while !is_mounted(&args.mountpoint) {
+    while !is_mounted(&spec.mountpoint) {
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last: Vec<&str> = log
@@ -404,7 +337,11 @@ pub fn run_stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("give one mountpoint (or --dedup with images)");
     };
     let socket = control::socket_path(&args.runtime_dir, std::path::Path::new(mountpoint));
-    let request = if args.prometheus { "metrics" } else { "stats" };
+    let request = match (args.prometheus, args.spec) {
+        (true, _) => "metrics",
+        (_, true) => "spec",
+        _ => "stats",
+    };
     let answer = control::request(&socket, request)
         .with_context(|| format!("asking the daemon of {mountpoint} ({})", socket.display()))?;
     out!("{answer}");
@@ -416,7 +353,7 @@ fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
     let cache = tempfile::tempdir()?;
     let mut images: Vec<(String, std::collections::HashMap<[u8; 32], u64>)> = Vec::new();
     for target in &args.targets {
-        let (_, bootstrap_path, name) = resolve_image(target, cache.path(), &args.registry, None, false)?;
+        let (_, bootstrap_path, name) = resolve_image(target, cache.path(), &ImageSource::registry(&args.registry)?)?;
         let bytes = std::fs::read(&bootstrap_path).with_context(|| format!("reading {}", bootstrap_path.display()))?;
         let bootstrap = petrel_format::Bootstrap::open(&bytes).with_context(|| format!("bootstrap of {target}"))?;
         let mut chunks = std::collections::HashMap::new();
@@ -459,168 +396,4 @@ fn run_dedup_stats(args: &StatsArgs) -> anyhow::Result<ExitCode> {
         serde_json::json!({"unique_bytes": unique, "shared_bytes": shared, "total_bytes": total, "images": per_image});
     outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
-}
-
-#[derive(Debug, clap::Args)]
-pub struct CacheArgs {
-    #[command(subcommand)]
-    command: CacheCommand,
-    /// Node cache root.
-    #[arg(long, default_value = DEFAULT_CACHE_DIR, global = true)]
-    cache_dir: PathBuf,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum CacheCommand {
-    /// Images with bootstraps in the cache: chunks cached, bytes, last use.
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Evict least recently used chunks (never those a live mount pins) down to a size.
-    Gc {
-        #[arg(long, default_value_t = 0)]
-        max_bytes: u64,
-    },
-    /// Remove an image (its bootstrap digest, or a prefix of it) and the chunks only it uses.
-    Rm { image: String },
-}
-
-pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
-    let store = petrel_fuse_daemon::store::ChunkStore::open(&args.cache_dir, None)?;
-    match args.command {
-        CacheCommand::Ls { json } => {
-            let images = petrel_fuse_daemon::store::cached_images(&args.cache_dir, &store);
-            let (chunks, bytes) = store.usage();
-            if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"chunks": chunks, "bytes": bytes, "images": images})
-                    )?
-                );
-            } else {
-                outln!("{chunks} chunks, {bytes} bytes in {}", store.root().display());
-                for image in images {
-                    outln!(
-                        "{}  {}/{} chunks  {} bytes  last use {}{}",
-                        image.bootstrap,
-                        image.chunks_cached,
-                        image.chunks,
-                        image.bytes_cached,
-                        image.last_use.map_or("-".into(), |t| t.to_string()),
-                        if image.pinned { "  pinned" } else { "" }
-                    );
-                }
-            }
-        }
-        CacheCommand::Gc { max_bytes } => {
-            let report = store.gc(max_bytes);
-            outln!("{}", serde_json::to_string(&report)?);
-        }
-        CacheCommand::Rm { image } => {
-            let dir = args.cache_dir.join("bootstraps");
-            let matches: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&image)))
-                .collect();
-            let [path] = matches.as_slice() else {
-                anyhow::bail!(
-                    "{} cached images match {image:?}; give more of the digest",
-                    matches.len()
-                );
-            };
-            let digests = |p: &std::path::Path| -> anyhow::Result<Vec<[u8; 32]>> {
-                let bytes = std::fs::read(p)?;
-                let bootstrap = petrel_format::Bootstrap::open(&bytes)?;
-                Ok((0..bootstrap.chunk_count())
-                    .filter_map(|i| bootstrap.chunk(i).ok().map(|c| c.digest))
-                    .collect())
-            };
-            let mine = digests(path)?;
-            let mut others = std::collections::HashSet::new();
-            for other in std::fs::read_dir(&dir)?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p != path)
-            {
-                others.extend(digests(&other).unwrap_or_default());
-            }
-            let mut removed = 0;
-            for digest in mine.iter().filter(|d| !others.contains(*d)) {
-                if store.contains(digest) {
-                    store.remove(digest);
-                    removed += 1;
-                }
-            }
-            // Its materialized (passthrough) files are derived data: they go too.
-            let bytes = std::fs::read(path)?;
-            let bootstrap = petrel_format::Bootstrap::open(&bytes)?;
-            let mut files = 0;
-            for entry in bootstrap.walk() {
-                let inode = entry?.inode;
-                if inode.kind()? != petrel_format::FileKind::Regular {
-                    continue;
-                }
-                let materialized =
-                    petrel_fuse_daemon::passthrough::materialized_path(&args.cache_dir, &bootstrap, &inode)?;
-                if std::fs::remove_file(materialized).is_ok() {
-                    files += 1;
-                }
-            }
-            let unpinned = path
-                .file_name()
-                .is_some_and(|n| petrel_fuse_daemon::store::unpin_image(&args.cache_dir, &n.to_string_lossy()));
-            if unpinned {
-                outln!("released its pin");
-            }
-            std::fs::remove_file(path)?;
-            outln!(
-                "removed {} and {removed} chunks only it used ({files} materialized files)",
-                path.display()
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_daemon_gets_every_argument_but_the_parents_own() {
-        let given = [
-            "-v",
-            "mount",
-            "img",
-            "mnt",
-            "--daemon",
-            "--pid-file",
-            "p",
-            "--cache-max-bytes",
-            "5",
-            "--log-file=l",
-            "--mirror",
-            "http://m",
-        ];
-        let kept = daemon_arguments(given.iter().map(std::ffi::OsString::from));
-        assert_eq!(
-            kept,
-            [
-                "-v",
-                "mount",
-                "img",
-                "mnt",
-                "--cache-max-bytes",
-                "5",
-                "--mirror",
-                "http://m"
-            ]
-            .map(std::ffi::OsString::from)
-        );
-    }
 }

@@ -93,7 +93,11 @@ pub fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir)?;
     }
     petrel_fuse_daemon::store::create_cache_dir(&args.cache_dir)?;
-    let (backend, bootstrap, name) = resolve_image(&args.image, &args.cache_dir, &args.registry, None, false)?;
+    let (backend, bootstrap, name) = resolve_image(
+        &args.image,
+        &args.cache_dir,
+        &crate::cli::mount::ImageSource::registry(&args.registry)?,
+    )?;
     let config = MountConfig {
         record: Some(args.profile.clone()),
         prefetch: PrefetchConfig {

@@ -32,29 +32,17 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// Credentials to hand to a child process through `PETREL_CREDS`: the `--creds`
-    /// file's, else `PETREL_CREDS`'s.
-    pub fn creds(&self) -> anyhow::Result<Option<String>> {
-        self.creds_from(self.creds_file.as_deref())
-    }
-
-    /// The credentials in the file `path` (`--creds`, `--src-creds`, `--dest-creds`),
-    /// else `PETREL_CREDS`'s.
-    fn creds_from(&self, path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-        let Some(path) = path else {
-            return Ok(std::env::var("PETREL_CREDS").ok().filter(|c| !c.is_empty()));
-        };
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CREDS_FILE), &mut text))
-            .map_err(|e| {
-                // The path is not repeated: it may be credentials given by mistake.
-                anyhow::anyhow!(
-                    "--creds (and --src-creds, --dest-creds) take a file holding USER:PASSWORD, not the credentials themselves \
-                     (a command line is visible to every local user); the file given cannot be read: {e}"
-                )
-            })?;
-        Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+    /// What a daemon spec says of these options (credentials stay out of it: a
+    /// `--creds` file is named, never read into it).
+    pub fn registry_spec(&self) -> petrel_fuse_daemon::spec::RegistrySpec {
+        petrel_fuse_daemon::spec::RegistrySpec {
+            mirrors: self.mirrors.clone(),
+            plain_http: self.plain_http,
+            ca_file: self.ca_file.clone(),
+            creds_file: self.creds_file.clone(),
+            retries: self.retries,
+            retry_seconds: self.retry_seconds,
+        }
     }
 
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
@@ -64,12 +52,7 @@ impl RegistryArgs {
     /// Client options whose credentials come from `creds_file` when given (a
     /// side-specific `--src-creds` / `--dest-creds`), else as `client_options`.
     pub fn client_options_with(&self, creds_file: Option<&std::path::Path>) -> anyhow::Result<ClientOptions> {
-        let credentials = match self.creds_from(creds_file.or(self.creds_file.as_deref()))? {
-            Some(text) => Some(Credentials::parse(&text).ok_or_else(|| {
-                anyhow::anyhow!("credentials (a --creds file or PETREL_CREDS) must be USER:PASSWORD")
-            })?),
-            None => None,
-        };
+        let credentials = read_credentials(creds_file.or(self.creds_file.as_deref()))?;
         Ok(ClientOptions {
             plain_http: self.plain_http,
             ca_file: self.ca_file.clone(),
@@ -82,5 +65,34 @@ impl RegistryArgs {
             },
             ..ClientOptions::default()
         })
+    }
+}
+
+/// The credentials in the file `path` (`--creds`, `--src-creds`, `--dest-creds`, a
+/// daemon spec's `creds_file`), else `PETREL_CREDS`'s.
+fn creds_text(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else {
+        return Ok(std::env::var("PETREL_CREDS").ok().filter(|c| !c.is_empty()));
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CREDS_FILE), &mut text))
+        .map_err(|e| {
+            // The path is not repeated: it may be credentials given by mistake.
+            anyhow::anyhow!(
+                "--creds (and --src-creds, --dest-creds) take a file holding USER:PASSWORD, not the credentials themselves \
+                 (a command line is visible to every local user); the file given cannot be read: {e}"
+            )
+        })?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// `creds_text`, parsed.
+pub fn read_credentials(path: Option<&std::path::Path>) -> anyhow::Result<Option<Credentials>> {
+    match creds_text(path)? {
+        Some(text) => Ok(Some(Credentials::parse(&text).ok_or_else(|| {
+            anyhow::anyhow!("credentials (a --creds file or PETREL_CREDS) must be USER:PASSWORD")
+        })?)),
+        None => Ok(None),
     }
 }

@@ -53,9 +53,15 @@ impl Containerd {
         std::fs::write(dir.path().join("containerd.toml"), config).unwrap();
         let metrics = format!("127.0.0.1:{}", super::free_port());
         std::fs::write(dir.path().join("metrics.addr"), &metrics).unwrap();
+        // A bound of 1 GiB unless the test sets its own.
+        let bound = if snapshotter_config.contains("cache_max_bytes") {
+            ""
+        } else {
+            "cache_max_bytes = 1073741824\n"
+        };
         std::fs::write(
             dir.path().join("snapshotter.toml"),
-            format!("metrics_address = \"{metrics}\"\ncache_max_bytes = 1073741824\n{snapshotter_config}"),
+            format!("metrics_address = \"{metrics}\"\n{bound}{snapshotter_config}"),
         )
         .unwrap();
         let mut harness = Containerd {

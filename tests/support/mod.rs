@@ -41,6 +41,21 @@ pub fn fuse_available() -> bool {
     ok
 }
 
+/// An IPv4 address of this machine outside 127.0.0.0/8 (a registry there is "not on
+/// localhost" to petrel, containerd and skopeo alike), if it has one.
+pub fn non_loopback_ipv4() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|word| *word != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_string)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -63,11 +78,20 @@ impl TestRegistry {
         Self::start_with(false, &format!("proxy:\n  remoteurl: http://{upstream}\n"))
     }
 
+    /// A registry listening on `host` (an address of this machine) instead of loopback.
+    pub fn start_on(host: &str) -> Self {
+        Self::start_on_with(host, false, "")
+    }
+
     fn start_with(auth: bool, extra_config: &str) -> Self {
+        Self::start_on_with("127.0.0.1", auth, extra_config)
+    }
+
+    fn start_on_with(host: &str, auth: bool, extra_config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra_config}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}:{port}\n{extra_config}",
             dir.path().join("storage").display()
         );
         if auth {
@@ -93,7 +117,7 @@ impl TestRegistry {
             .stderr(log)
             .spawn()
             .unwrap();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{host}:{port}");
         let registry = TestRegistry { child, addr, dir, auth };
         registry.wait_ready();
         registry
