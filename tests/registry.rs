@@ -1278,3 +1278,58 @@ fn nodes_behind_a_pull_through_mirror_fetch_from_the_origin_once() {
         "the origin served {origin_blob_requests} blob requests for 3 nodes"
     );
 }
+
+/// Nodes that warm the same image at once through one cold pull-through mirror
+/// (docker-registry in proxy mode) cost the origin about one copy of it, the
+/// mirror's own: background reads wait while the mirror fills instead of making it
+/// stream the whole blob from the origin once per request (`registry::warmth`).
+#[test]
+fn nodes_warming_at_once_through_a_cold_mirror_cost_the_origin_one_copy() {
+    if !registry_tools_available() {
+        return;
+    }
+    let origin = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let mut layer = petrel_fixtures::layer_writer::LayerWriter::new();
+    layer.file(
+        "data/model.bin",
+        &Default::default(),
+        &petrel_fixtures::rng::Rng::new(7).bytes(12 << 20),
+    );
+    write_oci_layout(&work.path().join("layout"), "v1", &[layer.finish()]).unwrap();
+    origin.push_layout(&work.path().join("layout"), "model", "v1");
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("docker://{}/model:v1", origin.addr))
+        .arg(format!("docker://{}/model:petrel", origin.addr))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let uplink = support::uplink::Uplink::start(&origin.addr, 24 << 20);
+    let image = format!("docker://{}/model:petrel", uplink.addr);
+    let warm = |cache: &str, mirror: Option<&str>| {
+        let mut command = petrel();
+        command
+            .args(["warm", &image, "--all", "--cache-dir"])
+            .arg(work.path().join(cache));
+        if let Some(mirror) = mirror {
+            command.args(["--mirror", &format!("http://{mirror}")]);
+        }
+        command.spawn().unwrap()
+    };
+    assert!(warm("direct", None).wait().unwrap().success());
+    let one_copy = uplink.delivered();
+    let mirror = TestRegistry::start_mirror_of(&uplink.addr);
+    let nodes: Vec<_> = (0..3)
+        .map(|node| warm(&format!("node{node}"), Some(&mirror.addr)))
+        .collect();
+    for mut node in nodes {
+        assert!(node.wait().unwrap().success(), "every node warmed (chunks verified)");
+    }
+    let behind_mirror = uplink.delivered() - one_copy;
+    eprintln!("origin bytes: one node direct {one_copy}, three nodes behind the mirror {behind_mirror}");
+    assert!(
+        (behind_mirror as f64) < 1.5 * one_copy as f64,
+        "three nodes behind a cold mirror cost the origin {behind_mirror} bytes; one node alone {one_copy}"
+    );
+}

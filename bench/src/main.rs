@@ -5,6 +5,7 @@
 mod build;
 mod containerd;
 mod dedup;
+mod edge;
 mod measure;
 mod mount;
 mod registry;
@@ -19,8 +20,9 @@ fn main() -> anyhow::Result<()> {
         Some("dedup") => dedup::run(&args[1..]),
         Some("containerd") => containerd::run(&args[1..]),
         Some("registry") => registry::run(&args[1..]),
+        Some("edge") => edge::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
             std::process::exit(2)
         }
     }

@@ -23,11 +23,16 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, "")
+    }
+
+    /// With `extra` YAML appended to its config (e.g. a `proxy:` section).
+    pub(crate) fn start_with(dir: &Path, extra: &str) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(dir)?;
         let config = dir.join("config.yml");
-        std::fs::write(&config, format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", dir.join("storage").display()))?;
+        std::fs::write(&config, format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}", dir.join("storage").display()))?;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)

@@ -28,7 +28,7 @@ impl Link {
     }
 }
 
-/// Bytes the relay carried from the server to clients (all connections).
+/// Bytes the relay delivered from the server to clients (all connections).
 pub static BYTES_DOWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Starts the relay in front of `upstream`; returns its address.
@@ -64,16 +64,18 @@ pub fn start(upstream: &str, one_way: Duration, bits_per_second: f64) -> String 
 }
 
 fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>, count: bool) {
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    // What the link holds in flight is bounded, about its bandwidth-delay product (at
+    // least 8 reads): a reader that stops reading stops the sender, as over a real
+    // link, instead of the relay draining the whole upstream response into memory.
+    let in_flight_bytes = link.bytes_per_second * link.one_way.as_secs_f64() * 2.0;
+    let slots = ((in_flight_bytes / (64 << 10) as f64).ceil() as usize).max(8);
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(slots);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if count {
-                        BYTES_DOWN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
                     if tx.send((link.release_time(n), buf[..n].to_vec())).is_err() {
                         break;
                     }
@@ -89,6 +91,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>, count: bool) {
             }
             if to.write_all(&data).is_err() {
                 break;
+            }
+            if count {
+                // Counted as delivered: what actually crossed the link.
+                BYTES_DOWN.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
         let _ = to.shutdown(Shutdown::Write);

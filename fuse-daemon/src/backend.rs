@@ -12,10 +12,18 @@ use std::path::PathBuf;
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Reads `len` bytes at `offset` of the blob with sha256 `digest`. Must return
     /// exactly `len` bytes or an error.
-    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>>;
 
     /// A short description for logs (`local:/path`, `registry:host/repo`).
     fn describe(&self) -> String;
+}
+
+/// Who waits for a read: a reader (fastest source now), or the prefetcher (may wait
+/// for a mirror to hold the blob rather than spend the origin's uplink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPurpose {
+    Reader,
+    Background,
 }
 
 /// Blobs in a local directory laid out as `blobs/sha256/<hex>` (a petrel image
@@ -48,7 +56,7 @@ impl LocalBackend {
 }
 
 impl Backend for LocalBackend {
-    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, _: ReadPurpose) -> std::io::Result<Vec<u8>> {
         let path = self.dir.blob_path(digest);
         let at = offset.checked_sub(self.header_bytes).ok_or_else(|| {
             std::io::Error::new(

@@ -3,7 +3,7 @@
 //! verifies every chunk, stores it in the cache, and lets every reader waiting for
 //! a chunk share one fetch.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ReadPurpose};
 use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
@@ -193,7 +193,7 @@ impl Fetcher {
             match planned {
                 Some(flights) => {
                     self.stats.cache_misses.fetch_add(1, Relaxed);
-                    self.fetch(&flights);
+                    self.fetch(&flights, ReadPurpose::Reader);
                 }
                 None => {
                     self.stats.waited_on_inflight.fetch_add(1, Relaxed);
@@ -283,7 +283,7 @@ impl Fetcher {
         for (chunk, _) in &flights {
             self.prefetched.mark(chunk.index);
         }
-        self.fetch(&flights);
+        self.fetch(&flights, ReadPurpose::Background);
         (next, bytes)
     }
 
@@ -296,10 +296,10 @@ impl Fetcher {
 
     /// Fetches the planned chunks with one range request, verifies them, publishes
     /// each chunk's outcome to its waiting readers, then caches them.
-    fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)]) {
+    fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)], purpose: ReadPurpose) {
         let decoded: u64 = flights.iter().map(|(c, _)| u64::from(c.uncompressed_size)).sum();
         let _held = self.decoded.take(decoded);
-        let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect());
+        let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect(), purpose);
         // Readers wait for the network, not the disk: they get the verified bytes now.
         for ((_, flight), outcome) in flights.iter().zip(&outcomes) {
             *flight.outcome.lock().expect("flight lock") = Some(outcome.clone());
@@ -323,7 +323,7 @@ impl Fetcher {
         }
     }
 
-    fn fetch_and_verify(&self, chunks: Vec<ChunkInfo>) -> Vec<Outcome> {
+    fn fetch_and_verify(&self, chunks: Vec<ChunkInfo>, purpose: ReadPurpose) -> Vec<Outcome> {
         let bootstrap = self.image.bootstrap();
         let first = chunks[0];
         let last = chunks[chunks.len() - 1];
@@ -337,7 +337,7 @@ impl Fetcher {
             }
         };
         self.stats.backend_requests.fetch_add(1, Relaxed);
-        let bytes = match self.backend.read_range(&blob.digest, start, end - start) {
+        let bytes = match self.backend.read_range(&blob.digest, start, end - start, purpose) {
             Ok(bytes) if bytes.len() as u64 == end - start => bytes,
             Ok(bytes) => {
                 self.stats.backend_errors.fetch_add(1, Relaxed);

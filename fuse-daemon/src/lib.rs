@@ -21,7 +21,7 @@ pub mod stats;
 pub mod store;
 mod workers;
 
-pub use backend::{Backend, LocalBackend};
+pub use backend::{Backend, LocalBackend, ReadPurpose};
 pub use error::{DaemonError, Result};
 pub use mount::{mount, MountConfig, Mounted};
 pub use spec::DaemonSpec;

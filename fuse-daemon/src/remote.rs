@@ -33,10 +33,20 @@ impl RegistryBackend {
 }
 
 impl Backend for RegistryBackend {
-    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    fn read_range(
+        &self,
+        digest: &[u8; 32],
+        offset: u64,
+        len: u64,
+        purpose: crate::backend::ReadPurpose,
+    ) -> std::io::Result<Vec<u8>> {
         let digest = format!("sha256:{}", hex::encode(digest));
+        let patience = match purpose {
+            crate::backend::ReadPurpose::Reader => petrel_registry::client::MirrorPatience::None,
+            crate::backend::ReadPurpose::Background => petrel_registry::client::MirrorPatience::WaitWhileItFills,
+        };
         self.client
-            .get_blob_range(&self.repository, &digest, offset, len)
+            .get_blob_range_with(&self.repository, &digest, offset, len, patience)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
 

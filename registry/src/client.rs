@@ -101,6 +101,19 @@ pub struct RegistryClient {
     retry: RetryPolicy,
     /// Which mirrors are down (skipped, probed in the background).
     health: std::sync::Arc<crate::health::SourceHealth>,
+    /// Which blobs each mirror holds yet (ranged reads of the others go to the origin).
+    warmth: crate::warmth::MirrorWarmth,
+}
+
+/// Whether a ranged read may wait for a mirror that is still filling its cache with
+/// the blob (`crate::warmth`) instead of reading it from the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorPatience {
+    /// A reader is waiting: the origin now.
+    None,
+    /// Background work (prefetch, warm): wait for the mirror for up to half the
+    /// read's deadline, so N nodes behind one mirror cost the origin one copy.
+    WaitWhileItFills,
 }
 
 /// Whose auth state a request uses: a source (origin or mirror base URL) and a repository.
@@ -228,6 +241,7 @@ impl RegistryClient {
             auth: Mutex::new(std::collections::HashMap::new()),
             retry: options.retry,
             health: Default::default(),
+            warmth: Default::default(),
         })
     }
 
@@ -436,7 +450,23 @@ impl RegistryClient {
         ok: &dyn Fn(StatusCode) -> bool,
         deadline: Option<Instant>,
     ) -> Result<Response> {
+        self.get_from_any_of_blob(path, None, None, build, ok, deadline)
+    }
+
+    /// `get_from_any` for a ranged read of blob `digest`: a mirror that does not hold
+    /// the blob yet is waited for until `patient_until`, else skipped
+    /// (`crate::warmth`), and asked last if the registry fails.
+    fn get_from_any_of_blob(
+        &self,
+        path: &str,
+        ranged_blob: Option<&str>,
+        patient_until: Option<Instant>,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+        ok: &dyn Fn(StatusCode) -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<Response> {
         let mut last = None;
+        let mut cold = Vec::new();
         for base in self.read_bases() {
             let url = format!("{base}{path}");
             if base == self.base {
@@ -450,30 +480,77 @@ impl RegistryClient {
             if !self.health.is_up(base) {
                 continue;
             }
-            let once = RetryPolicy {
-                max_attempts: 1,
-                ..self.retry
-            };
-            let down = match self.send_with(Method::GET, &url, build, deadline, once) {
-                Ok(response) if ok(response.status()) => {
-                    self.health.succeeded(base);
-                    return Ok(response);
+            if let Some(digest) = ranged_blob {
+                let mut usable = self.warmth.try_use(base, digest);
+                while let Some(until) = patient_until.filter(|until| !usable && Instant::now() < *until) {
+                    let wake = self.warmth.next_try(base, digest).min(until);
+                    std::thread::sleep(
+                        wake.saturating_duration_since(Instant::now())
+                            .clamp(Duration::from_millis(20), Duration::from_secs(1)),
+                    );
+                    usable = self.warmth.try_use(base, digest);
                 }
-                Ok(response) => {
-                    let down = response.status().is_server_error();
-                    last = Some(Self::status_error("GET", &url, response));
-                    down
+                if !usable {
+                    cold.push(base);
+                    continue;
                 }
+            }
+            match self.ask_mirror(base, &url, build, ok, deadline) {
+                Ok(response) => return Ok(response),
                 Err(e) => {
+                    if let Some(digest) = ranged_blob {
+                        self.warmth.abandon(base, digest);
+                    }
                     last = Some(e);
-                    true
                 }
-            };
-            if down && self.health.failed(base) {
-                crate::health::start_prober(&self.health, self.http.clone(), base.to_string());
+            }
+        }
+        // The registry failed too: a mirror still filling its cache may serve it.
+        for base in cold {
+            match self.ask_mirror(base, &format!("{base}{path}"), build, ok, deadline) {
+                Ok(response) => return Ok(response),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.expect("at least the registry itself"))
+    }
+
+    /// One attempt at a mirror; a failure (no answer, a 5xx) marks it down.
+    fn ask_mirror(
+        &self,
+        base: &str,
+        url: &str,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+        ok: &dyn Fn(StatusCode) -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<Response> {
+        let once = RetryPolicy {
+            max_attempts: 1,
+            ..self.retry
+        };
+        let (down, error) = match self.send_with(Method::GET, url, build, deadline, once) {
+            Ok(response) if ok(response.status()) => {
+                self.health.succeeded(base);
+                return Ok(response);
+            }
+            Ok(response) => (
+                response.status().is_server_error(),
+                Self::status_error("GET", url, response),
+            ),
+            Err(e) => (true, e),
+        };
+        if down && self.health.failed(base) {
+            crate::health::start_prober(&self.health, self.http.clone(), base.to_string());
+        }
+        Err(error)
+    }
+
+    /// The mirror among the read bases that `url` is under, if any.
+    fn mirror_of(&self, url: &str) -> Option<&str> {
+        self.mirrors
+            .iter()
+            .map(String::as_str)
+            .find(|base| url.starts_with(&format!("{base}/")))
     }
 
     /// Fetches a manifest or index: (bytes, media type, digest). A digest reference
@@ -624,19 +701,56 @@ impl RegistryClient {
     /// ignores Range and sends the whole blob (200) is handled by skipping ahead; a
     /// body cut short is retried within the retry budget.
     pub fn get_blob_range(&self, repository: &str, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.get_blob_range_with(repository, digest, offset, len, MirrorPatience::None)
+    }
+
+    /// `get_blob_range`, waiting for a mirror that is filling its cache if `patience` says so.
+    pub fn get_blob_range_with(
+        &self,
+        repository: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        patience: MirrorPatience,
+    ) -> Result<Vec<u8>> {
         let path = format!("/v2/{repository}/blobs/{digest}");
         let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
         // One deadline for the whole read, its retries and every body byte included.
-        let mut attempts = Attempts::until(self.retry, read_deadline(&self.retry, len));
+        let deadline = read_deadline(&self.retry, len);
+        let mut attempts = Attempts::until(self.retry, deadline);
+        let patient_until = (patience == MirrorPatience::WaitWhileItFills && !self.mirrors.is_empty()).then(|| {
+            let now = Instant::now();
+            now + deadline.saturating_duration_since(now) / 2
+        });
+        // Once only: if the registry fails, the mirror's whole blob is read after all.
+        let mut passed_over_a_whole_blob = false;
         loop {
             attempts.made += 1;
-            let response = self.get_from_any(
+            let response = self.get_from_any_of_blob(
                 &path,
+                Some(digest),
+                patient_until,
                 &|r| r.header(RANGE, &range),
                 &|s| s == StatusCode::PARTIAL_CONTENT || s == StatusCode::OK,
                 Some(attempts.deadline()),
             )?;
-            let skip = if response.status() == StatusCode::OK { offset } else { 0 };
+            let whole = response.status() == StatusCode::OK;
+            if let Some(mirror) = self.mirror_of(response.url().as_str()).map(str::to_string) {
+                if !whole {
+                    self.warmth.warm(&mirror, digest);
+                } else {
+                    self.warmth.cold(&mirror, digest);
+                    let patient = patient_until.is_some_and(|until| Instant::now() < until);
+                    // Dropping this stream stops the mirror's extra copy from the origin.
+                    // A patient read waits for the mirror's own copy; any other read
+                    // goes to the origin when it would skip more than it reads.
+                    if patient || (offset > len && !std::mem::replace(&mut passed_over_a_whole_blob, true)) {
+                        attempts.made -= 1;
+                        continue;
+                    }
+                }
+            }
+            let skip = if whole { offset } else { 0 };
             let mut body = DeadlineReader {
                 inner: response,
                 deadline: attempts.deadline(),

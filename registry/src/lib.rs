@@ -10,6 +10,7 @@ pub mod layout;
 pub mod oci;
 pub mod reference;
 pub mod retry;
+pub mod warmth;
 
 pub use auth::Credentials;
 pub use client::{ClientOptions, RegistryClient};

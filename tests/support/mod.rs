@@ -6,6 +6,7 @@ pub mod busybox_image;
 pub mod containerd;
 pub mod cri;
 pub mod fault_proxy;
+pub mod uplink;
 
 pub use petrel_fuse_daemon::mount::is_mounted as is_petrel_mount;
 use std::io::{Read, Write};
