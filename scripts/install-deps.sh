@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail
 
-packages=(fuse3 zstd time curl unzip busybox-static docker-registry skopeo apache2-utils protobuf-compiler containerd runc stargz-snapshotter libarchive-tools python3 util-linux iproute2 golang-go)
+packages=(fuse3 zstd time curl unzip busybox-static docker-registry skopeo apache2-utils protobuf-compiler containerd runc stargz-snapshotter libarchive-tools python3 util-linux iproute2 golang-go tinyproxy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,6 +13,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The tests run tinyproxy with their own config; a system service that the
+  # package may have started is not wanted (only when we just installed it).
+  if [[ " ${missing[*]} " == *" tinyproxy "* ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+  fi
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is required (Rust 1.90 or newer)" >&2

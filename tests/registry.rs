@@ -1333,3 +1333,81 @@ fn nodes_warming_at_once_through_a_cold_mirror_cost_the_origin_one_copy() {
         "three nodes behind a cold mirror cost the origin {behind_mirror} bytes; one node alone {one_copy}"
     );
 }
+
+/// A node that reaches its registry only through an HTTP proxy (Debian's tinyproxy):
+/// `HTTP_PROXY` in the environment carries the resolve and every lazy read of a
+/// `--daemon` mount, and the bytes are right.
+#[test]
+fn a_lazy_mount_reads_through_a_real_http_proxy() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    if std::process::Command::new("tinyproxy").arg("-v").output().is_err() {
+        petrel_fixtures::report_skip("needs tinyproxy (apt-get install tinyproxy)");
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let reference = big_image(&registry, work.path());
+    let port = free_port();
+    let log = work.path().join("tinyproxy.log");
+    let config = work.path().join("tinyproxy.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nLogLevel Info\nLogFile \"{}\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut proxy = std::process::Command::new("tinyproxy")
+        .arg("-d")
+        .arg("-c")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "tinyproxy did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = petrel()
+        .arg("mount")
+        .arg(format!("docker://{}/{reference}", registry.addr))
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .arg("--runtime-dir")
+        .arg(work.path().join("run"))
+        .args(["--prefetch", "off", "--daemon"])
+        .env("HTTP_PROXY", format!("http://127.0.0.1:{port}"))
+        .env_remove("http_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    for (path, data) in big_files() {
+        assert_eq!(std::fs::read(mountpoint.join(&path)).unwrap(), data, "{path}");
+    }
+    let out = petrel().arg("umount").arg(&mountpoint).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let blob_reads = text
+        .lines()
+        .filter(|l| l.contains(&format!("GET http://{}/v2/faults/blobs/", registry.addr)))
+        .count();
+    assert!(
+        text.contains(&format!("GET http://{}/v2/faults/manifests/", registry.addr)) && blob_reads >= 2,
+        "the manifest and the blobs went through the proxy ({blob_reads} blob requests):\n{text}"
+    );
+}
