@@ -1,9 +1,16 @@
 //! One image's view of the node-wide chunk store: chunk index → digest → stored
 //! bytes, with an in-memory bitset remembering which chunks were seen stored (a
 //! chunk evicted since is noticed when its read finds no file, and refetched).
+//!
+//! A chunk this daemon did not store itself (left by an earlier run, another
+//! daemon, `petrel warm`) is re-hashed the first time this daemon finds it: one
+//! flipped byte on disk makes it dropped and fetched again, never served. Chunks
+//! fetched here were verified on the way in. The cost is one read and one BLAKE3
+//! pass per chunk per daemon lifetime (measured in `scripts/bench.sh mount`).
 
 use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
+use crate::stats::Stats;
 use crate::store::ChunkStore;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -14,16 +21,23 @@ pub struct ChunkCache {
     image: Arc<MappedImage>,
     store: Arc<ChunkStore>,
     seen: Vec<AtomicU64>,
+    stats: Arc<Stats>,
 }
 
 impl ChunkCache {
-    pub fn new(image: Arc<MappedImage>, store: Arc<ChunkStore>) -> Self {
+    pub fn new(image: Arc<MappedImage>, store: Arc<ChunkStore>, stats: Arc<Stats>) -> Self {
         let words = (image.bootstrap().chunk_count() as usize).div_ceil(64);
         ChunkCache {
             image,
             store,
             seen: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            stats,
         }
+    }
+
+    /// Counts a cached chunk or file dropped for failing its digest.
+    pub fn note_corrupt(&self) {
+        self.stats.cache_corrupt_dropped.fetch_add(1, Relaxed);
     }
 
     pub fn store(&self) -> &Arc<ChunkStore> {
@@ -53,7 +67,24 @@ impl ChunkCache {
         if word.load(Relaxed) & (1 << (index % 64)) != 0 {
             return true;
         }
-        let present = self.digest(index).is_some_and(|d| self.store.contains(&d));
+        let Some(digest) = self.digest(index) else {
+            return false;
+        };
+        // First sight of a chunk stored by someone else: check its bytes once.
+        let present = match self.store.verify(&digest) {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    chunk = index,
+                    digest = %hex::encode(digest),
+                    "a cached chunk does not match its digest; dropping it to fetch it again"
+                );
+                self.store.remove(&digest);
+                self.note_corrupt();
+                false
+            }
+            Err(_) => false,
+        };
         if present {
             self.mark(index, true);
         }

@@ -113,7 +113,7 @@ fn import_bootstrap(source: &Path, dir: &Path, cached: &PathBuf, digest: &[u8; 3
 }
 
 #[allow(unsafe_code)]
-fn map_read_only(file: &File) -> std::io::Result<memmap2::Mmap> {
+pub(crate) fn map_read_only(file: &File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the file is the daemon's own copy of a bootstrap: a temporary file it
     // created (O_EXCL, in its 0700 cache) and finished writing before mapping it,
     // made 0444 and renamed into place by content digest, and never opened for

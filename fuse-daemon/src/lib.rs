@@ -19,6 +19,7 @@ pub mod resolved;
 pub mod spec;
 pub mod stats;
 pub mod store;
+pub mod verify;
 mod workers;
 
 pub use backend::{Backend, LocalBackend, ReadPurpose};

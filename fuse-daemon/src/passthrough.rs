@@ -8,6 +8,11 @@
 //! synced temporary file and a rename, like chunks; the store's GC removes them
 //! first when the cache is over its bound. A file being materialized while a chunk
 //! is evicted is simply not materialized, and the open goes through FUSE as before.
+//!
+//! A materialized file found on disk (an earlier daemon's, another image's) is
+//! checked against its chunks' digests before this daemon first hands it to the
+//! kernel (small files during the open, large ones in the background while the
+//! open goes through FUSE); one that does not match is removed and made again.
 
 use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
@@ -42,8 +47,10 @@ pub struct Passthrough {
     enabled: AtomicBool,
     next_handle: AtomicU64,
     state: Mutex<Opens>,
-    /// Content keys being materialized in the background.
+    /// Content keys being materialized or checked in the background.
     in_progress: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Content keys whose file this daemon made or checked.
+    checked: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +70,7 @@ impl Passthrough {
             next_handle: AtomicU64::new(1),
             state: Mutex::new(Opens::default()),
             in_progress: Arc::default(),
+            checked: Arc::default(),
         }
     }
 
@@ -151,7 +159,27 @@ impl Passthrough {
         let key = content_key(&bootstrap, inode.size(), &segments)?;
         let path = self.dir.join(&key);
         if let Ok(file) = File::open(&path) {
-            return Ok(Some(file));
+            if self.checked.lock().expect("checked lock").contains(&key) {
+                return Ok(Some(file));
+            }
+            if inode.size() <= MATERIALIZE_NOW_BYTES {
+                if check_materialized(&file, &bootstrap, &segments, cache)? {
+                    self.checked.lock().expect("checked lock").insert(key);
+                    return Ok(Some(file));
+                }
+                drop_corrupt(&path, cache);
+            } else {
+                let checked = Arc::clone(&self.checked);
+                self.in_background(image, inode, cache, key, move |bootstrap, segments, cache, key| {
+                    if check_materialized(&file, bootstrap, segments, cache)? {
+                        checked.lock().expect("checked lock").insert(key.to_string());
+                    } else {
+                        drop_corrupt(&path, cache);
+                    }
+                    Ok(())
+                });
+                return Ok(None);
+            }
         }
         let all_cached = segments.iter().all(|s| match s.source {
             SegmentSource::Hole => true,
@@ -161,38 +189,114 @@ impl Passthrough {
             return Ok(None);
         }
         if inode.size() <= MATERIALIZE_NOW_BYTES {
-            return Ok(materialize(&self.dir, &segments, inode.size(), cache, &path)?
-                .then(|| File::open(&path).ok())
-                .flatten());
-        }
-        if self.in_progress.lock().expect("progress lock").insert(key.clone()) {
-            let (dir, image, cache, in_progress) = (
-                self.dir.clone(),
-                Arc::clone(image),
-                Arc::clone(cache),
-                Arc::clone(&self.in_progress),
-            );
-            let (ino, size, job) = (inode.ino(), inode.size(), key.clone());
-            let spawned = std::thread::Builder::new()
-                .name("petrel-materialize".into())
-                .spawn(move || {
-                    let bootstrap = image.bootstrap();
-                    let done = bootstrap
-                        .inode(ino)
-                        .and_then(|inode| bootstrap.segments(&inode, 0, size))
-                        .map_err(DaemonError::from)
-                        .and_then(|segments| materialize(&dir, &segments, size, &cache, &path));
-                    if let Err(e) = done {
-                        tracing::warn!(ino, "materializing for passthrough: {e}");
-                    }
-                    in_progress.lock().expect("progress lock").remove(&job);
-                });
-            if spawned.is_err() {
-                self.in_progress.lock().expect("progress lock").remove(&key);
+            let made = materialize(&self.dir, &segments, inode.size(), cache, &path)?;
+            if made {
+                self.checked.lock().expect("checked lock").insert(key);
             }
+            return Ok(made.then(|| File::open(&path).ok()).flatten());
         }
+        let (dir, checked, size) = (self.dir.clone(), Arc::clone(&self.checked), inode.size());
+        self.in_background(image, inode, cache, key, move |_, segments, cache, key| {
+            if materialize(&dir, segments, size, cache, &path)? {
+                checked.lock().expect("checked lock").insert(key.to_string());
+            }
+            Ok(())
+        });
         Ok(None)
     }
+
+    /// Runs `job` on the file's segments on a background thread, once per content key
+    /// at a time.
+    fn in_background(
+        &self,
+        image: &Arc<MappedImage>,
+        inode: &Inode<'_>,
+        cache: &Arc<ChunkCache>,
+        key: String,
+        job: impl FnOnce(&Bootstrap<'_>, &[petrel_format::reader::FileSegment], &ChunkCache, &str) -> Result<()>
+            + Send
+            + 'static,
+    ) {
+        if !self.in_progress.lock().expect("progress lock").insert(key.clone()) {
+            return;
+        }
+        let (image, cache, in_progress) = (Arc::clone(image), Arc::clone(cache), Arc::clone(&self.in_progress));
+        let (ino, size, job_key) = (inode.ino(), inode.size(), key.clone());
+        let spawned = std::thread::Builder::new()
+            .name("petrel-materialize".into())
+            .spawn(move || {
+                let bootstrap = image.bootstrap();
+                let done = bootstrap
+                    .inode(ino)
+                    .and_then(|inode| bootstrap.segments(&inode, 0, size))
+                    .map_err(DaemonError::from)
+                    .and_then(|segments| job(&bootstrap, &segments, &cache, &job_key));
+                if let Err(e) = done {
+                    tracing::warn!(ino, "backing file: {e}");
+                }
+                in_progress.lock().expect("progress lock").remove(&job_key);
+            });
+        if spawned.is_err() {
+            self.in_progress.lock().expect("progress lock").remove(&key);
+        }
+    }
+}
+
+/// Removes a materialized file that does not match its chunks.
+fn drop_corrupt(path: &Path, cache: &ChunkCache) {
+    tracing::warn!(path = %path.display(), "a materialized file does not match its chunks; removing it");
+    let _ = std::fs::remove_file(path);
+    cache.note_corrupt();
+}
+
+/// Whether the materialized `file` holds the bytes its segments name: whole chunks
+/// by their digests, parts of chunks against the (verified) cached chunks, holes as
+/// zeros. False when a part cannot be checked (its chunk is no longer cached).
+pub fn check_materialized(
+    file: &File,
+    bootstrap: &Bootstrap<'_>,
+    segments: &[petrel_format::reader::FileSegment],
+    cache: &ChunkCache,
+) -> Result<bool> {
+    check_file_against(file, bootstrap, segments, &|index, offset, buf| {
+        cache.read(index, offset, buf).is_ok()
+    })
+}
+
+/// `check_materialized`, with `read_chunk(index, offset, buf)` giving trusted bytes
+/// of a chunk (false when it cannot).
+pub fn check_file_against(
+    file: &File,
+    bootstrap: &Bootstrap<'_>,
+    segments: &[petrel_format::reader::FileSegment],
+    read_chunk: &dyn Fn(u32, u32, &mut [u8]) -> bool,
+) -> Result<bool> {
+    let mut actual = Vec::new();
+    let mut expected = Vec::new();
+    let mut total = 0u64;
+    for segment in segments {
+        actual.resize(segment.length as usize, 0);
+        if file.read_exact_at(&mut actual, segment.file_offset).is_err() {
+            return Ok(false);
+        }
+        total = total.max(segment.file_offset + u64::from(segment.length));
+        let good = match segment.source {
+            SegmentSource::Hole => actual.iter().all(|&b| b == 0),
+            SegmentSource::Chunk { index, chunk_offset } => {
+                let chunk = bootstrap.chunk(index)?;
+                if chunk_offset == 0 && segment.length == chunk.uncompressed_size {
+                    petrel_format::codec::chunk_digest(&actual) == chunk.digest
+                } else {
+                    expected.resize(segment.length as usize, 0);
+                    read_chunk(index, chunk_offset, &mut expected) && expected == actual
+                }
+            }
+        };
+        if !good {
+            return Ok(false);
+        }
+    }
+    Ok(file.metadata().is_ok_and(|m| m.len() == total))
 }
 
 /// Writes the file's bytes from cached chunks to `path` (temporary file, sync,

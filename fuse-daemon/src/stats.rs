@@ -30,6 +30,9 @@ pub struct Stats {
     /// Opens answered with a backing file (FUSE passthrough): their reads bypass FUSE
     /// and these counters.
     pub passthrough_opens: AtomicU64,
+    /// Cached chunks (and materialized files) found not to match their digest when
+    /// first used, dropped and fetched again instead of served.
+    pub cache_corrupt_dropped: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -53,6 +56,8 @@ pub struct StatsSnapshot {
     pub prefetch_hits: u64,
     #[serde(default)]
     pub passthrough_opens: u64,
+    #[serde(default)]
+    pub cache_corrupt_dropped: u64,
     /// Reads per latency bucket; the last bucket is "above the largest bound".
     pub read_latency_buckets_us: Vec<(u64, u64)>,
     pub read_latency_sum_us: u64,
@@ -93,6 +98,7 @@ impl Stats {
             prefetch_bytes: self.prefetch_bytes.load(Relaxed),
             prefetch_hits: self.prefetch_hits.load(Relaxed),
             passthrough_opens: self.passthrough_opens.load(Relaxed),
+            cache_corrupt_dropped: self.cache_corrupt_dropped.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
             read_latency_sum_us: self.latency_sum_us.load(Relaxed),
         }
@@ -170,6 +176,11 @@ impl StatsSnapshot {
                 "petrel_prefetch_hits_total",
                 self.prefetch_hits,
                 "Chunk reads served by data the prefetcher fetched",
+            ),
+            (
+                "petrel_cache_corrupt_dropped_total",
+                self.cache_corrupt_dropped,
+                "Cached chunks or files that failed their digest on first use and were dropped",
             ),
             (
                 "petrel_passthrough_opens_total",

@@ -95,13 +95,19 @@ impl ChunkStore {
         &self.root
     }
 
-    fn path(&self, digest: &[u8; 32]) -> PathBuf {
+    pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
         let name = hex_name(digest);
         self.root.join(&name[..2]).join(&name[2..])
     }
 
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
         self.path(digest).exists()
+    }
+
+    /// Whether the stored chunk's bytes hash to `digest` (false when they do not;
+    /// `NotFound` when it is not stored). Reads at most `MAX_CHUNK_FILE` bytes.
+    pub fn verify(&self, digest: &[u8; 32]) -> std::io::Result<bool> {
+        verify_chunk_file(&self.path(digest), digest)
     }
 
     /// Reads `buf.len()` bytes at `offset` of a stored chunk. `NotFound` when it was
@@ -442,6 +448,17 @@ fn sync_all_data<'a>(files: impl Iterator<Item = &'a tempfile::NamedTempFile>) -
                 .unwrap_or_else(|_| Err(DaemonError::Invalid("a chunk sync thread panicked".into())))
         })
     })
+}
+
+/// The largest chunk file hashed (a chunk's plain size is bounded by the format).
+const MAX_CHUNK_FILE: u64 = 64 << 20;
+
+/// Whether the file at `path` holds bytes whose BLAKE3 is `digest`.
+pub fn verify_chunk_file(path: &Path, digest: &[u8; 32]) -> std::io::Result<bool> {
+    let file = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let read = std::io::copy(&mut std::io::Read::take(file, MAX_CHUNK_FILE + 1), &mut hasher)?;
+    Ok(read <= MAX_CHUNK_FILE && hasher.finalize().as_bytes() == digest)
 }
 
 #[cfg(test)]

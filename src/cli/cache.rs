@@ -128,6 +128,12 @@ enum CacheCommand {
     },
     /// Remove an image (its bootstrap digest, or a prefix of it) and the chunks only it uses.
     Rm { image: String },
+    /// Re-hash every cached chunk, bootstrap and materialized file; report what is
+    /// bad (exit status 1), or with --repair remove it (daemons fetch it again).
+    Verify {
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
@@ -156,6 +162,14 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                         if image.pinned { "  pinned" } else { "" }
                     );
                 }
+            }
+        }
+        CacheCommand::Verify { repair } => {
+            let report = petrel_fuse_daemon::verify::verify_cache(&args.cache_dir, repair)?;
+            outln!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.is_clean() && !repair {
+                eprintln!("petrel: the cache holds bad data; `petrel cache verify --repair` removes it");
+                return Ok(ExitCode::FAILURE);
             }
         }
         CacheCommand::Gc { max_bytes } => {

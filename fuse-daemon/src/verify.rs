@@ -1,0 +1,153 @@
+//! `petrel cache verify [--repair]`: re-hashes the whole node cache. Every chunk
+//! against the digest it is stored under, every cached bootstrap against its own
+//! digest (and the name it is kept under), and every materialized passthrough file
+//! against the chunks its image says it holds. What is bad is reported and, with
+//! `repair`, removed: a daemon then fetches it again instead of serving it.
+
+use crate::error::{DaemonError, Result};
+use crate::store::{verify_chunk_file, ChunkStore};
+use petrel_format::{Bootstrap, FileKind};
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// How many bad paths a report lists (the counts are always complete).
+const MAX_LISTED: usize = 100;
+
+/// What a verification found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub chunks_bad: u64,
+    pub bootstraps_checked: u64,
+    pub bootstraps_bad: u64,
+    pub files_checked: u64,
+    pub files_bad: u64,
+    /// Materialized files no cached bootstrap names.
+    pub files_orphaned: u64,
+    /// Paths removed (with `repair`).
+    pub removed: u64,
+    /// The first bad paths found.
+    pub bad: Vec<PathBuf>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.chunks_bad + self.bootstraps_bad + self.files_bad == 0
+    }
+
+    fn bad(&mut self, path: PathBuf, repair: bool) {
+        if repair && std::fs::remove_file(&path).is_ok() {
+            self.removed += 1;
+        }
+        if self.bad.len() < MAX_LISTED {
+            self.bad.push(path);
+        }
+    }
+}
+
+/// Verifies the node cache at `cache_dir`; with `repair`, removes what is bad (and
+/// materialized files nothing names).
+pub fn verify_cache(cache_dir: &Path, repair: bool) -> Result<VerifyReport> {
+    let store = ChunkStore::open(cache_dir, None)?;
+    let mut report = VerifyReport::default();
+    let mut bad_chunks = HashSet::new();
+    for (digest, _, _) in store.list() {
+        report.chunks_checked += 1;
+        let path = store.path(&digest);
+        if !verify_chunk_file(&path, &digest).unwrap_or(false) {
+            report.chunks_bad += 1;
+            bad_chunks.insert(digest);
+            report.bad(path, repair);
+        }
+    }
+    let mut named_files = HashSet::new();
+    let bootstraps = std::fs::read_dir(cache_dir.join("bootstraps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file());
+    for path in bootstraps {
+        report.bootstraps_checked += 1;
+        let file = File::open(&path).map_err(DaemonError::io("open", &path))?;
+        let map = crate::image::map_read_only(&file).map_err(DaemonError::io("map", &path))?;
+        let bootstrap = match Bootstrap::open(&map) {
+            Ok(b)
+                if path
+                    .file_name()
+                    .is_some_and(|n| *n == *hex::encode(b.superblock().digest)) =>
+            {
+                b
+            }
+            _ => {
+                report.bootstraps_bad += 1;
+                report.bad(path, repair);
+                continue;
+            }
+        };
+        check_files(
+            cache_dir,
+            &bootstrap,
+            &store,
+            &bad_chunks,
+            repair,
+            &mut named_files,
+            &mut report,
+        )?;
+    }
+    let files = std::fs::read_dir(cache_dir.join("files"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for entry in files.filter(|e| e.path().is_file()) {
+        if !named_files.contains(&entry.path()) {
+            report.files_orphaned += 1;
+            if repair && std::fs::remove_file(entry.path()).is_ok() {
+                report.removed += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Checks the materialized files of one image's regular files.
+fn check_files(
+    cache_dir: &Path,
+    bootstrap: &Bootstrap<'_>,
+    store: &ChunkStore,
+    bad_chunks: &HashSet<[u8; 32]>,
+    repair: bool,
+    named: &mut HashSet<PathBuf>,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    for entry in bootstrap.walk() {
+        let inode = entry?.inode;
+        if inode.kind()? != FileKind::Regular {
+            continue;
+        }
+        let path = crate::passthrough::materialized_path(cache_dir, bootstrap, &inode)?;
+        let Ok(file) = File::open(&path) else { continue };
+        if !named.insert(path.clone()) {
+            continue;
+        }
+        report.files_checked += 1;
+        let segments = bootstrap.segments(&inode, 0, inode.size())?;
+        let trusted = |index: u32, offset: u32, buf: &mut [u8]| {
+            bootstrap
+                .chunk(index)
+                .is_ok_and(|c| !bad_chunks.contains(&c.digest) && read_at(&store.path(&c.digest), offset, buf))
+        };
+        if !crate::passthrough::check_file_against(&file, bootstrap, &segments, &trusted)? {
+            report.files_bad += 1;
+            report.bad(path, repair);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset` of the file at `path` (without touching its
+/// last-use time, which orders eviction).
+fn read_at(path: &Path, offset: u32, buf: &mut [u8]) -> bool {
+    File::open(path).is_ok_and(|f| std::os::unix::fs::FileExt::read_exact_at(&f, buf, u64::from(offset)).is_ok())
+}

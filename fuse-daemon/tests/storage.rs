@@ -1,0 +1,140 @@
+//! The read path without FUSE: one fetch for many concurrent readers of a chunk
+//! (the single-flight group), and cached bytes that are checked before they are
+//! trusted (a flipped byte on disk is dropped and fetched again, never served).
+
+use petrel_builder::{build_paths, BuildOptions};
+use petrel_fuse_daemon::backend::{Backend, LocalBackend, ReadPurpose};
+use petrel_fuse_daemon::fetch::ChunkBytes;
+use petrel_fuse_daemon::mount::open_storage;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A local backend that counts its reads and takes its time (a slow link).
+#[derive(Debug)]
+struct SlowCountingBackend {
+    inner: LocalBackend,
+    reads: AtomicU64,
+}
+
+impl Backend for SlowCountingBackend {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>> {
+        self.reads.fetch_add(1, SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        self.inner.read_range(digest, offset, len, purpose)
+    }
+
+    fn describe(&self) -> String {
+        "slow".into()
+    }
+}
+
+fn image(dir: &Path) -> PathBuf {
+    let mut layer = petrel_fixtures::layer_writer::LayerWriter::new();
+    layer.file(
+        "data.bin",
+        &Default::default(),
+        &petrel_fixtures::rng::Rng::new(5).mixed(2 << 20),
+    );
+    let paths = petrel_fixtures::write_layer_files(&dir.join("layers"), &[layer.finish()]).unwrap();
+    let image = dir.join("image");
+    build_paths(&paths, &image, BuildOptions::default()).unwrap();
+    image
+}
+
+fn backend(image: &Path) -> Arc<SlowCountingBackend> {
+    Arc::new(SlowCountingBackend {
+        inner: LocalBackend::new(image.to_path_buf()),
+        reads: AtomicU64::new(0),
+    })
+}
+
+fn bootstrap(image: &Path) -> PathBuf {
+    petrel_format::image_dir::ImageDir::new(image).bootstrap_path()
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image(dir.path());
+    let backend = backend(&image);
+    let storage = open_storage(
+        &dir.path().join("cache"),
+        backend.clone(),
+        &bootstrap(&image),
+        "t",
+        0,
+        None,
+    )
+    .unwrap();
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let fetcher = Arc::clone(&storage.fetcher);
+            std::thread::spawn(move || {
+                fetcher
+                    .ensure(3, 3)
+                    .map(|bytes| matches!(bytes, ChunkBytes::Fetched(_)))
+            })
+        })
+        .collect();
+    let fetched: Vec<bool> = readers.into_iter().map(|r| r.join().unwrap().unwrap()).collect();
+    assert_eq!(backend.reads.load(SeqCst), 1, "sixteen readers, one fetch");
+    let stats = storage.stats.snapshot();
+    assert_eq!(stats.cache_misses, 1, "{stats:?}");
+    assert_eq!(
+        stats.waited_on_inflight + stats.cache_hits,
+        15,
+        "the others waited for it or found it cached: {stats:?} {fetched:?}"
+    );
+}
+
+#[test]
+fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image(dir.path());
+    let cache = dir.path().join("cache");
+    let first = open_storage(&cache, backend(&image), &bootstrap(&image), "t", 0, None).unwrap();
+    first.fetcher.ensure(0, 0).unwrap();
+    let digest = first.image.bootstrap().chunk(0).unwrap().digest;
+    let path = first.fetcher.cache().store().path(&digest);
+    drop(first);
+    // One byte flips on disk.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+
+    let backend = backend(&image);
+    let second = open_storage(&cache, backend.clone(), &bootstrap(&image), "t", 0, None).unwrap();
+    assert!(!second.fetcher.cache().is_ready(0), "the bad chunk is not trusted");
+    assert!(matches!(second.fetcher.ensure(0, 0).unwrap(), ChunkBytes::Fetched(_)));
+    assert_eq!(backend.reads.load(SeqCst), 1, "fetched again");
+    assert_eq!(second.stats.snapshot().cache_corrupt_dropped, 1);
+    let mut served = vec![0u8; 4096];
+    second.fetcher.cache().read(0, 0, &mut served).unwrap();
+    assert_ne!(served[100], bytes[100], "the good byte is cached again");
+
+    // `petrel cache verify` sees a clean cache now; with a chunk flipped again it
+    // reports it, and --repair removes it.
+    assert!(petrel_fuse_daemon::verify::verify_cache(&cache, false)
+        .unwrap()
+        .is_clean());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[7] ^= 0x80;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let report = petrel_fuse_daemon::verify::verify_cache(&cache, false).unwrap();
+    assert_eq!(
+        (report.chunks_bad, report.bad.clone()),
+        (1, vec![path.clone()]),
+        "{report:?}"
+    );
+    assert!(path.exists(), "reporting removes nothing");
+    let report = petrel_fuse_daemon::verify::verify_cache(&cache, true).unwrap();
+    assert_eq!(report.removed, 1, "{report:?}");
+    assert!(!path.exists());
+    assert!(petrel_fuse_daemon::verify::verify_cache(&cache, false)
+        .unwrap()
+        .is_clean());
+}
