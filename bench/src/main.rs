@@ -2,6 +2,7 @@
 //! baseline measured in the same run on the same input, since these machines are
 //! shared and noisy. Run through `scripts/bench.sh` (release build).
 
+mod apps;
 mod build;
 mod containerd;
 mod dedup;
@@ -21,8 +22,9 @@ fn main() -> anyhow::Result<()> {
         Some("containerd") => containerd::run(&args[1..]),
         Some("registry") => registry::run(&args[1..]),
         Some("edge") => edge::run(&args[1..]),
+        Some("apps") => apps::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
             std::process::exit(2)
         }
     }

@@ -254,7 +254,7 @@ impl Fetcher {
     /// then fetches up to `window` stored bytes of following missing chunks (never
     /// beyond `end`) in one request, shared with any reader that wants them.
     /// Returns the chunk index to continue from and the bytes fetched.
-    pub fn prefetch_from(&self, first: u32, end: u32, window: u64) -> (u32, u64) {
+    pub fn prefetch_from(&self, first: u32, end: u32, window: u64, purpose: ReadPurpose) -> (u32, u64) {
         let mut start = first;
         let flights = {
             let mut in_flight = self.in_flight.lock().expect("in-flight lock");
@@ -283,7 +283,7 @@ impl Fetcher {
         for (chunk, _) in &flights {
             self.prefetched.mark(chunk.index);
         }
-        self.fetch(&flights, ReadPurpose::Background);
+        self.fetch(&flights, purpose);
         (next, bytes)
     }
 

@@ -34,6 +34,7 @@ pub struct PetrelFs {
     workers: Workers,
     recorder: Option<Arc<crate::record::Recorder>>,
     passthrough: Option<crate::passthrough::Passthrough>,
+    readahead: Option<crate::readahead::DirReadahead>,
 }
 
 fn format_errno(e: &FormatError) -> Errno {
@@ -109,7 +110,14 @@ impl PetrelFs {
             workers: Workers::start("petrel-fetch", fetch_threads),
             recorder: None,
             passthrough: None,
+            readahead: None,
         }
+    }
+
+    /// Reads a directory's small files ahead when one of them misses the cache.
+    pub fn with_readahead(mut self, readahead: crate::readahead::DirReadahead) -> Self {
+        self.readahead = Some(readahead);
+        self
     }
 
     /// Opens files whose chunks are all cached with a backing file (FUSE passthrough),
@@ -241,6 +249,9 @@ impl Filesystem for PetrelFs {
                 .map_err(|e| format_errno(&e))?
                 .ok_or(Errno::ENOENT)?;
             let inode = bootstrap.inode(ino).map_err(|e| format_errno(&e))?;
+            if let (Some(readahead), Ok(parent)) = (&self.readahead, u32::try_from(parent.0)) {
+                readahead.learned(ino, parent);
+            }
             attributes(&inode).map_err(|e| format_errno(&e))
         });
         match result {
@@ -355,6 +366,9 @@ impl Filesystem for PetrelFs {
             serve();
         } else {
             self.workers.run(Box::new(serve));
+            if let Some(readahead) = &self.readahead {
+                readahead.missed(ino);
+            }
         }
     }
 
@@ -395,6 +409,7 @@ impl Filesystem for PetrelFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let bootstrap = self.bootstrap();
+        let dir_ino = u32::try_from(ino.0).unwrap_or(0);
         let entries = match self.inode(ino).and_then(|dir| listing(&bootstrap, dir, offset)) {
             Ok(entries) => entries,
             Err(e) => return reply.error(e),
@@ -403,6 +418,9 @@ impl Filesystem for PetrelFs {
             let listed = entry.and_then(|(next, ino, name)| Ok((next, ino, name, attributes(&bootstrap.inode(ino)?)?)));
             match listed {
                 Ok((next, ino, name, attr)) => {
+                    if let Some(readahead) = &self.readahead {
+                        readahead.learned(ino, dir_ino);
+                    }
                     let name = OsStr::from_bytes(name);
                     if reply.add(INodeNo(u64::from(ino)), next, name, &CACHE_TTL, &attr, Generation(0)) {
                         break;

@@ -13,6 +13,7 @@ pub mod image;
 pub mod mount;
 pub mod passthrough;
 pub mod prefetch;
+pub mod readahead;
 pub mod record;
 pub mod remote;
 pub mod resolved;

@@ -45,6 +45,9 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// The spec this mount runs from, answered on its control socket.
     pub spec: Option<crate::spec::DaemonSpec>,
+    /// Stored bytes of a directory's small files read ahead when one of them misses
+    /// the cache (`crate::readahead`); 0: off.
+    pub readahead_dir_bytes: u64,
 }
 
 impl MountConfig {
@@ -63,6 +66,7 @@ impl MountConfig {
             cache_max_bytes: None,
             passthrough: true,
             spec: None,
+            readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
         }
     }
 }
@@ -261,6 +265,15 @@ pub fn mount_with_backend(
             path.clone(),
         )
     });
+    if config.readahead_dir_bytes > 0 {
+        fs = fs.with_readahead(crate::readahead::DirReadahead::start(
+            Arc::clone(&image),
+            Arc::clone(&fetcher),
+            config.readahead_dir_bytes,
+            crate::readahead::PARALLEL,
+            config.prefetch.mode != crate::prefetch::PrefetchMode::Off,
+        ));
+    }
     if let Some((recorder, ..)) = &recording {
         fs = fs.with_recorder(Arc::clone(recorder));
     } else if config.passthrough {

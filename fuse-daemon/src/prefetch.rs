@@ -198,7 +198,8 @@ fn run(
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let (next, bytes) = fetcher.prefetch_from(at, end, config.request_bytes);
+            let (next, bytes) =
+                fetcher.prefetch_from(at, end, config.request_bytes, crate::backend::ReadPurpose::Background);
             fetched.fetch_add(bytes, Ordering::Relaxed);
             if let Some(rate) = config.bandwidth.filter(|r| *r > 0) {
                 let wake = {

@@ -115,6 +115,9 @@ pub struct Tuning {
     /// Open fully cached files by FUSE passthrough where the kernel offers it.
     pub passthrough: bool,
     pub prefetch: PrefetchConfig,
+    /// Stored bytes of a directory's small files read ahead when one of them misses
+    /// the cache (0: off).
+    pub readahead_dir_bytes: u64,
 }
 
 impl Default for Tuning {
@@ -125,6 +128,7 @@ impl Default for Tuning {
             fetch_threads: DEFAULT_FETCH_THREADS,
             passthrough: true,
             prefetch: PrefetchConfig::default(),
+            readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
         }
     }
 }
@@ -268,6 +272,7 @@ impl DaemonSpec {
             cache_max_bytes: self.cache_max_bytes,
             passthrough: self.tuning.passthrough,
             spec: Some(self.clone()),
+            readahead_dir_bytes: self.tuning.readahead_dir_bytes,
             ..crate::MountConfig::new(&self.image, &self.mountpoint, &self.cache_dir)
         }
     }

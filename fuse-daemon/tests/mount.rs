@@ -276,3 +276,78 @@ fn a_fetch_holds_a_bounded_number_of_decoded_bytes() {
     .unwrap();
     assert!(all == bomb, "the file reads back byte for byte");
 }
+
+/// Without a profile, the first read of a file that misses the cache makes its
+/// directory's other small files fetched in the background, so reading them later
+/// needs no fetch; a big file of that directory and other directories are left alone.
+/// With the readahead off, every one of those reads is a miss of its own.
+#[test]
+fn a_miss_reads_its_directory_small_files_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let module = |i: u64| Rng::new(700 + i).bytes(20_000);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for i in 0..50 {
+        w.file(&format!("app/mod{i:02}.py"), &Default::default(), &module(i));
+    }
+    w.file("app/big.bin", &Default::default(), &Rng::new(9).bytes(3 << 20));
+    for i in 0..10 {
+        w.file(&format!("other/x{i}.py"), &Default::default(), &module(100 + i));
+    }
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let run = |readahead_dir_bytes: u64, name: &str| {
+        let mut config = fixture.config(name);
+        config.amplify_bytes = 0;
+        config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+        config.readahead_dir_bytes = readahead_dir_bytes;
+        config.cache_dir = fixture.dir.path().join(format!("cache-{name}"));
+        let mounted = mount(&config).unwrap();
+        let root = mounted.mountpoint().to_path_buf();
+        assert_eq!(std::fs::read(root.join("app/mod00.py")).unwrap(), module(0));
+        // The readahead runs in the background: wait until it is quiet.
+        let mut last = u64::MAX;
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let fetched = mounted.stats().chunks_fetched;
+            if fetched == last {
+                break;
+            }
+            last = fetched;
+        }
+        let before = mounted.stats();
+        for i in 1..50 {
+            assert_eq!(
+                std::fs::read(root.join(format!("app/mod{i:02}.py"))).unwrap(),
+                module(i)
+            );
+        }
+        let after = mounted.stats();
+        // (x0 may share a chunk with the last files of app/; x9 does not.)
+        assert_eq!(std::fs::read(root.join("other/x9.py")).unwrap(), module(109));
+        let other = mounted.stats();
+        mounted.unmount().unwrap();
+        (before, after, other)
+    };
+    let (before, after, other) = run(petrel_fuse_daemon::readahead::DEFAULT_DIR_BYTES, "ahead");
+    assert_eq!(
+        after.cache_misses, before.cache_misses,
+        "the directory was read ahead: {after:?}"
+    );
+    assert!(
+        before.backend_requests <= 10,
+        "a few large requests, not one per file: {before:?}"
+    );
+    assert!(
+        after.backend_bytes < (2 << 20),
+        "the 3 MiB file was left to its own reads: {after:?}"
+    );
+    assert!(
+        other.backend_bytes > after.backend_bytes,
+        "another directory is its own: {after:?} then {other:?}"
+    );
+
+    let (before, after, _) = run(0, "off");
+    // Small files share chunks (three of these to a chunk): a miss per chunk.
+    assert!(after.cache_misses >= before.cache_misses + 10, "{after:?}");
+}

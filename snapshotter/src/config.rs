@@ -27,6 +27,7 @@
 //! prefetch_request_bytes = 8388608
 //! prefetch_parallel = 2
 //! prefetch_bandwidth = 10485760         # bytes per second (unset: unlimited)
+//! readahead_dir_bytes = 8388608        # a directory's small files, on a miss (0: off)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
@@ -110,6 +111,7 @@ pub struct DaemonSettings {
     pub prefetch_request_bytes: Option<u64>,
     pub prefetch_parallel: Option<usize>,
     pub prefetch_bandwidth: Option<u64>,
+    pub readahead_dir_bytes: Option<u64>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
 }
@@ -141,6 +143,7 @@ impl DaemonSettings {
         set(&mut tuning.fuse_threads, self.fuse_threads);
         set(&mut tuning.fetch_threads, self.fetch_threads);
         set(&mut tuning.passthrough, self.passthrough);
+        set(&mut tuning.readahead_dir_bytes, self.readahead_dir_bytes);
         set(
             &mut tuning.prefetch.mode,
             self.prefetch.map(|p| match p {

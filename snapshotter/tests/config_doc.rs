@@ -60,6 +60,7 @@ fn the_reference_page_lists_every_key_and_parses() {
             prefetch_request_bytes: Some(1),
             prefetch_parallel: Some(1),
             prefetch_bandwidth: Some(1),
+            readahead_dir_bytes: Some(1),
             passthrough: Some(true),
             log_level: Some(LogLevel::Debug),
         },

@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
         "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
-        "no_passthrough", "PrefetchArgs", "RegistryArgs",
+        "no_passthrough", "readahead_dir_bytes", "PrefetchArgs", "RegistryArgs",
     ])]
     spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -64,6 +64,10 @@ pub struct MountArgs {
     /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
     #[arg(long)]
     cache_max_bytes: Option<u64>,
+    /// Stored bytes of a directory's small files read ahead in the background when
+    /// one of them misses the cache (0: off).
+    #[arg(long, default_value_t = petrel_fuse_daemon::readahead::DEFAULT_DIR_BYTES)]
+    readahead_dir_bytes: u64,
     /// Serve every read through FUSE, never through a backing file (by default, files
     /// whose chunks are all cached are opened with FUSE passthrough where the kernel
     /// offers it).
@@ -128,6 +132,7 @@ impl MountArgs {
                     fetch_threads: self.fetch_threads,
                     passthrough: !self.no_passthrough,
                     prefetch: self.prefetch.config(),
+                    readahead_dir_bytes: self.readahead_dir_bytes,
                 },
                 ..DaemonSpec::new(image.clone(), mountpoint.clone())
             },

@@ -1,0 +1,253 @@
+//! Cold start of a real application image over a shaped link: a Python service's
+//! image built at bench time from Debian's packages (`debootstrap` bookworm minbase,
+//! then `apt-get install python3-numpy python3-pandas python3-flask
+//! python3-requests`), its startup (`python3 -c 'import numpy, pandas, flask,
+//! requests'`) run in a chroot of the image. Baseline: pulling the whole image
+//! (`skopeo copy`) and unpacking it, then the same startup. Compared: petrel on
+//! demand (no profile), and petrel with the startup recorded as a prefetch profile.
+//! Rounds are interleaved; medians are printed.
+
+use crate::measure::run_shell;
+use crate::registry::Registry;
+use crate::relay;
+use anyhow::{bail, Context};
+use petrel_fuse_daemon::mount::is_mounted;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PACKAGES: &str = "python3 python3-numpy python3-pandas python3-flask python3-requests";
+const STARTUP: &str = "import numpy, pandas, flask, requests; print('ready')";
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe().expect("own path").with_file_name(name)
+}
+
+/// The image's root filesystem, built once per machine and kept in `/var/tmp`.
+fn python_rootfs() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from("/var/tmp/petrel-apps");
+    let rootfs = dir.join("rootfs-py");
+    let done = dir.join("rootfs-py.done");
+    if done.exists() {
+        return Ok(rootfs);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    run_shell(&format!(
+        "command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null; \
+         debootstrap --variant=minbase bookworm {r} http://deb.debian.org/debian >/dev/null && \
+         cp /etc/resolv.conf {r}/etc/resolv.conf && \
+         chroot {r} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {PACKAGES} >/dev/null && apt-get clean'",
+        r = rootfs.display()
+    ))
+    .context("building the Python image's rootfs (debootstrap, apt-get)")?;
+    std::fs::write(&done, PACKAGES)?;
+    Ok(rootfs)
+}
+
+/// One startup: seconds until the command printed `ready`, and the daemon's fetches.
+struct Start {
+    seconds: f64,
+    requests: u64,
+    bytes: u64,
+}
+
+fn run_startup(root: &Path) -> anyhow::Result<()> {
+    // (The chroot is this machine's /usr/sbin/chroot; the startup's own PATH is the image's.)
+    let out = Command::new("/usr/sbin/chroot")
+        .arg(root)
+        .args(["/usr/bin/python3", "-c", STARTUP])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()?;
+    if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("ready") {
+        bail!("startup failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Mounts `image` lazily (fresh cache), runs the startup in it, and unmounts.
+fn petrel_start(petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Start> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mountpoint = dir.join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+    let started = Instant::now();
+    let mut daemon = Command::new(petrel)
+        .arg("mount")
+        .arg(image)
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while !is_mounted(&mountpoint) {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("mount did not appear");
+        }
+        if let Some(status) = daemon.try_wait()? {
+            bail!("petrel mount exited: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run_startup(&mountpoint)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let out = Command::new(petrel)
+        .arg("stats")
+        .arg(&mountpoint)
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .output()?;
+    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone();
+    let _ = Command::new(petrel).arg("umount").arg(&mountpoint).status();
+    let _ = daemon.wait();
+    Ok(Start {
+        seconds,
+        requests: stats["backend_requests"].as_u64().unwrap_or(0),
+        bytes: stats["backend_bytes"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Pulls the whole image, unpacks it, runs the startup.
+fn full_pull_start(link: &str, dir: &Path) -> anyhow::Result<Start> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let before = relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    run_shell(&format!(
+        "skopeo copy --quiet --src-tls-verify=false docker://{link}/py:v1 oci:{d}/oci:v1 && mkdir -p {d}/rootfs && \
+         for l in $(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+\"/blobs/sha256/\"+json.load(open(d+\"/index.json\"))[\"manifests\"][0][\"digest\"][7:])); print(\" \".join(x[\"digest\"][7:] for x in m[\"layers\"]))' {d}/oci); do tar -xzf {d}/oci/blobs/sha256/$l -C {d}/rootfs; done",
+        d = dir.display()
+    ))?;
+    run_startup(&dir.join("rootfs"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Start {
+        seconds,
+        requests: 0,
+        bytes: relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed) - before,
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut rounds = 3usize;
+    let mut rtt_ms = 20.0f64;
+    let mut mbit = 100.0f64;
+    // `--readahead-sweep 0,2097152,…`: on-demand rows with these per-directory budgets.
+    let mut sweep: Vec<u64> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).context("missing value");
+        match args[i].as_str() {
+            "--rounds" => rounds = value()?.parse()?,
+            "--rtt-ms" => rtt_ms = value()?.parse()?,
+            "--mbit" => mbit = value()?.parse()?,
+            "--readahead-sweep" => {
+                sweep = value()?
+                    .split(',')
+                    .map(|v| v.trim().parse())
+                    .collect::<Result<_, _>>()?
+            }
+            other => bail!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    let rootfs = python_rootfs()?;
+    let work = tempfile::tempdir_in("/var/tmp")?;
+    let w = work.path();
+    let petrel = bin("petrel");
+    let registry = Registry::start(&w.join("registry"))?;
+    let direct = registry.addr.clone();
+    // The image: one layer of the whole rootfs, as `docker build` would push it.
+    let layer = w.join("layer.tar");
+    run_shell(&format!(
+        "tar --numeric-owner -C {} -cf {} .",
+        rootfs.display(),
+        layer.display()
+    ))?;
+    let files = String::from_utf8(Command::new("tar").arg("-tf").arg(&layer).output()?.stdout)?
+        .lines()
+        .count();
+    petrel_fixtures::oci_layout::write_oci_layout(&w.join("layout"), "v1", &[std::fs::read(&layer)?])?;
+    run_shell(&format!(
+        "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{direct}/py:v1 && \
+         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel > /dev/null",
+        w.join("layout").display(),
+        p = petrel.display()
+    ))?;
+    // The startup recorded as a profile (petrel record runs it in a sandbox), and an
+    // image converted with it.
+    let profile = w.join("profile.json");
+    run_shell(&format!(
+        "{p} record docker://{direct}/py:petrel --cache-dir {c} --profile {o} -- /usr/bin/python3 -c \"{STARTUP}\" > /dev/null && \
+         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel-pf --prefetch {o} > /dev/null",
+        p = petrel.display(),
+        c = w.join("record-cache").display(),
+        o = profile.display()
+    ))?;
+    let link = relay::start(&direct, Duration::from_secs_f64(rtt_ms / 2000.0), mbit * 1e6);
+
+    let mut cases: Vec<(String, Option<&str>, Vec<String>)> = vec![
+        ("full pull (skopeo copy) + unpack + start".into(), None, vec![]),
+        ("petrel, on demand (no profile)".into(), Some("petrel"), vec![]),
+        ("petrel, recorded profile".into(), Some("petrel-pf"), vec![]),
+    ];
+    for budget in sweep {
+        cases.push((
+            format!("petrel, on demand, --readahead-dir-bytes {budget}"),
+            Some("petrel"),
+            vec!["--readahead-dir-bytes".into(), budget.to_string()],
+        ));
+    }
+    let mut results: Vec<Vec<Start>> = cases.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (case, (_, tag, extra)) in cases.iter().enumerate() {
+            crate::measure::drop_caches();
+            let dir = w.join(format!("run-{case}-{round}"));
+            let start = match tag {
+                None => full_pull_start(&link, &dir)?,
+                Some(tag) => {
+                    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                    petrel_start(&petrel, &format!("docker://{link}/py:{tag}"), &dir, &extra)?
+                }
+            };
+            let _ = std::fs::remove_dir_all(&dir);
+            results[case].push(start);
+        }
+    }
+    let image_bytes: u64 = std::fs::read_dir(w.join("layout/blobs/sha256"))?
+        .flatten()
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    println!();
+    println!(
+        "Python service (Debian bookworm + {PACKAGES}; {files} entries, {} MiB gzip) over {mbit} Mbit/s, {rtt_ms} ms RTT; startup: python3 -c \"{STARTUP}\"; medians of {rounds} interleaved rounds",
+        image_bytes >> 20
+    );
+    println!("| start | seconds | vs full pull | requests | MB fetched |");
+    println!("|---|---:|---:|---:|---:|");
+    let base = median(&mut results[0].iter().map(|s| s.seconds).collect::<Vec<_>>());
+    for ((label, _, _), runs) in cases.iter().zip(&results) {
+        let seconds = median(&mut runs.iter().map(|s| s.seconds).collect::<Vec<_>>());
+        let requests = median(&mut runs.iter().map(|s| s.requests as f64).collect::<Vec<_>>());
+        let bytes = median(&mut runs.iter().map(|s| s.bytes as f64).collect::<Vec<_>>());
+        println!(
+            "| {label} | {seconds:.2} | {:.2} | {} | {:.1} |",
+            seconds / base,
+            if requests > 0.0 {
+                format!("{requests:.0}")
+            } else {
+                "-".into()
+            },
+            bytes / 1e6
+        );
+    }
+    Ok(())
+}

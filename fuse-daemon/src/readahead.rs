@@ -1,0 +1,243 @@
+//! On-demand readahead by directory. Without a profile nothing says what a
+//! container will read, but programs read files of one directory together: an
+//! interpreter importing a package reads its modules, a loader maps a program's
+//! libraries. So the first read of a directory's file that needs a fetch makes the
+//! directory's other small files (up to `SMALL_FILE_BYTES` each, `budget` bytes in
+//! all) fetched in the background, several requests at once, while the reader is
+//! served by its own fetch. The builder writes a directory's files next to each
+//! other in the blob, so this is a few large requests instead of one round trip
+//! per file. Big files are left to the reads themselves (random reads of a large
+//! file never fetch much more than they touch).
+//!
+//! Files are tied to their directory by the lookups the kernel makes (a file's
+//! inode does not record its parent), once per directory per mount. Chunks in the
+//! image's prefetch region are left to the prefetcher when it runs: a recorded
+//! profile knows better than a guess.
+
+use crate::backend::ReadPurpose;
+use crate::fetch::Fetcher;
+use crate::image::MappedImage;
+use petrel_format::reader::SegmentSource;
+use petrel_format::FileKind;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Files up to this size are read ahead whole with their directory.
+pub const SMALL_FILE_BYTES: u64 = 1 << 20;
+/// Stored bytes per readahead request.
+const REQUEST_BYTES: u64 = 1 << 20;
+/// Ranges waiting at most (the newest directories are served first; beyond this
+/// the oldest waiting ones are dropped).
+const MAX_QUEUED: usize = 1024;
+
+/// Readahead requests in flight at once.
+pub const PARALLEL: usize = 4;
+/// The default budget per directory, in stored bytes.
+pub const DEFAULT_DIR_BYTES: u64 = 8 << 20;
+
+#[derive(Debug)]
+struct Shared {
+    image: Arc<MappedImage>,
+    fetcher: Arc<Fetcher>,
+    budget: u64,
+    /// Leave the prefetch region's chunks to the prefetcher.
+    skip_prefetch_region: bool,
+    /// Per inode: the directory it was last looked up in (0: none yet).
+    parent_of: Vec<AtomicU32>,
+    /// One bit per inode: the directory was read ahead.
+    done: Vec<AtomicU64>,
+    queue: Mutex<(VecDeque<(u32, u32)>, bool)>,
+    wake: Condvar,
+}
+
+/// Directory readahead of one mount; stops its threads when dropped.
+#[derive(Debug)]
+pub struct DirReadahead {
+    shared: Arc<Shared>,
+}
+
+impl DirReadahead {
+    /// Readahead of up to `budget` stored bytes per directory, `parallel` requests
+    /// at once; `skip_prefetch_region` when a prefetcher streams that region.
+    pub fn start(
+        image: Arc<MappedImage>,
+        fetcher: Arc<Fetcher>,
+        budget: u64,
+        parallel: usize,
+        skip_prefetch_region: bool,
+    ) -> Self {
+        let inodes = image.bootstrap().inode_count() as usize + 1;
+        let shared = Arc::new(Shared {
+            image,
+            fetcher,
+            budget,
+            skip_prefetch_region,
+            parent_of: (0..inodes).map(|_| AtomicU32::new(0)).collect(),
+            done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            queue: Mutex::new((VecDeque::new(), false)),
+            wake: Condvar::new(),
+        });
+        for _ in 0..parallel.max(1) {
+            let shared = Arc::clone(&shared);
+            let _ = std::thread::Builder::new()
+                .name("petrel-readahead".into())
+                .spawn(move || shared.work());
+        }
+        DirReadahead { shared }
+    }
+
+    /// The kernel looked `child` up in directory `parent`.
+    pub fn learned(&self, child: u32, parent: u32) {
+        if let Some(slot) = self.shared.parent_of.get(child as usize) {
+            slot.store(parent, Relaxed);
+        }
+    }
+
+    /// A read of `ino` needed a fetch: read its directory ahead (once).
+    pub fn missed(&self, ino: u32) {
+        let shared = &self.shared;
+        let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
+            return;
+        };
+        if shared.skip_prefetch_region && shared.in_prefetch_region(ino) {
+            // A file the profile knows: the prefetcher brings it, and the profile
+            // knows which of its neighbours are wanted.
+            return;
+        }
+        let Some(word) = shared.done.get(parent as usize / 64) else {
+            return;
+        };
+        let bit = 1u64 << (parent % 64);
+        if parent == 0 || word.fetch_or(bit, Relaxed) & bit != 0 {
+            return;
+        }
+        let ranges = shared.small_file_ranges(parent, ino);
+        if ranges.is_empty() {
+            return;
+        }
+        let mut queue = shared.queue.lock().expect("readahead lock");
+        queue.0.extend(ranges);
+        while queue.0.len() > MAX_QUEUED {
+            queue.0.pop_front();
+        }
+        shared.wake.notify_all();
+    }
+}
+
+impl Drop for DirReadahead {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("readahead lock").1 = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Shared {
+    /// Whether file `ino` starts in the image's prefetch region.
+    fn in_prefetch_region(&self, ino: u32) -> bool {
+        let bootstrap = self.image.bootstrap();
+        let Ok(inode) = bootstrap.inode(ino) else { return false };
+        let Ok(segments) = bootstrap.segments(&inode, 0, inode.size().min(1)) else {
+            return false;
+        };
+        segments.iter().any(|segment| match segment.source {
+            SegmentSource::Chunk { index, .. } => bootstrap.chunk(index).is_ok_and(|chunk| {
+                bootstrap
+                    .blob(chunk.blob_index)
+                    .is_ok_and(|blob| chunk.compressed_offset < blob.prefetch_end)
+            }),
+            SegmentSource::Hole => false,
+        })
+    }
+
+    /// Chunk ranges of the small regular files of directory `dir` but `reading`
+    /// (whose reader fetches its own chunks at once), within the budget, merged where
+    /// contiguous, in blob order.
+    fn small_file_ranges(&self, dir: u32, reading: u32) -> Vec<(u32, u32)> {
+        let bootstrap = self.image.bootstrap();
+        let Ok(dir) = bootstrap.inode(dir) else {
+            return Vec::new();
+        };
+        let Ok(entries) = bootstrap.dir_entries(&dir) else {
+            return Vec::new();
+        };
+        let mut chunks = Vec::new();
+        let mut bytes = 0u64;
+        for entry in entries.flatten() {
+            let Ok(inode) = bootstrap.inode(entry.ino) else {
+                continue;
+            };
+            if entry.ino == reading || inode.kind().ok() != Some(FileKind::Regular) || inode.size() > SMALL_FILE_BYTES {
+                continue;
+            }
+            let Ok(segments) = bootstrap.segments(&inode, 0, inode.size()) else {
+                continue;
+            };
+            for segment in segments {
+                if let SegmentSource::Chunk { index, .. } = segment.source {
+                    if chunks.last() == Some(&index) || self.fetcher.cache().is_ready(index) {
+                        continue;
+                    }
+                    let Ok(chunk) = bootstrap.chunk(index) else { continue };
+                    let prefetched = self.skip_prefetch_region
+                        && bootstrap
+                            .blob(chunk.blob_index)
+                            .is_ok_and(|blob| chunk.compressed_offset < blob.prefetch_end);
+                    if prefetched {
+                        continue;
+                    }
+                    bytes += u64::from(chunk.compressed_size);
+                    if bytes > self.budget {
+                        return merge(chunks);
+                    }
+                    chunks.push(index);
+                }
+            }
+        }
+        merge(chunks)
+    }
+
+    fn work(&self) {
+        loop {
+            let (start, end) = {
+                let mut queue = self.queue.lock().expect("readahead lock");
+                loop {
+                    if queue.1 {
+                        return;
+                    }
+                    if let Some(range) = queue.0.pop_back() {
+                        break range;
+                    }
+                    queue = self.wake.wait(queue).expect("readahead lock");
+                }
+            };
+            let mut at = start;
+            while at < end {
+                (at, _) = self.fetcher.prefetch_from(at, end, REQUEST_BYTES, ReadPurpose::Reader);
+            }
+        }
+    }
+}
+
+/// Sorted chunk indices as half-open ranges of consecutive indices.
+fn merge(mut chunks: Vec<u32>) -> Vec<(u32, u32)> {
+    chunks.sort_unstable();
+    chunks.dedup();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for index in chunks {
+        match ranges.last_mut() {
+            Some((_, end)) if *end == index => *end = index + 1,
+            _ => ranges.push((index, index + 1)),
+        }
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunk_indices_merge_into_ranges() {
+        assert_eq!(super::merge(vec![7, 3, 4, 5, 9, 4]), [(3, 6), (7, 8), (9, 10)]);
+        assert!(super::merge(Vec::new()).is_empty());
+    }
+}
