@@ -337,6 +337,14 @@ impl Fetcher {
             }
         };
         self.stats.backend_requests.fetch_add(1, Relaxed);
+        tracing::debug!(
+            first = first.index,
+            chunks = chunks.len(),
+            start,
+            bytes = end - start,
+            ?purpose,
+            "fetching"
+        );
         let bytes = match self.backend.read_range(&blob.digest, start, end - start, purpose) {
             Ok(bytes) if bytes.len() as u64 == end - start => bytes,
             Ok(bytes) => {

@@ -366,6 +366,7 @@ impl Filesystem for PetrelFs {
             serve();
         } else {
             self.workers.run(Box::new(serve));
+            tracing::debug!(ino, offset, size, "read misses the cache");
             if let Some(readahead) = &self.readahead {
                 readahead.missed(ino);
             }

@@ -265,13 +265,16 @@ pub fn mount_with_backend(
             path.clone(),
         )
     });
-    if config.readahead_dir_bytes > 0 {
+    // A recorded profile (a prefetch region this mount streams) knows better than a
+    // guess: no directory readahead then.
+    let profiled = config.prefetch.mode != crate::prefetch::PrefetchMode::Off
+        && !crate::prefetch::prefetch_ranges(&image, crate::prefetch::PrefetchMode::Table).is_empty();
+    if config.readahead_dir_bytes > 0 && !profiled {
         fs = fs.with_readahead(crate::readahead::DirReadahead::start(
             Arc::clone(&image),
             Arc::clone(&fetcher),
             config.readahead_dir_bytes,
             crate::readahead::PARALLEL,
-            config.prefetch.mode != crate::prefetch::PrefetchMode::Off,
         ));
     }
     if let Some((recorder, ..)) = &recording {

@@ -10,9 +10,10 @@
 //! file never fetch much more than they touch).
 //!
 //! Files are tied to their directory by the lookups the kernel makes (a file's
-//! inode does not record its parent), once per directory per mount. Chunks in the
-//! image's prefetch region are left to the prefetcher when it runs: a recorded
-//! profile knows better than a guess.
+//! inode does not record its parent), once per directory per mount. An image with
+//! a recorded profile (a prefetch region the mount streams) gets no readahead: the
+//! profile knows better than a guess (measured: guessing on top of a profile made
+//! the Python service start 1.3x slower).
 
 use crate::backend::ReadPurpose;
 use crate::fetch::Fetcher;
@@ -33,16 +34,16 @@ const MAX_QUEUED: usize = 1024;
 
 /// Readahead requests in flight at once.
 pub const PARALLEL: usize = 4;
-/// The default budget per directory, in stored bytes.
-pub const DEFAULT_DIR_BYTES: u64 = 8 << 20;
+/// The default budget per directory, in stored bytes: on the Python service of
+/// `scripts/bench.sh apps` 2 MiB started as fast as 8 or 32 MiB (0.80x of no
+/// readahead) and fetched least (1.07x the bytes of no readahead; 8 MiB: 1.32x).
+pub const DEFAULT_DIR_BYTES: u64 = 2 << 20;
 
 #[derive(Debug)]
 struct Shared {
     image: Arc<MappedImage>,
     fetcher: Arc<Fetcher>,
     budget: u64,
-    /// Leave the prefetch region's chunks to the prefetcher.
-    skip_prefetch_region: bool,
     /// Per inode: the directory it was last looked up in (0: none yet).
     parent_of: Vec<AtomicU32>,
     /// One bit per inode: the directory was read ahead.
@@ -59,20 +60,13 @@ pub struct DirReadahead {
 
 impl DirReadahead {
     /// Readahead of up to `budget` stored bytes per directory, `parallel` requests
-    /// at once; `skip_prefetch_region` when a prefetcher streams that region.
-    pub fn start(
-        image: Arc<MappedImage>,
-        fetcher: Arc<Fetcher>,
-        budget: u64,
-        parallel: usize,
-        skip_prefetch_region: bool,
-    ) -> Self {
+    /// at once.
+    pub fn start(image: Arc<MappedImage>, fetcher: Arc<Fetcher>, budget: u64, parallel: usize) -> Self {
         let inodes = image.bootstrap().inode_count() as usize + 1;
         let shared = Arc::new(Shared {
             image,
             fetcher,
             budget,
-            skip_prefetch_region,
             parent_of: (0..inodes).map(|_| AtomicU32::new(0)).collect(),
             done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             queue: Mutex::new((VecDeque::new(), false)),
@@ -100,11 +94,6 @@ impl DirReadahead {
         let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
             return;
         };
-        if shared.skip_prefetch_region && shared.in_prefetch_region(ino) {
-            // A file the profile knows: the prefetcher brings it, and the profile
-            // knows which of its neighbours are wanted.
-            return;
-        }
         let Some(word) = shared.done.get(parent as usize / 64) else {
             return;
         };
@@ -133,23 +122,6 @@ impl Drop for DirReadahead {
 }
 
 impl Shared {
-    /// Whether file `ino` starts in the image's prefetch region.
-    fn in_prefetch_region(&self, ino: u32) -> bool {
-        let bootstrap = self.image.bootstrap();
-        let Ok(inode) = bootstrap.inode(ino) else { return false };
-        let Ok(segments) = bootstrap.segments(&inode, 0, inode.size().min(1)) else {
-            return false;
-        };
-        segments.iter().any(|segment| match segment.source {
-            SegmentSource::Chunk { index, .. } => bootstrap.chunk(index).is_ok_and(|chunk| {
-                bootstrap
-                    .blob(chunk.blob_index)
-                    .is_ok_and(|blob| chunk.compressed_offset < blob.prefetch_end)
-            }),
-            SegmentSource::Hole => false,
-        })
-    }
-
     /// Chunk ranges of the small regular files of directory `dir` but `reading`
     /// (whose reader fetches its own chunks at once), within the budget, merged where
     /// contiguous, in blob order.
@@ -179,13 +151,6 @@ impl Shared {
                         continue;
                     }
                     let Ok(chunk) = bootstrap.chunk(index) else { continue };
-                    let prefetched = self.skip_prefetch_region
-                        && bootstrap
-                            .blob(chunk.blob_index)
-                            .is_ok_and(|blob| chunk.compressed_offset < blob.prefetch_end);
-                    if prefetched {
-                        continue;
-                    }
                     bytes += u64::from(chunk.compressed_size);
                     if bytes > self.budget {
                         return merge(chunks);

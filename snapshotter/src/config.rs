@@ -27,7 +27,7 @@
 //! prefetch_request_bytes = 8388608
 //! prefetch_parallel = 2
 //! prefetch_bandwidth = 10485760         # bytes per second (unset: unlimited)
-//! readahead_dir_bytes = 8388608        # a directory's small files, on a miss (0: off)
+//! readahead_dir_bytes = 2097152        # a directory's small files, on a miss (0: off)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
