@@ -699,11 +699,11 @@ fn an_unwarmed_lazy_image_fails_only_uncached_reads_while_the_registry_is_gone()
         return;
     }
     let mut registry = TestRegistry::start(false);
-    // No read extends over its neighbours (amplify_bytes = 0) and nothing is
-    // prefetched: exactly what was read is cached.
+    // No read extends over its neighbours (amplify_bytes = 0), no directory is read
+    // ahead and nothing is prefetched: exactly what was read is cached.
     let containerd = Containerd::start_configured(
         Some(&registry.addr),
-        "[daemon]\nretries = 2\nretry_seconds = 2.0\namplify_bytes = 0\nprefetch = \"off\"\n",
+        "[daemon]\nretries = 2\nretry_seconds = 2.0\namplify_bytes = 0\nreadahead_dir_bytes = 0\nprefetch = \"off\"\n",
     );
     let mut data = petrel_fixtures::layer_writer::LayerWriter::new();
     data.dir("data/", &petrel_fixtures::layer_writer::EntryMeta::mode(0o755));
