@@ -253,3 +253,26 @@ fn logs_have_levels_and_times_and_no_colour_off_a_terminal() {
         }
     }
 }
+
+/// A package installs a man page per subcommand and shell completions, made from
+/// the same definitions as `--help`.
+#[test]
+fn man_pages_and_completions_cover_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = petrel(&["manpages", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for page in ["petrel", "petrel-mount", "petrel-cache", "petrel-snapshotter", "petrel-convert"] {
+        let roff = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
+        assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{page}: {roff}");
+    }
+    let mount = std::fs::read_to_string(dir.path().join("petrel-mount.1")).unwrap();
+    assert!(mount.contains("spec") && mount.contains("readahead"), "{mount}");
+    assert!(
+        !dir.path().join("petrel-__record-sandbox-init.1").exists(),
+        "internal subcommands have no page"
+    );
+    let out = petrel(&["completions", "bash"]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && script.contains("_petrel") && script.contains("mount"), "{script}");
+    assert_eq!(petrel(&["completions", "tcsh"]).status.code(), Some(2));
+}

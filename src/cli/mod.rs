@@ -2,6 +2,7 @@
 
 pub mod build;
 mod cache;
+mod manuals;
 mod convert;
 mod image_tools;
 pub mod mount;
@@ -56,6 +57,10 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Show a mount's counters (JSON, or Prometheus text).
     Stats(mount::StatsArgs),
+    /// Write a man page for petrel and each subcommand into a directory.
+    Manpages(manuals::ManpagesArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(manuals::CompletionsArgs),
     /// (internal) PID 1 of `petrel record`'s sandbox.
     #[command(name = "__record-sandbox-init", hide = true)]
     RecordSandboxInit(record::SandboxInitArgs),
@@ -130,5 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RecordSandboxInit(args) => sandbox::run_init(&args.root, &args.workload),
         Command::Optimize(args) => record::run_optimize(args),
         Command::Stats(args) => mount::run_stats(args),
+        Command::Manpages(args) => manuals::run_manpages(args),
+        Command::Completions(args) => manuals::run_completions(args),
     }
 }
