@@ -46,7 +46,7 @@ echo "docker://$registry/sample:v1"
 echo
 echo "== 2. petrel convert: stream the layers through the builder, push the petrel image"
 "$bin/petrel" convert "docker://$registry/sample:v1" "docker://$registry/sample:v1-petrel" \
-  --prefetch-list "$work/layers/prefetch.list"
+  --prefetch-profile "$work/layers/prefetch.list"
 echo
 echo "== 3. petrel mount straight from the registry (lazy): only the bootstrap is fetched"
 mkdir -p "$mnt"

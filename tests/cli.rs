@@ -276,3 +276,38 @@ fn man_pages_and_completions_cover_every_subcommand() {
     assert!(out.status.success() && script.contains("_petrel") && script.contains("mount"), "{script}");
     assert_eq!(petrel(&["completions", "tcsh"]).status.code(), Some(2));
 }
+
+/// The three prefetch options have distinct names; the old spellings still work
+/// for one release, hidden from `--help`.
+#[test]
+fn prefetch_options_have_distinct_names_and_the_old_ones_still_work() {
+    for (command, new, old) in [
+        ("build", "--prefetch-path", "--prefetch <"),
+        ("build", "--prefetch-profile", "--prefetch-list <"),
+        ("convert", "--prefetch-profile", "--prefetch <"),
+        ("mount", "--prefetch-mode", "--prefetch <"),
+    ] {
+        let help = text(&petrel(&[command, "--help"]));
+        assert!(help.contains(new), "{command}: {help}");
+        assert!(!help.contains(old), "{command} hides {old}: {help}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layers: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
+    let paths = petrel_fixtures::write_layer_files(&dir.path().join("layers"), &layers).unwrap();
+    std::fs::write(dir.path().join("list"), sample_prefetch_list().join("\n")).unwrap();
+    let layer = &paths[0];
+    for (i, spelling) in ["--prefetch-profile", "--prefetch-list"].iter().enumerate() {
+        let out_dir = dir.path().join(format!("img{i}"));
+        let out = petrel(&[
+            "build",
+            "-o",
+            out_dir.to_str().unwrap(),
+            spelling,
+            dir.path().join("list").to_str().unwrap(),
+            layer.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{spelling}: {}", text(&out));
+        let summary = text(&petrel(&["inspect", out_dir.to_str().unwrap()]));
+        assert!(!summary.contains("prefetch     0 files"), "{spelling}: {summary}");
+    }
+}

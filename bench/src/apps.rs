@@ -187,7 +187,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let profile = w.join("profile.json");
     run_shell(&format!(
         "{p} record docker://{direct}/py:petrel --cache-dir {c} --profile {o} -- /usr/bin/python3 -c \"{STARTUP}\" > /dev/null && \
-         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel-pf --prefetch {o} > /dev/null",
+         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel-pf --prefetch-profile {o} > /dev/null",
         p = petrel.display(),
         c = w.join("record-cache").display(),
         o = profile.display()

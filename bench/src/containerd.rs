@@ -133,7 +133,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
     )?;
     crate::measure::run_shell(&format!(
-        "{} convert docker://{direct}/app:v1 docker://{direct}/app:petrel-pf --prefetch {} > /dev/null",
+        "{} convert docker://{direct}/app:v1 docker://{direct}/app:petrel-pf --prefetch-profile {} > /dev/null",
         petrel.display(),
         w.join("profile.json").display()
     ))?;

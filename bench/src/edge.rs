@@ -71,7 +71,7 @@ fn timed_reads(
         .arg(dir.join("cache"))
         .arg("--runtime-dir")
         .arg(dir.join("run"))
-        .args(["--prefetch", "off", "--daemon"])
+        .args(["--prefetch-mode", "off", "--daemon"])
         .args(extra)
         .output()?;
     if !out.status.success() {

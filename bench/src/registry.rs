@@ -136,7 +136,7 @@ fn startup_run(
         .arg(dir.join("cache"))
         .arg("--runtime-dir")
         .arg(dir.join("run"))
-        .args(["--prefetch", prefetch])
+        .args(["--prefetch-mode", prefetch])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -258,7 +258,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
     )?;
     run_shell(&format!(
-        "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel-pf --prefetch {} > /dev/null",
+        "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel-pf --prefetch-profile {} > /dev/null",
         petrel.display(),
         profile.display()
     ))?;

@@ -26,10 +26,12 @@ pub struct BuildArgs {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// A path (file or directory) to put first in the blob; repeat in order.
-    #[arg(long = "prefetch")]
+    /// (`--prefetch` is the old spelling, kept for one release.)
+    #[arg(long = "prefetch-path", alias = "prefetch")]
     prefetch: Vec<PathBuf>,
     /// A prefetch profile (petrel record) or a file listing paths/globs, one per line.
-    #[arg(long)]
+    /// (`--prefetch-list` is the old spelling, kept for one release.)
+    #[arg(long = "prefetch-profile", alias = "prefetch-list")]
     prefetch_list: Option<PathBuf>,
     /// Petrel image directories whose chunks are referenced instead of stored again.
     #[arg(long = "chunk-dict")]

@@ -34,7 +34,8 @@ pub struct ConvertArgs {
     #[arg(long, default_value = "cdc:16K:64K:256K")]
     chunker: ChunkerParams,
     /// A prefetch profile (petrel record) or a list of paths/globs to put first in the blob.
-    #[arg(long = "prefetch", alias = "prefetch-list")]
+    /// (`--prefetch` is the old spelling, kept for one release.)
+    #[arg(long = "prefetch-profile", aliases = ["prefetch", "prefetch-list"])]
     prefetch_list: Option<std::path::PathBuf>,
     /// Reuse the prefetch profile kept in an earlier converted image (e.g. the previous release).
     #[arg(long, conflicts_with = "prefetch_list")]

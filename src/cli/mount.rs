@@ -89,7 +89,8 @@ pub struct MountArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrefetchArgs {
     /// Background prefetch: off, table (the prefetch region) or all (the whole image).
-    #[arg(long = "prefetch", default_value = "table")]
+    /// (`--prefetch` is the old spelling, kept for one release.)
+    #[arg(long = "prefetch-mode", alias = "prefetch", default_value = "table")]
     mode: PrefetchMode,
     /// Stored bytes per prefetch range request.
     #[arg(long, default_value_t = PrefetchConfig::default().request_bytes)]
