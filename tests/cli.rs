@@ -261,7 +261,13 @@ fn man_pages_and_completions_cover_every_subcommand() {
     let dir = tempfile::tempdir().unwrap();
     let out = petrel(&["manpages", dir.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    for page in ["petrel", "petrel-mount", "petrel-cache", "petrel-snapshotter", "petrel-convert"] {
+    for page in [
+        "petrel",
+        "petrel-mount",
+        "petrel-cache",
+        "petrel-snapshotter",
+        "petrel-convert",
+    ] {
         let roff = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
         assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{page}: {roff}");
     }
@@ -273,7 +279,10 @@ fn man_pages_and_completions_cover_every_subcommand() {
     );
     let out = petrel(&["completions", "bash"]);
     let script = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && script.contains("_petrel") && script.contains("mount"), "{script}");
+    assert!(
+        out.status.success() && script.contains("_petrel") && script.contains("mount"),
+        "{script}"
+    );
     assert_eq!(petrel(&["completions", "tcsh"]).status.code(), Some(2));
 }
 
@@ -310,4 +319,30 @@ fn prefetch_options_have_distinct_names_and_the_old_ones_still_work() {
         let summary = text(&petrel(&["inspect", out_dir.to_str().unwrap()]));
         assert!(!summary.contains("prefetch     0 files"), "{spelling}: {summary}");
     }
+}
+
+/// Byte sizes take units in flags (`--max-bytes 1MiB`) as in config files.
+#[test]
+fn byte_sizes_take_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let out = petrel(&[
+        "cache",
+        "gc",
+        "--max-bytes",
+        "1.5GiB",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = petrel(&[
+        "cache",
+        "gc",
+        "--max-bytes",
+        "3 parsecs",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("is not a byte size"), "{}", text(&out));
 }

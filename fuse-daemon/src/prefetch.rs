@@ -42,11 +42,15 @@ impl std::str::FromStr for PrefetchMode {
 pub struct PrefetchConfig {
     pub mode: PrefetchMode,
     /// Stored bytes per range request.
+    #[serde(deserialize_with = "crate::byte_size::deserialize")]
     pub request_bytes: u64,
     /// Range requests in flight at once.
     pub parallel: usize,
     /// Bytes per second across all prefetch requests; none: unlimited.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::byte_size::deserialize_option"
+    )]
     pub bandwidth: Option<u64>,
 }
 

@@ -16,7 +16,7 @@
 //! mirrors = ["http://127.0.0.1:65001"]
 //! creds_file = "/etc/petrel/creds"      # USER:PASSWORD (else PETREL_CREDS, the Docker config)
 //!
-//! [tuning]
+//! [tuning]                              # byte sizes: numbers or "256KiB", "10GiB"
 //! fetch_threads = 8
 //! prefetch = { mode = "table", request_bytes = 8388608, parallel = 2 }
 //! ```
@@ -54,8 +54,12 @@ pub struct DaemonSpec {
     /// Directory of control sockets.
     #[serde(default = "default_runtime_dir")]
     pub runtime_dir: PathBuf,
-    /// Bound on the node's chunk cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Bound on the node's chunk cache (bytes, or `"10GiB"`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::byte_size::deserialize_option"
+    )]
     pub cache_max_bytes: Option<u64>,
     /// Record what is read and write the profile here on unmount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,7 @@ impl Default for RegistrySpec {
 #[serde(deny_unknown_fields, default)]
 pub struct Tuning {
     /// Stored bytes a fetch may extend over following missing chunks.
+    #[serde(deserialize_with = "crate::byte_size::deserialize")]
     pub amplify_bytes: u64,
     /// Threads reading FUSE requests.
     pub fuse_threads: usize,
@@ -117,6 +122,7 @@ pub struct Tuning {
     pub prefetch: PrefetchConfig,
     /// Stored bytes of a directory's small files read ahead when one of them misses
     /// the cache (0: off).
+    #[serde(deserialize_with = "crate::byte_size::deserialize")]
     pub readahead_dir_bytes: u64,
 }
 

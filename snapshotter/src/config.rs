@@ -4,7 +4,7 @@
 //! ```toml
 //! root = "/var/lib/petrel/snapshotter"
 //! address = "/run/petrel/snapshotter.sock"
-//! cache_max_bytes = 10737418240        # bound on the node chunk cache (optional)
+//! cache_max_bytes = "10GiB"            # bound on the node chunk cache (optional; bytes or with a unit)
 //! metrics_address = "127.0.0.1:9864"   # Prometheus text of every lazy mount (optional)
 //!
 //! [[registry]]                          # how to reach a registry (all optional)
@@ -83,7 +83,7 @@ pub struct Config {
     pub root: PathBuf,
     #[serde(default = "default_address")]
     pub address: PathBuf,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub cache_max_bytes: Option<u64>,
     #[serde(default)]
     pub metrics_address: Option<String>,
@@ -104,13 +104,17 @@ pub struct Config {
 pub struct DaemonSettings {
     pub retries: Option<u32>,
     pub retry_seconds: Option<f64>,
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub amplify_bytes: Option<u64>,
     pub fuse_threads: Option<usize>,
     pub fetch_threads: Option<usize>,
     pub prefetch: Option<PrefetchSetting>,
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub prefetch_request_bytes: Option<u64>,
     pub prefetch_parallel: Option<usize>,
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub prefetch_bandwidth: Option<u64>,
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub readahead_dir_bytes: Option<u64>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
@@ -285,6 +289,20 @@ mod tests {
         assert_eq!(config.credentials_for("h:5000").as_deref(), Some("u:p4ss"));
         assert!(!format!("{config:?}").contains("p4ss"));
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn byte_sizes_take_units() {
+        let config: Config = toml::from_str(
+            "cache_max_bytes = \"10GiB\"\n[daemon]\namplify_bytes = \"512KiB\"\nprefetch_bandwidth = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(config.cache_max_bytes, Some(10 << 30));
+        assert_eq!(config.daemon.amplify_bytes, Some(512 << 10));
+        assert_eq!(config.daemon.prefetch_bandwidth, Some(1000));
+        assert_eq!(config.daemon.readahead_dir_bytes, None);
+        let error = toml::from_str::<Config>("cache_max_bytes = \"lots\"\n").unwrap_err();
+        assert!(error.message().contains("not a byte size"), "{error}");
     }
 
     #[test]

@@ -155,7 +155,7 @@ enum DictCommand {
         #[arg(short, long)]
         output: PathBuf,
         /// Plain bytes of chunks at most.
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value_t = 1 << 30, value_parser = petrel_fuse_daemon::byte_size::parse)]
         max_bytes: u64,
     },
 }

@@ -17,7 +17,7 @@ pub struct WarmArgs {
     #[arg(long)]
     all: bool,
     /// Stored bytes per range request.
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = 8 << 20, value_parser = petrel_fuse_daemon::byte_size::parse)]
     request_bytes: u64,
     /// Range requests in flight at once.
     #[arg(long, default_value_t = 4)]
@@ -123,7 +123,7 @@ enum CacheCommand {
     },
     /// Evict least recently used chunks (never those a live mount pins) down to a size.
     Gc {
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = petrel_fuse_daemon::byte_size::parse)]
         max_bytes: u64,
     },
     /// Remove an image (its bootstrap digest, or a prefix of it) and the chunks only it uses.

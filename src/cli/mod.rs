@@ -2,9 +2,9 @@
 
 pub mod build;
 mod cache;
-mod manuals;
 mod convert;
 mod image_tools;
+mod manuals;
 pub mod mount;
 mod record;
 pub mod registry_args;

@@ -48,7 +48,7 @@ pub struct MountArgs {
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
     /// Stored bytes a fetch may extend over following missing chunks.
-    #[arg(long, default_value_t = petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES)]
+    #[arg(long, default_value_t = petrel_fuse_daemon::fetch::DEFAULT_AMPLIFY_BYTES, value_parser = petrel_fuse_daemon::byte_size::parse)]
     amplify_bytes: u64,
     /// Threads reading FUSE requests.
     #[arg(long, default_value_t = spec::DEFAULT_FUSE_THREADS)]
@@ -62,11 +62,11 @@ pub struct MountArgs {
     #[arg(long)]
     record: Option<PathBuf>,
     /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
-    #[arg(long)]
+    #[arg(long, value_parser = petrel_fuse_daemon::byte_size::parse)]
     cache_max_bytes: Option<u64>,
     /// Stored bytes of a directory's small files read ahead in the background when
     /// one of them misses the cache (0: off).
-    #[arg(long, default_value_t = petrel_fuse_daemon::readahead::DEFAULT_DIR_BYTES)]
+    #[arg(long, default_value_t = petrel_fuse_daemon::readahead::DEFAULT_DIR_BYTES, value_parser = petrel_fuse_daemon::byte_size::parse)]
     readahead_dir_bytes: u64,
     /// Serve every read through FUSE, never through a backing file (by default, files
     /// whose chunks are all cached are opened with FUSE passthrough where the kernel
@@ -93,13 +93,13 @@ pub struct PrefetchArgs {
     #[arg(long = "prefetch-mode", alias = "prefetch", default_value = "table")]
     mode: PrefetchMode,
     /// Stored bytes per prefetch range request.
-    #[arg(long, default_value_t = PrefetchConfig::default().request_bytes)]
+    #[arg(long, default_value_t = PrefetchConfig::default().request_bytes, value_parser = petrel_fuse_daemon::byte_size::parse)]
     prefetch_request_bytes: u64,
     /// Prefetch range requests in flight at once.
     #[arg(long, default_value_t = PrefetchConfig::default().parallel)]
     prefetch_parallel: usize,
     /// Cap prefetch traffic at this many bytes per second.
-    #[arg(long)]
+    #[arg(long, value_parser = petrel_fuse_daemon::byte_size::parse)]
     prefetch_bandwidth: Option<u64>,
 }
 
