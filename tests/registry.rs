@@ -858,6 +858,80 @@ fn credentials_come_from_the_docker_config() {
     assert!(out.status.success(), "{}", output_text(&out));
 }
 
+/// Credential helpers, as Docker runs them: `credHelpers.<host>` (else
+/// `credsStore`) names `docker-credential-<name>`, which gets the server on stdin and
+/// answers JSON. It wins over `auths`; a helper without the server falls back to
+/// `auths`; a helper that answers nonsense gives a clear refusal.
+#[test]
+fn credentials_come_from_a_docker_credential_helper() {
+    if !registry_tools_available() {
+        return;
+    }
+    let registry = TestRegistry::start(true);
+    let work = tempfile::tempdir().unwrap();
+    write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+    registry.push_layout(&work.path().join("layout"), "helped", "v1");
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let asked = work.path().join("asked");
+    let helper = |name: &str, body: &str| {
+        let path = bin.join(format!("docker-credential-{name}"));
+        std::fs::write(&path, format!("#!/bin/sh\n[ \"$1\" = get ] || exit 3\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    helper(
+        "petreltest",
+        &format!(
+            "cat > {}\necho '{{\"ServerURL\":\"x\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}'",
+            asked.display()
+        ),
+    );
+    helper("empty", "echo 'credentials not found in native keychain'; exit 1");
+    helper("garbage", "echo 'not json'");
+    let config_dir = work.path().join("docker");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let convert = |config: String, tag: &str| {
+        std::fs::write(config_dir.join("config.json"), config).unwrap();
+        petrel()
+            .env("DOCKER_CONFIG", &config_dir)
+            .env("PATH", &path)
+            .env_remove("PETREL_CREDS")
+            .args([
+                "convert",
+                &format!("docker://{}/helped:v1", registry.addr),
+                &format!("docker://{}/helped:{tag}", registry.addr),
+                "--retries",
+                "1",
+            ])
+            .output()
+            .unwrap()
+    };
+    let host = &registry.addr;
+    let out = convert(format!(r#"{{"credHelpers":{{"{host}":"petreltest"}}}}"#), "a");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&asked).unwrap(),
+        *host,
+        "the helper got the server"
+    );
+    let out = convert(r#"{"credsStore":"petreltest"}"#.into(), "b");
+    assert!(out.status.success(), "credsStore: {}", output_text(&out));
+    let auth = base64_encode(format!("{USER}:{PASSWORD}").as_bytes());
+    let out = convert(
+        format!(r#"{{"credsStore":"empty","auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+        "c",
+    );
+    assert!(
+        out.status.success(),
+        "a helper without the server falls back to auths: {}",
+        output_text(&out)
+    );
+    let out = convert(format!(r#"{{"credHelpers":{{"{host}":"garbage"}}}}"#), "d");
+    assert!(!out.status.success());
+    assert!(!output_text(&out).contains(PASSWORD));
+}
+
 fn base64_encode(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();

@@ -39,8 +39,9 @@ impl Credentials {
     }
 
     /// Credentials for `registry` from the Docker config (`$DOCKER_CONFIG/config.json`,
-    /// else `~/.docker/config.json`): `auths.<host>.auth` (base64 `user:pass`) or
-    /// `username`/`password`. Credential helpers are not run.
+    /// else `~/.docker/config.json`), as Docker reads it: the host's credential helper
+    /// (`credHelpers.<host>`, else `credsStore`: `docker-credential-<name> get`), then
+    /// `auths.<host>.auth` (base64 `user:pass`) or `username`/`password`.
     pub fn from_docker_config(registry: &str) -> Option<Self> {
         let path = match std::env::var_os("DOCKER_CONFIG") {
             Some(dir) => PathBuf::from(dir).join("config.json"),
@@ -48,13 +49,27 @@ impl Credentials {
         };
         let text = std::fs::read_to_string(path).ok()?;
         let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let hub = registry == crate::reference::DOCKER_HUB;
+        // Docker names Docker Hub by its v1 index URL towards helpers and in `auths`.
+        let server = if hub { "https://index.docker.io/v1/" } else { registry };
+        let helper = config
+            .get("credHelpers")
+            .and_then(|h| h.get(registry).or_else(|| hub.then(|| h.get("docker.io")).flatten()))
+            .or_else(|| config.get("credsStore"))
+            .and_then(|h| h.as_str());
+        if let Some(helper) = helper {
+            match crate::cred_helper::get(helper, server) {
+                Ok(Some(credentials)) => return Some(credentials),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(registry, helper, "credential helper: {e}"),
+            }
+        }
         let auths = config.get("auths")?.as_object()?;
         let hosts = [
             registry.to_string(),
             format!("https://{registry}"),
             format!("http://{registry}"),
         ];
-        let hub = registry == crate::reference::DOCKER_HUB;
         let entry = hosts.iter().find_map(|h| auths.get(h)).or_else(|| {
             if hub {
                 auths

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cred_helper;
 pub mod error;
 pub mod health;
 pub mod layout;
