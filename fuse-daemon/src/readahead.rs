@@ -9,6 +9,10 @@
 //! per file. Big files are left to the reads themselves (random reads of a large
 //! file never fetch much more than they touch).
 //!
+//! Executables and shared libraries (ELF files up to `MAX_ELF_BYTES`) are read
+//! ahead whole at their second miss: a loader maps them and faults pages all over,
+//! one round trip each otherwise. Other big files are left to their reads.
+//!
 //! Files are tied to their directory by the lookups the kernel makes (a file's
 //! inode does not record its parent), once per directory per mount. An image with
 //! a recorded profile (a prefetch region the mount streams) gets no readahead: the
@@ -26,6 +30,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// Files up to this size are read ahead whole with their directory.
 pub const SMALL_FILE_BYTES: u64 = 1 << 20;
+/// ELF files up to this size are read ahead whole at their second miss.
+pub const MAX_ELF_BYTES: u64 = 32 << 20;
 /// Stored bytes per readahead request.
 const REQUEST_BYTES: u64 = 1 << 20;
 /// Ranges waiting at most (the newest directories are served first; beyond this
@@ -48,6 +54,8 @@ struct Shared {
     parent_of: Vec<AtomicU32>,
     /// One bit per inode: the directory was read ahead.
     done: Vec<AtomicU64>,
+    /// Per inode: reads of it that missed the cache (saturating).
+    misses: Vec<std::sync::atomic::AtomicU8>,
     queue: Mutex<(VecDeque<(u32, u32)>, bool)>,
     wake: Condvar,
 }
@@ -69,6 +77,7 @@ impl DirReadahead {
             budget,
             parent_of: (0..inodes).map(|_| AtomicU32::new(0)).collect(),
             done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            misses: (0..inodes).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
             queue: Mutex::new((VecDeque::new(), false)),
             wake: Condvar::new(),
         });
@@ -88,9 +97,18 @@ impl DirReadahead {
         }
     }
 
-    /// A read of `ino` needed a fetch: read its directory ahead (once).
+    /// A read of `ino` needed a fetch: read its directory ahead (once), and an
+    /// executable or library whole at its second miss.
     pub fn missed(&self, ino: u32) {
         let shared = &self.shared;
+        let misses = shared
+            .misses
+            .get(ino as usize)
+            .map_or(0, |m| m.fetch_add(1, Relaxed).saturating_add(1));
+        if misses == 2 {
+            let ranges = shared.whole_elf_ranges(ino);
+            shared.enqueue(ranges);
+        }
         let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
             return;
         };
@@ -102,15 +120,7 @@ impl DirReadahead {
             return;
         }
         let ranges = shared.small_file_ranges(parent, ino);
-        if ranges.is_empty() {
-            return;
-        }
-        let mut queue = shared.queue.lock().expect("readahead lock");
-        queue.0.extend(ranges);
-        while queue.0.len() > MAX_QUEUED {
-            queue.0.pop_front();
-        }
-        shared.wake.notify_all();
+        shared.enqueue(ranges);
     }
 }
 
@@ -122,6 +132,52 @@ impl Drop for DirReadahead {
 }
 
 impl Shared {
+    fn enqueue(&self, ranges: Vec<(u32, u32)>) {
+        if ranges.is_empty() {
+            return;
+        }
+        let mut queue = self.queue.lock().expect("readahead lock");
+        queue.0.extend(ranges);
+        while queue.0.len() > MAX_QUEUED {
+            queue.0.pop_front();
+        }
+        self.wake.notify_all();
+    }
+
+    /// The missing chunks of file `ino` when it is an ELF file (its first bytes,
+    /// already cached, say so) of at most `MAX_ELF_BYTES`.
+    fn whole_elf_ranges(&self, ino: u32) -> Vec<(u32, u32)> {
+        let bootstrap = self.image.bootstrap();
+        let Ok(inode) = bootstrap.inode(ino) else {
+            return Vec::new();
+        };
+        if inode.kind().ok() != Some(FileKind::Regular) || !(SMALL_FILE_BYTES..=MAX_ELF_BYTES).contains(&inode.size()) {
+            return Vec::new();
+        }
+        let Ok(segments) = bootstrap.segments(&inode, 0, inode.size()) else {
+            return Vec::new();
+        };
+        let Some((first, offset)) = segments.iter().find_map(|s| match s.source {
+            SegmentSource::Chunk { index, chunk_offset } if s.file_offset == 0 => Some((index, chunk_offset)),
+            _ => None,
+        }) else {
+            return Vec::new();
+        };
+        let mut magic = [0u8; 4];
+        let cache = self.fetcher.cache();
+        if !cache.is_ready(first) || cache.read(first, offset, &mut magic).is_err() || magic != *b"\x7fELF" {
+            return Vec::new();
+        }
+        let chunks = segments
+            .iter()
+            .filter_map(|s| match s.source {
+                SegmentSource::Chunk { index, .. } if !cache.is_ready(index) => Some(index),
+                _ => None,
+            })
+            .collect();
+        merge(chunks)
+    }
+
     /// Chunk ranges of the small regular files of directory `dir` but `reading`
     /// (whose reader fetches its own chunks at once), within the budget, merged where
     /// contiguous, in blob order.

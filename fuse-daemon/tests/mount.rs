@@ -351,3 +351,57 @@ fn a_miss_reads_its_directory_small_files_ahead() {
     // Small files share chunks (three of these to a chunk): a miss per chunk.
     assert!(after.cache_misses >= before.cache_misses + 10, "{after:?}");
 }
+
+/// An executable or library (an ELF file) is read ahead whole at its second miss,
+/// as a loader faults its pages all over; a big data file is not.
+#[test]
+fn an_elf_file_is_read_ahead_whole_at_its_second_miss() {
+    if !fuse_available() {
+        return;
+    }
+    let mut elf = b"\x7fELF".to_vec();
+    elf.extend(Rng::new(31).bytes(3 << 20));
+    let data = Rng::new(32).bytes(3 << 20);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("lib/libfoo.so", &Default::default(), &elf);
+    w.file("var/data.bin", &Default::default(), &data);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    let mounted = mount(&config).unwrap();
+    let root = mounted.mountpoint().to_path_buf();
+    let quiet = || {
+        let mut last = u64::MAX;
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let fetched = mounted.stats().chunks_fetched;
+            if fetched == last {
+                return;
+            }
+            last = fetched;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    for (path, content) in [("lib/libfoo.so", &elf), ("var/data.bin", &data)] {
+        let file = std::fs::File::open(root.join(path)).unwrap();
+        for offset in [0u64, 2 << 20] {
+            file.read_exact_at(&mut buf, offset).unwrap();
+            assert_eq!(&buf[..], &content[offset as usize..offset as usize + 4096]);
+        }
+    }
+    quiet();
+    let before = mounted.stats();
+    assert_eq!(std::fs::read(root.join("lib/libfoo.so")).unwrap(), elf);
+    let after_elf = mounted.stats();
+    assert_eq!(
+        after_elf.cache_misses, before.cache_misses,
+        "the library was read ahead: {after_elf:?}"
+    );
+    assert_eq!(std::fs::read(root.join("var/data.bin")).unwrap(), data);
+    let after_data = mounted.stats();
+    assert!(
+        after_data.cache_misses > after_elf.cache_misses,
+        "the data file was not: {after_data:?}"
+    );
+}
