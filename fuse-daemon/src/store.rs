@@ -84,11 +84,23 @@ impl ChunkStore {
             touched: Mutex::new((Instant::now(), HashSet::new())),
             gc_running: AtomicBool::new(false),
         };
+        let store = Arc::new(store);
         if max_bytes.is_some() {
-            let (_, bytes) = store.usage();
-            store.approx_bytes.store(bytes, Ordering::Relaxed);
+            // The first measure of the cache scans every chunk file: in the
+            // background, so a mount never waits for it (puts meanwhile add up on top).
+            let weak = Arc::downgrade(&store);
+            let _ = std::thread::Builder::new()
+                .name("petrel-cache-usage".into())
+                .spawn(move || {
+                    let Some(store) = weak.upgrade() else { return };
+                    let (_, bytes) = store.usage();
+                    let total = store.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                    if store.max_bytes.is_some_and(|max| total > max) {
+                        store.gc_in_background();
+                    }
+                });
         }
-        Ok(Arc::new(store))
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
@@ -130,7 +142,7 @@ impl ChunkStore {
     }
 
     /// Stores verified chunks durably (temporary file, fdatasync, rename).
-    pub fn put(&self, chunks: &[([u8; 32], &[u8])]) -> Result<()> {
+    pub fn put(self: &Arc<Self>, chunks: &[([u8; 32], &[u8])]) -> Result<()> {
         let tmp_dir = self.root.join("tmp");
         let mut staged = Vec::new();
         for (digest, bytes) in chunks {
@@ -197,7 +209,7 @@ impl ChunkStore {
 
     /// Counts bytes of files derived from chunks (materialized passthrough files)
     /// towards the bound.
-    pub fn add_derived_bytes(&self, bytes: u64) {
+    pub fn add_derived_bytes(self: &Arc<Self>, bytes: u64) {
         let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if self.max_bytes.is_some_and(|max| total > max) {
             self.gc_in_background();
@@ -279,19 +291,28 @@ impl ChunkStore {
         report
     }
 
-    fn gc_in_background(&self) {
+    /// Starts a GC pass on a thread of its own (one at a time): the reader or
+    /// fetcher that crossed the bound never waits for the scan.
+    fn gc_in_background(self: &Arc<Self>) {
         let Some(max) = self.max_bytes else { return };
         if self.gc_running.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Runs inline on the thread that crossed the bound: simple and bounded.
-        let report = self.gc(max);
-        tracing::info!(
-            removed = report.chunks_removed,
-            bytes = report.bytes_removed,
-            "cache GC"
-        );
-        self.gc_running.store(false, Ordering::SeqCst);
+        let store = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("petrel-cache-gc".into())
+            .spawn(move || {
+                let report = store.gc(max);
+                tracing::info!(
+                    removed = report.chunks_removed,
+                    bytes = report.bytes_removed,
+                    "cache GC"
+                );
+                store.gc_running.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.gc_running.store(false, Ordering::SeqCst);
+        }
     }
 }
 
