@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 pub struct MappedImage {
     name: String,
     digest: [u8; 32],
-    map: memmap2::Mmap,
+    /// The mapped copy, its structure checked once (at open).
+    bootstrap: petrel_format::reader::ValidatedBootstrap<memmap2::Mmap>,
 }
 
 /// The digest recorded in a bootstrap's superblock, read from its first bytes.
@@ -53,8 +54,8 @@ impl MappedImage {
     fn map_owned(path: &Path, digest: [u8; 32], name: &str) -> Result<Self> {
         let file = File::open(path).map_err(DaemonError::io("open", path))?;
         let map = map_read_only(&file).map_err(DaemonError::io("map", path))?;
-        let bootstrap = Bootstrap::open_with(&map, OpenOptions { verify_digest: false })?;
-        if bootstrap.superblock().digest != digest {
+        let bootstrap = petrel_format::reader::ValidatedBootstrap::new(map, OpenOptions { verify_digest: false })?;
+        if bootstrap.get().superblock().digest != digest {
             return Err(DaemonError::Invalid(format!(
                 "{} does not hold bootstrap {}",
                 path.display(),
@@ -64,13 +65,13 @@ impl MappedImage {
         Ok(MappedImage {
             name: name.to_string(),
             digest,
-            map,
+            bootstrap,
         })
     }
 
-    /// The bootstrap, structure-checked at open.
+    /// The bootstrap, structure-checked once at open (not again here).
     pub fn bootstrap(&self) -> Bootstrap<'_> {
-        Bootstrap::open_with(&self.map, OpenOptions { verify_digest: false }).expect("validated at open")
+        self.bootstrap.get()
     }
 
     /// The superblock digest (names the image in the cache).

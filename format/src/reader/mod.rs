@@ -9,12 +9,14 @@ mod dir;
 mod exercise;
 mod file;
 mod inode;
+mod validated;
 mod walk;
 
 pub use dir::{is_valid_name, DirEntries, DirEntry, NAME_MAX};
 pub use exercise::{read_everything, Visited};
 pub use file::{FileSegment, SegmentSource};
 pub use inode::{mode_bits, FileKind, Inode};
+pub use validated::ValidatedBootstrap;
 pub use walk::{TreeWalk, WalkEntry};
 
 use crate::chunker::{ChunkerParams, MAX_CHUNK_SIZE};
