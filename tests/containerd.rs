@@ -168,6 +168,34 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         metrics.contains("petrel_snapshotter_lazy_mounts 1") && metrics.contains("petrel_backend_bytes_total"),
         "{metrics}"
     );
+    assert!(
+        metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
+        "{metrics}"
+    );
+    // Scrapes run concurrently, over HTTP/1.1 as well; other paths are not metrics.
+    let scrape = |request: &'static [u8]| {
+        let address = containerd.metrics_address();
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            std::io::Write::write_all(&mut stream, request).unwrap();
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+            answer
+        })
+    };
+    let scrapes: Vec<_> = (0..4)
+        .map(|_| scrape(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"))
+        .collect();
+    for answer in scrapes.into_iter().map(|s| s.join().unwrap()) {
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("petrel_reads_total"),
+            "{answer}"
+        );
+    }
+    let other = scrape(b"GET /secrets HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .join()
+        .unwrap();
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 
     // A mount daemon that dies is remounted when the snapshotter starts again.
     let run_dir = containerd.snapshotter_root().join("run");

@@ -376,12 +376,19 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
     use std::os::unix::fs::PermissionsExt;
     let socket = settings.address.as_path();
     let service = Service::open(settings)?;
-    if let Some(address) = &settings.metrics_address {
-        serve_metrics(address, Arc::clone(&service.store), service.remote.clone())?;
-    }
     let service = Arc::new(service);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        if let Some(address) = &settings.metrics_address {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("metrics_address {address}: {e}"))?;
+            tokio::spawn(serve_metrics(
+                listener,
+                Arc::clone(&service.store),
+                service.remote.clone(),
+            ));
+        }
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -418,32 +425,40 @@ pub fn serve(settings: &crate::config::Config) -> Result<(), Box<dyn std::error:
     })
 }
 
-/// Answers any HTTP request on `address` with the Prometheus text of every lazy mount,
-/// serving clients concurrently with timeouts (`petrel_fuse_daemon::endpoint`).
-fn serve_metrics(address: &str, store: Arc<SnapshotStore>, remote: RemoteConfig) -> std::io::Result<()> {
-    let listener = std::net::TcpListener::bind(address)?;
-    let answer = move |_request: &[u8]| {
-        let mountpoints: Vec<std::path::PathBuf> = store
-            .lazy_mounts()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|layer| layer.mountpoint)
-            .collect();
-        let body = remote::metrics(&remote, &mountpoints);
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
+/// How long one scrape may take (each daemon is asked with its own timeout too).
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `GET /metrics` (Prometheus text of the snapshotter and every lazy mount,
+/// asked over their control sockets) with axum: HTTP/1.1, concurrent scrapes, a
+/// deadline per scrape.
+async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<SnapshotStore>, remote: RemoteConfig) {
+    let scrape = move || {
+        let (store, remote) = (Arc::clone(&store), remote.clone());
+        async move {
+            use axum::response::IntoResponse;
+            let collect = tokio::task::spawn_blocking(move || {
+                let mountpoints: Vec<std::path::PathBuf> = store
+                    .lazy_mounts()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|layer| layer.mountpoint)
+                    .collect();
+                remote::metrics(&remote, &mountpoints)
+            });
+            match tokio::time::timeout(SCRAPE_TIMEOUT, collect).await {
+                Ok(Ok(body)) => {
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+                }
+                _ => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "collecting the metrics timed out\n",
+                )
+                    .into_response(),
+            }
+        }
     };
-    std::thread::Builder::new()
-        .name("petrel-metrics".into())
-        .spawn(move || {
-            petrel_fuse_daemon::endpoint::serve(
-                listener.incoming(),
-                |request| request.windows(4).any(|w| w == b"\r\n\r\n"),
-                Arc::new(answer),
-            )
-        })?;
-    Ok(())
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!("metrics server stopped: {e}");
+    }
 }

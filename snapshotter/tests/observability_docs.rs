@@ -50,10 +50,7 @@ fn the_dashboard_and_the_alerts_use_exported_metrics() {
         }
     }
     let rules = docs("alerts.yml");
-    let expressions: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("expr:"))
-        .collect();
+    let expressions: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).collect();
     assert!(expressions.len() >= 4, "{rules}");
     for expr in expressions {
         used.extend(names_in(expr));
