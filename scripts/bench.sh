@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a benchmark in release mode and prints its table.
 #   scripts/bench.sh build [--scale 0.25] [--layer-gib 4]
-#   scripts/bench.sh apps [--rounds 3]   (a Python service image built from Debian packages: cold start)
+#   scripts/bench.sh apps [--app python|node] [--rounds 3]   (Python and Node service images built from Debian packages: cold start)
 #   scripts/bench.sh edge [--scale 0.25] [--no-containerd]   (mirror fan-out, dead mirror, offline restart)
 set -euo pipefail
 cd "$(dirname "$0")/.."

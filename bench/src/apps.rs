@@ -1,11 +1,11 @@
-//! Cold start of a real application image over a shaped link: a Python service's
-//! image built at bench time from Debian's packages (`debootstrap` bookworm minbase,
-//! then `apt-get install python3-numpy python3-pandas python3-flask
-//! python3-requests`), its startup (`python3 -c 'import numpy, pandas, flask,
-//! requests'`) run in a chroot of the image. Baseline: pulling the whole image
-//! (`skopeo copy`) and unpacking it, then the same startup. Compared: petrel on
-//! demand (no profile), and petrel with the startup recorded as a prefetch profile.
-//! Rounds are interleaved; medians are printed.
+//! Cold start of real application images over a shaped link, each built at bench
+//! time from Debian's packages (`debootstrap` bookworm minbase, then `apt-get
+//! install …`): a Python service (numpy, pandas, flask, requests; startup `python3
+//! -c 'import numpy, pandas, flask, requests'`) and a Node service (express,
+//! lodash, axios; startup `node -e "require(…)"`), each started in a chroot of the
+//! image. Baseline: pulling the whole image (`skopeo copy`) and unpacking it, then
+//! the same startup. Compared: petrel on demand (no profile), and petrel with the
+//! startup recorded as a prefetch profile. Rounds are interleaved; medians are printed.
 
 use crate::measure::run_shell;
 use crate::registry::Registry;
@@ -16,19 +16,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PACKAGES: &str = "python3 python3-numpy python3-pandas python3-flask python3-requests";
-const STARTUP: &str = "import numpy, pandas, flask, requests; print('ready')";
+/// One application image: its Debian packages and its startup command (which
+/// prints `ready`).
+struct App {
+    name: &'static str,
+    packages: &'static str,
+    startup: &'static [&'static str],
+}
+
+const APPS: [App; 2] = [
+    App {
+        name: "python",
+        packages: "python3 python3-numpy python3-pandas python3-flask python3-requests",
+        startup: &[
+            "/usr/bin/python3",
+            "-c",
+            "import numpy, pandas, flask, requests; print('ready')",
+        ],
+    },
+    App {
+        name: "node",
+        packages: "nodejs node-express node-lodash node-axios",
+        startup: &[
+            "/usr/bin/node",
+            "-e",
+            "require('express'); require('lodash'); require('axios'); console.log('ready')",
+        ],
+    },
+];
 
 fn bin(name: &str) -> PathBuf {
     std::env::current_exe().expect("own path").with_file_name(name)
 }
 
-/// The image's root filesystem, built once per machine and kept in `/var/tmp`.
-fn python_rootfs() -> anyhow::Result<PathBuf> {
+/// The app's root filesystem, built once per machine and kept in `/var/tmp`.
+fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("/var/tmp/petrel-apps");
-    let rootfs = dir.join("rootfs-py");
-    let done = dir.join("rootfs-py.done");
-    if done.exists() {
+    let rootfs = dir.join(format!("rootfs-{}", app.name));
+    let done = dir.join(format!("rootfs-{}.done", app.name));
+    if std::fs::read_to_string(&done).is_ok_and(|p| p == app.packages) {
         return Ok(rootfs);
     }
     std::fs::create_dir_all(&dir)?;
@@ -37,11 +63,12 @@ fn python_rootfs() -> anyhow::Result<PathBuf> {
         "command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null; \
          debootstrap --variant=minbase bookworm {r} http://deb.debian.org/debian >/dev/null && \
          cp /etc/resolv.conf {r}/etc/resolv.conf && \
-         chroot {r} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {PACKAGES} >/dev/null && apt-get clean'",
-        r = rootfs.display()
+         chroot {r} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {p} >/dev/null && apt-get clean'",
+        r = rootfs.display(),
+        p = app.packages
     ))
-    .context("building the Python image's rootfs (debootstrap, apt-get)")?;
-    std::fs::write(&done, PACKAGES)?;
+    .with_context(|| format!("building the {} image's rootfs (debootstrap, apt-get)", app.name))?;
+    std::fs::write(&done, app.packages)?;
     Ok(rootfs)
 }
 
@@ -52,11 +79,11 @@ struct Start {
     bytes: u64,
 }
 
-fn run_startup(root: &Path) -> anyhow::Result<()> {
+fn run_startup(app: &App, root: &Path) -> anyhow::Result<()> {
     // (The chroot is this machine's /usr/sbin/chroot; the startup's own PATH is the image's.)
     let out = Command::new("/usr/sbin/chroot")
         .arg(root)
-        .args(["/usr/bin/python3", "-c", STARTUP])
+        .args(app.startup)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .output()?;
@@ -67,7 +94,7 @@ fn run_startup(root: &Path) -> anyhow::Result<()> {
 }
 
 /// Mounts `image` lazily (fresh cache), runs the startup in it, and unmounts.
-fn petrel_start(petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Start> {
+fn petrel_start(app: &App, petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Start> {
     let _ = std::fs::remove_dir_all(dir);
     let mountpoint = dir.join("mnt");
     std::fs::create_dir_all(&mountpoint)?;
@@ -93,7 +120,7 @@ fn petrel_start(petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyho
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    run_startup(&mountpoint)?;
+    run_startup(app, &mountpoint)?;
     let seconds = started.elapsed().as_secs_f64();
     let out = Command::new(petrel)
         .arg("stats")
@@ -112,17 +139,18 @@ fn petrel_start(petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyho
 }
 
 /// Pulls the whole image, unpacks it, runs the startup.
-fn full_pull_start(link: &str, dir: &Path) -> anyhow::Result<Start> {
+fn full_pull_start(app: &App, link: &str, dir: &Path) -> anyhow::Result<Start> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let before = relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     run_shell(&format!(
-        "skopeo copy --quiet --src-tls-verify=false docker://{link}/py:v1 oci:{d}/oci:v1 && mkdir -p {d}/rootfs && \
+        "skopeo copy --quiet --src-tls-verify=false docker://{link}/{a}:v1 oci:{d}/oci:v1 && mkdir -p {d}/rootfs && \
          for l in $(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+\"/blobs/sha256/\"+json.load(open(d+\"/index.json\"))[\"manifests\"][0][\"digest\"][7:])); print(\" \".join(x[\"digest\"][7:] for x in m[\"layers\"]))' {d}/oci); do tar -xzf {d}/oci/blobs/sha256/$l -C {d}/rootfs; done",
-        d = dir.display()
+        d = dir.display(),
+        a = app.name
     ))?;
-    run_startup(&dir.join("rootfs"))?;
+    run_startup(app, &dir.join("rootfs"))?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Start {
         seconds,
@@ -147,6 +175,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let value = || args.get(i + 1).context("missing value");
         match args[i].as_str() {
             "--rounds" => rounds = value()?.parse()?,
+            "--app" => {}
             "--rtt-ms" => rtt_ms = value()?.parse()?,
             "--mbit" => mbit = value()?.parse()?,
             "--readahead-sweep" => {
@@ -159,7 +188,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         i += 2;
     }
-    let rootfs = python_rootfs()?;
+    let mut only: Option<String> = std::env::var("PETREL_BENCH_APP").ok();
+    if let Some(i) = args.iter().position(|a| a == "--app") {
+        only = args.get(i + 1).cloned();
+    }
+    for app in APPS.iter().filter(|a| only.as_deref().is_none_or(|o| o == a.name)) {
+        run_app(app, rounds, rtt_ms, mbit, &sweep)?;
+    }
+    Ok(())
+}
+
+fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> anyhow::Result<()> {
+    let rootfs = app_rootfs(app)?;
     let work = tempfile::tempdir_in("/var/tmp")?;
     let w = work.path();
     let petrel = bin("petrel");
@@ -177,20 +217,34 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .count();
     petrel_fixtures::oci_layout::write_oci_layout(&w.join("layout"), "v1", &[std::fs::read(&layer)?])?;
     run_shell(&format!(
-        "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{direct}/py:v1 && \
-         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel > /dev/null",
+        "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{direct}/{a}:v1 && \
+         {p} convert docker://{direct}/{a}:v1 docker://{direct}/{a}:petrel > /dev/null",
         w.join("layout").display(),
-        p = petrel.display()
+        p = petrel.display(),
+        a = app.name
     ))?;
     // The startup recorded as a profile (petrel record runs it in a sandbox), and an
     // image converted with it.
     let profile = w.join("profile.json");
+    let record = Command::new(&petrel)
+        .arg("record")
+        .arg(format!("docker://{direct}/{}:petrel", app.name))
+        .arg("--cache-dir")
+        .arg(w.join("record-cache"))
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--")
+        .args(app.startup)
+        .stdout(Stdio::null())
+        .status()?;
+    if !record.success() {
+        bail!("petrel record failed: {record}");
+    }
     run_shell(&format!(
-        "{p} record docker://{direct}/py:petrel --cache-dir {c} --profile {o} -- /usr/bin/python3 -c \"{STARTUP}\" > /dev/null && \
-         {p} convert docker://{direct}/py:v1 docker://{direct}/py:petrel-pf --prefetch-profile {o} > /dev/null",
+        "{p} convert docker://{direct}/{a}:v1 docker://{direct}/{a}:petrel-pf --prefetch-profile {o} > /dev/null",
         p = petrel.display(),
-        c = w.join("record-cache").display(),
-        o = profile.display()
+        o = profile.display(),
+        a = app.name
     ))?;
     let link = relay::start(&direct, Duration::from_secs_f64(rtt_ms / 2000.0), mbit * 1e6);
 
@@ -199,7 +253,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ("petrel, on demand (no profile)".into(), Some("petrel"), vec![]),
         ("petrel, recorded profile".into(), Some("petrel-pf"), vec![]),
     ];
-    for budget in sweep {
+    for &budget in sweep {
         cases.push((
             format!("petrel, on demand, --readahead-dir-bytes {budget}"),
             Some("petrel"),
@@ -212,10 +266,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             crate::measure::drop_caches();
             let dir = w.join(format!("run-{case}-{round}"));
             let start = match tag {
-                None => full_pull_start(&link, &dir)?,
+                None => full_pull_start(app, &link, &dir)?,
                 Some(tag) => {
                     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-                    petrel_start(&petrel, &format!("docker://{link}/py:{tag}"), &dir, &extra)?
+                    petrel_start(
+                        app,
+                        &petrel,
+                        &format!("docker://{link}/{}:{tag}", app.name),
+                        &dir,
+                        &extra,
+                    )?
                 }
             };
             let _ = std::fs::remove_dir_all(&dir);
@@ -228,8 +288,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .sum();
     println!();
     println!(
-        "Python service (Debian bookworm + {PACKAGES}; {files} entries, {} MiB gzip) over {mbit} Mbit/s, {rtt_ms} ms RTT; startup: python3 -c \"{STARTUP}\"; medians of {rounds} interleaved rounds",
-        image_bytes >> 20
+        "{} service (Debian bookworm + {}; {files} entries, {} MiB gzip) over {mbit} Mbit/s, {rtt_ms} ms RTT; startup: {}; medians of {rounds} interleaved rounds",
+        app.name,
+        app.packages,
+        image_bytes >> 20,
+        app.startup.join(" ")
     );
     println!("| start | seconds | vs full pull | requests | MB fetched |");
     println!("|---|---:|---:|---:|---:|");

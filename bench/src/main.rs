@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         Some("edge") => edge::run(&args[1..]),
         Some("apps") => apps::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
             std::process::exit(2)
         }
     }
