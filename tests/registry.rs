@@ -1485,3 +1485,57 @@ fn a_lazy_mount_reads_through_a_real_http_proxy() {
         "the manifest and the blobs went through the proxy ({blob_reads} blob requests):\n{text}"
     );
 }
+
+/// skopeo's `--src-tls-verify=false` / `--dest-tls-verify=false` on `convert`: plain
+/// HTTP to a registry that is not on localhost, each side on its own; without them
+/// petrel speaks HTTPS and says so when it fails.
+#[test]
+fn convert_takes_skopeos_tls_verify_flags_for_each_side() {
+    if !registry_tools_available() {
+        return;
+    }
+    let Some(ip) = non_loopback_ipv4() else {
+        petrel_fixtures::report_skip("this machine has no IPv4 address outside loopback");
+        return;
+    };
+    let registry = TestRegistry::start_on(&ip);
+    let work = tempfile::tempdir().unwrap();
+    write_oci_layout(&work.path().join("layout"), "v1", &edge_layers()).unwrap();
+    registry.push_layout(&work.path().join("layout"), "insecure", "v1");
+    let convert = |flags: &[&str], tag: &str| {
+        petrel()
+            .args([
+                "convert",
+                &format!("docker://{}/insecure:v1", registry.addr),
+                &format!("docker://{}/insecure:{tag}", registry.addr),
+                "--retries",
+                "1",
+                "--retry-seconds",
+                "2",
+            ])
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    let out = convert(&[], "a");
+    assert!(!out.status.success(), "HTTPS by default: {}", output_text(&out));
+    assert!(output_text(&out).contains("https://"), "{}", output_text(&out));
+    let out = convert(&["--src-tls-verify=false"], "b");
+    assert!(
+        !out.status.success(),
+        "the target still needs HTTPS: {}",
+        output_text(&out)
+    );
+    let out = convert(&["--src-tls-verify=false", "--dest-tls-verify", "false"], "c");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/insecure:c", registry.addr))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && output_text(&out).contains("petrel"),
+        "the petrel image is in the registry: {}",
+        output_text(&out)
+    );
+}

@@ -24,6 +24,14 @@ pub struct ConvertArgs {
     /// --prefetch-from images (overrides --creds there).
     #[arg(long, value_name = "FILE")]
     dest_creds: Option<std::path::PathBuf>,
+    /// `false`: speak plain HTTP to the source registry (skopeo's spelling). petrel
+    /// never turns certificate checks off; a private CA is given with --ca-file.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    src_tls_verify: bool,
+    /// `false`: speak plain HTTP to the target registry (and --chunk-dict,
+    /// --prefetch-from images).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    dest_tls_verify: bool,
     /// Convert every platform of an index and push an index.
     #[arg(long)]
     all_platforms: bool,
@@ -68,8 +76,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         }
         None => Platform::host(),
     };
-    let source_options = args.registry.client_options_with(args.src_creds.as_deref())?;
-    let target_options = args.registry.client_options_with(args.dest_creds.as_deref())?;
+    let mut source_options = args.registry.client_options_with(args.src_creds.as_deref())?;
+    source_options.plain_http |= !args.src_tls_verify;
+    let mut target_options = args.registry.client_options_with(args.dest_creds.as_deref())?;
+    target_options.plain_http |= !args.dest_tls_verify;
     let profile = match (&args.prefetch_list, &args.prefetch_from) {
         (Some(list), _) => Some(crate::cli::build::read_profile(list)?),
         (None, Some(image)) => Some(crate::convert::profile_of(&Location::parse(image)?, &target_options)?),
