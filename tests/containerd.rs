@@ -622,22 +622,7 @@ fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
         "the daemon read through the mirror"
     );
     // The running daemon's own answer: the spec it mounted with.
-    let mounts: Vec<_> = std::fs::read_dir(containerd.snapshotter_root().join("mounts"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(mounts.len(), 1, "{mounts:?}");
-    let out = petrel()
-        .arg("stats")
-        .arg("--runtime-dir")
-        .arg(containerd.snapshotter_root().join("run"))
-        .arg(&mounts[0])
-        .arg("--spec")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let spec = String::from_utf8_lossy(&out.stdout);
+    let spec = containerd.daemon_spec();
     for expected in [
         format!("mirrors = [\"http://{}\"]", mirror.addr),
         "cache_max_bytes = 400000".into(),

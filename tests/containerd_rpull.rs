@@ -46,20 +46,7 @@ fn a_petrel_image_pulled_with_ctr_remote_runs_lazily_without_downloading_a_layer
     // The daemon mounts the manifest digest the reference resolved to, not the tag.
     let pids = containerd.mount_daemon_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
-    let mounts: Vec<_> = std::fs::read_dir(containerd.snapshotter_root().join("mounts"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    let out = petrel()
-        .arg("stats")
-        .arg("--runtime-dir")
-        .arg(containerd.snapshotter_root().join("run"))
-        .arg(&mounts[0])
-        .arg("--spec")
-        .output()
-        .unwrap();
-    let spec = String::from_utf8_lossy(&out.stdout);
+    let spec = containerd.daemon_spec();
     assert!(spec.contains(&format!("busy@{manifest_digest}\"")), "{spec}");
 
     let run = |name: &str| containerd.run_container("default", &image, name, &["/bin/busybox", "cat", "/etc/motd"]);

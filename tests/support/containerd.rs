@@ -201,6 +201,27 @@ impl Containerd {
         self.dir.path().join(name)
     }
 
+    /// The daemon spec the only lazy mount runs from, as its daemon answers it
+    /// (`petrel stats --spec`).
+    pub fn daemon_spec(&self) -> String {
+        let mounts: Vec<PathBuf> = std::fs::read_dir(self.snapshotter_root().join("mounts"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        let out = super::petrel()
+            .arg("stats")
+            .arg("--runtime-dir")
+            .arg(self.snapshotter_root().join("run"))
+            .arg(&mounts[0])
+            .arg("--spec")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Live petrel FUSE mounts under the snapshotter's root.
     pub fn lazy_mount_count(&self) -> usize {
         let root = self.snapshotter_root().to_string_lossy().to_string();
