@@ -9,7 +9,7 @@ use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
 use crate::stats::Stats;
 use petrel_format::codec::decode_chunk;
-use petrel_format::reader::ChunkInfo;
+use petrel_format::reader::{ChunkInfo, FileSegment, SegmentSource};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
@@ -155,6 +155,59 @@ impl Fetcher {
 
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    /// Whether every chunk of `segments` is cached (the read can be served at once).
+    pub fn is_cached(&self, segments: &[FileSegment]) -> bool {
+        segments.iter().all(|s| match s.source {
+            SegmentSource::Hole => true,
+            SegmentSource::Chunk { index, .. } => self.cache.is_ready(index),
+        })
+    }
+
+    /// The bytes of `segments` (one read's worth): cached chunks read from the cache,
+    /// missing ones fetched once for every reader that wants them, an evicted one
+    /// fetched again. The read path's one entry point.
+    pub fn read(&self, segments: &[FileSegment]) -> Result<Vec<u8>, Arc<DaemonError>> {
+        let last_chunk = segments
+            .iter()
+            .rev()
+            .find_map(|s| match s.source {
+                SegmentSource::Chunk { index, .. } => Some(index),
+                SegmentSource::Hole => None,
+            })
+            .unwrap_or(0);
+        let total: usize = segments.iter().map(|s| s.length as usize).sum();
+        let mut out = vec![0u8; total];
+        let mut at = 0usize;
+        for segment in segments {
+            let target = &mut out[at..at + segment.length as usize];
+            if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    match self.ensure(index, last_chunk)? {
+                        ChunkBytes::Cached => match self.cache().read(index, chunk_offset, target) {
+                            Ok(()) => break,
+                            // Evicted between the check and the read: fetch it again.
+                            Err(DaemonError::Io { source, .. })
+                                if source.kind() == std::io::ErrorKind::NotFound && attempts < 3 =>
+                            {
+                                self.cache().forget(index);
+                            }
+                            Err(e) => return Err(Arc::new(e)),
+                        },
+                        ChunkBytes::Fetched(bytes) => {
+                            let start = chunk_offset as usize;
+                            target.copy_from_slice(&bytes[start..start + target.len()]);
+                            break;
+                        }
+                    }
+                }
+            }
+            at += segment.length as usize;
+        }
+        Ok(out)
     }
 
     /// Makes chunk `index` ready; `through` is the last chunk the current read needs

@@ -3,8 +3,7 @@
 //! fetch are handed with their reply to the fetch workers, so a slow fetch never
 //! holds up reads of cached data.
 
-use crate::error::DaemonError;
-use crate::fetch::{ChunkBytes, Fetcher};
+use crate::fetch::Fetcher;
 use crate::image::MappedImage;
 use crate::stats::Stats;
 use crate::workers::Workers;
@@ -13,7 +12,6 @@ use fuser::{
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use petrel_format::reader::{FileSegment, SegmentSource};
 use petrel_format::{Bootstrap, FileKind, FormatError, Inode};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -141,57 +139,6 @@ impl PetrelFs {
         let ino = u32::try_from(ino.0).map_err(|_| Errno::ENOENT)?;
         self.bootstrap().inode(ino).map_err(|_| Errno::ENOENT)
     }
-
-    /// Whether every chunk of the segments is cached (so the read can be served inline).
-    fn all_cached(&self, segments: &[FileSegment]) -> bool {
-        segments.iter().all(|s| match s.source {
-            SegmentSource::Hole => true,
-            SegmentSource::Chunk { index, .. } => self.fetcher.cache().is_ready(index),
-        })
-    }
-}
-
-/// The bytes of `segments` (one read's worth), fetching chunks that are missing.
-pub fn read_segments(fetcher: &Fetcher, segments: &[FileSegment]) -> Result<Vec<u8>, Arc<DaemonError>> {
-    let last_chunk = segments
-        .iter()
-        .rev()
-        .find_map(|s| match s.source {
-            SegmentSource::Chunk { index, .. } => Some(index),
-            SegmentSource::Hole => None,
-        })
-        .unwrap_or(0);
-    let total: usize = segments.iter().map(|s| s.length as usize).sum();
-    let mut out = vec![0u8; total];
-    let mut at = 0usize;
-    for segment in segments {
-        let target = &mut out[at..at + segment.length as usize];
-        if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                match fetcher.ensure(index, last_chunk)? {
-                    ChunkBytes::Cached => match fetcher.cache().read(index, chunk_offset, target) {
-                        Ok(()) => break,
-                        // Evicted between the check and the read: fetch it again.
-                        Err(DaemonError::Io { source, .. })
-                            if source.kind() == std::io::ErrorKind::NotFound && attempts < 3 =>
-                        {
-                            fetcher.cache().forget(index);
-                        }
-                        Err(e) => return Err(Arc::new(e)),
-                    },
-                    ChunkBytes::Fetched(bytes) => {
-                        let start = chunk_offset as usize;
-                        target.copy_from_slice(&bytes[start..start + target.len()]);
-                        break;
-                    }
-                }
-            }
-        }
-        at += segment.length as usize;
-    }
-    Ok(out)
 }
 
 /// One listed entry: the offset of the entry after it, its inode, its name.
@@ -346,11 +293,11 @@ impl Filesystem for PetrelFs {
                 return reply.error(format_errno(&e));
             }
         };
-        let cached = self.all_cached(&segments);
+        let cached = self.fetcher.is_cached(&segments);
         let serve = {
             let fetcher = Arc::clone(&self.fetcher);
             let stats = Arc::clone(&self.stats);
-            move || match read_segments(&fetcher, &segments) {
+            move || match fetcher.read(&segments) {
                 Ok(bytes) => {
                     stats.record_read(started.elapsed(), bytes.len(), true);
                     reply.data(&bytes);
