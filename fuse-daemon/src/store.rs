@@ -287,7 +287,6 @@ impl ChunkStore {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        self.approx_bytes.store(total, Ordering::Relaxed);
         report
     }
 
@@ -302,12 +301,23 @@ impl ChunkStore {
         let spawned = std::thread::Builder::new()
             .name("petrel-cache-gc".into())
             .spawn(move || {
-                let report = store.gc(max);
-                tracing::info!(
-                    removed = report.chunks_removed,
-                    bytes = report.bytes_removed,
-                    "cache GC"
-                );
+                // Puts during a pass count from zero on top of what the pass left, and
+                // a pass that leaves the cache over its bound (puts came in meanwhile)
+                // is followed by another, unless it could remove nothing (all pinned).
+                loop {
+                    store.approx_bytes.store(0, Ordering::Relaxed);
+                    let report = store.gc(max);
+                    let left = report.bytes_before - report.bytes_removed;
+                    let now = store.approx_bytes.fetch_add(left, Ordering::Relaxed) + left;
+                    tracing::info!(
+                        removed = report.chunks_removed,
+                        bytes = report.bytes_removed,
+                        "cache GC"
+                    );
+                    if now <= max || report.bytes_removed == 0 {
+                        break;
+                    }
+                }
                 store.gc_running.store(false, Ordering::SeqCst);
             });
         if spawned.is_err() {
