@@ -11,7 +11,6 @@ use crate::measure::run_shell;
 use crate::registry::Registry;
 use crate::relay;
 use anyhow::{bail, Context};
-use petrel_fuse_daemon::mount::is_mounted;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,41 +95,11 @@ fn run_startup(app: &App, root: &Path) -> anyhow::Result<()> {
 /// Mounts `image` lazily (fresh cache), runs the startup in it, and unmounts.
 fn petrel_start(app: &App, petrel: &Path, image: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Start> {
     let _ = std::fs::remove_dir_all(dir);
-    let mountpoint = dir.join("mnt");
-    std::fs::create_dir_all(&mountpoint)?;
     let started = Instant::now();
-    let mut daemon = Command::new(petrel)
-        .arg("mount")
-        .arg(image)
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while !is_mounted(&mountpoint) {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("mount did not appear");
-        }
-        if let Some(status) = daemon.try_wait()? {
-            bail!("petrel mount exited: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    run_startup(app, &mountpoint)?;
+    let mount = crate::lazy_mount::LazyMount::start(petrel, image, dir, extra)?;
+    run_startup(app, &mount.mountpoint)?;
     let seconds = started.elapsed().as_secs_f64();
-    let out = Command::new(petrel)
-        .arg("stats")
-        .arg(&mountpoint)
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .output()?;
-    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone();
-    let _ = Command::new(petrel).arg("umount").arg(&mountpoint).status();
-    let _ = daemon.wait();
+    let stats = mount.stats()?;
     Ok(Start {
         seconds,
         requests: stats["backend_requests"].as_u64().unwrap_or(0),

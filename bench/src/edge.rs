@@ -61,30 +61,16 @@ fn timed_reads(
     startup: &[(String, u64)],
     extra: &[&str],
 ) -> anyhow::Result<Vec<f64>> {
-    let mountpoint = dir.join("mnt");
-    std::fs::create_dir_all(&mountpoint)?;
-    let out = Command::new(petrel)
-        .arg("mount")
-        .arg(image)
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .args(["--prefetch-mode", "off", "--daemon"])
-        .args(extra)
-        .output()?;
-    if !out.status.success() {
-        bail!("mount: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let mut options = vec!["--prefetch-mode", "off"];
+    options.extend_from_slice(extra);
+    let mount = crate::lazy_mount::LazyMount::start(petrel, image, dir, &options)?;
     let mut seconds = Vec::new();
     for (path, len) in startup {
         let started = Instant::now();
-        let mut file = std::fs::File::open(mountpoint.join(path)).with_context(|| path.clone())?;
+        let mut file = std::fs::File::open(mount.mountpoint.join(path)).with_context(|| path.clone())?;
         std::io::copy(&mut std::io::Read::take(&mut file, *len), &mut std::io::sink())?;
         seconds.push(started.elapsed().as_secs_f64());
     }
-    let _ = Command::new(petrel).arg("umount").arg(&mountpoint).status();
     Ok(seconds)
 }
 

@@ -7,6 +7,7 @@ mod build;
 mod containerd;
 mod dedup;
 mod edge;
+mod lazy_mount;
 mod measure;
 mod mount;
 mod registry;

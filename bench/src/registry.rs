@@ -7,7 +7,6 @@ use crate::measure::run_shell;
 use crate::relay;
 use anyhow::{bail, Context};
 use petrel_fixtures::rng::Rng;
-use petrel_fuse_daemon::mount::is_mounted;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,44 +124,18 @@ fn startup_run(
     prefetch: &str,
     extra: &[String],
 ) -> anyhow::Result<StartupRun> {
-    let mountpoint = dir.join("mnt");
-    std::fs::create_dir_all(&mountpoint)?;
     let started = Instant::now();
-    let mut daemon = Command::new(petrel)
-        .arg("mount")
-        .arg(image)
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .args(["--prefetch-mode", prefetch])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while !is_mounted(&mountpoint) {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("mount did not appear");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut options = vec!["--prefetch-mode", prefetch];
+    options.extend(extra.iter().map(String::as_str));
+    let mount = crate::lazy_mount::LazyMount::start(petrel, image, dir, &options)?;
     let mounted = started.elapsed();
     let mut read_bytes = 0;
     for (path, len) in startup {
-        let mut file = std::fs::File::open(mountpoint.join(path))?;
+        let mut file = std::fs::File::open(mount.mountpoint.join(path))?;
         read_bytes += std::io::copy(&mut std::io::Read::take(&mut file, *len), &mut std::io::sink())?;
     }
     let ready = started.elapsed();
-    let out = Command::new(petrel)
-        .arg("stats")
-        .arg(&mountpoint)
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .output()?;
-    let stats: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone();
-    let _ = Command::new(petrel).arg("umount").arg(&mountpoint).status();
-    let _ = daemon.wait();
+    let stats = mount.stats()?;
     Ok(StartupRun {
         mounted,
         ready,
