@@ -33,6 +33,7 @@ pub struct PetrelFs {
     recorder: Option<Arc<crate::record::Recorder>>,
     passthrough: Option<crate::passthrough::Passthrough>,
     readahead: Option<crate::readahead::DirReadahead>,
+    sequential: Option<crate::sequential::SequentialReadahead>,
 }
 
 fn format_errno(e: &FormatError) -> Errno {
@@ -109,7 +110,14 @@ impl PetrelFs {
             recorder: None,
             passthrough: None,
             readahead: None,
+            sequential: None,
         }
+    }
+
+    /// Fetches ahead of files read front to back.
+    pub fn with_sequential_readahead(mut self, sequential: crate::sequential::SequentialReadahead) -> Self {
+        self.sequential = Some(sequential);
+        self
     }
 
     /// Reads a directory's small files ahead when one of them misses the cache.
@@ -294,6 +302,9 @@ impl Filesystem for PetrelFs {
             }
         };
         let cached = self.fetcher.is_cached(&segments);
+        if let Some(sequential) = &self.sequential {
+            sequential.observed(ino, offset, u64::from(size));
+        }
         let serve = {
             let fetcher = Arc::clone(&self.fetcher);
             let stats = Arc::clone(&self.stats);

@@ -18,6 +18,7 @@ pub mod readahead;
 pub mod record;
 pub mod remote;
 pub mod resolved;
+pub mod sequential;
 pub mod spec;
 pub mod stats;
 pub mod store;

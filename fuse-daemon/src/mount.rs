@@ -48,6 +48,9 @@ pub struct MountConfig {
     /// Stored bytes of a directory's small files read ahead when one of them misses
     /// the cache (`crate::readahead`); 0: off.
     pub readahead_dir_bytes: u64,
+    /// Largest window a file read front to back is fetched ahead by
+    /// (`crate::sequential`); 0: off.
+    pub readahead_file_max_bytes: u64,
 }
 
 impl MountConfig {
@@ -67,6 +70,7 @@ impl MountConfig {
             passthrough: true,
             spec: None,
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
+            readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
         }
     }
 }
@@ -275,6 +279,14 @@ pub fn mount_with_backend(
             Arc::clone(&fetcher),
             config.readahead_dir_bytes,
             crate::readahead::PARALLEL,
+        ));
+    }
+    if config.readahead_file_max_bytes > 0 {
+        fs = fs.with_sequential_readahead(crate::sequential::SequentialReadahead::start(
+            Arc::clone(&image),
+            Arc::clone(&fetcher),
+            config.readahead_file_max_bytes,
+            crate::sequential::PARALLEL,
         ));
     }
     if let Some((recorder, ..)) = &recording {

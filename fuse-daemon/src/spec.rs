@@ -124,6 +124,9 @@ pub struct Tuning {
     /// the cache (0: off).
     #[serde(deserialize_with = "crate::byte_size::deserialize")]
     pub readahead_dir_bytes: u64,
+    /// Largest window a file read front to back is fetched ahead by (0: off).
+    #[serde(deserialize_with = "crate::byte_size::deserialize")]
+    pub readahead_file_max_bytes: u64,
 }
 
 impl Default for Tuning {
@@ -135,6 +138,7 @@ impl Default for Tuning {
             passthrough: true,
             prefetch: PrefetchConfig::default(),
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
+            readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
         }
     }
 }
@@ -279,6 +283,7 @@ impl DaemonSpec {
             passthrough: self.tuning.passthrough,
             spec: Some(self.clone()),
             readahead_dir_bytes: self.tuning.readahead_dir_bytes,
+            readahead_file_max_bytes: self.tuning.readahead_file_max_bytes,
             ..crate::MountConfig::new(&self.image, &self.mountpoint, &self.cache_dir)
         }
     }

@@ -228,6 +228,61 @@ fn only_the_chunks_a_read_touches_are_fetched() {
     assert!(stats.backend_bytes < blob_size / 4, "{stats:?} of {blob_size}");
 }
 
+/// A file read front to back is fetched ahead of its reader in growing windows,
+/// several large requests at once: a few dozen requests for 48 MiB instead of one
+/// per kernel read, and the reader rarely waits on a miss of its own. Scattered
+/// reads of the same file start no readahead: they fetch what they touch.
+#[test]
+fn a_file_read_front_to_back_is_fetched_ahead_and_scattered_reads_are_not() {
+    if !fuse_available() {
+        return;
+    }
+    let model = Rng::new(4242).mixed(48 << 20);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("models/model.bin", &Default::default(), &model);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let run = |max_window: u64, name: &str, scattered: bool| {
+        let mut config = fixture.config(name);
+        config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+        config.readahead_file_max_bytes = max_window;
+        config.cache_dir = fixture.dir.path().join(format!("cache-{name}"));
+        let mounted = mount(&config).unwrap();
+        let path = mounted.mountpoint().join("models/model.bin");
+        if scattered {
+            let file = std::fs::File::open(&path).unwrap();
+            let mut rng = Rng::new(7);
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..40 {
+                let at = rng.below(model.len() as u64 - 4096) as usize;
+                file.read_exact_at(&mut buf, at as u64).unwrap();
+                assert!(buf == model[at..at + 4096], "bytes at {at}");
+            }
+        } else {
+            let read = std::fs::read(&path).unwrap();
+            assert!(read == model, "the model reads back byte for byte");
+        }
+        let stats = mounted.stats();
+        mounted.unmount().unwrap();
+        stats
+    };
+    let ahead = run(petrel_fuse_daemon::sequential::DEFAULT_MAX_WINDOW, "ahead", false);
+    let one_by_one = run(0, "off", false);
+    assert!(
+        ahead.backend_requests * 4 < one_by_one.backend_requests,
+        "with readahead {ahead:?}; without {one_by_one:?}"
+    );
+    assert!(
+        ahead.cache_misses * 4 < one_by_one.cache_misses,
+        "the reader mostly finds its chunks fetched or in flight: {ahead:?}"
+    );
+    let scattered_ahead = run(petrel_fuse_daemon::sequential::DEFAULT_MAX_WINDOW, "s-ahead", true);
+    let scattered_off = run(0, "s-off", true);
+    assert!(
+        scattered_ahead.backend_bytes <= scattered_off.backend_bytes + (1 << 20),
+        "scattered reads read nothing ahead: {scattered_ahead:?} vs {scattered_off:?}"
+    );
+}
+
 /// A chunk's stored size says little about what it decodes to (16 MiB of one repeated
 /// byte is ~1.5 KiB of zstd): a fetch is bounded by the decoded bytes it would hold,
 /// not only by the stored bytes it asks for (docs/security.md, bounded resources).

@@ -28,6 +28,7 @@
 //! prefetch_parallel = 2
 //! prefetch_bandwidth = 10485760         # bytes per second (unset: unlimited)
 //! readahead_dir_bytes = 2097152        # a directory's small files, on a miss (0: off)
+//! readahead_file_max_bytes = 67108864   # files read front to back: largest window (0: off)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
@@ -116,6 +117,8 @@ pub struct DaemonSettings {
     pub prefetch_bandwidth: Option<u64>,
     #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub readahead_dir_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
+    pub readahead_file_max_bytes: Option<u64>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
 }
@@ -148,6 +151,7 @@ impl DaemonSettings {
         set(&mut tuning.fetch_threads, self.fetch_threads);
         set(&mut tuning.passthrough, self.passthrough);
         set(&mut tuning.readahead_dir_bytes, self.readahead_dir_bytes);
+        set(&mut tuning.readahead_file_max_bytes, self.readahead_file_max_bytes);
         set(
             &mut tuning.prefetch.mode,
             self.prefetch.map(|p| match p {

@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
         "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
-        "no_passthrough", "readahead_dir_bytes", "PrefetchArgs", "RegistryArgs",
+        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "PrefetchArgs", "RegistryArgs",
     ])]
     spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -68,6 +68,10 @@ pub struct MountArgs {
     /// one of them misses the cache (0: off).
     #[arg(long, default_value_t = petrel_fuse_daemon::readahead::DEFAULT_DIR_BYTES, value_parser = petrel_fuse_daemon::byte_size::parse)]
     readahead_dir_bytes: u64,
+    /// Largest window a file read front to back is fetched ahead by, in several
+    /// requests at once (0: off).
+    #[arg(long, default_value_t = petrel_fuse_daemon::sequential::DEFAULT_MAX_WINDOW, value_parser = petrel_fuse_daemon::byte_size::parse)]
+    readahead_file_max_bytes: u64,
     /// Serve every read through FUSE, never through a backing file (by default, files
     /// whose chunks are all cached are opened with FUSE passthrough where the kernel
     /// offers it).
@@ -134,6 +138,7 @@ impl MountArgs {
                     passthrough: !self.no_passthrough,
                     prefetch: self.prefetch.config(),
                     readahead_dir_bytes: self.readahead_dir_bytes,
+                    readahead_file_max_bytes: self.readahead_file_max_bytes,
                 },
                 ..DaemonSpec::new(image.clone(), mountpoint.clone())
             },

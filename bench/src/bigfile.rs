@@ -1,0 +1,284 @@
+//! Big-file benchmark: one multi-GiB model file (fp16-like weights, barely
+//! compressible) in an image served by a local docker-registry. Measures:
+//! - one sequential `cat` of the file through a lazy mount, against `curl` of the
+//!   same petrel blob from the same registry (loopback, and the first
+//!   `--shaped-mib` over the shaped link);
+//! - the same `cat` once every chunk is cached, against `cat` of the plain file;
+//! - scattered small reads: bytes fetched per byte touched.
+//!
+//! `scripts/bench.sh bigfile [--gib 3] [--rounds 3] [--shaped-mib 256] [--mbit 100] [--rtt-ms 20]`
+
+use crate::lazy_mount::LazyMount;
+use crate::measure::{drop_caches, run_shell};
+use crate::registry::Registry;
+use crate::relay;
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODEL_PATH: &str = "models/model.safetensors";
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe().expect("own path").with_file_name(name)
+}
+
+/// Writes `bytes` of fp16-like weights: random signs and mantissas, exponents in a
+/// narrow band, as trained weights are (zstd saves a few percent, as on real models).
+fn write_weights(path: &Path, bytes: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(path.parent().expect("parent"))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for pair in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let mut word = state;
+            for half in pair.chunks_exact_mut(2) {
+                let mantissa = (word & 0x3ff) as u16;
+                let exponent = 12 + ((word >> 10) & 0x3) as u16;
+                let sign = ((word >> 12) & 1) as u16;
+                half.copy_from_slice(&((sign << 15) | (exponent << 10) | mantissa).to_le_bytes());
+                word >>= 16;
+            }
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    out.flush()
+}
+
+fn curl_seconds(url: &str, range: Option<u64>) -> anyhow::Result<f64> {
+    let mut command = Command::new("curl");
+    command.args(["-sf", "-o", "/dev/null"]);
+    if let Some(bytes) = range {
+        command.args(["-r", &format!("0-{}", bytes - 1)]);
+    }
+    let started = Instant::now();
+    let status = command.arg(url).status().context("curl")?;
+    if !status.success() {
+        bail!("curl {url}: {status}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The petrel image's blob: (digest, size), from its manifest.
+fn petrel_blob(addr: &str) -> anyhow::Result<(String, u64)> {
+    let out = Command::new("curl")
+        .args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        .arg(format!("http://{addr}/v2/model/manifests/petrel"))
+        .output()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    manifest["layers"]
+        .as_array()
+        .context("manifest layers")?
+        .iter()
+        .filter_map(|l| Some((l["digest"].as_str()?.to_string(), l["size"].as_u64()?)))
+        .max_by_key(|(_, size)| *size)
+        .context("no layers")
+}
+
+struct Cat {
+    seconds: f64,
+    requests: u64,
+    fetched: u64,
+}
+
+/// Reads the first `bytes` of the model through a fresh lazy mount of `image`.
+fn lazy_cat(petrel: &Path, image: &str, dir: &Path, bytes: u64, extra: &[&str]) -> anyhow::Result<Cat> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mount = LazyMount::start(petrel, image, dir, extra)?;
+    let started = Instant::now();
+    run_shell(&format!(
+        "head -c {bytes} {} > /dev/null",
+        mount.mountpoint.join(MODEL_PATH).display()
+    ))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = mount.stats()?;
+    Ok(Cat {
+        seconds,
+        requests: stats["backend_requests"].as_u64().unwrap_or(0),
+        fetched: stats["backend_bytes"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Scattered reads (`count` reads of `size` bytes at seeded offsets) through a fresh
+/// mount: bytes fetched per byte read.
+fn scattered(petrel: &Path, image: &str, dir: &Path, file_bytes: u64, count: u64, size: u64) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let _ = std::fs::remove_dir_all(dir);
+    let mount = LazyMount::start(petrel, image, dir, &["--prefetch-mode", "off"])?;
+    let file = std::fs::File::open(mount.mountpoint.join(MODEL_PATH))?;
+    let mut rng = petrel_fixtures::rng::Rng::new(size);
+    let mut buffer = vec![0u8; size as usize];
+    for _ in 0..count {
+        let at = rng.below(file_bytes - size);
+        file.read_exact_at(&mut buffer, at)?;
+    }
+    let fetched = mount.stats()?["backend_bytes"].as_u64().unwrap_or(0);
+    Ok(fetched as f64 / (count * size) as f64)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut gib = 1.0f64;
+    let mut rounds = 3usize;
+    let mut shaped_mib = 256u64;
+    let mut mbit = 100.0f64;
+    let mut rtt_ms = 20.0f64;
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).context("missing value");
+        match args[i].as_str() {
+            "--gib" => gib = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse()?,
+            "--shaped-mib" => shaped_mib = value()?.parse()?,
+            "--mbit" => mbit = value()?.parse()?,
+            "--rtt-ms" => rtt_ms = value()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    let file_bytes = (gib * (1u64 << 30) as f64) as u64;
+    let shaped_bytes = (shaped_mib << 20).min(file_bytes);
+    let work = tempfile::tempdir_in("/var/tmp")?;
+    let w = work.path();
+    let petrel = bin("petrel");
+    let tree = w.join("tree");
+    write_weights(&tree.join(MODEL_PATH), file_bytes)?;
+    let layer = w.join("layer.tar");
+    run_shell(&format!(
+        "tar --numeric-owner -C {} -cf {} .",
+        tree.display(),
+        layer.display()
+    ))?;
+    petrel_fixtures::oci_layout::write_oci_layout_from_files(&w.join("layout"), "v1", &[&layer])?;
+    std::fs::remove_file(&layer)?;
+    let registry = Registry::start(&w.join("registry"))?;
+    let addr = registry.addr.clone();
+    run_shell(&format!(
+        "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{addr}/model:v1 && \
+         {} convert docker://{addr}/model:v1 docker://{addr}/model:petrel > /dev/null",
+        w.join("layout").display(),
+        petrel.display()
+    ))?;
+    std::fs::remove_dir_all(w.join("layout"))?;
+    let (blob, blob_bytes) = petrel_blob(&addr)?;
+    let link = relay::start(&addr, Duration::from_secs_f64(rtt_ms / 2000.0), mbit * 1e6);
+    let plain = tree.join(MODEL_PATH);
+    let image = |at: &str| format!("docker://{at}/model:petrel");
+    let lazy = ["--prefetch-mode", "off"];
+
+    let (mut curl, mut cat_lazy, mut curl_shaped, mut cat_shaped, mut disk, mut fuse_cached, mut passthrough) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut requests, mut fetched, mut requests_shaped) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        drop_caches();
+        curl.push(curl_seconds(&format!("http://{addr}/v2/model/blobs/{blob}"), None)?);
+        drop_caches();
+        let cat = lazy_cat(
+            &petrel,
+            &image(&addr),
+            &w.join(format!("lazy-{round}")),
+            file_bytes,
+            &lazy,
+        )?;
+        cat_lazy.push(cat.seconds);
+        requests.push(cat.requests as f64);
+        fetched.push(cat.fetched as f64);
+        // Cached: the same cache again, through FUSE and by passthrough.
+        let dir = w.join(format!("lazy-{round}"));
+        for (runs, extra) in [
+            (&mut fuse_cached, vec!["--prefetch-mode", "off", "--no-passthrough"]),
+            (&mut passthrough, vec!["--prefetch-mode", "off"]),
+        ] {
+            let mount = LazyMount::start(&petrel, &image(&addr), &dir, &extra)?;
+            drop_caches();
+            let run = run_shell(&format!(
+                "cat {} > /dev/null",
+                mount.mountpoint.join(MODEL_PATH).display()
+            ))?;
+            runs.push(run.seconds);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        drop_caches();
+        disk.push(run_shell(&format!("cat {} > /dev/null", plain.display()))?.seconds);
+        curl_shaped.push(curl_seconds(
+            &format!("http://{link}/v2/model/blobs/{blob}"),
+            Some(shaped_bytes),
+        )?);
+        let cat = lazy_cat(
+            &petrel,
+            &image(&link),
+            &w.join(format!("shaped-{round}")),
+            shaped_bytes,
+            &lazy,
+        )?;
+        let _ = std::fs::remove_dir_all(w.join(format!("shaped-{round}")));
+        cat_shaped.push(cat.seconds);
+        requests_shaped.push(cat.requests as f64);
+    }
+    let random_4k = scattered(&petrel, &image(&addr), &w.join("scatter-4k"), file_bytes, 256, 4096)?;
+    let random_64k = scattered(&petrel, &image(&addr), &w.join("scatter-64k"), file_bytes, 256, 65536)?;
+
+    let mib = |bytes: u64, seconds: f64| bytes as f64 / seconds / (1 << 20) as f64;
+    let (curl, cat_lazy, curl_shaped, cat_shaped) =
+        (median(curl), median(cat_lazy), median(curl_shaped), median(cat_shaped));
+    let (disk, fuse_cached, passthrough) = (median(disk), median(fuse_cached), median(passthrough));
+    println!();
+    println!(
+        "one {gib} GiB model file ({blob_bytes} stored bytes in its blob); medians of {rounds} rounds; page cache dropped before each read"
+    );
+    println!("| read | time | MiB/s | vs baseline |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| curl of the blob, loopback (baseline) | {curl:.2} s | {:.0} | 1.00 |",
+        mib(blob_bytes, curl)
+    );
+    println!(
+        "| petrel lazy `cat`, loopback ({:.0} requests, {:.2}x the file fetched) | {cat_lazy:.2} s | {:.0} | {:.2} of curl |",
+        median(requests),
+        median(fetched) / file_bytes as f64,
+        mib(file_bytes, cat_lazy),
+        curl / cat_lazy
+    );
+    println!(
+        "| curl of the first {shaped_mib} MiB, {mbit} Mbit/s + {rtt_ms} ms (baseline) | {curl_shaped:.2} s | {:.1} | 1.00 |",
+        mib(shaped_bytes, curl_shaped)
+    );
+    println!(
+        "| petrel lazy `head -c {shaped_mib}M`, same link ({:.0} requests) | {cat_shaped:.2} s | {:.1} | {:.2} of curl |",
+        median(requests_shaped),
+        mib(shaped_bytes, cat_shaped),
+        curl_shaped / cat_shaped
+    );
+    println!(
+        "| `cat` of the plain file on disk (baseline) | {disk:.2} s | {:.0} | 1.00 |",
+        mib(file_bytes, disk)
+    );
+    println!(
+        "| petrel `cat`, all cached, through FUSE | {fuse_cached:.2} s | {:.0} | {:.2}x the time |",
+        mib(file_bytes, fuse_cached),
+        fuse_cached / disk
+    );
+    println!(
+        "| petrel `cat`, all cached, passthrough | {passthrough:.2} s | {:.0} | {:.2}x the time |",
+        mib(file_bytes, passthrough),
+        passthrough / disk
+    );
+    println!();
+    println!("| scattered reads (256 at seeded offsets) | bytes fetched per byte read |");
+    println!("|---|---:|");
+    println!("| 4 KiB each | {random_4k:.1} |");
+    println!("| 64 KiB each | {random_64k:.1} |");
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Sequential readahead per file. A file read front to back (a model loaded, an
+//! archive unpacked, a `cat`) is fetched ahead of its reader in windows that grow
+//! while the reads stay sequential (1 MiB, doubling up to the maximum), split into
+//! requests of `REQUEST_BYTES` stored bytes that several threads fetch at once. One
+//! request at a time, a 20 ms link or a registry's per-request cost caps a reader at
+//! a fraction of what the link carries; several large ones in flight keep it full.
+//!
+//! Reads that jump around never start a stream, so scattered reads fetch what they
+//! touch plus the fetcher's amplification window, as before. The kernel's own
+//! readahead makes the reads of a sequential reader arrive slightly out of order
+//! (several FUSE threads); a read within `SLACK` of where the stream stands
+//! continues it.
+
+use crate::backend::ReadPurpose;
+use crate::fetch::Fetcher;
+use crate::image::MappedImage;
+use petrel_format::reader::SegmentSource;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// The default largest window a stream grows to, in file bytes.
+pub const DEFAULT_MAX_WINDOW: u64 = 64 << 20;
+/// A stream's first window.
+const FIRST_WINDOW: u64 = 1 << 20;
+/// Bytes read in sequence before readahead starts (a few kernel reads).
+const TRIGGER_BYTES: u64 = 512 << 10;
+/// How far out of order a read may be and still continue its stream.
+const SLACK: u64 = 2 << 20;
+/// Stored bytes per readahead request.
+const REQUEST_BYTES: u64 = 4 << 20;
+/// Readahead requests in flight at once (all files together).
+pub const PARALLEL: usize = 4;
+/// Requests waiting at most; beyond this the oldest are dropped.
+const MAX_QUEUED: usize = 256;
+/// Files tracked at once; beyond this the table starts over.
+const MAX_STREAMS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Where the next sequential read starts.
+    next: u64,
+    /// Bytes read in sequence so far.
+    run: u64,
+    /// File offset up to which readahead has been asked for.
+    ahead: u64,
+    /// The next window's size.
+    window: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    image: Arc<MappedImage>,
+    fetcher: Arc<Fetcher>,
+    max_window: u64,
+    streams: Mutex<HashMap<u32, Stream>>,
+    queue: Mutex<(VecDeque<(u32, u32)>, bool)>,
+    wake: Condvar,
+}
+
+/// Sequential readahead of one mount; stops its threads when dropped.
+#[derive(Debug)]
+pub struct SequentialReadahead {
+    shared: Arc<Shared>,
+}
+
+/// What one read does to its file's stream: the file range to read ahead, if any.
+fn advance(stream: Option<Stream>, offset: u64, size: u64, max_window: u64) -> (Stream, Option<(u64, u64)>) {
+    let end = offset.saturating_add(size);
+    let mut stream = match stream {
+        Some(s) if offset.saturating_add(SLACK) >= s.next && offset <= s.next.saturating_add(SLACK) => Stream {
+            next: s.next.max(end),
+            run: s.run.saturating_add(size),
+            ..s
+        },
+        _ => Stream {
+            next: end,
+            run: size,
+            ahead: end,
+            window: FIRST_WINDOW.min(max_window),
+        },
+    };
+    if stream.run < TRIGGER_BYTES || stream.ahead >= end.saturating_add(stream.window / 2) {
+        return (stream, None);
+    }
+    let from = stream.ahead.max(end);
+    let to = end.saturating_add(stream.window);
+    stream.ahead = to;
+    stream.window = stream.window.saturating_mul(2).min(max_window);
+    (stream, Some((from, to)))
+}
+
+impl SequentialReadahead {
+    /// Readahead with windows up to `max_window` file bytes, `parallel` requests at once.
+    pub fn start(image: Arc<MappedImage>, fetcher: Arc<Fetcher>, max_window: u64, parallel: usize) -> Self {
+        let shared = Arc::new(Shared {
+            image,
+            fetcher,
+            max_window,
+            streams: Mutex::new(HashMap::new()),
+            queue: Mutex::new((VecDeque::new(), false)),
+            wake: Condvar::new(),
+        });
+        for _ in 0..parallel.max(1) {
+            let shared = Arc::clone(&shared);
+            let _ = std::thread::Builder::new()
+                .name("petrel-seq-ahead".into())
+                .spawn(move || shared.work());
+        }
+        SequentialReadahead { shared }
+    }
+
+    /// File `ino` was read at `offset` for `size` bytes (served from the cache or not).
+    pub fn observed(&self, ino: u32, offset: u64, size: u64) {
+        let shared = &self.shared;
+        let wanted = {
+            let mut streams = shared.streams.lock().expect("stream lock");
+            if streams.len() >= MAX_STREAMS && !streams.contains_key(&ino) {
+                streams.clear();
+            }
+            let (stream, wanted) = advance(streams.get(&ino).copied(), offset, size, shared.max_window);
+            streams.insert(ino, stream);
+            wanted
+        };
+        if let Some((from, to)) = wanted {
+            let jobs = shared.requests(ino, from, to);
+            shared.enqueue(jobs);
+        }
+    }
+}
+
+impl Drop for SequentialReadahead {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("readahead lock").1 = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Shared {
+    /// The chunks of file `ino` in `[from, to)` that are not cached, as runs of
+    /// consecutive chunks of at most `REQUEST_BYTES` stored bytes each.
+    fn requests(&self, ino: u32, from: u64, to: u64) -> Vec<(u32, u32)> {
+        let bootstrap = self.image.bootstrap();
+        let Ok(inode) = bootstrap.inode(ino) else {
+            return Vec::new();
+        };
+        let to = to.min(inode.size());
+        if from >= to {
+            return Vec::new();
+        }
+        let Ok(segments) = bootstrap.segments(&inode, from, to - from) else {
+            return Vec::new();
+        };
+        let cache = self.fetcher.cache();
+        let mut jobs: Vec<(u32, u32)> = Vec::new();
+        let mut job_bytes = 0u64;
+        for segment in segments {
+            let SegmentSource::Chunk { index, .. } = segment.source else {
+                continue;
+            };
+            if cache.is_ready(index) {
+                continue;
+            }
+            let stored = bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
+            if let Some((start, end)) = jobs.last_mut() {
+                if (*start..*end).contains(&index) {
+                    continue; // the same chunk again (a file may repeat one)
+                }
+                if *end == index && job_bytes + stored <= REQUEST_BYTES {
+                    *end = index + 1;
+                    job_bytes += stored;
+                    continue;
+                }
+            }
+            jobs.push((index, index + 1));
+            job_bytes = stored;
+        }
+        jobs
+    }
+
+    fn enqueue(&self, jobs: Vec<(u32, u32)>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut queue = self.queue.lock().expect("readahead lock");
+        queue.0.extend(jobs);
+        while queue.0.len() > MAX_QUEUED {
+            queue.0.pop_front();
+        }
+        self.wake.notify_all();
+    }
+
+    fn work(&self) {
+        loop {
+            let (start, end) = {
+                let mut queue = self.queue.lock().expect("readahead lock");
+                loop {
+                    if queue.1 {
+                        return;
+                    }
+                    if let Some(job) = queue.0.pop_front() {
+                        break job;
+                    }
+                    queue = self.wake.wait(queue).expect("readahead lock");
+                }
+            };
+            let mut at = start;
+            while at < end {
+                (at, _) = self.fetcher.prefetch_from(at, end, REQUEST_BYTES, ReadPurpose::Reader);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequential_reads_grow_the_window_and_jumps_start_over() {
+        let max = 8 << 20;
+        let mut stream = None;
+        let mut asked = Vec::new();
+        for offset in (0..(16u64 << 20)).step_by(128 << 10) {
+            let (next, wanted) = advance(stream, offset, 128 << 10, max);
+            stream = Some(next);
+            asked.extend(wanted);
+        }
+        // Nothing before the trigger; then contiguous asks, never overlapping, that
+        // keep up to the 8 MiB window ahead of the reader: once grown, half a window
+        // each time the reader has used up half.
+        assert_eq!(asked[0].0, 512 << 10);
+        for pair in asked.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "{asked:?}");
+        }
+        let sizes: Vec<u64> = asked.iter().map(|(a, b)| (b - a) >> 20).collect();
+        assert!(sizes.iter().all(|s| *s <= 8), "{sizes:?}");
+        assert!(sizes.ends_with(&[4, 4, 4]), "{sizes:?}");
+        let (last, now) = (asked.last().unwrap().1, stream.unwrap().next);
+        assert!(last > now && last - now <= max, "{last} {now}");
+
+        // A jump far away starts a new stream: no readahead until it runs again.
+        let (jumped, wanted) = advance(stream, 900 << 20, 4096, max);
+        assert_eq!(wanted, None);
+        assert_eq!(jumped.run, 4096);
+    }
+
+    #[test]
+    fn scattered_reads_never_read_ahead() {
+        let mut stream = None;
+        let mut rng = 12345u64;
+        for _ in 0..1000 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let offset = (rng >> 20) % (1 << 34);
+            let (next, wanted) = advance(stream, offset, 4096, 64 << 20);
+            assert_eq!(wanted, None);
+            stream = Some(next);
+        }
+    }
+
+    #[test]
+    fn reads_a_little_out_of_order_continue_the_stream() {
+        let mut stream = None;
+        let mut asked = 0;
+        // Pairs of reads swapped, as two FUSE threads deliver kernel readahead.
+        for pair in 0..64u64 {
+            for offset in [pair * 2 + 1, pair * 2] {
+                let (next, wanted) = advance(stream, offset * (128 << 10), 128 << 10, 64 << 20);
+                stream = Some(next);
+                asked += usize::from(wanted.is_some());
+            }
+        }
+        assert!(asked >= 3, "{asked}");
+    }
+}
