@@ -347,3 +347,122 @@ fn a_registry_failing_midway_leaves_no_chunk_marked_ready_that_is_not() {
         assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
     }
 }
+
+/// Waits until the mount's prefetcher has fetched at least `bytes` and is quiet.
+fn wait_prefetched(mountpoint: &Path, runtime: &Path, bytes: u64) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let now = stats(mountpoint, runtime);
+        if now["prefetch_bytes"].as_u64().unwrap_or(0) >= bytes {
+            std::thread::sleep(Duration::from_millis(300));
+            return stats(mountpoint, runtime);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never prefetched {bytes}: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A profile recorded once helps an image that was not converted with it: published
+/// to the registry as an OCI referrer of the image (`petrel profile push`; Debian's
+/// docker-registry has no referrers API, so through the `sha256-<hex>` tag), found by
+/// a plain `petrel mount`, whose reads of the profiled files then need no fetch while
+/// the rest of the image stays unfetched. `--no-profile-lookup` turns the lookup off,
+/// and `--profile FILE` gives the same profile by hand.
+#[test]
+fn a_published_profile_is_found_and_prefetched_on_an_image_not_built_for_it() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("data/f{i}.bin"), Rng::new(300 + i).bytes(2 << 20)))
+        .collect();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        w.file(path, &Default::default(), data);
+    }
+    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.path().join("layout"), "plain", "v1");
+    let image = format!("docker://{}/plain:petrel", registry.addr);
+    run_ok(petrel().args(["convert", &format!("docker://{}/plain:v1", registry.addr), &image]));
+
+    let pull = petrel().args(["profile", "pull", &image]).output().unwrap();
+    assert_eq!(pull.status.code(), Some(1), "{}", output_text(&pull));
+    assert!(
+        output_text(&pull).contains("no profile is published"),
+        "{}",
+        output_text(&pull)
+    );
+
+    let profile = work.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"petrel_profile": 1, "entries": [
+            {"path": "data/f5.bin"},
+            {"path": "data/f2.bin", "ranges": [[0, 524288]]},
+            {"path": "not/in/the/image"}]}"#,
+    )
+    .unwrap();
+    let pushed = run_ok(petrel().args(["profile", "push", &image]).arg(&profile));
+    assert!(pushed.contains("sha256:"), "{pushed}");
+    let pulled: petrel_format::profile::Profile =
+        serde_json::from_str(&run_ok(petrel().args(["profile", "pull", &image]))).unwrap();
+    assert_eq!(pulled.entries.len(), 3);
+    assert_eq!(pulled.entries[1].ranges, Some(vec![[0, 524288]]));
+    assert!(pulled.image.is_some(), "the push names the image the profile is for");
+
+    let wanted = (2u64 << 20) + (512 << 10);
+    for (name, extra) in [
+        ("found", vec!["--prefetch-mode", "off", "--no-passthrough"]),
+        (
+            "given",
+            vec![
+                "--prefetch-mode",
+                "off",
+                "--no-passthrough",
+                "--no-profile-lookup",
+                "--profile",
+                profile.to_str().unwrap(),
+            ],
+        ),
+    ] {
+        let cache = work.path().join(format!("cache-{name}"));
+        let runtime = cache.with_extension("run");
+        let mount = MountProcess::start(&image, &work.path().join(format!("mnt-{name}")), &cache, &extra);
+        let before = wait_prefetched(&mount.mountpoint, &runtime, wanted);
+        assert!(
+            before["backend_bytes"].as_u64().unwrap() < wanted + (2 << 20),
+            "{name}: only the profiled files were prefetched: {before}"
+        );
+        assert_eq!(std::fs::read(mount.mountpoint.join(&files[5].0)).unwrap(), files[5].1);
+        let head = std::fs::File::open(mount.mountpoint.join(&files[2].0)).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        std::os::unix::fs::FileExt::read_exact_at(&head, &mut buf, 0).unwrap();
+        assert!(buf[..] == files[2].1[..256 << 10]);
+        let after = stats(&mount.mountpoint, &runtime);
+        assert_eq!(
+            after["backend_requests"], before["backend_requests"],
+            "{name}: the profiled reads needed no fetch: {after}"
+        );
+    }
+
+    let cache = work.path().join("cache-off");
+    let runtime = cache.with_extension("run");
+    let mount = MountProcess::start(
+        &image,
+        &work.path().join("mnt-off"),
+        &cache,
+        &["--prefetch-mode", "off", "--no-profile-lookup"],
+    );
+    assert_eq!(std::fs::read(mount.mountpoint.join(&files[0].0)).unwrap(), files[0].1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        stats(&mount.mountpoint, &runtime)["prefetch_requests"],
+        0,
+        "no lookup, no profile prefetch"
+    );
+}

@@ -104,6 +104,33 @@ pub fn merge_ranges(mut ranges: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
     out
 }
 
+/// Whether `path` matches a glob: `*` and `?` stay within one component, `**`
+/// crosses components.
+pub fn glob_match(pattern: &[u8], path: &[u8]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) if pattern.get(1) == Some(&b'*') => {
+            let rest = pattern[2..].strip_prefix(b"/").unwrap_or(&pattern[2..]);
+            (0..=path.len()).any(|i| glob_match(rest, &path[i..]))
+        }
+        (Some(b'*'), _) => {
+            let mut i = 0;
+            loop {
+                if glob_match(&pattern[1..], &path[i..]) {
+                    return true;
+                }
+                if i == path.len() || path[i] == b'/' {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        (Some(b'?'), Some(&c)) if c != b'/' => glob_match(&pattern[1..], &path[1..]),
+        (Some(p), Some(c)) if p == c => glob_match(&pattern[1..], &path[1..]),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

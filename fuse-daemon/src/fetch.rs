@@ -331,8 +331,13 @@ impl Fetcher {
         };
         let next = flights.last().map_or(start + 1, |(c, _)| c.index + 1);
         let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
-        self.stats.prefetch_requests.fetch_add(1, Relaxed);
-        self.stats.prefetch_bytes.fetch_add(bytes, Relaxed);
+        // The prefetcher reads in the background; readahead is for readers to come.
+        let (requests, fetched) = match purpose {
+            ReadPurpose::Background => (&self.stats.prefetch_requests, &self.stats.prefetch_bytes),
+            ReadPurpose::Reader => (&self.stats.readahead_requests, &self.stats.readahead_bytes),
+        };
+        requests.fetch_add(1, Relaxed);
+        fetched.fetch_add(bytes, Relaxed);
         for (chunk, _) in &flights {
             self.prefetched.mark(chunk.index);
         }

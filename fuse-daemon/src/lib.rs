@@ -14,6 +14,7 @@ pub mod image;
 pub mod mount;
 pub mod passthrough;
 pub mod prefetch;
+pub mod profile_prefetch;
 pub mod readahead;
 pub mod record;
 pub mod remote;

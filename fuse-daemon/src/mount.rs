@@ -51,6 +51,8 @@ pub struct MountConfig {
     /// Largest window a file read front to back is fetched ahead by
     /// (`crate::sequential`); 0: off.
     pub readahead_file_max_bytes: u64,
+    /// A profile whose files' ranges are prefetched first (`crate::profile_prefetch`).
+    pub profile: Option<Arc<petrel_format::profile::Profile>>,
 }
 
 impl MountConfig {
@@ -71,6 +73,7 @@ impl MountConfig {
             spec: None,
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
             readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
+            profile: None,
         }
     }
 }
@@ -80,6 +83,13 @@ impl MountConfig {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     prefetcher: Option<Prefetcher>,
+    /// Prefetch of a profile found after mounting (`prefetch_profile`).
+    profile_prefetcher: Option<Prefetcher>,
+    image: Arc<MappedImage>,
+    fetcher: Arc<Fetcher>,
+    prefetch: PrefetchConfig,
+    /// Turns the directory readahead off once a profile is known.
+    readahead_off: Option<Arc<std::sync::atomic::AtomicBool>>,
     recording: Option<(Arc<crate::record::Recorder>, Arc<MappedImage>, PathBuf)>,
     /// This mount's pin file (its prefetch region is kept through GC while mounted).
     pins: Option<PathBuf>,
@@ -114,8 +124,32 @@ impl Mounted {
             .map(|(recorder, image, _)| recorder.profile(image))
     }
 
+    /// Prefetches what `profile` reads (found after mounting, e.g. in the registry),
+    /// ahead of the image's own prefetch region, and stops guessing by directory.
+    /// Returns the plan's size: (files, chunk ranges).
+    pub fn prefetch_profile(&mut self, profile: &petrel_format::profile::Profile) -> (usize, usize) {
+        let plan = crate::profile_prefetch::plan(&self.image, profile);
+        if let Some(off) = &self.readahead_off {
+            off.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let sizes = (plan.files, plan.ranges.len());
+        if let Some(old) = self.profile_prefetcher.take() {
+            old.stop();
+        }
+        self.profile_prefetcher = Some(Prefetcher::start_ranges(
+            &self.image,
+            Arc::clone(&self.fetcher),
+            plan.ranges,
+            self.prefetch,
+        ));
+        sizes
+    }
+
     fn stop(&mut self) -> Result<()> {
-        if let Some(prefetcher) = self.prefetcher.take() {
+        for prefetcher in [self.prefetcher.take(), self.profile_prefetcher.take()]
+            .into_iter()
+            .flatten()
+        {
             prefetcher.stop();
         }
         if let Some(pins) = self.pins.take() {
@@ -271,15 +305,19 @@ pub fn mount_with_backend(
     });
     // A recorded profile (a prefetch region this mount streams) knows better than a
     // guess: no directory readahead then.
-    let profiled = config.prefetch.mode != crate::prefetch::PrefetchMode::Off
-        && !crate::prefetch::prefetch_ranges(&image, crate::prefetch::PrefetchMode::Table).is_empty();
+    let profiled = config.profile.is_some()
+        || (config.prefetch.mode != crate::prefetch::PrefetchMode::Off
+            && !crate::prefetch::prefetch_ranges(&image, crate::prefetch::PrefetchMode::Table).is_empty());
+    let mut readahead_off = None;
     if config.readahead_dir_bytes > 0 && !profiled {
-        fs = fs.with_readahead(crate::readahead::DirReadahead::start(
+        let readahead = crate::readahead::DirReadahead::start(
             Arc::clone(&image),
             Arc::clone(&fetcher),
             config.readahead_dir_bytes,
             crate::readahead::PARALLEL,
-        ));
+        );
+        readahead_off = Some(readahead.off_switch());
+        fs = fs.with_readahead(readahead);
     }
     if config.readahead_file_max_bytes > 0 {
         fs = fs.with_sequential_readahead(crate::sequential::SequentialReadahead::start(
@@ -323,11 +361,31 @@ pub fn mount_with_backend(
             &digests,
         )?)
     };
-    let prefetcher = (config.prefetch.mode != crate::prefetch::PrefetchMode::Off)
-        .then(|| Prefetcher::start(&image, fetcher, config.prefetch));
+    // A profile's ranges first, then the image's own prefetch region.
+    let mut ranges = Vec::new();
+    if let Some(profile) = &config.profile {
+        let plan = crate::profile_prefetch::plan(&image, profile);
+        tracing::info!(
+            files = plan.files,
+            skipped = plan.skipped,
+            ranges = plan.ranges.len(),
+            "prefetching the profile given at mount"
+        );
+        ranges = plan.ranges;
+    }
+    if config.prefetch.mode != crate::prefetch::PrefetchMode::Off {
+        ranges.extend(crate::prefetch::prefetch_ranges(&image, config.prefetch.mode));
+    }
+    let prefetcher =
+        (!ranges.is_empty()).then(|| Prefetcher::start_ranges(&image, Arc::clone(&fetcher), ranges, config.prefetch));
     Ok(Mounted {
         session: Some(session),
         prefetcher,
+        profile_prefetcher: None,
+        image,
+        fetcher,
+        prefetch: config.prefetch,
+        readahead_off,
         recording,
         pins,
         stats,

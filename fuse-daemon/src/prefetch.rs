@@ -119,9 +119,18 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     pub fn start(image: &Arc<MappedImage>, fetcher: Arc<Fetcher>, config: PrefetchConfig) -> Self {
+        Self::start_ranges(image, fetcher, prefetch_ranges(image, config.mode), config)
+    }
+
+    /// Prefetches the chunk ranges `ranges` (`[start, end)`, in this order).
+    pub fn start_ranges(
+        image: &Arc<MappedImage>,
+        fetcher: Arc<Fetcher>,
+        ranges: Vec<(u32, u32)>,
+        config: PrefetchConfig,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let fetched = Arc::new(AtomicU64::new(0));
-        let ranges = prefetch_ranges(image, config.mode);
         let next = ranges.first().map_or(0, |r| r.0);
         let cursor = Arc::new(Mutex::new(Cursor { ranges, range: 0, next }));
         let link_free_at = Arc::new(Mutex::new(Instant::now()));

@@ -58,6 +58,8 @@ struct Shared {
     misses: Vec<std::sync::atomic::AtomicU8>,
     queue: Mutex<(VecDeque<(u32, u32)>, bool)>,
     wake: Condvar,
+    /// Set once a profile is found for the mount: it knows better than a guess.
+    off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Directory readahead of one mount; stops its threads when dropped.
@@ -80,6 +82,7 @@ impl DirReadahead {
             misses: (0..inodes).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
             queue: Mutex::new((VecDeque::new(), false)),
             wake: Condvar::new(),
+            off: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
         for _ in 0..parallel.max(1) {
             let shared = Arc::clone(&shared);
@@ -88,6 +91,11 @@ impl DirReadahead {
                 .spawn(move || shared.work());
         }
         DirReadahead { shared }
+    }
+
+    /// A switch that turns this readahead off for good (a profile arrived).
+    pub fn off_switch(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.shared.off)
     }
 
     /// The kernel looked `child` up in directory `parent`.
@@ -101,6 +109,9 @@ impl DirReadahead {
     /// executable or library whole at its second miss.
     pub fn missed(&self, ino: u32) {
         let shared = &self.shared;
+        if shared.off.load(Relaxed) {
+            return;
+        }
         let misses = shared
             .misses
             .get(ino as usize)

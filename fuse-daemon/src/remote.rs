@@ -63,6 +63,41 @@ pub struct RemoteImage {
     pub backend: Arc<RegistryBackend>,
 }
 
+impl RegistryBackend {
+    /// The client and repository this backend reads from.
+    pub fn registry(&self) -> (&Arc<RegistryClient>, &str) {
+        (&self.client, &self.repository)
+    }
+}
+
+/// The newest prefetch profile published for the image manifest `manifest_digest`
+/// (an OCI referrer of artifact type `PROFILE_ARTIFACT_TYPE`), fetched, bounded and
+/// parsed. A profile recorded on another image (its `image` field names another
+/// bootstrap) is refused.
+pub fn find_profile(
+    client: &RegistryClient,
+    repository: &str,
+    manifest_digest: &str,
+    bootstrap_digest: &[u8; 32],
+) -> Result<Option<(String, petrel_format::profile::Profile)>> {
+    use petrel_registry::client::referrers::PROFILE_ARTIFACT_TYPE;
+    let Some(found) = client.newest_referrer(repository, manifest_digest, PROFILE_ARTIFACT_TYPE)? else {
+        return Ok(None);
+    };
+    let (_, content) =
+        client.artifact_content(repository, &found.digest, crate::profile_prefetch::MAX_PROFILE_BYTES)?;
+    let bad = |reason: String| DaemonError::Invalid(format!("profile {repository}@{}: {reason}", found.digest));
+    let profile = petrel_format::profile::Profile::parse(&content).map_err(bad)?;
+    if profile
+        .image
+        .as_ref()
+        .is_some_and(|image| *image != hex::encode(bootstrap_digest))
+    {
+        return Err(bad("it was recorded on another image".into()));
+    }
+    Ok(Some((found.digest, profile)))
+}
+
 fn invalid(image: &ImageRef, reason: String) -> DaemonError {
     DaemonError::Invalid(format!("{image}: {reason}"))
 }

@@ -64,12 +64,24 @@ pub struct DaemonSpec {
     /// Record what is read and write the profile here on unmount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<PathBuf>,
+    /// A profile (`petrel record`) whose files' ranges are prefetched first, on any
+    /// petrel image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<PathBuf>,
+    /// Without `profile`: look for a profile published for the image in its registry
+    /// (an OCI referrer) and prefetch it once found (the mount does not wait).
+    #[serde(default = "default_true")]
+    pub profile_lookup: bool,
     #[serde(default)]
     pub log_level: LogLevel,
     #[serde(default)]
     pub registry: RegistrySpec,
     #[serde(default)]
     pub tuning: Tuning,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How a daemon reaches its registry (the image's host).
@@ -200,6 +212,8 @@ impl DaemonSpec {
             runtime_dir: default_runtime_dir(),
             cache_max_bytes: None,
             record: None,
+            profile: None,
+            profile_lookup: true,
             log_level: LogLevel::default(),
             registry: RegistrySpec::default(),
             tuning: Tuning::default(),

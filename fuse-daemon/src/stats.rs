@@ -25,7 +25,11 @@ pub struct Stats {
     pub waited_on_inflight: AtomicU64,
     pub prefetch_requests: AtomicU64,
     pub prefetch_bytes: AtomicU64,
-    /// Chunk reads served by data the prefetcher fetched.
+    /// Requests of the on-demand readahead (directories, whole ELF files, files read
+    /// front to back), fetched ahead of readers without a profile.
+    pub readahead_requests: AtomicU64,
+    pub readahead_bytes: AtomicU64,
+    /// Chunk reads served by data the prefetcher or the readahead fetched.
     pub prefetch_hits: AtomicU64,
     /// Opens answered with a backing file (FUSE passthrough): their reads bypass FUSE
     /// and these counters.
@@ -53,6 +57,10 @@ pub struct StatsSnapshot {
     pub waited_on_inflight: u64,
     pub prefetch_requests: u64,
     pub prefetch_bytes: u64,
+    #[serde(default)]
+    pub readahead_requests: u64,
+    #[serde(default)]
+    pub readahead_bytes: u64,
     pub prefetch_hits: u64,
     #[serde(default)]
     pub passthrough_opens: u64,
@@ -96,6 +104,8 @@ impl Stats {
             waited_on_inflight: self.waited_on_inflight.load(Relaxed),
             prefetch_requests: self.prefetch_requests.load(Relaxed),
             prefetch_bytes: self.prefetch_bytes.load(Relaxed),
+            readahead_requests: self.readahead_requests.load(Relaxed),
+            readahead_bytes: self.readahead_bytes.load(Relaxed),
             prefetch_hits: self.prefetch_hits.load(Relaxed),
             passthrough_opens: self.passthrough_opens.load(Relaxed),
             cache_corrupt_dropped: self.cache_corrupt_dropped.load(Relaxed),
@@ -173,9 +183,19 @@ impl StatsSnapshot {
                 "Bytes the background prefetcher received",
             ),
             (
+                "petrel_readahead_requests_total",
+                self.readahead_requests,
+                "Range requests of the on-demand readahead (directories, ELF files, sequential reads)",
+            ),
+            (
+                "petrel_readahead_bytes_total",
+                self.readahead_bytes,
+                "Bytes the on-demand readahead received",
+            ),
+            (
                 "petrel_prefetch_hits_total",
                 self.prefetch_hits,
-                "Chunk reads served by data the prefetcher fetched",
+                "Chunk reads served by data the prefetcher or the readahead fetched",
             ),
             (
                 "petrel_cache_corrupt_dropped_total",

@@ -167,7 +167,7 @@ fn proxies_from_env() -> Result<Vec<reqwest::Proxy>> {
 /// The repository a registry API path names (`/v2/<repository>/blobs/…`).
 fn repository_of(path: &str) -> &str {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
-    ["/blobs/", "/manifests/", "/tags/"]
+    ["/blobs/", "/manifests/", "/tags/", "/referrers/"]
         .iter()
         .filter_map(|marker| rest.find(marker))
         .min()
@@ -874,6 +874,8 @@ impl RegistryClient {
         Ok(sha256_digest(bytes))
     }
 }
+
+pub mod referrers;
 
 #[cfg(test)]
 mod tests {

@@ -29,6 +29,7 @@
 //! prefetch_bandwidth = 10485760         # bytes per second (unset: unlimited)
 //! readahead_dir_bytes = 2097152        # a directory's small files, on a miss (0: off)
 //! readahead_file_max_bytes = 67108864   # files read front to back: largest window (0: off)
+//! profile_lookup = true                 # prefetch a profile published for the image (a referrer)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
@@ -119,6 +120,7 @@ pub struct DaemonSettings {
     pub readahead_dir_bytes: Option<u64>,
     #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub readahead_file_max_bytes: Option<u64>,
+    pub profile_lookup: Option<bool>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
 }
@@ -152,6 +154,7 @@ impl DaemonSettings {
         set(&mut tuning.passthrough, self.passthrough);
         set(&mut tuning.readahead_dir_bytes, self.readahead_dir_bytes);
         set(&mut tuning.readahead_file_max_bytes, self.readahead_file_max_bytes);
+        set(&mut spec.profile_lookup, self.profile_lookup);
         set(
             &mut tuning.prefetch.mode,
             self.prefetch.map(|p| match p {

@@ -164,6 +164,7 @@ mod tests {
             size: 2048,
             annotations: oci::petrel_layer_annotations(role),
             platform: None,
+            ..Default::default()
         }
     }
 

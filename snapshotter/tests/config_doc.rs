@@ -62,6 +62,7 @@ fn the_reference_page_lists_every_key_and_parses() {
             prefetch_bandwidth: Some(1),
             readahead_dir_bytes: Some(1),
             readahead_file_max_bytes: Some(1),
+            profile_lookup: Some(true),
             passthrough: Some(true),
             log_level: Some(LogLevel::Debug),
         },

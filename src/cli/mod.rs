@@ -6,6 +6,7 @@ mod convert;
 mod image_tools;
 mod manuals;
 pub mod mount;
+mod profile;
 mod record;
 pub mod registry_args;
 mod sandbox;
@@ -45,6 +46,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Rebuild a local image with a profile's data at the front of the blob.
     Optimize(record::OptimizeArgs),
+    /// Publish a profile for an image in its registry (`push`), or fetch it (`pull`).
+    Profile(profile::ProfileArgs),
     /// Fill the node cache for an image (its prefetch region, or --all) without mounting it.
     Warm(cache::WarmArgs),
     /// Chunk dictionaries: `petrel dict build IMAGE... -o DICT`.
@@ -134,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Record(args) => record::run_record(args),
         Command::RecordSandboxInit(args) => sandbox::run_init(&args.root, &args.workload),
         Command::Optimize(args) => record::run_optimize(args),
+        Command::Profile(args) => profile::run_profile(args),
         Command::Stats(args) => mount::run_stats(args),
         Command::Manpages(args) => manuals::run_manpages(args),
         Command::Completions(args) => manuals::run_completions(args),

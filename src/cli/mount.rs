@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
         "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
-        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "PrefetchArgs", "RegistryArgs",
+        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "profile", "no_profile_lookup", "PrefetchArgs", "RegistryArgs",
     ])]
     spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -61,6 +61,15 @@ pub struct MountArgs {
     /// Record what is read and write the profile here on unmount.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Prefetch what this profile (`petrel record`) reads first, on any petrel image,
+    /// optimized for it or not.
+    #[arg(long, conflicts_with = "record")]
+    profile: Option<PathBuf>,
+    /// Do not look for a profile published for the image in its registry (an OCI
+    /// referrer, `petrel profile push`); by default one is looked for after mounting
+    /// and prefetched once found.
+    #[arg(long)]
+    no_profile_lookup: bool,
     /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
     #[arg(long, value_parser = petrel_fuse_daemon::byte_size::parse)]
     cache_max_bytes: Option<u64>,
@@ -130,6 +139,8 @@ impl MountArgs {
                 runtime_dir: self.runtime_dir.clone(),
                 cache_max_bytes: self.cache_max_bytes,
                 record: self.record.clone(),
+                profile: self.profile.clone(),
+                profile_lookup: !self.no_profile_lookup,
                 registry: self.registry.registry_spec(),
                 tuning: Tuning {
                     amplify_bytes: self.amplify_bytes,
@@ -166,11 +177,37 @@ impl ImageSource<'_> {
     }
 }
 
+/// Where a registry image's referrers (a published profile) are looked up.
+pub struct ReferrerSource {
+    pub client: std::sync::Arc<petrel_registry::RegistryClient>,
+    pub repository: String,
+    pub manifest_digest: String,
+}
+
 pub fn resolve_image(
     image: &str,
     cache_dir: &std::path::Path,
     source: &ImageSource<'_>,
 ) -> anyhow::Result<(std::sync::Arc<dyn petrel_fuse_daemon::Backend>, PathBuf, String)> {
+    let resolved = resolve_image_with_referrers(image, cache_dir, source)?;
+    Ok((resolved.backend, resolved.bootstrap, resolved.name))
+}
+
+/// A resolved image: where its blobs come from, its bootstrap file, its display
+/// name, and for a registry image where its referrers are.
+pub struct ResolvedImage {
+    pub backend: std::sync::Arc<dyn petrel_fuse_daemon::Backend>,
+    pub bootstrap: PathBuf,
+    pub name: String,
+    pub referrers: Option<ReferrerSource>,
+}
+
+/// `resolve_image`, and for a registry image where its referrers are.
+pub fn resolve_image_with_referrers(
+    image: &str,
+    cache_dir: &std::path::Path,
+    source: &ImageSource<'_>,
+) -> anyhow::Result<ResolvedImage> {
     petrel_fuse_daemon::store::create_cache_dir(cache_dir)?;
     if let Some(reference) = image.strip_prefix("docker://") {
         let image_ref = petrel_registry::ImageRef::parse(reference)?;
@@ -179,10 +216,21 @@ pub fn resolve_image(
             &source.client_options,
         )?);
         let platform = petrel_registry::oci::Platform::host();
-        let remote = petrel_fuse_daemon::remote::resolve(client, &image_ref, cache_dir, &platform)
-            .with_context(|| format!("resolving {image}"))?;
+        let remote =
+            petrel_fuse_daemon::remote::resolve(std::sync::Arc::clone(&client), &image_ref, cache_dir, &platform)
+                .with_context(|| format!("resolving {image}"))?;
         tracing::info!(manifest = %remote.manifest_digest, "image resolved in the registry");
-        Ok((remote.backend, remote.bootstrap_path, image_ref.to_string()))
+        let referrers = ReferrerSource {
+            client,
+            repository: image_ref.repository.clone(),
+            manifest_digest: remote.manifest_digest.clone(),
+        };
+        Ok(ResolvedImage {
+            backend: remote.backend,
+            bootstrap: remote.bootstrap_path,
+            name: image_ref.to_string(),
+            referrers: Some(referrers),
+        })
     } else {
         let dir = PathBuf::from(image);
         let blobs = source.blob_dir.map(PathBuf::from).unwrap_or_else(|| dir.clone());
@@ -191,12 +239,64 @@ pub fn resolve_image(
         } else {
             petrel_fuse_daemon::LocalBackend::new(blobs)
         });
-        Ok((
+        Ok(ResolvedImage {
             backend,
-            petrel_format::image_dir::ImageDir::new(&dir).bootstrap_path(),
-            image.to_string(),
-        ))
+            bootstrap: petrel_format::image_dir::ImageDir::new(&dir).bootstrap_path(),
+            name: image.to_string(),
+            referrers: None,
+        })
     }
+}
+
+/// Reads and parses the profile at `path` (bounded: a profile may come from anywhere).
+pub fn read_profile(path: &std::path::Path) -> anyhow::Result<petrel_format::profile::Profile> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening profile {}", path.display()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, petrel_fuse_daemon::profile_prefetch::MAX_PROFILE_BYTES + 1),
+        &mut bytes,
+    )?;
+    if bytes.len() as u64 > petrel_fuse_daemon::profile_prefetch::MAX_PROFILE_BYTES {
+        bail!(
+            "profile {} is larger than {} bytes",
+            path.display(),
+            petrel_fuse_daemon::profile_prefetch::MAX_PROFILE_BYTES
+        );
+    }
+    petrel_format::profile::Profile::parse(&bytes).map_err(|e| anyhow::anyhow!("profile {}: {e}", path.display()))
+}
+
+/// Looks for a profile published for the image, in the background: the mount never
+/// waits for it. Sends it once found.
+fn look_up_profile(
+    referrers: ReferrerSource,
+    bootstrap: PathBuf,
+    found: std::sync::mpsc::Sender<petrel_format::profile::Profile>,
+) {
+    let _ = std::thread::Builder::new()
+        .name("petrel-profile-lookup".into())
+        .spawn(move || {
+            let digest = match std::fs::read(&bootstrap)
+                .ok()
+                .and_then(|b| petrel_format::Bootstrap::open(&b).ok().map(|b| b.superblock().digest))
+            {
+                Some(digest) => digest,
+                None => return,
+            };
+            match petrel_fuse_daemon::remote::find_profile(
+                &referrers.client,
+                &referrers.repository,
+                &referrers.manifest_digest,
+                &digest,
+            ) {
+                Ok(Some((artifact, profile))) => {
+                    tracing::info!(%artifact, files = profile.entries.len(), "found a profile published for the image");
+                    let _ = found.send(profile);
+                }
+                Ok(None) => tracing::info!("no profile is published for the image"),
+                Err(e) => tracing::warn!("looking for a published profile: {e}"),
+            }
+        });
 }
 
 #[derive(Debug, clap::Args)]
@@ -236,16 +336,30 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
         return spawn_daemon(&args, &spec, log_format);
     }
     let credentials = crate::cli::registry_args::read_credentials(spec.registry.creds_file.as_deref())?;
-    let config = spec.mount_config();
+    let mut config = spec.mount_config();
+    if let Some(path) = &spec.profile {
+        config.profile = Some(std::sync::Arc::new(read_profile(path)?));
+    }
     let source = ImageSource {
         client_options: spec.client_options(credentials),
         blob_dir: spec.blob_dir.as_deref(),
         unpacked_blobs: spec.unpacked_blobs,
     };
-    let (backend, bootstrap, name) = resolve_image(&spec.image, &spec.cache_dir, &source)?;
-    let mounted = petrel_fuse_daemon::mount::mount_with_backend(&config, backend, &bootstrap, &name)
+    let ResolvedImage {
+        backend,
+        bootstrap,
+        name,
+        referrers,
+    } = resolve_image_with_referrers(&spec.image, &spec.cache_dir, &source)?;
+    let mut mounted = petrel_fuse_daemon::mount::mount_with_backend(&config, backend, &bootstrap, &name)
         .with_context(|| format!("mounting {} at {}", spec.image, spec.mountpoint.display()))?;
     tracing::info!(mountpoint = %spec.mountpoint.display(), "mounted");
+    let (profile_tx, profile_rx) = std::sync::mpsc::channel();
+    if let Some(referrers) =
+        referrers.filter(|_| spec.profile.is_none() && spec.profile_lookup && spec.record.is_none())
+    {
+        look_up_profile(referrers, bootstrap.clone(), profile_tx);
+    }
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let signal_tx = tx.clone();
@@ -255,7 +369,11 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
         }
     });
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
+        if let Ok(profile) = profile_rx.try_recv() {
+            let (files, ranges) = mounted.prefetch_profile(&profile);
+            tracing::info!(files, ranges, "prefetching the published profile");
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(_) => break,
             Err(_) if mounted.is_finished() => {
                 tracing::info!("unmounted from outside");

@@ -144,6 +144,7 @@ pub fn convert(
             size: manifest_bytes as u64,
             annotations: Default::default(),
             platform: source_manifest.platform.clone(),
+            ..Default::default()
         });
         converted.push(result);
     }
@@ -340,6 +341,7 @@ fn convert_one(
             size: blob.size,
             annotations: petrel_layer_annotations(ROLE_BLOB),
             platform: None,
+            ..Default::default()
         });
     }
     for blob in &report.output.dict_blobs {
@@ -350,6 +352,7 @@ fn convert_one(
             size: blob.size,
             annotations: petrel_layer_annotations(ROLE_BLOB),
             platform: None,
+            ..Default::default()
         });
     }
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
@@ -374,6 +377,7 @@ fn convert_one(
             annotations
         },
         platform: None,
+        ..Default::default()
     });
     let config = converted_config(&config_bytes, &layers)?;
     let config_digest = target.put_bytes(&config)?;
@@ -386,9 +390,11 @@ fn convert_one(
             size: config.len() as u64,
             annotations: Default::default(),
             platform: None,
+            ..Default::default()
         },
         layers,
         annotations: manifest_annotations(&source_manifest.digest, options.profile.as_ref()),
+        ..Default::default()
     };
     let manifest_bytes = serde_json::to_vec(&new_manifest)?;
     let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;

@@ -103,6 +103,7 @@ impl Source {
                         size: 0,
                         annotations: Default::default(),
                         platform: None,
+                        ..Default::default()
                     },
                     None => layout.resolve(tag.as_deref())?,
                 };
@@ -239,6 +240,7 @@ fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
             size,
             annotations: Default::default(),
             platform: None,
+            ..Default::default()
         });
     }
     let manifest = Manifest {
@@ -250,9 +252,11 @@ fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
             size: config.len() as u64,
             annotations: Default::default(),
             platform: None,
+            ..Default::default()
         },
         layers,
         annotations: Default::default(),
+        ..Default::default()
     };
     let bytes = serde_json::to_vec(&manifest)?;
     let digest = layout.write_blob(&bytes)?;
@@ -262,6 +266,7 @@ fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
         size: bytes.len() as u64,
         annotations: Default::default(),
         platform: None,
+        ..Default::default()
     };
     layout.set_tag(&descriptor, None)?;
     Ok(layout)

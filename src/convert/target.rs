@@ -78,6 +78,7 @@ impl Target {
                         size: bytes.len() as u64,
                         annotations: Default::default(),
                         platform: None,
+                        ..Default::default()
                     };
                     layout.set_tag(&descriptor, tag.as_deref())?;
                 }

@@ -1,0 +1,172 @@
+//! A profile given at mount (`petrel mount --profile`, or found in the registry as
+//! a referrer of the image) on any petrel image, optimized or not: the chunks its
+//! files' recorded ranges need, in first-access order, as chunk ranges for the
+//! prefetcher. An image built without the profile has those chunks scattered over
+//! its blob, so they are taken in waves of `WAVE_BYTES` (first-accessed first),
+//! each wave in blob order with small gaps bridged, so a wave is a few merged range
+//! requests rather than one per file.
+//!
+//! A profile may come from a stranger (a registry): its size, its entries and its
+//! patterns are bounded, and paths it names that the image lacks are skipped.
+
+use crate::image::MappedImage;
+use petrel_format::profile::{glob_match, Profile};
+use petrel_format::reader::SegmentSource;
+use petrel_format::FileKind;
+use std::collections::{HashMap, HashSet};
+
+/// Largest profile accepted (JSON bytes).
+pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
+/// Entries of a profile looked at; the rest are ignored.
+const MAX_ENTRIES: usize = 200_000;
+/// Ranges of one entry looked at.
+const MAX_RANGES_PER_ENTRY: usize = 4096;
+/// Wildcards one pattern may hold (each `**` is a search over the path).
+const MAX_WILDCARDS: usize = 4;
+/// Stored bytes of first-accessed chunks taken together, in blob order.
+const WAVE_BYTES: u64 = 4 << 20;
+/// Stored bytes between two wanted chunks fetched anyway to merge their requests.
+const GAP_BYTES: u64 = 64 << 10;
+
+/// What a profile asks of an image.
+#[derive(Debug, Default)]
+pub struct ProfilePlan {
+    /// Chunk ranges `[start, end)` to prefetch, in order.
+    pub ranges: Vec<(u32, u32)>,
+    /// Files of the profile found in the image.
+    pub files: usize,
+    /// Entries naming nothing in the image (or refused).
+    pub skipped: usize,
+}
+
+/// The chunks `profile` reads in `image`, planned as prefetch ranges.
+pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
+    let bootstrap = image.bootstrap();
+    let mut files: HashMap<Vec<u8>, u32> = HashMap::new();
+    let mut dirs: HashSet<Vec<u8>> = HashSet::new();
+    for entry in bootstrap.walk().flatten() {
+        match entry.inode.kind() {
+            Ok(FileKind::Regular) => {
+                files.insert(entry.path, entry.inode.ino());
+            }
+            Ok(FileKind::Directory) => {
+                dirs.insert(entry.path);
+            }
+            _ => {}
+        }
+    }
+    let mut plan = ProfilePlan::default();
+    let mut wanted: Vec<(u32, Option<&[[u64; 2]]>)> = Vec::new();
+    let mut seen_files = HashSet::new();
+    for entry in profile.entries.iter().take(MAX_ENTRIES) {
+        let Some(raw) = entry.path_bytes() else {
+            plan.skipped += 1;
+            continue;
+        };
+        let path = raw.strip_prefix(b"/").unwrap_or(&raw);
+        let ranges = entry.ranges.as_deref();
+        let before = wanted.len();
+        let wildcards = path.iter().filter(|b| b"*?".contains(b)).count();
+        if wildcards > MAX_WILDCARDS {
+            // Refused, not searched: a stranger's pattern must not cost unbounded time.
+        } else if wildcards > 0 {
+            let mut matched: Vec<(&Vec<u8>, u32)> = files
+                .iter()
+                .filter(|(p, _)| glob_match(path, p))
+                .map(|(p, i)| (p, *i))
+                .collect();
+            matched.sort();
+            wanted.extend(matched.into_iter().map(|(_, ino)| (ino, None)));
+        } else if let Some(&ino) = files.get(path) {
+            wanted.push((ino, ranges));
+        } else if dirs.contains(path) {
+            let mut below: Vec<(&Vec<u8>, u32)> = files
+                .iter()
+                .filter(|(p, _)| path.is_empty() || (p.starts_with(path) && p.get(path.len()) == Some(&b'/')))
+                .map(|(p, i)| (p, *i))
+                .collect();
+            below.sort();
+            wanted.extend(below.into_iter().map(|(_, ino)| (ino, None)));
+        }
+        if wanted.len() == before {
+            plan.skipped += 1;
+        }
+    }
+    let mut order: Vec<u32> = Vec::new();
+    let mut seen_chunks = HashSet::new();
+    for (ino, ranges) in wanted {
+        seen_files.insert(ino);
+        let Ok(inode) = bootstrap.inode(ino) else { continue };
+        let whole = [[0, inode.size()]];
+        for range in ranges.unwrap_or(&whole).iter().take(MAX_RANGES_PER_ENTRY) {
+            let (start, end) = (range[0].min(inode.size()), range[1].min(inode.size()));
+            if start >= end {
+                continue;
+            }
+            let Ok(segments) = bootstrap.segments(&inode, start, end - start) else {
+                continue;
+            };
+            for segment in segments {
+                if let SegmentSource::Chunk { index, .. } = segment.source {
+                    if seen_chunks.insert(index) {
+                        order.push(index);
+                    }
+                }
+            }
+        }
+    }
+    plan.files = seen_files.len();
+    plan.ranges = waves(image, &order);
+    plan
+}
+
+/// First-accessed chunks in waves of `WAVE_BYTES`, each in blob order and merged
+/// across gaps of at most `GAP_BYTES` (of the same blob).
+fn waves(image: &MappedImage, order: &[u32]) -> Vec<(u32, u32)> {
+    let bootstrap = image.bootstrap();
+    let mut ranges = Vec::new();
+    let mut wave: Vec<u32> = Vec::new();
+    let mut wave_bytes = 0u64;
+    let mut flush = |wave: &mut Vec<u32>| {
+        wave.sort_unstable();
+        let mut current: Option<(u32, u32)> = None;
+        for &index in wave.iter() {
+            current = match current {
+                Some((start, end)) if bridgeable(image, end, index) => Some((start, index + 1)),
+                Some(done) => {
+                    ranges.push(done);
+                    Some((index, index + 1))
+                }
+                None => Some((index, index + 1)),
+            };
+        }
+        ranges.extend(current);
+        wave.clear();
+    };
+    for &index in order {
+        wave_bytes += bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
+        wave.push(index);
+        if wave_bytes >= WAVE_BYTES {
+            flush(&mut wave);
+            wave_bytes = 0;
+        }
+    }
+    flush(&mut wave);
+    ranges
+}
+
+/// Whether chunks `end..next` (between a range ending at `end` and chunk `next`) are
+/// few enough stored bytes, contiguous in one blob, to fetch in the same request.
+fn bridgeable(image: &MappedImage, end: u32, next: u32) -> bool {
+    if next < end {
+        return false;
+    }
+    let bootstrap = image.bootstrap();
+    let (Ok(last), Ok(following)) = (bootstrap.chunk(end - 1), bootstrap.chunk(next)) else {
+        return false;
+    };
+    let gap_start = last.compressed_offset + u64::from(last.compressed_size);
+    following.blob_index == last.blob_index
+        && following.compressed_offset >= gap_start
+        && following.compressed_offset - gap_start <= GAP_BYTES
+}

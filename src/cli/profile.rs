@@ -1,0 +1,171 @@
+//! `petrel profile push|pull`: a recorded profile published next to its image in
+//! the registry, as an OCI artifact whose `subject` is the image's manifest, so
+//! every node's mounts and snapshotter find it (`petrel mount` looks it up unless
+//! `--no-profile-lookup`) without converting the image again.
+
+use crate::cli::mount::read_profile;
+use crate::cli::registry_args::RegistryArgs;
+use anyhow::{bail, Context};
+use petrel_registry::client::referrers::{ANNOTATION_CREATED, PROFILE_ARTIFACT_TYPE};
+use petrel_registry::oci::{bootstrap_layer, Descriptor, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
+use petrel_registry::{ImageRef, RegistryClient};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct ProfileArgs {
+    #[command(subcommand)]
+    command: ProfileCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ProfileCommand {
+    /// Publish a profile for a petrel image in its registry (an OCI referrer of the
+    /// image for this machine's platform).
+    Push {
+        /// The petrel image: `docker://HOST/REPO:TAG` or `@sha256:…`.
+        image: String,
+        /// The profile (`petrel record --profile`).
+        profile: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Print the newest profile published for an image (JSON), or write it to a file.
+    Pull {
+        image: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of now.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// The client, reference and this platform's manifest (descriptor and bootstrap
+/// digest) of a registry image.
+fn resolve(
+    image: &str,
+    registry: &RegistryArgs,
+) -> anyhow::Result<(RegistryClient, ImageRef, Descriptor, Option<String>)> {
+    let Some(reference) = image.strip_prefix("docker://") else {
+        bail!("{image}: profiles are published in a registry: give docker://HOST/REPO:TAG");
+    };
+    let image_ref = ImageRef::parse(reference)?;
+    let client = RegistryClient::new(&image_ref.registry, &registry.client_options()?)?;
+    let (manifest, digest) = client
+        .get_image_manifest(&image_ref.repository, image_ref.reference(), &Platform::host())
+        .with_context(|| format!("resolving {image}"))?;
+    let Some(bootstrap) = bootstrap_layer(&manifest) else {
+        bail!("{image} is not a petrel image (its manifest has no bootstrap layer)");
+    };
+    let bootstrap_digest = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3).cloned();
+    let (bytes, media_type, _) = client.get_manifest(&image_ref.repository, &digest)?;
+    let subject = Descriptor {
+        media_type,
+        digest,
+        size: bytes.len() as u64,
+        ..Default::default()
+    };
+    Ok((client, image_ref, subject, bootstrap_digest))
+}
+
+pub fn run_profile(args: ProfileArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        ProfileCommand::Push {
+            image,
+            profile,
+            registry,
+        } => {
+            let mut parsed = read_profile(&profile)?;
+            let (client, image_ref, subject, bootstrap_digest) = resolve(&image, &registry)?;
+            match (&parsed.image, &bootstrap_digest) {
+                (Some(recorded), Some(actual)) if recorded != actual => {
+                    bail!(
+                        "{} was recorded on another image (bootstrap {recorded}, this one is {actual})",
+                        profile.display()
+                    )
+                }
+                (None, Some(actual)) => parsed.image = Some(actual.clone()),
+                _ => {}
+            }
+            let content = serde_json::to_vec(&parsed)?;
+            let annotations = [(ANNOTATION_CREATED.to_string(), now_rfc3339())].into();
+            let digest = client.push_referrer(
+                &image_ref.repository,
+                &subject,
+                PROFILE_ARTIFACT_TYPE,
+                &content,
+                annotations,
+            )?;
+            println!("{digest}");
+            eprintln!(
+                "published a profile of {} files for {}@{}",
+                parsed.entries.len(),
+                image_ref.repository,
+                subject.digest
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ProfileCommand::Pull {
+            image,
+            output,
+            registry,
+        } => {
+            let (client, image_ref, subject, _) = resolve(&image, &registry)?;
+            let Some(found) = client.newest_referrer(&image_ref.repository, &subject.digest, PROFILE_ARTIFACT_TYPE)?
+            else {
+                eprintln!("no profile is published for {image}");
+                return Ok(ExitCode::from(1));
+            };
+            let (_, content) = client.artifact_content(
+                &image_ref.repository,
+                &found.digest,
+                petrel_fuse_daemon::profile_prefetch::MAX_PROFILE_BYTES,
+            )?;
+            let parsed = petrel_format::profile::Profile::parse(&content)
+                .map_err(|e| anyhow::anyhow!("profile {}: {e}", found.digest))?;
+            let text = serde_json::to_string_pretty(&parsed)?;
+            match output {
+                Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let now = super::now_rfc3339();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(
+            now.starts_with("20") && now.ends_with('Z') && now.as_bytes()[10] == b'T',
+            "{now}"
+        );
+    }
+}
