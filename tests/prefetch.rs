@@ -226,6 +226,69 @@ fn prefetch_streams_while_on_demand_reads_go_past_it() {
     );
 }
 
+/// Chunks are handed to their readers as their bytes arrive: a reader of a chunk in
+/// the first half of a large prefetch request is served while the second half is
+/// still held back by the registry, without a request of its own.
+#[test]
+fn a_reader_of_the_first_chunks_of_a_prefetch_request_does_not_wait_for_the_rest() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let (reference, files) = region_image(&registry, work.path());
+    let proxy = FaultProxy::start(&registry.addr);
+    // The bootstrap download passes; the next blob request is the prefetch (f0, f1).
+    proxy.plan(&[Fault::Pass, Fault::HoldSecondHalf]);
+    let cache = work.path().join("cache");
+    let mount = MountProcess::start(
+        &format!("docker://{}/{reference}", proxy.addr),
+        &work.path().join("mnt"),
+        &cache,
+        &[
+            "--prefetch-mode",
+            "table",
+            "--prefetch-parallel",
+            "1",
+            "--prefetch-request-bytes",
+            "16777216",
+            "--amplify-bytes",
+            "0",
+            "--no-passthrough",
+            "--no-profile-lookup",
+        ],
+    );
+    let started = Instant::now();
+    while proxy.state.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the prefetch request never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let runtime = cache.with_extension("run");
+    let before = stats(&mount.mountpoint, &runtime);
+    let path = mount.mountpoint.join(&files[0].0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 4096).unwrap();
+        let _ = tx.send(buf);
+    });
+    let served = rx.recv_timeout(Duration::from_secs(15));
+    let still_held = proxy.state.held.load(Ordering::SeqCst);
+    proxy.state.release.store(true, Ordering::SeqCst);
+    let buf = served.expect("the read was served while the rest of the request was held");
+    assert_eq!(still_held, 1, "the second half was still held back");
+    assert!(buf[..] == files[0].1[4096..8192]);
+    let after = stats(&mount.mountpoint, &runtime);
+    assert_eq!(
+        after["backend_requests"], before["backend_requests"],
+        "served from the prefetch request, not a request of its own: {after}"
+    );
+}
+
 #[test]
 fn kill_9_during_prefetch_loses_nothing_and_the_next_run_continues() {
     if !fuse_available() {

@@ -14,6 +14,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// exactly `len` bytes or an error.
     fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>>;
 
+    /// `read_range`, handing the bytes to `sink` in order as they arrive (every byte
+    /// once), so the first chunks of a large request can be served before the rest
+    /// is in. By default the whole range at once.
+    fn stream_range(
+        &self,
+        digest: &[u8; 32],
+        offset: u64,
+        len: u64,
+        purpose: ReadPurpose,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> std::io::Result<()> {
+        let bytes = self.read_range(digest, offset, len, purpose)?;
+        if bytes.len() as u64 != len {
+            return Err(std::io::Error::other(format!("got {} of {len} bytes", bytes.len())));
+        }
+        sink(&bytes);
+        Ok(())
+    }
+
     /// A short description for logs (`local:/path`, `registry:host/repo`).
     fn describe(&self) -> String;
 }

@@ -27,6 +27,8 @@ pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// what its chunks decode to (always at least one chunk, at most
 /// `petrel_format::chunker::MAX_CHUNK_SIZE`).
 pub const MAX_REQUEST_DECODED_BYTES: u64 = 64 << 20;
+/// How long an open waits for a file's fetched chunks to be stored (`Fetcher::settle`).
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most decoded bytes a daemon's fetches hold at once; further fetches wait.
 pub const MAX_DAEMON_DECODED_BYTES: u64 = 256 << 20;
 
@@ -163,6 +165,37 @@ impl Fetcher {
             SegmentSource::Hole => true,
             SegmentSource::Chunk { index, .. } => self.cache.is_ready(index),
         })
+    }
+
+    /// Waits (at most `SETTLE_WAIT`) while chunks of `segments` that were fetched are
+    /// still being stored, so a file just read whole is found cached at its next open
+    /// (and opened by passthrough). Returns at once when a chunk is neither cached nor
+    /// fetched yet: the file is not cached either way.
+    pub fn settle(&self, segments: &[FileSegment]) {
+        let deadline = std::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            let mut storing = false;
+            {
+                let in_flight = self.in_flight.lock().expect("in-flight lock");
+                for segment in segments {
+                    let SegmentSource::Chunk { index, .. } = segment.source else {
+                        continue;
+                    };
+                    match in_flight.get(&index) {
+                        Some(flight) if matches!(*flight.outcome.lock().expect("flight lock"), Some(Ok(_))) => {
+                            storing = true
+                        }
+                        Some(_) => return,
+                        None if self.cache.is_ready(index) => {}
+                        None => return,
+                    }
+                }
+            }
+            if !storing || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// The bytes of `segments` (one read's worth): cached chunks read from the cache,
@@ -352,17 +385,22 @@ impl Fetcher {
         }
     }
 
-    /// Fetches the planned chunks with one range request, verifies them, publishes
-    /// each chunk's outcome to its waiting readers, then caches them.
+    /// Fetches the planned chunks with one range request and publishes each chunk's
+    /// outcome to its waiting readers as soon as its bytes are in and verified (a
+    /// reader of the first chunk of a large request does not wait for the rest),
+    /// then caches them.
     fn fetch(&self, flights: &[(ChunkInfo, Arc<Flight>)], purpose: ReadPurpose) {
         let decoded: u64 = flights.iter().map(|(c, _)| u64::from(c.uncompressed_size)).sum();
         let _held = self.decoded.take(decoded);
-        let outcomes = self.fetch_and_verify(flights.iter().map(|(c, _)| *c).collect(), purpose);
+        let chunks: Vec<ChunkInfo> = flights.iter().map(|(c, _)| *c).collect();
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(flights.len());
         // Readers wait for the network, not the disk: they get the verified bytes now.
-        for ((_, flight), outcome) in flights.iter().zip(&outcomes) {
+        self.fetch_and_verify(&chunks, purpose, &mut |outcome| {
+            let (_, flight) = &flights[outcomes.len()];
             *flight.outcome.lock().expect("flight lock") = Some(outcome.clone());
             flight.done.notify_all();
-        }
+            outcomes.push(outcome);
+        });
         // Then the chunks are made durable. The flights stay registered until they
         // are, so a reader arriving meanwhile takes the bytes from its flight rather
         // than fetching them again.
@@ -381,7 +419,9 @@ impl Fetcher {
         }
     }
 
-    fn fetch_and_verify(&self, chunks: Vec<ChunkInfo>, purpose: ReadPurpose) -> Vec<Outcome> {
+    /// Reads `chunks` (contiguous in one blob) with one request and hands `publish`
+    /// one outcome per chunk, in order, each as soon as it can be decided.
+    fn fetch_and_verify(&self, chunks: &[ChunkInfo], purpose: ReadPurpose, publish: &mut dyn FnMut(Outcome)) {
         let bootstrap = self.image.bootstrap();
         let first = chunks[0];
         let last = chunks[chunks.len() - 1];
@@ -391,7 +431,8 @@ impl Fetcher {
             Ok(blob) => blob,
             Err(e) => {
                 let e = Arc::new(DaemonError::from(e));
-                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
+                chunks.iter().for_each(|_| publish(Err(Arc::clone(&e))));
+                return;
             }
         };
         self.stats.backend_requests.fetch_add(1, Relaxed);
@@ -403,57 +444,58 @@ impl Fetcher {
             ?purpose,
             "fetching"
         );
-        let bytes = match self.backend.read_range(&blob.digest, start, end - start, purpose) {
-            Ok(bytes) if bytes.len() as u64 == end - start => bytes,
-            Ok(bytes) => {
-                self.stats.backend_errors.fetch_add(1, Relaxed);
-                let e = Arc::new(DaemonError::Backend {
-                    blob: blob.oci_digest(),
-                    offset: start,
-                    end,
-                    source: std::io::Error::other(format!("got {} bytes", bytes.len())),
-                });
-                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
-            }
-            Err(source) => {
-                self.stats.backend_errors.fetch_add(1, Relaxed);
-                tracing::warn!(blob = %blob.oci_digest(), start, end, error = %source, "backend read failed");
-                let e = Arc::new(DaemonError::Backend {
-                    blob: blob.oci_digest(),
-                    offset: start,
-                    end,
-                    source,
-                });
-                return chunks.iter().map(|_| Err(Arc::clone(&e))).collect();
-            }
-        };
-        self.stats.backend_bytes.fetch_add(bytes.len() as u64, Relaxed);
-        let mut outcomes = Vec::with_capacity(chunks.len());
+        let mut received: Vec<u8> = Vec::with_capacity((end - start) as usize);
+        let mut published = 0usize;
         let mut verified = 0u64;
-        for chunk in &chunks {
-            let at = (chunk.compressed_offset - start) as usize;
-            let stored = &bytes[at..at + chunk.compressed_size as usize];
-            match decode_chunk(chunk, stored) {
-                Ok(plain) => {
-                    verified += 1;
-                    outcomes.push(Ok(Arc::new(plain)));
-                }
-                Err(source) => {
-                    self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
-                    let e = DaemonError::BadChunk {
-                        image: self.image.name().to_string(),
-                        blob: blob.oci_digest(),
-                        chunk: chunk.index,
-                        offset: chunk.compressed_offset,
-                        source,
+        let result = self
+            .backend
+            .stream_range(&blob.digest, start, end - start, purpose, &mut |piece| {
+                received.extend_from_slice(piece);
+                while let Some(chunk) = chunks.get(published) {
+                    let at = (chunk.compressed_offset - start) as usize;
+                    let Some(stored) = received.get(at..at + chunk.compressed_size as usize) else {
+                        break;
                     };
-                    tracing::error!("{e}: {}", e.source_text());
-                    outcomes.push(Err(Arc::new(e)));
+                    published += 1;
+                    match decode_chunk(chunk, stored) {
+                        Ok(plain) => {
+                            verified += 1;
+                            publish(Ok(Arc::new(plain)));
+                        }
+                        Err(source) => {
+                            self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
+                            let e = DaemonError::BadChunk {
+                                image: self.image.name().to_string(),
+                                blob: blob.oci_digest(),
+                                chunk: chunk.index,
+                                offset: chunk.compressed_offset,
+                                source,
+                            };
+                            tracing::error!("{e}: {}", e.source_text());
+                            publish(Err(Arc::new(e)));
+                        }
+                    }
                 }
-            }
-        }
+            });
+        self.stats.backend_bytes.fetch_add(received.len() as u64, Relaxed);
         self.stats.chunks_fetched.fetch_add(verified, Relaxed);
-        outcomes
+        if published == chunks.len() {
+            return;
+        }
+        // The read failed (or came up short) before these chunks were in.
+        self.stats.backend_errors.fetch_add(1, Relaxed);
+        let source = match result {
+            Ok(()) => std::io::Error::other(format!("got {} of {} bytes", received.len(), end - start)),
+            Err(source) => source,
+        };
+        tracing::warn!(blob = %blob.oci_digest(), start, end, error = %source, "backend read failed");
+        let e = Arc::new(DaemonError::Backend {
+            blob: blob.oci_digest(),
+            offset: start,
+            end,
+            source,
+        });
+        chunks[published..].iter().for_each(|_| publish(Err(Arc::clone(&e))));
     }
 }
 

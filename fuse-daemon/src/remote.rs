@@ -32,6 +32,14 @@ impl RegistryBackend {
     }
 }
 
+/// Readers take the fastest source now; background work may wait for a mirror.
+fn patience(purpose: crate::backend::ReadPurpose) -> petrel_registry::client::MirrorPatience {
+    match purpose {
+        crate::backend::ReadPurpose::Reader => petrel_registry::client::MirrorPatience::None,
+        crate::backend::ReadPurpose::Background => petrel_registry::client::MirrorPatience::WaitWhileItFills,
+    }
+}
+
 impl Backend for RegistryBackend {
     fn read_range(
         &self,
@@ -41,12 +49,22 @@ impl Backend for RegistryBackend {
         purpose: crate::backend::ReadPurpose,
     ) -> std::io::Result<Vec<u8>> {
         let digest = format!("sha256:{}", hex::encode(digest));
-        let patience = match purpose {
-            crate::backend::ReadPurpose::Reader => petrel_registry::client::MirrorPatience::None,
-            crate::backend::ReadPurpose::Background => petrel_registry::client::MirrorPatience::WaitWhileItFills,
-        };
         self.client
-            .get_blob_range_with(&self.repository, &digest, offset, len, patience)
+            .get_blob_range_with(&self.repository, &digest, offset, len, patience(purpose))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn stream_range(
+        &self,
+        digest: &[u8; 32],
+        offset: u64,
+        len: u64,
+        purpose: crate::backend::ReadPurpose,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> std::io::Result<()> {
+        let digest = format!("sha256:{}", hex::encode(digest));
+        self.client
+            .stream_blob_range(&self.repository, &digest, offset, len, patience(purpose), sink)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
 

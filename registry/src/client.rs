@@ -713,8 +713,27 @@ impl RegistryClient {
         len: u64,
         patience: MirrorPatience,
     ) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
+        self.stream_blob_range(repository, digest, offset, len, patience, &mut |piece| {
+            out.extend_from_slice(piece)
+        })?;
+        Ok(out)
+    }
+
+    /// Exactly `len` bytes at `offset` of a blob, handed to `sink` piece by piece as
+    /// they arrive (a reader waiting for the first chunk of a large request gets it
+    /// without waiting for the rest). A body cut short is resumed where it stopped
+    /// within the retry budget, so `sink` sees every byte once, in order.
+    pub fn stream_blob_range(
+        &self,
+        repository: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        patience: MirrorPatience,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
         let path = format!("/v2/{repository}/blobs/{digest}");
-        let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
         // One deadline for the whole read, its retries and every body byte included.
         let deadline = read_deadline(&self.retry, len);
         let mut attempts = Attempts::until(self.retry, deadline);
@@ -724,8 +743,11 @@ impl RegistryClient {
         });
         // Once only: if the registry fails, the mirror's whole blob is read after all.
         let mut passed_over_a_whole_blob = false;
+        let mut delivered = 0u64;
         loop {
             attempts.made += 1;
+            let (from, left) = (offset + delivered, len - delivered);
+            let range = format!("bytes={}-{}", from, from + left.max(1) - 1);
             let response = self.get_from_any_of_blob(
                 &path,
                 Some(digest),
@@ -744,26 +766,34 @@ impl RegistryClient {
                     // Dropping this stream stops the mirror's extra copy from the origin.
                     // A patient read waits for the mirror's own copy; any other read
                     // goes to the origin when it would skip more than it reads.
-                    if patient || (offset > len && !std::mem::replace(&mut passed_over_a_whole_blob, true)) {
+                    if patient || (from > left && !std::mem::replace(&mut passed_over_a_whole_blob, true)) {
                         attempts.made -= 1;
                         continue;
                     }
                 }
             }
-            let skip = if whole { offset } else { 0 };
+            let skip = if whole { from } else { 0 };
             let mut body = DeadlineReader {
                 inner: response,
                 deadline: attempts.deadline(),
             };
-            let result = (|| -> std::io::Result<Vec<u8>> {
+            let result = (|| -> std::io::Result<()> {
                 std::io::copy(&mut (&mut body).take(skip), &mut std::io::sink())?;
-                let mut out = Vec::with_capacity(len as usize);
-                (&mut body).take(len).read_to_end(&mut out)?;
-                Ok(out)
+                let mut buffer = vec![0u8; (left as usize).clamp(1, 256 << 10)];
+                while delivered < len {
+                    let want = buffer.len().min((len - delivered) as usize);
+                    let n = body.read(&mut buffer[..want])?;
+                    if n == 0 {
+                        break;
+                    }
+                    sink(&buffer[..n]);
+                    delivered += n as u64;
+                }
+                Ok(())
             })();
             let last = match result {
-                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
-                Ok(bytes) => format!("body ended after {} of {len} bytes", bytes.len()),
+                Ok(()) if delivered == len => return Ok(()),
+                Ok(()) => format!("body ended after {delivered} of {len} bytes"),
                 Err(e) => e.to_string(),
             };
             if !attempts.wait_before_retry(None) {

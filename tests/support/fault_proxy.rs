@@ -22,6 +22,9 @@ pub enum Fault {
     CorruptBody,
     /// Held until `FaultState::release` is set.
     Hold,
+    /// Headers and the first half of the body at once, the rest once
+    /// `FaultState::release` is set (a large answer still arriving).
+    HoldSecondHalf,
     /// Passes unchanged (to aim a later fault).
     Pass,
 }
@@ -182,6 +185,17 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
             let keep = header_end + (response.len() - header_end) / 2;
             client.write_all(&response[..keep])?;
             return Ok(());
+        }
+        Some(Fault::HoldSecondHalf) => {
+            let half = header_end + (response.len() - header_end) / 2;
+            client.write_all(&response[..half])?;
+            client.flush()?;
+            state.held.fetch_add(1, Ordering::SeqCst);
+            while !state.release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            state.held.fetch_sub(1, Ordering::SeqCst);
+            return client.write_all(&response[half..]);
         }
         Some(Fault::Slow(delay)) => std::thread::sleep(delay),
         Some(Fault::Trickle(delay)) => {
