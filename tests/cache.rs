@@ -61,6 +61,21 @@ fn two_images_sharing_chunks_fetch_each_shared_chunk_once() {
     for (path, data) in &a_files {
         assert_eq!(&std::fs::read(mount_a.mountpoint.join(path)).unwrap(), data);
     }
+    // A's reads were answered before its chunks were stored: wait until they are.
+    let started = std::time::Instant::now();
+    loop {
+        let out = petrel()
+            .args(["cache", "ls", "--json", "--cache-dir"])
+            .arg(&cache)
+            .output()
+            .unwrap();
+        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if listing["chunks"].as_u64().unwrap_or(0) >= a_chunks.len() as u64 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{listing}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     for (path, data) in &b_files {
         assert_eq!(&std::fs::read(mount_b.mountpoint.join(path)).unwrap(), data);
     }
@@ -190,8 +205,19 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
             .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
             .unwrap_or(0)
     };
-    // The reads above found every chunk cached, so (with kernel passthrough) their
-    // files were materialized.
+    // Read again: every chunk is cached now, so (with kernel passthrough) the files
+    // are materialized.
+    {
+        let mount = MountProcess::start(
+            image.to_str().unwrap(),
+            &work.path().join("mnt"),
+            &cache,
+            &["--prefetch", "off"],
+        );
+        for (path, data) in &files {
+            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+        }
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut version = release.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
     let passthrough_kernel = (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 9);

@@ -646,7 +646,7 @@ fn the_snapshotters_registry_and_daemon_settings_reach_its_daemons() {
     );
     assert!(out.status.success(), "{}", text(&out));
     // Eviction runs in the background once a put crosses the bound.
-    let chunks = containerd.snapshotter_root().join("cache/chunks");
+    let chunks = containerd.snapshotter_root().join("cache/packs");
     let started = std::time::Instant::now();
     let mut cached = u64::MAX;
     while started.elapsed() < std::time::Duration::from_secs(20) {

@@ -104,7 +104,7 @@ fn a_host_user_cannot_read_the_snapshotter_state_nor_run_a_containers_setuid_fil
         "mounts",
         "run",
         "cache",
-        "cache/chunks",
+        "cache/packs",
         "cache/bootstraps",
     ] {
         let mode = std::fs::metadata(root.join(dir)).unwrap().permissions().mode() & 0o777;

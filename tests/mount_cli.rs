@@ -383,7 +383,7 @@ fn a_daemon_keeps_every_option_it_was_given() {
         assert_eq!(std::fs::read(setup.mountpoint.join(&name)).unwrap(), data);
         read += data.len();
     }
-    let cached: u64 = walk_sizes(&setup.dir.path().join("cache/chunks"));
+    let cached: u64 = walk_sizes(&setup.dir.path().join("cache/packs"));
     assert!(
         cached < 10_000_000,
         "the 3 MB cache bound holds: {cached} bytes cached after reading {read}"
@@ -555,14 +555,15 @@ fn rotten_cache_bytes_are_found_and_never_served() {
     for file in &materialized {
         flip(file, data.len() as u64 / 2);
     }
-    let mut chunk_files = Vec::new();
-    for shard in std::fs::read_dir(cache.join("chunks")).unwrap().flatten() {
-        if shard.file_name().len() == 2 {
-            chunk_files.extend(std::fs::read_dir(shard.path()).unwrap().flatten().map(|e| e.path()));
-        }
-    }
-    chunk_files.sort();
-    flip(&chunk_files[0], 0);
+    // The first byte of a pack is the first byte of the first chunk stored in it.
+    let mut packs: Vec<_> = std::fs::read_dir(cache.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack") && p.metadata().unwrap().len() > 0)
+        .collect();
+    packs.sort();
+    flip(&packs[0], 0);
     let (code, report) = verify(false);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["chunks_bad"], 1, "{report}");

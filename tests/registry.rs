@@ -467,7 +467,8 @@ fn a_dead_mirror_costs_one_failure_and_is_used_again_once_it_heals() {
     while mirror.state.forwarded.load(SeqCst) == forwarded {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(60),
-            "no probe found the mirror back"
+            "no probe found the mirror back: {}",
+            std::fs::read_to_string(work.path().join("cache.log")).unwrap_or_default()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

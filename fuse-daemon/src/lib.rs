@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod pack;
 pub mod passthrough;
 pub mod prefetch;
 pub mod profile_prefetch;

@@ -1,39 +1,46 @@
-//! The node-wide chunk store: verified plain chunk bytes, one file per blake3
-//! digest under `<cache>/chunks/ab/cdef…`, shared by every image and daemon on the
-//! node, so a chunk is stored and fetched once whichever image asks for it.
+//! The node-wide chunk store: verified plain chunk bytes by BLAKE3 digest, shared
+//! by every image and daemon on the node, so a chunk is stored and fetched once
+//! whichever image asks for it.
 //!
-//! Crash safety: a chunk file is written to a temporary name, `fdatasync`ed (a
-//! batch in parallel, so the journal commits it at once) and
-//! renamed into place, so a file under its digest always holds complete bytes that
-//! passed verification; a kill -9 at any point leaves at worst a stray temporary
-//! file (removed by GC). Eviction (`gc`) only unlinks files: a reader that already
-//! opened one finishes its read, and a reader that finds it gone fetches again.
-//! Recency is the file's mtime, refreshed at most once a minute per chunk.
+//! Chunks live in append-only pack files under `<cache>/packs/` (`crate::pack`):
+//! each process appends to packs of its own and makes a stored batch durable with
+//! one `fdatasync` before its index records are written, so a crash leaves at worst
+//! bytes no record names. Which chunks are stored is answered from memory, loaded
+//! from the index files at open and refreshed from them (other processes' packs)
+//! when a chunk is not found (at most every 50 ms) and every 2 s in the background:
+//! never by a `stat` per chunk.
+//!
+//! Eviction (`gc`) removes whole packs, least recently used first (a pack's mtime,
+//! refreshed by reads at most once a minute), after copying the chunks that live
+//! mounts pin into a new pack; it runs on a thread of its own, never on a reader's.
+//! A daemon that still reads a removed pack keeps its open file until it notices,
+//! then fetches again. A cache directory of the first layout (one file per chunk
+//! under `chunks/`) is discarded when a store opens: its chunks are fetched again.
 
 use crate::error::{DaemonError, Result};
+use crate::pack::{index_file_name, new_pack_id, pack_file_name, parse_file_name, Entry, RECORD_BYTES};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// How often one chunk's recency is refreshed at most.
+/// How often one pack's recency is refreshed at most.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The store; cheap to share.
-#[derive(Debug)]
-pub struct ChunkStore {
-    root: PathBuf,
-    /// Size bound (bytes of chunk files); none: unbounded.
-    max_bytes: Option<u64>,
-    /// Approximate bytes stored (exact after a scan or GC).
-    approx_bytes: AtomicU64,
-    touched: Mutex<(Instant, HashSet<[u8; 32]>)>,
-    gc_running: AtomicBool,
-}
+/// How often a missing chunk makes the store look for other processes' new chunks
+/// (a directory listing and a `stat` per index file).
+const REFRESH_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a store looks for packs other processes removed, reads or not.
+const BACKGROUND_REFRESH: Duration = Duration::from_secs(2);
+/// A pack is closed and a new one started beyond this size (smaller under a small
+/// cache bound, so eviction stays fine-grained: an eighth of the bound).
+const PACK_BYTES: u64 = 256 << 20;
+const MIN_PACK_BYTES: u64 = 64 << 10;
+/// The largest chunk hashed by `verify` (a chunk's plain size is bounded by the format).
+const MAX_CHUNK_BYTES: u32 = 64 << 20;
 
 /// What a GC pass did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -45,10 +52,78 @@ pub struct GcReport {
     pub pinned_kept: u64,
     /// Materialized files (passthrough backing files) removed; they go first.
     pub files_removed: u64,
+    /// Packs removed.
+    pub packs_removed: u64,
 }
 
-fn hex_name(digest: &[u8; 32]) -> String {
-    hex::encode(digest)
+/// Where a chunk's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    pack: u64,
+    offset: u64,
+    length: u32,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    chunks: HashMap<[u8; 32], Location>,
+    /// Per pack: bytes of its index file applied so far.
+    applied: HashMap<u64, u64>,
+    /// Chunks removed by a tombstone, whichever index file is read first.
+    dead: HashSet<(u64, u64)>,
+}
+
+impl Index {
+    fn apply(&mut self, entry: Entry) {
+        let location = Location {
+            pack: entry.pack,
+            offset: entry.offset,
+            length: entry.length,
+        };
+        if entry.tombstone {
+            self.dead.insert((entry.pack, entry.offset));
+            if self.chunks.get(&entry.digest) == Some(&location) {
+                self.chunks.remove(&entry.digest);
+            }
+        } else if !self.dead.contains(&(entry.pack, entry.offset)) {
+            self.chunks.entry(entry.digest).or_insert(location);
+        }
+    }
+
+    fn forget_pack(&mut self, pack: u64) {
+        self.chunks.retain(|_, l| l.pack != pack);
+        self.applied.remove(&pack);
+        self.dead.retain(|(p, _)| *p != pack);
+    }
+}
+
+/// This process's open pack.
+#[derive(Debug)]
+struct Writer {
+    id: u64,
+    pack: Arc<File>,
+    index: Arc<Mutex<File>>,
+    /// Bytes reserved so far.
+    cursor: u64,
+}
+
+/// The store; cheap to share.
+#[derive(Debug)]
+pub struct ChunkStore {
+    root: PathBuf,
+    /// Size bound (bytes of packs and materialized files); none: unbounded.
+    max_bytes: Option<u64>,
+    /// Approximate bytes stored (exact after a scan or GC).
+    approx_bytes: AtomicU64,
+    index: RwLock<Index>,
+    writer: Mutex<Option<Writer>>,
+    /// Packs open for reading.
+    open_packs: Mutex<HashMap<u64, Arc<File>>>,
+    /// Packs this process created: their records are applied as they are written.
+    own_packs: Mutex<HashSet<u64>>,
+    touched: Mutex<(Instant, HashSet<u64>)>,
+    last_refresh: Mutex<Option<Instant>>,
+    gc_running: AtomicBool,
 }
 
 /// Creates the node cache directory `cache_dir` (and its parents) and makes it private
@@ -70,141 +145,459 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(DaemonError::io("chmod", dir))
 }
 
+/// Discards a chunk cache of the first layout (`<cache>/chunks/`, one file per chunk)
+/// on a background thread: the store does not read it, its chunks are fetched again.
+fn discard_first_layout(cache_dir: &Path) {
+    let old = cache_dir.join("chunks");
+    if !old.is_dir() {
+        return;
+    }
+    // Renamed first, so no other store sees half of it and two do not both remove it.
+    let doomed = cache_dir.join(format!("chunks.discarded.{}", std::process::id()));
+    if std::fs::rename(&old, &doomed).is_err() {
+        return;
+    }
+    tracing::warn!(
+        dir = %old.display(),
+        "discarding a chunk cache of petrel's first layout (one file per chunk); its chunks are fetched again as they are read"
+    );
+    let _ = std::thread::Builder::new()
+        .name("petrel-cache-discard".into())
+        .spawn(move || {
+            let _ = std::fs::remove_dir_all(&doomed);
+        });
+}
+
 impl ChunkStore {
-    /// Opens the store under `cache_dir/chunks` (creating it, private: `create_cache_dir`).
+    /// Opens the store under `cache_dir/packs` (creating it, private: `create_cache_dir`).
     pub fn open(cache_dir: &Path, max_bytes: Option<u64>) -> Result<Arc<Self>> {
         create_cache_dir(cache_dir)?;
-        let root = cache_dir.join("chunks");
-        create_private_dir(&root.join("tmp"))?;
+        discard_first_layout(cache_dir);
+        let root = cache_dir.join("packs");
         create_private_dir(&root)?;
-        let store = ChunkStore {
+        let store = Arc::new(ChunkStore {
             root,
             max_bytes,
             approx_bytes: AtomicU64::new(0),
+            index: RwLock::new(Index::default()),
+            writer: Mutex::new(None),
+            open_packs: Mutex::new(HashMap::new()),
+            own_packs: Mutex::new(HashSet::new()),
             touched: Mutex::new((Instant::now(), HashSet::new())),
+            last_refresh: Mutex::new(None),
             gc_running: AtomicBool::new(false),
-        };
-        let store = Arc::new(store);
+        });
+        store.refresh();
+        // Packs other processes evicted are let go of (their space freed) even when
+        // nothing reads them again.
+        let weak = Arc::downgrade(&store);
+        let _ = std::thread::Builder::new()
+            .name("petrel-cache-refresh".into())
+            .spawn(move || loop {
+                std::thread::sleep(BACKGROUND_REFRESH);
+                match weak.upgrade() {
+                    Some(store) => store.refresh(),
+                    None => return,
+                }
+            });
         if max_bytes.is_some() {
-            // The first measure of the cache scans every chunk file: in the
-            // background, so a mount never waits for it (puts meanwhile add up on top).
-            let weak = Arc::downgrade(&store);
-            let _ = std::thread::Builder::new()
-                .name("petrel-cache-usage".into())
-                .spawn(move || {
-                    let Some(store) = weak.upgrade() else { return };
-                    let (_, bytes) = store.usage();
-                    let total = store.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                    if store.max_bytes.is_some_and(|max| total > max) {
-                        store.gc_in_background();
-                    }
-                });
+            let (_, bytes) = store.usage();
+            let total = store.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            if store.max_bytes.is_some_and(|max| total > max) {
+                store.gc_in_background();
+            }
         }
         Ok(store)
     }
 
+    /// The packs directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
-        let name = hex_name(digest);
-        self.root.join(&name[..2]).join(&name[2..])
+    fn pack_path(&self, pack: u64) -> PathBuf {
+        self.root.join(pack_file_name(pack))
     }
 
+    fn index_path(&self, pack: u64) -> PathBuf {
+        self.root.join(index_file_name(pack))
+    }
+
+    /// Applies what other processes added to the index files since the last look,
+    /// and forgets packs that were removed.
+    pub fn refresh(&self) {
+        // One refresh at a time: each applies index bytes from where the last stopped.
+        let mut last = self.last_refresh.lock().expect("refresh lock");
+        *last = Some(Instant::now());
+        let mut present = HashSet::new();
+        let mut grown: Vec<(u64, Vec<u8>)> = Vec::new();
+        let applied: HashMap<u64, u64> = self.index.read().expect("index lock").applied.clone();
+        let own = self.own_packs.lock().expect("own packs lock").clone();
+        for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let Some((pack, true)) = parse_file_name(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            present.insert(pack);
+            if own.contains(&pack) {
+                continue;
+            }
+            let done = applied.get(&pack).copied().unwrap_or(0);
+            let Ok(file) = File::open(entry.path()) else { continue };
+            let Ok(len) = file.metadata().map(|m| m.len()) else {
+                continue;
+            };
+            let whole = len - len % RECORD_BYTES as u64;
+            if whole <= done {
+                continue;
+            }
+            let mut bytes = vec![0u8; (whole - done) as usize];
+            if file.read_exact_at(&mut bytes, done).is_ok() {
+                grown.push((pack, bytes));
+            }
+        }
+        let mut index = self.index.write().expect("index lock");
+        let known = index.applied.keys().chain(own.iter());
+        let gone: Vec<u64> = known.filter(|p| !present.contains(p)).copied().collect();
+        for pack in gone {
+            index.forget_pack(pack);
+            self.open_packs.lock().expect("packs lock").remove(&pack);
+            self.own_packs.lock().expect("own packs lock").remove(&pack);
+        }
+        for (pack, bytes) in grown {
+            let start = index.applied.get(&pack).copied().unwrap_or(0);
+            for record in bytes.chunks_exact(RECORD_BYTES) {
+                if let Some(entry) = Entry::decode(record) {
+                    index.apply(entry);
+                }
+            }
+            index.applied.insert(pack, start + bytes.len() as u64);
+        }
+        drop(last);
+    }
+
+    /// Forgets a pack that is gone and closes it.
+    fn forget_pack(&self, pack: u64) {
+        self.index.write().expect("index lock").forget_pack(pack);
+        self.open_packs.lock().expect("packs lock").remove(&pack);
+        self.own_packs.lock().expect("own packs lock").remove(&pack);
+    }
+
+    fn location(&self, digest: &[u8; 32]) -> Option<Location> {
+        if let Some(found) = self.index.read().expect("index lock").chunks.get(digest) {
+            return Some(*found);
+        }
+        // Maybe another process stored it since: look again, at most every
+        // REFRESH_INTERVAL (a refresh under way is waited for).
+        let due = self
+            .last_refresh
+            .lock()
+            .expect("refresh lock")
+            .is_none_or(|at| at.elapsed() >= REFRESH_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.refresh();
+        self.index.read().expect("index lock").chunks.get(digest).copied()
+    }
+
+    /// Whether chunk `digest` is stored.
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.path(digest).exists()
+        self.location(digest).is_some()
     }
 
-    /// Whether the stored chunk's bytes hash to `digest` (false when they do not;
-    /// `NotFound` when it is not stored). Reads at most `MAX_CHUNK_FILE` bytes.
-    pub fn verify(&self, digest: &[u8; 32]) -> std::io::Result<bool> {
-        verify_chunk_file(&self.path(digest), digest)
+    /// The pack file and offset holding chunk `digest` (for checks and tests).
+    pub fn chunk_location(&self, digest: &[u8; 32]) -> Option<(PathBuf, u64, u32)> {
+        self.location(digest)
+            .map(|l| (self.pack_path(l.pack), l.offset, l.length))
+    }
+
+    fn pack_file(&self, pack: u64) -> std::io::Result<Arc<File>> {
+        let mut open = self.open_packs.lock().expect("packs lock");
+        if let Some(file) = open.get(&pack) {
+            return Ok(Arc::clone(file));
+        }
+        let file = Arc::new(File::open(self.pack_path(pack))?);
+        open.insert(pack, Arc::clone(&file));
+        Ok(file)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of a stored chunk without refreshing its
+    /// recency (checks must not make a chunk look used). `NotFound` when it was
+    /// never stored or was evicted.
+    pub fn read_quietly(&self, digest: &[u8; 32], offset: u32, buf: &mut [u8]) -> std::io::Result<()> {
+        self.read_at(digest, offset, buf).map(|_| ())
+    }
+
+    fn read_at(&self, digest: &[u8; 32], offset: u32, buf: &mut [u8]) -> std::io::Result<Location> {
+        let not_found = || std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not stored");
+        let location = self.location(digest).ok_or_else(not_found)?;
+        if u64::from(offset) + buf.len() as u64 > u64::from(location.length) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "read past the end of a chunk",
+            ));
+        }
+        let file = match self.pack_file(location.pack) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget_pack(location.pack);
+                return Err(not_found());
+            }
+            Err(e) => return Err(e),
+        };
+        file.read_exact_at(buf, location.offset + u64::from(offset))?;
+        // Evicted by another process meanwhile (the open file still reads): from now
+        // on the chunk is fetched again, and the pack's space is let go.
+        if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 0 {
+            self.forget_pack(location.pack);
+            return Err(not_found());
+        }
+        Ok(location)
     }
 
     /// Reads `buf.len()` bytes at `offset` of a stored chunk. `NotFound` when it was
     /// never stored or was evicted.
     pub fn read(&self, digest: &[u8; 32], offset: u32, buf: &mut [u8]) -> std::io::Result<()> {
-        let file = File::open(self.path(digest))?;
-        file.read_exact_at(buf, u64::from(offset))?;
-        self.touch(digest, &file);
+        let location = self.read_at(digest, offset, buf)?;
+        self.touch(location.pack);
         Ok(())
     }
 
-    fn touch(&self, digest: &[u8; 32], file: &File) {
+    fn touch(&self, pack: u64) {
         let mut touched = self.touched.lock().expect("touch lock");
         if touched.0.elapsed() > TOUCH_INTERVAL {
             *touched = (Instant::now(), HashSet::new());
         }
-        if touched.1.insert(*digest) {
-            let _ = file.set_modified(SystemTime::now());
+        if touched.1.insert(pack) {
+            if let Ok(file) = self.pack_file(pack) {
+                let _ = file.set_modified(SystemTime::now());
+            }
         }
     }
 
-    /// Stores verified chunks durably (temporary file, fdatasync, rename).
+    /// Whether the stored chunk's bytes hash to `digest` (false when they do not;
+    /// `NotFound` when it is not stored).
+    pub fn verify(&self, digest: &[u8; 32]) -> std::io::Result<bool> {
+        let location = self
+            .location(digest)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not stored"))?;
+        if location.length > MAX_CHUNK_BYTES {
+            return Ok(false);
+        }
+        let mut bytes = vec![0u8; location.length as usize];
+        match self.read_quietly(digest, 0, &mut bytes) {
+            Ok(_) => Ok(blake3::hash(&bytes).as_bytes() == digest),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The pack size to start a new pack beyond.
+    fn pack_target(&self) -> u64 {
+        self.max_bytes
+            .map_or(PACK_BYTES, |max| (max / 8).clamp(MIN_PACK_BYTES, PACK_BYTES))
+    }
+
+    /// A new pack of this process's, locked against GC while it is written.
+    fn new_writer(&self) -> Result<Writer> {
+        let id = new_pack_id();
+        let path = self.pack_path(id);
+        let pack = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(DaemonError::io("create pack", &path))?;
+        let index_path = self.index_path(id);
+        let index = std::fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&index_path)
+            .map_err(DaemonError::io("create pack index", &index_path))?;
+        let pack = Arc::new(pack);
+        self.open_packs
+            .lock()
+            .expect("packs lock")
+            .insert(id, Arc::clone(&pack));
+        self.index.write().expect("index lock").applied.insert(id, 0);
+        Ok(Writer {
+            id,
+            pack,
+            index: Arc::new(Mutex::new(index)),
+            cursor: 0,
+        })
+    }
+
+    /// Closes this process's open pack: the next put starts a new one.
+    fn seal_writer(&self) {
+        self.writer.lock().expect("writer lock").take();
+    }
+
+    /// Stores verified chunks durably: appended to this process's pack in one write,
+    /// made durable by one `fdatasync`, then named by index records.
     pub fn put(self: &Arc<Self>, chunks: &[([u8; 32], &[u8])]) -> Result<()> {
-        let tmp_dir = self.root.join("tmp");
-        let mut staged = Vec::new();
-        for (digest, bytes) in chunks {
-            let path = self.path(digest);
-            if path.exists() {
-                continue;
+        let mut batch: Vec<([u8; 32], &[u8])> = Vec::with_capacity(chunks.len());
+        {
+            let index = self.index.read().expect("index lock");
+            let mut seen = HashSet::new();
+            for (digest, bytes) in chunks {
+                if !index.chunks.contains_key(digest) && seen.insert(*digest) {
+                    batch.push((*digest, bytes));
+                }
             }
-            let mut temp = tempfile::NamedTempFile::new_in(&tmp_dir)
-                .map_err(DaemonError::io("create temporary chunk in", &tmp_dir))?;
-            temp.write_all(bytes).map_err(DaemonError::io("write", temp.path()))?;
-            staged.push((path, temp, bytes.len() as u64));
         }
-        sync_all_data(staged.iter().map(|(_, temp, _)| temp))?;
-        let mut added = 0;
-        for (path, temp, len) in staged {
-            let dir = path.parent().expect("two-level path");
-            std::fs::create_dir_all(dir).map_err(DaemonError::io("create", dir))?;
-            temp.persist(&path)
-                .map_err(|e| DaemonError::io("rename chunk to", &path)(e.error))?;
-            added += len;
+        if batch.is_empty() {
+            return Ok(());
         }
-        let total = self.approx_bytes.fetch_add(added, Ordering::Relaxed) + added;
+        let total: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
+        let (id, pack, index_file, base) = {
+            let mut writer = self.writer.lock().expect("writer lock");
+            if writer.as_ref().is_some_and(|w| w.cursor >= self.pack_target()) {
+                writer.take();
+            }
+            if writer.is_none() {
+                *writer = Some(self.new_writer()?);
+            }
+            let w = writer.as_mut().expect("set above");
+            let base = w.cursor;
+            w.cursor += total;
+            (w.id, Arc::clone(&w.pack), Arc::clone(&w.index), base)
+        };
+        let mut bytes = Vec::with_capacity(total as usize);
+        let mut records = Vec::with_capacity(batch.len() * RECORD_BYTES);
+        let mut located = Vec::with_capacity(batch.len());
+        for (digest, chunk) in &batch {
+            let entry = Entry {
+                tombstone: false,
+                pack: id,
+                offset: base + bytes.len() as u64,
+                length: chunk.len() as u32,
+                digest: *digest,
+            };
+            records.extend_from_slice(&entry.encode());
+            located.push(entry);
+            bytes.extend_from_slice(chunk);
+        }
+        let path = self.pack_path(id);
+        pack.write_all_at(&bytes, base)
+            .map_err(DaemonError::io("write pack", &path))?;
+        pack.sync_data().map_err(DaemonError::io("sync pack", &path))?;
+        // Another process's GC may have removed the pack being written: these chunks
+        // are not kept (they are fetched again when read), and a new pack is started.
+        let removed = pack
+            .metadata()
+            .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+        if removed {
+            let mut writer = self.writer.lock().expect("writer lock");
+            if writer.as_ref().is_some_and(|w| w.id == id) {
+                writer.take();
+            }
+            return Ok(());
+        }
+        index_file
+            .lock()
+            .expect("pack index lock")
+            .write_all(&records)
+            .map_err(DaemonError::io("write pack index", self.index_path(id)))?;
+        {
+            let mut index = self.index.write().expect("index lock");
+            for entry in located {
+                index.apply(entry);
+            }
+        }
+        let total = self.approx_bytes.fetch_add(total, Ordering::Relaxed) + total;
         if self.max_bytes.is_some_and(|max| total > max) {
             self.gc_in_background();
         }
         Ok(())
     }
 
-    /// Removes one chunk (its bytes turned out unusable).
+    /// Removes one chunk (its bytes turned out unusable): a tombstone in this
+    /// process's pack index, so every process forgets it.
     pub fn remove(&self, digest: &[u8; 32]) {
-        let _ = std::fs::remove_file(self.path(digest));
-    }
-
-    /// Every stored chunk: (digest, size, mtime).
-    pub fn list(&self) -> Vec<([u8; 32], u64, SystemTime)> {
-        let mut out = Vec::new();
-        let Ok(shards) = std::fs::read_dir(&self.root) else {
-            return out;
-        };
-        for shard in shards.flatten() {
-            let prefix = shard.file_name().to_string_lossy().to_string();
-            if prefix.len() != 2 {
-                continue;
+        let Some(location) = ({
+            let mut index = self.index.write().expect("index lock");
+            let location = index.chunks.remove(digest);
+            if let Some(l) = location {
+                index.dead.insert((l.pack, l.offset));
             }
-            for entry in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
-                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-                let mut digest = [0u8; 32];
-                if hex::decode_to_slice(&name, &mut digest).is_err() {
-                    continue;
-                }
-                if let Ok(meta) = entry.metadata() {
-                    out.push((digest, meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+            location
+        }) else {
+            return;
+        };
+        let tombstone = Entry {
+            tombstone: true,
+            pack: location.pack,
+            offset: location.offset,
+            length: location.length,
+            digest: *digest,
+        };
+        let mut writer = self.writer.lock().expect("writer lock");
+        if writer.is_none() {
+            match self.new_writer() {
+                Ok(w) => *writer = Some(w),
+                Err(e) => {
+                    tracing::warn!("cannot record a removed chunk: {e}");
+                    return;
                 }
             }
         }
-        out
+        let index_file = Arc::clone(&writer.as_ref().expect("set above").index);
+        drop(writer);
+        let written = index_file
+            .lock()
+            .expect("pack index lock")
+            .write_all(&tombstone.encode());
+        if let Err(e) = written {
+            tracing::warn!("cannot record a removed chunk: {e}");
+        }
     }
 
-    /// (chunks, bytes) stored.
+    /// Every stored chunk: (digest, size, its pack's last use).
+    pub fn list(&self) -> Vec<([u8; 32], u64, SystemTime)> {
+        self.refresh();
+        let times: HashMap<u64, SystemTime> = self.packs().into_iter().map(|p| (p.id, p.modified)).collect();
+        let index = self.index.read().expect("index lock");
+        index
+            .chunks
+            .iter()
+            .map(|(digest, l)| {
+                let time = times.get(&l.pack).copied().unwrap_or(SystemTime::UNIX_EPOCH);
+                (*digest, u64::from(l.length), time)
+            })
+            .collect()
+    }
+
+    /// (chunks, bytes on disk) stored: the packs and their index files.
     pub fn usage(&self) -> (u64, u64) {
-        let list = self.list();
-        (list.len() as u64, list.iter().map(|(_, size, _)| size).sum())
+        self.refresh();
+        let chunks = self.index.read().expect("index lock").chunks.len() as u64;
+        (chunks, self.packs().iter().map(|p| p.bytes).sum())
+    }
+
+    /// Packs on disk, oldest use first.
+    fn packs(&self) -> Vec<PackFile> {
+        let mut packs: HashMap<u64, PackFile> = HashMap::new();
+        for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let Some((id, is_index)) = parse_file_name(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            let pack = packs.entry(id).or_insert(PackFile {
+                id,
+                bytes: 0,
+                modified: SystemTime::UNIX_EPOCH,
+            });
+            pack.bytes += meta.len();
+            if !is_index {
+                pack.modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            }
+        }
+        let mut packs: Vec<PackFile> = packs.into_values().collect();
+        packs.sort_by_key(|p| p.modified);
+        packs
     }
 
     /// Counts bytes of files derived from chunks (materialized passthrough files)
@@ -235,20 +628,21 @@ impl ChunkStore {
         files
     }
 
-    /// Evicts materialized files (derived, so first), then least recently used chunks,
-    /// never pinned ones, until at most `max_bytes` remain. Also removes stray
-    /// temporary files of dead writers. A mount that has a removed file open keeps
-    /// reading it; the next open goes through FUSE.
-    pub fn gc(&self, max_bytes: u64) -> GcReport {
+    /// Evicts materialized files (derived, so first), then least recently used packs,
+    /// until at most `max_bytes` remain. A pack's chunks that a live mount or a kept
+    /// image pins are first copied into a new pack. A mount that has a removed file
+    /// open keeps reading it; the next open goes through FUSE. A daemon reading or
+    /// writing a removed pack notices (its link count is 0) and fetches again.
+    pub fn gc(self: &Arc<Self>, max_bytes: u64) -> GcReport {
+        self.refresh();
         let pinned = live_pins(self.root.parent().expect("cache root"));
-        let mut chunks = self.list();
         let files = self.derived_files();
+        let packs = self.packs();
         let mut report = GcReport {
-            chunks_before: chunks.len() as u64,
-            bytes_before: chunks.iter().map(|c| c.1).sum::<u64>() + files.iter().map(|f| f.1).sum::<u64>(),
+            chunks_before: self.index.read().expect("index lock").chunks.len() as u64,
+            bytes_before: packs.iter().map(|p| p.bytes).sum::<u64>() + files.iter().map(|f| f.1).sum::<u64>(),
             ..GcReport::default()
         };
-        chunks.sort_by_key(|c| c.2);
         let mut total = report.bytes_before;
         for (path, size, _) in files {
             if total <= max_bytes {
@@ -260,24 +654,59 @@ impl ChunkStore {
                 report.bytes_removed += size;
             }
         }
-        for (digest, size, _) in chunks {
+        let own = self.writer.lock().expect("writer lock").as_ref().map(|w| w.id);
+        for pack in packs {
             if total <= max_bytes {
                 break;
             }
-            if pinned.contains(&digest) {
-                report.pinned_kept += 1;
+            if Some(pack.id) == own {
+                self.seal_writer();
+            }
+            let path = self.pack_path(pack.id);
+            let Ok(file) = File::open(&path) else { continue };
+            let members: Vec<([u8; 32], Location)> = self
+                .index
+                .read()
+                .expect("index lock")
+                .chunks
+                .iter()
+                .filter(|(_, l)| l.pack == pack.id)
+                .map(|(d, l)| (*d, *l))
+                .collect();
+            let mut kept: Vec<([u8; 32], Vec<u8>)> = Vec::new();
+            for (digest, location) in &members {
+                if !pinned.contains(digest) {
+                    continue;
+                }
+                let mut bytes = vec![0u8; location.length as usize];
+                if file.read_exact_at(&mut bytes, location.offset).is_ok() && blake3::hash(&bytes).as_bytes() == digest
+                {
+                    kept.push((*digest, bytes));
+                }
+            }
+            self.forget_pack(pack.id);
+            let _ = std::fs::remove_file(self.index_path(pack.id));
+            if std::fs::remove_file(&path).is_err() {
                 continue;
             }
-            if std::fs::remove_file(self.path(&digest)).is_ok() {
-                total -= size;
-                report.chunks_removed += 1;
-                report.bytes_removed += size;
+            report.packs_removed += 1;
+            report.chunks_removed += (members.len() - kept.len()) as u64;
+            report.pinned_kept += kept.len() as u64;
+            total -= pack.bytes;
+            report.bytes_removed += pack.bytes;
+            if !kept.is_empty() {
+                let copies: Vec<([u8; 32], &[u8])> = kept.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+                match self.put_without_gc(&copies) {
+                    Ok(copied) => total += copied,
+                    Err(e) => tracing::warn!("could not keep {} pinned chunks: {e}", kept.len()),
+                }
             }
         }
-        let temporaries = [self.root.join("tmp"), self.files_dir().join("tmp")];
-        for entry in temporaries
-            .iter()
-            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        // Leftovers of a writer killed while renaming a materialized file.
+        for entry in std::fs::read_dir(self.files_dir().join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
         {
             let old = entry
                 .metadata()
@@ -288,6 +717,16 @@ impl ChunkStore {
             }
         }
         report
+    }
+
+    /// `put` from inside GC, which must not start a pass of its own; returns the
+    /// bytes written.
+    fn put_without_gc(self: &Arc<Self>, chunks: &[([u8; 32], &[u8])]) -> Result<u64> {
+        let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
+        let running = self.gc_running.swap(true, Ordering::SeqCst);
+        let result = self.put(chunks);
+        self.gc_running.store(running, Ordering::SeqCst);
+        result.map(|()| bytes)
     }
 
     /// Starts a GC pass on a thread of its own (one at a time): the reader or
@@ -311,6 +750,7 @@ impl ChunkStore {
                     let now = store.approx_bytes.fetch_add(left, Ordering::Relaxed) + left;
                     tracing::info!(
                         removed = report.chunks_removed,
+                        packs = report.packs_removed,
                         bytes = report.bytes_removed,
                         "cache GC"
                     );
@@ -324,6 +764,15 @@ impl ChunkStore {
             self.gc_running.store(false, Ordering::SeqCst);
         }
     }
+}
+
+/// A pack on disk.
+#[derive(Debug, Clone, Copy)]
+struct PackFile {
+    id: u64,
+    /// Bytes of the pack and its index file.
+    bytes: u64,
+    modified: SystemTime,
 }
 
 /// Pin files: `<cache>/pins/<pid>.<name>` hold 32-byte digests a live daemon wants kept.
@@ -443,84 +892,120 @@ pub fn cached_images(cache_dir: &Path, store: &ChunkStore) -> Vec<CachedImage> {
     out
 }
 
-/// Threads that sync one batch's chunk files at once.
-const SYNC_THREADS: usize = 8;
-
-/// `fdatasync`s every file, from several threads at once: the filesystem's journal
-/// then commits them together rather than one commit per file in turn, and no other
-/// process's dirty data is flushed (as `syncfs` would).
-fn sync_all_data<'a>(files: impl Iterator<Item = &'a tempfile::NamedTempFile>) -> Result<()> {
-    let files: Vec<&tempfile::NamedTempFile> = files.collect();
-    if files.len() <= 1 {
-        for file in files {
-            file.as_file()
-                .sync_data()
-                .map_err(DaemonError::io("sync", file.path()))?;
-        }
-        return Ok(());
-    }
-    let per_thread = files.len().div_ceil(SYNC_THREADS);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = files
-            .chunks(per_thread)
-            .map(|group| {
-                scope.spawn(move || -> Result<()> {
-                    for file in group {
-                        file.as_file()
-                            .sync_data()
-                            .map_err(DaemonError::io("sync", file.path()))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers.into_iter().try_for_each(|w| {
-            w.join()
-                .unwrap_or_else(|_| Err(DaemonError::Invalid("a chunk sync thread panicked".into())))
-        })
-    })
-}
-
-/// The largest chunk file hashed (a chunk's plain size is bounded by the format).
-const MAX_CHUNK_FILE: u64 = 64 << 20;
-
-/// Whether the file at `path` holds bytes whose BLAKE3 is `digest`.
-pub fn verify_chunk_file(path: &Path, digest: &[u8; 32]) -> std::io::Result<bool> {
-    let file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let read = std::io::copy(&mut std::io::Read::take(file, MAX_CHUNK_FILE + 1), &mut hasher)?;
-    Ok(read <= MAX_CHUNK_FILE && hasher.finalize().as_bytes() == digest)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(i: u8) -> ([u8; 32], Vec<u8>) {
+        let bytes = vec![i; 1000];
+        (*blake3::hash(&bytes).as_bytes(), bytes)
+    }
 
     #[test]
     fn stores_reads_evicts_and_keeps_pins() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), None).unwrap();
-        let chunks: Vec<([u8; 32], Vec<u8>)> = (0..4u8).map(|i| ([i; 32], vec![i; 1000])).collect();
-        let refs: Vec<([u8; 32], &[u8])> = chunks.iter().map(|(d, b)| (*d, b.as_slice())).collect();
-        store.put(&refs).unwrap();
+        let chunks: Vec<([u8; 32], Vec<u8>)> = (0..4u8).map(chunk).collect();
+        // Four puts, each sealed into a pack of its own so eviction can pick.
+        for (digest, bytes) in &chunks {
+            store.put(&[(*digest, bytes.as_slice())]).unwrap();
+            store.seal_writer();
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut buf = [0u8; 10];
-        store.read(&[2; 32], 990, &mut buf).unwrap();
+        store.read(&chunks[2].0, 990, &mut buf).unwrap();
         assert_eq!(buf, [2; 10]);
-        assert_eq!(store.usage(), (4, 4000));
-        let pins = write_pins(dir.path(), "test", &[[0; 32]]).unwrap();
+        assert_eq!(store.usage().0, 4);
+        assert!(store.verify(&chunks[3].0).unwrap());
+        // Another store (another process) sees them all from the index files.
+        let other = ChunkStore::open(dir.path(), None).unwrap();
+        assert!(chunks.iter().all(|(d, _)| other.contains(d)));
+
+        let pins = write_pins(dir.path(), "test", &[chunks[0].0]).unwrap();
         let report = store.gc(1500);
+        assert_eq!(report.pinned_kept, 1, "the oldest chunk is pinned: copied, kept");
+        assert!(store.contains(&chunks[0].0), "pinned by a live process");
+        assert!(store.verify(&chunks[0].0).unwrap());
         assert_eq!(
-            (report.chunks_removed, report.pinned_kept),
-            (3, 1),
-            "the oldest chunk is pinned and kept"
-        );
-        assert!(store.contains(&[0; 32]), "pinned by a live process");
-        assert_eq!(
-            store.read(&[1; 32], 0, &mut buf).unwrap_err().kind(),
+            store.read(&chunks[1].0, 0, &mut buf).unwrap_err().kind(),
             std::io::ErrorKind::NotFound
         );
         std::fs::remove_file(pins).unwrap();
         store.gc(0);
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_removed_chunk_is_forgotten_by_every_store_and_torn_records_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), None).unwrap();
+        let (a, b) = (chunk(1), chunk(2));
+        store.put(&[(a.0, &a.1), (b.0, &b.1)]).unwrap();
+        store.remove(&a.0);
+        assert!(!store.contains(&a.0));
+        // A torn record at the end of an index file (a crash mid-append) is ignored.
+        let index = std::fs::read_dir(store.root())
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "idx"))
+            .unwrap()
+            .path();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&index)
+            .unwrap()
+            .write_all(&[0x50; 40])
+            .unwrap();
+        let other = ChunkStore::open(dir.path(), None).unwrap();
+        assert!(!other.contains(&a.0), "the tombstone reached another store");
+        assert!(other.contains(&b.0));
+        let mut buf = vec![0u8; 1000];
+        other.read(&b.0, 0, &mut buf).unwrap();
+        assert_eq!(buf, b.1);
+    }
+
+    #[test]
+    fn a_pack_removed_by_another_process_is_noticed_by_its_reader_and_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = ChunkStore::open(dir.path(), None).unwrap();
+        let (a, b) = (chunk(1), chunk(2));
+        daemon.put(&[(a.0, &a.1)]).unwrap();
+        // `petrel cache gc --max-bytes 0` in another process removes the open pack.
+        let report = ChunkStore::open(dir.path(), None).unwrap().gc(0);
+        assert_eq!(report.packs_removed, 1);
+        let mut buf = vec![0u8; 10];
+        assert_eq!(
+            daemon.read(&a.0, 0, &mut buf).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound,
+            "the open file still reads, but the chunk counts as gone"
+        );
+        // The next put finds its pack unlinked: not kept there; the one after lands
+        // in a new pack.
+        daemon.put(&[(b.0, &b.1)]).unwrap();
+        daemon.put(&[(b.0, &b.1)]).unwrap();
+        daemon.read(&b.0, 0, &mut buf).unwrap();
+        assert_eq!(buf, b.1[..10]);
+        assert!(ChunkStore::open(dir.path(), None).unwrap().contains(&b.0));
+    }
+
+    #[test]
+    fn a_cache_of_the_first_layout_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("chunks/ab");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("cdef"), b"old chunk").unwrap();
+        let _store = ChunkStore::open(dir.path(), None).unwrap();
+        assert!(!dir.path().join("chunks").exists(), "moved aside at once");
+        for _ in 0..100 {
+            let left = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("chunks"));
+            if !left {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the first layout's chunks were not removed");
     }
 }

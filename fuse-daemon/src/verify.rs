@@ -5,7 +5,7 @@
 //! `repair`, removed: a daemon then fetches it again instead of serving it.
 
 use crate::error::{DaemonError, Result};
-use crate::store::{verify_chunk_file, ChunkStore};
+use crate::store::ChunkStore;
 use petrel_format::{Bootstrap, FileKind};
 use std::collections::HashSet;
 use std::fs::File;
@@ -54,11 +54,22 @@ pub fn verify_cache(cache_dir: &Path, repair: bool) -> Result<VerifyReport> {
     let mut bad_chunks = HashSet::new();
     for (digest, _, _) in store.list() {
         report.chunks_checked += 1;
-        let path = store.path(&digest);
-        if !verify_chunk_file(&path, &digest).unwrap_or(false) {
+        if !store.verify(&digest).unwrap_or(false) {
             report.chunks_bad += 1;
             bad_chunks.insert(digest);
-            report.bad(path, repair);
+            // A chunk lives in a pack among others: named by its place, removed by
+            // a tombstone (its bytes go with the pack).
+            let place = store
+                .chunk_location(&digest)
+                .map(|(pack, offset, _)| PathBuf::from(format!("{}@{offset}", pack.display())))
+                .unwrap_or_default();
+            if repair {
+                store.remove(&digest);
+                report.removed += 1;
+            }
+            if report.bad.len() < MAX_LISTED {
+                report.bad.push(place);
+            }
         }
     }
     let mut named_files = HashSet::new();
@@ -136,7 +147,7 @@ fn check_files(
         let trusted = |index: u32, offset: u32, buf: &mut [u8]| {
             bootstrap
                 .chunk(index)
-                .is_ok_and(|c| !bad_chunks.contains(&c.digest) && read_at(&store.path(&c.digest), offset, buf))
+                .is_ok_and(|c| !bad_chunks.contains(&c.digest) && store.read_quietly(&c.digest, offset, buf).is_ok())
         };
         if !crate::passthrough::check_file_against(&file, bootstrap, &segments, &trusted)? {
             report.files_bad += 1;
@@ -144,10 +155,4 @@ fn check_files(
         }
     }
     Ok(())
-}
-
-/// Reads `buf.len()` bytes at `offset` of the file at `path` (without touching its
-/// last-use time, which orders eviction).
-fn read_at(path: &Path, offset: u32, buf: &mut [u8]) -> bool {
-    File::open(path).is_ok_and(|f| std::os::unix::fs::FileExt::read_exact_at(&f, buf, u64::from(offset)).is_ok())
 }

@@ -97,13 +97,13 @@ fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
     let first = open_storage(&cache, backend(&image), &bootstrap(&image), "t", 0, None).unwrap();
     first.fetcher.ensure(0, 0).unwrap();
     let digest = first.image.bootstrap().chunk(0).unwrap().digest;
-    let path = first.fetcher.cache().store().path(&digest);
+    let (pack, offset, _) = first.fetcher.cache().store().chunk_location(&digest).unwrap();
     drop(first);
-    // One byte flips on disk.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[100] ^= 0x01;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::write(&path, &bytes).unwrap();
+    // One byte of the chunk flips on disk, in its pack.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, offset + 100).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x01], offset + 100).unwrap();
 
     let backend = backend(&image);
     let second = open_storage(&cache, backend.clone(), &bootstrap(&image), "t", 0, None).unwrap();
@@ -113,27 +113,27 @@ fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
     assert_eq!(second.stats.snapshot().cache_corrupt_dropped, 1);
     let mut served = vec![0u8; 4096];
     second.fetcher.cache().read(0, 0, &mut served).unwrap();
-    assert_ne!(served[100], bytes[100], "the good byte is cached again");
+    assert_ne!(served[100], byte[0] ^ 0x01, "the good byte is cached again");
 
     // `petrel cache verify` sees a clean cache now; with a chunk flipped again it
     // reports it, and --repair removes it.
     assert!(petrel_fuse_daemon::verify::verify_cache(&cache, false)
         .unwrap()
         .is_clean());
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[7] ^= 0x80;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::write(&path, &bytes).unwrap();
+    let (pack, offset, _) = second.fetcher.cache().store().chunk_location(&digest).unwrap();
+    drop(second);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, offset + 7).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x80], offset + 7).unwrap();
+    let place = std::path::PathBuf::from(format!("{}@{offset}", pack.display()));
     let report = petrel_fuse_daemon::verify::verify_cache(&cache, false).unwrap();
-    assert_eq!(
-        (report.chunks_bad, report.bad.clone()),
-        (1, vec![path.clone()]),
-        "{report:?}"
-    );
-    assert!(path.exists(), "reporting removes nothing");
+    assert_eq!((report.chunks_bad, report.bad.clone()), (1, vec![place]), "{report:?}");
+    let store = petrel_fuse_daemon::store::ChunkStore::open(&cache, None).unwrap();
+    assert!(store.contains(&digest), "reporting removes nothing");
     let report = petrel_fuse_daemon::verify::verify_cache(&cache, true).unwrap();
     assert_eq!(report.removed, 1, "{report:?}");
-    assert!(!path.exists());
+    let store = petrel_fuse_daemon::store::ChunkStore::open(&cache, None).unwrap();
+    assert!(!store.contains(&digest), "--repair removed it");
     assert!(petrel_fuse_daemon::verify::verify_cache(&cache, false)
         .unwrap()
         .is_clean());
