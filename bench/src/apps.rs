@@ -20,13 +20,17 @@ use std::time::{Duration, Instant};
 struct App {
     name: &'static str,
     packages: &'static str,
+    /// Shell run in the rootfs after the packages are installed (an npm install, the
+    /// app's own files).
+    setup: &'static str,
     startup: &'static [&'static str],
 }
 
-const APPS: [App; 2] = [
+const APPS: [App; 4] = [
     App {
         name: "python",
         packages: "python3 python3-numpy python3-pandas python3-flask python3-requests",
+        setup: "",
         startup: &[
             "/usr/bin/python3",
             "-c",
@@ -36,11 +40,28 @@ const APPS: [App; 2] = [
     App {
         name: "node",
         packages: "nodejs node-express node-lodash node-axios",
+        setup: "",
         startup: &[
             "/usr/bin/node",
             "-e",
             "require('express'); require('lodash'); require('axios'); console.log('ready')",
         ],
+    },
+    // A Java program on Debian's JRE, run by the source launcher (it compiles the
+    // file in memory with jdk.compiler from the JRE's modules image, then runs it).
+    App {
+        name: "java",
+        packages: "openjdk-17-jre-headless",
+        setup: "mkdir -p /app && printf '%s\\n' 'import java.util.*; import java.util.stream.*;' 'public class Hello { public static void main(String[] a) { var m = new TreeMap<String,Integer>(); for (var w : \"to be or not to be\".split(\" \")) m.merge(w, 1, Integer::sum); System.out.println(m.entrySet().stream().map(Object::toString).collect(Collectors.joining(\",\")) + \" ready\"); } }' > /app/Hello.java",
+        startup: &["/usr/bin/java", "/app/Hello.java"],
+    },
+    // A TypeScript build: tsc from npm on Debian's nodejs, type-checking and emitting
+    // a small project (it reads typescript.js and the lib .d.ts files).
+    App {
+        name: "tsc",
+        packages: "nodejs npm",
+        setup: "npm install -g --silent typescript@5.6 >/dev/null && mkdir -p /app/src && printf '%s\\n' '{\"compilerOptions\": {\"target\": \"es2022\", \"module\": \"commonjs\", \"strict\": true, \"outDir\": \"/tmp/out\"}, \"include\": [\"src\"]}' > /app/tsconfig.json && printf '%s\\n' 'export interface User { id: number; name: string }' 'export const users: User[] = [{ id: 1, name: \"a\" }];' 'export function byId(id: number): User | undefined { return users.find(u => u.id === id); }' 'console.log(byId(1)?.name, \"ready\");' > /app/src/main.ts",
+        startup: &["/bin/sh", "-c", "/usr/local/bin/tsc -p /app && echo ready"],
     },
 ];
 
@@ -53,7 +74,8 @@ fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("/var/tmp/petrel-apps");
     let rootfs = dir.join(format!("rootfs-{}", app.name));
     let done = dir.join(format!("rootfs-{}.done", app.name));
-    if std::fs::read_to_string(&done).is_ok_and(|p| p == app.packages) {
+    let marker = format!("{}\n{}", app.packages, app.setup);
+    if std::fs::read_to_string(&done).is_ok_and(|p| p == marker) {
         return Ok(rootfs);
     }
     std::fs::create_dir_all(&dir)?;
@@ -67,7 +89,18 @@ fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
         p = app.packages
     ))
     .with_context(|| format!("building the {} image's rootfs (debootstrap, apt-get)", app.name))?;
-    std::fs::write(&done, app.packages)?;
+    if !app.setup.is_empty() {
+        let status = Command::new("/usr/sbin/chroot")
+            .arg(&rootfs)
+            .args(["/bin/sh", "-c", app.setup])
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/root")
+            .status()?;
+        if !status.success() {
+            bail!("setting up the {} image: {status}", app.name);
+        }
+    }
+    std::fs::write(&done, marker)?;
     Ok(rootfs)
 }
 
@@ -217,16 +250,42 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> a
     ))?;
     let link = relay::start(&direct, Duration::from_secs_f64(rtt_ms / 2000.0), mbit * 1e6);
 
+    // The same profile published for the plain image, where mounts look it up.
+    run_shell(&format!(
+        "{p} profile push docker://{direct}/{a}:petrel {o} > /dev/null",
+        p = petrel.display(),
+        o = profile.display(),
+        a = app.name
+    ))?;
+    let no_lookup = || vec!["--no-profile-lookup".to_string()];
     let mut cases: Vec<(String, Option<&str>, Vec<String>)> = vec![
         ("full pull (skopeo copy) + unpack + start".into(), None, vec![]),
-        ("petrel, on demand (no profile)".into(), Some("petrel"), vec![]),
-        ("petrel, recorded profile".into(), Some("petrel-pf"), vec![]),
+        ("petrel, on demand (no profile)".into(), Some("petrel"), no_lookup()),
+        (
+            "petrel, profile given at mount (image not optimized)".into(),
+            Some("petrel"),
+            vec![
+                "--no-profile-lookup".into(),
+                "--profile".into(),
+                profile.display().to_string(),
+            ],
+        ),
+        (
+            "petrel, profile published in the registry (found at mount)".into(),
+            Some("petrel"),
+            vec![],
+        ),
+        ("petrel, image optimized with the profile".into(), Some("petrel-pf"), no_lookup()),
     ];
     for &budget in sweep {
         cases.push((
             format!("petrel, on demand, --readahead-dir-bytes {budget}"),
             Some("petrel"),
-            vec!["--readahead-dir-bytes".into(), budget.to_string()],
+            vec![
+                "--no-profile-lookup".into(),
+                "--readahead-dir-bytes".into(),
+                budget.to_string(),
+            ],
         ));
     }
     let mut results: Vec<Vec<Start>> = cases.iter().map(|_| Vec::new()).collect();
