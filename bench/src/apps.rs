@@ -84,14 +84,13 @@ fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
         "command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null; \
          debootstrap --variant=minbase bookworm {r} http://deb.debian.org/debian >/dev/null && \
          cp /etc/resolv.conf {r}/etc/resolv.conf && \
-         chroot {r} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {p} >/dev/null && apt-get clean'",
+         unshare --mount --pid --fork --mount-proc={r}/proc chroot {r} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {p} >/dev/null && apt-get clean'",
         r = rootfs.display(),
         p = app.packages
     ))
     .with_context(|| format!("building the {} image's rootfs (debootstrap, apt-get)", app.name))?;
     if !app.setup.is_empty() {
-        let status = Command::new("/usr/sbin/chroot")
-            .arg(&rootfs)
+        let status = in_chroot(&rootfs)
             .args(["/bin/sh", "-c", app.setup])
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", "/root")
@@ -111,10 +110,21 @@ struct Start {
     bytes: u64,
 }
 
+/// A command run chrooted at `root` in a mount and PID namespace of its own with
+/// `/proc` mounted (the JVM needs it); the mount goes with the namespace.
+fn in_chroot(root: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--pid", "--fork"])
+        .arg(format!("--mount-proc={}", root.join("proc").display()))
+        .arg("/usr/sbin/chroot")
+        .arg(root);
+    command
+}
+
 fn run_startup(app: &App, root: &Path) -> anyhow::Result<()> {
     // (The chroot is this machine's /usr/sbin/chroot; the startup's own PATH is the image's.)
-    let out = Command::new("/usr/sbin/chroot")
-        .arg(root)
+    let out = in_chroot(root)
         .args(app.startup)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -275,7 +285,11 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> a
             Some("petrel"),
             vec![],
         ),
-        ("petrel, image optimized with the profile".into(), Some("petrel-pf"), no_lookup()),
+        (
+            "petrel, image optimized with the profile".into(),
+            Some("petrel-pf"),
+            no_lookup(),
+        ),
     ];
     for &budget in sweep {
         cases.push((
