@@ -90,11 +90,18 @@ fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
     ))
     .with_context(|| format!("building the {} image's rootfs (debootstrap, apt-get)", app.name))?;
     if !app.setup.is_empty() {
+        // The host's CA bundle (it may trust a proxy in front of the package
+        // registries) serves the setup's downloads, then goes.
+        let host_ca = rootfs.join("etc/ssl/certs/host-ca-certificates.crt");
+        std::fs::create_dir_all(host_ca.parent().expect("parent"))?;
+        let _ = std::fs::copy("/etc/ssl/certs/ca-certificates.crt", &host_ca);
         let status = in_chroot(&rootfs)
             .args(["/bin/sh", "-c", app.setup])
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", "/root")
+            .env("npm_config_cafile", "/etc/ssl/certs/host-ca-certificates.crt")
             .status()?;
+        let _ = std::fs::remove_file(&host_ca);
         if !status.success() {
             bail!("setting up the {} image: {status}", app.name);
         }
@@ -111,13 +118,18 @@ struct Start {
 }
 
 /// A command run chrooted at `root` in a mount and PID namespace of its own with
-/// `/proc` mounted (the JVM needs it); the mount goes with the namespace.
+/// `/proc` mounted (the JVM needs it) and a tmpfs on `/tmp` (a build writes there, as
+/// into a container's writable layer); the mounts go with the namespace.
 fn in_chroot(root: &Path) -> Command {
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--pid", "--fork"])
         .arg(format!("--mount-proc={}", root.join("proc").display()))
-        .arg("/usr/sbin/chroot")
+        .args([
+            "/bin/sh",
+            "-c",
+            "mount -t tmpfs tmpfs \"$0/tmp\" && exec /usr/sbin/chroot \"$0\" \"$@\"",
+        ])
         .arg(root);
     command
 }

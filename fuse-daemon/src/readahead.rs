@@ -36,6 +36,12 @@ pub const SMALL_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_ELF_BYTES: u64 = 32 << 20;
 /// Stored bytes per readahead request.
 const REQUEST_BYTES: u64 = 1 << 20;
+/// A package is read ahead up to this many directory budgets.
+const PACKAGE_BUDGET_DIRS: u64 = 4;
+/// Ancestors looked at for a package root.
+const MAX_PACKAGE_DEPTH: usize = 16;
+/// Entries of a package looked at.
+const MAX_PACKAGE_ENTRIES: usize = 50_000;
 /// Ranges waiting at most (the newest directories are served first; beyond this
 /// the oldest waiting ones are dropped).
 const MAX_QUEUED: usize = 1024;
@@ -56,6 +62,8 @@ struct Shared {
     parent_of: Vec<AtomicU32>,
     /// One bit per inode: the directory was read ahead.
     done: Vec<AtomicU64>,
+    /// One bit per inode: the package rooted there was read ahead.
+    package_done: Vec<AtomicU64>,
     /// Per inode: reads of it that missed the cache (saturating).
     misses: Vec<std::sync::atomic::AtomicU8>,
     queue: Mutex<(VecDeque<Job>, bool)>,
@@ -91,6 +99,7 @@ impl DirReadahead {
             budget,
             parent_of: (0..inodes).map(|_| AtomicU32::new(0)).collect(),
             done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            package_done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             misses: (0..inodes).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
             queue: Mutex::new((VecDeque::new(), false)),
             wake: Condvar::new(),
@@ -134,16 +143,29 @@ impl DirReadahead {
         let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
             return;
         };
-        let Some(word) = shared.done.get(parent as usize / 64) else {
-            return;
-        };
-        let bit = 1u64 << (parent % 64);
-        if parent == 0 || word.fetch_or(bit, Relaxed) & bit != 0 {
+        if parent == 0 {
             return;
         }
-        let ranges = shared.small_file_ranges(parent, ino);
-        shared.enqueue(ranges);
+        if first_time(&shared.done, parent) {
+            let ranges = shared.small_file_ranges(parent, ino);
+            shared.enqueue(ranges);
+        }
+        if let Some(root) = shared.package_root(parent) {
+            if first_time(&shared.package_done, root) {
+                let ranges = shared.package_ranges(root, parent, ino);
+                shared.enqueue(ranges);
+            }
+        }
     }
+}
+
+/// Sets bit `index`; true if it was not set before.
+fn first_time(bits: &[AtomicU64], index: u32) -> bool {
+    let Some(word) = bits.get(index as usize / 64) else {
+        return false;
+    };
+    let bit = 1u64 << (index % 64);
+    word.fetch_or(bit, Relaxed) & bit == 0
 }
 
 impl Drop for DirReadahead {
@@ -256,6 +278,116 @@ impl Shared {
                         return merge(chunks);
                     }
                     chunks.push(index);
+                }
+            }
+        }
+        merge(chunks)
+    }
+
+    /// The root of the package directory `dir` belongs to: the topmost of its
+    /// ancestors that are Python packages (hold `__init__.py`; a `__pycache__`
+    /// directory counts as its package), or the nearest that holds `package.json`
+    /// (below `node_modules`). None outside a package.
+    fn package_root(&self, dir: u32) -> Option<u32> {
+        let bootstrap = self.image.bootstrap();
+        let holds = |ino: u32, name: &[u8]| {
+            bootstrap
+                .inode(ino)
+                .ok()
+                .and_then(|d| bootstrap.lookup(&d, name).ok().flatten())
+                .is_some()
+        };
+        let parent = |ino: u32| bootstrap.inode(ino).ok().map(|d| d.parent()).filter(|p| *p != ino);
+        let mut at = dir;
+        // A `__pycache__` directory stands for its package.
+        if let Some(up) = parent(at) {
+            let named = bootstrap
+                .inode(up)
+                .ok()
+                .and_then(|d| bootstrap.lookup(&d, b"__pycache__").ok().flatten());
+            if named == Some(at) {
+                at = up;
+            }
+        }
+        if holds(at, b"__init__.py") {
+            for _ in 0..MAX_PACKAGE_DEPTH {
+                match parent(at) {
+                    Some(up) if holds(up, b"__init__.py") => at = up,
+                    _ => break,
+                }
+            }
+            return Some(at);
+        }
+        for _ in 0..MAX_PACKAGE_DEPTH {
+            if holds(at, b"package.json") {
+                return Some(at);
+            }
+            at = parent(at)?;
+        }
+        None
+    }
+
+    /// Chunk ranges of the small files under package `root` (all its directories)
+    /// with the extension of `reading` (in directory `dir`): the compiled modules of a
+    /// Python package (`.pyc`) or the scripts of a Node package (`.js`), which an
+    /// import of the package goes on to read, one directory after another. Within
+    /// the package budget, merged where contiguous.
+    fn package_ranges(&self, root: u32, dir: u32, reading: u32) -> Vec<(u32, u32)> {
+        let bootstrap = self.image.bootstrap();
+        let Some(name) = bootstrap
+            .inode(dir)
+            .ok()
+            .and_then(|d| bootstrap.dir_entries(&d).ok())
+            .and_then(|entries| entries.flatten().find(|e| e.ino == reading).map(|e| e.name.to_vec()))
+        else {
+            return Vec::new();
+        };
+        let Some(dot) = name.iter().rposition(|b| *b == b'.') else {
+            return Vec::new();
+        };
+        let extension = &name[dot..];
+        let budget = self.budget.saturating_mul(PACKAGE_BUDGET_DIRS);
+        let mut chunks = Vec::new();
+        let mut bytes = 0u64;
+        let mut stack = vec![root];
+        let mut visited = 0usize;
+        while let Some(at) = stack.pop() {
+            let Ok(entries) = bootstrap.inode(at).and_then(|d| bootstrap.dir_entries(&d)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                visited += 1;
+                if visited > MAX_PACKAGE_ENTRIES {
+                    return merge(chunks);
+                }
+                let Ok(inode) = bootstrap.inode(entry.ino) else {
+                    continue;
+                };
+                match inode.kind() {
+                    Ok(FileKind::Directory) if entry.name != b"." && entry.name != b".." => stack.push(entry.ino),
+                    Ok(FileKind::Regular)
+                        if entry.ino != reading
+                            && inode.size() <= SMALL_FILE_BYTES
+                            && entry.name.ends_with(extension) =>
+                    {
+                        let Ok(segments) = bootstrap.segments(&inode, 0, inode.size()) else {
+                            continue;
+                        };
+                        for segment in segments {
+                            let SegmentSource::Chunk { index, .. } = segment.source else {
+                                continue;
+                            };
+                            if chunks.last() == Some(&index) || self.fetcher.cache().is_ready(index) {
+                                continue;
+                            }
+                            bytes += bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
+                            if bytes > budget {
+                                return merge(chunks);
+                            }
+                            chunks.push(index);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

@@ -407,6 +407,87 @@ fn a_miss_reads_its_directory_small_files_ahead() {
     assert!(after.cache_misses >= before.cache_misses + 10, "{after:?}");
 }
 
+/// A miss on a Python package's compiled module reads ahead the compiled modules of
+/// the whole package, subpackages included (an import goes on to them one directory
+/// after another); another package is its own.
+#[test]
+fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let body = |i: u64| Rng::new(900 + i).bytes(30_000);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let subs = ["core", "lib", "io", "io/formats"];
+    w.file("site/pkg/__init__.py", &Default::default(), b"from . import core\n");
+    w.file(
+        "site/pkg/__pycache__/__init__.cpython-311.pyc",
+        &Default::default(),
+        &body(0),
+    );
+    for (n, sub) in subs.iter().enumerate() {
+        w.file(&format!("site/pkg/{sub}/__init__.py"), &Default::default(), b"\n");
+        for m in 0..5u64 {
+            let i = 10 * (n as u64 + 1) + m;
+            w.file(&format!("site/pkg/{sub}/m{m}.py"), &Default::default(), &body(1000 + i));
+            w.file(
+                &format!("site/pkg/{sub}/__pycache__/m{m}.cpython-311.pyc"),
+                &Default::default(),
+                &body(i),
+            );
+        }
+    }
+    w.file("site/other/__init__.py", &Default::default(), b"\n");
+    for i in 0..30 {
+        w.file(
+            &format!("site/other/__pycache__/x{i}.cpython-311.pyc"),
+            &Default::default(),
+            &body(5000 + i),
+        );
+    }
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    let mounted = mount(&config).unwrap();
+    let root = mounted.mountpoint().to_path_buf();
+    // The kernel learns where the package is as an import would: by looking it up.
+    for sub in subs {
+        std::fs::metadata(root.join("site/pkg").join(sub).join("__pycache__")).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(root.join("site/pkg/__pycache__/__init__.cpython-311.pyc")).unwrap(),
+        body(0)
+    );
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let fetched = mounted.stats().chunks_fetched;
+        if fetched == last {
+            break;
+        }
+        last = fetched;
+    }
+    let before = mounted.stats();
+    for (n, sub) in subs.iter().enumerate() {
+        for m in 0..5u64 {
+            let i = 10 * (n as u64 + 1) + m;
+            let path = root.join(format!("site/pkg/{sub}/__pycache__/m{m}.cpython-311.pyc"));
+            assert_eq!(std::fs::read(path).unwrap(), body(i));
+        }
+    }
+    let after = mounted.stats();
+    assert_eq!(
+        after.backend_requests, before.backend_requests,
+        "every compiled module of the package was read ahead: {after:?}"
+    );
+    // The other package's 900 kB (its first chunk may share a chunk with pkg) stayed.
+    assert!(
+        after.backend_bytes < 41 * 30_000 + 300_000,
+        "another package is its own: {after:?}"
+    );
+    mounted.unmount().unwrap();
+}
+
 /// An executable or library (an ELF file) is read ahead whole at its first miss,
 /// as a loader faults its pages all over; a big data file is not.
 #[test]
