@@ -9,6 +9,13 @@
 //! per file. Big files are left to the reads themselves (random reads of a large
 //! file never fetch much more than they touch).
 //!
+//! An import walks a package one directory after another (numpy, then numpy/core,
+//! numpy/lib, …: on the Python service 56 of 84 misses on compiled modules were in a
+//! package already missed in). So a miss inside a package (the topmost directory of
+//! nested ones holding `__init__.py`, or the nearest holding `package.json`) also
+//! reads ahead the package's small files with the missed file's extension, in every
+//! directory of it, within `PACKAGE_BUDGET_DIRS` directory budgets, once per package.
+//!
 //! Executables and shared libraries (ELF files up to `MAX_ELF_BYTES`) are read
 //! ahead whole as soon as their first miss shows the ELF magic: a loader reads the
 //! header, then the section table at the end, then maps the file and faults pages
