@@ -529,3 +529,85 @@ fn a_published_profile_is_found_and_prefetched_on_an_image_not_built_for_it() {
         "no lookup, no profile prefetch"
     );
 }
+
+/// Opt-in, a node records an image's first start and publishes it: the first mount
+/// (`--record-first-start 1 --publish-profile`) finds no profile, records the files
+/// and ranges read in the second after its first read, keeps the profile in its cache
+/// and publishes it as a referrer of the image; a second node's plain mount finds it
+/// and prefetches those reads. The profile names paths and ranges, never content.
+#[test]
+fn a_recorded_first_start_is_published_and_prefetched_by_the_next_node() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("app/f{i}.bin"), Rng::new(600 + i).bytes(2 << 20)))
+        .collect();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        w.file(path, &Default::default(), data);
+    }
+    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.path().join("layout"), "first", "v1");
+    let image = format!("docker://{}/first:petrel", registry.addr);
+    run_ok(petrel().args(["convert", &format!("docker://{}/first:v1", registry.addr), &image]));
+
+    let cache = work.path().join("cache-1");
+    {
+        let mount = MountProcess::start(
+            &image,
+            &work.path().join("mnt-1"),
+            &cache,
+            &[
+                "--record-first-start",
+                "1",
+                "--publish-profile",
+                "--prefetch-mode",
+                "off",
+            ],
+        );
+        // The start: two files whole, the head of a third.
+        for (path, data) in &files[1..3] {
+            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
+        }
+        let head = std::fs::File::open(mount.mountpoint.join(&files[4].0)).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        std::os::unix::fs::FileExt::read_exact_at(&head, &mut buf, 0).unwrap();
+        let started = Instant::now();
+        loop {
+            let pulled = petrel().args(["profile", "pull", &image]).output().unwrap();
+            if pulled.status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "never published: {}",
+                std::fs::read_to_string(cache.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let kept: Vec<_> = std::fs::read_dir(cache.join("profiles")).unwrap().flatten().collect();
+    assert_eq!(kept.len(), 1, "the profile is kept in the node cache");
+    let profile: petrel_format::profile::Profile =
+        serde_json::from_str(&run_ok(petrel().args(["profile", "pull", &image]))).unwrap();
+    let paths: Vec<&str> = profile.entries.iter().filter_map(|e| e.path.as_deref()).collect();
+    assert_eq!(paths, ["app/f1.bin", "app/f2.bin", "app/f4.bin"], "{profile:?}");
+    let text = serde_json::to_string(&profile).unwrap();
+    assert!(text.len() < 4096, "paths and ranges only: {text}");
+
+    let cache = work.path().join("cache-2");
+    let runtime = cache.with_extension("run");
+    let mount = MountProcess::start(&image, &work.path().join("mnt-2"), &cache, &["--prefetch-mode", "off"]);
+    let before = wait_prefetched(&mount.mountpoint, &runtime, 4 << 20);
+    for (path, data) in &files[1..3] {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data);
+    }
+    let after = stats(&mount.mountpoint, &runtime);
+    assert_eq!(
+        after["backend_requests"], before["backend_requests"],
+        "the second node's start was prefetched: {after}"
+    );
+}

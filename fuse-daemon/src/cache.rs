@@ -91,6 +91,16 @@ impl ChunkCache {
         present
     }
 
+    /// Whether chunk `index` is in the store, after looking at what other processes
+    /// stored just now (a fetch is about to be spent on it otherwise).
+    pub fn is_ready_now(&self, index: u32) -> bool {
+        if self.is_ready(index) {
+            return true;
+        }
+        self.store.refresh();
+        self.is_ready(index)
+    }
+
     /// Number of this image's chunks in the store.
     pub fn ready_count(&self) -> u64 {
         (0..self.image.bootstrap().chunk_count())

@@ -246,8 +246,17 @@ impl Fetcher {
     /// Makes chunk `index` ready; `through` is the last chunk the current read needs
     /// (the fetch covers up to it when they are neighbours in the blob).
     pub fn ensure(&self, index: u32, through: u32) -> Result<ChunkBytes, Arc<DaemonError>> {
+        let mut looked_again = false;
         loop {
-            if self.cache.is_ready(index) {
+            // Before a round trip is spent on it: another process (a daemon of an
+            // image sharing the chunk) may have stored it a moment ago.
+            let mut ready = self.cache.is_ready(index);
+            if !ready && !looked_again {
+                looked_again = true;
+                let in_flight = self.in_flight.lock().expect("in-flight lock").contains_key(&index);
+                ready = !in_flight && self.cache.is_ready_now(index);
+            }
+            if ready {
                 self.stats.cache_hits.fetch_add(1, Relaxed);
                 self.note_hit(index);
                 return Ok(ChunkBytes::Cached);

@@ -53,6 +53,9 @@ pub struct MountConfig {
     pub readahead_file_max_bytes: u64,
     /// A profile whose files' ranges are prefetched first (`crate::profile_prefetch`).
     pub profile: Option<Arc<petrel_format::profile::Profile>>,
+    /// Record this long after the first read (a first start; `Mounted::first_start`),
+    /// FUSE passthrough staying on.
+    pub record_first_start: Option<std::time::Duration>,
 }
 
 impl MountConfig {
@@ -74,6 +77,7 @@ impl MountConfig {
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
             readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
             profile: None,
+            record_first_start: None,
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct Mounted {
     image: Arc<MappedImage>,
     fetcher: Arc<Fetcher>,
     prefetch: PrefetchConfig,
+    /// The recorder of a first start, if asked for.
+    first_start: Option<Arc<crate::record::Recorder>>,
     /// Turns the directory readahead off once a profile is known.
     readahead_off: Option<Arc<std::sync::atomic::AtomicBool>>,
     recording: Option<(Arc<crate::record::Recorder>, Arc<MappedImage>, PathBuf)>,
@@ -122,6 +128,16 @@ impl Mounted {
         self.recording
             .as_ref()
             .map(|(recorder, image, _)| recorder.profile(image))
+    }
+
+    /// The recorder of this mount's first start (`MountConfig::record_first_start`).
+    pub fn first_start(&self) -> Option<&Arc<crate::record::Recorder>> {
+        self.first_start.as_ref()
+    }
+
+    /// The profile a recorder of this mount holds.
+    pub fn profile_of(&self, recorder: &crate::record::Recorder) -> petrel_format::profile::Profile {
+        recorder.profile(&self.image)
     }
 
     /// Prefetches what `profile` reads (found after mounting, e.g. in the registry),
@@ -327,6 +343,13 @@ pub fn mount_with_backend(
             crate::sequential::PARALLEL,
         ));
     }
+    let first_start = config
+        .record_first_start
+        .filter(|_| recording.is_none())
+        .map(|window| Arc::new(crate::record::Recorder::for_first_start(window)));
+    if let Some(recorder) = &first_start {
+        fs = fs.with_recorder(Arc::clone(recorder));
+    }
     if let Some((recorder, ..)) = &recording {
         fs = fs.with_recorder(Arc::clone(recorder));
     } else if config.passthrough {
@@ -385,6 +408,7 @@ pub fn mount_with_backend(
         image,
         fetcher,
         prefetch: config.prefetch,
+        first_start,
         readahead_off,
         recording,
         pins,

@@ -72,6 +72,14 @@ pub struct DaemonSpec {
     /// (an OCI referrer) and prefetch it once found (the mount does not wait).
     #[serde(default = "default_true")]
     pub profile_lookup: bool,
+    /// When no profile is published for the image: record this many seconds from
+    /// the first read (the image's first start on this node), keep the profile in
+    /// the cache (`profiles/`), and with `publish_profile` publish it for the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_first_start_seconds: Option<f64>,
+    /// Publish a first-start profile in the image's registry (needs push access).
+    #[serde(default)]
+    pub publish_profile: bool,
     #[serde(default)]
     pub log_level: LogLevel,
     #[serde(default)]
@@ -214,6 +222,8 @@ impl DaemonSpec {
             record: None,
             profile: None,
             profile_lookup: true,
+            record_first_start_seconds: None,
+            publish_profile: false,
             log_level: LogLevel::default(),
             registry: RegistrySpec::default(),
             tuning: Tuning::default(),
@@ -280,6 +290,12 @@ impl DaemonSpec {
         if !(self.registry.retry_seconds.is_finite() && self.registry.retry_seconds >= 0.0) {
             return Err("registry.retry_seconds must be a number of seconds".into());
         }
+        if self
+            .record_first_start_seconds
+            .is_some_and(|s| !(s.is_finite() && s > 0.0 && s <= 3600.0))
+        {
+            return Err("record_first_start_seconds must be between 0 and 3600".into());
+        }
         Ok(())
     }
 
@@ -298,6 +314,10 @@ impl DaemonSpec {
             spec: Some(self.clone()),
             readahead_dir_bytes: self.tuning.readahead_dir_bytes,
             readahead_file_max_bytes: self.tuning.readahead_file_max_bytes,
+            record_first_start: self
+                .record_first_start_seconds
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(|s| std::time::Duration::from_secs_f64(s.min(3600.0))),
             ..crate::MountConfig::new(&self.image, &self.mountpoint, &self.cache_dir)
         }
     }

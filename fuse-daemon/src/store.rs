@@ -272,6 +272,7 @@ impl ChunkStore {
             }
             index.applied.insert(pack, start + bytes.len() as u64);
         }
+        tracing::debug!(chunks = index.chunks.len(), packs = present.len(), "store refreshed");
         drop(last);
     }
 
@@ -293,10 +294,11 @@ impl ChunkStore {
             .lock()
             .expect("refresh lock")
             .is_none_or(|at| at.elapsed() >= REFRESH_INTERVAL);
-        if !due {
-            return None;
+        if due {
+            self.refresh();
         }
-        self.refresh();
+        // Looked up again either way: a refresh by another thread may have just
+        // finished (it was waited for above).
         self.index.read().expect("index lock").chunks.get(digest).copied()
     }
 

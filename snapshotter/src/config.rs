@@ -30,6 +30,8 @@
 //! readahead_dir_bytes = 2097152        # a directory's small files, on a miss (0: off)
 //! readahead_file_max_bytes = 67108864   # files read front to back: largest window (0: off)
 //! profile_lookup = true                 # prefetch a profile published for the image (a referrer)
+//! record_first_start_seconds = 30       # none published: record the image's first start here
+//! publish_profiles = false              # and publish it for the image (needs push access)
 //! passthrough = true
 //! log_level = "warn"                    # warn, info or debug
 //! ```
@@ -121,6 +123,8 @@ pub struct DaemonSettings {
     #[serde(default, deserialize_with = "petrel_fuse_daemon::byte_size::deserialize_option")]
     pub readahead_file_max_bytes: Option<u64>,
     pub profile_lookup: Option<bool>,
+    pub record_first_start_seconds: Option<f64>,
+    pub publish_profiles: Option<bool>,
     pub passthrough: Option<bool>,
     pub log_level: Option<LogLevel>,
 }
@@ -155,6 +159,10 @@ impl DaemonSettings {
         set(&mut tuning.readahead_dir_bytes, self.readahead_dir_bytes);
         set(&mut tuning.readahead_file_max_bytes, self.readahead_file_max_bytes);
         set(&mut spec.profile_lookup, self.profile_lookup);
+        set(&mut spec.publish_profile, self.publish_profiles);
+        if self.record_first_start_seconds.is_some() {
+            spec.record_first_start_seconds = self.record_first_start_seconds;
+        }
         set(
             &mut tuning.prefetch.mode,
             self.prefetch.map(|p| match p {

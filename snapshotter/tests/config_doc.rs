@@ -63,6 +63,8 @@ fn the_reference_page_lists_every_key_and_parses() {
             readahead_dir_bytes: Some(1),
             readahead_file_max_bytes: Some(1),
             profile_lookup: Some(true),
+            record_first_start_seconds: Some(1.0),
+            publish_profiles: Some(true),
             passthrough: Some(true),
             log_level: Some(LogLevel::Debug),
         },

@@ -6,7 +6,7 @@ mod convert;
 mod image_tools;
 mod manuals;
 pub mod mount;
-mod profile;
+pub mod profile;
 mod record;
 pub mod registry_args;
 mod sandbox;

@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
         "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
-        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "profile", "no_profile_lookup", "PrefetchArgs", "RegistryArgs",
+        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "profile", "no_profile_lookup", "record_first_start", "publish_profile", "PrefetchArgs", "RegistryArgs",
     ])]
     spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -70,6 +70,15 @@ pub struct MountArgs {
     /// and prefetched once found.
     #[arg(long)]
     no_profile_lookup: bool,
+    /// When no profile is published for the image, record this many seconds from the
+    /// first read (its first start here) and keep the profile in the cache
+    /// (`<cache>/profiles/<manifest>.json`).
+    #[arg(long, value_name = "SECONDS", conflicts_with_all = ["record", "profile"])]
+    record_first_start: Option<f64>,
+    /// Publish the first-start profile for the image in its registry (an OCI referrer;
+    /// needs push access), where every other node's mounts find it.
+    #[arg(long, requires = "record_first_start")]
+    publish_profile: bool,
     /// Bound the node's chunk cache: least recently used chunks no mount pins are evicted.
     #[arg(long, value_parser = petrel_fuse_daemon::byte_size::parse)]
     cache_max_bytes: Option<u64>,
@@ -141,6 +150,8 @@ impl MountArgs {
                 record: self.record.clone(),
                 profile: self.profile.clone(),
                 profile_lookup: !self.no_profile_lookup,
+                record_first_start_seconds: self.record_first_start,
+                publish_profile: self.publish_profile,
                 registry: self.registry.registry_spec(),
                 tuning: Tuning {
                     amplify_bytes: self.amplify_bytes,
@@ -266,12 +277,94 @@ pub fn read_profile(path: &std::path::Path) -> anyhow::Result<petrel_format::pro
     petrel_format::profile::Profile::parse(&bytes).map_err(|e| anyhow::anyhow!("profile {}: {e}", path.display()))
 }
 
+/// The recording of an image's first start on this node (`--record-first-start`).
+struct FirstStart {
+    recorder: Option<std::sync::Arc<petrel_fuse_daemon::record::Recorder>>,
+    cache_dir: PathBuf,
+    /// The image's manifest digest (or name): the profile's file name.
+    name: String,
+    /// Where to publish it: client, repository, manifest digest.
+    publish_to: Option<(std::sync::Arc<petrel_registry::RegistryClient>, String, String)>,
+}
+
+impl FirstStart {
+    fn cancel(&mut self) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.stop();
+            tracing::info!("a profile is published for the image: first start not recorded");
+        }
+    }
+
+    /// Once the window after the first read is over: keeps the profile in the cache
+    /// and publishes it (in the background) if asked to.
+    fn finish_when_due(&mut self, mounted: &petrel_fuse_daemon::mount::Mounted) {
+        if self.recorder.as_ref().is_some_and(|r| r.window_is_over()) {
+            self.finish(mounted);
+        }
+    }
+
+    /// At unmount before the window is over: keeps what was recorded in the cache
+    /// (not published: a start cut short says little).
+    fn finish_at_unmount(&mut self, mounted: &petrel_fuse_daemon::mount::Mounted) {
+        self.publish_to = None;
+        self.finish(mounted);
+    }
+
+    fn finish(&mut self, mounted: &petrel_fuse_daemon::mount::Mounted) {
+        let Some(recorder) = self.recorder.take() else { return };
+        recorder.stop();
+        if recorder.is_empty() {
+            return;
+        }
+        let profile = mounted.profile_of(&recorder);
+        let dir = self.cache_dir.join("profiles");
+        let path = dir.join(format!("{}.json", self.name.replace([':', '/'], "_")));
+        let text = serde_json::to_vec_pretty(&profile).expect("serializable");
+        match petrel_fuse_daemon::store::create_private_dir(&dir).map(|()| std::fs::write(&path, &text)) {
+            Ok(Ok(())) => tracing::info!(path = %path.display(), files = profile.entries.len(), "first start recorded"),
+            Ok(Err(e)) => tracing::warn!(path = %path.display(), "cannot keep the first-start profile: {e}"),
+            Err(e) => tracing::warn!("cannot keep the first-start profile: {e}"),
+        }
+        let Some((client, repository, manifest)) = self.publish_to.take() else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let subject = client
+                .get_manifest(&repository, &manifest)
+                .map(|(bytes, media_type, digest)| petrel_registry::oci::Descriptor {
+                    media_type,
+                    digest,
+                    size: bytes.len() as u64,
+                    ..Default::default()
+                });
+            let pushed = subject.and_then(|subject| {
+                let annotations = [(
+                    petrel_registry::client::referrers::ANNOTATION_CREATED.to_string(),
+                    crate::cli::profile::now_rfc3339(),
+                )]
+                .into();
+                client.push_referrer(
+                    &repository,
+                    &subject,
+                    petrel_registry::client::referrers::PROFILE_ARTIFACT_TYPE,
+                    &text,
+                    annotations,
+                )
+            });
+            match pushed {
+                Ok(digest) => tracing::info!(%digest, "first-start profile published for the image"),
+                Err(e) => tracing::warn!("cannot publish the first-start profile: {e}"),
+            }
+        });
+    }
+}
+
 /// Looks for a profile published for the image, in the background: the mount never
 /// waits for it. Sends it once found.
 fn look_up_profile(
     referrers: ReferrerSource,
     bootstrap: PathBuf,
-    found: std::sync::mpsc::Sender<petrel_format::profile::Profile>,
+    found: std::sync::mpsc::Sender<Option<petrel_format::profile::Profile>>,
 ) {
     let _ = std::thread::Builder::new()
         .name("petrel-profile-lookup".into())
@@ -291,10 +384,16 @@ fn look_up_profile(
             ) {
                 Ok(Some((artifact, profile))) => {
                     tracing::info!(%artifact, files = profile.entries.len(), "found a profile published for the image");
-                    let _ = found.send(profile);
+                    let _ = found.send(Some(profile));
                 }
-                Ok(None) => tracing::info!("no profile is published for the image"),
-                Err(e) => tracing::warn!("looking for a published profile: {e}"),
+                Ok(None) => {
+                    tracing::info!("no profile is published for the image");
+                    let _ = found.send(None);
+                }
+                Err(e) => {
+                    tracing::warn!("looking for a published profile: {e}");
+                    let _ = found.send(None);
+                }
             }
         });
 }
@@ -355,11 +454,25 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
         .with_context(|| format!("mounting {} at {}", spec.image, spec.mountpoint.display()))?;
     tracing::info!(mountpoint = %spec.mountpoint.display(), "mounted");
     let (profile_tx, profile_rx) = std::sync::mpsc::channel();
+    let publish_to = referrers.as_ref().filter(|_| spec.publish_profile).map(|r| {
+        (
+            std::sync::Arc::clone(&r.client),
+            r.repository.clone(),
+            r.manifest_digest.clone(),
+        )
+    });
+    let manifest = referrers.as_ref().map(|r| r.manifest_digest.clone());
     if let Some(referrers) =
         referrers.filter(|_| spec.profile.is_none() && spec.profile_lookup && spec.record.is_none())
     {
         look_up_profile(referrers, bootstrap.clone(), profile_tx);
     }
+    let mut first_start = FirstStart {
+        recorder: mounted.first_start().cloned(),
+        cache_dir: spec.cache_dir.clone(),
+        name: manifest.unwrap_or_else(|| name.clone()),
+        publish_to,
+    };
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let signal_tx = tx.clone();
@@ -369,10 +482,13 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
         }
     });
     loop {
-        if let Ok(profile) = profile_rx.try_recv() {
+        if let Ok(Some(profile)) = profile_rx.try_recv() {
             let (files, ranges) = mounted.prefetch_profile(&profile);
             tracing::info!(files, ranges, "prefetching the published profile");
+            // Someone recorded this image already: no first-start recording.
+            first_start.cancel();
         }
+        first_start.finish_when_due(&mounted);
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(_) => break,
             Err(_) if mounted.is_finished() => {
@@ -382,6 +498,7 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
             Err(_) => {}
         }
     }
+    first_start.finish_at_unmount(&mounted);
     mounted.unmount()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -41,7 +41,7 @@ enum ProfileCommand {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of now.
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
