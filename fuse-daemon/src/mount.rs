@@ -156,7 +156,7 @@ impl Mounted {
             &self.image,
             Arc::clone(&self.fetcher),
             plan.ranges,
-            self.prefetch,
+            crate::profile_prefetch::prefetch_config(self.prefetch),
         ));
         sizes
     }
@@ -399,8 +399,12 @@ pub fn mount_with_backend(
     if config.prefetch.mode != crate::prefetch::PrefetchMode::Off {
         ranges.extend(crate::prefetch::prefetch_ranges(&image, config.prefetch.mode));
     }
+    let prefetch = match config.profile {
+        Some(_) => crate::profile_prefetch::prefetch_config(config.prefetch),
+        None => config.prefetch,
+    };
     let prefetcher =
-        (!ranges.is_empty()).then(|| Prefetcher::start_ranges(&image, Arc::clone(&fetcher), ranges, config.prefetch));
+        (!ranges.is_empty()).then(|| Prefetcher::start_ranges(&image, Arc::clone(&fetcher), ranges, prefetch));
     Ok(Mounted {
         session: Some(session),
         prefetcher,

@@ -28,6 +28,20 @@ const WAVE_BYTES: u64 = 4 << 20;
 /// Stored bytes between two wanted chunks fetched anyway to merge their requests.
 const GAP_BYTES: u64 = 64 << 10;
 
+/// Range requests in flight at once for a profile's chunks at least: on an image
+/// not optimized for the profile they are scattered, so there are many small
+/// requests, each paying a round trip (measured on the Python service over 100 Mbit/s
+/// and 20 ms: 225 requests).
+pub const PARALLEL: usize = 8;
+
+/// The prefetch settings a profile's chunks are fetched with.
+pub fn prefetch_config(base: crate::prefetch::PrefetchConfig) -> crate::prefetch::PrefetchConfig {
+    crate::prefetch::PrefetchConfig {
+        parallel: base.parallel.max(PARALLEL),
+        ..base
+    }
+}
+
 /// What a profile asks of an image.
 #[derive(Debug, Default)]
 pub struct ProfilePlan {
