@@ -188,6 +188,18 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// `coldstart`: the startups of every stack over both shaped links of the issue
+/// tracker's measurements (100 Mbit/s + 20 ms, then 20 Mbit/s + 50 ms), in one run;
+/// other arguments as for `apps` (`--app`, `--rounds`).
+pub fn run_coldstart(args: &[String]) -> anyhow::Result<()> {
+    for (mbit, rtt_ms) in [("100", "20"), ("20", "50")] {
+        let mut with_link: Vec<String> = args.to_vec();
+        with_link.extend(["--mbit".into(), mbit.into(), "--rtt-ms".into(), rtt_ms.into()]);
+        run(&with_link)?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut rounds = 3usize;
     let mut rtt_ms = 20.0f64;
