@@ -553,17 +553,11 @@ impl RegistryClient {
             .find(|base| url.starts_with(&format!("{base}/")))
     }
 
-    /// Fetches a manifest or index: (bytes, media type, digest). A digest reference
-    /// is verified against the bytes.
-    pub fn get_manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
-        let path = format!("/v2/{repository}/manifests/{reference}");
+    /// A small document (at most `MAX_MANIFEST_BYTES`) at `path`, from the first
+    /// source that has it: (bytes, declared content type).
+    fn get_small(&self, path: &str, accept: &str, what: &str) -> Result<(Vec<u8>, Option<String>)> {
         let deadline = read_deadline(&self.retry, MAX_MANIFEST_BYTES);
-        let response = self.get_from_any(
-            &path,
-            &|r| r.header(ACCEPT, MANIFEST_ACCEPT),
-            &|s| s.is_success(),
-            Some(deadline),
-        )?;
+        let response = self.get_from_any(path, &|r| r.header(ACCEPT, accept), &|s| s.is_success(), Some(deadline))?;
         let declared = response
             .headers()
             .get(CONTENT_TYPE)
@@ -577,15 +571,24 @@ impl RegistryClient {
         .take(MAX_MANIFEST_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| RegistryError::BadContent {
-            what: format!("manifest {repository}:{reference}"),
+            what: what.to_string(),
             reason: e.to_string(),
         })?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(RegistryError::BadContent {
-                what: format!("manifest {repository}:{reference}"),
+                what: what.to_string(),
                 reason: "larger than 8 MiB".into(),
             });
         }
+        Ok((bytes, declared))
+    }
+
+    /// Fetches a manifest or index: (bytes, media type, digest). A digest reference
+    /// is verified against the bytes.
+    pub fn get_manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let (bytes, declared) =
+            self.get_small(&path, MANIFEST_ACCEPT, &format!("manifest {repository}:{reference}"))?;
         let digest = sha256_digest(&bytes);
         if reference.starts_with("sha256:") && digest != reference {
             return Err(RegistryError::DigestMismatch {

@@ -5,12 +5,10 @@
 //! index tagged `sha256-<hex>` listing the referrers. Pushing sets `subject` and,
 //! when the registry does not answer the referrers API, updates that index too.
 
-use super::{read_deadline, DeadlineReader, RegistryClient, MAX_MANIFEST_BYTES};
+use super::RegistryClient;
 use crate::error::{RegistryError, Result};
 use crate::oci::{sha256_digest, Descriptor, Index, Manifest, OCI_INDEX, OCI_MANIFEST};
-use reqwest::header::ACCEPT;
 use std::collections::BTreeMap;
-use std::io::Read;
 
 /// The artifact type of a petrel prefetch profile.
 pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.dev.petrel.profile.v1+json";
@@ -39,28 +37,9 @@ fn query_escape(text: &str) -> String {
 }
 
 impl RegistryClient {
-    /// A small JSON document (at most `MAX_MANIFEST_BYTES`) at `path`.
+    /// A small JSON document at `path`.
     fn get_small_json(&self, path: &str, accept: &str) -> Result<Vec<u8>> {
-        let deadline = read_deadline(&self.retry, MAX_MANIFEST_BYTES);
-        let response = self.get_from_any(path, &|r| r.header(ACCEPT, accept), &|s| s.is_success(), Some(deadline))?;
-        let mut bytes = Vec::new();
-        DeadlineReader {
-            inner: response,
-            deadline,
-        }
-        .take(MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| RegistryError::BadContent {
-            what: path.to_string(),
-            reason: e.to_string(),
-        })?;
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(RegistryError::BadContent {
-                what: path.to_string(),
-                reason: "larger than 8 MiB".into(),
-            });
-        }
-        Ok(bytes)
+        self.get_small(path, accept, path).map(|(bytes, _)| bytes)
     }
 
     /// Manifests of artifact type `artifact_type` whose `subject` is the manifest
