@@ -387,6 +387,15 @@ impl Fetcher {
         (next, bytes)
     }
 
+    /// Fetches the missing chunks of `[start, end)` for readers to come (readahead),
+    /// `window` stored bytes per request.
+    pub fn read_ahead(&self, start: u32, end: u32, window: u64) {
+        let mut at = start;
+        while at < end {
+            (at, _) = self.prefetch_from(at, end, window, ReadPurpose::Reader);
+        }
+    }
+
     /// Counts a read served by a chunk the prefetcher brought in.
     pub fn note_hit(&self, index: u32) {
         if self.prefetched.take(index) {

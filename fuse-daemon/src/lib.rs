@@ -11,6 +11,7 @@ pub mod error;
 pub mod fetch;
 pub mod fs;
 pub mod image;
+pub mod job_queue;
 pub mod mount;
 pub mod pack;
 pub mod passthrough;

@@ -28,14 +28,13 @@
 //! profile knows better than a guess (measured: guessing on top of a profile made
 //! the Python service start 1.3x slower).
 
-use crate::backend::ReadPurpose;
 use crate::fetch::Fetcher;
 use crate::image::MappedImage;
+use crate::job_queue::{JobQueue, Take};
 use petrel_format::reader::SegmentSource;
 use petrel_format::FileKind;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
 /// Files up to this size are read ahead whole with their directory.
 pub const SMALL_FILE_BYTES: u64 = 1 << 20;
@@ -73,8 +72,7 @@ struct Shared {
     package_done: Vec<AtomicU64>,
     /// Per inode: reads of it that missed the cache (saturating).
     misses: Vec<std::sync::atomic::AtomicU8>,
-    queue: Mutex<(VecDeque<Job>, bool)>,
-    wake: Condvar,
+    queue: JobQueue<Job>,
     /// Set once a profile is found for the mount: it knows better than a guess.
     off: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -108,8 +106,7 @@ impl DirReadahead {
             done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             package_done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             misses: (0..inodes).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
-            queue: Mutex::new((VecDeque::new(), false)),
-            wake: Condvar::new(),
+            queue: JobQueue::new(MAX_QUEUED, Take::Newest),
             off: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
         for _ in 0..parallel.max(1) {
@@ -145,7 +142,7 @@ impl DirReadahead {
             .get(ino as usize)
             .map_or(0, |m| m.fetch_add(1, Relaxed).saturating_add(1));
         if misses == 1 && shared.elf_sized(ino) {
-            shared.enqueue_jobs(vec![Job::ElfProbe(ino)]);
+            shared.queue.push([Job::ElfProbe(ino)]);
         }
         let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
             return;
@@ -177,26 +174,13 @@ fn first_time(bits: &[AtomicU64], index: u32) -> bool {
 
 impl Drop for DirReadahead {
     fn drop(&mut self) {
-        self.shared.queue.lock().expect("readahead lock").1 = true;
-        self.shared.wake.notify_all();
+        self.shared.queue.close();
     }
 }
 
 impl Shared {
     fn enqueue(&self, ranges: Vec<(u32, u32)>) {
-        self.enqueue_jobs(ranges.into_iter().map(|(a, b)| Job::Chunks(a, b)).collect());
-    }
-
-    fn enqueue_jobs(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() {
-            return;
-        }
-        let mut queue = self.queue.lock().expect("readahead lock");
-        queue.0.extend(jobs);
-        while queue.0.len() > MAX_QUEUED {
-            queue.0.pop_front();
-        }
-        self.wake.notify_all();
+        self.queue.push(ranges.into_iter().map(|(a, b)| Job::Chunks(a, b)));
     }
 
     /// Whether file `ino` is a regular file of a size an ELF file is read whole at.
@@ -244,10 +228,7 @@ impl Shared {
             })
             .collect();
         for (start, end) in merge(chunks) {
-            let mut at = start;
-            while at < end {
-                (at, _) = self.fetcher.prefetch_from(at, end, REQUEST_BYTES, ReadPurpose::Reader);
-            }
+            self.fetcher.read_ahead(start, end, REQUEST_BYTES);
         }
     }
 
@@ -402,29 +383,10 @@ impl Shared {
     }
 
     fn work(&self) {
-        loop {
-            let job = {
-                let mut queue = self.queue.lock().expect("readahead lock");
-                loop {
-                    if queue.1 {
-                        return;
-                    }
-                    if let Some(job) = queue.0.pop_back() {
-                        break job;
-                    }
-                    queue = self.wake.wait(queue).expect("readahead lock");
-                }
-            };
-            let (start, end) = match job {
-                Job::Chunks(start, end) => (start, end),
-                Job::ElfProbe(ino) => {
-                    self.probe_elf(ino);
-                    continue;
-                }
-            };
-            let mut at = start;
-            while at < end {
-                (at, _) = self.fetcher.prefetch_from(at, end, REQUEST_BYTES, ReadPurpose::Reader);
+        while let Some(job) = self.queue.next() {
+            match job {
+                Job::Chunks(start, end) => self.fetcher.read_ahead(start, end, REQUEST_BYTES),
+                Job::ElfProbe(ino) => self.probe_elf(ino),
             }
         }
     }

@@ -11,12 +11,12 @@
 //! (several FUSE threads); a read within `SLACK` of where the stream stands
 //! continues it.
 
-use crate::backend::ReadPurpose;
 use crate::fetch::Fetcher;
 use crate::image::MappedImage;
+use crate::job_queue::{JobQueue, Take};
 use petrel_format::reader::SegmentSource;
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// The default largest window a stream grows to, in file bytes.
 pub const DEFAULT_MAX_WINDOW: u64 = 64 << 20;
@@ -53,8 +53,7 @@ struct Shared {
     fetcher: Arc<Fetcher>,
     max_window: u64,
     streams: Mutex<HashMap<u32, Stream>>,
-    queue: Mutex<(VecDeque<(u32, u32)>, bool)>,
-    wake: Condvar,
+    queue: JobQueue<(u32, u32)>,
 }
 
 /// Sequential readahead of one mount; stops its threads when dropped.
@@ -97,8 +96,7 @@ impl SequentialReadahead {
             fetcher,
             max_window,
             streams: Mutex::new(HashMap::new()),
-            queue: Mutex::new((VecDeque::new(), false)),
-            wake: Condvar::new(),
+            queue: JobQueue::new(MAX_QUEUED, Take::Oldest),
         });
         for _ in 0..parallel.max(1) {
             let shared = Arc::clone(&shared);
@@ -123,15 +121,14 @@ impl SequentialReadahead {
         };
         if let Some((from, to)) = wanted {
             let jobs = shared.requests(ino, from, to);
-            shared.enqueue(jobs);
+            shared.queue.push(jobs);
         }
     }
 }
 
 impl Drop for SequentialReadahead {
     fn drop(&mut self) {
-        self.shared.queue.lock().expect("readahead lock").1 = true;
-        self.shared.wake.notify_all();
+        self.shared.queue.close();
     }
 }
 
@@ -177,36 +174,9 @@ impl Shared {
         jobs
     }
 
-    fn enqueue(&self, jobs: Vec<(u32, u32)>) {
-        if jobs.is_empty() {
-            return;
-        }
-        let mut queue = self.queue.lock().expect("readahead lock");
-        queue.0.extend(jobs);
-        while queue.0.len() > MAX_QUEUED {
-            queue.0.pop_front();
-        }
-        self.wake.notify_all();
-    }
-
     fn work(&self) {
-        loop {
-            let (start, end) = {
-                let mut queue = self.queue.lock().expect("readahead lock");
-                loop {
-                    if queue.1 {
-                        return;
-                    }
-                    if let Some(job) = queue.0.pop_front() {
-                        break job;
-                    }
-                    queue = self.wake.wait(queue).expect("readahead lock");
-                }
-            };
-            let mut at = start;
-            while at < end {
-                (at, _) = self.fetcher.prefetch_from(at, end, REQUEST_BYTES, ReadPurpose::Reader);
-            }
+        while let Some((start, end)) = self.queue.next() {
+            self.fetcher.read_ahead(start, end, REQUEST_BYTES);
         }
     }
 }
