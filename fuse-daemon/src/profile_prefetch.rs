@@ -6,8 +6,9 @@
 //! each wave in blob order with small gaps bridged, so a wave is a few merged range
 //! requests rather than one per file.
 //!
-//! A profile may come from a stranger (a registry): its size, its entries and its
-//! patterns are bounded, and paths it names that the image lacks are skipped.
+//! A profile may come from a stranger (a registry): its size, its entries, its
+//! patterns and how many directories and patterns are expanded are bounded, and
+//! paths it names that the image lacks are skipped.
 
 use crate::image::MappedImage;
 use petrel_format::profile::{glob_match, Profile};
@@ -23,6 +24,9 @@ const MAX_ENTRIES: usize = 200_000;
 const MAX_RANGES_PER_ENTRY: usize = 4096;
 /// Wildcards one pattern may hold (each `**` is a search over the path).
 const MAX_WILDCARDS: usize = 4;
+/// Entries naming a directory or a pattern that are expanded (each one a pass over
+/// every file of the image); the rest are skipped.
+const MAX_EXPANSIONS: usize = 64;
 /// Stored bytes of first-accessed chunks taken together, in blob order.
 const WAVE_BYTES: u64 = 4 << 20;
 /// Stored bytes between two wanted chunks fetched anyway to merge their requests.
@@ -71,7 +75,10 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
     }
     let mut plan = ProfilePlan::default();
     let mut wanted: Vec<(u32, Option<&[[u64; 2]]>)> = Vec::new();
+    // Files already wanted whole: naming one again (a directory, a pattern) adds nothing.
+    let mut whole_files = HashSet::new();
     let mut seen_files = HashSet::new();
+    let mut expansions = 0usize;
     for entry in profile.entries.iter().take(MAX_ENTRIES) {
         let Some(raw) = entry.path_bytes() else {
             plan.skipped += 1;
@@ -79,10 +86,15 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
         };
         let path = raw.strip_prefix(b"/").unwrap_or(&raw);
         let ranges = entry.ranges.as_deref();
-        let before = wanted.len();
+        // Whether the entry names something in the image (that may be wanted already).
+        let mut named = false;
         let wildcards = path.iter().filter(|b| b"*?".contains(b)).count();
-        if wildcards > MAX_WILDCARDS {
-            // Refused, not searched: a stranger's pattern must not cost unbounded time.
+        let expands = wildcards > 0 || (!files.contains_key(path) && dirs.contains(path));
+        if expands {
+            expansions += 1;
+        }
+        if wildcards > MAX_WILDCARDS || (expands && expansions > MAX_EXPANSIONS) {
+            // Refused, not searched: a stranger's patterns must not cost unbounded time.
         } else if wildcards > 0 {
             let mut matched: Vec<(&Vec<u8>, u32)> = files
                 .iter()
@@ -90,9 +102,18 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
                 .map(|(p, i)| (p, *i))
                 .collect();
             matched.sort();
-            wanted.extend(matched.into_iter().map(|(_, ino)| (ino, None)));
+            named = !matched.is_empty();
+            wanted.extend(
+                matched
+                    .into_iter()
+                    .filter(|(_, ino)| whole_files.insert(*ino))
+                    .map(|(_, ino)| (ino, None)),
+            );
         } else if let Some(&ino) = files.get(path) {
-            wanted.push((ino, ranges));
+            named = true;
+            if ranges.is_some() || whole_files.insert(ino) {
+                wanted.push((ino, ranges));
+            }
         } else if dirs.contains(path) {
             let mut below: Vec<(&Vec<u8>, u32)> = files
                 .iter()
@@ -100,9 +121,15 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
                 .map(|(p, i)| (p, *i))
                 .collect();
             below.sort();
-            wanted.extend(below.into_iter().map(|(_, ino)| (ino, None)));
+            named = true;
+            wanted.extend(
+                below
+                    .into_iter()
+                    .filter(|(_, ino)| whole_files.insert(*ino))
+                    .map(|(_, ino)| (ino, None)),
+            );
         }
-        if wanted.len() == before {
+        if !named {
             plan.skipped += 1;
         }
     }

@@ -67,6 +67,20 @@ fn a_strangers_profile_is_planned_within_bounds() {
 }
 
 #[test]
+fn a_profile_naming_the_root_again_and_again_costs_a_bounded_amount() {
+    let (_dir, image) = image();
+    let entries: Vec<String> = (0..200_000).map(|_| r#"{"path": "/"}"#.to_string()).collect();
+    let text = format!(r#"{{"petrel_profile": 1, "entries": [{}]}}"#, entries.join(","));
+    let started = std::time::Instant::now();
+    let planned = plan(&image, &Profile::parse(text.as_bytes()).unwrap());
+    assert_eq!(planned.files, 7, "every file once");
+    assert_eq!(chunks(&planned.ranges), 6 * 4 + 1);
+    assert_eq!(planned.skipped, 200_000 - 64, "expansions beyond the bound are skipped");
+    // Not a timing assertion on speed: a guard against a pass per entry over the tree.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
 fn profile_order_leads_and_a_wave_is_merged_in_blob_order() {
     let (_dir, image) = image();
     // Six 1 MiB files of random bytes (four 256 KiB chunks each, stored at their size),
