@@ -998,6 +998,11 @@ fn the_next_release_reuses_the_profile_kept_with_the_image() {
     .unwrap();
     let kept = &manifest.annotations[petrel_registry::oci::ANNOTATION_PROFILE];
     assert!(kept.contains("usr/bin/python3"), "{kept}");
+    // The converted image points at its source with `subject`.
+    let source = petrel_registry::layout::OciLayout::open(&work.path().join("v2")).unwrap();
+    let source = source.resolve(Some("v1")).unwrap();
+    let subject = manifest.subject.as_ref().expect("subject");
+    assert_eq!((&subject.digest, subject.size), (&source.digest, source.size));
     let bootstrap = layout
         .read_blob(
             &petrel_registry::oci::bootstrap_layer(&manifest).unwrap().digest,

@@ -393,6 +393,14 @@ fn convert_one(
             ..Default::default()
         },
         layers,
+        // The source image, so signature and SBOM tooling finds one from the other
+        // (the referrers API lists the petrel image under the original).
+        subject: Some(Descriptor {
+            media_type: source_manifest.media_type.clone(),
+            digest: source_manifest.digest.clone(),
+            size: source_manifest.size,
+            ..Default::default()
+        }),
         annotations: manifest_annotations(&source_manifest.digest, options.profile.as_ref()),
         ..Default::default()
     };

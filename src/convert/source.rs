@@ -18,6 +18,9 @@ const MAX_SMALL_BLOB: u64 = 16 << 20;
 pub struct SourceManifest {
     pub manifest: Manifest,
     pub digest: String,
+    /// Its media type and size: the converted image's `subject` points at it.
+    pub media_type: String,
+    pub size: u64,
     pub platform: Option<Platform>,
 }
 
@@ -125,6 +128,8 @@ impl Source {
                 vec![SourceManifest {
                     manifest,
                     digest,
+                    media_type,
+                    size: bytes.len() as u64,
                     platform: None,
                 }],
                 false,
@@ -152,7 +157,7 @@ impl Source {
         }
         let mut out = Vec::new();
         for descriptor in chosen.into_iter().take(if all_platforms { usize::MAX } else { 1 }) {
-            let (bytes, _, digest) = self.fetch_manifest(Some(&descriptor.digest))?;
+            let (bytes, media_type, digest) = self.fetch_manifest(Some(&descriptor.digest))?;
             if digest != descriptor.digest {
                 bail!(
                     "manifest {} of {} does not match its digest",
@@ -165,6 +170,8 @@ impl Source {
             out.push(SourceManifest {
                 manifest,
                 digest,
+                media_type,
+                size: bytes.len() as u64,
                 platform: descriptor.platform.clone(),
             });
         }
