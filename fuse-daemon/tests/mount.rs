@@ -40,6 +40,19 @@ impl Fixture {
     }
 }
 
+/// Waits until the mount's background readahead is quiet (nothing fetched in 50 ms).
+fn wait_until_quiet(mounted: &petrel_fuse_daemon::mount::Mounted) {
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let fetched = mounted.stats().chunks_fetched;
+        if fetched == last {
+            return;
+        }
+        last = fetched;
+    }
+}
+
 fn big_files() -> Vec<(String, Vec<u8>)> {
     (0..6)
         .map(|i| {
@@ -361,15 +374,7 @@ fn a_miss_reads_its_directory_small_files_ahead() {
         let root = mounted.mountpoint().to_path_buf();
         assert_eq!(std::fs::read(root.join("app/mod00.py")).unwrap(), module(0));
         // The readahead runs in the background: wait until it is quiet.
-        let mut last = u64::MAX;
-        for _ in 0..100 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let fetched = mounted.stats().chunks_fetched;
-            if fetched == last {
-                break;
-            }
-            last = fetched;
-        }
+        wait_until_quiet(&mounted);
         let before = mounted.stats();
         for i in 1..50 {
             assert_eq!(
@@ -458,15 +463,7 @@ fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
         std::fs::read(root.join("site/pkg/__pycache__/__init__.cpython-311.pyc")).unwrap(),
         body(0)
     );
-    let mut last = u64::MAX;
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let fetched = mounted.stats().chunks_fetched;
-        if fetched == last {
-            break;
-        }
-        last = fetched;
-    }
+    wait_until_quiet(&mounted);
     let before = mounted.stats();
     for (n, sub) in subs.iter().enumerate() {
         for m in 0..5u64 {
@@ -507,17 +504,6 @@ fn an_elf_file_is_read_ahead_whole_at_its_first_miss() {
     config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
     let mounted = mount(&config).unwrap();
     let root = mounted.mountpoint().to_path_buf();
-    let quiet = || {
-        let mut last = u64::MAX;
-        for _ in 0..100 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let fetched = mounted.stats().chunks_fetched;
-            if fetched == last {
-                return;
-            }
-            last = fetched;
-        }
-    };
     // One read of each file's header: its first miss.
     let mut buf = vec![0u8; 4096];
     for (path, content) in [("lib/libfoo.so", &elf), ("var/data.bin", &data)] {
@@ -525,7 +511,7 @@ fn an_elf_file_is_read_ahead_whole_at_its_first_miss() {
         file.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf[..], &content[..4096]);
     }
-    quiet();
+    wait_until_quiet(&mounted);
     let before = mounted.stats();
     assert_eq!(std::fs::read(root.join("lib/libfoo.so")).unwrap(), elf);
     let after_elf = mounted.stats();
