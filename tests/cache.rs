@@ -298,3 +298,130 @@ fn a_pinned_warm_survives_gc_until_it_is_removed() {
     let listing: serde_json::Value = serde_json::from_str(&petrel_cache(&["ls", "--json"])).unwrap();
     assert_eq!(listing["chunks"], 0, "{listing}");
 }
+
+/// Bytes of the pack files under `cache/packs` (chunk and file packs alike).
+fn pack_bytes(cache: &Path) -> u64 {
+    std::fs::read_dir(cache.join("packs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Bytes of every file under `dir` (links not followed).
+fn tree_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((std::fs::symlink_metadata(e.path()).ok()?, e.path())))
+        .map(|(meta, path)| match meta.is_dir() {
+            true => tree_bytes(&path),
+            false if meta.is_file() => meta.len(),
+            false => 0,
+        })
+        .sum()
+}
+
+/// Materialized files under `cache/files` that resolve to a file.
+fn materialized_files(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("files"))
+        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0)
+}
+
+/// A file read and opened again is materialized for passthrough as a file pack, the
+/// cache's only copy of its chunks: what it replaced is compacted away (the cache
+/// stays within 1.1x the image's data), and both the chunks compaction moved (read
+/// through FUSE) and the backing files serve a new daemon the right bytes. A daemon
+/// killed with SIGKILL at any moment of that (materializing, compacting) leaves a
+/// cache that `cache verify` finds clean and that serves the right bytes.
+#[test]
+fn a_materialized_file_is_the_only_copy_of_its_chunks_and_compaction_keeps_every_byte() {
+    if !fuse_available() {
+        return;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) < (6, 9) {
+        petrel_fixtures::report_skip("needs FUSE passthrough (Linux 6.9+)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    // Large files (materialized) between small ones (kept in chunk packs), so the
+    // packs the large files' chunks leave also hold chunks that must move.
+    let files: Vec<(String, Vec<u8>)> = (0..12u64)
+        .map(|i| {
+            let size = if i % 3 == 1 { 3 << 20 } else { 40 << 10 };
+            (format!("f{i:02}.bin"), Rng::new(900 + i).bytes(size))
+        })
+        .collect();
+    let image = build(work.path(), "img", &files);
+    let data: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    let large = files.iter().filter(|(_, d)| d.len() > 1 << 20).count();
+    let read_all = |mount: &MountProcess| {
+        for (path, bytes) in &files {
+            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), bytes, "{path}");
+        }
+    };
+    let args = ["--prefetch", "off", "--readahead-dir-bytes", "0"];
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let verify_clean = |cache: &Path| {
+        let out = petrel()
+            .args(["cache", "verify", "--cache-dir"])
+            .arg(cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+
+    let cache = work.path().join("cache");
+    {
+        let mount = MountProcess::start(image.to_str().unwrap(), &work.path().join("mnt"), &cache, &args);
+        read_all(&mount);
+        assert!(pack_bytes(&cache) >= data, "every chunk is stored once read");
+        // Opened again, every chunk cached: materialized during the open.
+        read_all(&mount);
+        assert_eq!(materialized_files(&cache), large);
+        wait_for(
+            &format!(
+                "compaction: a {} byte cache for {data} bytes of files",
+                tree_bytes(&cache)
+            ),
+            &|| tree_bytes(&cache) * 10 <= data * 11,
+        );
+    }
+    let mount = MountProcess::start(image.to_str().unwrap(), &work.path().join("mnt"), &cache, &args);
+    read_all(&mount);
+    let stats = stats(&mount.mountpoint, &cache.with_extension("run"));
+    assert_eq!(stats["backend_requests"], 0, "nothing fetched again: {stats}");
+    drop(mount);
+    let report = verify_clean(&cache);
+    assert_eq!(report["files_checked"], large as u64, "{report}");
+
+    for (attempt, delay) in [0u64, 30, 150, 600].into_iter().enumerate() {
+        let cache = work.path().join(format!("cache-{attempt}"));
+        let mount = MountProcess::start(image.to_str().unwrap(), &work.path().join("mnt"), &cache, &args);
+        read_all(&mount);
+        read_all(&mount);
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        mount.kill_9();
+        verify_clean(&cache);
+        let mount = MountProcess::start(image.to_str().unwrap(), &work.path().join("mnt"), &cache, &args);
+        read_all(&mount);
+        read_all(&mount);
+        drop(mount);
+        let report = verify_clean(&cache);
+        assert_eq!(report["chunks_bad"], 0, "{report}");
+    }
+}

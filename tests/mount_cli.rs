@@ -297,8 +297,8 @@ fn fully_cached_files_are_opened_with_a_backing_file() {
     assert_eq!(stats_of(&setup)["passthrough_opens"], 1);
     drop(held);
 
-    // GC removes materialized files first; an open file keeps reading, new opens
-    // work from whatever is left.
+    // GC removes the file pack (the materialized file, the only copy of its
+    // chunks); an open file keeps reading, new opens fetch again.
     let open = std::fs::File::open(&path).unwrap();
     let out = petrel()
         .args(["cache", "gc", "--max-bytes", "0", "--cache-dir"])
@@ -527,6 +527,9 @@ fn rotten_cache_bytes_are_found_and_never_served() {
     mount();
     assert_eq!(&std::fs::read(&path).unwrap(), data);
     assert_eq!(&std::fs::read(&path).unwrap(), data, "the second open materializes it");
+    // Read once only: its chunks stay in a pack of chunks.
+    let (other_name, other_data) = &files()[0];
+    assert_eq!(&std::fs::read(setup.mountpoint.join(other_name)).unwrap(), other_data);
     umount();
     let (code, report) = verify(false);
     assert_eq!(code, Some(0), "{report}");
@@ -550,18 +553,13 @@ fn rotten_cache_bytes_are_found_and_never_served() {
     for file in &materialized {
         flip(file, data.len() as u64 / 2);
     }
-    // The first byte of a pack is the first byte of the first chunk stored in it.
-    let mut packs: Vec<_> = std::fs::read_dir(cache.join("packs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "pack") && p.metadata().unwrap().len() > 0)
-        .collect();
-    packs.sort();
-    flip(&packs[0], 0);
+    // And one chunk still stored in a pack of chunks (the materialized file holds its
+    // own chunks: the byte flipped there is a bad chunk too).
+    let (pack, offset) = live_chunk_in_a_chunk_pack(&cache.join("packs"));
+    flip(&pack, offset);
     let (code, report) = verify(false);
     assert_eq!(code, Some(1), "{report}");
-    assert_eq!(report["chunks_bad"], 1, "{report}");
+    assert_eq!(report["chunks_bad"], 1 + u64::from(has_passthrough), "{report}");
     assert_eq!(report["files_bad"], u64::from(has_passthrough), "{report}");
 
     mount();
@@ -584,4 +582,34 @@ fn rotten_cache_bytes_are_found_and_never_served() {
     assert_eq!(code, Some(0), "{report}");
     let (code, report) = verify(false);
     assert_eq!(code, Some(0), "clean after the daemon and --repair: {report}");
+}
+
+/// A chunk that the pack indexes name in a pack of chunks (not a file pack) and no
+/// tombstone removed: its pack file and offset (`fuse-daemon/src/pack.rs` has the
+/// 64-byte record layout).
+fn live_chunk_in_a_chunk_pack(packs: &Path) -> (std::path::PathBuf, u64) {
+    let mut chunks = Vec::new();
+    let mut gone = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(packs).unwrap().flatten() {
+        if entry.path().extension().is_none_or(|x| x != "idx") {
+            continue;
+        }
+        for record in std::fs::read(entry.path()).unwrap().chunks_exact(64) {
+            let field = |at: usize| u64::from_le_bytes(record[at..at + 8].try_into().unwrap());
+            let (kind, pack, offset) = (field(0) >> 32, field(8), field(16));
+            match kind {
+                1 if pack >> 63 == 0 => chunks.push((pack, offset)),
+                2 => {
+                    gone.insert((pack, offset));
+                }
+                _ => {}
+            }
+        }
+    }
+    chunks.sort();
+    let (pack, offset) = *chunks
+        .iter()
+        .find(|c| !gone.contains(c) && packs.join(format!("{:016x}.pack", c.0)).exists())
+        .expect("a chunk in a pack of chunks");
+    (packs.join(format!("{pack:016x}.pack")), offset)
 }

@@ -128,8 +128,29 @@ pub fn parse_file_name(name: &str) -> Option<(u64, bool)> {
     u64::from_str_radix(stem, 16).ok().map(|id| (id, index))
 }
 
-/// A fresh pack id, unlikely to meet another process's.
+/// The id bit that marks a file pack: a regular file's bytes in file order, written
+/// whole when the file was materialized for passthrough and then never changed. Its
+/// whole chunks are indexed like any pack's, so the backing file is the cache's only
+/// copy of them; it is never compacted (its unindexed bytes are the file's too),
+/// only evicted or removed with its file.
+pub const FILE_PACK_BIT: u64 = 1 << 63;
+
+/// Whether pack `id` is a file pack.
+pub fn is_file_pack(id: u64) -> bool {
+    id & FILE_PACK_BIT != 0
+}
+
+/// A fresh id for a pack of chunks, unlikely to meet another process's.
 pub fn new_pack_id() -> u64 {
+    random_id() & !FILE_PACK_BIT
+}
+
+/// A fresh id for a file pack.
+pub fn new_file_pack_id() -> u64 {
+    random_id() | FILE_PACK_BIT
+}
+
+fn random_id() -> u64 {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&std::process::id().to_le_bytes());
     let now = std::time::SystemTime::now()
@@ -177,5 +198,6 @@ mod tests {
         assert_eq!(parse_file_name("zz.pack"), None);
         assert_eq!(parse_file_name("00000000000000ag.idx"), None);
         assert_eq!(parse_file_name("tmp"), None);
+        assert!(is_file_pack(new_file_pack_id()) && !is_file_pack(new_pack_id()));
     }
 }

@@ -1,13 +1,15 @@
 //! FUSE passthrough (Linux 6.9+) for files whose chunks are all cached: the file is
-//! materialized once as a plain file under `<cache>/files/` (named by a digest of
-//! its content description, so identical files of different images share it), and
-//! opens of it are answered with that file as the backing file. The kernel then
-//! reads, and maps, it directly: no FUSE round trip, no decompression, native speed.
+//! materialized once as a file pack of the chunk store (`ChunkStore::adopt_file`),
+//! linked from `<cache>/files/` under a digest of its content description (so
+//! identical files of different images share it), and opens of it are answered with
+//! that file as the backing file. The kernel then reads, and maps, it directly: no
+//! FUSE round trip, no decompression, native speed. The file pack is the cache's
+//! only copy of the file's whole chunks: a fully read image is stored once.
 //!
-//! Materialized files are derived data, written from verified chunks through a
-//! synced temporary file and a rename, like chunks; the store's GC removes them
-//! first when the cache is over its bound. A file being materialized while a chunk
-//! is evicted is simply not materialized, and the open goes through FUSE as before.
+//! A file pack is written from verified chunks through a synced temporary file and a
+//! rename, like chunks; the store's GC evicts it like any pack. A file being
+//! materialized while a chunk is evicted is simply not materialized, and the open
+//! goes through FUSE as before.
 //!
 //! A materialized file found on disk (an earlier daemon's, another image's) is
 //! checked against its chunks' digests before this daemon first hands it to the
@@ -159,6 +161,7 @@ impl Passthrough {
         let key = content_key(&bootstrap, inode.size(), &segments)?;
         let path = self.dir.join(&key);
         if let Ok(file) = File::open(&path) {
+            crate::store::touch_if_stale(&file);
             if self.checked.lock().expect("checked lock").contains(&key) {
                 return Ok(Some(file));
             }
@@ -189,15 +192,15 @@ impl Passthrough {
             return Ok(None);
         }
         if inode.size() <= MATERIALIZE_NOW_BYTES {
-            let made = materialize(&self.dir, &segments, inode.size(), cache, &path)?;
+            let made = materialize(&self.dir, &bootstrap, &segments, inode.size(), cache, &path)?;
             if made {
                 self.checked.lock().expect("checked lock").insert(key);
             }
             return Ok(made.then(|| File::open(&path).ok()).flatten());
         }
         let (dir, checked, size) = (self.dir.clone(), Arc::clone(&self.checked), inode.size());
-        self.in_background(image, inode, cache, key, move |_, segments, cache, key| {
-            if materialize(&dir, segments, size, cache, &path)? {
+        self.in_background(image, inode, cache, key, move |bootstrap, segments, cache, key| {
+            if materialize(&dir, bootstrap, segments, size, cache, &path)? {
                 checked.lock().expect("checked lock").insert(key.to_string());
             }
             Ok(())
@@ -245,7 +248,7 @@ impl Passthrough {
 /// Removes a materialized file that does not match its chunks.
 fn drop_corrupt(path: &Path, cache: &ChunkCache) {
     tracing::warn!(path = %path.display(), "a materialized file does not match its chunks; removing it");
-    let _ = std::fs::remove_file(path);
+    cache.store().remove_materialized(path);
     cache.note_corrupt();
 }
 
@@ -314,21 +317,21 @@ pub fn check_file_against(
     Ok(file.metadata().is_ok_and(|m| m.len() == total))
 }
 
-/// Writes the file's bytes from cached chunks to `path` (temporary file, sync,
-/// rename). False when a chunk was evicted meanwhile.
+/// Writes the file's bytes from cached chunks into a file pack (temporary file,
+/// sync, rename: `ChunkStore::adopt_file`), which becomes the cache's copy of its
+/// whole chunks, and links `path` to it. False when a chunk was evicted meanwhile.
 fn materialize(
     dir: &Path,
+    bootstrap: &Bootstrap<'_>,
     segments: &[petrel_format::reader::FileSegment],
     size: u64,
     cache: &ChunkCache,
     path: &Path,
 ) -> Result<bool> {
-    let tmp = dir.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(DaemonError::io("chmod", dir))?;
-    let temp = tempfile::NamedTempFile::new_in(&tmp).map_err(DaemonError::io("create temporary file in", &tmp))?;
+    let store = cache.store();
+    let temp = store.temp_file()?;
     let mut buffer = Vec::new();
+    let mut chunks = Vec::new();
     for segment in segments {
         if let SegmentSource::Chunk { index, chunk_offset } = segment.source {
             buffer.resize(segment.length as usize, 0);
@@ -342,6 +345,10 @@ fn materialize(
             temp.as_file()
                 .write_all_at(&buffer, segment.file_offset)
                 .map_err(DaemonError::io("write", temp.path()))?;
+            let chunk = bootstrap.chunk(index)?;
+            if chunk_offset == 0 && segment.length == chunk.uncompressed_size {
+                chunks.push((chunk.digest, segment.file_offset, segment.length));
+            }
         }
     }
     let file = temp.as_file();
@@ -351,10 +358,24 @@ fn materialize(
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o400))
         .map_err(DaemonError::io("chmod", temp.path()))?;
     file.sync_data().map_err(DaemonError::io("sync", temp.path()))?;
-    temp.persist(path)
-        .map_err(|e| DaemonError::io("rename to", path)(e.error))?;
-    cache.store().add_derived_bytes(size);
+    let pack = store.adopt_file(temp, &chunks)?;
+    let name = pack.file_name().expect("a pack has a name");
+    link_atomically(&Path::new("../packs").join(name), dir, path)?;
     Ok(true)
+}
+
+/// Makes `path` (in `dir`) a symbolic link to `target`, replacing what was there.
+fn link_atomically(target: &Path, dir: &Path, path: &Path) -> Result<()> {
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(DaemonError::io("create", &tmp))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(DaemonError::io("chmod", dir))?;
+    let temp = tmp.join(format!("{}.{}", std::process::id(), crate::pack::new_pack_id()));
+    std::os::unix::fs::symlink(target, &temp).map_err(DaemonError::io("link", &temp))?;
+    std::fs::rename(&temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        DaemonError::io("rename to", path)(e)
+    })
 }
 
 /// Where the materialized copy of `inode` lives (whether or not it exists yet).

@@ -10,15 +10,23 @@
 //! when a chunk is not found (at most every 50 ms) and every 2 s in the background:
 //! never by a `stat` per chunk.
 //!
+//! A file materialized for passthrough is a *file pack* (`relocate`): its bytes in
+//! file order, whose index names its whole chunks, so the backing file is the only
+//! copy of them. Packs of chunks whose bytes are mostly no longer named are compacted
+//! on the background thread (their named chunks moved to a new pack, then removed).
+//!
 //! Eviction (`gc`) removes whole packs, least recently used first (a pack's mtime,
-//! refreshed by reads at most once a minute), after copying the chunks that live
+//! refreshed by reads at most once a minute), after moving the chunks that live
 //! mounts pin into a new pack; it runs on a thread of its own, never on a reader's.
 //! A daemon that still reads a removed pack keeps its open file until it notices,
-//! then fetches again. A cache directory of the first layout (one file per chunk
+//! then looks the chunk up again (it may have moved) or fetches it again. A cache directory of the first layout (one file per chunk
 //! under `chunks/`) is discarded when a store opens: its chunks are fetched again.
 
 use crate::error::{DaemonError, Result};
-use crate::pack::{index_file_name, new_pack_id, pack_file_name, parse_file_name, Entry, RECORD_BYTES};
+use crate::pack::{index_file_name, is_file_pack, new_pack_id, pack_file_name, parse_file_name, Entry, RECORD_BYTES};
+
+mod relocate;
+pub use relocate::{touch_if_stale, CompactReport};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
@@ -50,10 +58,12 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub bytes_removed: u64,
     pub pinned_kept: u64,
-    /// Materialized files (passthrough backing files) removed; they go first.
+    /// Materialized files (passthrough backing files: file packs) removed.
     pub files_removed: u64,
-    /// Packs removed.
+    /// Packs removed (file packs among them).
     pub packs_removed: u64,
+    /// The compaction that followed.
+    pub compaction: CompactReport,
 }
 
 /// Where a chunk's bytes are.
@@ -102,6 +112,9 @@ impl Index {
 struct Writer {
     id: u64,
     pack: Arc<File>,
+    /// An exclusive `flock` on the pack, held while it is written (by this writer and
+    /// by appends still under way): compaction leaves a locked pack alone.
+    lock: Arc<File>,
     index: Arc<Mutex<File>>,
     /// Bytes reserved so far.
     cursor: u64,
@@ -124,6 +137,8 @@ pub struct ChunkStore {
     touched: Mutex<(Instant, HashSet<u64>)>,
     last_refresh: Mutex<Option<Instant>>,
     gc_running: AtomicBool,
+    /// When the background thread next looks for packs worth compacting.
+    compact_due: Mutex<Option<Instant>>,
 }
 
 /// Creates the node cache directory `cache_dir` (and its parents) and makes it private
@@ -186,6 +201,7 @@ impl ChunkStore {
             touched: Mutex::new((Instant::now(), HashSet::new())),
             last_refresh: Mutex::new(None),
             gc_running: AtomicBool::new(false),
+            compact_due: Mutex::new(Some(Instant::now())),
         });
         store.refresh();
         // Packs other processes evicted are let go of (their space freed) even when
@@ -196,7 +212,10 @@ impl ChunkStore {
             .spawn(move || loop {
                 std::thread::sleep(BACKGROUND_REFRESH);
                 match weak.upgrade() {
-                    Some(store) => store.refresh(),
+                    Some(store) => {
+                        store.refresh();
+                        store.compact_if_due();
+                    }
                     None => return,
                 }
             });
@@ -263,17 +282,24 @@ impl ChunkStore {
             self.open_packs.lock().expect("packs lock").remove(&pack);
             self.own_packs.lock().expect("own packs lock").remove(&pack);
         }
+        let mut tombstones = false;
         for (pack, bytes) in grown {
             let start = index.applied.get(&pack).copied().unwrap_or(0);
             for record in bytes.chunks_exact(RECORD_BYTES) {
                 if let Some(entry) = Entry::decode(record) {
+                    tombstones |= entry.tombstone;
                     index.apply(entry);
                 }
             }
             index.applied.insert(pack, start + bytes.len() as u64);
         }
         tracing::debug!(chunks = index.chunks.len(), packs = present.len(), "store refreshed");
+        drop(index);
         drop(last);
+        // Chunks moved or removed elsewhere leave bytes here worth compacting.
+        if tombstones {
+            self.compact_soon();
+        }
     }
 
     /// Forgets a pack that is gone and closes it.
@@ -331,8 +357,23 @@ impl ChunkStore {
     }
 
     fn read_at(&self, digest: &[u8; 32], offset: u32, buf: &mut [u8]) -> std::io::Result<Location> {
-        let not_found = || std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not stored");
-        let location = self.location(digest).ok_or_else(not_found)?;
+        match self.read_once(digest, offset, buf)? {
+            Some(location) => Ok(location),
+            // Its pack was removed: evicted, or compacted after the chunk was moved
+            // to another pack (which the index, read again, names).
+            None => {
+                self.refresh();
+                self.read_once(digest, offset, buf)?
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not stored"))
+            }
+        }
+    }
+
+    /// `read_at` without looking again: none when the chunk's pack turned out removed.
+    fn read_once(&self, digest: &[u8; 32], offset: u32, buf: &mut [u8]) -> std::io::Result<Option<Location>> {
+        let location = self
+            .location(digest)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "chunk not stored"))?;
         if u64::from(offset) + buf.len() as u64 > u64::from(location.length) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -343,18 +384,19 @@ impl ChunkStore {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.forget_pack(location.pack);
-                return Err(not_found());
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
         file.read_exact_at(buf, location.offset + u64::from(offset))?;
-        // Evicted by another process meanwhile (the open file still reads): from now
-        // on the chunk is fetched again, and the pack's space is let go.
+        // Removed by another process meanwhile (the open file still reads): from now
+        // on the chunk is looked for elsewhere or fetched again, and the pack's space
+        // is let go.
         if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 0 {
             self.forget_pack(location.pack);
-            return Err(not_found());
+            return Ok(None);
         }
-        Ok(location)
+        Ok(Some(location))
     }
 
     /// Reads `buf.len()` bytes at `offset` of a stored chunk. `NotFound` when it was
@@ -418,15 +460,20 @@ impl ChunkStore {
             .mode(0o600)
             .open(&index_path)
             .map_err(DaemonError::io("create pack index", &index_path))?;
+        let lock = File::open(&path).map_err(DaemonError::io("open pack", &path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| DaemonError::io("lock pack", &path)(e.into()))?;
         let pack = Arc::new(pack);
         self.open_packs
             .lock()
             .expect("packs lock")
             .insert(id, Arc::clone(&pack));
         self.index.write().expect("index lock").applied.insert(id, 0);
+        self.own_packs.lock().expect("own packs lock").insert(id);
         Ok(Writer {
             id,
             pack,
+            lock: Arc::new(lock),
             index: Arc::new(Mutex::new(index)),
             cursor: 0,
         })
@@ -450,11 +497,24 @@ impl ChunkStore {
                 }
             }
         }
+        let total = self.append(&batch, &[])?;
+        let total = self.approx_bytes.fetch_add(total, Ordering::Relaxed) + total;
+        if self.max_bytes.is_some_and(|max| total > max) {
+            self.gc_in_background();
+        }
+        Ok(())
+    }
+
+    /// Appends `batch` to this process's pack (one write, one `fdatasync`), then
+    /// writes `tombstones` (the places the chunks are moved from, if any) and the
+    /// chunks' records, in that order, and applies them. Returns the bytes kept (0
+    /// when another process removed the pack meanwhile: the chunks are not kept).
+    fn append(&self, batch: &[([u8; 32], &[u8])], tombstones: &[Entry]) -> Result<u64> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let total: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
-        let (id, pack, index_file, base) = {
+        let claimed = {
             let mut writer = self.writer.lock().expect("writer lock");
             if writer.as_ref().is_some_and(|w| w.cursor >= self.pack_target()) {
                 writer.take();
@@ -465,12 +525,35 @@ impl ChunkStore {
             let w = writer.as_mut().expect("set above");
             let base = w.cursor;
             w.cursor += total;
-            (w.id, Arc::clone(&w.pack), Arc::clone(&w.index), base)
+            (
+                w.id,
+                Arc::clone(&w.pack),
+                Arc::clone(&w.index),
+                base,
+                Arc::clone(&w.lock),
+            )
         };
-        let mut bytes = Vec::with_capacity(total as usize);
-        let mut records = Vec::with_capacity(batch.len() * RECORD_BYTES);
-        let mut located = Vec::with_capacity(batch.len());
-        for (digest, chunk) in &batch {
+        let (id, pack, index_file, base, _lock) = claimed;
+        let kept = self.append_to(id, &pack, &index_file, base, batch, tombstones)?;
+        Ok(if kept { total } else { 0 })
+    }
+
+    fn append_to(
+        &self,
+        id: u64,
+        pack: &File,
+        index_file: &Mutex<File>,
+        base: u64,
+        batch: &[([u8; 32], &[u8])],
+        tombstones: &[Entry],
+    ) -> Result<bool> {
+        let mut bytes = Vec::with_capacity(batch.iter().map(|(_, b)| b.len()).sum());
+        let mut records = Vec::with_capacity((batch.len() + tombstones.len()) * RECORD_BYTES);
+        let mut located: Vec<Entry> = tombstones.to_vec();
+        for tombstone in tombstones {
+            records.extend_from_slice(&tombstone.encode());
+        }
+        for (digest, chunk) in batch {
             let entry = Entry {
                 tombstone: false,
                 pack: id,
@@ -496,24 +579,18 @@ impl ChunkStore {
             if writer.as_ref().is_some_and(|w| w.id == id) {
                 writer.take();
             }
-            return Ok(());
+            return Ok(false);
         }
         index_file
             .lock()
             .expect("pack index lock")
             .write_all(&records)
             .map_err(DaemonError::io("write pack index", self.index_path(id)))?;
-        {
-            let mut index = self.index.write().expect("index lock");
-            for entry in located {
-                index.apply(entry);
-            }
+        let mut index = self.index.write().expect("index lock");
+        for entry in located {
+            index.apply(entry);
         }
-        let total = self.approx_bytes.fetch_add(total, Ordering::Relaxed) + total;
-        if self.max_bytes.is_some_and(|max| total > max) {
-            self.gc_in_background();
-        }
-        Ok(())
+        Ok(true)
     }
 
     /// Removes one chunk (its bytes turned out unusable): a tombstone in this
@@ -529,31 +606,33 @@ impl ChunkStore {
         }) else {
             return;
         };
-        let tombstone = Entry {
+        self.record_tombstones(&[Entry {
             tombstone: true,
             pack: location.pack,
             offset: location.offset,
             length: location.length,
             digest: *digest,
-        };
+        }]);
+    }
+
+    /// Appends tombstones to this process's pack index (already applied here).
+    fn record_tombstones(&self, tombstones: &[Entry]) {
         let mut writer = self.writer.lock().expect("writer lock");
         if writer.is_none() {
             match self.new_writer() {
                 Ok(w) => *writer = Some(w),
                 Err(e) => {
-                    tracing::warn!("cannot record a removed chunk: {e}");
+                    tracing::warn!("cannot record removed chunks: {e}");
                     return;
                 }
             }
         }
         let index_file = Arc::clone(&writer.as_ref().expect("set above").index);
         drop(writer);
-        let written = index_file
-            .lock()
-            .expect("pack index lock")
-            .write_all(&tombstone.encode());
+        let bytes: Vec<u8> = tombstones.iter().flat_map(|t| t.encode()).collect();
+        let written = index_file.lock().expect("pack index lock").write_all(&bytes);
         if let Err(e) = written {
-            tracing::warn!("cannot record a removed chunk: {e}");
+            tracing::warn!("cannot record removed chunks: {e}");
         }
     }
 
@@ -590,11 +669,16 @@ impl ChunkStore {
             let pack = packs.entry(id).or_insert(PackFile {
                 id,
                 bytes: 0,
+                data_bytes: 0,
                 modified: SystemTime::UNIX_EPOCH,
+                changed: SystemTime::UNIX_EPOCH,
             });
             pack.bytes += meta.len();
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            pack.changed = pack.changed.max(modified);
             if !is_index {
-                pack.modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                pack.data_bytes = meta.len();
+                pack.modified = modified;
             }
         }
         let mut packs: Vec<PackFile> = packs.into_values().collect();
@@ -602,9 +686,8 @@ impl ChunkStore {
         packs
     }
 
-    /// Counts bytes of files derived from chunks (materialized passthrough files)
-    /// towards the bound.
-    pub fn add_derived_bytes(self: &Arc<Self>, bytes: u64) {
+    /// Counts `bytes` newly stored outside `put` towards the bound.
+    fn add_bytes(self: &Arc<Self>, bytes: u64) {
         let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if self.max_bytes.is_some_and(|max| total > max) {
             self.gc_in_background();
@@ -630,11 +713,12 @@ impl ChunkStore {
         files
     }
 
-    /// Evicts materialized files (derived, so first), then least recently used packs,
-    /// until at most `max_bytes` remain. A pack's chunks that a live mount or a kept
-    /// image pins are first copied into a new pack. A mount that has a removed file
-    /// open keeps reading it; the next open goes through FUSE. A daemon reading or
-    /// writing a removed pack notices (its link count is 0) and fetches again.
+    /// Evicts plain materialized files of the earlier layout (copies, so first), then
+    /// least recently used packs (file packs among them), until at most `max_bytes`
+    /// remain. A pack's chunks that a live mount or a kept image pins are first moved
+    /// into a new pack. A mount that has a removed file open keeps reading it; the
+    /// next open goes through FUSE. A daemon reading or writing a removed pack notices
+    /// (its link count is 0) and looks again or fetches again.
     pub fn gc(self: &Arc<Self>, max_bytes: u64) -> GcReport {
         self.refresh();
         let pinned = live_pins(self.root.parent().expect("cache root"));
@@ -656,79 +740,24 @@ impl ChunkStore {
                 report.bytes_removed += size;
             }
         }
-        let own = self.writer.lock().expect("writer lock").as_ref().map(|w| w.id);
         for pack in packs {
             if total <= max_bytes {
                 break;
             }
-            if Some(pack.id) == own {
-                self.seal_writer();
-            }
-            let path = self.pack_path(pack.id);
-            let Ok(file) = File::open(&path) else { continue };
-            let members: Vec<([u8; 32], Location)> = self
-                .index
-                .read()
-                .expect("index lock")
-                .chunks
-                .iter()
-                .filter(|(_, l)| l.pack == pack.id)
-                .map(|(d, l)| (*d, *l))
-                .collect();
-            let mut kept: Vec<([u8; 32], Vec<u8>)> = Vec::new();
-            for (digest, location) in &members {
-                if !pinned.contains(digest) {
-                    continue;
-                }
-                let mut bytes = vec![0u8; location.length as usize];
-                if file.read_exact_at(&mut bytes, location.offset).is_ok() && blake3::hash(&bytes).as_bytes() == digest
-                {
-                    kept.push((*digest, bytes));
-                }
-            }
-            self.forget_pack(pack.id);
-            let _ = std::fs::remove_file(self.index_path(pack.id));
-            if std::fs::remove_file(&path).is_err() {
+            let Some(removed) = self.remove_pack(&pack, |digest| pinned.contains(digest)) else {
                 continue;
+            };
+            if is_file_pack(pack.id) {
+                report.files_removed += 1;
             }
             report.packs_removed += 1;
-            report.chunks_removed += (members.len() - kept.len()) as u64;
-            report.pinned_kept += kept.len() as u64;
-            total -= pack.bytes;
+            report.chunks_removed += removed.dropped;
+            report.pinned_kept += removed.moved;
+            total = total - pack.bytes + removed.moved_bytes;
             report.bytes_removed += pack.bytes;
-            if !kept.is_empty() {
-                let copies: Vec<([u8; 32], &[u8])> = kept.iter().map(|(d, b)| (*d, b.as_slice())).collect();
-                match self.put_without_gc(&copies) {
-                    Ok(copied) => total += copied,
-                    Err(e) => tracing::warn!("could not keep {} pinned chunks: {e}", kept.len()),
-                }
-            }
         }
-        // Leftovers of a writer killed while renaming a materialized file.
-        for entry in std::fs::read_dir(self.files_dir().join("tmp"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600));
-            if old {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        report.compaction = self.compact();
         report
-    }
-
-    /// `put` from inside GC, which must not start a pass of its own; returns the
-    /// bytes written.
-    fn put_without_gc(self: &Arc<Self>, chunks: &[([u8; 32], &[u8])]) -> Result<u64> {
-        let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
-        let running = self.gc_running.swap(true, Ordering::SeqCst);
-        let result = self.put(chunks);
-        self.gc_running.store(running, Ordering::SeqCst);
-        result.map(|()| bytes)
     }
 
     /// Starts a GC pass on a thread of its own (one at a time): the reader or
@@ -748,7 +777,9 @@ impl ChunkStore {
                 loop {
                     store.approx_bytes.store(0, Ordering::Relaxed);
                     let report = store.gc(max);
-                    let left = report.bytes_before - report.bytes_removed;
+                    let left = report
+                        .bytes_before
+                        .saturating_sub(report.bytes_removed + report.compaction.bytes_freed);
                     let now = store.approx_bytes.fetch_add(left, Ordering::Relaxed) + left;
                     tracing::info!(
                         removed = report.chunks_removed,
@@ -774,7 +805,12 @@ struct PackFile {
     id: u64,
     /// Bytes of the pack and its index file.
     bytes: u64,
+    /// Bytes of the pack alone.
+    data_bytes: u64,
+    /// Last use (reads refresh it at most once a minute): eviction order.
     modified: SystemTime,
+    /// Last write to the pack or its index.
+    changed: SystemTime,
 }
 
 /// Pin files: `<cache>/pins/<pid>.<name>` hold 32-byte digests a live daemon wants kept.
@@ -988,6 +1024,77 @@ mod tests {
         daemon.read(&b.0, 0, &mut buf).unwrap();
         assert_eq!(buf, b.1[..10]);
         assert!(ChunkStore::open(dir.path(), None).unwrap().contains(&b.0));
+    }
+
+    /// A materialized file becomes the only copy of its chunks; the packs they came
+    /// from are compacted; another process that still knew the old places reads the
+    /// right bytes from the new ones; removing the file removes its pack.
+    #[test]
+    fn a_file_pack_takes_its_chunks_over_and_compaction_frees_the_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), None).unwrap();
+        let chunks: Vec<([u8; 32], Vec<u8>)> = (0..4u8).map(chunk).collect();
+        let refs: Vec<([u8; 32], &[u8])> = chunks.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+        store.put(&refs).unwrap();
+        let other = ChunkStore::open(dir.path(), None).unwrap();
+        let mut buf = vec![0u8; 1000];
+        other.read(&chunks[0].0, 0, &mut buf).unwrap();
+
+        // A file of chunks 0, 1 and 2 (and 1 again).
+        let temp = store.temp_file().unwrap();
+        let mut named = Vec::new();
+        for (at, i) in [0usize, 1, 2, 1].into_iter().enumerate() {
+            temp.as_file().write_all_at(&chunks[i].1, at as u64 * 1000).unwrap();
+            named.push((chunks[i].0, at as u64 * 1000, 1000));
+        }
+        let file_pack = store.adopt_file(temp, &named).unwrap();
+        assert!(is_file_pack(
+            parse_file_name(&file_pack.file_name().unwrap().to_string_lossy())
+                .unwrap()
+                .0
+        ));
+        let (place, offset, _) = store.chunk_location(&chunks[2].0).unwrap();
+        assert_eq!((place.as_path(), offset), (file_pack.as_path(), 2000));
+
+        let report = other.compact();
+        assert_eq!(
+            (report.packs_compacted, report.packs_deferred),
+            (0, 1),
+            "a pack its writer still holds is left alone: {report:?}"
+        );
+        let report = store.compact();
+        assert_eq!((report.packs_compacted, report.chunks_moved), (1, 1), "{report:?}");
+        let packs: Vec<_> = std::fs::read_dir(store.root()).unwrap().flatten().collect();
+        let data: u64 = packs
+            .iter()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert_eq!(data, 4000 + 1000, "the file and the one chunk it does not hold");
+        for (digest, bytes) in &chunks {
+            other.read(digest, 0, &mut buf).unwrap();
+            assert_eq!(&buf, bytes, "read by a process that knew the old places");
+            store.read(digest, 0, &mut buf).unwrap();
+            assert_eq!(&buf, bytes);
+        }
+        // A second file holding chunk 2 leaves it with the first.
+        let temp = store.temp_file().unwrap();
+        temp.as_file().write_all_at(&chunks[2].1, 0).unwrap();
+        store.adopt_file(temp, &[(chunks[2].0, 0, 1000)]).unwrap();
+        assert_eq!(store.chunk_location(&chunks[2].0).unwrap().0, file_pack);
+
+        let link = dir.path().join("files/f");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(Path::new("../packs").join(file_pack.file_name().unwrap()), &link).unwrap();
+        assert!(store.remove_materialized(&link));
+        assert!(!file_pack.exists() && !file_pack.with_extension("idx").exists());
+        assert_eq!(
+            other.read(&chunks[0].0, 0, &mut buf).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound,
+            "its chunks went with it"
+        );
+        other.read(&chunks[3].0, 0, &mut buf).unwrap();
+        assert_eq!(buf, chunks[3].1);
     }
 
     #[test]

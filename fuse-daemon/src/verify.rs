@@ -36,8 +36,9 @@ impl VerifyReport {
         self.chunks_bad + self.bootstraps_bad + self.files_bad == 0
     }
 
-    fn bad(&mut self, path: PathBuf, repair: bool) {
-        if repair && std::fs::remove_file(&path).is_ok() {
+    /// Counts `path` bad; with `repair` removes it (a materialized file with its pack).
+    fn bad(&mut self, path: PathBuf, repair: bool, store: &ChunkStore) {
+        if repair && store.remove_materialized(&path) {
             self.removed += 1;
         }
         if self.bad.len() < MAX_LISTED {
@@ -93,7 +94,7 @@ pub fn verify_cache(cache_dir: &Path, repair: bool) -> Result<VerifyReport> {
             }
             _ => {
                 report.bootstraps_bad += 1;
-                report.bad(path, repair);
+                report.bad(path, repair, &store);
                 continue;
             }
         };
@@ -114,7 +115,7 @@ pub fn verify_cache(cache_dir: &Path, repair: bool) -> Result<VerifyReport> {
     for entry in files.filter(|e| e.path().is_file()) {
         if !named_files.contains(&entry.path()) {
             report.files_orphaned += 1;
-            if repair && std::fs::remove_file(entry.path()).is_ok() {
+            if repair && store.remove_materialized(&entry.path()) {
                 report.removed += 1;
             }
         }
@@ -151,7 +152,7 @@ fn check_files(
         };
         if !crate::passthrough::check_file_against(&file, bootstrap, &segments, &trusted)? {
             report.files_bad += 1;
-            report.bad(path, repair);
+            report.bad(path, repair, store);
         }
     }
     Ok(())

@@ -225,7 +225,7 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 }
                 let materialized =
                     petrel_fuse_daemon::passthrough::materialized_path(&args.cache_dir, &bootstrap, &inode)?;
-                if std::fs::remove_file(materialized).is_ok() {
+                if store.remove_materialized(&materialized) {
                     files += 1;
                 }
             }
@@ -236,9 +236,12 @@ pub fn run_cache(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 outln!("released its pin");
             }
             std::fs::remove_file(path)?;
+            let compaction = store.compact();
             outln!(
-                "removed {} and {removed} chunks only it used ({files} materialized files)",
-                path.display()
+                "removed {} and {removed} chunks only it used ({files} materialized files); {} bytes freed, {} packs written in the last 30 s compacted later",
+                path.display(),
+                compaction.bytes_freed,
+                compaction.packs_deferred
             );
         }
     }
