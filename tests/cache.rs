@@ -87,6 +87,9 @@ fn two_images_sharing_chunks_fetch_each_shared_chunk_once() {
     );
 }
 
+/// 64 readers over two images that share chunks, two daemons on one cache bounded
+/// to 1 MiB (far below either image): every byte read is right while eviction and
+/// compaction run under them.
 #[test]
 fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
     if !fuse_available() {
@@ -94,19 +97,26 @@ fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
     }
     let work = tempfile::tempdir().unwrap();
     let files: Vec<_> = (0..6).map(file).collect();
+    let other_files: Vec<_> = (3..9).map(file).collect();
     let image = build(work.path(), "big", &files);
+    let other_image = build(work.path(), "other", &other_files);
     let cache = work.path().join("cache");
     let limit = 1u64 << 20;
-    let mount = MountProcess::start(
-        image.to_str().unwrap(),
-        &work.path().join("mnt"),
+    let args = ["--cache-max-bytes", &limit.to_string(), "--prefetch", "off"];
+    let mount = MountProcess::start(image.to_str().unwrap(), &work.path().join("mnt"), &cache, &args);
+    let other_mount = MountProcess::start(
+        other_image.to_str().unwrap(),
+        &work.path().join("mnt-other"),
         &cache,
-        &["--cache-max-bytes", &limit.to_string(), "--prefetch", "off"],
+        &args,
     );
-    let root = mount.mountpoint.clone();
+    let (root, other_root) = (mount.mountpoint.clone(), other_mount.mountpoint.clone());
     std::thread::scope(|scope| {
-        for t in 0..32u64 {
-            let (root, files) = (&root, &files);
+        for t in 0..64u64 {
+            let (root, files) = match t % 2 {
+                0 => (&root, &files),
+                _ => (&other_root, &other_files),
+            };
             scope.spawn(move || {
                 let mut rng = Rng::new(t);
                 for _ in 0..30 {
@@ -126,6 +136,7 @@ fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
             });
         }
     });
+    drop(other_mount);
     // Eviction runs in the background: the bound holds once it has caught up.
     let image_bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let stored = || {
@@ -424,4 +435,65 @@ fn a_materialized_file_is_the_only_copy_of_its_chunks_and_compaction_keeps_every
         let report = verify_clean(&cache);
         assert_eq!(report["chunks_bad"], 0, "{report}");
     }
+}
+
+/// Unmounts (lazily) a file system this test mounted, when dropped.
+struct MountedTmpfs(PathBuf);
+
+impl MountedTmpfs {
+    fn new(at: &Path, options: &std::ffi::CStr) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        rustix::mount::mount("tmpfs", at, "tmpfs", rustix::mount::MountFlags::empty(), options).unwrap();
+        MountedTmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for MountedTmpfs {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// A cache disk that fills up (ENOSPC in the middle of appending a batch, of writing
+/// a file pack) costs caching, never a read: every byte is still right, the daemon
+/// says why it could not cache, and what the cache does hold verifies clean.
+#[test]
+fn a_full_cache_disk_fails_caching_never_a_read() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..6).map(file).collect();
+    let image = build(work.path(), "img", &files);
+    // 3 MiB for a 12 MiB image; the daemon's log and runtime directory live beside it.
+    let cache = work.path().join("cache");
+    let _disk = MountedTmpfs::new(&cache, c"size=3m");
+    {
+        let mount = MountProcess::start(
+            image.to_str().unwrap(),
+            &work.path().join("mnt"),
+            &cache,
+            &["--prefetch", "off"],
+        );
+        for _ in 0..2 {
+            for (path, data) in &files {
+                assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+            }
+        }
+        let stats = stats(&mount.mountpoint, &cache.with_extension("run"));
+        assert!(stats["cache_put_failures"].as_u64().unwrap() > 0, "{stats}");
+    }
+    let log = std::fs::read_to_string(cache.with_extension("log")).unwrap();
+    assert!(
+        log.contains("could not cache") && log.contains("No space left on device"),
+        "{log}"
+    );
+    let out = petrel()
+        .args(["cache", "verify", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["chunks_checked"].as_u64().unwrap() > 0, "{report}");
 }

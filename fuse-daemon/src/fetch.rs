@@ -59,6 +59,34 @@ pub struct Fetcher {
     in_flight: Mutex<HashMap<u32, Arc<Flight>>>,
     prefetched: ChunkMarks,
     decoded: ByteBudget,
+    cache_warning: Throttle,
+}
+
+/// Lets something happen at most once per interval (a log line that could repeat
+/// for every fetch).
+#[derive(Debug)]
+struct Throttle {
+    interval: std::time::Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl Throttle {
+    fn new(interval: std::time::Duration) -> Self {
+        Throttle {
+            interval,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True at most once per interval.
+    fn due(&self) -> bool {
+        let mut last = self.last.lock().expect("throttle lock");
+        if last.is_some_and(|at| at.elapsed() < self.interval) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
+    }
 }
 
 /// A counting bound on bytes held at once: `take` waits until `amount` fits.
@@ -152,6 +180,7 @@ impl Fetcher {
             in_flight: Mutex::new(HashMap::new()),
             prefetched,
             decoded: ByteBudget::new(MAX_DAEMON_DECODED_BYTES),
+            cache_warning: Throttle::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -428,8 +457,17 @@ impl Fetcher {
             .filter_map(|((chunk, _), outcome)| outcome.as_ref().ok().map(|b| (chunk.index, b.as_slice())))
             .collect();
         if let Err(e) = self.cache.put(&verified) {
-            // The bytes are verified and were served; only the cache missed them.
-            tracing::warn!("could not cache {} chunks: {e}", verified.len());
+            // The bytes are verified and were served; only the cache missed them. A
+            // full disk fails every put: said once every 10 s, with the count.
+            self.stats.cache_put_failures.fetch_add(1, Relaxed);
+            if self.cache_warning.due() {
+                tracing::warn!(
+                    failures = self.stats.cache_put_failures.load(Relaxed),
+                    "could not cache {} chunks (reads go on, uncached): {e}: {}",
+                    verified.len(),
+                    e.source_text()
+                );
+            }
         }
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
         for (chunk, _) in flights {

@@ -37,6 +37,9 @@ pub struct Stats {
     /// Cached chunks (and materialized files) found not to match their digest when
     /// first used, dropped and fetched again instead of served.
     pub cache_corrupt_dropped: AtomicU64,
+    /// Fetched chunks the cache could not store (a full or failing cache disk); the
+    /// reads were served all the same.
+    pub cache_put_failures: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -66,6 +69,8 @@ pub struct StatsSnapshot {
     pub passthrough_opens: u64,
     #[serde(default)]
     pub cache_corrupt_dropped: u64,
+    #[serde(default)]
+    pub cache_put_failures: u64,
     /// Reads per latency bucket; the last bucket is "above the largest bound".
     pub read_latency_buckets_us: Vec<(u64, u64)>,
     pub read_latency_sum_us: u64,
@@ -109,6 +114,7 @@ impl Stats {
             prefetch_hits: self.prefetch_hits.load(Relaxed),
             passthrough_opens: self.passthrough_opens.load(Relaxed),
             cache_corrupt_dropped: self.cache_corrupt_dropped.load(Relaxed),
+            cache_put_failures: self.cache_put_failures.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
             read_latency_sum_us: self.latency_sum_us.load(Relaxed),
         }
@@ -201,6 +207,11 @@ impl StatsSnapshot {
                 "petrel_cache_corrupt_dropped_total",
                 self.cache_corrupt_dropped,
                 "Cached chunks or files that failed their digest on first use and were dropped",
+            ),
+            (
+                "petrel_cache_put_failures_total",
+                self.cache_put_failures,
+                "Batches of fetched chunks the cache could not store (full or failing disk); their reads were served",
             ),
             (
                 "petrel_passthrough_opens_total",
