@@ -13,6 +13,7 @@ mod measure;
 mod mount;
 mod registry;
 mod relay;
+mod store;
 mod trees;
 
 fn main() -> anyhow::Result<()> {
@@ -27,8 +28,9 @@ fn main() -> anyhow::Result<()> {
         Some("apps") => apps::run(&args[1..]),
         Some("coldstart") => apps::run_coldstart(&args[1..]),
         Some("bigfile") => bigfile::run(&args[1..]),
+        Some("store") => store::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | coldstart [--app A] [--rounds N] | bigfile [--gib F] [--rounds N] [--shaped-mib N] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | coldstart [--app A] [--rounds N] | bigfile [--gib F] [--rounds N] [--shaped-mib N] | store [--chunks N] [--chunk-bytes B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
             std::process::exit(2)
         }
     }

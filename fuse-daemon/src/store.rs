@@ -79,8 +79,9 @@ struct Index {
     chunks: HashMap<[u8; 32], Location>,
     /// Per pack: bytes of its index file applied so far.
     applied: HashMap<u64, u64>,
-    /// Chunks removed by a tombstone, whichever index file is read first.
-    dead: HashSet<(u64, u64)>,
+    /// Chunks removed by a tombstone, whichever index file is read first: per pack,
+    /// their offsets.
+    dead: HashMap<u64, HashSet<u64>>,
 }
 
 impl Index {
@@ -91,19 +92,30 @@ impl Index {
             length: entry.length,
         };
         if entry.tombstone {
-            self.dead.insert((entry.pack, entry.offset));
+            self.dead.entry(entry.pack).or_default().insert(entry.offset);
             if self.chunks.get(&entry.digest) == Some(&location) {
                 self.chunks.remove(&entry.digest);
             }
-        } else if !self.dead.contains(&(entry.pack, entry.offset)) {
+        } else if !self.dead.get(&entry.pack).is_some_and(|d| d.contains(&entry.offset)) {
             self.chunks.entry(entry.digest).or_insert(location);
         }
     }
 
-    fn forget_pack(&mut self, pack: u64) {
-        self.chunks.retain(|_, l| l.pack != pack);
+    /// Forgets everything about `pack`; `members`, when known, are the chunks it
+    /// holds (then only they are looked at, not the whole index).
+    fn forget_pack(&mut self, pack: u64, members: Option<&[[u8; 32]]>) {
+        match members {
+            Some(members) => {
+                for digest in members {
+                    if self.chunks.get(digest).is_some_and(|l| l.pack == pack) {
+                        self.chunks.remove(digest);
+                    }
+                }
+            }
+            None => self.chunks.retain(|_, l| l.pack != pack),
+        }
         self.applied.remove(&pack);
-        self.dead.retain(|(p, _)| *p != pack);
+        self.dead.remove(&pack);
     }
 }
 
@@ -118,6 +130,17 @@ struct Writer {
     index: Arc<Mutex<File>>,
     /// Bytes reserved so far.
     cursor: u64,
+}
+
+/// Space reserved at the end of this process's pack, written and then committed.
+#[derive(Debug)]
+struct Claim {
+    id: u64,
+    pack: Arc<File>,
+    index: Arc<Mutex<File>>,
+    base: u64,
+    /// The pack's lock, held until the claim is committed.
+    _lock: Arc<File>,
 }
 
 /// The store; cheap to share.
@@ -278,7 +301,7 @@ impl ChunkStore {
         let known = index.applied.keys().chain(own.iter());
         let gone: Vec<u64> = known.filter(|p| !present.contains(p)).copied().collect();
         for pack in gone {
-            index.forget_pack(pack);
+            index.forget_pack(pack, None);
             self.open_packs.lock().expect("packs lock").remove(&pack);
             self.own_packs.lock().expect("own packs lock").remove(&pack);
         }
@@ -304,7 +327,12 @@ impl ChunkStore {
 
     /// Forgets a pack that is gone and closes it.
     fn forget_pack(&self, pack: u64) {
-        self.index.write().expect("index lock").forget_pack(pack);
+        self.forget_pack_members(pack, None);
+    }
+
+    /// `forget_pack` when the chunks it holds are known.
+    fn forget_pack_members(&self, pack: u64, members: Option<&[[u8; 32]]>) {
+        self.index.write().expect("index lock").forget_pack(pack, members);
         self.open_packs.lock().expect("packs lock").remove(&pack);
         self.own_packs.lock().expect("own packs lock").remove(&pack);
     }
@@ -497,7 +525,7 @@ impl ChunkStore {
                 }
             }
         }
-        let total = self.append(&batch, &[])?;
+        let total = self.append(&batch)?;
         let total = self.approx_bytes.fetch_add(total, Ordering::Relaxed) + total;
         if self.max_bytes.is_some_and(|max| total > max) {
             self.gc_in_background();
@@ -506,89 +534,88 @@ impl ChunkStore {
     }
 
     /// Appends `batch` to this process's pack (one write, one `fdatasync`), then
-    /// writes `tombstones` (the places the chunks are moved from, if any) and the
-    /// chunks' records, in that order, and applies them. Returns the bytes kept (0
-    /// when another process removed the pack meanwhile: the chunks are not kept).
-    fn append(&self, batch: &[([u8; 32], &[u8])], tombstones: &[Entry]) -> Result<u64> {
+    /// writes the chunks' records and applies them. Returns the bytes kept (0 when
+    /// another process removed the pack meanwhile: the chunks are not kept).
+    fn append(&self, batch: &[([u8; 32], &[u8])]) -> Result<u64> {
         if batch.is_empty() {
             return Ok(0);
         }
         let total: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
-        let claimed = {
-            let mut writer = self.writer.lock().expect("writer lock");
-            if writer.as_ref().is_some_and(|w| w.cursor >= self.pack_target()) {
-                writer.take();
-            }
-            if writer.is_none() {
-                *writer = Some(self.new_writer()?);
-            }
-            let w = writer.as_mut().expect("set above");
-            let base = w.cursor;
-            w.cursor += total;
-            (
-                w.id,
-                Arc::clone(&w.pack),
-                Arc::clone(&w.index),
-                base,
-                Arc::clone(&w.lock),
-            )
-        };
-        let (id, pack, index_file, base, _lock) = claimed;
-        let kept = self.append_to(id, &pack, &index_file, base, batch, tombstones)?;
-        Ok(if kept { total } else { 0 })
-    }
-
-    fn append_to(
-        &self,
-        id: u64,
-        pack: &File,
-        index_file: &Mutex<File>,
-        base: u64,
-        batch: &[([u8; 32], &[u8])],
-        tombstones: &[Entry],
-    ) -> Result<bool> {
-        let mut bytes = Vec::with_capacity(batch.iter().map(|(_, b)| b.len()).sum());
-        let mut records = Vec::with_capacity((batch.len() + tombstones.len()) * RECORD_BYTES);
-        let mut located: Vec<Entry> = tombstones.to_vec();
-        for tombstone in tombstones {
-            records.extend_from_slice(&tombstone.encode());
-        }
+        let claim = self.claim(total)?;
+        let mut bytes = Vec::with_capacity(total as usize);
+        let mut entries = Vec::with_capacity(batch.len());
         for (digest, chunk) in batch {
-            let entry = Entry {
+            entries.push(Entry {
                 tombstone: false,
-                pack: id,
-                offset: base + bytes.len() as u64,
+                pack: claim.id,
+                offset: claim.base + bytes.len() as u64,
                 length: chunk.len() as u32,
                 digest: *digest,
-            };
-            records.extend_from_slice(&entry.encode());
-            located.push(entry);
+            });
             bytes.extend_from_slice(chunk);
         }
-        let path = self.pack_path(id);
-        pack.write_all_at(&bytes, base)
-            .map_err(DaemonError::io("write pack", &path))?;
-        pack.sync_data().map_err(DaemonError::io("sync pack", &path))?;
+        self.write_claimed(&claim, 0, &bytes)?;
+        Ok(if self.commit(&claim, &entries)? { total } else { 0 })
+    }
+
+    /// Reserves `total` bytes at the end of this process's pack.
+    fn claim(&self, total: u64) -> Result<Claim> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if writer.as_ref().is_some_and(|w| w.cursor >= self.pack_target()) {
+            writer.take();
+        }
+        if writer.is_none() {
+            *writer = Some(self.new_writer()?);
+        }
+        let w = writer.as_mut().expect("set above");
+        let base = w.cursor;
+        w.cursor += total;
+        Ok(Claim {
+            id: w.id,
+            pack: Arc::clone(&w.pack),
+            index: Arc::clone(&w.index),
+            base,
+            _lock: Arc::clone(&w.lock),
+        })
+    }
+
+    /// Writes `bytes` at `at` within `claim`.
+    fn write_claimed(&self, claim: &Claim, at: u64, bytes: &[u8]) -> Result<()> {
+        claim
+            .pack
+            .write_all_at(bytes, claim.base + at)
+            .map_err(DaemonError::io("write pack", self.pack_path(claim.id)))
+    }
+
+    /// Makes what was written in `claim` durable (one `fdatasync`), then writes the
+    /// index `entries` naming it (and the tombstones among them) and applies them.
+    /// False when another process removed the pack meanwhile: nothing is recorded.
+    fn commit(&self, claim: &Claim, entries: &[Entry]) -> Result<bool> {
+        let path = self.pack_path(claim.id);
+        claim.pack.sync_data().map_err(DaemonError::io("sync pack", &path))?;
         // Another process's GC may have removed the pack being written: these chunks
         // are not kept (they are fetched again when read), and a new pack is started.
-        let removed = pack
+        let removed = claim
+            .pack
             .metadata()
             .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
         if removed {
             let mut writer = self.writer.lock().expect("writer lock");
-            if writer.as_ref().is_some_and(|w| w.id == id) {
+            if writer.as_ref().is_some_and(|w| w.id == claim.id) {
                 writer.take();
             }
             return Ok(false);
         }
-        index_file
+        let records: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
+        claim
+            .index
             .lock()
             .expect("pack index lock")
             .write_all(&records)
-            .map_err(DaemonError::io("write pack index", self.index_path(id)))?;
+            .map_err(DaemonError::io("write pack index", self.index_path(claim.id)))?;
         let mut index = self.index.write().expect("index lock");
-        for entry in located {
-            index.apply(entry);
+        for entry in entries {
+            index.apply(*entry);
         }
         Ok(true)
     }
@@ -600,7 +627,7 @@ impl ChunkStore {
             let mut index = self.index.write().expect("index lock");
             let location = index.chunks.remove(digest);
             if let Some(l) = location {
-                index.dead.insert((l.pack, l.offset));
+                index.dead.entry(l.pack).or_default().insert(l.offset);
             }
             location
         }) else {

@@ -53,7 +53,15 @@ pub fn verify_cache(cache_dir: &Path, repair: bool) -> Result<VerifyReport> {
     let store = ChunkStore::open(cache_dir, None)?;
     let mut report = VerifyReport::default();
     let mut bad_chunks = HashSet::new();
-    for (digest, _, _) in store.list() {
+    // In pack order: one sequential pass over each pack, not a random read per chunk.
+    type Placed = (Option<(PathBuf, u64, u32)>, [u8; 32]);
+    let mut chunks: Vec<Placed> = store
+        .list()
+        .into_iter()
+        .map(|(digest, _, _)| (store.chunk_location(&digest), digest))
+        .collect();
+    chunks.sort();
+    for (_, digest) in chunks {
         report.chunks_checked += 1;
         if !store.verify(&digest).unwrap_or(false) {
             report.chunks_bad += 1;

@@ -136,27 +136,54 @@ impl ChunkStore {
         Ok(path)
     }
 
-    /// Moves chunks out of the packs `moves` name (digest, place, verified bytes) into
-    /// this process's pack; returns the bytes moved.
-    fn relocate(&self, moves: &[([u8; 32], Location, Vec<u8>)]) -> u64 {
-        let tombstones: Vec<Entry> = moves
-            .iter()
-            .map(|(digest, old, _)| Entry {
-                tombstone: true,
-                pack: old.pack,
-                offset: old.offset,
-                length: old.length,
-                digest: *digest,
-            })
-            .collect();
-        let batch: Vec<([u8; 32], &[u8])> = moves.iter().map(|(d, _, b)| (*d, b.as_slice())).collect();
-        match self.append(&batch, &tombstones) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::warn!("could not move {} chunks out of a pack: {e}", moves.len());
-                0
-            }
+    /// Moves `chunks` (sorted by offset) of the pack open as `file` into this
+    /// process's pack, each checked against its digest on the way (one that fails is
+    /// left behind); returns how many moved and their bytes.
+    fn move_chunks(&self, file: &File, chunks: &[([u8; 32], Location)]) -> Result<(u64, u64)> {
+        if chunks.is_empty() {
+            return Ok((0, 0));
         }
+        let total: u64 = chunks.iter().map(|(_, l)| u64::from(l.length)).sum();
+        let claim = self.claim(total)?;
+        let mut entries = Vec::with_capacity(chunks.len() * 2);
+        let mut at = 0u64;
+        for window in windows(chunks) {
+            let start = window[0].1.offset;
+            let last = window[window.len() - 1].1;
+            let mut bytes = vec![0u8; (last.offset + u64::from(last.length) - start) as usize];
+            if file.read_exact_at(&mut bytes, start).is_err() {
+                continue;
+            }
+            let mut out = Vec::with_capacity(bytes.len());
+            for (digest, old) in window {
+                let from = (old.offset - start) as usize;
+                let chunk = &bytes[from..from + old.length as usize];
+                if blake3::hash(chunk).as_bytes() != digest {
+                    continue;
+                }
+                entries.push(Entry {
+                    tombstone: true,
+                    pack: old.pack,
+                    offset: old.offset,
+                    length: old.length,
+                    digest: *digest,
+                });
+                entries.push(Entry {
+                    tombstone: false,
+                    pack: claim.id,
+                    offset: claim.base + at + out.len() as u64,
+                    length: old.length,
+                    digest: *digest,
+                });
+                out.extend_from_slice(chunk);
+            }
+            self.write_claimed(&claim, at, &out)?;
+            at += out.len() as u64;
+        }
+        if !self.commit(&claim, &entries)? {
+            return Ok((0, 0));
+        }
+        Ok((entries.len() as u64 / 2, at))
     }
 
     /// Removes `pack` after moving the chunks `keep` selects (and that still match
@@ -167,7 +194,7 @@ impl ChunkStore {
         }
         let path = self.pack_path(pack.id);
         let file = File::open(&path).ok()?;
-        let members: Vec<([u8; 32], Location)> = self
+        let mut members: Vec<([u8; 32], Location)> = self
             .index
             .read()
             .expect("index lock")
@@ -176,20 +203,21 @@ impl ChunkStore {
             .filter(|(_, l)| l.pack == pack.id)
             .map(|(d, l)| (*d, *l))
             .collect();
-        let mut moves = Vec::new();
-        for (digest, location) in &members {
-            if !keep(digest) {
-                continue;
+        // Read in pack order, a window at a time: one sequential pass, not a random
+        // read per chunk.
+        members.sort_by_key(|(_, l)| l.offset);
+        let kept: Vec<([u8; 32], Location)> = members.iter().filter(|(d, _)| keep(d)).copied().collect();
+        // Moved before the pack goes (no reader finds them missing in between), with
+        // one `fdatasync` for all of them.
+        let (moved, moved_bytes) = match self.move_chunks(&file, &kept) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!("could not move {} chunks out of a pack: {e}", kept.len());
+                (0, 0)
             }
-            let mut bytes = vec![0u8; location.length as usize];
-            if file.read_exact_at(&mut bytes, location.offset).is_ok() && blake3::hash(&bytes).as_bytes() == digest {
-                moves.push((*digest, *location, bytes));
-            }
-        }
-        // Moved before the pack goes: no reader finds them missing in between.
-        let moved_bytes = if moves.is_empty() { 0 } else { self.relocate(&moves) };
-        let moved = if moved_bytes > 0 { moves.len() as u64 } else { 0 };
-        let removed = self.remove_pack_files(pack.id);
+        };
+        let digests: Vec<[u8; 32]> = members.iter().map(|(d, _)| *d).collect();
+        let removed = self.remove_pack_files(pack.id, Some(&digests));
         removed.then_some(Removed {
             dropped: members.len() as u64 - moved,
             moved,
@@ -200,7 +228,7 @@ impl ChunkStore {
     /// Removes pack `id` and its index; whether the pack was removed. Tombstones its
     /// index holds for chunks of other packs still there are recorded again in this
     /// process's index first: a moved chunk's old copy must not come back.
-    fn remove_pack_files(&self, id: u64) -> bool {
+    fn remove_pack_files(&self, id: u64, members: Option<&[[u8; 32]]>) -> bool {
         let index_path = self.index_path(id);
         let carried: Vec<Entry> = std::fs::read(&index_path)
             .unwrap_or_default()
@@ -213,7 +241,7 @@ impl ChunkStore {
         }
         let _ = std::fs::remove_file(&index_path);
         let removed = std::fs::remove_file(self.pack_path(id)).is_ok();
-        self.forget_pack(id);
+        self.forget_pack_members(id, members);
         removed
     }
 
@@ -226,7 +254,7 @@ impl ChunkStore {
             .and_then(|target| target.file_name().map(|n| n.to_string_lossy().to_string()));
         if let Some((id, false)) = name.as_deref().and_then(parse_file_name) {
             if is_file_pack(id) {
-                self.remove_pack_files(id);
+                self.remove_pack_files(id, None);
             }
         }
         std::fs::remove_file(link).is_ok()
@@ -415,4 +443,24 @@ pub fn touch_if_stale(file: &File) {
     if stale {
         let _ = file.set_modified(SystemTime::now());
     }
+}
+
+/// Bytes read from a pack at once when chunks are moved out of it.
+const MOVE_WINDOW_BYTES: u64 = 16 << 20;
+
+/// `chunks` (sorted by offset) in runs that each span at most `MOVE_WINDOW_BYTES`
+/// of the pack (or one chunk).
+fn windows(chunks: &[([u8; 32], Location)]) -> impl Iterator<Item = &[([u8; 32], Location)]> {
+    let mut rest = chunks;
+    std::iter::from_fn(move || {
+        let first = rest.first()?.1.offset;
+        let count = rest
+            .iter()
+            .take_while(|(_, l)| l.offset + u64::from(l.length) - first <= MOVE_WINDOW_BYTES)
+            .count()
+            .max(1);
+        let (window, tail) = rest.split_at(count);
+        rest = tail;
+        Some(window)
+    })
 }
