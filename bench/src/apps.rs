@@ -5,7 +5,11 @@
 //! lodash, axios; startup `node -e "require(…)"`), each started in a chroot of the
 //! image. Baseline: pulling the whole image (`skopeo copy`) and unpacking it, then
 //! the same startup. Compared: petrel on demand (no profile), and petrel with the
-//! startup recorded as a prefetch profile. Rounds are interleaved; medians are printed.
+//! startup recorded as a prefetch profile. Then the same under containerd, each on a
+//! fresh node (containerd 1.6 + petrel's snapshotter): `ctr` pull + unpack + `ctr run`
+//! with overlayfs, and CRI pull + `ctr run` with petrel (on demand, profile published,
+//! optimized image); `--no-containerd` leaves those rows out. Rounds are interleaved;
+//! medians are printed.
 
 use crate::measure::run_shell;
 use crate::registry::Registry;
@@ -183,6 +187,58 @@ fn full_pull_start(app: &App, link: &str, dir: &Path) -> anyhow::Result<Start> {
     })
 }
 
+/// How a row starts the application.
+enum Way {
+    /// `skopeo copy` of the original image, unpack, chroot.
+    FullPull,
+    /// `petrel mount` of `tag` with `extra` options, chroot.
+    Petrel { tag: &'static str, extra: Vec<String> },
+    /// A fresh containerd node: pull `tag` (ctr for overlayfs, CRI for petrel), then
+    /// `ctr run` the startup.
+    Containerd {
+        tag: &'static str,
+        snapshotter: &'static str,
+        profile_lookup: bool,
+    },
+}
+
+/// Starts a fresh containerd node (not timed), then pulls the image and runs the
+/// startup in a container of it, timed from the pull.
+fn containerd_start(
+    app: &App,
+    petrel: &Path,
+    link: &str,
+    dir: &Path,
+    tag: &str,
+    snapshotter: &str,
+    profile_lookup: bool,
+) -> anyhow::Result<Start> {
+    let node = crate::node::Node::start(petrel, dir, link, &format!("profile_lookup = {profile_lookup}"))?;
+    let image = format!("{link}/{}:{tag}", app.name);
+    let before = relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let namespace = if snapshotter == "petrel" {
+        node.cri_pull(&image)?;
+        "k8s.io"
+    } else {
+        let out = node
+            .ctr("default")
+            .args(["images", "pull", "--plain-http", "--snapshotter", snapshotter, &image])
+            .output()?;
+        if !out.status.success() {
+            bail!("ctr pull of {image}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        "default"
+    };
+    node.run(namespace, snapshotter, &image, app.startup)?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Start {
+        seconds,
+        requests: 0,
+        bytes: relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed) - before,
+    })
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -206,12 +262,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut mbit = 100.0f64;
     // `--readahead-sweep 0,2097152,…`: on-demand rows with these per-directory budgets.
     let mut sweep: Vec<u64> = Vec::new();
+    let mut containerd = true;
     let mut i = 0;
     while i < args.len() {
         let value = || args.get(i + 1).context("missing value");
         match args[i].as_str() {
             "--rounds" => rounds = value()?.parse()?,
             "--app" => {}
+            "--no-containerd" => {
+                containerd = false;
+                i += 1;
+                continue;
+            }
             "--rtt-ms" => rtt_ms = value()?.parse()?,
             "--mbit" => mbit = value()?.parse()?,
             "--readahead-sweep" => {
@@ -229,12 +291,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         only = args.get(i + 1).cloned();
     }
     for app in APPS.iter().filter(|a| only.as_deref().is_none_or(|o| o == a.name)) {
-        run_app(app, rounds, rtt_ms, mbit, &sweep)?;
+        run_app(app, rounds, rtt_ms, mbit, &sweep, containerd)?;
     }
     Ok(())
 }
 
-fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> anyhow::Result<()> {
+fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64], containerd: bool) -> anyhow::Result<()> {
     let rootfs = app_rootfs(app)?;
     let work = tempfile::tempdir_in("/var/tmp")?;
     let w = work.path();
@@ -292,48 +354,92 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> a
         a = app.name
     ))?;
     let no_lookup = || vec!["--no-profile-lookup".to_string()];
-    let mut cases: Vec<(String, Option<&str>, Vec<String>)> = vec![
-        ("full pull (skopeo copy) + unpack + start".into(), None, vec![]),
-        ("petrel, on demand (no profile)".into(), Some("petrel"), no_lookup()),
+    let petrel_way = |tag: &'static str, extra: Vec<String>| Way::Petrel { tag, extra };
+    let mut cases: Vec<(String, Way)> = vec![
+        ("full pull (skopeo copy) + unpack + start".into(), Way::FullPull),
+        (
+            "petrel, on demand (no profile)".into(),
+            petrel_way("petrel", no_lookup()),
+        ),
         (
             "petrel, profile given at mount (image not optimized)".into(),
-            Some("petrel"),
-            vec![
-                "--no-profile-lookup".into(),
-                "--profile".into(),
-                profile.display().to_string(),
-            ],
+            petrel_way(
+                "petrel",
+                vec![
+                    "--no-profile-lookup".into(),
+                    "--profile".into(),
+                    profile.display().to_string(),
+                ],
+            ),
         ),
         (
             "petrel, profile published in the registry (found at mount)".into(),
-            Some("petrel"),
-            vec![],
+            petrel_way("petrel", vec![]),
         ),
         (
             "petrel, image optimized with the profile".into(),
-            Some("petrel-pf"),
-            no_lookup(),
+            petrel_way("petrel-pf", no_lookup()),
         ),
     ];
+    if containerd && crate::node::available() {
+        cases.extend([
+            (
+                "containerd: pull + unpack + `ctr run` (overlayfs)".into(),
+                Way::Containerd {
+                    tag: "v1",
+                    snapshotter: "overlayfs",
+                    profile_lookup: false,
+                },
+            ),
+            (
+                "containerd + petrel snapshotter: CRI pull + `ctr run`, on demand".into(),
+                Way::Containerd {
+                    tag: "petrel",
+                    snapshotter: "petrel",
+                    profile_lookup: false,
+                },
+            ),
+            (
+                "containerd + petrel snapshotter, profile published in the registry".into(),
+                Way::Containerd {
+                    tag: "petrel",
+                    snapshotter: "petrel",
+                    profile_lookup: true,
+                },
+            ),
+            (
+                "containerd + petrel snapshotter, image optimized".into(),
+                Way::Containerd {
+                    tag: "petrel-pf",
+                    snapshotter: "petrel",
+                    profile_lookup: false,
+                },
+            ),
+        ]);
+    } else if containerd {
+        eprintln!("SKIPPED: the containerd rows need containerd, ctr and runc (scripts/install-deps.sh)");
+    }
     for &budget in sweep {
         cases.push((
             format!("petrel, on demand, --readahead-dir-bytes {budget}"),
-            Some("petrel"),
-            vec![
-                "--no-profile-lookup".into(),
-                "--readahead-dir-bytes".into(),
-                budget.to_string(),
-            ],
+            petrel_way(
+                "petrel",
+                vec![
+                    "--no-profile-lookup".into(),
+                    "--readahead-dir-bytes".into(),
+                    budget.to_string(),
+                ],
+            ),
         ));
     }
     let mut results: Vec<Vec<Start>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (case, (_, tag, extra)) in cases.iter().enumerate() {
+        for (case, (_, way)) in cases.iter().enumerate() {
             crate::measure::drop_caches();
             let dir = w.join(format!("run-{case}-{round}"));
-            let start = match tag {
-                None => full_pull_start(app, &link, &dir)?,
-                Some(tag) => {
+            let start = match way {
+                Way::FullPull => full_pull_start(app, &link, &dir)?,
+                Way::Petrel { tag, extra } => {
                     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
                     petrel_start(
                         app,
@@ -343,6 +449,11 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> a
                         &extra,
                     )?
                 }
+                Way::Containerd {
+                    tag,
+                    snapshotter,
+                    profile_lookup,
+                } => containerd_start(app, &petrel, &link, &dir, tag, snapshotter, *profile_lookup)?,
             };
             let _ = std::fs::remove_dir_all(&dir);
             results[case].push(start);
@@ -363,7 +474,7 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64]) -> a
     println!("| start | seconds | vs full pull | requests | MB fetched |");
     println!("|---|---:|---:|---:|---:|");
     let base = median(&mut results[0].iter().map(|s| s.seconds).collect::<Vec<_>>());
-    for ((label, _, _), runs) in cases.iter().zip(&results) {
+    for ((label, _), runs) in cases.iter().zip(&results) {
         let seconds = median(&mut runs.iter().map(|s| s.seconds).collect::<Vec<_>>());
         let requests = median(&mut runs.iter().map(|s| s.requests as f64).collect::<Vec<_>>());
         let bytes = median(&mut runs.iter().map(|s| s.bytes as f64).collect::<Vec<_>>());

@@ -41,33 +41,6 @@ fn busybox_layer() -> anyhow::Result<Vec<u8>> {
     Ok(w.finish())
 }
 
-fn cri_pull(socket: &Path, image: &str) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let path = socket.to_path_buf();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await?;
-        let mut client = k8s_cri::v1::image_service_client::ImageServiceClient::new(channel);
-        let request = k8s_cri::v1::PullImageRequest {
-            image: Some(k8s_cri::v1::ImageSpec {
-                image: image.to_string(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        client.pull_image(request).await?;
-        anyhow::Ok(())
-    })
-}
-
 /// Runs the workload and returns (seconds to "started", seconds to "ready") from `t0`.
 fn run_workload(ctr: &dyn Fn() -> Command, args: &[&str], t0: Instant) -> anyhow::Result<(f64, f64)> {
     let mut child = ctr().args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
@@ -241,7 +214,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let before = relay::BYTES_DOWN.load(Ordering::Relaxed);
         let image = format!("{link}/app:{tag}");
-        cri_pull(&socket, &image)?;
+        crate::node::cri_pull(&socket, &image)?;
         let args = workload(&image, tag, "petrel", "k8s.io");
         let (first, ready) = run_workload(&ctr, &args.iter().map(String::as_str).collect::<Vec<_>>(), t0)?;
         rows.push((label, first, ready, relay::BYTES_DOWN.load(Ordering::Relaxed) - before));

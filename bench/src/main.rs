@@ -11,6 +11,7 @@ mod edge;
 mod lazy_mount;
 mod measure;
 mod mount;
+mod node;
 mod registry;
 mod relay;
 mod store;
