@@ -251,6 +251,9 @@ pub fn run_coldstart(args: &[String]) -> anyhow::Result<()> {
     for (mbit, rtt_ms) in [("100", "20"), ("20", "50")] {
         let mut with_link: Vec<String> = args.to_vec();
         with_link.extend(["--mbit".into(), mbit.into(), "--rtt-ms".into(), rtt_ms.into()]);
+        if mbit == "100" {
+            with_link.push("--read-all".into());
+        }
         run(&with_link)?;
     }
     Ok(())
@@ -263,6 +266,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // `--readahead-sweep 0,2097152,…`: on-demand rows with these per-directory budgets.
     let mut sweep: Vec<u64> = Vec::new();
     let mut containerd = true;
+    let mut read_all = false;
     let mut i = 0;
     while i < args.len() {
         let value = || args.get(i + 1).context("missing value");
@@ -271,6 +275,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--app" => {}
             "--no-containerd" => {
                 containerd = false;
+                i += 1;
+                continue;
+            }
+            "--read-all" => {
+                read_all = true;
                 i += 1;
                 continue;
             }
@@ -291,12 +300,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         only = args.get(i + 1).cloned();
     }
     for app in APPS.iter().filter(|a| only.as_deref().is_none_or(|o| o == a.name)) {
-        run_app(app, rounds, rtt_ms, mbit, &sweep, containerd)?;
+        run_app(app, rounds, rtt_ms, mbit, &sweep, containerd, read_all)?;
     }
     Ok(())
 }
 
-fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64], containerd: bool) -> anyhow::Result<()> {
+fn run_app(
+    app: &App,
+    rounds: usize,
+    rtt_ms: f64,
+    mbit: f64,
+    sweep: &[u64],
+    containerd: bool,
+    read_all: bool,
+) -> anyhow::Result<()> {
     let rootfs = app_rootfs(app)?;
     let work = tempfile::tempdir_in("/var/tmp")?;
     let w = work.path();
@@ -459,6 +476,17 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64], cont
             results[case].push(start);
         }
     }
+    let read_all_rows = if read_all {
+        read_every_file(
+            &rootfs,
+            &petrel,
+            &format!("docker://{direct}/{}:petrel", app.name),
+            w,
+            rounds,
+        )?
+    } else {
+        Vec::new()
+    };
     let image_bytes: u64 = std::fs::read_dir(w.join("layout/blobs/sha256"))?
         .flatten()
         .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
@@ -489,5 +517,72 @@ fn run_app(app: &App, rounds: usize, rtt_ms: f64, mbit: f64, sweep: &[u64], cont
             bytes / 1e6
         );
     }
+    if !read_all_rows.is_empty() {
+        println!();
+        println!(
+            "{}: read every file (`find -type f | xargs cat`), page cache dropped first; registry on loopback, unshaped",
+            app.name
+        );
+        println!("| read | seconds | vs plain disk |");
+        println!("|---|---:|---:|");
+        for (label, seconds) in &read_all_rows {
+            println!("| {label} | {seconds:.2} | {:.2} |", seconds / read_all_rows[0].1);
+        }
+    }
     Ok(())
+}
+
+/// Reads every regular file under `root` once; seconds.
+fn cat_every_file(root: &Path) -> anyhow::Result<f64> {
+    crate::measure::drop_caches();
+    Ok(run_shell(&format!(
+        "cd {} && find . -xdev -type f -print0 | xargs -0 -n 256 cat > /dev/null",
+        root.display()
+    ))?
+    .seconds)
+}
+
+/// Every file of the image read: from the unpacked rootfs on disk (baseline), lazily
+/// through petrel with nothing cached, then all cached through FUSE and with
+/// passthrough (files of 64 KiB and more; smaller ones stay on FUSE). Medians.
+fn read_every_file(
+    rootfs: &Path,
+    petrel: &Path,
+    image: &str,
+    w: &Path,
+    rounds: usize,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    for round in 0..rounds {
+        runs[0].push(cat_every_file(rootfs)?);
+        let dir = w.join(format!("read-all-{round}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, &["--no-profile-lookup"])?;
+            runs[1].push(cat_every_file(&mount.mountpoint)?);
+        }
+        {
+            let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, &["--no-passthrough"])?;
+            runs[2].push(cat_every_file(&mount.mountpoint)?);
+        }
+        {
+            let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, &[])?;
+            // The first pass materializes the files passthrough serves.
+            cat_every_file(&mount.mountpoint)?;
+            std::thread::sleep(Duration::from_secs(2));
+            runs[3].push(cat_every_file(&mount.mountpoint)?);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let labels = [
+        "the unpacked rootfs on plain disk (baseline)",
+        "petrel, nothing cached (lazy, on demand)",
+        "petrel, all cached, through FUSE",
+        "petrel, all cached, passthrough for files of 64 KiB and more",
+    ];
+    Ok(labels
+        .iter()
+        .zip(runs.iter_mut())
+        .map(|(label, values)| (label.to_string(), median(values)))
+        .collect())
 }

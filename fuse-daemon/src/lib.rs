@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod byte_size;
 pub mod cache;
+pub mod chunk_ranges;
 pub mod control;
 pub mod endpoint;
 pub mod error;

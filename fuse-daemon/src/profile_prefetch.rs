@@ -29,8 +29,6 @@ const MAX_WILDCARDS: usize = 4;
 const MAX_EXPANSIONS: usize = 64;
 /// Stored bytes of first-accessed chunks taken together, in blob order.
 const WAVE_BYTES: u64 = 4 << 20;
-/// Stored bytes between two wanted chunks fetched anyway to merge their requests.
-const GAP_BYTES: u64 = 64 << 10;
 
 /// Range requests in flight at once for a profile's chunks at least: on an image
 /// not optimized for the profile they are scattered, so there are many small
@@ -162,28 +160,13 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
 }
 
 /// First-accessed chunks in waves of `WAVE_BYTES`, each in blob order and merged
-/// across gaps of at most `GAP_BYTES` (of the same blob).
+/// across gaps of at most `chunk_ranges::GAP_BYTES` (of the same blob).
 fn waves(image: &MappedImage, order: &[u32]) -> Vec<(u32, u32)> {
     let bootstrap = image.bootstrap();
     let mut ranges = Vec::new();
     let mut wave: Vec<u32> = Vec::new();
     let mut wave_bytes = 0u64;
-    let mut flush = |wave: &mut Vec<u32>| {
-        wave.sort_unstable();
-        let mut current: Option<(u32, u32)> = None;
-        for &index in wave.iter() {
-            current = match current {
-                Some((start, end)) if bridgeable(image, end, index) => Some((start, index + 1)),
-                Some(done) => {
-                    ranges.push(done);
-                    Some((index, index + 1))
-                }
-                None => Some((index, index + 1)),
-            };
-        }
-        ranges.extend(current);
-        wave.clear();
-    };
+    let mut flush = |wave: &mut Vec<u32>| ranges.extend(crate::chunk_ranges::bridged(image, std::mem::take(wave)));
     for &index in order {
         wave_bytes += bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
         wave.push(index);
@@ -194,20 +177,4 @@ fn waves(image: &MappedImage, order: &[u32]) -> Vec<(u32, u32)> {
     }
     flush(&mut wave);
     ranges
-}
-
-/// Whether chunks `end..next` (between a range ending at `end` and chunk `next`) are
-/// few enough stored bytes, contiguous in one blob, to fetch in the same request.
-fn bridgeable(image: &MappedImage, end: u32, next: u32) -> bool {
-    if next < end {
-        return false;
-    }
-    let bootstrap = image.bootstrap();
-    let (Ok(last), Ok(following)) = (bootstrap.chunk(end - 1), bootstrap.chunk(next)) else {
-        return false;
-    };
-    let gap_start = last.compressed_offset + u64::from(last.compressed_size);
-    following.blob_index == last.blob_index
-        && following.compressed_offset >= gap_start
-        && following.compressed_offset - gap_start <= GAP_BYTES
 }

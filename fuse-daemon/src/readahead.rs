@@ -227,7 +227,7 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        for (start, end) in merge(chunks) {
+        for (start, end) in crate::chunk_ranges::bridged(&self.image, chunks) {
             self.fetcher.read_ahead(start, end, REQUEST_BYTES);
         }
     }
@@ -263,13 +263,13 @@ impl Shared {
                     let Ok(chunk) = bootstrap.chunk(index) else { continue };
                     bytes += u64::from(chunk.compressed_size);
                     if bytes > self.budget {
-                        return merge(chunks);
+                        return crate::chunk_ranges::bridged(&self.image, chunks);
                     }
                     chunks.push(index);
                 }
             }
         }
-        merge(chunks)
+        crate::chunk_ranges::bridged(&self.image, chunks)
     }
 
     /// The root of the package directory `dir` belongs to: the topmost of its
@@ -346,7 +346,7 @@ impl Shared {
             for entry in entries.flatten() {
                 visited += 1;
                 if visited > MAX_PACKAGE_ENTRIES {
-                    return merge(chunks);
+                    return crate::chunk_ranges::bridged(&self.image, chunks);
                 }
                 let Ok(inode) = bootstrap.inode(entry.ino) else {
                     continue;
@@ -370,7 +370,7 @@ impl Shared {
                             }
                             bytes += bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
                             if bytes > budget {
-                                return merge(chunks);
+                                return crate::chunk_ranges::bridged(&self.image, chunks);
                             }
                             chunks.push(index);
                         }
@@ -379,7 +379,7 @@ impl Shared {
                 }
             }
         }
-        merge(chunks)
+        crate::chunk_ranges::bridged(&self.image, chunks)
     }
 
     fn work(&self) {
@@ -389,28 +389,5 @@ impl Shared {
                 Job::ElfProbe(ino) => self.probe_elf(ino),
             }
         }
-    }
-}
-
-/// Sorted chunk indices as half-open ranges of consecutive indices.
-fn merge(mut chunks: Vec<u32>) -> Vec<(u32, u32)> {
-    chunks.sort_unstable();
-    chunks.dedup();
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
-    for index in chunks {
-        match ranges.last_mut() {
-            Some((_, end)) if *end == index => *end = index + 1,
-            _ => ranges.push((index, index + 1)),
-        }
-    }
-    ranges
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn chunk_indices_merge_into_ranges() {
-        assert_eq!(super::merge(vec![7, 3, 4, 5, 9, 4]), [(3, 6), (7, 8), (9, 10)]);
-        assert!(super::merge(Vec::new()).is_empty());
     }
 }
