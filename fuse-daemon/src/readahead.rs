@@ -227,7 +227,7 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        for (start, end) in crate::chunk_ranges::bridged(&self.image, chunks) {
+        for (start, end) in consecutive(chunks) {
             self.fetcher.read_ahead(start, end, REQUEST_BYTES);
         }
     }
@@ -263,13 +263,13 @@ impl Shared {
                     let Ok(chunk) = bootstrap.chunk(index) else { continue };
                     bytes += u64::from(chunk.compressed_size);
                     if bytes > self.budget {
-                        return crate::chunk_ranges::bridged(&self.image, chunks);
+                        return consecutive(chunks);
                     }
                     chunks.push(index);
                 }
             }
         }
-        crate::chunk_ranges::bridged(&self.image, chunks)
+        consecutive(chunks)
     }
 
     /// The root of the package directory `dir` belongs to: the topmost of its
@@ -346,7 +346,7 @@ impl Shared {
             for entry in entries.flatten() {
                 visited += 1;
                 if visited > MAX_PACKAGE_ENTRIES {
-                    return crate::chunk_ranges::bridged(&self.image, chunks);
+                    return consecutive(chunks);
                 }
                 let Ok(inode) = bootstrap.inode(entry.ino) else {
                     continue;
@@ -370,7 +370,7 @@ impl Shared {
                             }
                             bytes += bootstrap.chunk(index).map_or(0, |c| u64::from(c.compressed_size));
                             if bytes > budget {
-                                return crate::chunk_ranges::bridged(&self.image, chunks);
+                                return consecutive(chunks);
                             }
                             chunks.push(index);
                         }
@@ -379,7 +379,7 @@ impl Shared {
                 }
             }
         }
-        crate::chunk_ranges::bridged(&self.image, chunks)
+        consecutive(chunks)
     }
 
     fn work(&self) {
@@ -390,4 +390,12 @@ impl Shared {
             }
         }
     }
+}
+
+/// Chunk indices as ranges of consecutive chunks. Not bridged across small gaps as
+/// the profile planner's are: on the Python service that cut readahead requests
+/// from 302 to 248 but fetched 3.5% more and started no sooner (7.48 s against
+/// 7.23 s, two rounds each): these requests run four at once in the background.
+fn consecutive(chunks: Vec<u32>) -> Vec<(u32, u32)> {
+    crate::chunk_ranges::ranges(chunks, |_, _| false)
 }
