@@ -46,7 +46,8 @@ pub fn tree_bytes(dir: &std::path::Path) -> u64 {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let meta = entry.metadata().expect("stat");
+            // A file removed meanwhile (the cache evicting or compacting) counts as gone.
+            let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
                 stack.push(entry.path());
             } else {
