@@ -172,6 +172,16 @@ fn a_petrel_image_pulled_through_cri_runs_lazily_without_downloading_its_blobs()
         metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
         "{metrics}"
     );
+    // OpenMetrics, as prometheus-client encodes it: the snapshotter encodes every
+    // daemon's counters once (from their stats), it does not splice their texts.
+    assert!(
+        metrics
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text")
+            && metrics.trim_end().ends_with("# EOF")
+            && metrics.matches("# TYPE petrel_backend_bytes counter").count() == 1,
+        "{metrics}"
+    );
     // Scrapes run concurrently, over HTTP/1.1 as well; other paths are not metrics.
     let scrape = |request: &'static [u8]| {
         let address = containerd.metrics_address();

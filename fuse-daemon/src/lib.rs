@@ -9,6 +9,7 @@ pub mod chunk_ranges;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod exposition;
 pub mod fetch;
 pub mod fs;
 pub mod image;

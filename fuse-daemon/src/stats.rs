@@ -1,4 +1,5 @@
-//! Counters of a mount, shown by `petrel stats` as JSON or Prometheus text.
+//! Counters of a mount, shown by `petrel stats` as JSON or Prometheus text
+//! (`crate::exposition`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -122,128 +123,8 @@ impl Stats {
 }
 
 impl StatsSnapshot {
-    /// Prometheus text exposition format.
+    /// The Prometheus (OpenMetrics) text of these counters, labelled `image`.
     pub fn prometheus(&self, image: &str) -> String {
-        let label = format!("image=\"{}\"", image.replace('"', "'"));
-        let mut out = String::new();
-        let counters = [
-            (
-                "petrel_backend_requests_total",
-                self.backend_requests,
-                "Range requests sent to the backend",
-            ),
-            (
-                "petrel_backend_bytes_total",
-                self.backend_bytes,
-                "Bytes received from the backend",
-            ),
-            (
-                "petrel_backend_errors_total",
-                self.backend_errors,
-                "Failed backend requests",
-            ),
-            (
-                "petrel_chunks_fetched_total",
-                self.chunks_fetched,
-                "Chunks fetched and verified",
-            ),
-            (
-                "petrel_chunks_failed_verification_total",
-                self.chunks_failed_verification,
-                "Chunks whose digest did not match",
-            ),
-            (
-                "petrel_cache_hits_total",
-                self.cache_hits,
-                "Chunk reads served from the local cache",
-            ),
-            (
-                "petrel_cache_misses_total",
-                self.cache_misses,
-                "Chunk reads that needed a fetch",
-            ),
-            ("petrel_reads_total", self.reads, "FUSE read requests"),
-            (
-                "petrel_read_errors_total",
-                self.read_errors,
-                "FUSE reads answered with an error",
-            ),
-            (
-                "petrel_bytes_served_total",
-                self.bytes_served,
-                "Bytes returned to readers",
-            ),
-            (
-                "petrel_reads_waited_on_inflight_total",
-                self.waited_on_inflight,
-                "Reads that waited for an in-flight fetch",
-            ),
-            (
-                "petrel_prefetch_requests_total",
-                self.prefetch_requests,
-                "Range requests sent by the background prefetcher",
-            ),
-            (
-                "petrel_prefetch_bytes_total",
-                self.prefetch_bytes,
-                "Bytes the background prefetcher received",
-            ),
-            (
-                "petrel_readahead_requests_total",
-                self.readahead_requests,
-                "Range requests of the on-demand readahead (directories, ELF files, sequential reads)",
-            ),
-            (
-                "petrel_readahead_bytes_total",
-                self.readahead_bytes,
-                "Bytes the on-demand readahead received",
-            ),
-            (
-                "petrel_prefetch_hits_total",
-                self.prefetch_hits,
-                "Chunk reads served by data the prefetcher or the readahead fetched",
-            ),
-            (
-                "petrel_cache_corrupt_dropped_total",
-                self.cache_corrupt_dropped,
-                "Cached chunks or files that failed their digest on first use and were dropped",
-            ),
-            (
-                "petrel_cache_put_failures_total",
-                self.cache_put_failures,
-                "Batches of fetched chunks the cache could not store (full or failing disk); their reads were served",
-            ),
-            (
-                "petrel_passthrough_opens_total",
-                self.passthrough_opens,
-                "Opens served by a backing file (FUSE passthrough), whose reads bypass these counters",
-            ),
-        ];
-        for (name, value, help) in counters {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{label}}} {value}\n"
-            ));
-        }
-        out.push_str(
-            "# HELP petrel_read_latency_seconds FUSE read latency\n# TYPE petrel_read_latency_seconds histogram\n",
-        );
-        let mut cumulative = 0;
-        for (bound, count) in &self.read_latency_buckets_us {
-            cumulative += count;
-            let le = if *bound == u64::MAX {
-                "+Inf".to_string()
-            } else {
-                format!("{}", *bound as f64 / 1e6)
-            };
-            out.push_str(&format!(
-                "petrel_read_latency_seconds_bucket{{{label},le=\"{le}\"}} {cumulative}\n"
-            ));
-        }
-        out.push_str(&format!(
-            "petrel_read_latency_seconds_sum{{{label}}} {}\n",
-            self.read_latency_sum_us as f64 / 1e6
-        ));
-        out.push_str(&format!("petrel_read_latency_seconds_count{{{label}}} {cumulative}\n"));
-        out
+        crate::exposition::encode(&[(image.to_string(), self.clone())], None)
     }
 }

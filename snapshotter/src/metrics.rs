@@ -1,138 +1,41 @@
-//! The snapshotter's Prometheus endpoint: one exposition merged from every mount
-//! daemon's. Each daemon describes the same metric families, and the text format
-//! allows one `# HELP`/`# TYPE` per family with all of its samples together, so the
-//! daemons' texts are regrouped by family rather than concatenated.
+//! The snapshotter's Prometheus endpoint: every mount daemon's counters, asked over
+//! its control socket as structured `stats` and encoded once by
+//! `petrel_fuse_daemon::exposition` (one family per metric, one sample per image),
+//! never by merging texts.
 
-use std::collections::BTreeMap;
+use petrel_fuse_daemon::stats::StatsSnapshot;
 
-/// One metric family: its description lines and samples, in the order first seen.
-#[derive(Default)]
-struct Family {
-    help: Option<String>,
-    kind: Option<String>,
-    samples: Vec<String>,
-}
-
-/// Merges Prometheus text expositions, family by family, and adds the snapshotter's
-/// own gauge of lazy mounts.
-pub fn merge_expositions(texts: &[String], lazy_mounts: usize) -> String {
-    let mut order: Vec<String> = Vec::new();
-    let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    let mut histograms: Vec<String> = Vec::new();
-    for text in texts {
-        for line in text.lines() {
-            let (name, slot) = if let Some(rest) = line.strip_prefix("# HELP ") {
-                (first_word(rest), 0)
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = first_word(rest);
-                if rest.split_whitespace().nth(1) == Some("histogram") {
-                    histograms.push(name.clone());
-                }
-                (name, 1)
-            } else if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            } else {
-                (family_of(&metric_name(line), &histograms), 2)
-            };
-            let family = families.entry(name.clone()).or_insert_with(|| {
-                order.push(name.clone());
-                Family::default()
-            });
-            match slot {
-                0 => {
-                    family.help.get_or_insert_with(|| line.to_string());
-                }
-                1 => {
-                    family.kind.get_or_insert_with(|| line.to_string());
-                }
-                _ => family.samples.push(line.to_string()),
-            }
-        }
+/// The image name and counters of a daemon's `stats` answer; none when it is not one.
+pub fn parse_stats_answer(answer: &str) -> Option<(String, StatsSnapshot)> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        image: String,
+        stats: StatsSnapshot,
     }
-    let mut out = format!(
-        "# HELP petrel_snapshotter_lazy_mounts Lazy image mounts the snapshotter serves\n\
-         # TYPE petrel_snapshotter_lazy_mounts gauge\npetrel_snapshotter_lazy_mounts {lazy_mounts}\n"
-    );
-    for name in order {
-        let family = &families[&name];
-        for line in family.help.iter().chain(&family.kind).chain(&family.samples) {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-fn first_word(text: &str) -> String {
-    text.split_whitespace().next().unwrap_or_default().to_string()
-}
-
-/// The metric name of a sample line (`name{labels} value` or `name value`).
-fn metric_name(line: &str) -> String {
-    line.split(['{', ' ']).next().unwrap_or_default().to_string()
-}
-
-/// A histogram's `_bucket`, `_sum` and `_count` samples belong to its family.
-fn family_of(name: &str, histograms: &[String]) -> String {
-    for suffix in ["_bucket", "_sum", "_count"] {
-        if let Some(base) = name.strip_suffix(suffix) {
-            if histograms.iter().any(|h| h == base) {
-                return base.to_string();
-            }
-        }
-    }
-    name.to_string()
+    let answer: Answer = serde_json::from_str(answer.trim()).ok()?;
+    Some((answer.image, answer.stats))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn daemon(image: &str, bytes: u64) -> String {
-        format!(
-            "# HELP petrel_backend_bytes_total Bytes received from the backend\n# TYPE petrel_backend_bytes_total counter\n\
-             petrel_backend_bytes_total{{image=\"{image}\"}} {bytes}\n\
-             # HELP petrel_read_latency_seconds FUSE read latency\n# TYPE petrel_read_latency_seconds histogram\n\
-             petrel_read_latency_seconds_bucket{{image=\"{image}\",le=\"0.001\"}} 3\n\
-             petrel_read_latency_seconds_bucket{{image=\"{image}\",le=\"+Inf\"}} 4\n\
-             petrel_read_latency_seconds_sum{{image=\"{image}\"}} 0.5\n\
-             petrel_read_latency_seconds_count{{image=\"{image}\"}} 4\n"
-        )
+    #[test]
+    fn a_daemons_stats_answer_is_read_and_anything_else_is_not() {
+        let stats = petrel_fuse_daemon::stats::Stats::default().snapshot();
+        let answer = serde_json::json!({"image": "img", "stats": stats}).to_string() + "\n";
+        let (image, parsed) = parse_stats_answer(&answer).unwrap();
+        assert_eq!((image.as_str(), parsed), ("img", stats));
+        assert!(parse_stats_answer("# HELP x\n").is_none());
     }
 
     #[test]
-    fn families_are_described_once_with_their_samples_together() {
-        let merged = merge_expositions(&[daemon("a", 10), daemon("b", 20)], 2);
-        let lines: Vec<&str> = merged.lines().collect();
-        for family in ["petrel_backend_bytes_total", "petrel_read_latency_seconds"] {
-            let help = format!("# HELP {family} ");
-            let kind = format!("# TYPE {family} ");
-            assert_eq!(lines.iter().filter(|l| l.starts_with(&help)).count(), 1, "{merged}");
-            assert_eq!(lines.iter().filter(|l| l.starts_with(&kind)).count(), 1, "{merged}");
-            // Every sample of the family sits in one run right after its TYPE line.
-            let start = lines.iter().position(|l| l.starts_with(&kind)).unwrap() + 1;
-            let run = lines[start..]
-                .iter()
-                .take_while(|l| !l.starts_with('#'))
-                .filter(|l| l.starts_with(family))
-                .count();
-            let all = lines
-                .iter()
-                .filter(|l| !l.starts_with('#') && l.starts_with(family))
-                .count();
-            assert_eq!(run, all, "{merged}");
-        }
-        assert!(merged.contains("petrel_backend_bytes_total{image=\"a\"} 10"));
-        assert!(merged.contains("petrel_backend_bytes_total{image=\"b\"} 20"));
-        assert!(merged.contains("petrel_read_latency_seconds_count{image=\"b\"} 4"));
-        assert!(merged.contains("petrel_snapshotter_lazy_mounts 2"));
-    }
-
-    #[test]
-    fn no_daemons_still_reports_the_gauge() {
-        assert_eq!(
-            merge_expositions(&[], 0).lines().last(),
-            Some("petrel_snapshotter_lazy_mounts 0")
-        );
+    fn daemons_are_samples_of_one_family_with_the_gauge_of_mounts() {
+        let stats = petrel_fuse_daemon::stats::Stats::default().snapshot();
+        let text = petrel_fuse_daemon::exposition::encode(&[("a".into(), stats.clone()), ("b".into(), stats)], Some(2));
+        assert_eq!(text.matches("# TYPE petrel_backend_bytes counter").count(), 1, "{text}");
+        assert!(text.contains("petrel_backend_bytes_total{image=\"a\"} 0"), "{text}");
+        assert!(text.contains("petrel_backend_bytes_total{image=\"b\"} 0"), "{text}");
+        assert!(text.contains("petrel_snapshotter_lazy_mounts 2"), "{text}");
     }
 }

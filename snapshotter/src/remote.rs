@@ -185,16 +185,18 @@ pub fn collect_garbage(config: &RemoteConfig) {
     }
 }
 
-/// Prometheus text of every live lazy mount (each daemon's control socket, asked
-/// in-process with a timeout), merged.
+/// The Prometheus text of every live lazy mount: each daemon's counters (its control
+/// socket's `stats`, asked in-process with a timeout) encoded together, one family
+/// per metric and one sample per image, with the gauge of lazy mounts.
 pub fn metrics(config: &RemoteConfig, mountpoints: &[PathBuf]) -> String {
     let run = config.root.join("run");
-    let texts: Vec<String> = mountpoints
+    let images: Vec<(String, petrel_fuse_daemon::stats::StatsSnapshot)> = mountpoints
         .iter()
         .filter_map(|mountpoint| {
             let socket = petrel_fuse_daemon::control::socket_path(&run, mountpoint);
-            petrel_fuse_daemon::control::request(&socket, "metrics").ok()
+            let answer = petrel_fuse_daemon::control::request(&socket, "stats").ok()?;
+            crate::metrics::parse_stats_answer(&answer)
         })
         .collect();
-    crate::metrics::merge_expositions(&texts, mountpoints.len())
+    petrel_fuse_daemon::exposition::encode(&images, Some(mountpoints.len()))
 }

@@ -446,9 +446,14 @@ async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<SnapshotSto
                 remote::metrics(&remote, &mountpoints)
             });
             match tokio::time::timeout(SCRAPE_TIMEOUT, collect).await {
-                Ok(Ok(body)) => {
-                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-                }
+                Ok(Ok(body)) => (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        petrel_fuse_daemon::exposition::CONTENT_TYPE,
+                    )],
+                    body,
+                )
+                    .into_response(),
                 _ => (
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
                     "collecting the metrics timed out\n",

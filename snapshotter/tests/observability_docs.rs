@@ -25,8 +25,8 @@ fn names_in(expr: &str) -> Vec<String> {
 
 /// Every sample name the snapshotter's endpoint serves.
 fn exported() -> BTreeSet<String> {
-    let daemon = petrel_fuse_daemon::stats::Stats::default().snapshot().prometheus("img");
-    let merged = petrel_snapshotter::metrics::merge_expositions(&[daemon], 1);
+    let snapshot = petrel_fuse_daemon::stats::Stats::default().snapshot();
+    let merged = petrel_fuse_daemon::exposition::encode(&[("img".to_string(), snapshot)], Some(1));
     merged
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
