@@ -188,6 +188,18 @@ fn oci_layouts_and_archives_convert() {
         from_archive["manifests"][0]["manifest_digest"],
         from_layout["manifests"][0]["manifest_digest"]
     );
+    // --work-dir is created when missing (and left empty after).
+    let work_dir = work.path().join("scratch/convert");
+    let out = petrel()
+        .arg("convert")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci:{}:v4", out_layout.display()))
+        .arg("--work-dir")
+        .arg(&work_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(&work_dir).unwrap().count(), 0);
 }
 
 fn read_all_expecting_eio_or_truth(root: &Path, files: &[(String, Vec<u8>)]) -> usize {

@@ -276,7 +276,10 @@ fn convert_one(
         .small_blob(&manifest.config.digest)
         .context("fetching the image config")?;
     let work = match &options.work_dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating the work directory {}", dir.display()))?;
+            tempfile::tempdir_in(dir).with_context(|| format!("a temporary directory in {}", dir.display()))?
+        }
         None => tempfile::tempdir()?,
     };
     let out = work.path().join("image");
