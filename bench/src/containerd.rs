@@ -7,7 +7,7 @@ use crate::registry::{app_image, Registry};
 use crate::relay;
 use anyhow::{bail, Context};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -324,11 +324,6 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         &offline,
     );
     // Lazy mounts live under our work dir: detach them (ours only).
-    let ours = w.to_string_lossy().to_string();
-    for line in std::fs::read_to_string("/proc/self/mountinfo")?.lines() {
-        if let Some(target) = line.split(' ').nth(4).filter(|t| t.starts_with(&ours)) {
-            let _ = rustix::mount::unmount(Path::new(target), rustix::mount::UnmountFlags::DETACH);
-        }
-    }
+    petrel_fixtures::unmount_below(w);
     Ok(())
 }

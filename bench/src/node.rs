@@ -114,19 +114,8 @@ impl Drop for Node {
                 rustix::process::kill_process(rustix::process::Pid::from_child(child), rustix::process::Signal::TERM);
             let _ = child.wait();
         }
-        // Only mounts below our own directory (lazy mounts, overlays, the shm of a
-        // container); their mount daemons exit with them.
-        let ours = self.dir.to_string_lossy().to_string();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut targets: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|t| t.starts_with(&ours))
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for target in targets {
-            let _ = rustix::mount::unmount(Path::new(target), rustix::mount::UnmountFlags::DETACH);
-        }
+        // Their mount daemons exit with the mounts.
+        petrel_fixtures::unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -281,19 +281,6 @@ impl Drop for Containerd {
                 rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
             let _ = child.wait();
         }
-        // Only mounts below our own temp dir.
-        let ours = self.dir.path().to_string_lossy().to_string();
-        if !ours.is_empty() {
-            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            let mut targets: Vec<&str> = mountinfo
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|t| t.starts_with(&ours))
-                .collect();
-            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-            for target in targets {
-                let _ = rustix::mount::unmount(Path::new(target), rustix::mount::UnmountFlags::DETACH);
-            }
-        }
+        petrel_fixtures::unmount_below(self.dir.path());
     }
 }
