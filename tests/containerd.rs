@@ -841,3 +841,65 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// The sum of a counter over every image in the snapshotter's metrics.
+fn counter_total(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A profile published for an image in the registry (`petrel profile push`: a
+/// referrer, through the tag schema on Debian's docker-registry, which has no
+/// referrers API) is found by the snapshotter's mount daemon after a CRI pull and
+/// prefetched before any container reads the image; a container then runs the
+/// profiled program without a single fetch.
+#[test]
+fn a_profile_published_for_an_image_is_prefetched_by_the_snapshotters_mount() {
+    if !can_run() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let containerd = Containerd::start_with(Some(&registry.addr));
+    convert_busybox(&registry, &containerd, "busy", "petrel", &[]);
+    let image = format!("{}/busy:petrel", registry.addr);
+    let profile = containerd.path("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"petrel_profile": 1, "entries": [{"path": "bin/busybox"}]}"#,
+    )
+    .unwrap();
+    let out = petrel()
+        .args(["profile", "push", &format!("docker://{image}")])
+        .arg(&profile)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    cri_pull(&containerd.path("containerd.sock"), &image).unwrap();
+    let log = || std::fs::read_to_string(containerd.path("snapshotter.log")).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let metrics = loop {
+        let metrics = containerd.metrics();
+        // The image has no prefetch region: whatever was prefetched is the profile's.
+        if counter_total(&metrics, "petrel_prefetch_bytes_total") >= 100_000 {
+            break metrics;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the published profile was never prefetched:\n{metrics}\nsnapshotter log:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let requests = counter_total(&metrics, "petrel_backend_requests_total");
+    let out = containerd.run_container("k8s.io", &image, "profiled", &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "run: {}\n{}", text(&out), log());
+    assert_eq!(
+        counter_total(&containerd.metrics(), "petrel_backend_requests_total"),
+        requests,
+        "running the profiled program needed no fetch"
+    );
+}
