@@ -23,3 +23,9 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is required (Rust 1.90 or newer)" >&2
   exit 1
 fi
+# scripts/test.sh checks licenses, duplicate versions and sources with cargo-deny
+# (deny.toml); built once from crates.io (about 2 minutes).
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "installing cargo-deny"
+  cargo install --locked --quiet cargo-deny@0.20.2
+fi

@@ -7,6 +7,8 @@ scripts/install-deps.sh
 
 echo "== the stated MSRV covers every dependency"
 scripts/check-msrv.sh
+echo "== cargo deny: licenses, duplicate versions, sources (deny.toml)"
+cargo deny --offline check licenses bans sources
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
