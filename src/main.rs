@@ -20,7 +20,6 @@ macro_rules! out {
 }
 
 mod cli;
-mod convert;
 
 /// Writes to stdout; a reader that went away ends the program with status 0, as
 /// there is nobody left to tell.

@@ -1,8 +1,8 @@
 //! `petrel convert`.
 
 use crate::cli::registry_args::RegistryArgs;
-use crate::convert::{convert, ConvertOptions};
 use petrel_builder::BuildOptions;
+use petrel_convert::{convert, ConvertOptions};
 use petrel_format::ChunkerParams;
 use petrel_registry::oci::Platform;
 use petrel_registry::Location;
@@ -82,7 +82,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     target_options.plain_http |= !args.dest_tls_verify;
     let profile = match (&args.prefetch_list, &args.prefetch_from) {
         (Some(list), _) => Some(crate::cli::build::read_profile(list)?),
-        (None, Some(image)) => Some(crate::convert::profile_of(&Location::parse(image)?, &target_options)?),
+        (None, Some(image)) => Some(petrel_convert::profile_of(&Location::parse(image)?, &target_options)?),
         (None, None) => None,
     };
     let prefetch = profile.as_ref().map(|p| p.entries.clone()).unwrap_or_default();

@@ -2,13 +2,16 @@
 //! builder, and push the petrel image (blob layers, bootstrap layer, config and
 //! an OCI manifest; an index with --all-platforms).
 
+mod error;
 mod source;
 mod target;
+
+pub use error::{ConvertError, Result};
 
 pub use source::Source;
 pub use target::Target;
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use petrel_builder::{BuildOptions, ImageBuilder};
 use petrel_format::layer_tar;
 use petrel_registry::oci::*;
@@ -82,7 +85,7 @@ pub struct ConvertOptions {
     pub chunk_dict: Vec<Location>,
 }
 
-pub fn client_for(image: &ImageRef, options: &ClientOptions) -> anyhow::Result<RegistryClient> {
+pub fn client_for(image: &ImageRef, options: &ClientOptions) -> Result<RegistryClient> {
     Ok(RegistryClient::new(&image.registry, options)?)
 }
 
@@ -94,7 +97,7 @@ pub fn convert(
     source_options: &ClientOptions,
     target_options: &ClientOptions,
     options: &ConvertOptions,
-) -> anyhow::Result<ConvertSummary> {
+) -> Result<ConvertSummary> {
     let started = Instant::now();
     let source = Source::open(source, |image| client_for(image, source_options))?;
     let target = match target {
@@ -188,7 +191,7 @@ fn layer_progress(show: bool, index: usize, count: usize, size: u64) -> Option<i
 /// Converts one image manifest; returns the result and the manifest's size.
 /// Makes sure the target has blob `digest` (a dictionary blob the new image
 /// references): already there, mounted from the same registry, or copied.
-fn ensure_blob(target: &Target, digest: &str, size: u64, sources: &[Source]) -> anyhow::Result<u64> {
+fn ensure_blob(target: &Target, digest: &str, size: u64, sources: &[Source]) -> Result<u64> {
     if target.has_blob(digest)? {
         return Ok(0);
     }
@@ -229,7 +232,7 @@ fn convert_one(
     options: &ConvertOptions,
     tag_it: bool,
     dict_sources: &[Source],
-) -> anyhow::Result<(ConvertedManifest, usize)> {
+) -> Result<(ConvertedManifest, usize)> {
     let manifest = &source_manifest.manifest;
     if bootstrap_layer(manifest).is_some() {
         bail!("{} is already a petrel image", source.describe());
@@ -433,7 +436,7 @@ fn convert_one(
 /// The source config with `rootfs.diff_ids` naming the new layers (which are
 /// stored uncompressed, so their diff ids are their digests) and without the
 /// per-layer history that no longer matches.
-fn converted_config(source: &[u8], layers: &[Descriptor]) -> anyhow::Result<Vec<u8>> {
+fn converted_config(source: &[u8], layers: &[Descriptor]) -> Result<Vec<u8>> {
     let mut config: serde_json::Value = serde_json::from_slice(source).context("the image config is not JSON")?;
     let object = config
         .as_object_mut()
@@ -465,7 +468,7 @@ fn manifest_annotations(source: &str, profile: Option<&petrel_format::profile::P
 }
 
 /// The prefetch profile kept in a converted image's manifest.
-pub fn profile_of(image: &Location, client_options: &ClientOptions) -> anyhow::Result<petrel_format::profile::Profile> {
+pub fn profile_of(image: &Location, client_options: &ClientOptions) -> Result<petrel_format::profile::Profile> {
     let source = Source::open(image, |image| client_for(image, client_options))?;
     let (manifests, _) = source.manifests(false, &Platform::host())?;
     let manifest = &manifests.first().context("no manifest")?.manifest;
@@ -473,5 +476,6 @@ pub fn profile_of(image: &Location, client_options: &ClientOptions) -> anyhow::R
         .annotations
         .get(ANNOTATION_PROFILE)
         .with_context(|| format!("{} carries no prefetch profile", source.describe()))?;
-    petrel_format::profile::Profile::parse(text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))
+    petrel_format::profile::Profile::parse(text.as_bytes())
+        .map_err(|e| ConvertError::Invalid(format!("{}: {e}", source.describe())))
 }

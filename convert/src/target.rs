@@ -1,6 +1,6 @@
 //! Where a conversion writes: a registry repository or an OCI layout.
 
-use anyhow::Context;
+use crate::error::{Context, Result};
 use petrel_registry::layout::OciLayout;
 use petrel_registry::oci::Descriptor;
 use petrel_registry::{ImageRef, RegistryClient};
@@ -32,7 +32,7 @@ impl Target {
     }
 
     /// Stores a blob file; returns whether bytes were uploaded (false: already there).
-    pub fn put_blob_file(&self, digest: &str, path: &Path, mount_from: Option<&str>) -> anyhow::Result<bool> {
+    pub fn put_blob_file(&self, digest: &str, path: &Path, mount_from: Option<&str>) -> Result<bool> {
         Ok(match self {
             Target::Registry { client, image } => client
                 .push_blob(&image.repository, digest, path, mount_from)
@@ -42,7 +42,7 @@ impl Target {
     }
 
     /// Whether the target already holds blob `digest`.
-    pub fn has_blob(&self, digest: &str) -> anyhow::Result<bool> {
+    pub fn has_blob(&self, digest: &str) -> Result<bool> {
         Ok(match self {
             Target::Registry { client, image } => client.has_blob(&image.repository, digest)?,
             Target::Layout { layout, .. } => layout.blob_path(digest)?.exists(),
@@ -50,7 +50,7 @@ impl Target {
     }
 
     /// Stores small content; returns its digest.
-    pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<String> {
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         Ok(match self {
             Target::Registry { client, image } => client.push_blob_bytes(&image.repository, bytes)?,
             Target::Layout { layout, .. } => layout.write_blob(bytes)?,
@@ -58,7 +58,7 @@ impl Target {
     }
 
     /// Stores a manifest or index under the target's tag (or only by digest).
-    pub fn put_manifest(&self, bytes: &[u8], media_type: &str, tagged: bool) -> anyhow::Result<String> {
+    pub fn put_manifest(&self, bytes: &[u8], media_type: &str, tagged: bool) -> Result<String> {
         let digest = petrel_registry::oci::sha256_digest(bytes);
         match self {
             Target::Registry { client, image } => {

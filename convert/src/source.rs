@@ -1,7 +1,7 @@
 //! Where a conversion reads from: a registry, an OCI layout, or an archive of
 //! either kind (unpacked into a temporary directory first).
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context, Result};
 use petrel_registry::layout::OciLayout;
 use petrel_registry::oci::{
     is_index, Descriptor, Index, Manifest, Platform, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
@@ -39,10 +39,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn open(
-        location: &Location,
-        client: impl Fn(&ImageRef) -> anyhow::Result<RegistryClient>,
-    ) -> anyhow::Result<Self> {
+    pub fn open(location: &Location, client: impl Fn(&ImageRef) -> Result<RegistryClient>) -> Result<Self> {
         Ok(match location {
             Location::Registry(image) => Source::Registry {
                 client: Box::new(client(image)?),
@@ -93,7 +90,7 @@ impl Source {
         }
     }
 
-    fn fetch_manifest(&self, reference: Option<&str>) -> anyhow::Result<(Vec<u8>, String, String)> {
+    fn fetch_manifest(&self, reference: Option<&str>) -> Result<(Vec<u8>, String, String)> {
         match self {
             Source::Registry { client, image } => {
                 Ok(client.get_manifest(&image.repository, reference.unwrap_or(image.reference()))?)
@@ -119,7 +116,7 @@ impl Source {
 
     /// The manifests to convert: the image's own, or from an index the host's
     /// platform (or every platform).
-    pub fn manifests(&self, all_platforms: bool, platform: &Platform) -> anyhow::Result<(Vec<SourceManifest>, bool)> {
+    pub fn manifests(&self, all_platforms: bool, platform: &Platform) -> Result<(Vec<SourceManifest>, bool)> {
         let (bytes, media_type, digest) = self.fetch_manifest(None)?;
         if !is_index(&media_type) {
             let manifest: Manifest = serde_json::from_slice(&bytes)
@@ -179,12 +176,12 @@ impl Source {
     }
 
     /// A small blob, verified.
-    pub fn small_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
+    pub fn small_blob(&self, digest: &str) -> Result<Vec<u8>> {
         self.blob(digest, MAX_SMALL_BLOB)
     }
 
     /// A blob of at most `max_bytes`, read whole and verified.
-    pub fn blob(&self, digest: &str, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
+    pub fn blob(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>> {
         Ok(match self {
             Source::Registry { client, image } => client.get_blob_verified(&image.repository, digest, max_bytes)?,
             Source::Layout { layout, .. } => layout.read_blob(digest, max_bytes)?,
@@ -192,7 +189,7 @@ impl Source {
     }
 
     /// A stream of a layer's bytes as stored (compressed or not), unverified.
-    pub fn layer(&self, digest: &str) -> anyhow::Result<Box<dyn Read + Send>> {
+    pub fn layer(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
         Ok(match self {
             Source::Registry { client, image } => Box::new(client.blob_reader(&image.repository, digest)?),
             Source::Layout { layout, .. } => {
@@ -205,7 +202,7 @@ impl Source {
 
 /// Unpacks a tar archive into a new temporary directory (the tar crate refuses
 /// entries that would land outside it).
-fn unpack_archive(path: &Path) -> anyhow::Result<tempfile::TempDir> {
+fn unpack_archive(path: &Path) -> Result<tempfile::TempDir> {
     let temp = tempfile::tempdir()?;
     let file = std::fs::File::open(path).with_context(|| format!("opening archive {}", path.display()))?;
     let mut archive = tar::Archive::new(petrel_builder::layer::decompressed(file)?);
@@ -217,7 +214,7 @@ fn unpack_archive(path: &Path) -> anyhow::Result<tempfile::TempDir> {
 
 /// Turns an unpacked `docker save` archive (manifest.json + files) into an OCI
 /// layout in the same directory.
-fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
+fn docker_archive_as_layout(dir: &Path) -> Result<OciLayout> {
     if dir.join("oci-layout").exists() && dir.join("index.json").exists() {
         return Ok(OciLayout::open(dir)?);
     }
@@ -280,7 +277,7 @@ fn docker_archive_as_layout(dir: &Path) -> anyhow::Result<OciLayout> {
 }
 
 /// `dir/relative`, refusing paths that climb out of `dir`.
-fn safe_join(dir: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+fn safe_join(dir: &Path, relative: &str) -> Result<PathBuf> {
     let path = Path::new(relative);
     if path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("archive names a file outside itself: {relative:?}");
@@ -288,7 +285,7 @@ fn safe_join(dir: &Path, relative: &str) -> anyhow::Result<PathBuf> {
     Ok(dir.join(path))
 }
 
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
