@@ -26,6 +26,13 @@ fn file(i: u64) -> (String, Vec<u8>) {
     (format!("f{i}.bin"), Rng::new(500 + i).bytes(2 << 20))
 }
 
+/// Reads every file through `mount` and checks its bytes.
+fn reads_every_file(mount: &MountProcess, files: &[(String, Vec<u8>)]) {
+    for (path, data) in files {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+    }
+}
+
 fn chunk_digests(image: &Path) -> Vec<([u8; 32], u64)> {
     let bytes = std::fs::read(image.join("bootstrap")).unwrap();
     let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
@@ -196,9 +203,7 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
             &cache,
             &["--prefetch", "off"],
         );
-        for (path, data) in &files {
-            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
-        }
+        reads_every_file(&mount, &files);
     }
     let out = petrel()
         .args(["cache", "ls", "--json", "--cache-dir"])
@@ -225,9 +230,7 @@ fn kill_9_during_gc_leaves_only_correct_data_and_rm_removes_an_image() {
             &cache,
             &["--prefetch", "off"],
         );
-        for (path, data) in &files {
-            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
-        }
+        reads_every_file(&mount, &files);
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut version = release.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
@@ -373,11 +376,7 @@ fn a_materialized_file_is_the_only_copy_of_its_chunks_and_compaction_keeps_every
     let image = build(work.path(), "img", &files);
     let data: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let large = files.iter().filter(|(_, d)| d.len() > 1 << 20).count();
-    let read_all = |mount: &MountProcess| {
-        for (path, bytes) in &files {
-            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), bytes, "{path}");
-        }
-    };
+    let read_all = |mount: &MountProcess| reads_every_file(mount, &files);
     let args = ["--prefetch", "off", "--readahead-dir-bytes", "0"];
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
         let started = std::time::Instant::now();
@@ -476,9 +475,7 @@ fn a_full_cache_disk_fails_caching_never_a_read() {
             &["--prefetch", "off"],
         );
         for _ in 0..2 {
-            for (path, data) in &files {
-                assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
-            }
+            reads_every_file(&mount, &files);
         }
         let stats = stats(&mount.mountpoint, &cache.with_extension("run"));
         assert!(stats["cache_put_failures"].as_u64().unwrap() > 0, "{stats}");
