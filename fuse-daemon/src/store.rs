@@ -160,6 +160,9 @@ pub struct ChunkStore {
     touched: Mutex<(Instant, HashSet<u64>)>,
     last_refresh: Mutex<Option<Instant>>,
     gc_running: AtomicBool,
+    /// Held by a GC or compaction pass of this process: two never move the same
+    /// chunks at once (the background thread's and a `petrel cache gc`'s).
+    maintenance: Mutex<()>,
     /// When the background thread next looks for packs worth compacting.
     compact_due: Mutex<Option<Instant>>,
 }
@@ -224,6 +227,7 @@ impl ChunkStore {
             touched: Mutex::new((Instant::now(), HashSet::new())),
             last_refresh: Mutex::new(None),
             gc_running: AtomicBool::new(false),
+            maintenance: Mutex::new(()),
             compact_due: Mutex::new(Some(Instant::now())),
         });
         store.refresh();
@@ -751,6 +755,7 @@ impl ChunkStore {
     /// next open goes through FUSE. A daemon reading or writing a removed pack notices
     /// (its link count is 0) and looks again or fetches again.
     pub fn gc(self: &Arc<Self>, max_bytes: u64) -> GcReport {
+        let _pass = self.maintenance.lock().expect("maintenance lock");
         self.refresh();
         let pinned = live_pins(self.root.parent().expect("cache root"));
         let files = self.derived_files();
@@ -787,7 +792,7 @@ impl ChunkStore {
             total = total - pack.bytes + removed.moved_bytes;
             report.bytes_removed += pack.bytes;
         }
-        report.compaction = self.compact();
+        report.compaction = self.compact_now();
         report
     }
 

@@ -299,6 +299,12 @@ impl ChunkStore {
     /// named chunks move to a new pack, and the pack goes. File packs are left alone,
     /// and so are packs a writer (of any process) still holds locked.
     pub fn compact(&self) -> CompactReport {
+        let _pass = self.maintenance.lock().expect("maintenance lock");
+        self.compact_now()
+    }
+
+    /// `compact`, the maintenance lock held.
+    pub(super) fn compact_now(&self) -> CompactReport {
         let mut report = CompactReport::default();
         // Locked first, then the index read: a writer records what it appended before
         // it lets go, so every chunk of a locked pack is known below.
