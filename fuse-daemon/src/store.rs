@@ -1169,6 +1169,62 @@ mod tests {
         }
     }
 
+    /// On a full disk a pinned chunk cannot be moved out of a pack GC evicts: the
+    /// pack stays, and the chunk with it.
+    #[test]
+    fn a_pinned_chunk_that_cannot_be_moved_keeps_its_pack() {
+        if !rustix::process::geteuid().is_root() {
+            petrel_fixtures::report_skip("needs root to mount a small tmpfs");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            dir.path(),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            c"size=1m",
+        )
+        .unwrap();
+        let _unmount = Unmount(dir.path());
+        let store = ChunkStore::open(dir.path(), None).unwrap();
+        let chunk = |i: u8| {
+            let bytes = vec![i; 200_000];
+            (*blake3::hash(&bytes).as_bytes(), bytes)
+        };
+        let (pinned, other) = (chunk(1), chunk(2));
+        store.put(&[(pinned.0, &pinned.1)]).unwrap();
+        store.seal_writer();
+        store.put(&[(other.0, &other.1)]).unwrap();
+        store.seal_writer();
+        write_pins(dir.path(), "test", &[pinned.0]).unwrap();
+        // The pinned chunk's pack is the least recently used: GC meets it first.
+        let (pack, _, _) = store.chunk_location(&pinned.0).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        // Fill the disk.
+        let mut filler = std::fs::File::create(dir.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        drop(filler);
+
+        let report = store.gc(0);
+        assert_eq!(report.pinned_kept, 0, "{report:?}");
+        let mut buf = vec![0u8; pinned.1.len()];
+        store.read(&pinned.0, 0, &mut buf).unwrap();
+        assert_eq!(buf, pinned.1, "the pinned chunk is still there");
+        assert!(!store.contains(&other.0), "the unpinned one went: {report:?}");
+    }
+
     #[test]
     fn a_cache_of_the_first_layout_is_discarded() {
         let dir = tempfile::tempdir().unwrap();

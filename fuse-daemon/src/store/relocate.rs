@@ -181,7 +181,9 @@ impl ChunkStore {
             at += out.len() as u64;
         }
         if !self.commit(&claim, &entries)? {
-            return Ok((0, 0));
+            return Err(DaemonError::Invalid(
+                "the pack they were moved into was removed meanwhile".into(),
+            ));
         }
         Ok((entries.len() as u64 / 2, at))
     }
@@ -209,11 +211,13 @@ impl ChunkStore {
         let kept: Vec<([u8; 32], Location)> = members.iter().filter(|(d, _)| keep(d)).copied().collect();
         // Moved before the pack goes (no reader finds them missing in between), with
         // one `fdatasync` for all of them.
+        // A pack whose chunks could not be moved (a full disk) stays: a pinned chunk
+        // must not be lost, and compaction gains nothing then.
         let (moved, moved_bytes) = match self.move_chunks(&file, &kept) {
             Ok(done) => done,
             Err(e) => {
-                tracing::warn!("could not move {} chunks out of a pack: {e}", kept.len());
-                (0, 0)
+                tracing::warn!("keeping a pack whose {} chunks could not be moved: {e}", kept.len());
+                return None;
             }
         };
         let digests: Vec<[u8; 32]> = members.iter().map(|(d, _)| *d).collect();
