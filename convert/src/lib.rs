@@ -341,25 +341,11 @@ fn convert_one(
         } else {
             skipped += 1;
         }
-        layers.push(Descriptor {
-            media_type: PETREL_LAYER.into(),
-            digest: blob.digest.clone(),
-            size: blob.size,
-            annotations: petrel_layer_annotations(ROLE_BLOB),
-            platform: None,
-            ..Default::default()
-        });
+        layers.push(blob_layer(&blob.digest, blob.size));
     }
     for blob in &report.output.dict_blobs {
         uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?;
-        layers.push(Descriptor {
-            media_type: PETREL_LAYER.into(),
-            digest: blob.digest.clone(),
-            size: blob.size,
-            annotations: petrel_layer_annotations(ROLE_BLOB),
-            platform: None,
-            ..Default::default()
-        });
+        layers.push(blob_layer(&blob.digest, blob.size));
     }
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
     let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
@@ -478,4 +464,15 @@ pub fn profile_of(image: &Location, client_options: &ClientOptions) -> Result<pe
         .with_context(|| format!("{} carries no prefetch profile", source.describe()))?;
     petrel_format::profile::Profile::parse(text.as_bytes())
         .map_err(|e| ConvertError::Invalid(format!("{}: {e}", source.describe())))
+}
+
+/// The manifest's descriptor of a petrel blob layer.
+fn blob_layer(digest: &str, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: PETREL_LAYER.into(),
+        digest: digest.to_string(),
+        size,
+        annotations: petrel_layer_annotations(ROLE_BLOB),
+        ..Default::default()
+    }
 }
