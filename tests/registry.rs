@@ -1112,6 +1112,91 @@ fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
     assert_tree(&reference_merge(&next), &mount.mountpoint);
 }
 
+/// Converting release N+1 with no flag deduplicates against the newest petrel
+/// image of the target repository (or the tag it replaces) and says so; the
+/// result mounts right; `--no-chunk-dict` opts out.
+#[test]
+fn the_next_release_converted_without_flags_deduplicates_against_the_repository() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let (release_n, next) = release_pair();
+    for (name, layers) in [("n", &release_n), ("n1", &next)] {
+        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+        write_oci_layout(&work.path().join(name), "v1", &tars).unwrap();
+        registry.push_layout(&work.path().join(name), "src", name);
+    }
+    let r = &registry.addr;
+    let first = convert(&format!("docker://{r}/src:n"), &format!("docker://{r}/app:1.0"), None);
+    assert_eq!(
+        first["chunk_dicts"],
+        serde_json::json!([]),
+        "an empty repository: {first}"
+    );
+    let first_upload = first["manifests"][0]["uploaded_bytes"].as_u64().unwrap();
+
+    // No flag: release N, the newest petrel image of the repository, is the dictionary.
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{r}/src:n1"),
+        &format!("docker://{r}/app:1.1"),
+    ]);
+    let out = command.output().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "chunk dictionary: docker://{r}/app:1.0 (the newest petrel image in the target repository"
+        )),
+        "{text}"
+    );
+    let uploaded: u64 = text
+        .split("uploaded ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no upload count in {text}"));
+    assert!(
+        uploaded * 5 < first_upload,
+        "release N+1 uploaded {uploaded} bytes against release N's {first_upload}"
+    );
+    let mount = MountProcess::start(
+        &format!("docker://{r}/app:1.1"),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    assert_tree(&reference_merge(&next), &mount.mountpoint);
+    drop(mount);
+
+    // Replacing a petrel tag: the image it held is the dictionary.
+    let replaced = convert(&format!("docker://{r}/src:n1"), &format!("docker://{r}/app:1.0"), None);
+    assert_eq!(replaced["chunk_dicts"][0]["image"], format!("docker://{r}/app:1.0"));
+    assert_eq!(replaced["chunk_dicts"][0]["why"], "the tag being replaced");
+    assert!(replaced["manifests"][0]["uploaded_bytes"].as_u64().unwrap() * 5 < first_upload);
+
+    // Opting out stores every chunk again.
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{r}/src:n1"),
+        &format!("docker://{r}/app:1.1-full"),
+        "--json",
+        "--no-chunk-dict",
+    ]);
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let full: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(full["chunk_dicts"], serde_json::json!([]));
+    assert!(
+        full["manifests"][0]["uploaded_bytes"].as_u64().unwrap() * 2 > first_upload,
+        "{full}"
+    );
+}
+
 #[test]
 fn local_builds_reference_a_chunk_dictionary() {
     let work = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 //! builder, and push the petrel image (blob layers, bootstrap layer, config and
 //! an OCI manifest; an index with --all-platforms).
 
+pub mod default_dict;
 mod error;
 mod source;
 mod target;
@@ -14,6 +15,7 @@ pub use target::Target;
 use crate::error::{bail, Context};
 use petrel_builder::{BuildOptions, ImageBuilder};
 use petrel_format::layer_tar;
+use petrel_registry::client::referrers::ANNOTATION_CREATED;
 use petrel_registry::oci::*;
 use petrel_registry::{ClientOptions, ImageRef, Location, RegistryClient};
 use sha2::Digest;
@@ -48,6 +50,8 @@ pub struct ConvertSummary {
     /// The digest the target tag now points at (manifest or index).
     pub digest: String,
     pub manifests: Vec<ConvertedManifest>,
+    /// The petrel images whose chunks were referenced instead of uploaded.
+    pub chunk_dicts: Vec<UsedDictionary>,
     pub seconds: f64,
 }
 
@@ -82,7 +86,28 @@ pub struct ConvertOptions {
     /// The profile behind `build.prefetch`, kept in the manifest for later conversions.
     pub profile: Option<petrel_format::profile::Profile>,
     /// Petrel images whose chunks the new image references instead of storing.
-    pub chunk_dict: Vec<Location>,
+    pub chunk_dict: ChunkDictChoice,
+}
+
+/// Which petrel images a conversion deduplicates against.
+#[derive(Debug, Clone)]
+pub enum ChunkDictChoice {
+    /// These images (`--chunk-dict`).
+    Named(Vec<Location>),
+    /// `prefetch_from` when given (the release the profile came from), else the
+    /// petrel image the target repository holds that this one most likely follows
+    /// ([`default_dict`]).
+    Default { prefetch_from: Option<Location> },
+    /// None (`--no-chunk-dict`): every chunk is stored in the new image's blob.
+    Disabled,
+}
+
+/// A chunk dictionary a conversion used, and why it was chosen.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UsedDictionary {
+    pub image: String,
+    pub why: String,
+    pub chunks: usize,
 }
 
 pub fn client_for(image: &ImageRef, options: &ClientOptions) -> Result<RegistryClient> {
@@ -100,6 +125,7 @@ pub fn convert(
 ) -> Result<ConvertSummary> {
     let started = Instant::now();
     let source = Source::open(source, |image| client_for(image, source_options))?;
+    let target_location = target;
     let target = match target {
         Location::Registry(image) => Target::Registry {
             client: Box::new(client_for(image, target_options)?),
@@ -112,25 +138,44 @@ pub fn convert(
         other => bail!("cannot write to {other:?}: use docker:// or oci:"),
     };
     let (manifests, from_index) = source.manifests(options.all_platforms, &options.platform)?;
+    let open_with_target_options =
+        |location: &Location| Source::open(location, |image| client_for(image, target_options));
+    let dictionaries: Vec<(Location, String)> = match &options.chunk_dict {
+        ChunkDictChoice::Named(locations) => locations
+            .iter()
+            .map(|l| (l.clone(), "named by --chunk-dict".into()))
+            .collect(),
+        ChunkDictChoice::Disabled => Vec::new(),
+        ChunkDictChoice::Default {
+            prefetch_from: Some(image),
+        } => vec![(image.clone(), "the image --prefetch-from names".into())],
+        ChunkDictChoice::Default { prefetch_from: None } => {
+            default_dict::find(&target, target_location, &options.platform, &open_with_target_options)
+                .map(|found| (found.location, found.why.to_string()))
+                .into_iter()
+                .collect()
+        }
+    };
     let mut dict = petrel_builder::dict::ChunkDict::default();
     let mut dict_sources = Vec::new();
-    for location in &options.chunk_dict {
-        let dict_source = Source::open(location, |image| client_for(image, target_options))?;
-        let (dict_manifests, _) = dict_source.manifests(false, &options.platform)?;
-        let manifest = &dict_manifests
-            .first()
-            .context("chunk dictionary without a manifest")?
-            .manifest;
-        let bootstrap = bootstrap_layer(manifest)
-            .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
-        let layer = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
-        let bytes = layer_tar::bootstrap_of_layer(&layer)
-            .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
-        let added = dict
-            .add_bootstrap(bytes)
-            .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
-        tracing::info!("chunk dictionary {}: {added} chunks", dict_source.describe());
-        dict_sources.push(dict_source);
+    let mut used_dicts = Vec::new();
+    let named = matches!(options.chunk_dict, ChunkDictChoice::Named(_));
+    for (location, why) in dictionaries {
+        // A dictionary picked by default that cannot be read only costs dedup.
+        match load_dictionary(&location, &options.platform, &dict, &open_with_target_options) {
+            Ok((dict_source, extended, added)) => {
+                tracing::info!("chunk dictionary {} ({why}): {added} chunks", dict_source.describe());
+                dict = extended;
+                used_dicts.push(UsedDictionary {
+                    image: dict_source.describe(),
+                    why,
+                    chunks: added,
+                });
+                dict_sources.push(dict_source);
+            }
+            Err(e) if !named => tracing::warn!("converting without the chunk dictionary {why}: {e}"),
+            Err(e) => return Err(e),
+        }
     }
     let mut options = options.clone();
     options.build.chunk_dict = std::sync::Arc::new(dict);
@@ -168,8 +213,35 @@ pub fn convert(
         target: target.describe(),
         digest,
         manifests: converted,
+        chunk_dicts: used_dicts,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `dict` extended with the chunks of the petrel image at `location`: the
+/// image's source, the extended dictionary and how many chunks it added.
+fn load_dictionary(
+    location: &Location,
+    platform: &Platform,
+    dict: &petrel_builder::dict::ChunkDict,
+    open: &dyn Fn(&Location) -> Result<Source>,
+) -> Result<(Source, petrel_builder::dict::ChunkDict, usize)> {
+    let dict_source = open(location)?;
+    let (dict_manifests, _) = dict_source.manifests(false, platform)?;
+    let manifest = &dict_manifests
+        .first()
+        .context("chunk dictionary without a manifest")?
+        .manifest;
+    let bootstrap = bootstrap_layer(manifest)
+        .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
+    let layer = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
+    let bytes = layer_tar::bootstrap_of_layer(&layer)
+        .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
+    let mut extended = dict.clone();
+    let added = extended
+        .add_bootstrap(bytes)
+        .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
+    Ok((dict_source, extended, added))
 }
 
 fn layer_progress(show: bool, index: usize, count: usize, size: u64) -> Option<indicatif::ProgressBar> {
@@ -240,7 +312,9 @@ fn convert_one(
     // Re-running the same conversion: the target already holds it.
     if let Some(current) = target.current_manifest().filter(|_| tag_it) {
         if let Ok(existing) = serde_json::from_slice::<Manifest>(&current) {
-            let same = existing.annotations == manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+            let mut existing_annotations = existing.annotations.clone();
+            existing_annotations.remove(ANNOTATION_CREATED);
+            let same = existing_annotations == manifest_annotations(&source_manifest.digest, options.profile.as_ref());
             if same && bootstrap_layer(&existing).is_some() {
                 tracing::info!(
                     "{} already holds the conversion of {}",
@@ -393,7 +467,16 @@ fn convert_one(
             size: source_manifest.size,
             ..Default::default()
         }),
-        annotations: manifest_annotations(&source_manifest.digest, options.profile.as_ref()),
+        annotations: {
+            // When it was converted: the default chunk dictionary of the next
+            // conversion into this repository is the newest petrel image.
+            let mut annotations = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+            annotations.insert(
+                ANNOTATION_CREATED.to_string(),
+                petrel_registry::oci::build_time_rfc3339(),
+            );
+            annotations
+        },
         ..Default::default()
     };
     let manifest_bytes = serde_json::to_vec(&new_manifest)?;

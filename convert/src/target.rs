@@ -87,6 +87,20 @@ impl Target {
         Ok(digest)
     }
 
+    /// The tags of the target repository (registries list at most
+    /// [`petrel_registry::client::tags::MAX_LISTED_TAGS`]).
+    pub fn tags(&self) -> Result<Vec<String>> {
+        Ok(match self {
+            Target::Registry { client, image } => client.list_tags(&image.repository)?,
+            Target::Layout { layout, .. } => layout
+                .index()?
+                .manifests
+                .iter()
+                .filter_map(|d| d.annotations.get(petrel_registry::layout::REF_NAME).cloned())
+                .collect(),
+        })
+    }
+
     /// The manifest currently under the target's tag, if any.
     pub fn current_manifest(&self) -> Option<Vec<u8>> {
         match self {

@@ -23,7 +23,7 @@ fn options() -> ConvertOptions {
         progress: false,
         work_dir: None,
         profile: None,
-        chunk_dict: Vec::new(),
+        chunk_dict: petrel_convert::ChunkDictChoice::Disabled,
     }
 }
 

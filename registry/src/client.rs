@@ -909,6 +909,7 @@ impl RegistryClient {
 }
 
 pub mod referrers;
+pub mod tags;
 
 #[cfg(test)]
 mod tests {

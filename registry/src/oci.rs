@@ -184,3 +184,45 @@ pub fn petrel_layer_annotations(role: &str) -> BTreeMap<String, String> {
         (ANNOTATION_SNAPSHOT_LAYER.to_string(), role.to_string()),
     ])
 }
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of now.
+pub fn now_rfc3339() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of `SOURCE_DATE_EPOCH` when set (reproducible builds),
+/// else of now.
+pub fn build_time_rfc3339() -> String {
+    match std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        Some(secs) => rfc3339(secs),
+        None => now_rfc3339(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of `secs` after the Unix epoch.
+pub fn rfc3339(secs: u64) -> String {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}

@@ -2,7 +2,7 @@
 
 use crate::cli::registry_args::RegistryArgs;
 use petrel_builder::BuildOptions;
-use petrel_convert::{convert, ConvertOptions};
+use petrel_convert::{convert, ChunkDictChoice, ConvertOptions};
 use petrel_format::ChunkerParams;
 use petrel_registry::oci::Platform;
 use petrel_registry::Location;
@@ -50,8 +50,15 @@ pub struct ConvertArgs {
     prefetch_from: Option<String>,
     /// A petrel image (docker://… or oci:…) whose chunks are referenced instead of
     /// uploaded again, e.g. the previous release; repeat for several.
-    #[arg(long = "chunk-dict")]
+    ///
+    /// Without it, the conversion deduplicates against the --prefetch-from image, else
+    /// the petrel image under the target tag, else the newest petrel image among the
+    /// target repository's last tags (the output names the one used).
+    #[arg(long = "chunk-dict", conflicts_with = "no_chunk_dict")]
     chunk_dict: Vec<String>,
+    /// Use no chunk dictionary: the new image's blob stores every chunk.
+    #[arg(long)]
+    no_chunk_dict: bool,
     /// Directory for the temporary build (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<std::path::PathBuf>,
@@ -97,16 +104,33 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         progress: std::io::stderr().is_terminal() && !args.json,
         work_dir: args.work_dir.clone(),
         profile,
-        chunk_dict: args
-            .chunk_dict
-            .iter()
-            .map(|r| Location::parse(r))
-            .collect::<Result<_, _>>()?,
+        chunk_dict: if args.no_chunk_dict {
+            ChunkDictChoice::Disabled
+        } else if !args.chunk_dict.is_empty() {
+            ChunkDictChoice::Named(
+                args.chunk_dict
+                    .iter()
+                    .map(|r| Location::parse(r))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            ChunkDictChoice::Default {
+                prefetch_from: args.prefetch_from.as_deref().map(Location::parse).transpose()?,
+            }
+        },
     };
     let summary = convert(&source, &target, &source_options, &target_options, &options)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        for dict in &summary.chunk_dicts {
+            outln!(
+                "chunk dictionary: {} ({}; {} chunks; --no-chunk-dict to convert without)",
+                dict.image,
+                dict.why,
+                dict.chunks
+            );
+        }
         for m in &summary.manifests {
             let platform = m.platform.clone().map(|p| format!(" [{p}]")).unwrap_or_default();
             if m.reused {

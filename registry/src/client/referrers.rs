@@ -38,7 +38,7 @@ fn query_escape(text: &str) -> String {
 
 impl RegistryClient {
     /// A small JSON document at `path`.
-    fn get_small_json(&self, path: &str, accept: &str) -> Result<Vec<u8>> {
+    pub(crate) fn get_small_json(&self, path: &str, accept: &str) -> Result<Vec<u8>> {
         self.get_small(path, accept, path).map(|(bytes, _)| bytes)
     }
 
