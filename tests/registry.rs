@@ -67,7 +67,7 @@ fn edge_cases_convert_and_mount_from_a_registry() {
     assert_eq!(layers.last().unwrap()["annotations"]["dev.petrel.layer"], "bootstrap");
     assert_eq!(
         layers.last().unwrap()["mediaType"],
-        "application/vnd.oci.image.layer.v1.tar"
+        "application/vnd.oci.image.layer.v1.tar+gzip"
     );
     assert!(summary["manifests"][0]["files"].as_u64().unwrap() > 50, "{summary}");
 
@@ -519,30 +519,78 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
         serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
     };
     let bootstrap_digest = good["layers"][1]["digest"].as_str().unwrap().to_string();
-    let bootstrap = client.get_blob_verified("bad", &bootstrap_digest, 1 << 30).unwrap();
+    // The bootstrap layer travels gzipped; `bootstrap` is the tar inside.
+    assert_eq!(good["layers"][1]["mediaType"], petrel_registry::oci::OCI_LAYER_GZIP);
+    let bootstrap_gz = client.get_blob_verified("bad", &bootstrap_digest, 1 << 30).unwrap();
+    let mut bootstrap = Vec::new();
+    let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
+    petrel_format::layer_tar::gunzip_layer(entry, &bootstrap_gz[..], &mut bootstrap, 1 << 30).unwrap();
+    let gzip = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    };
+    let bootstrap_layer = |bytes: &[u8], media_type: &str| {
+        let digest = client.push_blob_bytes("bad", bytes).unwrap();
+        let mut m = good.clone();
+        m["layers"][1]["digest"] = digest.into();
+        m["layers"][1]["size"] = bytes.len().into();
+        m["layers"][1]["mediaType"] = media_type.into();
+        m
+    };
+    let (tar, gz) = (
+        petrel_registry::oci::OCI_LAYER_TAR,
+        petrel_registry::oci::OCI_LAYER_GZIP,
+    );
     let mut cases: Vec<(&str, serde_json::Value, &str)> = Vec::new();
     // Garbage where the bootstrap should be (its digest matches the garbage).
     let garbage_bytes = b"this is not a bootstrap at all. ".repeat(10);
     let garbage = client.push_blob_bytes("bad", &garbage_bytes).unwrap();
-    let mut m = good.clone();
-    m["layers"][1]["digest"] = garbage.clone().into();
-    m["layers"][1]["size"] = garbage_bytes.len().into();
-    cases.push(("garbage", m, "petrel/bootstrap layer is not petrel's one-entry tar"));
-    // Garbage in a well-formed bootstrap layer.
-    let wrapped_bytes = petrel_format::layer_tar::wrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &garbage_bytes);
-    let wrapped = client.push_blob_bytes("bad", &wrapped_bytes).unwrap();
-    let mut m = good.clone();
-    m["layers"][1]["digest"] = wrapped.into();
-    m["layers"][1]["size"] = wrapped_bytes.len().into();
-    cases.push(("wrapped garbage", m, "magic"));
+    cases.push((
+        "garbage",
+        bootstrap_layer(&garbage_bytes, tar),
+        "petrel/bootstrap layer is not petrel's one-entry tar",
+    ));
+    // Garbage in a well-formed bootstrap layer, plain and gzipped.
+    let wrapped_bytes = petrel_format::layer_tar::wrap(entry, &garbage_bytes);
+    cases.push(("wrapped garbage", bootstrap_layer(&wrapped_bytes, tar), "magic"));
+    cases.push((
+        "gzipped wrapped garbage",
+        bootstrap_layer(&gzip(&wrapped_bytes), gz),
+        "magic",
+    ));
+    // Plain garbage gzipped, and the bare bootstrap gzipped (only tars are gzipped).
+    cases.push((
+        "gzipped garbage",
+        bootstrap_layer(&gzip(&garbage_bytes), gz),
+        "one-entry tar",
+    ));
+    let bare_bootstrap = petrel_format::layer_tar::unwrap(entry, &bootstrap).unwrap().to_vec();
+    cases.push((
+        "gzipped bare bootstrap",
+        bootstrap_layer(&gzip(&bare_bootstrap), gz),
+        "one-entry tar",
+    ));
+    // A gzip stream cut in half, and garbage declared as gzip.
+    cases.push((
+        "truncated gzip",
+        bootstrap_layer(&bootstrap_gz[..bootstrap_gz.len() / 2], gz),
+        "does not decompress",
+    ));
+    cases.push(("not gzip", bootstrap_layer(&garbage_bytes, gz), "does not decompress"));
+    // A compression petrel does not write.
+    cases.push((
+        "zstd",
+        bootstrap_layer(&bootstrap_gz, petrel_registry::oci::OCI_LAYER_ZSTD),
+        "is neither",
+    ));
     // A truncated bootstrap.
-    let truncated = client
-        .push_blob_bytes("bad", &bootstrap[..bootstrap.len() / 2])
-        .unwrap();
-    let mut m = good.clone();
-    m["layers"][1]["digest"] = truncated.into();
-    m["layers"][1]["size"] = (bootstrap.len() / 2).into();
-    cases.push(("truncated", m, "bootstrap"));
+    cases.push((
+        "truncated",
+        bootstrap_layer(&bootstrap[..bootstrap.len() / 2], tar),
+        "bootstrap",
+    ));
     // The manifest pins a digest the served bytes do not have.
     let mut m = good.clone();
     m["layers"][1]["digest"] = garbage.into();
@@ -551,7 +599,7 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     // The registry serves more bytes than the manifest says: refused as they stream
     // in, before the rest is read.
     let mut m = good.clone();
-    m["layers"][1]["size"] = (bootstrap.len() as u64 / 2).into();
+    m["layers"][1]["size"] = (bootstrap_gz.len() as u64 / 2).into();
     cases.push(("larger than the manifest says", m, "larger than"));
     // No bootstrap layer at all.
     let mut m = good.clone();
@@ -583,41 +631,40 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
         assert!(output_text(&out).contains(expected), "{name}: {}", output_text(&out));
         assert!(!is_petrel_mount(&mountpoint), "{name} must not be mounted");
     }
-    // An image converted before bootstrap layers were tars (the bare bootstrap as the
-    // layer) still mounts.
+    // Images converted before bootstrap layers were gzipped (an uncompressed tar) or
+    // tars at all (the bare bootstrap as the layer) still mount.
     let bare = petrel_format::layer_tar::bootstrap_of_layer(&bootstrap)
         .unwrap()
         .to_vec();
-    let bare_digest = client.push_blob_bytes("bad", &bare).unwrap();
-    let mut m = good.clone();
-    m["layers"][1]["digest"] = bare_digest.into();
-    m["layers"][1]["size"] = bare.len().into();
-    client
-        .put_manifest(
-            "bad",
-            "bare",
-            petrel_registry::oci::OCI_MANIFEST,
-            &serde_json::to_vec(&m).unwrap(),
-        )
-        .unwrap();
-    let mountpoint = work.path().join("mnt-bare");
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let out = petrel()
-        .arg("mount")
-        .arg(format!("docker://{}/bad:bare", registry.addr))
-        .arg(&mountpoint)
-        .arg("--daemon")
-        .arg("--cache-dir")
-        .arg(work.path().join("cache-bare"))
-        .arg("--runtime-dir")
-        .arg(work.path().join("run"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "bare bootstrap layer: {}", output_text(&out));
-    assert!(is_petrel_mount(&mountpoint));
-    assert!(std::fs::read_dir(&mountpoint).unwrap().count() > 0);
-    let out = petrel().arg("umount").arg(&mountpoint).output().unwrap();
-    assert!(out.status.success(), "{}", output_text(&out));
+    for (name, layer) in [("bare", &bare), ("plain-tar", &bootstrap)] {
+        let m = bootstrap_layer(layer, tar);
+        client
+            .put_manifest(
+                "bad",
+                name,
+                petrel_registry::oci::OCI_MANIFEST,
+                &serde_json::to_vec(&m).unwrap(),
+            )
+            .unwrap();
+        let mountpoint = work.path().join(format!("mnt-{name}"));
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let out = petrel()
+            .arg("mount")
+            .arg(format!("docker://{}/bad:{name}", registry.addr))
+            .arg(&mountpoint)
+            .arg("--daemon")
+            .arg("--cache-dir")
+            .arg(work.path().join(format!("cache-{name}")))
+            .arg("--runtime-dir")
+            .arg(work.path().join("run"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} bootstrap layer: {}", output_text(&out));
+        assert!(is_petrel_mount(&mountpoint));
+        assert!(std::fs::read_dir(&mountpoint).unwrap().count() > 0);
+        let out = petrel().arg("umount").arg(&mountpoint).output().unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
 
     // Bytes changed on the wire: the sha256 pinned in the manifest catches it.
     let proxy = FaultProxy::start(&registry.addr);
@@ -1015,13 +1062,16 @@ fn the_next_release_reuses_the_profile_kept_with_the_image() {
     let source = source.resolve(Some("v1")).unwrap();
     let subject = manifest.subject.as_ref().expect("subject");
     assert_eq!((&subject.digest, subject.size), (&source.digest, source.size));
-    let bootstrap = layout
+    let bootstrap_gz = layout
         .read_blob(
             &petrel_registry::oci::bootstrap_layer(&manifest).unwrap().digest,
             1 << 30,
         )
         .unwrap();
-    let bootstrap = petrel_format::layer_tar::unwrap(petrel_format::layer_tar::BOOTSTRAP_ENTRY, &bootstrap).unwrap();
+    let mut bootstrap = Vec::new();
+    let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
+    petrel_format::layer_tar::gunzip_layer(entry, &bootstrap_gz[..], &mut bootstrap, 1 << 30).unwrap();
+    let bootstrap = petrel_format::layer_tar::unwrap(entry, &bootstrap).unwrap();
     let reader = petrel_format::Bootstrap::open(bootstrap).unwrap();
     assert_eq!(reader.prefetch_len(), 2, "release 2 laid out with release 1's profile");
 }
@@ -1129,13 +1179,38 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
         registry.push_layout(&work.path().join(name), "src", name);
     }
     let r = &registry.addr;
-    let first = convert(&format!("docker://{r}/src:n"), &format!("docker://{r}/app:1.0"), None);
+    // Build times (the manifests' created annotation) come from SOURCE_DATE_EPOCH.
+    let convert_built_at = |epoch: &str, from: &str, to: &str| {
+        let out = petrel()
+            .args(["convert", from, to, "--json"])
+            .env("SOURCE_DATE_EPOCH", epoch)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "convert {from} -> {to}: {}", output_text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = convert_built_at(
+        "2000000000",
+        &format!("docker://{r}/src:n"),
+        &format!("docker://{r}/app:1.0"),
+    );
     assert_eq!(
         first["chunk_dicts"],
         serde_json::json!([]),
         "an empty repository: {first}"
     );
     let first_upload = first["manifests"][0]["uploaded_bytes"].as_u64().unwrap();
+    let manifest = skopeo_inspect(&format!("docker://{r}/app:1.0"), None);
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.created"],
+        "2033-05-18T03:33:20Z"
+    );
+    // An older build under a tag that sorts last is not the newest.
+    convert_built_at(
+        "1000000000",
+        &format!("docker://{r}/src:n"),
+        &format!("docker://{r}/app:9-old"),
+    );
 
     // No flag: release N, the newest petrel image of the repository, is the dictionary.
     let mut command = petrel();

@@ -6,9 +6,12 @@
 //! deduplicates against the petrel image it most likely follows:
 //! 1. the image under the target tag, when it is a petrel image (the tag being
 //!    replaced: `app:latest`, `app:stable`);
-//! 2. otherwise the newest petrel image among the last [`CANDIDATE_TAGS`] tags of the
-//!    target repository (by the `org.opencontainers.image.created` annotation petrel
-//!    writes; images without it count as oldest, then the lexically last tag wins).
+//! 2. otherwise the newest petrel image among [`CANDIDATE_TAGS`] tags of the target
+//!    repository, those named most like the target tag first (the longest common
+//!    suffix: `1.4-petrel` for `1.5-petrel`), then the lexically last; newest by the
+//!    `org.opencontainers.image.created` annotation petrel writes (the source
+//!    image's build time); images without it count as oldest, then the lexically
+//!    last tag wins.
 //!
 //! The dictionary lives in the target repository, so it is as trusted as the target
 //! itself; every chunk it lends is still checked against its blake3 digest on read.
@@ -18,7 +21,7 @@ use crate::target::Target;
 use petrel_registry::oci::{bootstrap_layer, Platform, ANNOTATION_FORMAT};
 use petrel_registry::{ImageRef, Location};
 
-/// How many tags of the target repository are looked at (the last ones listed).
+/// How many tags of the target repository are looked at.
 pub const CANDIDATE_TAGS: usize = 16;
 /// How many candidate manifests are fetched at once.
 const PARALLEL_LOOKUPS: usize = 8;
@@ -75,8 +78,9 @@ pub fn find(
         })
 }
 
-/// The last [`CANDIDATE_TAGS`] tags of the target repository other than the target
-/// tag and referrers fallback tags (`sha256-…`), as locations.
+/// [`CANDIDATE_TAGS`] tags of the target repository other than the target tag and
+/// referrers fallback tags (`sha256-…`), as locations: those sharing the longest
+/// suffix with the target tag, then the lexically last.
 fn candidate_tags(target: &Target, location: &Location) -> Vec<Location> {
     let tags = match target.tags() {
         Ok(tags) => tags,
@@ -88,17 +92,8 @@ fn candidate_tags(target: &Target, location: &Location) -> Vec<Location> {
             return Vec::new();
         }
     };
-    let own = tag_of(location);
-    let mut chosen: Vec<&String> = tags
-        .iter()
-        .filter(|t| Some(t.as_str()) != own && !t.starts_with("sha256-"))
-        .collect();
-    chosen.sort();
-    chosen.dedup();
-    chosen
+    ranked_tags(&tags, tag_of(location).unwrap_or(""))
         .into_iter()
-        .rev()
-        .take(CANDIDATE_TAGS)
         .map(|tag| match location {
             Location::Registry(image) => Location::Registry(ImageRef {
                 tag: Some(tag.clone()),
@@ -112,6 +107,29 @@ fn candidate_tags(target: &Target, location: &Location) -> Vec<Location> {
             other => other.clone(),
         })
         .collect()
+}
+
+/// At most [`CANDIDATE_TAGS`] of `tags`, without `own` and referrers fallback tags
+/// (`sha256-…`): tags named like `own` first (`1.4-petrel` for `1.5-petrel`, in a
+/// repository that also holds `1.4` and `1.5`), then the lexically last.
+fn ranked_tags<'t>(tags: &'t [String], own: &str) -> Vec<&'t String> {
+    let mut ranked: Vec<&String> = tags
+        .iter()
+        .filter(|t| t.as_str() != own && !t.starts_with("sha256-"))
+        .collect();
+    ranked.sort_by(|a, b| {
+        (common_suffix(a, own), a.as_str())
+            .cmp(&(common_suffix(b, own), b.as_str()))
+            .reverse()
+    });
+    ranked.dedup();
+    ranked.truncate(CANDIDATE_TAGS);
+    ranked
+}
+
+/// How many trailing bytes `a` and `b` share.
+fn common_suffix(a: &str, b: &str) -> usize {
+    a.bytes().rev().zip(b.bytes().rev()).take_while(|(x, y)| x == y).count()
 }
 
 fn tag_of(location: &Location) -> Option<&str> {
@@ -142,4 +160,25 @@ fn created_if_petrel(
             .cloned()
             .unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_named_like_the_target_come_first_then_the_lexically_last() {
+        let mut tags: Vec<String> = ["1.3-petrel", "1.4", "1.4-petrel", "1.5", "1.5-petrel", "sha256-ab"]
+            .map(String::from)
+            .to_vec();
+        tags.extend((0..40).map(|i| format!("sha-{i:02}")));
+        let ranked = ranked_tags(&tags, "1.5-petrel");
+        assert_eq!(ranked.len(), CANDIDATE_TAGS);
+        assert_eq!(ranked[..2], [&tags[2], &tags[0]], "{ranked:?}");
+        assert_eq!(ranked[2], "sha-39");
+        assert!(!ranked.iter().any(|t| *t == "1.5-petrel" || t.starts_with("sha256-")));
+        // Plain version tags: the lexically last first.
+        let tags: Vec<String> = ["1.0", "1.1", "0.9"].map(String::from).to_vec();
+        assert_eq!(ranked_tags(&tags, "latest"), [&tags[1], &tags[0], &tags[2]]);
+    }
 }

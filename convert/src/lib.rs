@@ -218,6 +218,9 @@ pub fn convert(
     })
 }
 
+/// The largest bootstrap of a chunk dictionary read into memory.
+const MAX_DICT_BOOTSTRAP: u64 = 1 << 30;
+
 /// `dict` extended with the chunks of the petrel image at `location`: the
 /// image's source, the extended dictionary and how many chunks it added.
 fn load_dictionary(
@@ -234,7 +237,15 @@ fn load_dictionary(
         .manifest;
     let bootstrap = bootstrap_layer(manifest)
         .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
-    let layer = dict_source.blob(&bootstrap.digest, bootstrap.size)?;
+    let layer = dict_source.blob(&bootstrap.digest, bootstrap.size.min(MAX_DICT_BOOTSTRAP))?;
+    let layer = if bootstrap.media_type == OCI_LAYER_GZIP {
+        let mut tar = Vec::new();
+        layer_tar::gunzip_layer(layer_tar::BOOTSTRAP_ENTRY, &layer[..], &mut tar, MAX_DICT_BOOTSTRAP)
+            .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
+        tar
+    } else {
+        layer
+    };
     let bytes = layer_tar::bootstrap_of_layer(&layer)
         .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
     let mut extended = dict.clone();
@@ -423,8 +434,9 @@ fn convert_one(
     }
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
     let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
-    // The bootstrap travels as a one-entry tar layer, like the blobs (spec §14).
-    let bootstrap_layer = layer_tar::wrap(layer_tar::BOOTSTRAP_ENTRY, &bootstrap_bytes);
+    // The bootstrap travels as a one-entry tar layer, like the blobs, gzipped: it
+    // is fetched whole before a mount, and compresses about 4x (spec §14).
+    let (bootstrap_layer, bootstrap_diff_id) = layer_tar::gzipped_bootstrap_layer(&bootstrap_bytes);
     let bootstrap_digest = sha256_digest(&bootstrap_layer);
     let mut bootstrap_file = tempfile::NamedTempFile::new_in(image_dir.root())?;
     bootstrap_file.write_all(&bootstrap_layer)?;
@@ -433,8 +445,11 @@ fn convert_one(
     } else {
         skipped += 1;
     }
+    // Blob layers are uncompressed: their digests are their diff_ids.
+    let mut diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    diff_ids.push(format!("sha256:{}", hex::encode(bootstrap_diff_id)));
     layers.push(Descriptor {
-        media_type: PETREL_LAYER.into(),
+        media_type: OCI_LAYER_GZIP.into(),
         digest: bootstrap_digest.clone(),
         size: bootstrap_layer.len() as u64,
         annotations: {
@@ -445,7 +460,7 @@ fn convert_one(
         platform: None,
         ..Default::default()
     });
-    let config = converted_config(&config_bytes, &layers)?;
+    let config = converted_config(&config_bytes, &diff_ids)?;
     let config_digest = target.put_bytes(&config)?;
     let new_manifest = Manifest {
         schema_version: 2,
@@ -468,13 +483,13 @@ fn convert_one(
             ..Default::default()
         }),
         annotations: {
-            // When it was converted: the default chunk dictionary of the next
-            // conversion into this repository is the newest petrel image.
+            // When the source image was built: the default chunk dictionary of the
+            // next conversion into this repository is the newest petrel image. Taken
+            // from the image (not the clock), so conversions stay reproducible.
             let mut annotations = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
-            annotations.insert(
-                ANNOTATION_CREATED.to_string(),
-                petrel_registry::oci::build_time_rfc3339(),
-            );
+            if let Some(created) = image_created(&config_bytes) {
+                annotations.insert(ANNOTATION_CREATED.to_string(), created);
+            }
             annotations
         },
         ..Default::default()
@@ -502,20 +517,32 @@ fn convert_one(
     ))
 }
 
-/// The source config with `rootfs.diff_ids` naming the new layers (which are
-/// stored uncompressed, so their diff ids are their digests) and without the
+/// The source config with `rootfs.diff_ids` naming the new layers and without the
 /// per-layer history that no longer matches.
-fn converted_config(source: &[u8], layers: &[Descriptor]) -> Result<Vec<u8>> {
+fn converted_config(source: &[u8], diff_ids: &[String]) -> Result<Vec<u8>> {
     let mut config: serde_json::Value = serde_json::from_slice(source).context("the image config is not JSON")?;
     let object = config
         .as_object_mut()
         .context("the image config is not a JSON object")?;
     object.insert(
         "rootfs".into(),
-        serde_json::json!({ "type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>() }),
+        serde_json::json!({ "type": "layers", "diff_ids": diff_ids }),
     );
     object.remove("history");
     Ok(serde_json::to_vec(&config)?)
+}
+
+/// When the image was built: `SOURCE_DATE_EPOCH` when set (reproducible builds),
+/// else the `created` of its config.
+fn image_created(config: &[u8]) -> Option<String> {
+    if let Some(secs) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(petrel_registry::oci::rfc3339(secs));
+    }
+    let config: serde_json::Value = serde_json::from_slice(config).ok()?;
+    config.get("created")?.as_str().map(str::to_string)
 }
 
 fn manifest_annotations(source: &str, profile: Option<&petrel_format::profile::Profile>) -> BTreeMap<String, String> {

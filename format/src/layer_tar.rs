@@ -117,9 +117,72 @@ pub fn data_size(entry: &'static str, header_bytes: &[u8]) -> Result<u64, LayerT
     Ok(size)
 }
 
+/// The bootstrap layer as `petrel convert` pushes it: petrel's wrapping of the
+/// bootstrap, gzip-compressed (`application/vnd.oci.image.layer.v1.tar+gzip`; a
+/// bootstrap compresses about 4x). Returns (layer, sha256 of the uncompressed tar:
+/// the layer's diff_id).
+pub fn gzipped_bootstrap_layer(bootstrap: &[u8]) -> (Vec<u8>, [u8; 32]) {
+    use sha2::Digest;
+    use std::io::Write;
+    let tar = wrap(BOOTSTRAP_ENTRY, bootstrap);
+    let diff_id = sha2::Sha256::digest(&tar).into();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(tar.len() / 3), flate2::Compression::new(6));
+    encoder.write_all(&tar).expect("writing to memory");
+    (encoder.finish().expect("writing to memory"), diff_id)
+}
+
+/// Decompresses a gzip layer from `compressed` into `out`, refusing more than
+/// `limit` bytes of output (a small layer can expand without bound); returns the
+/// number of bytes written and their sha256 (the layer's diff_id).
+pub fn gunzip_layer(
+    entry: &'static str,
+    compressed: impl std::io::Read,
+    out: &mut dyn std::io::Write,
+    limit: u64,
+) -> Result<(u64, [u8; 32]), LayerTarError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let fail = |reason: String| LayerTarError { entry, reason };
+    let mut decoder = flate2::read::GzDecoder::new(compressed).take(limit + 1);
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    let mut written = 0u64;
+    loop {
+        let n = match decoder.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(fail(format!("its gzip stream does not decompress: {e}"))),
+        };
+        written += n as u64;
+        if written > limit {
+            return Err(fail(format!("it decompresses to more than {limit} bytes")));
+        }
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n])
+            .map_err(|e| fail(format!("writing it out: {e}")))?;
+    }
+    Ok((written, hasher.finalize().into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gzipped_bootstrap_layer_decompresses_to_the_exact_wrapping_within_its_limit() {
+        let bootstrap: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (layer, diff_id) = gzipped_bootstrap_layer(&bootstrap);
+        assert!(layer.len() < bootstrap.len() / 4, "{} bytes", layer.len());
+        let mut out = Vec::new();
+        let (n, hashed) = gunzip_layer(BOOTSTRAP_ENTRY, &layer[..], &mut out, 1 << 20).unwrap();
+        assert_eq!((n, hashed), (out.len() as u64, diff_id));
+        assert_eq!(unwrap(BOOTSTRAP_ENTRY, &out).unwrap(), &bootstrap[..]);
+        let err = gunzip_layer(BOOTSTRAP_ENTRY, &layer[..], &mut Vec::new(), 50_000).unwrap_err();
+        assert!(err.to_string().contains("more than 50000 bytes"), "{err}");
+        let err = gunzip_layer(BOOTSTRAP_ENTRY, &layer[..layer.len() / 2], &mut Vec::new(), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("does not decompress"), "{err}");
+    }
 
     #[test]
     fn a_wrapped_file_unwraps_and_reads_as_a_tar() {

@@ -3,6 +3,7 @@
 //! chunk), verify them, and keep them in a crash-safe local cache.
 
 pub mod backend;
+pub mod bootstrap_fetch;
 pub mod byte_size;
 pub mod cache;
 pub mod chunk_ranges;

@@ -13,8 +13,7 @@ fn petrel_layer_is_blob(layer: &petrel_registry::oci::Descriptor) -> bool {
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Largest bootstrap accepted from a registry.
-pub const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+pub use crate::bootstrap_fetch::MAX_BOOTSTRAP_BYTES;
 
 /// Blobs of one repository, read by Range requests.
 #[derive(Debug)]
@@ -120,37 +119,6 @@ fn invalid(image: &ImageRef, reason: String) -> DaemonError {
     DaemonError::Invalid(format!("{image}: {reason}"))
 }
 
-/// Where the bootstrap lies in its downloaded layer `file`: petrel's exact tar
-/// wrapping (its header and trailer checked), or (images converted before bootstrap
-/// layers were tars) the bare bootstrap, recognised by its magic.
-fn bootstrap_in_layer(file: &std::fs::File, path: &Path) -> std::result::Result<(u64, u64), String> {
-    use petrel_format::layer_tar;
-    use std::os::unix::fs::FileExt;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("stat {}: {e}", path.display()))?
-        .len();
-    let mut header = vec![0u8; (layer_tar::DATA_OFFSET as usize).min(len as usize)];
-    file.read_exact_at(&mut header, 0).map_err(|e| e.to_string())?;
-    if header.starts_with(&petrel_format::layout::MAGIC) {
-        return Ok((0, len));
-    }
-    let size = layer_tar::data_size(layer_tar::BOOTSTRAP_ENTRY, &header).map_err(|e| e.to_string())?;
-    if layer_tar::layer_len(size) != len {
-        return Err(format!(
-            "the layer's header announces {size} bytes, so it must be {} bytes, not {len}",
-            layer_tar::layer_len(size)
-        ));
-    }
-    let mut trailer = vec![0u8; layer_tar::trailer_len(size) as usize];
-    file.read_exact_at(&mut trailer, layer_tar::DATA_OFFSET + size)
-        .map_err(|e| e.to_string())?;
-    if trailer.iter().any(|b| *b != 0) {
-        return Err("bytes after the bootstrap in its layer are not zero".into());
-    }
-    Ok((layer_tar::DATA_OFFSET, size))
-}
-
 /// Resolves `image` (an index picks `platform`), fetches its bootstrap into
 /// `<cache_dir>/downloads/`, and checks it against the manifest before anything maps it.
 ///
@@ -249,45 +217,19 @@ fn resolve_online(
         })?;
     let bootstrap = bootstrap_layer(&manifest)
         .ok_or_else(|| invalid(image, "not a petrel image: the manifest has no bootstrap layer".into()))?;
-    if bootstrap.size > MAX_BOOTSTRAP_BYTES {
-        return Err(invalid(
-            image,
-            format!(
-                "bootstrap of {} bytes is larger than {MAX_BOOTSTRAP_BYTES}",
-                bootstrap.size
-            ),
-        ));
-    }
-    // Streamed to disk and verified against the sha256 pinned in the manifest; the
-    // bootstrap is then unwrapped from its layer and mapped, never held in memory.
-    let downloads = cache_dir.join("downloads");
-    crate::store::create_private_dir(&downloads)?;
-    let path = downloads.join(bootstrap.digest.trim_start_matches("sha256:"));
-    let mut layer =
-        tempfile::NamedTempFile::new_in(&downloads).map_err(DaemonError::io("create temporary file in", &downloads))?;
-    client.download_blob(
-        &image.repository,
-        &bootstrap.digest,
-        bootstrap.size,
-        layer.as_file_mut(),
-    )?;
-    let (offset, length) = bootstrap_in_layer(layer.as_file(), layer.path())
-        .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
-    let mut content =
-        tempfile::NamedTempFile::new_in(&downloads).map_err(DaemonError::io("create temporary file in", &downloads))?;
-    {
-        let mut source = layer.reopen().map_err(DaemonError::io("open", layer.path()))?;
-        std::io::Seek::seek(&mut source, std::io::SeekFrom::Start(offset))
-            .map_err(DaemonError::io("seek", layer.path()))?;
-        std::io::copy(&mut std::io::Read::take(source, length), content.as_file_mut())
-            .map_err(DaemonError::io("write", &path))?;
-    }
-    drop(layer);
-    content
-        .persist(&path)
-        .map_err(|e| DaemonError::io("rename to", &path)(e.error))?;
-    let mapped = crate::image::MappedImage::open(&path, cache_dir, &image.to_string())
-        .map_err(|e| invalid(image, format!("bootstrap {}: {e}", bootstrap.digest)))?;
+    // Fetched once per node into downloads/, checked against the sha256 pinned in
+    // the manifest, gunzipped and unwrapped on disk: never held in memory.
+    let fetched = crate::bootstrap_fetch::fetch(&client, &image.repository, bootstrap, &cache_dir.join("downloads"))
+        .map_err(|e| match e {
+            DaemonError::Invalid(reason) => invalid(image, reason),
+            other => other,
+        })?;
+    let path = fetched.path;
+    let mapped = crate::image::MappedImage::open(&path, cache_dir, &image.to_string()).map_err(|e| {
+        // Never kept: the next attempt fetches it again.
+        let _ = std::fs::remove_file(&path);
+        invalid(image, format!("bootstrap {}: {e}", bootstrap.digest))
+    })?;
     let opened = mapped.bootstrap();
     if let Some(expected) = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3) {
         if *expected != hex::encode(opened.superblock().digest) {

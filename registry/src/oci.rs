@@ -194,18 +194,6 @@ pub fn now_rfc3339() -> String {
     )
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of `SOURCE_DATE_EPOCH` when set (reproducible builds),
-/// else of now.
-pub fn build_time_rfc3339() -> String {
-    match std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-    {
-        Some(secs) => rfc3339(secs),
-        None => now_rfc3339(),
-    }
-}
-
 /// `YYYY-MM-DDTHH:MM:SSZ` of `secs` after the Unix epoch.
 pub fn rfc3339(secs: u64) -> String {
     let (days, rest) = (secs / 86_400, secs % 86_400);

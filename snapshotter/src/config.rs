@@ -269,6 +269,11 @@ impl Config {
         ))
     }
 
+    /// The node cache every mount daemon shares.
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self.root.join("cache")
+    }
+
     /// The spec of the daemon that mounts `image` at `mountpoint`, with the node
     /// cache and run directory under `root` (the one place the snapshotter's
     /// configuration becomes a daemon's). Credentials travel in its environment.
@@ -278,7 +283,7 @@ impl Config {
             .and_then(|r| r.split('/').next())
             .unwrap_or("");
         let mut spec = DaemonSpec {
-            cache_dir: self.root.join("cache"),
+            cache_dir: self.cache_dir(),
             runtime_dir: self.root.join("run"),
             cache_max_bytes: self.cache_max_bytes,
             registry: if host.is_empty() {

@@ -70,15 +70,7 @@ pub fn classify(
             "layer {layer} of {image} has petrel role {role:?}, which this snapshotter does not know"
         )));
     }
-    let unavailable = |e: petrel_registry::RegistryError| {
-        use petrel_registry::RegistryError::{GaveUp, Io, Status, Transport};
-        let reason = format!("cannot resolve {image}: {e}");
-        match e {
-            Transport { .. } | GaveUp { .. } | Io { .. } => SnapshotError::Unavailable(reason),
-            Status { status, .. } if status >= 500 => SnapshotError::Unavailable(reason),
-            _ => SnapshotError::FailedPrecondition(reason),
-        }
-    };
+    let unavailable = |e: petrel_registry::RegistryError| registry_failure(format!("cannot resolve {image}"), e);
     let image_ref = ImageRef::parse(image).map_err(unavailable)?;
     let client = RegistryClient::new(&image_ref.registry, &settings.client_options_for(&image_ref.registry)?)
         .map_err(unavailable)?;
@@ -104,7 +96,19 @@ pub fn classify(
             "{image}: manifest {pinned} does not list layer {layer} (did the tag move during the pull?)"
         )));
     }
-    crate::provenance::verify_remote_layer(&client, &image_ref.repository, &manifest, layer, role, target, parent)?;
+    let downloads = settings.cache_dir().join("downloads");
+    crate::provenance::verify_remote_layer(
+        &client,
+        &image_ref.repository,
+        &manifest,
+        crate::provenance::PulledLayer {
+            digest: layer,
+            role,
+            target,
+            parent,
+        },
+        &downloads,
+    )?;
     Ok(Some(if role == ROLE_BLOB {
         RemoteLayer::Blob
     } else {
@@ -112,6 +116,19 @@ pub fn classify(
             image: format!("docker://{}/{}@{pinned}", image_ref.registry, image_ref.repository),
         }
     }))
+}
+
+/// A registry failure while verifying a pull: the registry cannot be reached
+/// (`Unavailable`: the layer is then pulled the ordinary way) or it refused or
+/// answered wrongly (`FailedPrecondition`).
+pub fn registry_failure(doing: String, e: petrel_registry::RegistryError) -> SnapshotError {
+    use petrel_registry::RegistryError::{GaveUp, Io, Status, Transport};
+    let reason = format!("{doing}: {e}");
+    match e {
+        Transport { .. } | GaveUp { .. } | Io { .. } => SnapshotError::Unavailable(reason),
+        Status { status, .. } if status >= 500 => SnapshotError::Unavailable(reason),
+        _ => SnapshotError::FailedPrecondition(reason),
+    }
 }
 
 /// Manifests fetched by digest during pulls (each layer of a pull needs its image's

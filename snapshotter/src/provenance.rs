@@ -72,7 +72,9 @@ pub fn petrel_layer<'m>(manifest: &'m Manifest, layer: &str, role: &str, image: 
             oci::petrel_role(descriptor)
         )));
     }
-    if !UNCOMPRESSED_LAYER_TYPES.contains(&descriptor.media_type.as_str()) {
+    // A gzipped bootstrap's diff_id is learnt by fetching it (`verify_remote_layer`).
+    let gzipped_bootstrap = role == ROLE_BOOTSTRAP && descriptor.media_type == oci::OCI_LAYER_GZIP;
+    if !gzipped_bootstrap && !UNCOMPRESSED_LAYER_TYPES.contains(&descriptor.media_type.as_str()) {
         return Err(refuse(format!(
             "media type {:?} is not an uncompressed tar, so its digest is not its diff_id",
             descriptor.media_type
@@ -132,20 +134,49 @@ pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor
 /// The most bytes after a blob's data: padding to a block, then two zero blocks.
 const MAX_TRAILER: u64 = 511 + 1024;
 
+/// A layer containerd is pulling: its digest and petrel role, and the snapshot name
+/// containerd asks for (`target`, on top of `parent`).
+#[derive(Debug, Clone, Copy)]
+pub struct PulledLayer<'a> {
+    pub digest: &'a str,
+    pub role: &'a str,
+    pub target: &'a str,
+    pub parent: Option<&'a str>,
+}
+
 /// Verifies a petrel layer being pulled: `target` must be its chain ID, and the layer
-/// must be what its role says in `manifest` (pinned by digest).
+/// must be what its role says in `manifest` (pinned by digest). A gzipped bootstrap
+/// layer is fetched into `downloads` (where its mount daemon will find it) to learn
+/// its diff_id.
 pub fn verify_remote_layer(
     client: &RegistryClient,
     repository: &str,
     manifest: &Manifest,
-    layer: &str,
-    role: &str,
-    target: &str,
-    parent: Option<&str>,
+    layer: PulledLayer,
+    downloads: &std::path::Path,
 ) -> Result<()> {
+    let PulledLayer {
+        digest,
+        role,
+        target,
+        parent,
+    } = layer;
     let image = format!("{}/{repository}", client.registry());
-    let descriptor = petrel_layer(manifest, layer, role, &image)?;
-    check_chain_id(target, parent, layer, &format!("{role} layer {layer} of {image}"))?;
+    let descriptor = petrel_layer(manifest, digest, role, &image)?;
+    let what = format!("{role} layer {digest} of {image}");
+    if descriptor.media_type == oci::OCI_LAYER_GZIP {
+        let fetched = petrel_fuse_daemon::bootstrap_fetch::fetch(client, repository, descriptor, downloads).map_err(
+            |e| match e {
+                petrel_fuse_daemon::error::DaemonError::Registry(e) => {
+                    crate::labels::registry_failure(format!("fetching {what}"), e)
+                }
+                other => SnapshotError::FailedPrecondition(format!("refusing {what}: {other}")),
+            },
+        )?;
+        check_chain_id(target, parent, &fetched.diff_id, &what)?;
+    } else {
+        check_chain_id(target, parent, digest, &what)?;
+    }
     if role == ROLE_BLOB {
         check_blob_wrapping(client, repository, descriptor)?;
     }
