@@ -1,7 +1,9 @@
 //! Dedup across releases: for release pairs, what a registry stores and a node
 //! fetches for release N+1 given release N, as plain OCI layers and as petrel
 //! images (no dictionary; dictionary with fixed chunks; dictionary with FastCDC at
-//! several sizes), plus chunk counts, bootstrap sizes and build throughput.
+//! several sizes), plus chunk counts, bootstrap sizes and build throughput; and
+//! `petrel convert` of both releases into one repository, with no flag (the default
+//! dictionary) and with `--no-chunk-dict`.
 //!
 //! Pair "pip": a Python app whose site-packages move 6 packages to newer minor
 //! versions (real wheels from PyPI, cached under /var/tmp). Pair "point release":
@@ -245,7 +247,54 @@ fn report_pair(name: &str, work: &Path, n_dirs: &[PathBuf], n1_dirs: &[PathBuf])
             input as f64 / (1 << 20) as f64 / built.seconds
         );
     }
+    // `petrel convert` into one repository (an OCI layout): release N, then N+1 with
+    // no flag (the default dictionary is release N) and with --no-chunk-dict.
+    let repository = work.join(format!("{name}-repository"));
+    let sources = [("n", &n_tars), ("n1", &n1_tars)].map(|(tag, tars)| {
+        let layout = work.join(format!("{name}-oci-{tag}"));
+        let files: Vec<&Path> = tars.iter().map(PathBuf::as_path).collect();
+        petrel_fixtures::oci_layout::write_oci_layout_from_files(&layout, "v1", &files).map(|_| layout)
+    });
+    let [n_layout, n1_layout] = sources;
+    let (n_layout, n1_layout) = (n_layout?, n1_layout?);
+    convert_into(&n_layout, &repository, "n", &[])?;
+    for (label, tag, flags) in [
+        ("petrel convert, no flag", "n1", &[][..]),
+        ("petrel convert --no-chunk-dict", "n1-full", &["--no-chunk-dict"][..]),
+    ] {
+        let (summary, seconds) = convert_into(&n1_layout, &repository, tag, flags)?;
+        let converted = &summary["manifests"][0];
+        let uploaded = converted["uploaded_bytes"].as_u64().unwrap_or(0);
+        let dictionary = summary["chunk_dicts"][0]["why"].as_str().unwrap_or("no dictionary");
+        println!(
+            "| {label} ({dictionary}) | {uploaded} | {:.3} | {} | {:.0} (gzip) | {:.0} |",
+            uploaded as f64 / oci_new.max(1) as f64,
+            converted["unique_chunks"],
+            converted["bootstrap_size"].as_u64().unwrap_or(0) as f64 / 1024.0,
+            input as f64 / (1 << 20) as f64 / seconds
+        );
+    }
     Ok(())
+}
+
+/// Converts the image of OCI layout `source` into tag `tag` of the OCI layout
+/// `repository`: the JSON summary and the seconds it took.
+fn convert_into(
+    source: &Path,
+    repository: &Path,
+    tag: &str,
+    flags: &[&str],
+) -> anyhow::Result<(serde_json::Value, f64)> {
+    let report = repository.with_extension(format!("{tag}.json"));
+    let run = run_shell(&format!(
+        "{} convert --json {} oci:{}:v1 oci:{}:{tag} > {}",
+        bin("petrel").display(),
+        flags.join(" "),
+        source.display(),
+        repository.display(),
+        report.display()
+    ))?;
+    Ok((serde_json::from_slice(&std::fs::read(&report)?)?, run.seconds))
 }
 
 pub fn run(_args: &[String]) -> anyhow::Result<()> {
