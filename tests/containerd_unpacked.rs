@@ -100,7 +100,9 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     let config_digest = manifest["config"]["digest"].as_str().unwrap();
     let mut config: serde_json::Value =
         serde_json::from_slice(&client.get_blob_verified("busy", config_digest, 1 << 20).unwrap()).unwrap();
-    config["rootfs"]["diff_ids"] = serde_json::json!([bootstrap["digest"]]);
+    // The bootstrap layer is gzipped: its diff_id is the config's last one.
+    let bootstrap_diff_id = config["rootfs"]["diff_ids"].as_array().unwrap().last().unwrap().clone();
+    config["rootfs"]["diff_ids"] = serde_json::json!([bootstrap_diff_id]);
     let config_bytes = serde_json::to_vec(&config).unwrap();
     let mut broken = manifest.clone();
     broken["config"]["digest"] = client.push_blob_bytes("busy", &config_bytes).unwrap().into();
