@@ -1272,6 +1272,44 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
     );
 }
 
+/// On a terminal, convert shows per layer the bytes in with the chunks seen and
+/// deduplicated and the bytes stored, and per blob the bytes pushed.
+#[test]
+fn convert_on_a_terminal_shows_bytes_in_chunks_deduplicated_and_bytes_out() {
+    if !registry_tools_available() {
+        return;
+    }
+    let has_script = std::process::Command::new("sh")
+        .args(["-c", "command -v script"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        petrel_fixtures::report_skip("script (bsdutils) is not installed: no terminal to convert on");
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let tars: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
+    registry.push_layout(&work.path().join("layout"), "src", "v1");
+    let r = &registry.addr;
+    let command = format!(
+        "{} convert docker://{r}/src:v1 docker://{r}/app:v1",
+        env!("CARGO_BIN_EXE_petrel")
+    );
+    // `script` runs the command on a pseudo-terminal and copies what it drew.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let drawn = output_text(&out);
+    assert!(out.status.success(), "{drawn}");
+    for expected in ["layer 1/3", "in,", "chunks,", "deduplicated,", "push blob", "out,"] {
+        assert!(drawn.contains(expected), "{expected:?} not drawn: {drawn}");
+    }
+}
+
 #[test]
 fn local_builds_reference_a_chunk_dictionary() {
     let work = tempfile::tempdir().unwrap();

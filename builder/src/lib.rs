@@ -79,6 +79,7 @@ pub struct ImageBuilder {
     entries: u64,
     warnings: Vec<String>,
     started: Instant,
+    progress: std::sync::Arc<pipeline::BuildProgress>,
 }
 
 impl ImageBuilder {
@@ -91,12 +92,14 @@ impl ImageBuilder {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let progress = std::sync::Arc::new(pipeline::BuildProgress::default());
         let sink = ChunkSink::new(
             options.chunker,
             options.small_file_limit,
             threads,
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
+            std::sync::Arc::clone(&progress),
         );
         Ok(ImageBuilder {
             options,
@@ -107,7 +110,13 @@ impl ImageBuilder {
             entries: 0,
             warnings: Vec::new(),
             started: Instant::now(),
+            progress,
         })
+    }
+
+    /// Counters of this build that another thread may read while it runs.
+    pub fn progress(&self) -> std::sync::Arc<pipeline::BuildProgress> {
+        std::sync::Arc::clone(&self.progress)
     }
 
     /// Applies one layer: a tar stream, plain or gzip/zstd-compressed (decompressed on

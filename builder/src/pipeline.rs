@@ -15,6 +15,17 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+/// Counters of a running build, readable from another thread (progress bars).
+#[derive(Debug, Default)]
+pub struct BuildProgress {
+    /// Chunks collected, duplicates included.
+    pub chunks: std::sync::atomic::AtomicU64,
+    /// Of those, chunks already seen in this build or found in the dictionary.
+    pub deduplicated: std::sync::atomic::AtomicU64,
+    /// Bytes of new chunks stored for the new blob (compressed).
+    pub stored_bytes: std::sync::atomic::AtomicU64,
+}
+
 /// Chunks per worker that may be in flight (read but not yet collected).
 const IN_FLIGHT_PER_WORKER: usize = 4;
 
@@ -66,7 +77,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts `threads` workers (at least 1) spooling into `spool`; chunks found in
     /// `dict` are neither compressed nor spooled.
-    pub fn start(threads: usize, spool: File, dict: Arc<ChunkDict>) -> Self {
+    pub fn start(threads: usize, spool: File, dict: Arc<ChunkDict>, progress: Arc<BuildProgress>) -> Self {
         let threads = threads.max(1);
         let capacity = threads * IN_FLIGHT_PER_WORKER;
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(capacity);
@@ -87,7 +98,7 @@ impl Pipeline {
         drop(results_tx);
         let collector = std::thread::Builder::new()
             .name("petrel-collect".into())
-            .spawn(move || collect(results_rx, tokens_rx, spool, &dict))
+            .spawn(move || collect(results_rx, tokens_rx, spool, &dict, &progress))
             .expect("spawn collector");
         Pipeline {
             jobs: Some(jobs_tx),
@@ -157,7 +168,9 @@ fn collect(
     tokens: Receiver<()>,
     spool: File,
     dict: &ChunkDict,
+    progress: &BuildProgress,
 ) -> Result<Collected> {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut writer = BufWriter::with_capacity(1 << 20, spool);
     let mut pending: BTreeMap<u64, EncodedChunk> = BTreeMap::new();
     let mut by_digest: HashMap<[u8; 32], u32> = HashMap::new();
@@ -170,21 +183,28 @@ fn collect(
         while let Some(encoded) = pending.remove(&(chunk_of_submission.len() as u64)) {
             // Free one in-flight slot for the submitter.
             let _ = tokens.recv();
+            progress.chunks.fetch_add(1, Relaxed);
             let index = match by_digest.get(&encoded.digest) {
-                Some(&index) => index,
+                Some(&index) => {
+                    progress.deduplicated.fetch_add(1, Relaxed);
+                    index
+                }
                 None => {
                     let index = chunks.len() as u32;
                     let chunk = match dict.chunks.get(&encoded.digest) {
-                        Some(known) => SpooledChunk {
-                            digest: encoded.digest,
-                            flags: known.flags,
-                            place: ChunkPlace::Dict {
-                                blob: known.blob,
-                                offset: known.compressed_offset,
-                            },
-                            stored_size: known.compressed_size,
-                            uncompressed_size: known.uncompressed_size,
-                        },
+                        Some(known) => {
+                            progress.deduplicated.fetch_add(1, Relaxed);
+                            SpooledChunk {
+                                digest: encoded.digest,
+                                flags: known.flags,
+                                place: ChunkPlace::Dict {
+                                    blob: known.blob,
+                                    offset: known.compressed_offset,
+                                },
+                                stored_size: known.compressed_size,
+                                uncompressed_size: known.uncompressed_size,
+                            }
+                        }
                         None => {
                             if failure.is_none() {
                                 if let Err(e) = writer.write_all(&encoded.stored) {
@@ -193,6 +213,7 @@ fn collect(
                             }
                             let place = ChunkPlace::Spool { offset: spool_len };
                             spool_len += encoded.stored.len() as u64;
+                            progress.stored_bytes.fetch_add(encoded.stored.len() as u64, Relaxed);
                             SpooledChunk {
                                 digest: encoded.digest,
                                 flags: encoded.flags,
@@ -233,13 +254,19 @@ mod tests {
     #[test]
     fn dedups_in_submission_order() {
         let spool = tempfile::tempfile().unwrap();
-        let mut pipeline = Pipeline::start(3, spool, Arc::default());
+        let progress = Arc::new(BuildProgress::default());
+        let mut pipeline = Pipeline::start(3, spool, Arc::default(), Arc::clone(&progress));
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
             pipeline.submit(data.clone()).unwrap();
         }
         let collected = pipeline.finish().unwrap();
         assert_eq!(collected.chunks.len(), 7);
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(
+            (progress.chunks.load(Relaxed), progress.deduplicated.load(Relaxed)),
+            (50, 43)
+        );
         for (i, &chunk) in collected.chunk_of_submission.iter().enumerate() {
             assert_eq!(chunk as usize, i % 7, "first-seen order keeps chunk ids stable");
         }

@@ -80,13 +80,14 @@ impl ChunkSink {
         threads: usize,
         spool: File,
         dict: std::sync::Arc<crate::dict::ChunkDict>,
+        progress: std::sync::Arc<crate::pipeline::BuildProgress>,
     ) -> Self {
         let batch_target = match chunker {
             ChunkerParams::Fixed { size } => size,
             ChunkerParams::FastCdc { avg, .. } => avg,
         } as usize;
         ChunkSink {
-            pipeline: Pipeline::start(threads, spool, dict),
+            pipeline: Pipeline::start(threads, spool, dict, progress),
             chunker,
             small_file_limit: small_file_limit.min((batch_target / 2) as u32),
             batch_target,

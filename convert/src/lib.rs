@@ -4,6 +4,7 @@
 
 pub mod default_dict;
 mod error;
+mod progress;
 mod source;
 mod target;
 
@@ -60,7 +61,7 @@ struct Hashing<R> {
     inner: R,
     hasher: sha2::Sha256,
     bytes: u64,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<progress::LayerBar>,
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -68,8 +69,8 @@ impl<R: Read> Read for Hashing<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
-        if let Some(p) = &self.progress {
-            p.inc(n as u64);
+        if let Some(p) = &mut self.progress {
+            p.read(n as u64);
         }
         Ok(n)
     }
@@ -255,22 +256,6 @@ fn load_dictionary(
     Ok((dict_source, extended, added))
 }
 
-fn layer_progress(show: bool, index: usize, count: usize, size: u64) -> Option<indicatif::ProgressBar> {
-    if !show {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(size);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "layer {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("{}/{count}", index + 1));
-    Some(bar)
-}
-
 /// Converts one image manifest; returns the result and the manifest's size.
 /// Makes sure the target has blob `digest` (a dictionary blob the new image
 /// references): already there, mounted from the same registry, or copied.
@@ -376,12 +361,14 @@ fn convert_one(
     let count = manifest.layers.len();
     for (i, layer) in manifest.layers.iter().enumerate() {
         let layer_started = Instant::now();
-        let progress = layer_progress(options.progress, i, count, layer.size);
+        let progress = options
+            .progress
+            .then(|| progress::LayerBar::new(i, count, layer.size, builder.progress()));
         let mut stream = Hashing {
             inner: source.layer(&layer.digest)?,
             hasher: sha2::Sha256::new(),
             bytes: 0,
-            progress: progress.clone(),
+            progress,
         };
         builder
             .add_layer(&mut stream)
@@ -396,8 +383,8 @@ fn convert_one(
                 source.describe()
             );
         }
-        if let Some(p) = progress {
-            p.finish_and_clear();
+        if let Some(p) = stream.progress.take() {
+            p.finish();
         }
         if !options.progress {
             tracing::info!(
@@ -421,7 +408,13 @@ fn convert_one(
     });
     for blob in report.output.blob.iter() {
         let path = image_dir.blobs_dir().join(blob.digest.trim_start_matches("sha256:"));
-        if target.put_blob_file(&blob.digest, &path, mount_from.as_deref())? {
+        let bar = options.progress.then(|| progress::PushBar::new("blob", blob.size));
+        let reporting = bar.as_ref().map(progress::PushBar::on_bytes);
+        let pushed = target.put_blob_file_reporting(&blob.digest, &path, mount_from.as_deref(), reporting)?;
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        if pushed {
             uploaded += blob.size;
         } else {
             skipped += 1;

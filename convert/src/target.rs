@@ -33,9 +33,20 @@ impl Target {
 
     /// Stores a blob file; returns whether bytes were uploaded (false: already there).
     pub fn put_blob_file(&self, digest: &str, path: &Path, mount_from: Option<&str>) -> Result<bool> {
+        self.put_blob_file_reporting(digest, path, mount_from, None)
+    }
+
+    /// [`Self::put_blob_file`], reporting bytes sent to a registry to `on_bytes`.
+    pub fn put_blob_file_reporting(
+        &self,
+        digest: &str,
+        path: &Path,
+        mount_from: Option<&str>,
+        on_bytes: Option<petrel_registry::client::OnBytes>,
+    ) -> Result<bool> {
         Ok(match self {
             Target::Registry { client, image } => client
-                .push_blob(&image.repository, digest, path, mount_from)
+                .push_blob_reporting(&image.repository, digest, path, mount_from, on_bytes)
                 .with_context(|| format!("pushing blob {digest}"))?,
             Target::Layout { layout, .. } => layout.add_blob_file(digest, path)?,
         })

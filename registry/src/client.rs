@@ -164,6 +164,23 @@ fn proxies_from_env() -> Result<Vec<reqwest::Proxy>> {
     Ok(proxies)
 }
 
+/// Called with each count of bytes sent.
+pub type OnBytes = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A reader that reports how many bytes were read through it.
+struct Reporting<R> {
+    inner: R,
+    on_bytes: OnBytes,
+}
+
+impl<R: Read> Read for Reporting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_bytes)(n as u64);
+        Ok(n)
+    }
+}
+
 /// The repository a registry API path names (`/v2/<repository>/blobs/…`).
 fn repository_of(path: &str) -> &str {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
@@ -838,6 +855,19 @@ impl RegistryClient {
     /// Uploads the file at `path` as blob `digest` unless the registry has it, trying
     /// a cross-repository mount from `mount_from` first. Returns whether bytes were sent.
     pub fn push_blob(&self, repository: &str, digest: &str, path: &Path, mount_from: Option<&str>) -> Result<bool> {
+        self.push_blob_reporting(repository, digest, path, mount_from, None)
+    }
+
+    /// [`Self::push_blob`], calling `on_bytes` with each count of bytes sent (a
+    /// progress bar); bytes of a retried upload are counted again.
+    pub fn push_blob_reporting(
+        &self,
+        repository: &str,
+        digest: &str,
+        path: &Path,
+        mount_from: Option<&str>,
+        on_bytes: Option<OnBytes>,
+    ) -> Result<bool> {
         if self.has_blob(repository, digest)? {
             return Ok(false);
         }
@@ -869,7 +899,10 @@ impl RegistryClient {
             &put,
             &|r| {
                 let body = match std::fs::File::open(path) {
-                    Ok(file) => reqwest::blocking::Body::sized(file, size),
+                    Ok(file) => match on_bytes.clone() {
+                        Some(on_bytes) => reqwest::blocking::Body::sized(Reporting { inner: file, on_bytes }, size),
+                        None => reqwest::blocking::Body::sized(file, size),
+                    },
                     Err(_) => reqwest::blocking::Body::from(Vec::new()),
                 };
                 r.header(CONTENT_TYPE, "application/octet-stream").body(body)
