@@ -22,6 +22,8 @@ pub struct DictBlob {
     pub digest: [u8; 32],
     pub compressed_size: u64,
     pub uncompressed_size: u64,
+    /// Where the blob's prefetch region ends (0: none).
+    pub prefetch_end: u64,
 }
 
 /// Chunks by blake3 digest, from one or more bootstraps.
@@ -45,6 +47,7 @@ impl ChunkDict {
                         digest: blob.digest,
                         compressed_size: blob.compressed_size,
                         uncompressed_size: blob.uncompressed_size,
+                        prefetch_end: blob.prefetch_end,
                     });
                     self.blobs.len() - 1
                 }

@@ -1,5 +1,5 @@
 //! Writes the finished tree: numbers inodes breadth-first, orders chunks (prefetch
-//! files first, then tree order), assembles the blob from the spool, and writes the
+//! files first, then depth first through the tree), assembles the blob from the spool, and writes the
 //! bootstrap. Chunks no surviving file references are left out.
 
 use crate::dict::ChunkDict;
@@ -83,6 +83,51 @@ fn number_tree(tree: &Tree) -> Result<Numbering> {
 }
 
 pub use petrel_format::profile::glob_match;
+
+/// The chunks of the prefetch files' wanted ranges, in prefetch order (repeats
+/// included).
+fn prefetch_chunks_in_order(
+    tree: &Tree,
+    prefetch: &[(NodeId, Option<Vec<[u64; 2]>>)],
+    chunk_of_slot: &[u32],
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (node, ranges) in prefetch {
+        if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
+            let wanted = |p: &&crate::tree::Piece| {
+                let (start, end) = (p.file_offset, p.file_offset + u64::from(p.length));
+                ranges
+                    .as_ref()
+                    .is_none_or(|r| r.iter().any(|[a, b]| *a < end && start < *b))
+            };
+            out.extend(pieces.iter().filter(wanted).filter_map(|p| match p.source {
+                PieceSource::Hole => None,
+                PieceSource::Chunk { slot, .. } => Some(chunk_of_slot[slot as usize]),
+            }));
+        }
+    }
+    out
+}
+
+/// Every regular file once, depth first: a directory's files (in name order),
+/// then each subdirectory's subtree (in name order).
+fn files_depth_first(tree: &Tree) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![ROOT];
+    while let Some(dir) = stack.pop() {
+        let mut subdirectories = Vec::new();
+        for entry in tree.children(dir).into_iter().flat_map(|c| c.values()) {
+            match tree.node(entry.node).kind {
+                NodeKind::Regular { .. } if seen.insert(entry.node) => out.push(entry.node),
+                NodeKind::Directory(_) if seen.insert(entry.node) => subdirectories.push(entry.node),
+                _ => {}
+            }
+        }
+        stack.extend(subdirectories.into_iter().rev());
+    }
+    out
+}
 
 /// Every regular file with its path, breadth-first.
 fn all_files(tree: &Tree) -> Vec<(Vec<u8>, NodeId)> {
@@ -168,12 +213,42 @@ pub fn emit(
 ) -> Result<EmitSummary> {
     let numbering = number_tree(tree)?;
     let prefetch = prefetch_nodes(tree, prefetch_entries, warnings);
+    let mut data = data;
+    let prefetch_order = prefetch_chunks_in_order(tree, &prefetch, &data.chunk_of_slot);
+    // The prefetch set is read first and at once, so it must lie together: a
+    // prefetch chunk a dictionary holds outside that blob's own prefetch region
+    // (an image converted without this profile) is stored again in the new blob,
+    // from this build's own copy. One inside it (the previous release, optimized
+    // with the same profile) stays where it is.
+    for &chunk in &prefetch_order {
+        let spooled = &mut data.collected.chunks[chunk as usize];
+        if let ChunkPlace::Dict {
+            blob,
+            offset,
+            own_copy: Some(copy),
+        } = spooled.place
+        {
+            if offset < dict.blobs[blob as usize].prefetch_end {
+                continue;
+            }
+            spooled.place = ChunkPlace::Spool {
+                offset: copy.spool_offset,
+            };
+            spooled.flags = copy.flags;
+            spooled.stored_size = copy.stored_size;
+        }
+    }
+    let data = data;
     let chunk_of_piece = |source: &PieceSource| match source {
         PieceSource::Hole => None,
         PieceSource::Chunk { slot, .. } => Some(data.chunk_of_slot[*slot as usize]),
     };
 
-    // Blob order: prefetch files' chunks first, then every file in inode order.
+    // Blob order: prefetch files' chunks first, then every file depth first, so
+    // that a directory's files, and a package's whole subtree, lie together: a
+    // program reads a package's files together, and its reads then merge into few
+    // requests (inode order is breadth first, which puts each package's files of
+    // one depth next to every other package's).
     let unique = &data.collected.chunks;
     let mut final_index = vec![u32::MAX; unique.len()];
     let mut blob_order: Vec<u32> = Vec::new();
@@ -183,24 +258,12 @@ pub fn emit(
             order.push(chunk);
         }
     };
-    for (node, ranges) in &prefetch {
-        if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
-            let wanted = |p: &&crate::tree::Piece| {
-                let (start, end) = (p.file_offset, p.file_offset + u64::from(p.length));
-                ranges
-                    .as_ref()
-                    .is_none_or(|r| r.iter().any(|[a, b]| *a < end && start < *b))
-            };
-            pieces
-                .iter()
-                .filter(wanted)
-                .filter_map(|p| chunk_of_piece(&p.source))
-                .for_each(|c| place(c, &mut blob_order));
-        }
+    for chunk in prefetch_order {
+        place(chunk, &mut blob_order);
     }
     let prefetch_chunks = blob_order.len();
-    for node in &numbering.nodes {
-        if let NodeKind::Regular { pieces, .. } = &tree.node(*node).kind {
+    for node in files_depth_first(tree) {
+        if let NodeKind::Regular { pieces, .. } = &tree.node(node).kind {
             pieces
                 .iter()
                 .filter_map(|p| chunk_of_piece(&p.source))
@@ -221,7 +284,7 @@ pub fn emit(
         }
     }
     let dict_key = |c: &u32| match unique[*c as usize].place {
-        ChunkPlace::Dict { blob, offset } => (dict_rank[&blob], offset),
+        ChunkPlace::Dict { blob, offset, .. } => (dict_rank[&blob], offset),
         ChunkPlace::Spool { .. } => (u32::MAX, 0),
     };
     dict_chunks.sort_by_key(dict_key);

@@ -99,6 +99,9 @@ impl ImageBuilder {
             threads,
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
+            // A prefetch region is laid out in the new blob even where a dictionary
+            // holds its chunks, so those are encoded and spooled too.
+            !options.prefetch.is_empty(),
             std::sync::Arc::clone(&progress),
         );
         Ok(ImageBuilder {

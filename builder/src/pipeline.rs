@@ -34,8 +34,22 @@ const IN_FLIGHT_PER_WORKER: usize = 4;
 pub enum ChunkPlace {
     /// In the spool, to be copied into the new blob.
     Spool { offset: u64 },
-    /// Already in a dictionary blob (index into `ChunkDict::blobs`).
-    Dict { blob: u32, offset: u64 },
+    /// Already in a dictionary blob (index into `ChunkDict::blobs`); with this
+    /// build's own encoding in the spool too when the build keeps copies of
+    /// dictionary chunks (a prefetch region is laid out in the new blob).
+    Dict {
+        blob: u32,
+        offset: u64,
+        own_copy: Option<OwnCopy>,
+    },
+}
+
+/// A dictionary chunk as this build encoded and spooled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnCopy {
+    pub spool_offset: u64,
+    pub flags: u32,
+    pub stored_size: u32,
 }
 
 /// A unique chunk of the build.
@@ -76,8 +90,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts `threads` workers (at least 1) spooling into `spool`; chunks found in
-    /// `dict` are neither compressed nor spooled.
-    pub fn start(threads: usize, spool: File, dict: Arc<ChunkDict>, progress: Arc<BuildProgress>) -> Self {
+    /// `dict` are neither compressed nor spooled unless `copy_dict_chunks` (then
+    /// they are both, as [`OwnCopy`]s, and still referenced from the dictionary).
+    pub fn start(
+        threads: usize,
+        spool: File,
+        dict: Arc<ChunkDict>,
+        copy_dict_chunks: bool,
+        progress: Arc<BuildProgress>,
+    ) -> Self {
         let threads = threads.max(1);
         let capacity = threads * IN_FLIGHT_PER_WORKER;
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(capacity);
@@ -91,7 +112,7 @@ impl Pipeline {
                 let dict = Arc::clone(&dict);
                 std::thread::Builder::new()
                     .name(format!("petrel-chunk-{i}"))
-                    .spawn(move || worker(&jobs_rx, &results_tx, &dict))
+                    .spawn(move || worker(&jobs_rx, &results_tx, &dict, copy_dict_chunks))
                     .expect("spawn chunk worker")
             })
             .collect();
@@ -138,7 +159,12 @@ impl Pipeline {
     }
 }
 
-fn worker(jobs: &Mutex<Receiver<Job>>, results: &std::sync::mpsc::Sender<(u64, EncodedChunk)>, dict: &ChunkDict) {
+fn worker(
+    jobs: &Mutex<Receiver<Job>>,
+    results: &std::sync::mpsc::Sender<(u64, EncodedChunk)>,
+    dict: &ChunkDict,
+    copy_dict_chunks: bool,
+) {
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
@@ -146,7 +172,7 @@ fn worker(jobs: &Mutex<Receiver<Job>>, results: &std::sync::mpsc::Sender<(u64, E
         };
         let Ok(job) = job else { return };
         let digest = chunk_digest(&job.data);
-        let encoded = if dict.chunks.contains_key(&digest) {
+        let encoded = if !copy_dict_chunks && dict.chunks.contains_key(&digest) {
             // Already stored elsewhere: no need to compress it.
             EncodedChunk {
                 digest,
@@ -194,12 +220,27 @@ fn collect(
                     let chunk = match dict.chunks.get(&encoded.digest) {
                         Some(known) => {
                             progress.deduplicated.fetch_add(1, Relaxed);
+                            let own_copy = (!encoded.stored.is_empty()).then(|| {
+                                if failure.is_none() {
+                                    if let Err(e) = writer.write_all(&encoded.stored) {
+                                        failure = Some(e);
+                                    }
+                                }
+                                let copy = OwnCopy {
+                                    spool_offset: spool_len,
+                                    flags: encoded.flags,
+                                    stored_size: encoded.stored.len() as u32,
+                                };
+                                spool_len += encoded.stored.len() as u64;
+                                copy
+                            });
                             SpooledChunk {
                                 digest: encoded.digest,
                                 flags: known.flags,
                                 place: ChunkPlace::Dict {
                                     blob: known.blob,
                                     offset: known.compressed_offset,
+                                    own_copy,
                                 },
                                 stored_size: known.compressed_size,
                                 uncompressed_size: known.uncompressed_size,
@@ -255,7 +296,7 @@ mod tests {
     fn dedups_in_submission_order() {
         let spool = tempfile::tempfile().unwrap();
         let progress = Arc::new(BuildProgress::default());
-        let mut pipeline = Pipeline::start(3, spool, Arc::default(), Arc::clone(&progress));
+        let mut pipeline = Pipeline::start(3, spool, Arc::default(), false, Arc::clone(&progress));
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
             pipeline.submit(data.clone()).unwrap();

@@ -80,6 +80,7 @@ impl ChunkSink {
         threads: usize,
         spool: File,
         dict: std::sync::Arc<crate::dict::ChunkDict>,
+        copy_dict_chunks: bool,
         progress: std::sync::Arc<crate::pipeline::BuildProgress>,
     ) -> Self {
         let batch_target = match chunker {
@@ -87,7 +88,7 @@ impl ChunkSink {
             ChunkerParams::FastCdc { avg, .. } => avg,
         } as usize;
         ChunkSink {
-            pipeline: Pipeline::start(threads, spool, dict, progress),
+            pipeline: Pipeline::start(threads, spool, dict, copy_dict_chunks, progress),
             chunker,
             small_file_limit: small_file_limit.min((batch_target / 2) as u32),
             batch_target,
