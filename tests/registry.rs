@@ -162,7 +162,18 @@ fn oci_layouts_and_archives_convert() {
         None,
     );
     let manifest = skopeo_inspect(&format!("oci:{}:v1", out_layout.display()), None);
-    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    let roles: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["annotations"]["dev.petrel.layer"].as_str().unwrap())
+        .collect();
+    let (bootstrap, blobs) = roles.split_last().unwrap();
+    assert_eq!(*bootstrap, "bootstrap", "{manifest}");
+    assert!(
+        !blobs.is_empty() && blobs.len() <= edge_layers().len() && blobs.iter().all(|r| *r == "blob"),
+        "at most one blob layer per source layer: {manifest}"
+    );
     // An oci-archive (a tar of the layout) converts to the same image.
     let archive = work.path().join("image.tar");
     let status = std::process::Command::new("tar")
@@ -518,9 +529,11 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
         let (bytes, ..) = client.get_manifest("bad", "good").unwrap();
         serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
     };
-    let bootstrap_digest = good["layers"][1]["digest"].as_str().unwrap().to_string();
+    // The bootstrap is the last layer (after one blob layer per source layer).
+    let last = good["layers"].as_array().unwrap().len() - 1;
+    let bootstrap_digest = good["layers"][last]["digest"].as_str().unwrap().to_string();
     // The bootstrap layer travels gzipped; `bootstrap` is the tar inside.
-    assert_eq!(good["layers"][1]["mediaType"], petrel_registry::oci::OCI_LAYER_GZIP);
+    assert_eq!(good["layers"][last]["mediaType"], petrel_registry::oci::OCI_LAYER_GZIP);
     let bootstrap_gz = client.get_blob_verified("bad", &bootstrap_digest, 1 << 30).unwrap();
     let mut bootstrap = Vec::new();
     let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
@@ -534,9 +547,9 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     let bootstrap_layer = |bytes: &[u8], media_type: &str| {
         let digest = client.push_blob_bytes("bad", bytes).unwrap();
         let mut m = good.clone();
-        m["layers"][1]["digest"] = digest.into();
-        m["layers"][1]["size"] = bytes.len().into();
-        m["layers"][1]["mediaType"] = media_type.into();
+        m["layers"][last]["digest"] = digest.into();
+        m["layers"][last]["size"] = bytes.len().into();
+        m["layers"][last]["mediaType"] = media_type.into();
         m
     };
     let (tar, gz) = (
@@ -593,13 +606,13 @@ fn bad_manifests_and_bootstraps_are_refused_before_mounting() {
     ));
     // The manifest pins a digest the served bytes do not have.
     let mut m = good.clone();
-    m["layers"][1]["digest"] = garbage.into();
-    m["layers"][1]["size"] = (bootstrap.len() as u64).into();
+    m["layers"][last]["digest"] = garbage.into();
+    m["layers"][last]["size"] = (bootstrap.len() as u64).into();
     cases.push(("wrong size", m, "bootstrap"));
     // The registry serves more bytes than the manifest says: refused as they stream
     // in, before the rest is read.
     let mut m = good.clone();
-    m["layers"][1]["size"] = (bootstrap_gz.len() as u64 / 2).into();
+    m["layers"][last]["size"] = (bootstrap_gz.len() as u64 / 2).into();
     cases.push(("larger than the manifest says", m, "larger than"));
     // No bootstrap layer at all.
     let mut m = good.clone();
@@ -1145,14 +1158,24 @@ fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
         dict_upload * 5 < plain_upload,
         "with the dictionary {dict_upload} bytes, without {plain_upload} (first release {first_upload})"
     );
-    let manifest = skopeo_inspect(&format!("docker://{r}/app:n1-petrel"), None);
-    let blobs = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["annotations"]["dev.petrel.layer"] == "blob")
-        .count();
-    assert_eq!(blobs, 2, "the new blob and release N's blob: {manifest}");
+    // Release N+1 lists its new blobs and release N's blobs it takes chunks from.
+    let blobs = |image: &str| -> Vec<(String, u64)> {
+        skopeo_inspect(&format!("docker://{r}/{image}"), None)["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["annotations"]["dev.petrel.layer"] == "blob")
+            .map(|l| (l["digest"].as_str().unwrap().to_string(), l["size"].as_u64().unwrap()))
+            .collect()
+    };
+    let (release_n, release_n1) = (blobs("app:n-petrel"), blobs("app:n1-petrel"));
+    let (shared, new): (Vec<_>, Vec<_>) = release_n1.iter().partition(|b| release_n.contains(b));
+    assert!(!shared.is_empty(), "release N's blobs are referenced: {release_n1:?}");
+    let new_bytes: u64 = new.iter().map(|(_, size)| size).sum();
+    assert!(
+        new_bytes * 5 < plain_upload,
+        "new blobs of {new_bytes} bytes: {release_n1:?}"
+    );
     let mount = MountProcess::start(
         &format!("docker://{r}/app:n1-petrel"),
         &work.path().join("mnt"),
@@ -1180,9 +1203,10 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
     }
     let r = &registry.addr;
     // Build times (the manifests' created annotation) come from SOURCE_DATE_EPOCH.
-    let convert_built_at = |epoch: &str, from: &str, to: &str| {
+    let convert_built_at = |epoch: &str, from: &str, to: &str, flags: &[&str]| {
         let out = petrel()
             .args(["convert", from, to, "--json"])
+            .args(flags)
             .env("SOURCE_DATE_EPOCH", epoch)
             .output()
             .unwrap();
@@ -1193,6 +1217,7 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
         "2000000000",
         &format!("docker://{r}/src:n"),
         &format!("docker://{r}/app:1.0"),
+        &[],
     );
     assert_eq!(
         first["chunk_dicts"],
@@ -1205,11 +1230,13 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
         manifest["annotations"]["org.opencontainers.image.created"],
         "2033-05-18T03:33:20Z"
     );
-    // An older build under a tag that sorts last is not the newest.
+    // An older build under a tag that sorts last is not the newest (converted on
+    // its own: with a dictionary it would be release N's image under another tag).
     convert_built_at(
         "1000000000",
         &format!("docker://{r}/src:n"),
         &format!("docker://{r}/app:9-old"),
+        &["--no-chunk-dict"],
     );
 
     // No flag: release N, the newest petrel image of the repository, is the dictionary.
@@ -1253,7 +1280,7 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
     assert_eq!(replaced["chunk_dicts"][0]["why"], "the tag being replaced");
     assert!(replaced["manifests"][0]["uploaded_bytes"].as_u64().unwrap() * 5 < first_upload);
 
-    // Opting out stores every chunk again.
+    // Opting out stores every chunk of the changed layer again.
     let mut command = petrel();
     command.args([
         "convert",
@@ -1266,8 +1293,10 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
     assert!(out.status.success(), "{}", output_text(&out));
     let full: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(full["chunk_dicts"], serde_json::json!([]));
+    // Its lower layers are release N's, so their blobs are byte for byte release N's
+    // (one blob per source layer) and already there; the changed layer is stored whole.
     assert!(
-        full["manifests"][0]["uploaded_bytes"].as_u64().unwrap() * 2 > first_upload,
+        full["manifests"][0]["uploaded_bytes"].as_u64().unwrap() > uploaded * 5,
         "{full}"
     );
 }
@@ -1308,6 +1337,74 @@ fn convert_on_a_terminal_shows_bytes_in_chunks_deduplicated_and_bytes_out() {
     for expected in ["layer 1/3", "in,", "chunks,", "deduplicated,", "push blob", "out,"] {
         assert!(drawn.contains(expected), "{expected:?} not drawn: {drawn}");
     }
+}
+
+/// Convert pushes each layer's blob while later layers are still being pulled:
+/// with the source holding back the last layer, the target already receives the
+/// blobs of the layers before it.
+#[test]
+fn convert_pushes_earlier_layers_while_later_ones_are_pulled() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    let layers = sample_layers();
+    let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
+    source.push_layout(&work.path().join("layout"), "src", "v1");
+    let proxy = FaultProxy::start(&source.addr);
+    // Blob GETs: the config, then the layers in order; the last layer is held.
+    let mut plan = vec![Fault::Pass; tars.len()];
+    plan.push(Fault::Hold);
+    proxy.plan(&plan);
+    let stored_blobs = || {
+        let root = target.dir.path().join("storage/docker/registry/v2/blobs/sha256");
+        std::fs::read_dir(&root)
+            .map(|prefixes| {
+                prefixes
+                    .flatten()
+                    .flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten())
+                    .filter(|blob| blob.path().join("data").exists())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{}/src:v1", proxy.addr),
+        &format!("docker://{}/app:v1", target.addr),
+        "--json",
+    ]);
+    let converting = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while proxy.state.held.load(std::sync::atomic::Ordering::SeqCst) == 0 || stored_blobs() < tars.len() - 1 {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pushed_while_held = stored_blobs();
+    proxy.state.release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = converting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        pushed_while_held,
+        tars.len() - 1,
+        "the blobs of every layer but the last were pushed before the last layer was read"
+    );
+    let mount = MountProcess::start(
+        &format!("docker://{}/app:v1", target.addr),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    assert_tree(&reference_merge(&layers), &mount.mountpoint);
 }
 
 #[test]

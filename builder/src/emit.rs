@@ -2,7 +2,7 @@
 //! files first, then depth first through the tree), assembles the blob from the spool, and writes the
 //! bootstrap. Chunks no surviving file references are left out.
 
-use crate::dict::ChunkDict;
+use crate::dict::DictBlob;
 use crate::error::{BuildError, Result};
 use crate::pipeline::ChunkPlace;
 use crate::sink::SinkOutput;
@@ -205,7 +205,7 @@ fn prefetch_nodes(
 pub fn emit(
     tree: &mut Tree,
     data: SinkOutput,
-    dict: &ChunkDict,
+    dict_blobs_known: &[DictBlob],
     prefetch_entries: &[ProfileEntry],
     params: SuperblockParams,
     out: &ImageDir,
@@ -228,7 +228,7 @@ pub fn emit(
             own_copy: Some(copy),
         } = spooled.place
         {
-            if offset < dict.blobs[blob as usize].prefetch_end {
+            if offset < dict_blobs_known[blob as usize].prefetch_end {
                 continue;
             }
             spooled.place = ChunkPlace::Spool {
@@ -301,7 +301,7 @@ pub fn emit(
     let first_dict_blob = u32::from(blob.is_some());
     let mut dict_blobs = vec![None; dict_rank.len()];
     for (&blob_id, &rank) in &dict_rank {
-        dict_blobs[rank as usize] = Some(&dict.blobs[blob_id as usize]);
+        dict_blobs[rank as usize] = Some(&dict_blobs_known[blob_id as usize]);
     }
     for chunk in &dict_chunks {
         let spooled = &unique[*chunk as usize];

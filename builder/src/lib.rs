@@ -93,9 +93,7 @@ impl ImageBuilder {
             n => n,
         };
         let progress = std::sync::Arc::new(pipeline::BuildProgress::default());
-        let sink = ChunkSink::new(
-            options.chunker,
-            options.small_file_limit,
+        let pipeline = pipeline::Pipeline::start(
             threads,
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
@@ -103,7 +101,9 @@ impl ImageBuilder {
             // holds its chunks, so those are encoded and spooled too.
             !options.prefetch.is_empty(),
             std::sync::Arc::clone(&progress),
+            ImageDir::new(out).blobs_dir(),
         );
+        let sink = ChunkSink::new(options.chunker, options.small_file_limit, pipeline);
         Ok(ImageBuilder {
             options,
             out: ImageDir::new(out),
@@ -159,6 +159,19 @@ impl ImageBuilder {
         }
     }
 
+    /// Writes the chunks of the layers applied since the previous seal into a blob
+    /// of their own, now, so that it can be pushed while later layers are read
+    /// (`petrel convert`). Its chunks stay there in arrival order, including those
+    /// later layers delete; the blob `finish` writes holds the rest. None: nothing
+    /// new to seal, or the build lays out a prefetch region (which must hold the
+    /// whole prefetch set, so nothing is sealed before the tree is known).
+    pub fn seal(&mut self) -> Result<Option<pipeline::SealedBlob>> {
+        if !self.options.prefetch.is_empty() {
+            return Ok(None);
+        }
+        self.sink.seal()
+    }
+
     /// Writes the blob and bootstrap.
     pub fn finish(mut self) -> Result<BuildReport> {
         let small_file_limit = self.sink.small_file_limit();
@@ -170,10 +183,13 @@ impl ImageBuilder {
             small_file_limit,
             compression_level: ZSTD_LEVEL as u32,
         };
+        // Blobs sealed mid-build are referenced like dictionary blobs.
+        let mut blobs = self.options.chunk_dict.blobs.clone();
+        blobs.extend(data.collected.sealed.iter().cloned());
         let output = emit::emit(
             &mut self.tree,
             data,
-            &self.options.chunk_dict,
+            &blobs,
             &self.options.prefetch,
             params,
             &self.out,

@@ -71,11 +71,37 @@ pub struct Collected {
     pub chunk_of_submission: Vec<u32>,
     /// The spool file holding every unique chunk's stored bytes.
     pub spool: File,
+    /// Blobs sealed mid-build, in order: dictionary blobs
+    /// `ChunkDict::blobs.len()` and up.
+    pub sealed: Vec<crate::dict::DictBlob>,
 }
 
 struct Job {
     seq: u64,
-    data: Vec<u8>,
+    work: Work,
+}
+
+enum Work {
+    /// A chunk's data to hash and compress.
+    Chunk(Vec<u8>),
+    /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
+    Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
+}
+
+/// What a worker hands the collector, in submission order.
+enum Done {
+    Chunk(EncodedChunk),
+    Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
+}
+
+/// A blob written mid-build from the chunks spooled since the previous one (a
+/// one-entry tar, like the final blob), so that it can be pushed while later
+/// layers are still read. Its chunks are referenced where they lie, like a
+/// dictionary blob's: arrival order, and chunks later layers delete stay in it.
+#[derive(Debug, Clone)]
+pub struct SealedBlob {
+    pub blob: crate::dict::DictBlob,
+    pub path: std::path::PathBuf,
 }
 
 /// The running pipeline.
@@ -86,6 +112,7 @@ pub struct Pipeline {
     workers: Vec<JoinHandle<()>>,
     collector: Option<JoinHandle<Result<Collected>>>,
     next_seq: u64,
+    next_submission: u64,
 }
 
 impl Pipeline {
@@ -98,12 +125,13 @@ impl Pipeline {
         dict: Arc<ChunkDict>,
         copy_dict_chunks: bool,
         progress: Arc<BuildProgress>,
+        blobs_dir: std::path::PathBuf,
     ) -> Self {
         let threads = threads.max(1);
         let capacity = threads * IN_FLIGHT_PER_WORKER;
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(capacity);
         let (tokens_tx, tokens_rx) = sync_channel::<()>(capacity);
-        let (results_tx, results_rx) = channel::<(u64, EncodedChunk)>();
+        let (results_tx, results_rx) = channel::<(u64, Done)>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let workers = (0..threads)
             .map(|i| {
@@ -119,7 +147,7 @@ impl Pipeline {
         drop(results_tx);
         let collector = std::thread::Builder::new()
             .name("petrel-collect".into())
-            .spawn(move || collect(results_rx, tokens_rx, spool, &dict, &progress))
+            .spawn(move || collect(results_rx, tokens_rx, spool, &dict, &progress, &blobs_dir))
             .expect("spawn collector");
         Pipeline {
             jobs: Some(jobs_tx),
@@ -127,21 +155,38 @@ impl Pipeline {
             workers,
             collector: Some(collector),
             next_seq: 0,
+            next_submission: 0,
         }
     }
 
-    /// Submits one chunk; blocks while too many are in flight. Returns its sequence number.
+    /// Submits one chunk; blocks while too many are in flight. Returns its
+    /// submission number (0, 1, … in submission order).
     pub fn submit(&mut self, data: Vec<u8>) -> Result<u64> {
-        let seq = self.next_seq;
-        let broken = || BuildError::Invalid("chunk pipeline stopped unexpectedly".into());
         self.tokens.send(()).map_err(|_| broken())?;
+        self.send(Work::Chunk(data))?;
+        self.next_submission += 1;
+        Ok(self.next_submission - 1)
+    }
+
+    /// Waits for every chunk submitted so far and writes those spooled since the
+    /// previous seal into a blob in the blobs directory the pipeline was started
+    /// with (None: nothing new since). Later duplicates of its chunks are
+    /// deduplicated against it.
+    pub fn seal(&mut self) -> Result<Option<SealedBlob>> {
+        let (reply, answer) = channel();
+        self.send(Work::Seal(reply))?;
+        answer.recv().map_err(|_| broken())?
+    }
+
+    fn send(&mut self, work: Work) -> Result<()> {
+        let seq = self.next_seq;
         self.jobs
             .as_ref()
             .ok_or_else(broken)?
-            .send(Job { seq, data })
+            .send(Job { seq, work })
             .map_err(|_| broken())?;
         self.next_seq += 1;
-        Ok(seq)
+        Ok(())
     }
 
     /// Waits for every submitted chunk and returns the result.
@@ -159,9 +204,13 @@ impl Pipeline {
     }
 }
 
+fn broken() -> BuildError {
+    BuildError::Invalid("chunk pipeline stopped unexpectedly".into())
+}
+
 fn worker(
     jobs: &Mutex<Receiver<Job>>,
-    results: &std::sync::mpsc::Sender<(u64, EncodedChunk)>,
+    results: &std::sync::mpsc::Sender<(u64, Done)>,
     dict: &ChunkDict,
     copy_dict_chunks: bool,
 ) {
@@ -171,42 +220,85 @@ fn worker(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let digest = chunk_digest(&job.data);
+        let data = match job.work {
+            Work::Chunk(data) => data,
+            Work::Seal(reply) => {
+                if results.send((job.seq, Done::Seal(reply))).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let digest = chunk_digest(&data);
         let encoded = if !copy_dict_chunks && dict.chunks.contains_key(&digest) {
             // Already stored elsewhere: no need to compress it.
             EncodedChunk {
                 digest,
                 flags: 0,
-                uncompressed_size: job.data.len() as u32,
+                uncompressed_size: data.len() as u32,
                 stored: Vec::new(),
             }
         } else {
-            encode_chunk(&job.data)
+            encode_chunk(&data)
         };
-        if results.send((job.seq, encoded)).is_err() {
+        if results.send((job.seq, Done::Chunk(encoded))).is_err() {
             return;
         }
     }
 }
 
 fn collect(
-    results: Receiver<(u64, EncodedChunk)>,
+    results: Receiver<(u64, Done)>,
     tokens: Receiver<()>,
     spool: File,
     dict: &ChunkDict,
     progress: &BuildProgress,
+    blobs_dir: &std::path::Path,
 ) -> Result<Collected> {
     use std::sync::atomic::Ordering::Relaxed;
+    let spool_error = |source| BuildError::Io {
+        action: "write chunk spool",
+        path: "<spool>".into(),
+        source,
+    };
     let mut writer = BufWriter::with_capacity(1 << 20, spool);
-    let mut pending: BTreeMap<u64, EncodedChunk> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
     let mut by_digest: HashMap<[u8; 32], u32> = HashMap::new();
     let mut chunks = Vec::new();
     let mut chunk_of_submission = Vec::new();
     let mut spool_len = 0u64;
     let mut failure = None;
-    for (seq, encoded) in results {
-        pending.insert(seq, encoded);
-        while let Some(encoded) = pending.remove(&(chunk_of_submission.len() as u64)) {
+    let mut next_seq = 0u64;
+    let mut sealed: Vec<crate::dict::DictBlob> = Vec::new();
+    let mut sealed_up_to = 0u64;
+    for (seq, done) in results {
+        pending.insert(seq, done);
+        while let Some(done) = pending.remove(&next_seq) {
+            next_seq += 1;
+            let encoded = match done {
+                Done::Chunk(encoded) => encoded,
+                Done::Seal(reply) => {
+                    let answer = match failure.take() {
+                        Some(e) => Err(spool_error(e)),
+                        None => seal_spool(
+                            &mut writer,
+                            SealRange {
+                                from: sealed_up_to,
+                                to: spool_len,
+                            },
+                            &mut chunks,
+                            dict.blobs.len() + sealed.len(),
+                            blobs_dir,
+                        ),
+                    };
+                    if let Ok(Some(blob)) = &answer {
+                        sealed.push(blob.blob.clone());
+                        sealed_up_to = spool_len;
+                    }
+                    let _ = reply.send(answer);
+                    continue;
+                }
+            };
             // Free one in-flight slot for the submitter.
             let _ = tokens.recv();
             progress.chunks.fetch_add(1, Relaxed);
@@ -272,11 +364,6 @@ fn collect(
             chunk_of_submission.push(index);
         }
     }
-    let spool_error = |source| BuildError::Io {
-        action: "write chunk spool",
-        path: "<spool>".into(),
-        source,
-    };
     if let Some(e) = failure {
         return Err(spool_error(e));
     }
@@ -285,7 +372,87 @@ fn collect(
         chunks,
         chunk_of_submission,
         spool,
+        sealed,
     })
+}
+
+/// Spool offsets of the chunks a seal writes out.
+struct SealRange {
+    from: u64,
+    to: u64,
+}
+
+/// Writes the spooled chunks in `range` as a blob (index `blob` among the
+/// dictionary's blobs and those sealed before) and makes them dictionary chunks of
+/// it, at their offsets in the blob layer.
+fn seal_spool(
+    writer: &mut BufWriter<File>,
+    range: SealRange,
+    chunks: &mut [SpooledChunk],
+    blob: usize,
+    blobs_dir: &std::path::Path,
+) -> Result<Option<SealedBlob>> {
+    use petrel_format::layer_tar;
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    if range.to == range.from {
+        return Ok(None);
+    }
+    writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
+    std::fs::create_dir_all(blobs_dir).map_err(BuildError::io("create", blobs_dir))?;
+    let data_size = range.to - range.from;
+    let temp =
+        tempfile::NamedTempFile::new_in(blobs_dir).map_err(BuildError::io("create temporary blob in", blobs_dir))?;
+    let mut out = BufWriter::with_capacity(1 << 20, temp);
+    let mut hasher = sha2::Sha256::new();
+    let header = layer_tar::header(layer_tar::BLOB_ENTRY, data_size);
+    hasher.update(header);
+    out.write_all(&header).map_err(BuildError::io("write", blobs_dir))?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut at = range.from;
+    while at < range.to {
+        let n = buffer.len().min((range.to - at) as usize);
+        writer
+            .get_ref()
+            .read_exact_at(&mut buffer[..n], at)
+            .map_err(BuildError::io("read", "chunk spool"))?;
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n])
+            .map_err(BuildError::io("write", blobs_dir))?;
+        at += n as u64;
+    }
+    let trailer = vec![0u8; layer_tar::trailer_len(data_size) as usize];
+    hasher.update(&trailer);
+    out.write_all(&trailer).map_err(BuildError::io("write", blobs_dir))?;
+    let temp = out
+        .into_inner()
+        .map_err(|e| BuildError::io("write", blobs_dir)(e.into_error()))?;
+    let digest: [u8; 32] = hasher.finalize().into();
+    let path = blobs_dir.join(hex::encode(digest));
+    temp.persist(&path)
+        .map_err(|e| BuildError::io("rename blob to", &path)(e.error))?;
+    let mut uncompressed = 0u64;
+    for chunk in chunks.iter_mut() {
+        if let ChunkPlace::Spool { offset } = chunk.place {
+            if (range.from..range.to).contains(&offset) {
+                chunk.place = ChunkPlace::Dict {
+                    blob: blob as u32,
+                    offset: layer_tar::DATA_OFFSET + offset - range.from,
+                    own_copy: None,
+                };
+                uncompressed += u64::from(chunk.uncompressed_size);
+            }
+        }
+    }
+    Ok(Some(SealedBlob {
+        blob: crate::dict::DictBlob {
+            digest,
+            compressed_size: layer_tar::layer_len(data_size),
+            uncompressed_size: uncompressed,
+            prefetch_end: 0,
+        },
+        path,
+    }))
 }
 
 #[cfg(test)]
@@ -296,7 +463,15 @@ mod tests {
     fn dedups_in_submission_order() {
         let spool = tempfile::tempfile().unwrap();
         let progress = Arc::new(BuildProgress::default());
-        let mut pipeline = Pipeline::start(3, spool, Arc::default(), false, Arc::clone(&progress));
+        let blobs = tempfile::tempdir().unwrap();
+        let mut pipeline = Pipeline::start(
+            3,
+            spool,
+            Arc::default(),
+            false,
+            Arc::clone(&progress),
+            blobs.path().to_path_buf(),
+        );
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
             pipeline.submit(data.clone()).unwrap();

@@ -6,7 +6,6 @@ use crate::pipeline::{Collected, Pipeline};
 use crate::tree::{Piece, PieceSource};
 use petrel_format::ChunkerParams;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
 
 /// Files smaller than this are packed into shared chunks by default.
@@ -74,21 +73,14 @@ pub struct SinkOutput {
 const UNFILLED: u64 = u64::MAX;
 
 impl ChunkSink {
-    pub fn new(
-        chunker: ChunkerParams,
-        small_file_limit: u32,
-        threads: usize,
-        spool: File,
-        dict: std::sync::Arc<crate::dict::ChunkDict>,
-        copy_dict_chunks: bool,
-        progress: std::sync::Arc<crate::pipeline::BuildProgress>,
-    ) -> Self {
+    /// A sink cutting file data with `chunker` into `pipeline`.
+    pub fn new(chunker: ChunkerParams, small_file_limit: u32, pipeline: Pipeline) -> Self {
         let batch_target = match chunker {
             ChunkerParams::Fixed { size } => size,
             ChunkerParams::FastCdc { avg, .. } => avg,
         } as usize;
         ChunkSink {
-            pipeline: Pipeline::start(threads, spool, dict, copy_dict_chunks, progress),
+            pipeline,
             chunker,
             small_file_limit: small_file_limit.min((batch_target / 2) as u32),
             batch_target,
@@ -101,6 +93,11 @@ impl ChunkSink {
     }
 
     /// The small-file limit in effect (recorded in the superblock).
+    /// Seals the chunks submitted so far into a blob ([`Pipeline::seal`]).
+    pub fn seal(&mut self) -> Result<Option<crate::pipeline::SealedBlob>, BuildError> {
+        self.pipeline.seal()
+    }
+
     pub fn small_file_limit(&self) -> u32 {
         self.small_file_limit
     }

@@ -125,6 +125,9 @@ pub fn convert(
     options: &ConvertOptions,
 ) -> Result<ConvertSummary> {
     let started = Instant::now();
+    if let Some(dir) = &options.work_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the work directory {}", dir.display()))?;
+    }
     let source = Source::open(source, |image| client_for(image, source_options))?;
     let target_location = target;
     let target = match target {
@@ -219,6 +222,147 @@ pub fn convert(
     })
 }
 
+/// The result of converting `source_manifest` if `existing` (a manifest's bytes)
+/// already is its conversion (the same annotations, a bootstrap layer).
+fn reuse(
+    existing_bytes: &[u8],
+    wanted: &BTreeMap<String, String>,
+    source_manifest: &source::SourceManifest,
+) -> Option<(ConvertedManifest, usize)> {
+    let existing = serde_json::from_slice::<Manifest>(existing_bytes).ok()?;
+    let mut annotations = existing.annotations.clone();
+    annotations.remove(ANNOTATION_CREATED);
+    let bootstrap = bootstrap_layer(&existing).filter(|_| annotations == *wanted)?;
+    Some((
+        ConvertedManifest {
+            source_digest: source_manifest.digest.clone(),
+            manifest_digest: sha256_digest(existing_bytes),
+            platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
+            bootstrap_digest: bootstrap.digest.clone(),
+            bootstrap_size: bootstrap.size,
+            blobs: existing
+                .layers
+                .iter()
+                .filter(|l| petrel_role(l) == Some(ROLE_BLOB))
+                .map(|l| (l.digest.clone(), l.size))
+                .collect(),
+            source_layers: source_manifest.manifest.layers.len(),
+            source_bytes: 0,
+            files: 0,
+            unique_chunks: 0,
+            deduplicated_small_files: 0,
+            uploaded_bytes: 0,
+            skipped_blobs: existing.layers.len(),
+            reused: true,
+        },
+        existing_bytes.len(),
+    ))
+}
+
+/// Whether `source` reads the repository `target` writes.
+fn same_repository(source: &Source, target: &Target) -> bool {
+    match (source, target) {
+        (Source::Layout { layout: from, .. }, Target::Layout { layout: to, .. }) => from.dir() == to.dir(),
+        _ => match (source.registry_repository(), target) {
+            (Some((registry, repository)), Target::Registry { client, image }) => {
+                client.registry() == registry && image.repository == repository
+            }
+            _ => false,
+        },
+    }
+}
+
+/// A blob sealed mid-build and pushed while later layers streamed in.
+struct PushedBlob {
+    digest: String,
+    size: u64,
+    /// False: the target had it already.
+    uploaded: bool,
+}
+
+fn push_sealed(
+    target: &Target,
+    sealed: &petrel_builder::pipeline::SealedBlob,
+    mount_from: Option<&str>,
+    bars: Option<&indicatif::MultiProgress>,
+) -> Result<PushedBlob> {
+    let digest = format!("sha256:{}", hex::encode(sealed.blob.digest));
+    let size = sealed.blob.compressed_size;
+    let bar = bars.map(|bars| progress::PushBar::new("blob", size, bars));
+    let uploaded = target.put_blob_file_reporting(
+        &digest,
+        &sealed.path,
+        mount_from,
+        bar.as_ref().map(progress::PushBar::on_bytes),
+    )?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    // Pushed: the build no longer needs the file.
+    let _ = std::fs::remove_file(&sealed.path);
+    Ok(PushedBlob { digest, size, uploaded })
+}
+
+/// Streams every layer of `manifest` from `source` through `builder`, checking
+/// each against its digest; the new chunks of every layer but the last are sealed
+/// into a blob handed to `sealed`. Returns the bytes read.
+fn read_layers(
+    builder: &mut ImageBuilder,
+    source: &Source,
+    manifest: &Manifest,
+    options: &ConvertOptions,
+    bars: Option<&indicatif::MultiProgress>,
+    sealed: &mut dyn FnMut(petrel_builder::pipeline::SealedBlob),
+) -> Result<u64> {
+    let mut source_bytes = 0;
+    let count = manifest.layers.len();
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let layer_started = Instant::now();
+        let progress = bars.map(|bars| progress::LayerBar::new(i, count, layer.size, builder.progress(), bars));
+        let mut stream = Hashing {
+            inner: source.layer(&layer.digest)?,
+            hasher: sha2::Sha256::new(),
+            bytes: 0,
+            progress,
+        };
+        builder
+            .add_layer(&mut stream)
+            .with_context(|| format!("converting layer {} ({})", i + 1, layer.digest))?;
+        std::io::copy(&mut stream, &mut std::io::sink())
+            .with_context(|| format!("reading the rest of layer {}", layer.digest))?;
+        let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
+        if actual != layer.digest {
+            bail!(
+                "layer {} of {}: content hashes to {actual}; refusing to convert",
+                layer.digest,
+                source.describe()
+            );
+        }
+        if let Some(p) = stream.progress.take() {
+            p.finish();
+        }
+        if !options.progress {
+            tracing::info!(
+                "layer {}/{count} {} {} bytes in {:.1}s",
+                i + 1,
+                layer.digest,
+                stream.bytes,
+                layer_started.elapsed().as_secs_f64()
+            );
+        }
+        source_bytes += stream.bytes;
+        if i + 1 < count {
+            if let Some(blob) = builder
+                .seal()
+                .with_context(|| format!("sealing the chunks of layer {}", i + 1))?
+            {
+                sealed(blob);
+            }
+        }
+    }
+    Ok(source_bytes)
+}
+
 /// The largest bootstrap of a chunk dictionary read into memory.
 const MAX_DICT_BOOTSTRAP: u64 = 1 << 30;
 
@@ -305,44 +449,36 @@ fn convert_one(
     if bootstrap_layer(manifest).is_some() {
         bail!("{} is already a petrel image", source.describe());
     }
-    // Re-running the same conversion: the target already holds it.
+    // Re-running the same conversion: the target already holds it, under its tag
+    // or (the default dictionary, in the same repository) under another one, which
+    // the target tag then names too: the same source converts to the same image.
+    let wanted = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
     if let Some(current) = target.current_manifest().filter(|_| tag_it) {
-        if let Ok(existing) = serde_json::from_slice::<Manifest>(&current) {
-            let mut existing_annotations = existing.annotations.clone();
-            existing_annotations.remove(ANNOTATION_CREATED);
-            let same = existing_annotations == manifest_annotations(&source_manifest.digest, options.profile.as_ref());
-            if same && bootstrap_layer(&existing).is_some() {
-                tracing::info!(
-                    "{} already holds the conversion of {}",
-                    target.describe(),
-                    source_manifest.digest
-                );
-                let bootstrap = bootstrap_layer(&existing).expect("checked");
-                return Ok((
-                    ConvertedManifest {
-                        source_digest: source_manifest.digest.clone(),
-                        manifest_digest: sha256_digest(&current),
-                        platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
-                        bootstrap_digest: bootstrap.digest.clone(),
-                        bootstrap_size: bootstrap.size,
-                        blobs: existing
-                            .layers
-                            .iter()
-                            .filter(|l| petrel_role(l) == Some(ROLE_BLOB))
-                            .map(|l| (l.digest.clone(), l.size))
-                            .collect(),
-                        source_layers: manifest.layers.len(),
-                        source_bytes: 0,
-                        files: 0,
-                        unique_chunks: 0,
-                        deduplicated_small_files: 0,
-                        uploaded_bytes: 0,
-                        skipped_blobs: existing.layers.len(),
-                        reused: true,
-                    },
-                    current.len(),
-                ));
-            }
+        if let Some(reused) = reuse(&current, &wanted, source_manifest) {
+            tracing::info!(
+                "{} already holds the conversion of {}",
+                target.describe(),
+                source_manifest.digest
+            );
+            return Ok(reused);
+        }
+    }
+    for dict in dict_sources.iter().filter(|d| same_repository(d, target)) {
+        let Ok((candidates, _)) = dict.manifests(false, &options.platform) else {
+            continue;
+        };
+        let Some(candidate) = candidates.first() else { continue };
+        let Ok((bytes, media_type, _)) = dict.fetch_manifest(Some(&candidate.digest)) else {
+            continue;
+        };
+        if let Some(reused) = reuse(&bytes, &wanted, source_manifest) {
+            tracing::info!(
+                "{} is already the conversion of {}",
+                dict.describe(),
+                source_manifest.digest
+            );
+            target.put_manifest(&bytes, &media_type, tag_it)?;
+            return Ok(reused);
         }
     }
     let config_bytes = source
@@ -350,65 +486,50 @@ fn convert_one(
         .context("fetching the image config")?;
     let work = match &options.work_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating the work directory {}", dir.display()))?;
             tempfile::tempdir_in(dir).with_context(|| format!("a temporary directory in {}", dir.display()))?
         }
         None => tempfile::tempdir()?,
     };
     let out = work.path().join("image");
     let mut builder = ImageBuilder::new(options.build.clone(), &out)?;
-    let mut source_bytes = 0;
     let count = manifest.layers.len();
-    for (i, layer) in manifest.layers.iter().enumerate() {
-        let layer_started = Instant::now();
-        let progress = options
-            .progress
-            .then(|| progress::LayerBar::new(i, count, layer.size, builder.progress()));
-        let mut stream = Hashing {
-            inner: source.layer(&layer.digest)?,
-            hasher: sha2::Sha256::new(),
-            bytes: 0,
-            progress,
-        };
-        builder
-            .add_layer(&mut stream)
-            .with_context(|| format!("converting layer {} ({})", i + 1, layer.digest))?;
-        std::io::copy(&mut stream, &mut std::io::sink())
-            .with_context(|| format!("reading the rest of layer {}", layer.digest))?;
-        let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
-        if actual != layer.digest {
-            bail!(
-                "layer {} of {}: content hashes to {actual}; refusing to convert",
-                layer.digest,
-                source.describe()
-            );
-        }
-        if let Some(p) = stream.progress.take() {
-            p.finish();
-        }
-        if !options.progress {
-            tracing::info!(
-                "layer {}/{count} {} {} bytes in {:.1}s",
-                i + 1,
-                layer.digest,
-                stream.bytes,
-                layer_started.elapsed().as_secs_f64()
-            );
-        }
-        source_bytes += stream.bytes;
-    }
-    let report = builder.finish()?;
-    let image_dir = petrel_format::image_dir::ImageDir::new(&out);
-    let mut layers = Vec::new();
-    let mut uploaded = 0u64;
-    let mut skipped = 0usize;
     let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
         Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
         _ => None,
     });
+    let bars = options.progress.then(indicatif::MultiProgress::new);
+    // Each layer's new chunks are sealed into a blob of their own and pushed on
+    // another thread while the next layers stream in (the last layer's go into the
+    // blob `finish` writes): pulling, building and pushing overlap.
+    let (report, source_bytes, pushed_early) = std::thread::scope(|scope| -> Result<_> {
+        let (sealed_tx, sealed_rx) = std::sync::mpsc::channel::<petrel_builder::pipeline::SealedBlob>();
+        let (mount_from, bars) = (mount_from.as_deref(), bars.as_ref());
+        let pusher = scope.spawn(move || -> Result<Vec<PushedBlob>> {
+            sealed_rx
+                .into_iter()
+                .map(|sealed| push_sealed(target, &sealed, mount_from, bars))
+                .collect()
+        });
+        let read = read_layers(&mut builder, source, manifest, options, bars, &mut |sealed| {
+            let _ = sealed_tx.send(sealed);
+        });
+        drop(sealed_tx);
+        let finished = read.and_then(|source_bytes| Ok((builder.finish()?, source_bytes)));
+        let pushed = pusher
+            .join()
+            .map_err(|_| ConvertError::Invalid("the blob pushing thread panicked".into()))?;
+        let (report, source_bytes) = finished?;
+        Ok((report, source_bytes, pushed?))
+    })?;
+    let image_dir = petrel_format::image_dir::ImageDir::new(&out);
+    let mut layers = Vec::new();
+    let mut uploaded = 0u64;
+    let mut skipped = 0usize;
     for blob in report.output.blob.iter() {
         let path = image_dir.blobs_dir().join(blob.digest.trim_start_matches("sha256:"));
-        let bar = options.progress.then(|| progress::PushBar::new("blob", blob.size));
+        let bar = bars
+            .as_ref()
+            .map(|bars| progress::PushBar::new("blob", blob.size, bars));
         let reporting = bar.as_ref().map(progress::PushBar::on_bytes);
         let pushed = target.put_blob_file_reporting(&blob.digest, &path, mount_from.as_deref(), reporting)?;
         if let Some(bar) = bar {
@@ -422,7 +543,11 @@ fn convert_one(
         layers.push(blob_layer(&blob.digest, blob.size));
     }
     for blob in &report.output.dict_blobs {
-        uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?;
+        match pushed_early.iter().find(|p| p.digest == blob.digest) {
+            Some(early) if early.uploaded => uploaded += early.size,
+            Some(_) => skipped += 1,
+            None => uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?,
+        }
         layers.push(blob_layer(&blob.digest, blob.size));
     }
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
@@ -496,7 +621,13 @@ fn convert_one(
             platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
             bootstrap_digest,
             bootstrap_size: bootstrap_layer.len() as u64,
-            blobs: report.output.blob.iter().map(|b| (b.digest.clone(), b.size)).collect(),
+            blobs: report
+                .output
+                .blob
+                .iter()
+                .map(|b| (b.digest.clone(), b.size))
+                .chain(pushed_early.iter().map(|p| (p.digest.clone(), p.size)))
+                .collect(),
             source_layers: count,
             source_bytes,
             files: report.data.files,

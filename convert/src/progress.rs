@@ -17,8 +17,14 @@ pub struct LayerBar {
 }
 
 impl LayerBar {
-    pub fn new(index: usize, count: usize, size: u64, build: Arc<BuildProgress>) -> Self {
-        let bar = indicatif::ProgressBar::new(size);
+    pub fn new(
+        index: usize,
+        count: usize,
+        size: u64,
+        build: Arc<BuildProgress>,
+        bars: &indicatif::MultiProgress,
+    ) -> Self {
+        let bar = bars.add(indicatif::ProgressBar::new(size));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "layer {prefix} [{bar:24}] {bytes}/{total_bytes} in, {bytes_per_sec}, eta {eta} | {msg}",
@@ -72,8 +78,8 @@ pub struct PushBar {
 }
 
 impl PushBar {
-    pub fn new(what: &str, size: u64) -> Self {
-        let bar = indicatif::ProgressBar::new(size);
+    pub fn new(what: &str, size: u64, bars: &indicatif::MultiProgress) -> Self {
+        let bar = bars.add(indicatif::ProgressBar::new(size));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "push {prefix} [{bar:24}] {bytes}/{total_bytes} out, {bytes_per_sec}, eta {eta}",

@@ -90,7 +90,7 @@ impl Source {
         }
     }
 
-    fn fetch_manifest(&self, reference: Option<&str>) -> Result<(Vec<u8>, String, String)> {
+    pub(crate) fn fetch_manifest(&self, reference: Option<&str>) -> Result<(Vec<u8>, String, String)> {
         match self {
             Source::Registry { client, image } => {
                 Ok(client.get_manifest(&image.repository, reference.unwrap_or(image.reference()))?)
