@@ -155,7 +155,7 @@ fn errors_are_clear() {
         junk.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("layer 0"), "{}", text(&out));
+    assert!(text(&out).contains("layer 1"), "{}", text(&out));
 }
 
 #[test]

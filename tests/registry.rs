@@ -1407,6 +1407,54 @@ fn convert_pushes_earlier_layers_while_later_ones_are_pulled() {
     assert_tree(&reference_merge(&layers), &mount.mountpoint);
 }
 
+/// A layer that does not match its digest fails the conversion, after blobs of
+/// earlier layers went out: the pushing thread is stopped, the error names the
+/// layer, and the target tag is not written.
+#[test]
+fn a_corrupt_layer_mid_conversion_fails_it_cleanly() {
+    if !registry_tools_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    let tars: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
+    source.push_layout(&work.path().join("layout"), "src", "v1");
+    let proxy = FaultProxy::start(&source.addr);
+    // Blob GETs: the config, the first layer, then the second layer corrupted.
+    proxy.plan(&[Fault::Pass, Fault::Pass, Fault::CorruptBody]);
+    let mut child = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/src:v1", proxy.addr),
+            &format!("docker://{}/app:v1", target.addr),
+            "--retries",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the conversion did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("layer 2"), "{text}");
+    eprintln!("{text}");
+    let client = petrel_registry::RegistryClient::new(&target.addr, &Default::default()).unwrap();
+    assert!(
+        client.get_manifest("app", "v1").is_err(),
+        "no tag for a failed conversion"
+    );
+}
+
 #[test]
 fn local_builds_reference_a_chunk_dictionary() {
     let work = tempfile::tempdir().unwrap();

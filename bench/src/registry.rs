@@ -200,7 +200,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     // Conversion vs skopeo copy, registry to registry over loopback (CPU and the
     // registries' own speed decide), then over the shaped links.
-    let loopback_skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/app:v1 docker://{}/loopcopy:v1", source.addr, dest.addr))?;
+    let loopback_skopeo = run_shell(&format!(
+        "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/app:v1 docker://{}/loopcopy:v1",
+        source.addr, dest.addr
+    ))?;
     let loopback_convert = run_shell(&format!(
         "{} convert docker://{}/app:v1 docker://{}/loop:petrel > /dev/null",
         petrel.display(),

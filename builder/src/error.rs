@@ -37,13 +37,14 @@ pub enum EntryProblem {
 /// Errors of the builder and the image tools.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("layer {layer}, entry {path:?}: {problem}")]
+    /// `layer` counts from 0; messages count layers from 1, as users do.
+    #[error("layer {}, entry {path:?}: {problem}", layer + 1)]
     BadEntry {
         layer: usize,
         path: String,
         problem: EntryProblem,
     },
-    #[error("layer {layer}: cannot read the archive")]
+    #[error("layer {}: cannot read the archive", layer + 1)]
     Archive {
         layer: usize,
         #[source]

@@ -130,7 +130,8 @@ fn apply_entry(
     let shown = String::from_utf8_lossy(raw_path);
     if raw_path.split(|&b| b == b'/').any(|c| c == b"..") {
         warnings.push(format!(
-            "layer {layer}: entry {shown:?} has '..' components; placed inside the root as containerd does"
+            "layer {}: entry {shown:?} has '..' components; placed inside the root as containerd does",
+            layer + 1
         ));
     }
     let components = clean_path(raw_path);
@@ -141,7 +142,8 @@ fn apply_entry(
             tree.node_mut(ROOT).meta = meta;
         } else {
             warnings.push(format!(
-                "layer {layer}: entry {shown:?} names the root but is not a directory; skipped"
+                "layer {}: entry {shown:?} names the root but is not a directory; skipped",
+                layer + 1
             ));
         }
         return Ok(());
@@ -223,7 +225,8 @@ fn apply_entry(
         EntryType::Fifo => NodeKind::Fifo,
         other => {
             warnings.push(format!(
-                "layer {layer}: entry {shown:?} has unsupported type {other:?}; skipped"
+                "layer {}: entry {shown:?} has unsupported type {other:?}; skipped",
+                layer + 1
             ));
             return Ok(());
         }
@@ -263,12 +266,16 @@ fn apply_whiteout(
         return Ok(());
     }
     if hidden.starts_with(WHITEOUT_PREFIX) {
-        warnings.push(format!("layer {layer}: entry {shown:?} is aufs metadata; skipped"));
+        warnings.push(format!(
+            "layer {}: entry {shown:?} is aufs metadata; skipped",
+            layer + 1
+        ));
         return Ok(());
     }
     if !petrel_format::reader::is_valid_name(hidden) {
         warnings.push(format!(
-            "layer {layer}: whiteout {shown:?} names no valid entry; skipped"
+            "layer {}: whiteout {shown:?} names no valid entry; skipped",
+            layer + 1
         ));
         return Ok(());
     }

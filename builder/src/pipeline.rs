@@ -86,12 +86,15 @@ enum Work {
     Chunk(Vec<u8>),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
+    /// From now on, seal whenever this many bytes are spooled unsealed.
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// What a worker hands the collector, in submission order.
 enum Done {
     Chunk(EncodedChunk),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// A blob written mid-build from the chunks spooled since the previous one (a
@@ -178,6 +181,13 @@ impl Pipeline {
         answer.recv().map_err(|_| broken())?
     }
 
+    /// From the chunks submitted next on, seals a blob ([`Self::seal`]) whenever
+    /// `every` bytes are spooled unsealed, handing each to `to` (at chunk
+    /// boundaries, so where blobs end depends on the chunks only).
+    pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
+        self.send(Work::AutoSeal(every.max(1), to))
+    }
+
     fn send(&mut self, work: Work) -> Result<()> {
         let seq = self.next_seq;
         self.jobs
@@ -228,6 +238,12 @@ fn worker(
                 }
                 continue;
             }
+            Work::AutoSeal(every, to) => {
+                if results.send((job.seq, Done::AutoSeal(every, to))).is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         let digest = chunk_digest(&data);
         let encoded = if !copy_dict_chunks && dict.chunks.contains_key(&digest) {
@@ -269,33 +285,40 @@ fn collect(
     let mut spool_len = 0u64;
     let mut failure = None;
     let mut next_seq = 0u64;
-    let mut sealed: Vec<crate::dict::DictBlob> = Vec::new();
-    let mut sealed_up_to = 0u64;
+    let mut sealer = Sealer {
+        sealed: Vec::new(),
+        sealed_up_to: 0,
+        first_blob: dict.blobs.len(),
+        blobs_dir,
+    };
+    let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
         pending.insert(seq, done);
         while let Some(done) = pending.remove(&next_seq) {
             next_seq += 1;
+            if let Some((every, to)) = &auto_seal {
+                if spool_len - sealer.sealed_up_to >= *every {
+                    let answer = match failure.take() {
+                        Some(e) => Err(spool_error(e)),
+                        None => sealer.seal(&mut writer, &mut chunks, spool_len),
+                    };
+                    if let Some(answer) = answer.transpose() {
+                        let _ = to.send(answer);
+                    }
+                }
+            }
             let encoded = match done {
                 Done::Chunk(encoded) => encoded,
                 Done::Seal(reply) => {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
-                        None => seal_spool(
-                            &mut writer,
-                            SealRange {
-                                from: sealed_up_to,
-                                to: spool_len,
-                            },
-                            &mut chunks,
-                            dict.blobs.len() + sealed.len(),
-                            blobs_dir,
-                        ),
+                        None => sealer.seal(&mut writer, &mut chunks, spool_len),
                     };
-                    if let Ok(Some(blob)) = &answer {
-                        sealed.push(blob.blob.clone());
-                        sealed_up_to = spool_len;
-                    }
                     let _ = reply.send(answer);
+                    continue;
+                }
+                Done::AutoSeal(every, to) => {
+                    auto_seal = Some((every, to));
                     continue;
                 }
             };
@@ -372,8 +395,46 @@ fn collect(
         chunks,
         chunk_of_submission,
         spool,
-        sealed,
+        sealed: sealer.sealed,
     })
+}
+
+/// Seals spooled chunks into blobs.
+struct Sealer<'a> {
+    /// Blobs sealed so far.
+    sealed: Vec<crate::dict::DictBlob>,
+    /// Spool offset up to which chunks are sealed.
+    sealed_up_to: u64,
+    /// The dictionary index of the first sealed blob (after the dictionary's own).
+    first_blob: usize,
+    blobs_dir: &'a std::path::Path,
+}
+
+impl Sealer<'_> {
+    /// Seals the chunks spooled since the previous seal (None: there are none).
+    fn seal(
+        &mut self,
+        writer: &mut BufWriter<File>,
+        chunks: &mut [SpooledChunk],
+        spool_len: u64,
+    ) -> Result<Option<SealedBlob>> {
+        let range = SealRange {
+            from: self.sealed_up_to,
+            to: spool_len,
+        };
+        let blob = seal_spool(
+            writer,
+            range,
+            chunks,
+            self.first_blob + self.sealed.len(),
+            self.blobs_dir,
+        )?;
+        if let Some(blob) = &blob {
+            self.sealed.push(blob.blob.clone());
+            self.sealed_up_to = spool_len;
+        }
+        Ok(blob)
+    }
 }
 
 /// Spool offsets of the chunks a seal writes out.

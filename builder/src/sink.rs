@@ -98,6 +98,15 @@ impl ChunkSink {
         self.pipeline.seal()
     }
 
+    /// Seals a blob whenever `every` bytes are spooled unsealed ([`Pipeline::auto_seal`]).
+    pub fn auto_seal(
+        &mut self,
+        every: u64,
+        to: std::sync::mpsc::Sender<Result<crate::pipeline::SealedBlob, BuildError>>,
+    ) -> Result<(), BuildError> {
+        self.pipeline.auto_seal(every, to)
+    }
+
     pub fn small_file_limit(&self) -> u32 {
         self.small_file_limit
     }

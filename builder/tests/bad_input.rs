@@ -22,7 +22,7 @@ fn hardlink_to_a_missing_target_is_an_error() {
     w.hardlink("bin/sh", "bin/bash");
     let err = build_error(&[w.finish()]);
     assert!(
-        err.contains("layer 0, entry \"bin/sh\"") && err.contains("hardlink target \"bin/bash\" does not exist"),
+        err.contains("layer 1, entry \"bin/sh\"") && err.contains("hardlink target \"bin/bash\" does not exist"),
         "{err}"
     );
 }
@@ -71,7 +71,7 @@ fn truncated_archives_are_errors() {
     let tar = w.finish();
     for cut in [100, 512, 700, 50_000, 199_000, tar.len() - 1536] {
         let err = build_error(&[tar[..cut].to_vec()]);
-        assert!(err.contains("layer 0"), "cut at {cut}: {err}");
+        assert!(err.contains("layer 1"), "cut at {cut}: {err}");
     }
 }
 
@@ -82,7 +82,7 @@ fn size_field_larger_than_the_data_is_an_error() {
     let mut tar = w.finish();
     tar.truncate(512 + 4096);
     let err = build_error(&[tar]);
-    assert!(err.contains("layer 0"), "{err}");
+    assert!(err.contains("layer 1"), "{err}");
 }
 
 #[test]

@@ -272,6 +272,12 @@ fn same_repository(source: &Source, target: &Target) -> bool {
     }
 }
 
+/// A conversion cuts its new chunks into about this many blobs besides one per
+/// source layer, within [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each.
+const SEALED_BLOBS_PER_IMAGE: u64 = 8;
+const MIN_SEALED_BLOB: u64 = 16 << 20;
+const MAX_SEALED_BLOB: u64 = 512 << 20;
+
 /// A blob sealed mid-build and pushed while later layers streamed in.
 struct PushedBlob {
     digest: String,
@@ -502,19 +508,39 @@ fn convert_one(
     // another thread while the next layers stream in (the last layer's go into the
     // blob `finish` writes): pulling, building and pushing overlap.
     let (report, source_bytes, pushed_early) = std::thread::scope(|scope| -> Result<_> {
-        let (sealed_tx, sealed_rx) = std::sync::mpsc::channel::<petrel_builder::pipeline::SealedBlob>();
+        type Sealed = petrel_builder::Result<petrel_builder::pipeline::SealedBlob>;
+        let (sealed_tx, sealed_rx) = std::sync::mpsc::channel::<Sealed>();
         let (mount_from, bars) = (mount_from.as_deref(), bars.as_ref());
         let pusher = scope.spawn(move || -> Result<Vec<PushedBlob>> {
             sealed_rx
                 .into_iter()
-                .map(|sealed| push_sealed(target, &sealed, mount_from, bars))
+                .map(|sealed| push_sealed(target, &sealed?, mount_from, bars))
                 .collect()
         });
+        // A big layer is cut into blobs too, so that little is left to push once
+        // the last byte is read; about eight per image, so that a pull has few
+        // layers to prepare.
+        let source_size: u64 = manifest.layers.iter().map(|l| l.size).sum();
+        builder.auto_seal(
+            (source_size / SEALED_BLOBS_PER_IMAGE).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+            sealed_tx.clone(),
+        )?;
         let read = read_layers(&mut builder, source, manifest, options, bars, &mut |sealed| {
-            let _ = sealed_tx.send(sealed);
+            let _ = sealed_tx.send(Ok(sealed));
         });
         drop(sealed_tx);
-        let finished = read.and_then(|source_bytes| Ok((builder.finish()?, source_bytes)));
+        // The pusher stops once every sender is gone: the build's own (auto-seal)
+        // goes with its pipeline, at `finish` or when the build is dropped.
+        let finished = match read {
+            Ok(source_bytes) => builder
+                .finish()
+                .map(|report| (report, source_bytes))
+                .map_err(Into::into),
+            Err(e) => {
+                drop(builder);
+                Err(e)
+            }
+        };
         let pushed = pusher
             .join()
             .map_err(|_| ConvertError::Invalid("the blob pushing thread panicked".into()))?;
