@@ -155,6 +155,7 @@ fn apply_entry(
         return apply_whiteout(tree, parents, name, hidden, layer, warnings, &shown);
     }
     let parent = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
+    sink.set_path(&components);
     let node_kind = match kind {
         EntryType::Directory => {
             if let Some(existing) = tree.entry(parent, name) {

@@ -7,6 +7,7 @@
 
 use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
+use crate::sink::ChunkKey;
 use petrel_format::codec::{chunk_digest, encode_chunk, EncodedChunk};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -82,8 +83,8 @@ struct Job {
 }
 
 enum Work {
-    /// A chunk's data to hash and compress.
-    Chunk(Vec<u8>),
+    /// A chunk's data to hash and compress, and where its file lies in the tree.
+    Chunk(Vec<u8>, Option<ChunkKey>),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
@@ -92,7 +93,7 @@ enum Work {
 
 /// What a worker hands the collector, in submission order.
 enum Done {
-    Chunk(EncodedChunk),
+    Chunk(EncodedChunk, Option<ChunkKey>),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
@@ -164,9 +165,9 @@ impl Pipeline {
 
     /// Submits one chunk; blocks while too many are in flight. Returns its
     /// submission number (0, 1, … in submission order).
-    pub fn submit(&mut self, data: Vec<u8>) -> Result<u64> {
+    pub fn submit(&mut self, data: Vec<u8>, key: Option<ChunkKey>) -> Result<u64> {
         self.tokens.send(()).map_err(|_| broken())?;
-        self.send(Work::Chunk(data))?;
+        self.send(Work::Chunk(data, key))?;
         self.next_submission += 1;
         Ok(self.next_submission - 1)
     }
@@ -230,8 +231,8 @@ fn worker(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let data = match job.work {
-            Work::Chunk(data) => data,
+        let (data, key) = match job.work {
+            Work::Chunk(data, key) => (data, key),
             Work::Seal(reply) => {
                 if results.send((job.seq, Done::Seal(reply))).is_err() {
                     return;
@@ -257,7 +258,7 @@ fn worker(
         } else {
             encode_chunk(&data)
         };
-        if results.send((job.seq, Done::Chunk(encoded))).is_err() {
+        if results.send((job.seq, Done::Chunk(encoded, key))).is_err() {
             return;
         }
     }
@@ -286,6 +287,7 @@ fn collect(
     let mut failure = None;
     let mut next_seq = 0u64;
     let mut sealer = Sealer {
+        keys: HashMap::new(),
         sealed: Vec::new(),
         sealed_up_to: 0,
         first_blob: dict.blobs.len(),
@@ -307,8 +309,8 @@ fn collect(
                     }
                 }
             }
-            let encoded = match done {
-                Done::Chunk(encoded) => encoded,
+            let (encoded, key) = match done {
+                Done::Chunk(encoded, key) => (encoded, key),
                 Done::Seal(reply) => {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
@@ -369,6 +371,9 @@ fn collect(
                             }
                             let place = ChunkPlace::Spool { offset: spool_len };
                             spool_len += encoded.stored.len() as u64;
+                            if let Some(key) = key {
+                                sealer.keys.insert(chunks.len() as u32, key);
+                            }
                             progress.stored_bytes.fetch_add(encoded.stored.len() as u64, Relaxed);
                             SpooledChunk {
                                 digest: encoded.digest,
@@ -401,6 +406,8 @@ fn collect(
 
 /// Seals spooled chunks into blobs.
 struct Sealer<'a> {
+    /// Where the first file of each unsealed chunk lies in the tree.
+    keys: HashMap<u32, ChunkKey>,
     /// Blobs sealed so far.
     sealed: Vec<crate::dict::DictBlob>,
     /// Spool offset up to which chunks are sealed.
@@ -426,9 +433,11 @@ impl Sealer<'_> {
             writer,
             range,
             chunks,
+            &self.keys,
             self.first_blob + self.sealed.len(),
             self.blobs_dir,
         )?;
+        self.keys.clear();
         if let Some(blob) = &blob {
             self.sealed.push(blob.blob.clone());
             self.sealed_up_to = spool_len;
@@ -450,6 +459,7 @@ fn seal_spool(
     writer: &mut BufWriter<File>,
     range: SealRange,
     chunks: &mut [SpooledChunk],
+    keys: &HashMap<u32, ChunkKey>,
     blob: usize,
     blobs_dir: &std::path::Path,
 ) -> Result<Option<SealedBlob>> {
@@ -461,7 +471,13 @@ fn seal_spool(
     }
     writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
     std::fs::create_dir_all(blobs_dir).map_err(BuildError::io("create", blobs_dir))?;
-    let data_size = range.to - range.from;
+    // The chunks in the range, depth first by their first file's path (a
+    // package's files together, as in the final blob), else in arrival order.
+    let mut sealing: Vec<u32> = (0..chunks.len() as u32)
+        .filter(|&c| matches!(chunks[c as usize].place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset)))
+        .collect();
+    sealing.sort_by(|a, b| keys.get(a).cmp(&keys.get(b)));
+    let data_size: u64 = sealing.iter().map(|&c| u64::from(chunks[c as usize].stored_size)).sum();
     let temp =
         tempfile::NamedTempFile::new_in(blobs_dir).map_err(BuildError::io("create temporary blob in", blobs_dir))?;
     let mut out = BufWriter::with_capacity(1 << 20, temp);
@@ -469,18 +485,28 @@ fn seal_spool(
     let header = layer_tar::header(layer_tar::BLOB_ENTRY, data_size);
     hasher.update(header);
     out.write_all(&header).map_err(BuildError::io("write", blobs_dir))?;
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut at = range.from;
-    while at < range.to {
-        let n = buffer.len().min((range.to - at) as usize);
+    let mut buffer = Vec::new();
+    let mut at = layer_tar::DATA_OFFSET;
+    let mut uncompressed = 0u64;
+    for &index in &sealing {
+        let chunk = &mut chunks[index as usize];
+        let ChunkPlace::Spool { offset } = chunk.place else {
+            unreachable!("filtered above")
+        };
+        buffer.resize(chunk.stored_size as usize, 0);
         writer
             .get_ref()
-            .read_exact_at(&mut buffer[..n], at)
+            .read_exact_at(&mut buffer, offset)
             .map_err(BuildError::io("read", "chunk spool"))?;
-        hasher.update(&buffer[..n]);
-        out.write_all(&buffer[..n])
-            .map_err(BuildError::io("write", blobs_dir))?;
-        at += n as u64;
+        hasher.update(&buffer);
+        out.write_all(&buffer).map_err(BuildError::io("write", blobs_dir))?;
+        chunk.place = ChunkPlace::Dict {
+            blob: blob as u32,
+            offset: at,
+            own_copy: None,
+        };
+        at += u64::from(chunk.stored_size);
+        uncompressed += u64::from(chunk.uncompressed_size);
     }
     let trailer = vec![0u8; layer_tar::trailer_len(data_size) as usize];
     hasher.update(&trailer);
@@ -492,19 +518,6 @@ fn seal_spool(
     let path = blobs_dir.join(hex::encode(digest));
     temp.persist(&path)
         .map_err(|e| BuildError::io("rename blob to", &path)(e.error))?;
-    let mut uncompressed = 0u64;
-    for chunk in chunks.iter_mut() {
-        if let ChunkPlace::Spool { offset } = chunk.place {
-            if (range.from..range.to).contains(&offset) {
-                chunk.place = ChunkPlace::Dict {
-                    blob: blob as u32,
-                    offset: layer_tar::DATA_OFFSET + offset - range.from,
-                    own_copy: None,
-                };
-                uncompressed += u64::from(chunk.uncompressed_size);
-            }
-        }
-    }
     Ok(Some(SealedBlob {
         blob: crate::dict::DictBlob {
             digest,
@@ -535,7 +548,7 @@ mod tests {
         );
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
-            pipeline.submit(data.clone()).unwrap();
+            pipeline.submit(data.clone(), None).unwrap();
         }
         let collected = pipeline.finish().unwrap();
         assert_eq!(collected.chunks.len(), 7);

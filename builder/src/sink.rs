@@ -60,6 +60,32 @@ pub struct ChunkSink {
     batch_slot: Option<u32>,
     small_files: HashMap<[u8; 32], (u32, u32)>,
     pub stats: SinkStats,
+    /// Whether chunks carry their file's place in the tree (for sealed blobs).
+    keyed: bool,
+    /// The place in the tree of the file being added (see [`depth_first_key`]).
+    file_key: Option<ChunkKey>,
+    /// The place of the first file in the small-file batch.
+    batch_key: Option<ChunkKey>,
+}
+
+/// Where a chunk's first file lies in the tree, as bytes that sort depth first.
+pub type ChunkKey = std::sync::Arc<[u8]>;
+
+/// A path's place in a depth-first walk (a directory's files by name, then its
+/// subdirectories' subtrees by name), as bytes that compare in that order: each
+/// directory component is `2 name 0`, the file's name is `1 name`.
+pub fn depth_first_key(components: &[Vec<u8>]) -> ChunkKey {
+    let mut key = Vec::with_capacity(components.iter().map(|c| c.len() + 2).sum());
+    if let Some((file, dirs)) = components.split_last() {
+        for dir in dirs {
+            key.push(2);
+            key.extend_from_slice(dir);
+            key.push(0);
+        }
+        key.push(1);
+        key.extend_from_slice(file);
+    }
+    key.into()
 }
 
 /// A finished sink: unique chunks and, per slot, its unique chunk index.
@@ -89,6 +115,9 @@ impl ChunkSink {
             batch_slot: None,
             small_files: HashMap::new(),
             stats: SinkStats::default(),
+            keyed: false,
+            file_key: None,
+            batch_key: None,
         }
     }
 
@@ -104,7 +133,14 @@ impl ChunkSink {
         every: u64,
         to: std::sync::mpsc::Sender<Result<crate::pipeline::SealedBlob, BuildError>>,
     ) -> Result<(), BuildError> {
+        // Sealed blobs lay their chunks out depth first by their files' paths.
+        self.keyed = true;
         self.pipeline.auto_seal(every, to)
+    }
+
+    /// The path (cleaned components) of the file whose data comes next.
+    pub fn set_path(&mut self, components: &[Vec<u8>]) {
+        self.file_key = self.keyed.then(|| depth_first_key(components));
     }
 
     pub fn small_file_limit(&self) -> u32 {
@@ -214,7 +250,10 @@ impl ChunkSink {
                 source: PieceSource::Hole,
             });
         }
-        let seq = self.pipeline.submit(data).map_err(FileDataError::Build)?;
+        let seq = self
+            .pipeline
+            .submit(data, self.file_key.clone())
+            .map_err(FileDataError::Build)?;
         let slot = self.new_slot(seq);
         Ok(Piece {
             file_offset,
@@ -247,6 +286,7 @@ impl ChunkSink {
                     None => {
                         let slot = self.new_slot(UNFILLED);
                         self.batch_slot = Some(slot);
+                        self.batch_key = self.file_key.clone();
                         slot
                     }
                 };
@@ -272,7 +312,7 @@ impl ChunkSink {
     fn flush_batch(&mut self) -> Result<(), BuildError> {
         if let Some(slot) = self.batch_slot.take() {
             let data = std::mem::take(&mut self.batch);
-            let seq = self.pipeline.submit(data)?;
+            let seq = self.pipeline.submit(data, self.batch_key.take())?;
             self.slot_submission[slot as usize] = seq;
         }
         Ok(())
@@ -307,4 +347,31 @@ pub fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::depth_first_key;
+
+    fn key(path: &str) -> std::sync::Arc<[u8]> {
+        let components: Vec<Vec<u8>> = path.split('/').map(|c| c.as_bytes().to_vec()).collect();
+        depth_first_key(&components)
+    }
+
+    #[test]
+    fn keys_sort_depth_first_with_a_directorys_files_before_its_subdirectories() {
+        let walk = [
+            "numpy/__init__.py",
+            "numpy/version.py",
+            "numpy/core/__init__.py",
+            "numpy/core/multiarray.py",
+            "numpy/core/tests/test_a.py",
+            "numpy/lib/__init__.py",
+            "numpy2/__init__.py",
+            "pandas/__init__.py",
+        ];
+        let mut shuffled: Vec<&str> = walk.iter().rev().copied().collect();
+        shuffled.sort_by_key(|p| key(p));
+        assert_eq!(shuffled, walk);
+    }
 }

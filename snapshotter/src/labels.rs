@@ -108,6 +108,7 @@ pub fn classify(
             parent,
         },
         &downloads,
+        &manifests.checked_blobs,
     )?;
     Ok(Some(if role == ROLE_BLOB {
         RemoteLayer::Blob
@@ -138,6 +139,9 @@ pub fn registry_failure(doing: String, e: petrel_registry::RegistryError) -> Sna
 #[derive(Debug, Default)]
 pub struct ManifestCache {
     entries: std::sync::Mutex<std::collections::VecDeque<(String, CachedManifest, usize)>>,
+    /// Blob layers (`registry/repository@digest`) whose wrapping was checked: a
+    /// digest names immutable bytes, so a check holds for good.
+    pub checked_blobs: crate::provenance::CheckedBlobs,
 }
 
 type CachedManifest = (petrel_registry::oci::Manifest, String);

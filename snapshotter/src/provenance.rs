@@ -154,6 +154,7 @@ pub fn verify_remote_layer(
     manifest: &Manifest,
     layer: PulledLayer,
     downloads: &std::path::Path,
+    checked: &CheckedBlobs,
 ) -> Result<()> {
     let PulledLayer {
         digest,
@@ -178,9 +179,85 @@ pub fn verify_remote_layer(
         check_chain_id(target, parent, digest, &what)?;
     }
     if role == ROLE_BLOB {
-        check_blob_wrapping(client, repository, descriptor)?;
+        checked.check(client, repository, manifest, descriptor)?;
     }
     Ok(())
+}
+
+/// Blob layers whose wrapping was checked (`registry/repository@digest`). The first
+/// blob layer of a manifest checked has every blob layer of that manifest checked
+/// at once, in parallel, so that a pull of an image of many blobs pays about one
+/// round trip for them all, not one per layer. Bounded: beyond
+/// [`MAX_CHECKED_BLOBS`] entries the set starts again.
+#[derive(Debug, Default)]
+pub struct CheckedBlobs {
+    checked: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Most blob layers remembered as checked.
+pub const MAX_CHECKED_BLOBS: usize = 100_000;
+/// Blob layers checked at once.
+const PARALLEL_CHECKS: usize = 8;
+
+impl CheckedBlobs {
+    fn key(client: &RegistryClient, repository: &str, digest: &str) -> String {
+        format!("{}/{repository}@{digest}", client.registry())
+    }
+
+    fn is_checked(&self, key: &str) -> bool {
+        self.checked.lock().is_ok_and(|c| c.contains(key))
+    }
+
+    /// Checks `descriptor` (a blob layer of `manifest`), and with it every blob
+    /// layer of `manifest` not checked yet.
+    pub fn check(
+        &self,
+        client: &RegistryClient,
+        repository: &str,
+        manifest: &Manifest,
+        descriptor: &Descriptor,
+    ) -> Result<()> {
+        if self.is_checked(&Self::key(client, repository, &descriptor.digest)) {
+            return Ok(());
+        }
+        let mut pending: Vec<&Descriptor> = vec![descriptor];
+        pending.extend(manifest.layers.iter().filter(|d| {
+            d.digest != descriptor.digest
+                && oci::petrel_role(d) == Some(ROLE_BLOB)
+                && UNCOMPRESSED_LAYER_TYPES.contains(&d.media_type.as_str())
+                && !self.is_checked(&Self::key(client, repository, &d.digest))
+        }));
+        pending.dedup_by(|a, b| a.digest == b.digest);
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            pending
+                .chunks(PARALLEL_CHECKS)
+                .flat_map(|batch| {
+                    let handles: Vec<_> = batch
+                        .iter()
+                        .map(|d| scope.spawn(move || check_blob_wrapping(client, repository, d)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(SnapshotError::Unavailable("a blob check panicked".into())))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        });
+        if let Ok(mut checked) = self.checked.lock() {
+            if checked.len() + pending.len() > MAX_CHECKED_BLOBS {
+                checked.clear();
+            }
+            for (d, result) in pending.iter().zip(&results) {
+                if result.is_ok() {
+                    checked.insert(Self::key(client, repository, &d.digest));
+                }
+            }
+        }
+        results.into_iter().next().expect("the layer itself was checked")
+    }
 }
 
 #[cfg(test)]
