@@ -5,6 +5,7 @@
 #   scripts/bench.sh coldstart [--app A] [--rounds 3]   (the same on 100 Mbit/s + 20 ms, then 20 Mbit/s + 50 ms)
 #   scripts/bench.sh bigfile [--gib 3] [--rounds 3]   (one model file: lazy sequential read vs curl, cached read vs disk, scattered reads)
 #   scripts/bench.sh store [--chunks 1000000] [--chunk-bytes 4096]   (the chunk store at scale: put, open with a bound, GC with a reader running, compaction)
+#   scripts/bench.sh scrape   (the snapshotter's metrics endpoint with 1 and 20 lazy images mounted)
 #   scripts/bench.sh edge [--scale 0.25] [--no-containerd]   (mirror fan-out, dead mirror, offline restart)
 set -euo pipefail
 cd "$(dirname "$0")/.."

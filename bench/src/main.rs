@@ -14,6 +14,7 @@ mod mount;
 mod node;
 mod registry;
 mod relay;
+mod scrape;
 mod store;
 mod trees;
 
@@ -25,13 +26,14 @@ fn main() -> anyhow::Result<()> {
         Some("dedup") => dedup::run(&args[1..]),
         Some("containerd") => containerd::run(&args[1..]),
         Some("registry") => registry::run(&args[1..]),
+        Some("scrape") => scrape::run(&args[1..]),
         Some("edge") => edge::run(&args[1..]),
         Some("apps") => apps::run(&args[1..]),
         Some("coldstart") => apps::run_coldstart(&args[1..]),
         Some("bigfile") => bigfile::run(&args[1..]),
         Some("store") => store::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | coldstart [--app A] [--rounds N] | bigfile [--gib F] [--rounds N] [--shaped-mib N] | store [--chunks N] [--chunk-bytes B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
+            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | scrape | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | coldstart [--app A] [--rounds N] | bigfile [--gib F] [--rounds N] [--shaped-mib N] | store [--chunks N] [--chunk-bytes B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
             std::process::exit(2)
         }
     }

@@ -27,6 +27,11 @@ impl Node {
     /// Starts both under `dir` (fresh); `daemon` is TOML for the snapshotter's
     /// `[daemon]` table (mount daemon settings).
     pub fn start(petrel: &Path, dir: &Path, link: &str, daemon: &str) -> anyhow::Result<Node> {
+        Self::start_with(petrel, dir, link, "", daemon)
+    }
+
+    /// [`Node::start`] with `top` (TOML keys) added to the snapshotter's config.
+    pub fn start_with(petrel: &Path, dir: &Path, link: &str, top: &str, daemon: &str) -> anyhow::Result<Node> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let r = dir.display();
@@ -38,7 +43,7 @@ impl Node {
         )?;
         std::fs::write(
             dir.join("snapshotter.toml"),
-            format!("root = \"{r}/snapshotter\"\naddress = \"{r}/snapshotter.sock\"\n\n[daemon]\n{daemon}\n"),
+            format!("root = \"{r}/snapshotter\"\naddress = \"{r}/snapshotter.sock\"\n{top}\n\n[daemon]\n{daemon}\n"),
         )?;
         let log = |name: &str| std::fs::File::create(dir.join(name));
         let snapshotter = Command::new(petrel)
