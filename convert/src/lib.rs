@@ -187,9 +187,45 @@ pub fn convert(
     let write_index = options.all_platforms && from_index;
     let mut converted = Vec::new();
     let mut index_entries = Vec::new();
-    for source_manifest in &manifests {
-        let (result, manifest_bytes) =
-            convert_one(&source, &target, source_manifest, options, !write_index, &dict_sources)?;
+    // Platforms convert side by side where cores allow (each also builds on
+    // several threads): one's network waits overlap another's chunking.
+    let parallel = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_PARALLEL_PLATFORMS);
+    let bars = options.progress.then(indicatif::MultiProgress::new);
+    let results: Vec<Result<(ConvertedManifest, usize)>> = std::thread::scope(|scope| {
+        manifests
+            .chunks(parallel)
+            .flat_map(|batch| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|source_manifest| {
+                        let (source, target, dict_sources, bars) = (&source, &target, &dict_sources, bars.as_ref());
+                        scope.spawn(move || {
+                            convert_one(
+                                source,
+                                target,
+                                source_manifest,
+                                options,
+                                !write_index,
+                                dict_sources,
+                                bars,
+                            )
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(ConvertError::Invalid("a platform's conversion panicked".into())))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    });
+    for (source_manifest, result) in manifests.iter().zip(results) {
+        let (result, manifest_bytes) = result?;
         index_entries.push(Descriptor {
             media_type: OCI_MANIFEST.into(),
             digest: result.manifest_digest.clone(),
@@ -271,6 +307,9 @@ fn same_repository(source: &Source, target: &Target) -> bool {
         },
     }
 }
+
+/// Platforms of an index converted at once, at most.
+const MAX_PARALLEL_PLATFORMS: usize = 4;
 
 /// A conversion cuts its new chunks into about this many blobs besides one per
 /// source layer, within [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each.
@@ -450,6 +489,7 @@ fn convert_one(
     options: &ConvertOptions,
     tag_it: bool,
     dict_sources: &[Source],
+    bars: Option<&indicatif::MultiProgress>,
 ) -> Result<(ConvertedManifest, usize)> {
     let manifest = &source_manifest.manifest;
     if bootstrap_layer(manifest).is_some() {
@@ -503,14 +543,13 @@ fn convert_one(
         Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
         _ => None,
     });
-    let bars = options.progress.then(indicatif::MultiProgress::new);
     // Each layer's new chunks are sealed into a blob of their own and pushed on
     // another thread while the next layers stream in (the last layer's go into the
     // blob `finish` writes): pulling, building and pushing overlap.
     let (report, source_bytes, pushed_early) = std::thread::scope(|scope| -> Result<_> {
         type Sealed = petrel_builder::Result<petrel_builder::pipeline::SealedBlob>;
         let (sealed_tx, sealed_rx) = std::sync::mpsc::channel::<Sealed>();
-        let (mount_from, bars) = (mount_from.as_deref(), bars.as_ref());
+        let mount_from = mount_from.as_deref();
         let pusher = scope.spawn(move || -> Result<Vec<PushedBlob>> {
             sealed_rx
                 .into_iter()

@@ -2,6 +2,7 @@
 
 use crate::error::{RegistryError, Result};
 use crate::oci::{sha256_digest, Descriptor, Index, OCI_INDEX};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Annotation that names a manifest's tag in `index.json`.
@@ -121,7 +122,7 @@ impl OciLayout {
         let digest = sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
         if !path.exists() {
-            std::fs::write(&path, bytes).map_err(RegistryError::io("write", &path))?;
+            self.publish(&path, |temp| temp.write_all(bytes))?;
         }
         Ok(digest)
     }
@@ -132,8 +133,28 @@ impl OciLayout {
         if path.exists() {
             return Ok(false);
         }
-        std::fs::copy(source, &path).map_err(RegistryError::io("copy blob to", &path))?;
+        self.publish(&path, |temp| {
+            std::io::copy(&mut std::fs::File::open(source)?, temp).map(|_| ())
+        })?;
         Ok(true)
+    }
+
+    /// Writes a blob under `path` whole or not at all: into a temporary file beside
+    /// it, then renamed (a reader, a concurrent writer of the same blob or a crash
+    /// never sees part of it under its digest).
+    fn publish(&self, path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+        let dir = path.parent().unwrap_or(&self.dir);
+        let mut temp =
+            tempfile::NamedTempFile::new_in(dir).map_err(RegistryError::io("create temporary file in", dir))?;
+        write(temp.as_file_mut()).map_err(RegistryError::io("write", path))?;
+        // Readable like a file `std::fs::write` makes (a temporary file is 0600).
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(RegistryError::io("chmod", path))?;
+        temp.persist(path)
+            .map_err(|e| RegistryError::io("rename to", path)(e.error))?;
+        Ok(())
     }
 
     /// Points `tag` at `descriptor` in `index.json` (replacing an older entry).
