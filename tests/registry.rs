@@ -1299,6 +1299,10 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
         full["manifests"][0]["uploaded_bytes"].as_u64().unwrap() > uploaded * 5,
         "{full}"
     );
+    assert!(
+        full["manifests"][0]["skipped_blobs"].as_u64().unwrap() >= 1,
+        "the unchanged first layer's blob was already there: {full}"
+    );
 }
 
 /// On a terminal, convert shows per layer the bytes in with the chunks seen and

@@ -311,9 +311,9 @@ fn same_repository(source: &Source, target: &Target) -> bool {
 /// Platforms of an index converted at once, at most.
 const MAX_PARALLEL_PLATFORMS: usize = 4;
 
-/// A conversion cuts its new chunks into about this many blobs besides one per
-/// source layer, within [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each.
-const SEALED_BLOBS_PER_IMAGE: u64 = 8;
+/// A conversion cuts a layer's new chunks into about this many blobs, within
+/// [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each.
+const SEALED_BLOBS_PER_LAYER: u64 = 4;
 const MIN_SEALED_BLOB: u64 = 16 << 20;
 const MAX_SEALED_BLOB: u64 = 512 << 20;
 
@@ -350,19 +350,27 @@ fn push_sealed(
 
 /// Streams every layer of `manifest` from `source` through `builder`, checking
 /// each against its digest; the new chunks of every layer but the last are sealed
-/// into a blob handed to `sealed`. Returns the bytes read.
+/// into blobs handed to `sealed`. Returns the bytes read.
 fn read_layers(
     builder: &mut ImageBuilder,
     source: &Source,
     manifest: &Manifest,
     options: &ConvertOptions,
     bars: Option<&indicatif::MultiProgress>,
-    sealed: &mut dyn FnMut(petrel_builder::pipeline::SealedBlob),
+    sealed: &std::sync::mpsc::Sender<petrel_builder::Result<petrel_builder::pipeline::SealedBlob>>,
 ) -> Result<u64> {
     let mut source_bytes = 0;
     let count = manifest.layers.len();
     for (i, layer) in manifest.layers.iter().enumerate() {
         let layer_started = Instant::now();
+        // A big layer is cut into a few blobs, so that little is left to push
+        // once its last byte is read. Where they are cut depends on this layer
+        // only (and the chunks earlier layers already hold), so an unchanged layer
+        // of a new release gives the same blobs, which the registry then has.
+        builder.auto_seal(
+            (layer.size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+            sealed.clone(),
+        )?;
         let progress = bars.map(|bars| progress::LayerBar::new(i, count, layer.size, builder.progress(), bars));
         let mut stream = Hashing {
             inner: source.layer(&layer.digest)?,
@@ -401,7 +409,7 @@ fn read_layers(
                 .seal()
                 .with_context(|| format!("sealing the chunks of layer {}", i + 1))?
             {
-                sealed(blob);
+                let _ = sealed.send(Ok(blob));
             }
         }
     }
@@ -556,17 +564,7 @@ fn convert_one(
                 .map(|sealed| push_sealed(target, &sealed?, mount_from, bars))
                 .collect()
         });
-        // A big layer is cut into blobs too, so that little is left to push once
-        // the last byte is read; about eight per image, so that a pull has few
-        // layers to prepare.
-        let source_size: u64 = manifest.layers.iter().map(|l| l.size).sum();
-        builder.auto_seal(
-            (source_size / SEALED_BLOBS_PER_IMAGE).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
-            sealed_tx.clone(),
-        )?;
-        let read = read_layers(&mut builder, source, manifest, options, bars, &mut |sealed| {
-            let _ = sealed_tx.send(Ok(sealed));
-        });
+        let read = read_layers(&mut builder, source, manifest, options, bars, &sealed_tx);
         drop(sealed_tx);
         // The pusher stops once every sender is gone: the build's own (auto-seal)
         // goes with its pipeline, at `finish` or when the build is dropped.
