@@ -113,7 +113,19 @@ fn assert_refused(result: Result<String, String>, containerd: &Containerd) {
 }
 
 fn assert_runs_own_motd(containerd: &Containerd, namespace: &str, image: &str, name: &str, motd: &str) {
-    let out = containerd.run_container(namespace, image, name, &["/bin/busybox", "cat", "/etc/motd"]);
+    // The short pause keeps `ctr run` from losing the output of a process that
+    // exits at once (containerd/containerd#770: its stdout fifo can close first).
+    let out = containerd.run_container(
+        namespace,
+        image,
+        name,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /etc/motd; /bin/busybox sleep 0.3",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}\nsnapshotter log:\n{}",
