@@ -194,7 +194,16 @@ impl Containerd {
     pub fn run_container(&self, namespace: &str, image: &str, name: &str, command: &[&str]) -> Output {
         let mut args = vec!["-n", namespace, "run", "--rm", "--snapshotter", "petrel", image, name];
         args.extend_from_slice(command);
-        self.ctr(&args)
+        let out = self.ctr(&args);
+        // `ctr run` can lose the output of a process that exits at once (its stdout
+        // fifo closes first: containerd/containerd#770). A run that succeeded and
+        // printed nothing runs once more; callers still check what it printed.
+        if out.status.success() && out.stdout.is_empty() {
+            let again = format!("{name}-again");
+            args[7] = &again;
+            return self.ctr(&args);
+        }
+        out
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
