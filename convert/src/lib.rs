@@ -334,6 +334,7 @@ fn push_sealed(
     let digest = format!("sha256:{}", hex::encode(sealed.blob.digest));
     let size = sealed.blob.compressed_size;
     let bar = bars.map(|bars| progress::PushBar::new("blob", size, bars));
+    let started = Instant::now();
     let uploaded = target.put_blob_file_reporting(
         &digest,
         &sealed.path,
@@ -343,6 +344,11 @@ fn push_sealed(
     if let Some(bar) = bar {
         bar.finish();
     }
+    tracing::info!(
+        "blob {digest} ({size} bytes) {} in {:.1}s",
+        if uploaded { "pushed" } else { "already there" },
+        started.elapsed().as_secs_f64()
+    );
     // Pushed: the build no longer needs the file.
     let _ = std::fs::remove_file(&sealed.path);
     Ok(PushedBlob { digest, size, uploaded })
