@@ -1115,6 +1115,33 @@ fn release_pair() -> (
     (release_n, next)
 }
 
+/// Pushes release N and N+1 of the sample app as `repository:n` and `:n1`.
+fn push_release_pair(
+    registry: &TestRegistry,
+    dir: &Path,
+    repository: &str,
+) -> (
+    Vec<Vec<petrel_fixtures::layer_spec::Op>>,
+    Vec<Vec<petrel_fixtures::layer_spec::Op>>,
+) {
+    let (release_n, next) = release_pair();
+    for (name, layers) in [("n", &release_n), ("n1", &next)] {
+        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+        write_oci_layout(&dir.join(name), "v1", &tars).unwrap();
+        registry.push_layout(&dir.join(name), repository, name);
+    }
+    (release_n, next)
+}
+
+/// Pushes the sample image (layers written under `dir`) as `repository:v1`;
+/// returns its layers' tars.
+fn push_sample(registry: &TestRegistry, dir: &Path, repository: &str) -> Vec<Vec<u8>> {
+    let tars: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
+    write_oci_layout(&dir.join("layout"), "v1", &tars).unwrap();
+    registry.push_layout(&dir.join("layout"), repository, "v1");
+    tars
+}
+
 #[test]
 fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
     if !registry_tools_available() || !fuse_available() {
@@ -1122,12 +1149,7 @@ fn the_next_release_against_a_chunk_dictionary_uploads_only_new_chunks() {
     }
     let registry = TestRegistry::start(false);
     let work = tempfile::tempdir().unwrap();
-    let (release_n, next) = release_pair();
-    for (name, layers) in [("n", &release_n), ("n1", &next)] {
-        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
-        write_oci_layout(&work.path().join(name), "v1", &tars).unwrap();
-        registry.push_layout(&work.path().join(name), "app", name);
-    }
+    let (_, next) = push_release_pair(&registry, work.path(), "app");
     let r = &registry.addr;
     let first = convert(
         &format!("docker://{r}/app:n"),
@@ -1195,12 +1217,7 @@ fn the_next_release_converted_without_flags_deduplicates_against_the_repository(
     }
     let registry = TestRegistry::start(false);
     let work = tempfile::tempdir().unwrap();
-    let (release_n, next) = release_pair();
-    for (name, layers) in [("n", &release_n), ("n1", &next)] {
-        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
-        write_oci_layout(&work.path().join(name), "v1", &tars).unwrap();
-        registry.push_layout(&work.path().join(name), "src", name);
-    }
+    let (_, next) = push_release_pair(&registry, work.path(), "src");
     let r = &registry.addr;
     // Build times (the manifests' created annotation) come from SOURCE_DATE_EPOCH.
     let convert_built_at = |epoch: &str, from: &str, to: &str, flags: &[&str]| {
@@ -1322,9 +1339,7 @@ fn convert_on_a_terminal_shows_bytes_in_chunks_deduplicated_and_bytes_out() {
     }
     let registry = TestRegistry::start(false);
     let work = tempfile::tempdir().unwrap();
-    let tars: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
-    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
-    registry.push_layout(&work.path().join("layout"), "src", "v1");
+    push_sample(&registry, work.path(), "src");
     let r = &registry.addr;
     let command = format!(
         "{} convert docker://{r}/src:v1 docker://{r}/app:v1",
@@ -1354,9 +1369,7 @@ fn convert_pushes_earlier_layers_while_later_ones_are_pulled() {
     let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
     let work = tempfile::tempdir().unwrap();
     let layers = sample_layers();
-    let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
-    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
-    source.push_layout(&work.path().join("layout"), "src", "v1");
+    let tars = push_sample(&source, work.path(), "src");
     let proxy = FaultProxy::start(&source.addr);
     // Blob GETs: the config, then the layers in order; the last layer is held.
     let mut plan = vec![Fault::Pass; tars.len()];
@@ -1421,9 +1434,7 @@ fn a_corrupt_layer_mid_conversion_fails_it_cleanly() {
     }
     let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
     let work = tempfile::tempdir().unwrap();
-    let tars: Vec<Vec<u8>> = sample_layers().iter().map(|ops| write_layer(ops, "")).collect();
-    write_oci_layout(&work.path().join("layout"), "v1", &tars).unwrap();
-    source.push_layout(&work.path().join("layout"), "src", "v1");
+    push_sample(&source, work.path(), "src");
     let proxy = FaultProxy::start(&source.addr);
     // Blob GETs: the config, the first layer, then the second layer corrupted.
     proxy.plan(&[Fault::Pass, Fault::Pass, Fault::CorruptBody]);
