@@ -196,6 +196,9 @@ pub struct CheckedBlobs {
 
 /// Most blob layers remembered as checked.
 pub const MAX_CHECKED_BLOBS: usize = 100_000;
+/// Other blob layers of a manifest checked ahead with the first (a stranger's
+/// manifest may list thousands; the rest are checked at their own Prepare).
+const MAX_CHECKED_AHEAD: usize = 64;
 /// Blob layers checked at once.
 const PARALLEL_CHECKS: usize = 8;
 
@@ -221,12 +224,18 @@ impl CheckedBlobs {
             return Ok(());
         }
         let mut pending: Vec<&Descriptor> = vec![descriptor];
-        pending.extend(manifest.layers.iter().filter(|d| {
-            d.digest != descriptor.digest
-                && oci::petrel_role(d) == Some(ROLE_BLOB)
-                && UNCOMPRESSED_LAYER_TYPES.contains(&d.media_type.as_str())
-                && !self.is_checked(&Self::key(client, repository, &d.digest))
-        }));
+        pending.extend(
+            manifest
+                .layers
+                .iter()
+                .filter(|d| {
+                    d.digest != descriptor.digest
+                        && oci::petrel_role(d) == Some(ROLE_BLOB)
+                        && UNCOMPRESSED_LAYER_TYPES.contains(&d.media_type.as_str())
+                        && !self.is_checked(&Self::key(client, repository, &d.digest))
+                })
+                .take(MAX_CHECKED_AHEAD),
+        );
         pending.dedup_by(|a, b| a.digest == b.digest);
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             pending
