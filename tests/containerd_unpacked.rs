@@ -59,24 +59,39 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
         log()
     );
     assert_eq!(containerd.lazy_mount_count(), 1);
-    // Its chunks were all cached by the first run, so the remounted image served the
-    // busybox binary to the container's overlay through a backing file (passthrough),
-    // which the snapshotter's metrics report.
-    let metrics = containerd.metrics();
-    let opens: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("petrel_passthrough_opens_total{"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    let daemon_log = std::fs::read_dir(root.join("run"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect::<String>();
+    // Its chunks were all cached by the first run, and the container opens busybox
+    // for `sh`, `cat` and `ls`: a file used again is materialized in the background,
+    // and a later open of it (this run's or the next's) is served to the container's
+    // overlay through a backing file (passthrough), which the snapshotter's metrics
+    // report.
+    let daemon_log = || {
+        std::fs::read_dir(root.join("run"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
+    };
+    let passthrough_opens = || {
+        let metrics = containerd.metrics();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("petrel_passthrough_opens_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{metrics}"))
+    };
+    for again in 3..6 {
+        if passthrough_opens() > 0 || daemon_log().contains("FUSE passthrough off") {
+            break;
+        }
+        let out = run(&format!("unpacked-{again}"));
+        assert!(out.status.success(), "{}", text(&out));
+    }
     assert!(
-        opens > 0 || daemon_log.contains("FUSE passthrough off"),
-        "{metrics}\n{daemon_log}"
+        passthrough_opens() > 0 || daemon_log().contains("FUSE passthrough off"),
+        "{}\n{}",
+        containerd.metrics(),
+        daemon_log()
     );
 
     // Removing the image releases the mount, its daemon and its blob links.

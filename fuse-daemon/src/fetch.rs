@@ -27,8 +27,6 @@ pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// what its chunks decode to (always at least one chunk, at most
 /// `petrel_format::chunker::MAX_CHUNK_SIZE`).
 pub const MAX_REQUEST_DECODED_BYTES: u64 = 64 << 20;
-/// How long an open waits for a file's fetched chunks to be stored (`Fetcher::settle`).
-const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most decoded bytes a daemon's fetches hold at once; further fetches wait.
 pub const MAX_DAEMON_DECODED_BYTES: u64 = 256 << 20;
 
@@ -194,37 +192,6 @@ impl Fetcher {
             SegmentSource::Hole => true,
             SegmentSource::Chunk { index, .. } => self.cache.is_ready(index),
         })
-    }
-
-    /// Waits (at most `SETTLE_WAIT`) while chunks of `segments` that were fetched are
-    /// still being stored, so a file just read whole is found cached at its next open
-    /// (and opened by passthrough). Returns at once when a chunk is neither cached nor
-    /// fetched yet: the file is not cached either way.
-    pub fn settle(&self, segments: &[FileSegment]) {
-        let deadline = std::time::Instant::now() + SETTLE_WAIT;
-        loop {
-            let mut storing = false;
-            {
-                let in_flight = self.in_flight.lock().expect("in-flight lock");
-                for segment in segments {
-                    let SegmentSource::Chunk { index, .. } = segment.source else {
-                        continue;
-                    };
-                    match in_flight.get(&index) {
-                        Some(flight) if matches!(*flight.outcome.lock().expect("flight lock"), Some(Ok(_))) => {
-                            storing = true
-                        }
-                        Some(_) => return,
-                        None if self.cache.is_ready(index) => {}
-                        None => return,
-                    }
-                }
-            }
-            if !storing || std::time::Instant::now() > deadline {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
     }
 
     /// The bytes of `segments` (one read's worth): cached chunks read from the cache,

@@ -242,14 +242,6 @@ impl Filesystem for PetrelFs {
         match self.inode(ino).map(|i| i.kind()) {
             Ok(Ok(FileKind::Regular)) => match (&self.passthrough, self.inode(ino)) {
                 (Some(passthrough), Ok(inode)) => {
-                    // A file just read whole may still have chunks on their way to
-                    // the cache: let them land so it opens by passthrough.
-                    let wanted = crate::passthrough::MIN_FILE_BYTES..=crate::passthrough::MAX_FILE_BYTES;
-                    if let Ok(segments) = self.bootstrap().segments(&inode, 0, inode.size()) {
-                        if wanted.contains(&inode.size()) {
-                            self.fetcher.settle(&segments);
-                        }
-                    }
                     if passthrough.open(&self.image, &inode, self.fetcher.cache(), reply) {
                         self.stats
                             .passthrough_opens

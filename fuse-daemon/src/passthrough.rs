@@ -6,6 +6,16 @@
 //! FUSE round trip, no decompression, native speed. The file pack is the cache's
 //! only copy of the file's whole chunks: a fully read image is stored once.
 //!
+//! Only files used again are materialized, and never on the read path: an open
+//! that finds a file's chunks all cached, of a file this mount opened before, is
+//! served through FUSE (its bytes are in the cache already) and queues the copy
+//! for one background thread at the lowest CPU priority; a later open gets the
+//! backing file. A file read once (most of a container's startup, a scan of every
+//! file) is never copied. Measured reading every file of the Python image once,
+//! cold, from a local blob: copying during the open 2.95 s, copying in the
+//! background every file found cached 2.87 s, only files opened again 2.08 s (no
+//! passthrough at all: 2.13 s).
+//!
 //! A file pack is written from verified chunks through a synced temporary file and a
 //! rename, like chunks; the store's GC evicts it like any pack. A file being
 //! materialized while a chunk is evicted is simply not materialized, and the open
@@ -19,8 +29,9 @@
 use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
+use crate::job_queue::{JobQueue, Take};
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
-use petrel_format::reader::SegmentSource;
+use petrel_format::reader::{FileSegment, SegmentSource};
 use petrel_format::{Bootstrap, Inode};
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,10 +42,14 @@ use std::sync::{Arc, Mutex};
 
 /// Files smaller than this are not worth a backing file (one FUSE read serves them).
 pub const MIN_FILE_BYTES: u64 = 64 << 10;
-/// Files up to this size are materialized during the open that finds them cached.
-pub const MATERIALIZE_NOW_BYTES: u64 = 32 << 20;
-/// Larger files are materialized on a background thread, up to this size.
+/// A materialized file found on disk up to this size is checked during the open
+/// that finds it; a larger one in the background.
+pub const CHECK_NOW_BYTES: u64 = 32 << 20;
+/// Files up to this size are materialized.
 pub const MAX_FILE_BYTES: u64 = 8 << 30;
+/// Files waiting to be materialized or checked at most (beyond, a file waits for a
+/// later open).
+const MAX_QUEUED: usize = 4096;
 
 /// Backing files of one mount and the opens that use them.
 ///
@@ -49,10 +64,36 @@ pub struct Passthrough {
     enabled: AtomicBool,
     next_handle: AtomicU64,
     state: Mutex<Opens>,
-    /// Content keys being materialized or checked in the background.
+    /// Content keys queued or being materialized or checked in the background.
     in_progress: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Content keys whose file this daemon made or checked.
     checked: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Work for the background thread (started with the first job).
+    jobs: Arc<JobQueue<Job>>,
+    worker: std::sync::Once,
+}
+
+/// Work for the materializing thread: a file's segments, computed there.
+struct Job {
+    image: Arc<MappedImage>,
+    cache: Arc<ChunkCache>,
+    ino: u32,
+    size: u64,
+    key: String,
+    work: Box<FileWork>,
+}
+
+/// What is done with a file on the background thread: given its segments and
+/// content key.
+type FileWork = dyn FnOnce(&Bootstrap<'_>, &[FileSegment], &ChunkCache, &str) -> Result<()> + Send;
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("ino", &self.ino)
+            .field("key", &self.key)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +102,8 @@ struct Opens {
     inodes: HashMap<u32, (u32, Option<Arc<BackingId>>)>,
     /// Per handle: its inode.
     handles: HashMap<u64, u32>,
+    /// Inodes opened since the mount (at most the image's inode count).
+    opened: std::collections::HashSet<u32>,
 }
 
 impl Passthrough {
@@ -73,6 +116,9 @@ impl Passthrough {
             state: Mutex::new(Opens::default()),
             in_progress: Arc::default(),
             checked: Arc::default(),
+            // Never drops a job: `in_progress` bounds what is queued.
+            jobs: Arc::new(JobQueue::new(MAX_QUEUED + 1, Take::Oldest)),
+            worker: std::sync::Once::new(),
         }
     }
 
@@ -99,13 +145,18 @@ impl Passthrough {
             return ordinary(reply, 0);
         }
         let ino = inode.ino();
-        let already_open = self.state.lock().expect("opens lock").inodes.contains_key(&ino);
-        // Materialized outside the lock (it may copy megabytes); decided under it.
+        let (already_open, opened_before) = {
+            let mut state = self.state.lock().expect("opens lock");
+            (state.inodes.contains_key(&ino), !state.opened.insert(ino))
+        };
+        // Checked outside the lock (it may read megabytes); decided under it.
         let file = match (already_open, self.enabled()) {
-            (false, true) => self.materialized(image, inode, cache).unwrap_or_else(|e| {
-                tracing::warn!(ino, "no backing file: {e}");
-                None
-            }),
+            (false, true) => self
+                .materialized(image, inode, cache, opened_before)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(ino, "no backing file: {e}");
+                    None
+                }),
             _ => None,
         };
         let mut state = self.state.lock().expect("opens lock");
@@ -147,14 +198,16 @@ impl Passthrough {
         }
     }
 
-    /// The plain copy of the file if it exists. Otherwise, when every chunk is cached,
-    /// a small file is materialized now and a large one on a background thread (this
-    /// open goes through FUSE, a later one gets the backing file).
+    /// The plain copy of the file if it exists. Otherwise, when every chunk is cached
+    /// and the file was `opened_before` in this mount, the file is materialized on
+    /// the background thread (this open goes through FUSE, a later one gets the
+    /// backing file).
     fn materialized(
         &self,
         image: &Arc<MappedImage>,
         inode: &Inode<'_>,
         cache: &Arc<ChunkCache>,
+        opened_before: bool,
     ) -> Result<Option<File>> {
         let bootstrap = image.bootstrap();
         let segments = bootstrap.segments(inode, 0, inode.size())?;
@@ -165,7 +218,7 @@ impl Passthrough {
             if self.checked.lock().expect("checked lock").contains(&key) {
                 return Ok(Some(file));
             }
-            if inode.size() <= MATERIALIZE_NOW_BYTES {
+            if inode.size() <= CHECK_NOW_BYTES {
                 if check_materialized(&file, &bootstrap, &segments, cache)? {
                     self.checked.lock().expect("checked lock").insert(key);
                     return Ok(Some(file));
@@ -188,15 +241,8 @@ impl Passthrough {
             SegmentSource::Hole => true,
             SegmentSource::Chunk { index, .. } => cache.is_ready(index),
         });
-        if !all_cached {
+        if !all_cached || !opened_before {
             return Ok(None);
-        }
-        if inode.size() <= MATERIALIZE_NOW_BYTES {
-            let made = materialize(&self.dir, &bootstrap, &segments, inode.size(), cache, &path)?;
-            if made {
-                self.checked.lock().expect("checked lock").insert(key);
-            }
-            return Ok(made.then(|| File::open(&path).ok()).flatten());
         }
         let (dir, checked, size) = (self.dir.clone(), Arc::clone(&self.checked), inode.size());
         self.in_background(image, inode, cache, key, move |bootstrap, segments, cache, key| {
@@ -208,40 +254,65 @@ impl Passthrough {
         Ok(None)
     }
 
-    /// Runs `job` on the file's segments on a background thread, once per content key
-    /// at a time.
+    /// Queues `work` on the file's segments for the background thread, once per
+    /// content key at a time.
     fn in_background(
         &self,
         image: &Arc<MappedImage>,
         inode: &Inode<'_>,
         cache: &Arc<ChunkCache>,
         key: String,
-        job: impl FnOnce(&Bootstrap<'_>, &[petrel_format::reader::FileSegment], &ChunkCache, &str) -> Result<()>
-            + Send
-            + 'static,
+        work: impl FnOnce(&Bootstrap<'_>, &[FileSegment], &ChunkCache, &str) -> Result<()> + Send + 'static,
     ) {
-        if !self.in_progress.lock().expect("progress lock").insert(key.clone()) {
-            return;
+        {
+            let mut in_progress = self.in_progress.lock().expect("progress lock");
+            if in_progress.len() >= MAX_QUEUED || !in_progress.insert(key.clone()) {
+                return;
+            }
         }
-        let (image, cache, in_progress) = (Arc::clone(image), Arc::clone(cache), Arc::clone(&self.in_progress));
-        let (ino, size, job_key) = (inode.ino(), inode.size(), key.clone());
-        let spawned = std::thread::Builder::new()
-            .name("petrel-materialize".into())
-            .spawn(move || {
-                let bootstrap = image.bootstrap();
-                let done = bootstrap
-                    .inode(ino)
-                    .and_then(|inode| bootstrap.segments(&inode, 0, size))
-                    .map_err(DaemonError::from)
-                    .and_then(|segments| job(&bootstrap, &segments, &cache, &job_key));
-                if let Err(e) = done {
-                    tracing::warn!(ino, "backing file: {e}");
-                }
-                in_progress.lock().expect("progress lock").remove(&job_key);
-            });
-        if spawned.is_err() {
-            self.in_progress.lock().expect("progress lock").remove(&key);
+        self.worker.call_once(|| {
+            let (jobs, in_progress) = (Arc::clone(&self.jobs), Arc::clone(&self.in_progress));
+            let spawned = std::thread::Builder::new()
+                .name("petrel-materialize".into())
+                .spawn(move || materialize_jobs(&jobs, &in_progress));
+            if let Err(e) = spawned {
+                tracing::warn!("no thread to materialize files for passthrough: {e}");
+            }
+        });
+        self.jobs.push([Job {
+            image: Arc::clone(image),
+            cache: Arc::clone(cache),
+            ino: inode.ino(),
+            size: inode.size(),
+            key,
+            work: Box::new(work),
+        }]);
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
+}
+
+/// The background thread: runs queued jobs, one at a time, at the lowest CPU
+/// priority (it competes with nothing a reader waits for).
+fn materialize_jobs(jobs: &JobQueue<Job>, in_progress: &Mutex<std::collections::HashSet<String>>) {
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!("materializing at normal priority: {e}");
+    }
+    while let Some(job) = jobs.next() {
+        let bootstrap = job.image.bootstrap();
+        let done = bootstrap
+            .inode(job.ino)
+            .and_then(|inode| bootstrap.segments(&inode, 0, job.size))
+            .map_err(DaemonError::from)
+            .and_then(|segments| (job.work)(&bootstrap, &segments, &job.cache, &job.key));
+        if let Err(e) = done {
+            tracing::warn!(ino = job.ino, "backing file: {e}");
         }
+        in_progress.lock().expect("progress lock").remove(&job.key);
     }
 }
 
@@ -258,7 +329,7 @@ fn drop_corrupt(path: &Path, cache: &ChunkCache) {
 pub fn check_materialized(
     file: &File,
     bootstrap: &Bootstrap<'_>,
-    segments: &[petrel_format::reader::FileSegment],
+    segments: &[FileSegment],
     cache: &ChunkCache,
 ) -> Result<bool> {
     check_file_against(file, bootstrap, segments, &|index, offset, buf| {
@@ -271,7 +342,7 @@ pub fn check_materialized(
 pub fn check_file_against(
     file: &File,
     bootstrap: &Bootstrap<'_>,
-    segments: &[petrel_format::reader::FileSegment],
+    segments: &[FileSegment],
     read_chunk: &dyn Fn(u32, u32, &mut [u8]) -> bool,
 ) -> Result<bool> {
     /// Holes are checked this much at a time (a hole may be gigabytes).
@@ -323,7 +394,7 @@ pub fn check_file_against(
 fn materialize(
     dir: &Path,
     bootstrap: &Bootstrap<'_>,
-    segments: &[petrel_format::reader::FileSegment],
+    segments: &[FileSegment],
     size: u64,
     cache: &ChunkCache,
     path: &Path,
@@ -388,11 +459,7 @@ pub fn materialized_path(cache_dir: &Path, bootstrap: &Bootstrap<'_>, inode: &In
 
 /// Names a file's content: its size and, piece by piece, where its bytes come from
 /// (chunk digest and offset, or a hole). Equal names mean equal bytes.
-fn content_key(
-    bootstrap: &Bootstrap<'_>,
-    size: u64,
-    segments: &[petrel_format::reader::FileSegment],
-) -> Result<String> {
+fn content_key(bootstrap: &Bootstrap<'_>, size: u64, segments: &[FileSegment]) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"petrel file v1");
     hasher.update(&size.to_le_bytes());
