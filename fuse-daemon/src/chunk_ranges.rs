@@ -32,6 +32,11 @@ pub fn ranges(mut chunks: Vec<u32>, bridge: impl Fn(u32, u32) -> bool) -> Vec<(u
 /// Whether chunks `end..next` (between a range ending at `end` and chunk `next`) are
 /// few enough stored bytes, contiguous in one blob, to fetch in the same request.
 pub fn bridgeable(image: &MappedImage, end: u32, next: u32) -> bool {
+    bridgeable_within(image, end, next, GAP_BYTES)
+}
+
+/// `bridgeable`, with at most `gap` stored bytes between.
+pub fn bridgeable_within(image: &MappedImage, end: u32, next: u32, gap: u64) -> bool {
     if next < end || end == 0 {
         return false;
     }
@@ -42,7 +47,7 @@ pub fn bridgeable(image: &MappedImage, end: u32, next: u32) -> bool {
     let gap_start = last.compressed_offset + u64::from(last.compressed_size);
     following.blob_index == last.blob_index
         && following.compressed_offset >= gap_start
-        && following.compressed_offset - gap_start <= GAP_BYTES
+        && following.compressed_offset - gap_start <= gap
 }
 
 #[cfg(test)]
