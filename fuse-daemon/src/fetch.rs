@@ -194,6 +194,15 @@ impl Fetcher {
         })
     }
 
+    /// Whether chunk `index` was fetched and verified and is being stored now.
+    pub fn is_landing(&self, index: u32) -> bool {
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .get(&index)
+            .is_some_and(|flight| matches!(*flight.outcome.lock().expect("flight lock"), Some(Ok(_))))
+    }
+
     /// The bytes of `segments` (one read's worth): cached chunks read from the cache,
     /// missing ones fetched once for every reader that wants them, an evicted one
     /// fetched again. The read path's one entry point.

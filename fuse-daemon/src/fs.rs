@@ -242,7 +242,13 @@ impl Filesystem for PetrelFs {
         match self.inode(ino).map(|i| i.kind()) {
             Ok(Ok(FileKind::Regular)) => match (&self.passthrough, self.inode(ino)) {
                 (Some(passthrough), Ok(inode)) => {
-                    if passthrough.open(&self.image, &inode, self.fetcher.cache(), reply) {
+                    if passthrough.open(
+                        &self.image,
+                        &inode,
+                        self.fetcher.cache(),
+                        &|i| self.fetcher.is_landing(i),
+                        reply,
+                    ) {
                         self.stats
                             .passthrough_opens
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

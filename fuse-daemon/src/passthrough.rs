@@ -45,6 +45,8 @@ pub const MIN_FILE_BYTES: u64 = 64 << 10;
 /// A materialized file found on disk up to this size is checked during the open
 /// that finds it; a larger one in the background.
 pub const CHECK_NOW_BYTES: u64 = 32 << 20;
+/// How long the background thread waits for a file's fetched chunks to be stored.
+const LANDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Files up to this size are materialized.
 pub const MAX_FILE_BYTES: u64 = 8 << 30;
 /// Files waiting to be materialized or checked at most (beyond, a file waits for a
@@ -136,7 +138,16 @@ impl Passthrough {
 
     /// Answers the open of a regular file: with its backing file when it has one (or
     /// can have one now), otherwise as an ordinary cached open. True for a backing file.
-    pub fn open(&self, image: &Arc<MappedImage>, inode: &Inode<'_>, cache: &Arc<ChunkCache>, reply: ReplyOpen) -> bool {
+    /// `landing(chunk)` says whether a chunk not cached yet was fetched and is being
+    /// stored.
+    pub fn open(
+        &self,
+        image: &Arc<MappedImage>,
+        inode: &Inode<'_>,
+        cache: &Arc<ChunkCache>,
+        landing: &dyn Fn(u32) -> bool,
+        reply: ReplyOpen,
+    ) -> bool {
         let ordinary = |reply: ReplyOpen, handle: u64| {
             reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
             false
@@ -152,7 +163,7 @@ impl Passthrough {
         // Checked outside the lock (it may read megabytes); decided under it.
         let file = match (already_open, self.enabled()) {
             (false, true) => self
-                .materialized(image, inode, cache, opened_before)
+                .materialized(image, inode, cache, landing, opened_before)
                 .unwrap_or_else(|e| {
                     tracing::warn!(ino, "no backing file: {e}");
                     None
@@ -207,6 +218,7 @@ impl Passthrough {
         image: &Arc<MappedImage>,
         inode: &Inode<'_>,
         cache: &Arc<ChunkCache>,
+        landing: &dyn Fn(u32) -> bool,
         opened_before: bool,
     ) -> Result<Option<File>> {
         let bootstrap = image.bootstrap();
@@ -237,15 +249,20 @@ impl Passthrough {
                 return Ok(None);
             }
         }
-        let all_cached = segments.iter().all(|s| match s.source {
+        // A file read whole just before may still have chunks on their way to the
+        // cache: the background thread waits for them.
+        let all_there = segments.iter().all(|s| match s.source {
             SegmentSource::Hole => true,
-            SegmentSource::Chunk { index, .. } => cache.is_ready(index),
+            SegmentSource::Chunk { index, .. } => cache.is_ready(index) || landing(index),
         });
-        if !all_cached || !opened_before {
+        if !all_there || !opened_before {
             return Ok(None);
         }
         let (dir, checked, size) = (self.dir.clone(), Arc::clone(&self.checked), inode.size());
         self.in_background(image, inode, cache, key, move |bootstrap, segments, cache, key| {
+            if !all_cached_soon(segments, cache) {
+                return Ok(());
+            }
             if materialize(&dir, bootstrap, segments, size, cache, &path)? {
                 checked.lock().expect("checked lock").insert(key.to_string());
             }
@@ -313,6 +330,22 @@ fn materialize_jobs(jobs: &JobQueue<Job>, in_progress: &Mutex<std::collections::
             tracing::warn!(ino = job.ino, "backing file: {e}");
         }
         in_progress.lock().expect("progress lock").remove(&job.key);
+    }
+}
+
+/// Whether every chunk of `segments` is cached, waiting (at most `LANDING_WAIT`)
+/// for chunks still being stored.
+fn all_cached_soon(segments: &[FileSegment], cache: &ChunkCache) -> bool {
+    let deadline = std::time::Instant::now() + LANDING_WAIT;
+    loop {
+        let all = segments.iter().all(|s| match s.source {
+            SegmentSource::Hole => true,
+            SegmentSource::Chunk { index, .. } => cache.is_ready(index),
+        });
+        if all || std::time::Instant::now() > deadline {
+            return all;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
