@@ -20,6 +20,13 @@ use std::sync::{Arc, Condvar, Mutex};
 /// window on 20 Mbit/s + 50 ms, 100 Mbit/s + 20 ms and 1 Gbit/s + 2 ms links (0.70,
 /// 0.82 and 0.65 of 1 MiB's time) and fetched half the bytes of 1 MiB.
 pub const DEFAULT_AMPLIFY_BYTES: u64 = 256 << 10;
+/// Largest window on-demand fetches grow to while misses walk a blob in order
+/// (`Fetcher::stream_window`). Measured with `scripts/bench.sh apps --read-all`
+/// (every file of the Python image, registry on loopback): 4.50 s without growth,
+/// 3.58 s with it (plain disk 1.3 s); the service's startup was unchanged (6.65 s
+/// and 6.68 s, 221 and 217 requests). A window only covers chunks that are missing
+/// and contiguous, so a miss amid cached chunks still fetches little.
+pub const STREAM_MAX_BYTES: u64 = 4 << 20;
 /// Largest single range request, whatever the read asked for.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// Most decoded bytes one request may produce. Stored bytes say little: a 16 MiB
@@ -55,6 +62,8 @@ pub struct Fetcher {
     stats: Arc<Stats>,
     amplify_bytes: u64,
     in_flight: Mutex<HashMap<u32, Arc<Flight>>>,
+    /// Per blob: the window of the last on-demand fetch (see `stream_window`).
+    streams: Mutex<HashMap<u32, u64>>,
     prefetched: ChunkMarks,
     decoded: ByteBudget,
     cache_warning: Throttle,
@@ -176,6 +185,7 @@ impl Fetcher {
             stats,
             amplify_bytes,
             in_flight: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             prefetched,
             decoded: ByteBudget::new(MAX_DAEMON_DECODED_BYTES),
             cache_warning: Throttle::new(std::time::Duration::from_secs(10)),
@@ -312,7 +322,31 @@ impl Fetcher {
     /// blob that are contiguous, missing and not in flight, through `through` and
     /// then on while the request stays within the amplification window.
     fn plan(&self, first: u32, through: u32, in_flight: &HashMap<u32, Arc<Flight>>) -> Result<Vec<ChunkInfo>> {
-        self.plan_window(first, through, self.amplify_bytes, in_flight)
+        let window = self.stream_window(first, in_flight)?;
+        self.plan_window(first, through, window, in_flight)
+    }
+
+    /// The window of an on-demand fetch starting at chunk `first`: the amplification
+    /// window, doubled (up to `STREAM_MAX_BYTES`) each time a miss continues where
+    /// the blob's bytes already fetched end (the chunk before it is cached or on its
+    /// way): reads walking the blob in its order (a package's files, laid out depth
+    /// first) then take fewer, larger requests; a miss anywhere else starts over.
+    fn stream_window(&self, first: u32, in_flight: &HashMap<u32, Arc<Flight>>) -> Result<u64> {
+        let bootstrap = self.image.bootstrap();
+        let head = bootstrap.chunk(first)?;
+        let continues = first > 0
+            && bootstrap.chunk(first - 1).is_ok_and(|before| {
+                before.blob_index == head.blob_index
+                    && (in_flight.contains_key(&(first - 1)) || self.cache.is_ready(first - 1))
+            });
+        let mut streams = self.streams.lock().expect("streams lock");
+        let window = streams.entry(head.blob_index).or_insert(self.amplify_bytes);
+        *window = if continues {
+            (*window * 2).min(STREAM_MAX_BYTES.max(self.amplify_bytes))
+        } else {
+            self.amplify_bytes
+        };
+        Ok(*window)
     }
 
     fn plan_window(

@@ -138,3 +138,79 @@ fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
         .unwrap()
         .is_clean());
 }
+
+/// A local backend that records the length of every range it is asked for.
+#[derive(Debug)]
+struct RecordingBackend {
+    inner: LocalBackend,
+    lengths: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Backend for RecordingBackend {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>> {
+        self.lengths.lock().unwrap().push(len);
+        self.inner.read_range(digest, offset, len, purpose)
+    }
+
+    fn describe(&self) -> String {
+        "recording".into()
+    }
+}
+
+/// Misses that walk a blob in its order get growing windows (a few large requests
+/// instead of one per amplification window); misses scattered over it each get the
+/// amplification window only.
+#[test]
+fn misses_in_blob_order_grow_the_window_and_scattered_ones_do_not() {
+    const AMPLIFY: u64 = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = petrel_fixtures::layer_writer::LayerWriter::new();
+    layer.file(
+        "data.bin",
+        &Default::default(),
+        &petrel_fixtures::rng::Rng::new(9).bytes(24 << 20),
+    );
+    let paths = petrel_fixtures::write_layer_files(&dir.path().join("layers"), &[layer.finish()]).unwrap();
+    let image = dir.path().join("image");
+    build_paths(&paths, &image, BuildOptions::default()).unwrap();
+    let open = |cache: &str| {
+        let backend = Arc::new(RecordingBackend {
+            inner: LocalBackend::new(image.clone()),
+            lengths: Default::default(),
+        });
+        let storage = open_storage(
+            &dir.path().join(cache),
+            backend.clone(),
+            &bootstrap(&image),
+            "t",
+            AMPLIFY,
+            None,
+        )
+        .unwrap();
+        (storage, backend)
+    };
+
+    // Front to back, one miss at a time: each next miss starts where the last fetch
+    // ended, so the windows double up to the largest (4 MiB).
+    let (storage, backend) = open("in-order");
+    let count = storage.image.bootstrap().chunk_count();
+    for index in 0..count {
+        storage.fetcher.ensure(index, index).unwrap();
+    }
+    let lengths = backend.lengths.lock().unwrap().clone();
+    let total: u64 = lengths.iter().sum();
+    assert!(total >= 24 << 20, "every byte fetched once: {lengths:?}");
+    assert!(lengths.len() <= 12, "{} requests: {lengths:?}", lengths.len());
+    assert!(lengths.iter().any(|&l| l > 2 << 20), "{lengths:?}");
+    assert!(lengths.iter().all(|&l| l <= (4 << 20) + (256 << 10)), "{lengths:?}");
+
+    // Every 16th chunk (1 MiB apart): nothing before a miss is fetched, so every
+    // request is one amplification window at most.
+    let (storage, backend) = open("scattered");
+    for index in (0..count).step_by(16) {
+        storage.fetcher.ensure(index, index).unwrap();
+    }
+    let lengths = backend.lengths.lock().unwrap().clone();
+    assert_eq!(lengths.len(), count.div_ceil(16) as usize, "{lengths:?}");
+    assert!(lengths.iter().all(|&l| l <= AMPLIFY + (256 << 10)), "{lengths:?}");
+}
