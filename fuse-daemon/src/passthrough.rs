@@ -250,12 +250,14 @@ impl Passthrough {
             }
         }
         // A file read whole just before may still have chunks on their way to the
-        // cache: the background thread waits for them.
-        let all_there = segments.iter().all(|s| match s.source {
-            SegmentSource::Hole => true,
-            SegmentSource::Chunk { index, .. } => cache.is_ready(index) || landing(index),
-        });
-        if !all_there || !opened_before {
+        // cache: the background thread waits for them. A first open looks no further.
+        let all_there = || {
+            segments.iter().all(|s| match s.source {
+                SegmentSource::Hole => true,
+                SegmentSource::Chunk { index, .. } => cache.is_ready(index) || landing(index),
+            })
+        };
+        if !opened_before || !all_there() {
             return Ok(None);
         }
         let (dir, checked, size) = (self.dir.clone(), Arc::clone(&self.checked), inode.size());
