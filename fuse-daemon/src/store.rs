@@ -812,6 +812,7 @@ impl ChunkStore {
                 // is followed by another, unless it could remove nothing (all pinned).
                 loop {
                     store.approx_bytes.store(0, Ordering::Relaxed);
+                    let started = Instant::now();
                     let report = store.gc(max);
                     let left = report
                         .bytes_before
@@ -821,6 +822,8 @@ impl ChunkStore {
                         removed = report.chunks_removed,
                         packs = report.packs_removed,
                         bytes = report.bytes_removed,
+                        left,
+                        ms = started.elapsed().as_millis() as u64,
                         "cache GC"
                     );
                     if now <= max || report.bytes_removed == 0 {
