@@ -754,11 +754,11 @@ fn all_platforms_writes_an_index_and_one_platform_is_picked_otherwise() {
     let out_layout = petrel_registry::layout::OciLayout::open(&out).unwrap();
     let tagged = out_layout.resolve(Some("multi")).unwrap();
     let index: petrel_registry::oci::Index =
-        serde_json::from_slice(&out_layout.read_blob(&tagged.digest, 1 << 20).unwrap()).unwrap();
+        serde_json::from_slice(&out_layout.read_blob(tagged.digest().as_ref(), 1 << 20).unwrap()).unwrap();
     let arches: Vec<String> = index
-        .manifests
+        .manifests()
         .iter()
-        .map(|m| m.platform.as_ref().unwrap().architecture.clone())
+        .map(|m| m.platform().as_ref().unwrap().architecture().to_string())
         .collect();
     assert_eq!(arches, ["amd64", "arm64"]);
     let out = petrel()
@@ -1064,20 +1064,23 @@ fn the_next_release_reuses_the_profile_kept_with_the_image() {
     let layout = petrel_registry::layout::OciLayout::open(&out).unwrap();
     let manifest: petrel_registry::oci::Manifest = serde_json::from_slice(
         &layout
-            .read_blob(&layout.resolve(Some("r2")).unwrap().digest, 1 << 20)
+            .read_blob(layout.resolve(Some("r2")).unwrap().digest().as_ref(), 1 << 20)
             .unwrap(),
     )
     .unwrap();
-    let kept = &manifest.annotations[petrel_registry::oci::ANNOTATION_PROFILE];
+    let kept = petrel_registry::oci::manifest_annotation(&manifest, petrel_registry::oci::ANNOTATION_PROFILE).unwrap();
     assert!(kept.contains("usr/bin/python3"), "{kept}");
     // The converted image points at its source with `subject`.
     let source = petrel_registry::layout::OciLayout::open(&work.path().join("v2")).unwrap();
     let source = source.resolve(Some("v1")).unwrap();
-    let subject = manifest.subject.as_ref().expect("subject");
-    assert_eq!((&subject.digest, subject.size), (&source.digest, source.size));
+    let subject = manifest.subject().as_ref().expect("subject");
+    assert_eq!((subject.digest(), subject.size()), (source.digest(), source.size()));
     let bootstrap_gz = layout
         .read_blob(
-            &petrel_registry::oci::bootstrap_layer(&manifest).unwrap().digest,
+            petrel_registry::oci::bootstrap_layer(&manifest)
+                .unwrap()
+                .digest()
+                .as_ref(),
             1 << 30,
         )
         .unwrap();

@@ -18,7 +18,7 @@
 
 use crate::source::Source;
 use crate::target::Target;
-use petrel_registry::oci::{bootstrap_layer, Platform, ANNOTATION_FORMAT};
+use petrel_registry::oci::{bootstrap_layer, manifest_annotation, Platform, ANNOTATION_FORMAT};
 use petrel_registry::{ImageRef, Location};
 
 /// How many tags of the target repository are looked at.
@@ -150,15 +150,13 @@ fn created_if_petrel(
     let source = open(location).ok()?;
     let (manifests, _) = source.manifests(false, platform).ok()?;
     let manifest = &manifests.first()?.manifest;
-    if bootstrap_layer(manifest).is_none() || !manifest.annotations.contains_key(ANNOTATION_FORMAT) {
+    if bootstrap_layer(manifest).is_none() || manifest_annotation(manifest, ANNOTATION_FORMAT).is_none() {
         return None;
     }
     Some(
-        manifest
-            .annotations
-            .get(petrel_registry::client::referrers::ANNOTATION_CREATED)
-            .cloned()
-            .unwrap_or_default(),
+        manifest_annotation(manifest, petrel_registry::client::referrers::ANNOTATION_CREATED)
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 

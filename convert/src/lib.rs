@@ -226,24 +226,19 @@ pub fn convert(
     });
     for (source_manifest, result) in manifests.iter().zip(results) {
         let (result, manifest_bytes) = result?;
-        index_entries.push(Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: result.manifest_digest.clone(),
-            size: manifest_bytes as u64,
-            annotations: Default::default(),
-            platform: source_manifest.platform.clone(),
-            ..Default::default()
-        });
+        let mut entry = descriptor(OCI_MANIFEST, &result.manifest_digest, manifest_bytes as u64)?;
+        entry.set_platform(source_manifest.platform.clone());
+        index_entries.push(entry);
         converted.push(result);
     }
     let digest = if write_index {
-        let index = Index {
-            schema_version: 2,
-            media_type: Some(OCI_INDEX.into()),
-            manifests: index_entries,
-            annotations: BTreeMap::from([(ANNOTATION_FORMAT.to_string(), "1".to_string())]),
-        };
-        let bytes = serde_json::to_vec(&index)?;
+        let mut index = empty_index();
+        index.set_manifests(index_entries);
+        index.set_annotations(annotations(BTreeMap::from([(
+            ANNOTATION_FORMAT.to_string(),
+            "1".to_string(),
+        )])));
+        let bytes = canonical_json(&index);
         target.put_manifest(&bytes, OCI_INDEX, true)?
     } else {
         converted[0].manifest_digest.clone()
@@ -266,29 +261,30 @@ fn reuse(
     source_manifest: &source::SourceManifest,
 ) -> Option<(ConvertedManifest, usize)> {
     let existing = serde_json::from_slice::<Manifest>(existing_bytes).ok()?;
-    let mut annotations = existing.annotations.clone();
+    let mut annotations: BTreeMap<String, String> =
+        existing.annotations().clone().unwrap_or_default().into_iter().collect();
     annotations.remove(ANNOTATION_CREATED);
     let bootstrap = bootstrap_layer(&existing).filter(|_| annotations == *wanted)?;
     Some((
         ConvertedManifest {
             source_digest: source_manifest.digest.clone(),
             manifest_digest: sha256_digest(existing_bytes),
-            platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
-            bootstrap_digest: bootstrap.digest.clone(),
-            bootstrap_size: bootstrap.size,
+            platform: source_manifest.platform.as_ref().map(platform_text),
+            bootstrap_digest: bootstrap.digest().to_string(),
+            bootstrap_size: bootstrap.size(),
             blobs: existing
-                .layers
+                .layers()
                 .iter()
                 .filter(|l| petrel_role(l) == Some(ROLE_BLOB))
-                .map(|l| (l.digest.clone(), l.size))
+                .map(|l| (l.digest().to_string(), l.size()))
                 .collect(),
-            source_layers: source_manifest.manifest.layers.len(),
+            source_layers: source_manifest.manifest.layers().len(),
             source_bytes: 0,
             files: 0,
             unique_chunks: 0,
             deduplicated_small_files: 0,
             uploaded_bytes: 0,
-            skipped_blobs: existing.layers.len(),
+            skipped_blobs: existing.layers().len(),
             reused: true,
         },
         existing_bytes.len(),
@@ -366,34 +362,34 @@ fn read_layers(
     sealed: &std::sync::mpsc::Sender<petrel_builder::Result<petrel_builder::pipeline::SealedBlob>>,
 ) -> Result<u64> {
     let mut source_bytes = 0;
-    let count = manifest.layers.len();
-    for (i, layer) in manifest.layers.iter().enumerate() {
+    let count = manifest.layers().len();
+    for (i, layer) in manifest.layers().iter().enumerate() {
+        let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
         // A big layer is cut into a few blobs, so that little is left to push
         // once its last byte is read. Where they are cut depends on this layer
         // only (and the chunks earlier layers already hold), so an unchanged layer
         // of a new release gives the same blobs, which the registry then has.
         builder.auto_seal(
-            (layer.size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+            (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
             sealed.clone(),
         )?;
-        let progress = bars.map(|bars| progress::LayerBar::new(i, count, layer.size, builder.progress(), bars));
+        let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
         let mut stream = Hashing {
-            inner: source.layer(&layer.digest)?,
+            inner: source.layer(digest)?,
             hasher: sha2::Sha256::new(),
             bytes: 0,
             progress,
         };
         builder
             .add_layer(&mut stream)
-            .with_context(|| format!("converting layer {} ({})", i + 1, layer.digest))?;
+            .with_context(|| format!("converting layer {} ({digest})", i + 1))?;
         std::io::copy(&mut stream, &mut std::io::sink())
-            .with_context(|| format!("reading the rest of layer {}", layer.digest))?;
+            .with_context(|| format!("reading the rest of layer {digest}"))?;
         let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
-        if actual != layer.digest {
+        if actual != digest {
             bail!(
-                "layer {} of {}: content hashes to {actual}; refusing to convert",
-                layer.digest,
+                "layer {digest} of {}: content hashes to {actual}; refusing to convert",
                 source.describe()
             );
         }
@@ -402,9 +398,8 @@ fn read_layers(
         }
         if !options.progress {
             tracing::info!(
-                "layer {}/{count} {} {} bytes in {:.1}s",
+                "layer {}/{count} {digest} {} bytes in {:.1}s",
                 i + 1,
-                layer.digest,
                 stream.bytes,
                 layer_started.elapsed().as_secs_f64()
             );
@@ -441,17 +436,29 @@ fn load_dictionary(
         .manifest;
     let bootstrap = bootstrap_layer(manifest)
         .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
-    let layer = dict_source.blob(&bootstrap.digest, bootstrap.size.min(MAX_DICT_BOOTSTRAP))?;
-    let layer = if bootstrap.media_type == OCI_LAYER_GZIP {
+    let layer = dict_source.blob(bootstrap.digest().as_ref(), bootstrap.size().min(MAX_DICT_BOOTSTRAP))?;
+    let layer = if bootstrap.media_type().as_ref() == OCI_LAYER_GZIP {
         let mut tar = Vec::new();
-        layer_tar::gunzip_layer(layer_tar::BOOTSTRAP_ENTRY, &layer[..], &mut tar, MAX_DICT_BOOTSTRAP)
-            .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
+        layer_tar::gunzip_layer(layer_tar::BOOTSTRAP_ENTRY, &layer[..], &mut tar, MAX_DICT_BOOTSTRAP).with_context(
+            || {
+                format!(
+                    "chunk dictionary {} layer {}",
+                    dict_source.describe(),
+                    bootstrap.digest()
+                )
+            },
+        )?;
         tar
     } else {
         layer
     };
-    let bytes = layer_tar::bootstrap_of_layer(&layer)
-        .with_context(|| format!("chunk dictionary {} layer {}", dict_source.describe(), bootstrap.digest))?;
+    let bytes = layer_tar::bootstrap_of_layer(&layer).with_context(|| {
+        format!(
+            "chunk dictionary {} layer {}",
+            dict_source.describe(),
+            bootstrap.digest()
+        )
+    })?;
     let mut extended = dict.clone();
     let added = extended
         .add_bootstrap(bytes)
@@ -542,7 +549,7 @@ fn convert_one(
         }
     }
     let config_bytes = source
-        .small_blob(&manifest.config.digest)
+        .small_blob(manifest.config().digest().as_ref())
         .context("fetching the image config")?;
     let work = match &options.work_dir {
         Some(dir) => {
@@ -552,7 +559,7 @@ fn convert_one(
     };
     let out = work.path().join("image");
     let mut builder = ImageBuilder::new(options.build.clone(), &out)?;
-    let count = manifest.layers.len();
+    let count = manifest.layers().len();
     let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
         Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
         _ => None,
@@ -609,7 +616,7 @@ fn convert_one(
         } else {
             skipped += 1;
         }
-        layers.push(blob_layer(&blob.digest, blob.size));
+        layers.push(blob_layer(&blob.digest, blob.size)?);
     }
     for blob in &report.output.dict_blobs {
         match pushed_early.iter().find(|p| p.digest == blob.digest) {
@@ -617,7 +624,7 @@ fn convert_one(
             Some(_) => skipped += 1,
             None => uploaded += ensure_blob(target, &blob.digest, blob.size, dict_sources)?,
         }
-        layers.push(blob_layer(&blob.digest, blob.size));
+        layers.push(blob_layer(&blob.digest, blob.size)?);
     }
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
     let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
@@ -633,61 +640,38 @@ fn convert_one(
         skipped += 1;
     }
     // Blob layers are uncompressed: their digests are their diff_ids.
-    let mut diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    let mut diff_ids: Vec<String> = layers.iter().map(|l| l.digest().to_string()).collect();
     diff_ids.push(format!("sha256:{}", hex::encode(bootstrap_diff_id)));
-    layers.push(Descriptor {
-        media_type: OCI_LAYER_GZIP.into(),
-        digest: bootstrap_digest.clone(),
-        size: bootstrap_layer.len() as u64,
-        annotations: {
-            let mut annotations = petrel_layer_annotations(ROLE_BOOTSTRAP);
-            annotations.insert(ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock));
-            annotations
-        },
-        platform: None,
-        ..Default::default()
-    });
+    let mut bootstrap_descriptor = descriptor(OCI_LAYER_GZIP, &bootstrap_digest, bootstrap_layer.len() as u64)?;
+    let mut bootstrap_annotations = petrel_layer_annotations(ROLE_BOOTSTRAP);
+    bootstrap_annotations.insert(ANNOTATION_BOOTSTRAP_BLAKE3.to_string(), hex::encode(superblock));
+    bootstrap_descriptor.set_annotations(annotations(bootstrap_annotations));
+    layers.push(bootstrap_descriptor);
     let config = converted_config(&config_bytes, &diff_ids)?;
     let config_digest = target.put_bytes(&config)?;
-    let new_manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(OCI_MANIFEST.into()),
-        config: Descriptor {
-            media_type: OCI_CONFIG.into(),
-            digest: config_digest,
-            size: config.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            ..Default::default()
-        },
-        layers,
-        // The source image, so signature and SBOM tooling finds one from the other
-        // (the referrers API lists the petrel image under the original).
-        subject: Some(Descriptor {
-            media_type: source_manifest.media_type.clone(),
-            digest: source_manifest.digest.clone(),
-            size: source_manifest.size,
-            ..Default::default()
-        }),
-        annotations: {
-            // When the source image was built: the default chunk dictionary of the
-            // next conversion into this repository is the newest petrel image. Taken
-            // from the image (not the clock), so conversions stay reproducible.
-            let mut annotations = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
-            if let Some(created) = image_created(&config_bytes) {
-                annotations.insert(ANNOTATION_CREATED.to_string(), created);
-            }
-            annotations
-        },
-        ..Default::default()
-    };
-    let manifest_bytes = serde_json::to_vec(&new_manifest)?;
+    let mut new_manifest = image_manifest(descriptor(OCI_CONFIG, &config_digest, config.len() as u64)?, layers);
+    // The source image, so signature and SBOM tooling finds one from the other
+    // (the referrers API lists the petrel image under the original).
+    new_manifest.set_subject(Some(descriptor(
+        &source_manifest.media_type,
+        &source_manifest.digest,
+        source_manifest.size,
+    )?));
+    // When the source image was built: the default chunk dictionary of the next
+    // conversion into this repository is the newest petrel image. Taken from the
+    // image (not the clock), so conversions stay reproducible.
+    let mut manifest_annotations = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+    if let Some(created) = image_created(&config_bytes) {
+        manifest_annotations.insert(ANNOTATION_CREATED.to_string(), created);
+    }
+    new_manifest.set_annotations(annotations(manifest_annotations));
+    let manifest_bytes = canonical_json(&new_manifest);
     let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
     Ok((
         ConvertedManifest {
             source_digest: source_manifest.digest.clone(),
             manifest_digest,
-            platform: source_manifest.platform.as_ref().map(|p| p.to_string()),
+            platform: source_manifest.platform.as_ref().map(platform_text),
             bootstrap_digest,
             bootstrap_size: bootstrap_layer.len() as u64,
             blobs: report
@@ -759,23 +743,17 @@ fn manifest_annotations(source: &str, profile: Option<&petrel_format::profile::P
 /// The prefetch profile kept in a converted image's manifest.
 pub fn profile_of(image: &Location, client_options: &ClientOptions) -> Result<petrel_format::profile::Profile> {
     let source = Source::open(image, |image| client_for(image, client_options))?;
-    let (manifests, _) = source.manifests(false, &Platform::host())?;
+    let (manifests, _) = source.manifests(false, &host_platform())?;
     let manifest = &manifests.first().context("no manifest")?.manifest;
-    let text = manifest
-        .annotations
-        .get(ANNOTATION_PROFILE)
+    let text = manifest_annotation(manifest, ANNOTATION_PROFILE)
         .with_context(|| format!("{} carries no prefetch profile", source.describe()))?;
     petrel_format::profile::Profile::parse(text.as_bytes())
         .map_err(|e| ConvertError::Invalid(format!("{}: {e}", source.describe())))
 }
 
 /// The manifest's descriptor of a petrel blob layer.
-fn blob_layer(digest: &str, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: PETREL_LAYER.into(),
-        digest: digest.to_string(),
-        size,
-        annotations: petrel_layer_annotations(ROLE_BLOB),
-        ..Default::default()
-    }
+fn blob_layer(digest: &str, size: u64) -> Result<Descriptor> {
+    let mut layer = descriptor(PETREL_LAYER, digest, size)?;
+    layer.set_annotations(annotations(petrel_layer_annotations(ROLE_BLOB)));
+    Ok(layer)
 }

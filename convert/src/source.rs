@@ -4,7 +4,8 @@
 use crate::error::{bail, Context, Result};
 use petrel_registry::layout::OciLayout;
 use petrel_registry::oci::{
-    is_index, Descriptor, Index, Manifest, Platform, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
+    canonical_json, descriptor, image_manifest, is_index, Descriptor, Index, Manifest, MediaType, Platform,
+    DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
 };
 use petrel_registry::{ImageRef, Location, RegistryClient};
 use std::io::Read;
@@ -96,20 +97,19 @@ impl Source {
                 Ok(client.get_manifest(&image.repository, reference.unwrap_or(image.reference()))?)
             }
             Source::Layout { layout, tag, .. } => {
-                let descriptor = match reference {
-                    Some(digest) => Descriptor {
-                        media_type: String::new(),
-                        digest: digest.into(),
-                        size: 0,
-                        annotations: Default::default(),
-                        platform: None,
-                        ..Default::default()
-                    },
-                    None => layout.resolve(tag.as_deref())?,
+                let (digest, declared) = match reference {
+                    Some(digest) => (digest.to_string(), None),
+                    None => {
+                        let descriptor = layout.resolve(tag.as_deref())?;
+                        (
+                            descriptor.digest().to_string(),
+                            Some(descriptor.media_type().to_string()),
+                        )
+                    }
                 };
-                let bytes = layout.read_blob(&descriptor.digest, MAX_SMALL_BLOB)?;
-                let media_type = petrel_registry::oci::manifest_media_type(&bytes, Some(&descriptor.media_type));
-                Ok((bytes, media_type, descriptor.digest))
+                let bytes = layout.read_blob(&digest, MAX_SMALL_BLOB)?;
+                let media_type = petrel_registry::oci::manifest_media_type(&bytes, declared.as_deref());
+                Ok((bytes, media_type, digest))
             }
         }
     }
@@ -135,30 +135,32 @@ impl Source {
         let index: Index =
             serde_json::from_slice(&bytes).with_context(|| format!("parsing index {digest} of {}", self.describe()))?;
         let chosen: Vec<&Descriptor> = index
-            .manifests
+            .manifests()
             .iter()
-            .filter(|d| d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+            // Attestation manifests (BuildKit's provenance and SBOMs) are listed for
+            // platform unknown/unknown.
+            .filter(|d| d.platform().as_ref().is_none_or(|p| p.os().to_string() != "unknown"))
             .filter(|d| {
                 all_platforms
-                    || d.platform
+                    || d.platform()
                         .as_ref()
-                        .is_some_and(|p| p.os == platform.os && p.architecture == platform.architecture)
+                        .is_some_and(|p| p.os() == platform.os() && p.architecture() == platform.architecture())
             })
             .collect();
         if chosen.is_empty() {
             return Err(petrel_registry::RegistryError::NoPlatform {
                 reference: self.describe(),
-                platform: platform.to_string(),
+                platform: petrel_registry::oci::platform_text(platform),
             }
             .into());
         }
         let mut out = Vec::new();
         for descriptor in chosen.into_iter().take(if all_platforms { usize::MAX } else { 1 }) {
-            let (bytes, media_type, digest) = self.fetch_manifest(Some(&descriptor.digest))?;
-            if digest != descriptor.digest {
+            let (bytes, media_type, digest) = self.fetch_manifest(Some(descriptor.digest().as_ref()))?;
+            if digest != descriptor.digest().as_ref() {
                 bail!(
                     "manifest {} of {} does not match its digest",
-                    descriptor.digest,
+                    descriptor.digest(),
                     self.describe()
                 );
             }
@@ -169,7 +171,7 @@ impl Source {
                 digest,
                 media_type,
                 size: bytes.len() as u64,
-                platform: descriptor.platform.clone(),
+                platform: descriptor.platform().clone(),
             });
         }
         Ok((out, true))
@@ -238,41 +240,13 @@ fn docker_archive_as_layout(dir: &Path) -> Result<OciLayout> {
         let digest = sha256_file(&path)?;
         layout.add_blob_file(&digest, &path)?;
         let size = std::fs::metadata(&path)?.len();
-        layers.push(Descriptor {
-            media_type: DOCKER_LAYER_GZIP.into(),
-            digest,
-            size,
-            annotations: Default::default(),
-            platform: None,
-            ..Default::default()
-        });
+        layers.push(descriptor(DOCKER_LAYER_GZIP, &digest, size)?);
     }
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(DOCKER_MANIFEST.into()),
-        config: Descriptor {
-            media_type: DOCKER_CONFIG.into(),
-            digest: config_digest,
-            size: config.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-            ..Default::default()
-        },
-        layers,
-        annotations: Default::default(),
-        ..Default::default()
-    };
-    let bytes = serde_json::to_vec(&manifest)?;
+    let mut manifest = image_manifest(descriptor(DOCKER_CONFIG, &config_digest, config.len() as u64)?, layers);
+    manifest.set_media_type(Some(MediaType::from(DOCKER_MANIFEST)));
+    let bytes = canonical_json(&manifest);
     let digest = layout.write_blob(&bytes)?;
-    let descriptor = Descriptor {
-        media_type: DOCKER_MANIFEST.into(),
-        digest,
-        size: bytes.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        ..Default::default()
-    };
-    layout.set_tag(&descriptor, None)?;
+    layout.set_tag(&descriptor(DOCKER_MANIFEST, &digest, bytes.len() as u64)?, None)?;
     Ok(layout)
 }
 

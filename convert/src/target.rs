@@ -2,7 +2,7 @@
 
 use crate::error::{Context, Result};
 use petrel_registry::layout::OciLayout;
-use petrel_registry::oci::Descriptor;
+use petrel_registry::oci::{annotation, descriptor};
 use petrel_registry::{ImageRef, RegistryClient};
 use std::path::Path;
 
@@ -83,14 +83,7 @@ impl Target {
             Target::Layout { layout, tag } => {
                 layout.write_blob(bytes)?;
                 if tagged {
-                    let descriptor = Descriptor {
-                        media_type: media_type.into(),
-                        digest: digest.clone(),
-                        size: bytes.len() as u64,
-                        annotations: Default::default(),
-                        platform: None,
-                        ..Default::default()
-                    };
+                    let descriptor = descriptor(media_type, &digest, bytes.len() as u64)?;
                     layout.set_tag(&descriptor, tag.as_deref())?;
                 }
             }
@@ -105,9 +98,9 @@ impl Target {
             Target::Registry { client, image } => client.list_tags(&image.repository)?,
             Target::Layout { layout, .. } => layout
                 .index()?
-                .manifests
+                .manifests()
                 .iter()
-                .filter_map(|d| d.annotations.get(petrel_registry::layout::REF_NAME).cloned())
+                .filter_map(|d| annotation(d, petrel_registry::layout::REF_NAME).map(str::to_string))
                 .collect(),
         })
     }
@@ -121,7 +114,7 @@ impl Target {
                 .map(|(b, ..)| b),
             Target::Layout { layout, tag } => {
                 let descriptor = layout.resolve(tag.as_deref()).ok()?;
-                layout.read_blob(&descriptor.digest, 8 << 20).ok()
+                layout.read_blob(descriptor.digest().as_ref(), 8 << 20).ok()
             }
         }
     }

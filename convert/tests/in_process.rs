@@ -4,7 +4,6 @@
 
 use petrel_builder::BuildOptions;
 use petrel_convert::{convert, ConvertError, ConvertOptions};
-use petrel_registry::oci::Platform;
 use petrel_registry::{ClientOptions, Location};
 
 fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -19,7 +18,7 @@ fn options() -> ConvertOptions {
     ConvertOptions {
         build: BuildOptions::default(),
         all_platforms: false,
-        platform: Platform::host(),
+        platform: petrel_registry::oci::host_platform(),
         progress: false,
         work_dir: None,
         profile: None,

@@ -36,9 +36,10 @@ pub fn fetch(
     layer: &Descriptor,
     downloads: &Path,
 ) -> Result<FetchedBootstrap> {
-    let invalid =
-        |reason: String| DaemonError::Invalid(format!("bootstrap layer {} of {repository}: {reason}", layer.digest));
-    let gzipped = match layer.media_type.as_str() {
+    let digest = layer.digest().to_string();
+    let size = layer.size();
+    let invalid = |reason: String| DaemonError::Invalid(format!("bootstrap layer {digest} of {repository}: {reason}"));
+    let gzipped = match layer.media_type().as_ref() {
         OCI_LAYER_GZIP => true,
         OCI_LAYER_TAR => false,
         other => {
@@ -47,14 +48,10 @@ pub fn fetch(
             )))
         }
     };
-    if layer.size > MAX_BOOTSTRAP_BYTES {
-        return Err(invalid(format!(
-            "{} bytes is larger than {MAX_BOOTSTRAP_BYTES}",
-            layer.size
-        )));
+    if size > MAX_BOOTSTRAP_BYTES {
+        return Err(invalid(format!("{size} bytes is larger than {MAX_BOOTSTRAP_BYTES}")));
     }
-    let hex = layer
-        .digest
+    let hex = digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         .ok_or_else(|| invalid("its digest is not sha256:<64 hex digits>".into()))?;
@@ -64,14 +61,14 @@ pub fn fetch(
         let diff_id = if gzipped {
             wrapped_digest(&path)?
         } else {
-            layer.digest.clone()
+            digest.clone()
         };
         return Ok(FetchedBootstrap { path, diff_id });
     }
     let temp =
         || tempfile::NamedTempFile::new_in(downloads).map_err(DaemonError::io("create temporary file in", downloads));
     let mut download = temp()?;
-    client.download_blob(repository, &layer.digest, layer.size, download.as_file_mut())?;
+    client.download_blob(repository, &digest, size, download.as_file_mut())?;
     let (mut tar, diff_id) = if gzipped {
         let mut tar = temp()?;
         let mut compressed = download.reopen().map_err(DaemonError::io("open", download.path()))?;
@@ -83,7 +80,7 @@ pub fn fetch(
             .map_err(|e| invalid(e.to_string()))?;
         (tar, format!("sha256:{}", hex::encode(diff_id)))
     } else {
-        (download, layer.digest.clone())
+        (download, digest.clone())
     };
     let (offset, length) = bootstrap_in_layer(tar.as_file(), gzipped).map_err(invalid)?;
     let mut content = temp()?;

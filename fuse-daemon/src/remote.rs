@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::{DaemonError, Result};
-use petrel_registry::oci::{bootstrap_layer, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
+use petrel_registry::oci::{annotation, bootstrap_layer, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
 use petrel_registry::{ImageRef, RegistryClient};
 
 fn petrel_layer_is_blob(layer: &petrel_registry::oci::Descriptor) -> bool {
@@ -101,9 +101,12 @@ pub fn find_profile(
     let Some(found) = client.newest_referrer(repository, manifest_digest, PROFILE_ARTIFACT_TYPE)? else {
         return Ok(None);
     };
-    let (_, content) =
-        client.artifact_content(repository, &found.digest, crate::profile_prefetch::MAX_PROFILE_BYTES)?;
-    let bad = |reason: String| DaemonError::Invalid(format!("profile {repository}@{}: {reason}", found.digest));
+    let (_, content) = client.artifact_content(
+        repository,
+        found.digest().as_ref(),
+        crate::profile_prefetch::MAX_PROFILE_BYTES,
+    )?;
+    let bad = |reason: String| DaemonError::Invalid(format!("profile {repository}@{}: {reason}", found.digest()));
     let profile = petrel_format::profile::Profile::parse(&content).map_err(bad)?;
     if profile
         .image
@@ -112,7 +115,7 @@ pub fn find_profile(
     {
         return Err(bad("it was recorded on another image".into()));
     }
-    Ok(Some((found.digest, profile)))
+    Ok(Some((found.digest().to_string(), profile)))
 }
 
 fn invalid(image: &ImageRef, reason: String) -> DaemonError {
@@ -228,25 +231,25 @@ fn resolve_online(
     let mapped = crate::image::MappedImage::open(&path, cache_dir, &image.to_string()).map_err(|e| {
         // Never kept: the next attempt fetches it again.
         let _ = std::fs::remove_file(&path);
-        invalid(image, format!("bootstrap {}: {e}", bootstrap.digest))
+        invalid(image, format!("bootstrap {}: {e}", bootstrap.digest()))
     })?;
     let opened = mapped.bootstrap();
-    if let Some(expected) = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3) {
-        if *expected != hex::encode(opened.superblock().digest) {
+    if let Some(expected) = annotation(bootstrap, ANNOTATION_BOOTSTRAP_BLAKE3) {
+        if expected != hex::encode(opened.superblock().digest) {
             return Err(invalid(
                 image,
                 format!(
                     "bootstrap {} does not carry the blake3 digest its annotation names",
-                    bootstrap.digest
+                    bootstrap.digest()
                 ),
             ));
         }
     }
     let listed: Vec<&str> = manifest
-        .layers
+        .layers()
         .iter()
         .filter(|l| petrel_layer_is_blob(l))
-        .map(|l| l.digest.as_str())
+        .map(|l| l.digest().as_ref())
         .collect();
     for blob in opened.blobs() {
         let blob = blob?;
@@ -266,6 +269,6 @@ fn resolve_online(
             manifest_digest: digest,
             backend: Arc::new(RegistryBackend::new(client, &image.repository)),
         },
-        bootstrap.digest.clone(),
+        bootstrap.digest().to_string(),
     ))
 }

@@ -29,7 +29,12 @@ pub struct Resolution {
 const MAX_RECORD_BYTES: u64 = 64 << 10;
 
 fn key(image: &ImageRef, reference: &str, platform: &Platform) -> String {
-    format!("{}/{}@{reference}#{platform}", image.registry, image.repository)
+    format!(
+        "{}/{}@{reference}#{}",
+        image.registry,
+        image.repository,
+        petrel_registry::oci::platform_text(platform)
+    )
 }
 
 fn record_path(cache_dir: &Path, key: &str) -> PathBuf {
@@ -80,7 +85,7 @@ mod tests {
     fn a_resolution_is_found_by_its_reference_and_its_digest() {
         let cache = tempfile::tempdir().unwrap();
         let image = ImageRef::parse("reg.example:5000/team/app:v1").unwrap();
-        let platform = Platform::host();
+        let platform = petrel_registry::oci::host_platform();
         assert_eq!(recall(cache.path(), &image, &platform), None);
         let resolution = Resolution {
             reference: image.to_string(),

@@ -436,12 +436,14 @@ impl RegistryClient {
     }
 
     fn status_error(method: &'static str, url: &str, response: Response) -> RegistryError {
+        /// Most bytes of an error body read (a registry may answer anything).
+        const MAX_ERROR_BODY: u64 = 64 << 10;
         let status = response.status().as_u16();
-        let body = response.text().unwrap_or_default();
-        let detail = if body.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", body.chars().take(300).collect::<String>().trim())
+        let mut body = Vec::new();
+        let _ = response.take(MAX_ERROR_BODY).read_to_end(&mut body);
+        let detail = match error_text(&body) {
+            text if text.is_empty() => String::new(),
+            text => format!(": {}", text.chars().take(300).collect::<String>().trim()),
         };
         RegistryError::Status {
             method,
@@ -635,18 +637,18 @@ impl RegistryClient {
             let index: crate::oci::Index =
                 serde_json::from_slice(&bytes).map_err(|e| bad(format!("index {repository}@{digest}"), e))?;
             let chosen = index
-                .manifests
+                .manifests()
                 .iter()
                 .find(|d| {
-                    d.platform
+                    d.platform()
                         .as_ref()
-                        .is_none_or(|p| p.os == platform.os && p.architecture == platform.architecture)
+                        .is_none_or(|p| p.os() == platform.os() && p.architecture() == platform.architecture())
                 })
                 .ok_or_else(|| RegistryError::NoPlatform {
                     reference: format!("{repository}@{digest}"),
-                    platform: platform.to_string(),
+                    platform: crate::oci::platform_text(platform),
                 })?;
-            (bytes, media_type, digest) = self.get_manifest(repository, &chosen.digest)?;
+            (bytes, media_type, digest) = self.get_manifest(repository, chosen.digest().as_ref())?;
             if crate::oci::is_index(&media_type) {
                 return Err(RegistryError::BadContent {
                     what: format!("index {repository}@{digest}"),
@@ -944,9 +946,50 @@ impl RegistryClient {
 pub mod referrers;
 pub mod tags;
 
+/// What an error answer says: the distribution spec's `errors` (code, message and
+/// detail of each), else the body as text.
+fn error_text(body: &[u8]) -> String {
+    match serde_json::from_slice::<oci_spec::distribution::ErrorResponse>(body) {
+        Ok(response) if !response.detail().is_empty() => response
+            .detail()
+            .iter()
+            .map(|e| {
+                let mut text = e.code().to_string();
+                if let Some(message) = e.message() {
+                    text.push_str(": ");
+                    text.push_str(message);
+                }
+                if let Some(detail) = e.detail() {
+                    text.push_str(&format!(" ({detail})"));
+                }
+                text
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_answers_are_read_by_the_distribution_spec() {
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"v9"}}]}"#;
+        assert_eq!(
+            super::error_text(body),
+            r#"MANIFEST_UNKNOWN: manifest unknown ({"Tag":"v9"})"#
+        );
+        assert_eq!(
+            super::error_text(b"<html>bad gateway</html>"),
+            "<html>bad gateway</html>"
+        );
+        assert_eq!(
+            super::error_text(br#"{"errors":[{"code":"SOMETHING_NEW"}]}"#),
+            r#"{"errors":[{"code":"SOMETHING_NEW"}]}"#
+        );
+    }
 
     #[test]
     fn no_proxy_localhost_covers_loopback() {

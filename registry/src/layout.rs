@@ -1,7 +1,7 @@
 //! OCI image layouts on disk (`oci-layout`, `index.json`, `blobs/sha256/`).
 
 use crate::error::{RegistryError, Result};
-use crate::oci::{sha256_digest, Descriptor, Index, OCI_INDEX};
+use crate::oci::{annotation, canonical_json_pretty, empty_index, set_annotation, sha256_digest, Descriptor, Index};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -47,13 +47,7 @@ impl OciLayout {
         }
         let index = dir.join("index.json");
         if !index.exists() {
-            let empty = Index {
-                schema_version: 2,
-                media_type: Some(OCI_INDEX.into()),
-                manifests: Vec::new(),
-                annotations: Default::default(),
-            };
-            std::fs::write(&index, serde_json::to_vec_pretty(&empty).expect("serializable"))
+            std::fs::write(&index, canonical_json_pretty(&empty_index()))
                 .map_err(RegistryError::io("write", &index))?;
         }
         Ok(OciLayout { dir: dir.to_path_buf() })
@@ -81,11 +75,11 @@ impl OciLayout {
         let index = self.index()?;
         let found = match tag {
             Some(tag) => index
-                .manifests
+                .manifests()
                 .iter()
-                .find(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
+                .find(|d| annotation(d, REF_NAME) == Some(tag))
                 .cloned(),
-            None if index.manifests.len() == 1 => index.manifests.first().cloned(),
+            None if index.manifests().len() == 1 => index.manifests().first().cloned(),
             None => None,
         };
         found.ok_or_else(|| RegistryError::BadContent {
@@ -94,7 +88,7 @@ impl OciLayout {
                 Some(tag) => format!("no manifest tagged {tag:?} in index.json"),
                 None => format!(
                     "index.json lists {} manifests; name one with oci:DIR:TAG",
-                    index.manifests.len()
+                    index.manifests().len()
                 ),
             },
         })
@@ -161,17 +155,16 @@ impl OciLayout {
     pub fn set_tag(&self, descriptor: &Descriptor, tag: Option<&str>) -> Result<()> {
         let mut index = self.index()?;
         let mut descriptor = descriptor.clone();
+        let mut manifests = index.manifests().clone();
         if let Some(tag) = tag {
-            descriptor.annotations.insert(REF_NAME.into(), tag.into());
-            index
-                .manifests
-                .retain(|d| d.annotations.get(REF_NAME).map(String::as_str) != Some(tag));
+            set_annotation(&mut descriptor, REF_NAME, tag);
+            manifests.retain(|d| annotation(d, REF_NAME) != Some(tag));
         } else {
-            index.manifests.retain(|d| d.digest != descriptor.digest);
+            manifests.retain(|d| d.digest() != descriptor.digest());
         }
-        index.manifests.push(descriptor);
+        manifests.push(descriptor);
+        index.set_manifests(manifests);
         let path = self.dir.join("index.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("serializable"))
-            .map_err(RegistryError::io("write", &path))
+        std::fs::write(&path, canonical_json_pretty(&index)).map_err(RegistryError::io("write", &path))
     }
 }

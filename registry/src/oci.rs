@@ -1,9 +1,12 @@
-//! The OCI image types petrel reads and writes: descriptors, manifests, indexes,
-//! and the image config's `rootfs`. Fields petrel does not use are kept as they
-//! came (`extra`), so a config passes through conversion unchanged but for rootfs.
+//! The OCI image types petrel reads and writes: `oci-spec`'s descriptors, manifests,
+//! indexes and platforms (every field of image spec 1.1, Docker's media types as
+//! `MediaType::Other`), petrel's media types and annotations, and helpers that keep
+//! call sites short. Documents are written with `canonical_json`, so the same
+//! document is always the same bytes and digest. Image configs are not typed: they
+//! pass through conversion as JSON, unchanged but for `rootfs` and `history`.
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -43,88 +46,121 @@ pub const ANNOTATION_SOURCE: &str = "dev.petrel.source.digest";
 /// Accept header for manifest requests (indexes and manifests, OCI and Docker).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
+pub use oci_spec::image::{
+    Arch, Descriptor, Digest, ImageIndex as Index, ImageManifest as Manifest, MediaType, Os, Platform,
+};
+
+/// The platform of this machine, in OCI terms.
+pub fn host_platform() -> Platform {
+    let mut platform = Platform::default();
+    platform.set_architecture(Arch::from(match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }));
+    platform.set_os(Os::from(std::env::consts::OS));
+    platform
 }
 
-impl Platform {
-    /// The platform of this machine, in OCI terms.
-    pub fn host() -> Self {
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            other => other,
-        };
-        Platform {
-            architecture: architecture.into(),
-            os: std::env::consts::OS.into(),
-            variant: None,
-        }
+/// A platform from its parts (`os`, `architecture`, optional `variant`).
+pub fn platform(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
+    let mut platform = Platform::default();
+    platform.set_os(Os::from(os));
+    platform.set_architecture(Arch::from(architecture));
+    platform.set_variant(variant.map(str::to_string));
+    platform
+}
+
+/// `os/architecture[/variant]`, as docker and containerd write a platform.
+pub fn platform_text(platform: &Platform) -> String {
+    let mut text = format!("{}/{}", platform.os(), platform.architecture());
+    if let Some(variant) = platform.variant() {
+        text.push('/');
+        text.push_str(variant);
     }
+    text
 }
 
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
+/// A descriptor of `size` bytes of `media_type` named by `digest`; an error names a
+/// digest that is not one (`algorithm:hex`).
+pub fn descriptor(media_type: &str, digest: &str, size: u64) -> Result<Descriptor, crate::RegistryError> {
+    Ok(Descriptor::new(
+        MediaType::from(media_type),
+        size,
+        parse_digest(digest)?,
+    ))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    /// The type of an artifact this descriptor points at (OCI 1.1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub urls: Vec<String>,
-    /// The content itself, base64 (small content embedded in the descriptor).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
+/// A digest string checked (`sha256:` and 64 lowercase hex digits, or another
+/// algorithm the image spec registers).
+pub fn parse_digest(digest: &str) -> Result<Digest, crate::RegistryError> {
+    digest
+        .parse()
+        .map_err(|e: oci_spec::OciSpecError| crate::RegistryError::BadContent {
+            what: format!("digest {digest:?}"),
+            reason: e.to_string(),
+        })
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    pub schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    /// Set on artifact manifests (OCI 1.1), e.g. a petrel profile.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
-    pub config: Descriptor,
-    pub layers: Vec<Descriptor>,
-    /// The manifest this one refers to (OCI 1.1 referrers).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<Descriptor>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+/// The value of annotation `key` of a descriptor.
+pub fn annotation<'a>(descriptor: &'a Descriptor, key: &str) -> Option<&'a str> {
+    descriptor.annotations().as_ref()?.get(key).map(String::as_str)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Index {
-    pub schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    pub manifests: Vec<Descriptor>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+/// Sets annotation `key` of a descriptor to `value`.
+pub fn set_annotation(descriptor: &mut Descriptor, key: &str, value: &str) {
+    let mut annotations = descriptor.annotations().clone().unwrap_or_default();
+    annotations.insert(key.to_string(), value.to_string());
+    descriptor.set_annotations(Some(annotations));
+}
+
+/// Annotations as the OCI types hold them (none when empty).
+pub fn annotations(pairs: BTreeMap<String, String>) -> Option<HashMap<String, String>> {
+    (!pairs.is_empty()).then(|| pairs.into_iter().collect())
+}
+
+/// The value of annotation `key` of a manifest.
+pub fn manifest_annotation<'a>(manifest: &'a Manifest, key: &str) -> Option<&'a str> {
+    manifest.annotations().as_ref()?.get(key).map(String::as_str)
+}
+
+/// JSON of an OCI document with every object's keys in order: the same document is
+/// always the same bytes, so a manifest written twice has one digest (the OCI types
+/// hold annotations in hash maps, whose order changes from run to run).
+pub fn canonical_json(document: &impl Serialize) -> Vec<u8> {
+    let value = serde_json::to_value(document).expect("OCI documents serialize");
+    serde_json::to_vec(&value).expect("JSON values serialize")
+}
+
+/// The same, indented (OCI layouts, for people who read them).
+pub fn canonical_json_pretty(document: &impl Serialize) -> Vec<u8> {
+    let value = serde_json::to_value(document).expect("OCI documents serialize");
+    serde_json::to_vec_pretty(&value).expect("JSON values serialize")
+}
+
+/// Whether an optional media type (an `artifactType`) is `expected`.
+pub fn is_media_type(media_type: &Option<MediaType>, expected: &str) -> bool {
+    media_type.as_ref().is_some_and(|m| m.as_ref() == expected)
+}
+
+/// An image manifest (schema 2, OCI media type) of `config` and `layers`.
+pub fn image_manifest(config: Descriptor, layers: Vec<Descriptor>) -> Manifest {
+    let mut manifest = oci_spec::image::ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .config(config)
+        .layers(layers)
+        .build()
+        .expect("every required field is set");
+    manifest.set_media_type(Some(MediaType::ImageManifest));
+    manifest
+}
+
+/// An empty index (schema 2, OCI media type).
+pub fn empty_index() -> Index {
+    let mut index = Index::default();
+    index.set_media_type(Some(MediaType::ImageIndex));
+    index
 }
 
 /// `sha256:<hex>` of some bytes.
@@ -169,12 +205,15 @@ pub fn manifest_media_type(bytes: &[u8], declared: Option<&str>) -> String {
 
 /// Whether an image manifest is a petrel image (has a bootstrap layer).
 pub fn bootstrap_layer(manifest: &Manifest) -> Option<&Descriptor> {
-    manifest.layers.iter().find(|l| petrel_role(l) == Some(ROLE_BOOTSTRAP))
+    manifest
+        .layers()
+        .iter()
+        .find(|l| petrel_role(l) == Some(ROLE_BOOTSTRAP))
 }
 
 /// The petrel role of a layer (`blob`, `bootstrap`), if it is a petrel layer.
 pub fn petrel_role(layer: &Descriptor) -> Option<&str> {
-    layer.annotations.get(ANNOTATION_LAYER).map(String::as_str)
+    annotation(layer, ANNOTATION_LAYER)
 }
 
 /// Annotations of a petrel layer with `role`.

@@ -13,7 +13,7 @@
 //! which both pass on.
 
 use crate::error::{Result, SnapshotError};
-use petrel_registry::oci::{Platform, ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
+use petrel_registry::oci::{ANNOTATION_SNAPSHOT_LAYER, ROLE_BLOB, ROLE_BOOTSTRAP};
 use petrel_registry::{ImageRef, RegistryClient};
 use std::collections::BTreeMap;
 
@@ -82,7 +82,7 @@ pub fn classify(
         Some(found) => found,
         None => {
             let fetched = client
-                .get_image_manifest(&image_ref.repository, reference, &Platform::host())
+                .get_image_manifest(&image_ref.repository, reference, &petrel_registry::oci::host_platform())
                 .map_err(unavailable)?;
             // Only what a digest names is immutable, so only that is kept.
             if reference.starts_with("sha256:") {
@@ -91,7 +91,7 @@ pub fn classify(
             fetched
         }
     };
-    if manifest_digest.is_none() && !manifest.layers.iter().any(|l| &l.digest == layer) {
+    if manifest_digest.is_none() && !manifest.layers().iter().any(|l| l.digest().as_ref() == layer) {
         return Err(SnapshotError::FailedPrecondition(format!(
             "{image}: manifest {pinned} does not list layer {layer} (did the tag move during the pull?)"
         )));
@@ -176,7 +176,7 @@ mod tests {
     fn manifest(annotation_bytes: usize) -> CachedManifest {
         let manifest = serde_json::from_value(serde_json::json!({
             "schemaVersion": 2,
-            "config": {"mediaType": "c", "digest": "sha256:c", "size": 1},
+            "config": {"mediaType": "c", "digest": petrel_registry::oci::sha256_digest(b"c"), "size": 1},
             "layers": [],
             "annotations": {"pad": "x".repeat(annotation_bytes)},
         }))

@@ -62,9 +62,9 @@ pub fn petrel_layer<'m>(manifest: &'m Manifest, layer: &str, role: &str, image: 
     let refuse =
         |reason: String| SnapshotError::FailedPrecondition(format!("refusing layer {layer} of {image}: {reason}"));
     let descriptor = manifest
-        .layers
+        .layers()
         .iter()
-        .find(|d| d.digest == layer)
+        .find(|d| d.digest().as_ref() == layer)
         .ok_or_else(|| refuse("the image's manifest does not list it".into()))?;
     if oci::petrel_role(descriptor) != Some(role) {
         return Err(refuse(format!(
@@ -73,14 +73,14 @@ pub fn petrel_layer<'m>(manifest: &'m Manifest, layer: &str, role: &str, image: 
         )));
     }
     // A gzipped bootstrap's diff_id is learnt by fetching it (`verify_remote_layer`).
-    let gzipped_bootstrap = role == ROLE_BOOTSTRAP && descriptor.media_type == oci::OCI_LAYER_GZIP;
-    if !gzipped_bootstrap && !UNCOMPRESSED_LAYER_TYPES.contains(&descriptor.media_type.as_str()) {
+    let media_type = descriptor.media_type().as_ref();
+    let gzipped_bootstrap = role == ROLE_BOOTSTRAP && media_type == oci::OCI_LAYER_GZIP;
+    if !gzipped_bootstrap && !UNCOMPRESSED_LAYER_TYPES.contains(&media_type) {
         return Err(refuse(format!(
-            "media type {:?} is not an uncompressed tar, so its digest is not its diff_id",
-            descriptor.media_type
+            "media type {media_type:?} is not an uncompressed tar, so its digest is not its diff_id"
         )));
     }
-    if role == ROLE_BOOTSTRAP && oci::bootstrap_layer(manifest).map(|d| d.digest.as_str()) != Some(layer) {
+    if role == ROLE_BOOTSTRAP && oci::bootstrap_layer(manifest).map(|d| d.digest().as_ref()) != Some(layer) {
         return Err(refuse("it is not the bootstrap the image's manifest mounts".into()));
     }
     Ok(descriptor)
@@ -90,38 +90,32 @@ pub fn petrel_layer<'m>(manifest: &'m Manifest, layer: &str, role: &str, image: 
 /// one-entry tar of `petrel/blob`: its header announces the size the descriptor
 /// implies, and the bytes after the data are zero.
 pub fn check_blob_wrapping(client: &RegistryClient, repository: &str, descriptor: &Descriptor) -> Result<()> {
+    let (digest, layer_size) = (descriptor.digest().as_ref(), descriptor.size());
     let refuse = |reason: String| {
-        SnapshotError::FailedPrecondition(format!(
-            "refusing blob layer {} of {repository}: {reason}",
-            descriptor.digest
-        ))
+        SnapshotError::FailedPrecondition(format!("refusing blob layer {digest} of {repository}: {reason}"))
     };
     let fetch = |offset: u64, len: u64| {
         client
-            .get_blob_range(repository, &descriptor.digest, offset, len)
-            .map_err(|e| SnapshotError::Unavailable(format!("reading blob layer {}: {e}", descriptor.digest)))
+            .get_blob_range(repository, digest, offset, len)
+            .map_err(|e| SnapshotError::Unavailable(format!("reading blob layer {digest}: {e}")))
     };
-    if descriptor.size < layer_tar::layer_len(0) {
-        return Err(refuse(format!(
-            "{} bytes is too short for a petrel blob",
-            descriptor.size
-        )));
+    if layer_size < layer_tar::layer_len(0) {
+        return Err(refuse(format!("{layer_size} bytes is too short for a petrel blob")));
     }
     // Header and tail in parallel (one round trip): whatever the data size, the
     // padding and end-of-archive blocks lie in the layer's last 1535 bytes.
-    let tail_len = MAX_TRAILER.min(descriptor.size);
-    let tail_start = descriptor.size - tail_len;
+    let tail_len = MAX_TRAILER.min(layer_size);
+    let tail_start = layer_size - tail_len;
     let (header, tail) = std::thread::scope(|scope| {
         let tail = scope.spawn(|| fetch(tail_start, tail_len));
         let header = fetch(0, layer_tar::DATA_OFFSET);
         (header, tail.join().expect("the tail fetch does not panic"))
     });
     let size = layer_tar::data_size(layer_tar::BLOB_ENTRY, &header?).map_err(|e| refuse(e.to_string()))?;
-    if layer_tar::layer_len(size) != descriptor.size {
+    if layer_tar::layer_len(size) != layer_size {
         return Err(refuse(format!(
-            "its header announces {size} bytes, so the layer must be {} bytes, but the manifest says {}",
+            "its header announces {size} bytes, so the layer must be {} bytes, but the manifest says {layer_size}",
             layer_tar::layer_len(size),
-            descriptor.size
         )));
     }
     let zeros_from = (layer_tar::DATA_OFFSET + size).saturating_sub(tail_start) as usize;
@@ -165,7 +159,7 @@ pub fn verify_remote_layer(
     let image = format!("{}/{repository}", client.registry());
     let descriptor = petrel_layer(manifest, digest, role, &image)?;
     let what = format!("{role} layer {digest} of {image}");
-    if descriptor.media_type == oci::OCI_LAYER_GZIP {
+    if descriptor.media_type().as_ref() == oci::OCI_LAYER_GZIP {
         let fetched = petrel_fuse_daemon::bootstrap_fetch::fetch(client, repository, descriptor, downloads).map_err(
             |e| match e {
                 petrel_fuse_daemon::error::DaemonError::Registry(e) => {
@@ -220,23 +214,23 @@ impl CheckedBlobs {
         manifest: &Manifest,
         descriptor: &Descriptor,
     ) -> Result<()> {
-        if self.is_checked(&Self::key(client, repository, &descriptor.digest)) {
+        if self.is_checked(&Self::key(client, repository, descriptor.digest().as_ref())) {
             return Ok(());
         }
         let mut pending: Vec<&Descriptor> = vec![descriptor];
         pending.extend(
             manifest
-                .layers
+                .layers()
                 .iter()
                 .filter(|d| {
-                    d.digest != descriptor.digest
+                    d.digest() != descriptor.digest()
                         && oci::petrel_role(d) == Some(ROLE_BLOB)
-                        && UNCOMPRESSED_LAYER_TYPES.contains(&d.media_type.as_str())
-                        && !self.is_checked(&Self::key(client, repository, &d.digest))
+                        && UNCOMPRESSED_LAYER_TYPES.contains(&d.media_type().as_ref())
+                        && !self.is_checked(&Self::key(client, repository, d.digest().as_ref()))
                 })
                 .take(MAX_CHECKED_AHEAD),
         );
-        pending.dedup_by(|a, b| a.digest == b.digest);
+        pending.dedup_by(|a, b| a.digest() == b.digest());
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             pending
                 .chunks(PARALLEL_CHECKS)
@@ -261,7 +255,7 @@ impl CheckedBlobs {
             }
             for (d, result) in pending.iter().zip(&results) {
                 if result.is_ok() {
-                    checked.insert(Self::key(client, repository, &d.digest));
+                    checked.insert(Self::key(client, repository, d.digest().as_ref()));
                 }
             }
         }
@@ -272,23 +266,22 @@ impl CheckedBlobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
-    fn descriptor(digest: &str, role: &str, media_type: &str) -> Descriptor {
-        Descriptor {
-            media_type: media_type.into(),
-            digest: digest.into(),
-            size: 2048,
-            annotations: oci::petrel_layer_annotations(role),
-            platform: None,
-            ..Default::default()
-        }
+    /// A digest named by `name` (the OCI types take real digests only).
+    fn digest(name: &str) -> String {
+        oci::sha256_digest(name.as_bytes())
+    }
+
+    fn descriptor(name: &str, role: &str, media_type: &str) -> Descriptor {
+        let mut descriptor = oci::descriptor(media_type, &digest(name), 2048).unwrap();
+        descriptor.set_annotations(oci::annotations(oci::petrel_layer_annotations(role)));
+        descriptor
     }
 
     fn manifest(layers: Vec<Descriptor>) -> Manifest {
         serde_json::from_value(serde_json::json!({
             "schemaVersion": 2,
-            "config": {"mediaType": oci::OCI_CONFIG, "digest": "sha256:c", "size": 2},
+            "config": {"mediaType": oci::OCI_CONFIG, "digest": digest("c"), "size": 2},
             "layers": layers,
         }))
         .unwrap()
@@ -313,23 +306,21 @@ mod tests {
     #[test]
     fn a_layer_must_be_listed_with_its_role_and_uncompressed() {
         let m = manifest(vec![
-            descriptor("sha256:blob", ROLE_BLOB, oci::OCI_LAYER_TAR),
-            descriptor("sha256:gz", ROLE_BLOB, oci::OCI_LAYER_GZIP),
-            descriptor("sha256:boot", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
-            descriptor("sha256:boot2", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
+            descriptor("blob", ROLE_BLOB, oci::OCI_LAYER_TAR),
+            descriptor("gz", ROLE_BLOB, oci::OCI_LAYER_GZIP),
+            descriptor("boot", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
+            descriptor("boot2", ROLE_BOOTSTRAP, oci::OCI_LAYER_TAR),
         ]);
-        assert!(petrel_layer(&m, "sha256:blob", ROLE_BLOB, "i").is_ok());
-        assert!(petrel_layer(&m, "sha256:boot", ROLE_BOOTSTRAP, "i").is_ok());
-        let refused = |layer: &str, role: &str| petrel_layer(&m, layer, role, "i").unwrap_err().to_string();
-        assert!(refused("sha256:none", ROLE_BLOB).contains("does not list"));
-        assert!(refused("sha256:blob", ROLE_BOOTSTRAP).contains("role"));
-        assert!(refused("sha256:gz", ROLE_BLOB).contains("not an uncompressed tar"));
-        assert!(refused("sha256:boot2", ROLE_BOOTSTRAP).contains("not the bootstrap"));
-        let no_role = Descriptor {
-            annotations: BTreeMap::new(),
-            ..descriptor("sha256:plain", ROLE_BLOB, oci::OCI_LAYER_TAR)
-        };
+        assert!(petrel_layer(&m, &digest("blob"), ROLE_BLOB, "i").is_ok());
+        assert!(petrel_layer(&m, &digest("boot"), ROLE_BOOTSTRAP, "i").is_ok());
+        let refused = |layer: &str, role: &str| petrel_layer(&m, &digest(layer), role, "i").unwrap_err().to_string();
+        assert!(refused("none", ROLE_BLOB).contains("does not list"));
+        assert!(refused("blob", ROLE_BOOTSTRAP).contains("role"));
+        assert!(refused("gz", ROLE_BLOB).contains("not an uncompressed tar"));
+        assert!(refused("boot2", ROLE_BOOTSTRAP).contains("not the bootstrap"));
+        let mut no_role = descriptor("plain", ROLE_BLOB, oci::OCI_LAYER_TAR);
+        no_role.set_annotations(None);
         let m = manifest(vec![no_role]);
-        assert!(petrel_layer(&m, "sha256:plain", ROLE_BLOB, "i").is_err());
+        assert!(petrel_layer(&m, &digest("plain"), ROLE_BLOB, "i").is_err());
     }
 }

@@ -4,7 +4,6 @@ use crate::cli::registry_args::RegistryArgs;
 use petrel_builder::BuildOptions;
 use petrel_convert::{convert, ChunkDictChoice, ConvertOptions};
 use petrel_format::ChunkerParams;
-use petrel_registry::oci::Platform;
 use petrel_registry::Location;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -72,16 +71,15 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let target = Location::parse(&args.target)?;
     let platform = match &args.platform {
         Some(text) => {
-            let (os, architecture) = text
-                .split_once('/')
-                .ok_or_else(|| anyhow::anyhow!("--platform takes OS/ARCH, e.g. linux/amd64"))?;
-            Platform {
-                os: os.into(),
-                architecture: architecture.into(),
-                variant: None,
+            let mut parts = text.split('/');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(os), Some(architecture), variant, None) if !os.is_empty() && !architecture.is_empty() => {
+                    petrel_registry::oci::platform(os, architecture, variant)
+                }
+                _ => anyhow::bail!("--platform takes OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8"),
             }
         }
-        None => Platform::host(),
+        None => petrel_registry::oci::host_platform(),
     };
     let mut source_options = args.registry.client_options_with(args.src_creds.as_deref())?;
     source_options.plain_http |= !args.src_tls_verify;

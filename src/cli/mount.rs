@@ -226,7 +226,7 @@ pub fn resolve_image_with_referrers(
             &image_ref.registry,
             &source.client_options,
         )?);
-        let platform = petrel_registry::oci::Platform::host();
+        let platform = petrel_registry::oci::host_platform();
         let remote =
             petrel_fuse_daemon::remote::resolve(std::sync::Arc::clone(&client), &image_ref, cache_dir, &platform)
                 .with_context(|| format!("resolving {image}"))?;
@@ -331,11 +331,8 @@ impl FirstStart {
         std::thread::spawn(move || {
             let subject = client
                 .get_manifest(&repository, &manifest)
-                .map(|(bytes, media_type, digest)| petrel_registry::oci::Descriptor {
-                    media_type,
-                    digest,
-                    size: bytes.len() as u64,
-                    ..Default::default()
+                .and_then(|(bytes, media_type, digest)| {
+                    petrel_registry::oci::descriptor(&media_type, &digest, bytes.len() as u64)
                 });
             let pushed = subject.and_then(|subject| {
                 let annotations = [(

@@ -7,7 +7,7 @@ use crate::cli::mount::read_profile;
 use crate::cli::registry_args::RegistryArgs;
 use anyhow::{bail, Context};
 use petrel_registry::client::referrers::{ANNOTATION_CREATED, PROFILE_ARTIFACT_TYPE};
-use petrel_registry::oci::{bootstrap_layer, Descriptor, Platform, ANNOTATION_BOOTSTRAP_BLAKE3};
+use petrel_registry::oci::{annotation, bootstrap_layer, descriptor, Descriptor, ANNOTATION_BOOTSTRAP_BLAKE3};
 use petrel_registry::{ImageRef, RegistryClient};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,19 +54,18 @@ fn resolve(
     let image_ref = ImageRef::parse(reference)?;
     let client = RegistryClient::new(&image_ref.registry, &registry.client_options()?)?;
     let (manifest, digest) = client
-        .get_image_manifest(&image_ref.repository, image_ref.reference(), &Platform::host())
+        .get_image_manifest(
+            &image_ref.repository,
+            image_ref.reference(),
+            &petrel_registry::oci::host_platform(),
+        )
         .with_context(|| format!("resolving {image}"))?;
     let Some(bootstrap) = bootstrap_layer(&manifest) else {
         bail!("{image} is not a petrel image (its manifest has no bootstrap layer)");
     };
-    let bootstrap_digest = bootstrap.annotations.get(ANNOTATION_BOOTSTRAP_BLAKE3).cloned();
+    let bootstrap_digest = annotation(bootstrap, ANNOTATION_BOOTSTRAP_BLAKE3).map(str::to_string);
     let (bytes, media_type, _) = client.get_manifest(&image_ref.repository, &digest)?;
-    let subject = Descriptor {
-        media_type,
-        digest,
-        size: bytes.len() as u64,
-        ..Default::default()
-    };
+    let subject = descriptor(&media_type, &digest, bytes.len() as u64)?;
     Ok((client, image_ref, subject, bootstrap_digest))
 }
 
@@ -103,7 +102,7 @@ pub fn run_profile(args: ProfileArgs) -> anyhow::Result<ExitCode> {
                 "published a profile of {} files for {}@{}",
                 parsed.entries.len(),
                 image_ref.repository,
-                subject.digest
+                subject.digest()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -113,18 +112,19 @@ pub fn run_profile(args: ProfileArgs) -> anyhow::Result<ExitCode> {
             registry,
         } => {
             let (client, image_ref, subject, _) = resolve(&image, &registry)?;
-            let Some(found) = client.newest_referrer(&image_ref.repository, &subject.digest, PROFILE_ARTIFACT_TYPE)?
+            let Some(found) =
+                client.newest_referrer(&image_ref.repository, subject.digest().as_ref(), PROFILE_ARTIFACT_TYPE)?
             else {
                 eprintln!("no profile is published for {image}");
                 return Ok(ExitCode::from(1));
             };
             let (_, content) = client.artifact_content(
                 &image_ref.repository,
-                &found.digest,
+                found.digest().as_ref(),
                 petrel_fuse_daemon::profile_prefetch::MAX_PROFILE_BYTES,
             )?;
             let parsed = petrel_format::profile::Profile::parse(&content)
-                .map_err(|e| anyhow::anyhow!("profile {}: {e}", found.digest))?;
+                .map_err(|e| anyhow::anyhow!("profile {}: {e}", found.digest()))?;
             let text = serde_json::to_string_pretty(&parsed)?;
             match output {
                 Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,

@@ -7,7 +7,10 @@
 
 use super::RegistryClient;
 use crate::error::{RegistryError, Result};
-use crate::oci::{sha256_digest, Descriptor, Index, Manifest, OCI_INDEX, OCI_MANIFEST};
+use crate::oci::{
+    annotation, canonical_json, descriptor, empty_index, image_manifest, is_media_type, sha256_digest, Descriptor,
+    Index, Manifest, MediaType, OCI_INDEX, OCI_MANIFEST,
+};
 use std::collections::BTreeMap;
 
 /// The artifact type of a petrel prefetch profile.
@@ -71,9 +74,13 @@ impl RegistryClient {
             Err(e) => return Err(e),
         };
         Ok(index
-            .manifests
-            .into_iter()
-            .filter(|d| d.artifact_type.as_deref() == Some(artifact_type) && d.digest.starts_with("sha256:"))
+            .manifests()
+            .iter()
+            .filter(|d| {
+                is_media_type(d.artifact_type(), artifact_type)
+                    && *d.digest().algorithm() == oci_spec::image::DigestAlgorithm::Sha256
+            })
+            .cloned()
             .collect())
     }
 
@@ -81,11 +88,7 @@ impl RegistryClient {
     /// listed of equals), if any.
     pub fn newest_referrer(&self, repository: &str, subject: &str, artifact_type: &str) -> Result<Option<Descriptor>> {
         let mut found = self.referrers(repository, subject, artifact_type)?;
-        found.sort_by(|a, b| {
-            a.annotations
-                .get(ANNOTATION_CREATED)
-                .cmp(&b.annotations.get(ANNOTATION_CREATED))
-        });
+        found.sort_by(|a, b| annotation(a, ANNOTATION_CREATED).cmp(&annotation(b, ANNOTATION_CREATED)));
         Ok(found.pop())
     }
 
@@ -96,19 +99,19 @@ impl RegistryClient {
             what: format!("artifact {repository}@{digest}"),
             reason: e.to_string(),
         })?;
-        let [layer] = manifest.layers.as_slice() else {
+        let [layer] = manifest.layers().as_slice() else {
             return Err(RegistryError::BadContent {
                 what: format!("artifact {repository}@{digest}"),
-                reason: format!("{} blobs, expected one", manifest.layers.len()),
+                reason: format!("{} blobs, expected one", manifest.layers().len()),
             });
         };
-        if layer.size > max_bytes {
+        if layer.size() > max_bytes {
             return Err(RegistryError::BadContent {
                 what: format!("artifact {repository}@{digest}"),
-                reason: format!("its blob of {} bytes is larger than {max_bytes}", layer.size),
+                reason: format!("its blob of {} bytes is larger than {max_bytes}", layer.size()),
             });
         }
-        let content = self.get_blob_verified(repository, &layer.digest, layer.size)?;
+        let content = self.get_blob_verified(repository, layer.digest().as_ref(), layer.size())?;
         Ok((manifest, content))
     }
 
@@ -127,42 +130,28 @@ impl RegistryClient {
     ) -> Result<String> {
         let blob = self.push_blob_bytes(repository, content)?;
         let empty = self.push_blob_bytes(repository, b"{}")?;
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: Some(OCI_MANIFEST.into()),
-            artifact_type: Some(artifact_type.into()),
-            config: Descriptor {
-                media_type: EMPTY_MEDIA_TYPE.into(),
-                digest: empty,
-                size: 2,
-                ..Default::default()
-            },
-            layers: vec![Descriptor {
-                media_type: artifact_type.into(),
-                digest: blob,
-                size: content.len() as u64,
-                ..Default::default()
-            }],
-            subject: Some(Descriptor {
-                media_type: subject.media_type.clone(),
-                digest: subject.digest.clone(),
-                size: subject.size,
-                ..Default::default()
-            }),
-            annotations: annotations.clone(),
-        };
-        let bytes = serde_json::to_vec(&manifest).expect("serializable");
+        let mut manifest = image_manifest(
+            descriptor(EMPTY_MEDIA_TYPE, &empty, 2)?,
+            vec![descriptor(artifact_type, &blob, content.len() as u64)?],
+        );
+        manifest.set_artifact_type(Some(MediaType::from(artifact_type)));
+        manifest.set_subject(Some(Descriptor::new(
+            subject.media_type().clone(),
+            subject.size(),
+            subject.digest().clone(),
+        )));
+        manifest.set_annotations(crate::oci::annotations(annotations.clone()));
+        let bytes = canonical_json(&manifest);
         let digest = sha256_digest(&bytes);
         self.put_manifest(repository, &digest, OCI_MANIFEST, &bytes)?;
-        let api = format!("/v2/{repository}/referrers/{}", subject.digest);
+        let api = format!("/v2/{repository}/referrers/{}", subject.digest());
         let listed_by_api = match self.get_small_json(&api, OCI_INDEX) {
-            Ok(bytes) => {
-                serde_json::from_slice::<Index>(&bytes).is_ok_and(|i| i.manifests.iter().any(|d| d.digest == digest))
-            }
+            Ok(bytes) => serde_json::from_slice::<Index>(&bytes)
+                .is_ok_and(|i| i.manifests().iter().any(|d| d.digest().as_ref() == digest)),
             Err(_) => false,
         };
         if !listed_by_api {
-            let tag = fallback_tag(&subject.digest);
+            let tag = fallback_tag(subject.digest().as_ref());
             let mut index = match self.get_manifest(repository, &tag) {
                 Ok((bytes, _, _)) => {
                     serde_json::from_slice::<Index>(&bytes).map_err(|e| RegistryError::BadContent {
@@ -170,24 +159,21 @@ impl RegistryClient {
                         reason: e.to_string(),
                     })?
                 }
-                Err(e) if not_found(&e) => Index {
-                    schema_version: 2,
-                    media_type: Some(OCI_INDEX.into()),
-                    manifests: Vec::new(),
-                    annotations: BTreeMap::new(),
-                },
+                Err(e) if not_found(&e) => empty_index(),
                 Err(e) => return Err(e),
             };
-            index.manifests.retain(|d| d.digest != digest);
-            index.manifests.push(Descriptor {
-                media_type: OCI_MANIFEST.into(),
-                digest: digest.clone(),
-                size: bytes.len() as u64,
-                artifact_type: Some(artifact_type.into()),
-                annotations,
-                ..Default::default()
-            });
-            let index_bytes = serde_json::to_vec(&index).expect("serializable");
+            let mut entry = descriptor(OCI_MANIFEST, &digest, bytes.len() as u64)?;
+            entry.set_artifact_type(Some(MediaType::from(artifact_type)));
+            entry.set_annotations(crate::oci::annotations(annotations));
+            let mut manifests: Vec<Descriptor> = index
+                .manifests()
+                .iter()
+                .filter(|d| d.digest().as_ref() != digest)
+                .cloned()
+                .collect();
+            manifests.push(entry);
+            index.set_manifests(manifests);
+            let index_bytes = canonical_json(&index);
             self.put_manifest(repository, &tag, OCI_INDEX, &index_bytes)?;
         }
         Ok(digest)

@@ -8,6 +8,8 @@ use crate::error::{RegistryError, Result};
 /// answer in lexical order, and a conversion looks at the last few only.
 pub const MAX_LISTED_TAGS: usize = 1000;
 
+/// The listing's body. Not `oci_spec::distribution::TagList`: that requires `tags`
+/// to be a list, and registries answer `"tags": null` for a repository without tags.
 #[derive(serde::Deserialize)]
 struct TagList {
     #[serde(default)]
