@@ -325,6 +325,104 @@ fn transient_faults_are_retried_and_never_serve_wrong_bytes() {
     assert_eq!(read_all_expecting_eio_or_truth(&mount3.mountpoint, &files), 0);
 }
 
+/// A directory of small files with big files between them in the blob.
+fn scattered_small_files() -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..20u64 {
+        let mut rng = petrel_fixtures::rng::Rng::new(700 + i);
+        files.push((format!("pkg/m{i:02}.py"), rng.mixed(9_000 + 500 * i as usize)));
+        files.push((format!("pkg/m{i:02}z.so"), rng.mixed(1_300_000)));
+    }
+    files
+}
+
+/// Reading one file of a directory reads the directory's other small files ahead.
+/// They lie apart in the blob (big files between them), and the registry serves
+/// several ranges in one request, so the readahead takes a few requests, not one a
+/// file, and fetches none of the big files' bytes. Through a registry that answers
+/// with the whole blob instead, the daemon goes back to one range a request, says
+/// so, and every byte is right either way.
+#[test]
+fn a_directorys_files_apart_in_the_blob_are_read_ahead_with_one_multi_range_request() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let files = scattered_small_files();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        w.file(path, &Default::default(), data);
+    }
+    write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.path().join("layout"), "scattered", "v1");
+    let mut command = petrel();
+    command.args([
+        "convert",
+        &format!("docker://{}/scattered:v1", registry.addr),
+        &format!("docker://{}/scattered:petrel", registry.addr),
+        "--chunker",
+        "fixed:64K",
+    ]);
+    assert!(command.status().unwrap().success());
+    let small: Vec<&(String, Vec<u8>)> = files.iter().filter(|(p, _)| p.ends_with(".py")).collect();
+    let settled = |proxy: &FaultProxy| {
+        let mut last = u64::MAX;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = proxy.state.blob_requests.load(SeqCst);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    for ignore_range in [false, true] {
+        let proxy = FaultProxy::start(&registry.addr);
+        proxy.state.ignore_range.store(ignore_range, SeqCst);
+        let run = work.path().join(format!("run-{ignore_range}"));
+        let mount = MountProcess::start(
+            &format!("docker://{}/scattered:petrel", proxy.addr),
+            &run.join("mnt"),
+            &run.join("cache"),
+            &["--amplify-bytes", "0", "--prefetch", "off", "-v"],
+        );
+        let before = proxy.state.blob_requests.load(SeqCst);
+        let (first, data) = small[0];
+        assert_eq!(&std::fs::read(mount.mountpoint.join(first)).unwrap(), data);
+        let requests = settled(&proxy) - before;
+        for (path, data) in &small {
+            assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), data, "{path}");
+        }
+        let stats = stats(&mount.mountpoint, &run.join("cache.run"));
+        let log = std::fs::read_to_string(run.join("cache.log")).unwrap();
+        if ignore_range {
+            assert!(
+                log.contains("does not serve several ranges in one request"),
+                "the fallback is said:\n{log}"
+            );
+            continue;
+        }
+        assert!(
+            proxy.state.multi_range_requests.load(SeqCst) >= 1,
+            "several ranges were asked for at once"
+        );
+        // The reader's own file, then the 19 other small files: a few requests.
+        assert!(requests <= 2, "{requests} requests for one file and its directory");
+        assert!(
+            stats["backend_requests"].as_u64().unwrap() <= 2 && stats["cache_hits"].as_u64().unwrap() >= 19,
+            "the other small files were read ahead: {stats}"
+        );
+        let small_bytes: u64 = small.iter().map(|(_, d)| d.len() as u64).sum();
+        let fetched = stats["backend_bytes"].as_u64().unwrap();
+        assert!(
+            fetched < small_bytes + 20 * (64 << 10),
+            "no big file's bytes were fetched: {fetched} for {small_bytes}"
+        );
+    }
+}
+
 /// The big image mounted from `registry` through a fault proxy, with a small retry
 /// budget and no amplification (each read is its own request).
 fn mount_behind_a_fault_proxy(registry: &TestRegistry, work: &Path) -> (FaultProxy, MountProcess) {

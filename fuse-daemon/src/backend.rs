@@ -33,6 +33,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Several ranges (offset, length; ascending, apart) of one blob, each range's
+    /// bytes handed to `sink(range, piece)` in order, every byte once: in one request
+    /// where the backend can (a registry answering multi-range requests), else one
+    /// range after another.
+    fn stream_ranges(
+        &self,
+        digest: &[u8; 32],
+        ranges: &[(u64, u64)],
+        purpose: ReadPurpose,
+        sink: &mut dyn FnMut(usize, &[u8]),
+    ) -> std::io::Result<()> {
+        for (i, (offset, len)) in ranges.iter().enumerate() {
+            self.stream_range(digest, *offset, *len, purpose, &mut |piece| sink(i, piece))?;
+        }
+        Ok(())
+    }
+
     /// A short description for logs (`local:/path`, `registry:host/repo`).
     fn describe(&self) -> String;
 }

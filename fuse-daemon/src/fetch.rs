@@ -34,6 +34,8 @@ pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// what its chunks decode to (always at least one chunk, at most
 /// `petrel_format::chunker::MAX_CHUNK_SIZE`).
 pub const MAX_REQUEST_DECODED_BYTES: u64 = 64 << 20;
+/// Most runs of chunks apart in the blob one request asks for (a multi-range request).
+pub use petrel_registry::client::multi_range::MAX_RANGES;
 /// Most decoded bytes a daemon's fetches hold at once; further fetches wait.
 pub const MAX_DAEMON_DECODED_BYTES: u64 = 256 << 20;
 
@@ -435,6 +437,70 @@ impl Fetcher {
         }
     }
 
+    /// Fetches the missing chunks of several chunk ranges for readers to come
+    /// (readahead of a directory's files): each request takes up to `request_bytes`
+    /// stored bytes of missing chunks of one blob, in blob order, as up to
+    /// `MAX_RANGES` runs, so files apart in the blob cost one round trip together
+    /// where the backend serves several ranges at once (a registry does), and no byte
+    /// between them is fetched.
+    pub fn read_ahead_ranges(&self, ranges: &[(u32, u32)], request_bytes: u64) {
+        let mut wanted: Vec<u32> = ranges.iter().flat_map(|(start, end)| *start..*end).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let bootstrap = self.image.bootstrap();
+        let mut at = 0;
+        while at < wanted.len() {
+            let flights = {
+                let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                let mut plan: Vec<ChunkInfo> = Vec::new();
+                let (mut stored, mut decoded, mut runs) = (0u64, 0u64, 0usize);
+                while let Some(&index) = wanted.get(at) {
+                    if self.cache.is_ready(index) || in_flight.contains_key(&index) {
+                        at += 1;
+                        continue;
+                    }
+                    let Ok(chunk) = bootstrap.chunk(index) else {
+                        at += 1;
+                        continue;
+                    };
+                    let joins = plan.last().is_some_and(|last| {
+                        last.index + 1 == index
+                            && last.compressed_offset + u64::from(last.compressed_size) == chunk.compressed_offset
+                    });
+                    let full = stored + u64::from(chunk.compressed_size) > request_bytes
+                        || decoded + u64::from(chunk.uncompressed_size) > MAX_REQUEST_DECODED_BYTES
+                        || runs + usize::from(!joins) > MAX_RANGES
+                        || plan.first().is_some_and(|first| first.blob_index != chunk.blob_index);
+                    if full && !plan.is_empty() {
+                        break;
+                    }
+                    stored += u64::from(chunk.compressed_size);
+                    decoded += u64::from(chunk.uncompressed_size);
+                    runs += usize::from(!joins);
+                    plan.push(chunk);
+                    at += 1;
+                }
+                plan.into_iter()
+                    .map(|chunk| {
+                        let flight = Arc::new(Flight::default());
+                        in_flight.insert(chunk.index, Arc::clone(&flight));
+                        (chunk, flight)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            if flights.is_empty() {
+                continue;
+            }
+            let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
+            self.stats.readahead_requests.fetch_add(1, Relaxed);
+            self.stats.readahead_bytes.fetch_add(bytes, Relaxed);
+            for (chunk, _) in &flights {
+                self.prefetched.mark(chunk.index);
+            }
+            self.fetch(&flights, ReadPurpose::Reader);
+        }
+    }
+
     /// Counts a read served by a chunk the prefetcher brought in.
     pub fn note_hit(&self, index: u32) {
         if self.prefetched.take(index) {
@@ -485,14 +551,12 @@ impl Fetcher {
         }
     }
 
-    /// Reads `chunks` (contiguous in one blob) with one request and hands `publish`
-    /// one outcome per chunk, in order, each as soon as it can be decided.
+    /// Reads `chunks` (of one blob, in blob order: runs of contiguous chunks) with one
+    /// request (several ranges in it when they are apart, where the backend can) and
+    /// hands `publish` one outcome per chunk, in order, each as soon as it can be decided.
     fn fetch_and_verify(&self, chunks: &[ChunkInfo], purpose: ReadPurpose, publish: &mut dyn FnMut(Outcome)) {
         let bootstrap = self.image.bootstrap();
         let first = chunks[0];
-        let last = chunks[chunks.len() - 1];
-        let start = first.compressed_offset;
-        let end = last.compressed_offset + u64::from(last.compressed_size);
         let blob = match bootstrap.blob(first.blob_index) {
             Ok(blob) => blob,
             Err(e) => {
@@ -501,49 +565,71 @@ impl Fetcher {
                 return;
             }
         };
+        // Runs of contiguous chunks: (first chunk's position in `chunks`, stored range).
+        let mut runs: Vec<(usize, u64, u64)> = Vec::new();
+        for (position, chunk) in chunks.iter().enumerate() {
+            let end = chunk.compressed_offset + u64::from(chunk.compressed_size);
+            match runs.last_mut() {
+                Some((_, start, len)) if *start + *len == chunk.compressed_offset => *len = end - *start,
+                _ => runs.push((position, chunk.compressed_offset, u64::from(chunk.compressed_size))),
+            }
+        }
+        let run_of = |position: usize| runs.partition_point(|(first, ..)| *first <= position) - 1;
+        let ranges: Vec<(u64, u64)> = runs.iter().map(|(_, start, len)| (*start, *len)).collect();
+        let (start, end) = (ranges[0].0, ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1);
         self.stats.backend_requests.fetch_add(1, Relaxed);
         tracing::debug!(
             first = first.index,
             chunks = chunks.len(),
             start,
-            bytes = end - start,
+            bytes = ranges.iter().map(|(_, len)| len).sum::<u64>(),
+            ranges = ranges.len(),
             ?purpose,
             "fetching"
         );
-        let mut received: Vec<u8> = Vec::with_capacity((end - start) as usize);
+        let mut received: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|(_, len)| Vec::with_capacity(*len as usize))
+            .collect();
         let mut published = 0usize;
         let mut verified = 0u64;
-        let result = self
-            .backend
-            .stream_range(&blob.digest, start, end - start, purpose, &mut |piece| {
-                received.extend_from_slice(piece);
-                while let Some(chunk) = chunks.get(published) {
-                    let at = (chunk.compressed_offset - start) as usize;
-                    let Some(stored) = received.get(at..at + chunk.compressed_size as usize) else {
-                        break;
-                    };
-                    published += 1;
-                    match decode_chunk(chunk, stored) {
-                        Ok(plain) => {
-                            verified += 1;
-                            publish(Ok(Arc::new(plain)));
-                        }
-                        Err(source) => {
-                            self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
-                            let e = DaemonError::BadChunk {
-                                image: self.image.name().to_string(),
-                                blob: blob.oci_digest(),
-                                chunk: chunk.index,
-                                offset: chunk.compressed_offset,
-                                source,
-                            };
-                            tracing::error!("{e}: {}", e.source_text());
-                            publish(Err(Arc::new(e)));
-                        }
+        let mut sink = |range: usize, piece: &[u8]| {
+            received[range].extend_from_slice(piece);
+            while let Some(chunk) = chunks.get(published) {
+                let run = run_of(published);
+                let at = (chunk.compressed_offset - runs[run].1) as usize;
+                let Some(stored) = received[run].get(at..at + chunk.compressed_size as usize) else {
+                    break;
+                };
+                published += 1;
+                match decode_chunk(chunk, stored) {
+                    Ok(plain) => {
+                        verified += 1;
+                        publish(Ok(Arc::new(plain)));
+                    }
+                    Err(source) => {
+                        self.stats.chunks_failed_verification.fetch_add(1, Relaxed);
+                        let e = DaemonError::BadChunk {
+                            image: self.image.name().to_string(),
+                            blob: blob.oci_digest(),
+                            chunk: chunk.index,
+                            offset: chunk.compressed_offset,
+                            source,
+                        };
+                        tracing::error!("{e}: {}", e.source_text());
+                        publish(Err(Arc::new(e)));
                     }
                 }
-            });
-        self.stats.backend_bytes.fetch_add(received.len() as u64, Relaxed);
+            }
+        };
+        let result = match ranges.as_slice() {
+            [(offset, len)] => self
+                .backend
+                .stream_range(&blob.digest, *offset, *len, purpose, &mut |piece| sink(0, piece)),
+            _ => self.backend.stream_ranges(&blob.digest, &ranges, purpose, &mut sink),
+        };
+        let received: usize = received.iter().map(Vec::len).sum();
+        self.stats.backend_bytes.fetch_add(received as u64, Relaxed);
         self.stats.chunks_fetched.fetch_add(verified, Relaxed);
         if published == chunks.len() {
             return;
@@ -551,7 +637,10 @@ impl Fetcher {
         // The read failed (or came up short) before these chunks were in.
         self.stats.backend_errors.fetch_add(1, Relaxed);
         let source = match result {
-            Ok(()) => std::io::Error::other(format!("got {} of {} bytes", received.len(), end - start)),
+            Ok(()) => std::io::Error::other(format!(
+                "got {received} of {} bytes",
+                ranges.iter().map(|(_, len)| len).sum::<u64>()
+            )),
             Err(source) => source,
         };
         tracing::warn!(blob = %blob.oci_digest(), start, end, error = %source, "backend read failed");

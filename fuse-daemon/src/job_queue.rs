@@ -65,6 +65,29 @@ impl<J> JobQueue<J> {
         }
     }
 
+    /// The next job, waiting for one, and with it the jobs waiting behind it (in
+    /// the order `next` would take them) for as long as `more` accepts each; None
+    /// once the queue is closed.
+    pub fn next_batch(&self, mut more: impl FnMut(&J) -> bool) -> Option<Vec<J>> {
+        let first = self.next()?;
+        let mut batch = vec![first];
+        let mut state = self.state.lock().expect("job queue lock");
+        loop {
+            let candidate = match self.take {
+                Take::Oldest => state.0.front(),
+                Take::Newest => state.0.back(),
+            };
+            if !candidate.is_some_and(&mut more) {
+                return Some(batch);
+            }
+            let job = match self.take {
+                Take::Oldest => state.0.pop_front(),
+                Take::Newest => state.0.pop_back(),
+            };
+            batch.extend(job);
+        }
+    }
+
     /// Ends every worker's `next` (jobs still waiting are dropped).
     pub fn close(&self) {
         self.state.lock().expect("job queue lock").1 = true;

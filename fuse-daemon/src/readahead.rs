@@ -385,12 +385,43 @@ impl Shared {
         bridged(&self.image, chunks)
     }
 
+    /// Takes jobs: an ELF probe alone; chunk ranges together, as many as one
+    /// request carries (`REQUEST_BYTES` stored bytes, `MAX_RANGES` ranges), fetched
+    /// with one multi-range request each where the backend serves them.
     fn work(&self) {
-        while let Some(job) = self.queue.next() {
-            match job {
-                Job::Chunks(start, end) => self.fetcher.read_ahead(start, end, REQUEST_BYTES),
-                Job::ElfProbe(ino) => self.probe_elf(ino),
+        while let Some(batch) = self.queue.next_batch(self.batch_budget()) {
+            let mut ranges = Vec::with_capacity(batch.len());
+            for job in batch {
+                match job {
+                    Job::Chunks(start, end) => ranges.push((start, end)),
+                    Job::ElfProbe(ino) => self.probe_elf(ino),
+                }
             }
+            if !ranges.is_empty() {
+                self.fetcher.read_ahead_ranges(&ranges, REQUEST_BYTES);
+            }
+        }
+    }
+
+    /// Whether a waiting job joins the batch taken: chunk ranges while their stored
+    /// bytes fit one request.
+    fn batch_budget(&self) -> impl FnMut(&Job) -> bool + '_ {
+        let mut bytes = 0u64;
+        let mut ranges = 1usize;
+        move |job| {
+            let Job::Chunks(start, end) = *job else {
+                return false;
+            };
+            let bootstrap = self.image.bootstrap();
+            let span = match (bootstrap.chunk(start), bootstrap.chunk(end.saturating_sub(1))) {
+                (Ok(first), Ok(last)) => {
+                    (last.compressed_offset + u64::from(last.compressed_size)).saturating_sub(first.compressed_offset)
+                }
+                _ => return false,
+            };
+            bytes += span;
+            ranges += 1;
+            bytes <= REQUEST_BYTES && ranges <= crate::fetch::MAX_RANGES
         }
     }
 }

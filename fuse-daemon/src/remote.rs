@@ -67,6 +67,19 @@ impl Backend for RegistryBackend {
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
+    fn stream_ranges(
+        &self,
+        digest: &[u8; 32],
+        ranges: &[(u64, u64)],
+        purpose: crate::backend::ReadPurpose,
+        sink: &mut dyn FnMut(usize, &[u8]),
+    ) -> std::io::Result<()> {
+        let digest = format!("sha256:{}", hex::encode(digest));
+        self.client
+            .stream_blob_ranges(&self.repository, &digest, ranges, patience(purpose), sink)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
     fn describe(&self) -> String {
         format!("registry:{}/{}", self.client.registry(), self.repository)
     }

@@ -103,6 +103,9 @@ pub struct RegistryClient {
     health: std::sync::Arc<crate::health::SourceHealth>,
     /// Which blobs each mirror holds yet (ranged reads of the others go to the origin).
     warmth: crate::warmth::MirrorWarmth,
+    /// Whether several ranges are asked for in one request (until the registry
+    /// shows it does not serve them: `stream_blob_ranges`).
+    multi_range: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a ranged read may wait for a mirror that is still filling its cache with
@@ -259,6 +262,7 @@ impl RegistryClient {
             retry: options.retry,
             health: Default::default(),
             warmth: Default::default(),
+            multi_range: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -830,6 +834,119 @@ impl RegistryClient {
         }
     }
 
+    /// Several ranges (offset, length; ascending, apart) of a blob, in one request
+    /// where the source answers multi-range requests (`multi_range`), each range's
+    /// bytes handed to `sink(range, piece)` in order, every byte once. What the one
+    /// request did not deliver (a source answering with the whole blob, a broken
+    /// answer) is read one range a request, as `stream_blob_range` reads, resumed
+    /// where the answer stopped. A registry that answers a multi-range request with
+    /// its whole blob, or with an answer that is not one, is not asked so again.
+    pub fn stream_blob_ranges(
+        &self,
+        repository: &str,
+        digest: &str,
+        ranges: &[(u64, u64)],
+        patience: MirrorPatience,
+        sink: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        let mut delivered = vec![0u64; ranges.len()];
+        if ranges.len() > 1
+            && ranges.len() <= multi_range::MAX_RANGES
+            && self.multi_range.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            delivered = self.try_multi_range(repository, digest, ranges, sink);
+        }
+        for (i, (offset, len)) in ranges.iter().enumerate() {
+            let got = delivered[i];
+            if got < *len {
+                self.stream_blob_range(repository, digest, offset + got, len - got, patience, &mut |piece| {
+                    sink(i, piece)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One multi-range request for `ranges`; what each range got (all, part, none).
+    fn try_multi_range(
+        &self,
+        repository: &str,
+        digest: &str,
+        ranges: &[(u64, u64)],
+        sink: &mut dyn FnMut(usize, &[u8]),
+    ) -> Vec<u64> {
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let total: u64 = ranges.iter().map(|(_, len)| len).sum();
+        let deadline = read_deadline(&self.retry, total);
+        let header = multi_range::range_header(ranges);
+        let mut delivery = multi_range::Delivery::new(ranges, sink);
+        let response = match self.get_from_any_of_blob(
+            &path,
+            Some(digest),
+            None,
+            &|r| r.header(RANGE, &header),
+            &|s| s == StatusCode::PARTIAL_CONTENT || s == StatusCode::OK,
+            Some(deadline),
+        ) {
+            Ok(response) => response,
+            Err(_) => return delivery.delivered,
+        };
+        let mirror = self.mirror_of(response.url().as_str()).map(str::to_string);
+        if response.status() == StatusCode::OK {
+            // The whole blob: a mirror still filling its cache, or a source that
+            // does not serve several ranges at once.
+            match &mirror {
+                Some(mirror) => self.warmth.cold(mirror, digest),
+                None => self.no_multi_range("answered with the whole blob"),
+            }
+            return delivery.delivered;
+        }
+        if let Some(mirror) = &mirror {
+            self.warmth.warm(mirror, digest);
+        }
+        let header_text = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let boundary = header_text(CONTENT_TYPE).as_deref().and_then(multi_range::boundary);
+        let single = header_text(reqwest::header::CONTENT_RANGE)
+            .as_deref()
+            .and_then(multi_range::content_range);
+        let mut body = std::io::BufReader::new(DeadlineReader {
+            inner: response,
+            deadline,
+        });
+        let read = match (boundary, single) {
+            (Some(boundary), _) => multi_range::read_multipart(&mut body, &boundary, &mut delivery),
+            // One part (the server joined the ranges, or served only the first).
+            (None, Some((first, last))) => delivery.read_part(&mut body, first, last - first + 1),
+            (None, None) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a 206 answer without Content-Range",
+            )),
+        };
+        if let Err(e) = read {
+            tracing::debug!(%digest, error = %e, "multi-range read stopped; the rest one range a request");
+            if e.kind() == std::io::ErrorKind::InvalidData && mirror.is_none() {
+                self.no_multi_range(&e.to_string());
+            }
+        }
+        delivery.delivered
+    }
+
+    /// Stops asking this registry for several ranges at once.
+    fn no_multi_range(&self, why: &str) {
+        if self.multi_range.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(
+                registry = %self.registry,
+                "the registry does not serve several ranges in one request ({why}); reading one range a request"
+            );
+        }
+    }
+
     /// Whether the registry already has a blob.
     pub fn has_blob(&self, repository: &str, digest: &str) -> Result<bool> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
@@ -943,6 +1060,7 @@ impl RegistryClient {
     }
 }
 
+pub mod multi_range;
 pub mod referrers;
 pub mod tags;
 

@@ -38,6 +38,8 @@ pub struct FaultState {
     /// Every blob GET loses its Range header while set.
     pub ignore_range: AtomicBool,
     pub blob_requests: AtomicU64,
+    /// Blob GETs asking for several ranges (`Range: bytes=a-b,c-d`).
+    pub multi_range_requests: AtomicU64,
     pub faults_injected: AtomicU64,
     /// When set, the proxy acts as a token-authenticated registry: requests need
     /// `Authorization: Bearer <this token>`, and `/token` issues it.
@@ -124,6 +126,12 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
     }
     let fault = if is_blob_get {
         let seen = state.blob_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if head
+            .iter()
+            .any(|l| l.to_ascii_lowercase().starts_with("range:") && l.contains(','))
+        {
+            state.multi_range_requests.fetch_add(1, Ordering::SeqCst);
+        }
         let cut_after = state.cut_after.load(Ordering::SeqCst);
         let planned = state.plan.lock().unwrap().pop_front();
         planned.or((cut_after > 0 && seen > cut_after).then_some(Fault::CutBody))
