@@ -437,13 +437,14 @@ impl Fetcher {
         }
     }
 
-    /// Fetches the missing chunks of several chunk ranges for readers to come
-    /// (readahead of a directory's files): each request takes up to `request_bytes`
-    /// stored bytes of missing chunks of one blob, in blob order, as up to
-    /// `MAX_RANGES` runs, so files apart in the blob cost one round trip together
-    /// where the backend serves several ranges at once (a registry does), and no byte
-    /// between them is fetched.
-    pub fn read_ahead_ranges(&self, ranges: &[(u32, u32)], request_bytes: u64) {
+    /// Fetches the missing chunks of several chunk ranges (a directory's files read
+    /// ahead for readers to come, a profile's ranges prefetched): each request takes
+    /// up to `request_bytes` stored bytes of missing chunks of one blob, in blob
+    /// order, as up to `MAX_RANGES` runs, so ranges apart in the blob cost one round
+    /// trip together where the backend serves several ranges at once (a registry
+    /// does), and no byte between them is fetched. Returns the stored bytes fetched.
+    pub fn fetch_ranges(&self, ranges: &[(u32, u32)], request_bytes: u64, purpose: ReadPurpose) -> u64 {
+        let mut fetched = 0;
         let mut wanted: Vec<u32> = ranges.iter().flat_map(|(start, end)| *start..*end).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -492,13 +493,19 @@ impl Fetcher {
                 continue;
             }
             let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
-            self.stats.readahead_requests.fetch_add(1, Relaxed);
-            self.stats.readahead_bytes.fetch_add(bytes, Relaxed);
+            let (requests, stored) = match purpose {
+                ReadPurpose::Background => (&self.stats.prefetch_requests, &self.stats.prefetch_bytes),
+                ReadPurpose::Reader => (&self.stats.readahead_requests, &self.stats.readahead_bytes),
+            };
+            requests.fetch_add(1, Relaxed);
+            stored.fetch_add(bytes, Relaxed);
+            fetched += bytes;
             for (chunk, _) in &flights {
                 self.prefetched.mark(chunk.index);
             }
-            self.fetch(&flights, ReadPurpose::Reader);
+            self.fetch(&flights, purpose);
         }
+        fetched
     }
 
     /// Counts a read served by a chunk the prefetcher brought in.

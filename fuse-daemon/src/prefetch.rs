@@ -170,11 +170,15 @@ impl Prefetcher {
     }
 }
 
-/// Takes the next window of chunks: [start, end) of about `bytes` stored bytes.
-fn next_window(image: &MappedImage, cursor: &Mutex<Cursor>, bytes: u64) -> Option<(u32, u32)> {
+/// Takes the next windows of chunks (`[start, end)`, in the order of the ranges):
+/// about `bytes` stored bytes in all, in at most `MAX_RANGES` windows, one request's
+/// worth (ranges apart in the blob go in one multi-range request).
+fn next_windows(image: &MappedImage, cursor: &Mutex<Cursor>, bytes: u64) -> Vec<(u32, u32)> {
     let bootstrap = image.bootstrap();
     let mut c = cursor.lock().expect("cursor lock");
-    while c.range < c.ranges.len() {
+    let mut windows = Vec::new();
+    let mut taken = 0u64;
+    while c.range < c.ranges.len() && taken < bytes && windows.len() < crate::fetch::MAX_RANGES {
         let (_, end) = c.ranges[c.range];
         if c.next >= end {
             c.range += 1;
@@ -184,16 +188,15 @@ fn next_window(image: &MappedImage, cursor: &Mutex<Cursor>, bytes: u64) -> Optio
             continue;
         }
         let start = c.next;
-        let mut taken = 0u64;
         let mut stop_at = start;
         while stop_at < end && (taken == 0 || taken < bytes) {
             taken += bootstrap.chunk(stop_at).map_or(0, |ch| u64::from(ch.compressed_size));
             stop_at += 1;
         }
         c.next = stop_at;
-        return Some((start, stop_at));
+        windows.push((start, stop_at));
     }
-    None
+    windows
 }
 
 fn run(
@@ -205,27 +208,26 @@ fn run(
     link_free_at: &Mutex<Instant>,
     config: PrefetchConfig,
 ) {
-    while let Some((start, end)) = next_window(image, cursor, config.request_bytes) {
-        let mut at = start;
-        while at < end {
-            if stop.load(Ordering::SeqCst) {
-                return;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let windows = next_windows(image, cursor, config.request_bytes);
+        if windows.is_empty() {
+            return;
+        }
+        let bytes = fetcher.fetch_ranges(&windows, config.request_bytes, crate::backend::ReadPurpose::Background);
+        fetched.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(rate) = config.bandwidth.filter(|r| *r > 0) {
+            let wake = {
+                let mut free = link_free_at.lock().expect("link lock");
+                *free = (*free).max(Instant::now()) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+                *free
+            };
+            let now = Instant::now();
+            if wake > now {
+                std::thread::sleep(wake - now);
             }
-            let (next, bytes) =
-                fetcher.prefetch_from(at, end, config.request_bytes, crate::backend::ReadPurpose::Background);
-            fetched.fetch_add(bytes, Ordering::Relaxed);
-            if let Some(rate) = config.bandwidth.filter(|r| *r > 0) {
-                let wake = {
-                    let mut free = link_free_at.lock().expect("link lock");
-                    *free = (*free).max(Instant::now()) + Duration::from_secs_f64(bytes as f64 / rate as f64);
-                    *free
-                };
-                let now = Instant::now();
-                if wake > now {
-                    std::thread::sleep(wake - now);
-                }
-            }
-            at = next.max(at + 1);
         }
     }
 }

@@ -398,7 +398,8 @@ impl Shared {
                 }
             }
             if !ranges.is_empty() {
-                self.fetcher.read_ahead_ranges(&ranges, REQUEST_BYTES);
+                self.fetcher
+                    .fetch_ranges(&ranges, REQUEST_BYTES, crate::backend::ReadPurpose::Reader);
             }
         }
     }
