@@ -435,7 +435,9 @@ impl Shared {
 /// 6.58 s; 2 MiB 193, 63.6 MB, 6.70 s. These requests run four at once in the
 /// background, so fewer of them did not start the service sooner, but a third fewer
 /// round trips for 6% more bytes is what a registry with per-request costs (or
-/// limits) wants; beyond 128 KiB the bytes grow faster than the requests fall.
+/// limits) wants; beyond 128 KiB the bytes grow faster than the requests fall. With
+/// ranges apart fetched in one multi-range request, bridging still takes fewer
+/// requests (181, 6.59 s, 55.5 MB; without bridging 192, 6.80 s, 53.0 MB).
 fn bridged(image: &MappedImage, chunks: Vec<u32>) -> Vec<(u32, u32)> {
     crate::chunk_ranges::ranges(chunks, |end, next| {
         crate::chunk_ranges::bridgeable_within(image, end, next, GAP_BYTES)
