@@ -893,12 +893,15 @@ impl RegistryClient {
         };
         let mirror = self.mirror_of(response.url().as_str()).map(str::to_string);
         if response.status() == StatusCode::OK {
-            // The whole blob: a mirror still filling its cache, or a source that
-            // does not serve several ranges at once.
-            match &mirror {
-                Some(mirror) => self.warmth.cold(mirror, digest),
-                None => self.no_multi_range("answered with the whole blob"),
+            // The whole blob (dropped unread): a source that does not serve several
+            // ranges at once, or a mirror still filling its cache, which cannot be
+            // told apart from one that does not serve them. Either way this client
+            // reads one range a request from now on, as it did before; a mirror's
+            // warmth is left to those reads to learn.
+            if let Some(mirror) = &mirror {
+                self.warmth.abandon(mirror, digest);
             }
+            self.no_multi_range("answered with the whole blob");
             return delivery.delivered;
         }
         if let Some(mirror) = &mirror {
@@ -930,7 +933,7 @@ impl RegistryClient {
         };
         if let Err(e) = read {
             tracing::debug!(%digest, error = %e, "multi-range read stopped; the rest one range a request");
-            if e.kind() == std::io::ErrorKind::InvalidData && mirror.is_none() {
+            if e.kind() == std::io::ErrorKind::InvalidData {
                 self.no_multi_range(&e.to_string());
             }
         }
