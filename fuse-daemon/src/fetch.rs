@@ -404,27 +404,10 @@ impl Fetcher {
                 return (start + 1, 0);
             };
             plan.retain(|c| c.index < end);
-            plan.into_iter()
-                .map(|chunk| {
-                    let flight = Arc::new(Flight::default());
-                    in_flight.insert(chunk.index, Arc::clone(&flight));
-                    (chunk, flight)
-                })
-                .collect::<Vec<_>>()
+            register(&mut in_flight, plan)
         };
         let next = flights.last().map_or(start + 1, |(c, _)| c.index + 1);
-        let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
-        // The prefetcher reads in the background; readahead is for readers to come.
-        let (requests, fetched) = match purpose {
-            ReadPurpose::Background => (&self.stats.prefetch_requests, &self.stats.prefetch_bytes),
-            ReadPurpose::Reader => (&self.stats.readahead_requests, &self.stats.readahead_bytes),
-        };
-        requests.fetch_add(1, Relaxed);
-        fetched.fetch_add(bytes, Relaxed);
-        for (chunk, _) in &flights {
-            self.prefetched.mark(chunk.index);
-        }
-        self.fetch(&flights, purpose);
+        let bytes = self.fetch_ahead(&flights, purpose);
         (next, bytes)
     }
 
@@ -481,31 +464,31 @@ impl Fetcher {
                     plan.push(chunk);
                     at += 1;
                 }
-                plan.into_iter()
-                    .map(|chunk| {
-                        let flight = Arc::new(Flight::default());
-                        in_flight.insert(chunk.index, Arc::clone(&flight));
-                        (chunk, flight)
-                    })
-                    .collect::<Vec<_>>()
+                register(&mut in_flight, plan)
             };
             if flights.is_empty() {
                 continue;
             }
-            let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
-            let (requests, stored) = match purpose {
-                ReadPurpose::Background => (&self.stats.prefetch_requests, &self.stats.prefetch_bytes),
-                ReadPurpose::Reader => (&self.stats.readahead_requests, &self.stats.readahead_bytes),
-            };
-            requests.fetch_add(1, Relaxed);
-            stored.fetch_add(bytes, Relaxed);
-            fetched += bytes;
-            for (chunk, _) in &flights {
-                self.prefetched.mark(chunk.index);
-            }
-            self.fetch(&flights, purpose);
+            fetched += self.fetch_ahead(&flights, purpose);
         }
         fetched
+    }
+
+    /// Fetches chunks no reader asked for yet (prefetch in the background, readahead
+    /// for readers to come), counted as such; returns their stored bytes.
+    fn fetch_ahead(&self, flights: &[(ChunkInfo, Arc<Flight>)], purpose: ReadPurpose) -> u64 {
+        let bytes: u64 = flights.iter().map(|(c, _)| u64::from(c.compressed_size)).sum();
+        let (requests, stored) = match purpose {
+            ReadPurpose::Background => (&self.stats.prefetch_requests, &self.stats.prefetch_bytes),
+            ReadPurpose::Reader => (&self.stats.readahead_requests, &self.stats.readahead_bytes),
+        };
+        requests.fetch_add(1, Relaxed);
+        stored.fetch_add(bytes, Relaxed);
+        for (chunk, _) in flights {
+            self.prefetched.mark(chunk.index);
+        }
+        self.fetch(flights, purpose);
+        bytes
     }
 
     /// Counts a read served by a chunk the prefetcher brought in.
@@ -659,6 +642,17 @@ impl Fetcher {
         });
         chunks[published..].iter().for_each(|_| publish(Err(Arc::clone(&e))));
     }
+}
+
+/// Registers a flight for each planned chunk (readers wanting one wait for it).
+fn register(in_flight: &mut HashMap<u32, Arc<Flight>>, plan: Vec<ChunkInfo>) -> Vec<(ChunkInfo, Arc<Flight>)> {
+    plan.into_iter()
+        .map(|chunk| {
+            let flight = Arc::new(Flight::default());
+            in_flight.insert(chunk.index, Arc::clone(&flight));
+            (chunk, flight)
+        })
+        .collect()
 }
 
 impl DaemonError {

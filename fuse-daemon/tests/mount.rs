@@ -529,3 +529,53 @@ fn an_elf_file_is_read_ahead_whole_at_its_first_miss() {
         "the data file was not: {after_data:?}"
     );
 }
+
+/// A library's big segment without code (a library of data, as ICU's) is left to
+/// the reads: its code and headers are read ahead at the first miss, the data
+/// segment is not.
+#[test]
+fn a_librarys_big_data_segment_is_not_read_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    use petrel_fixtures::elf::{elf_file, Load};
+    let code = Load {
+        flags: 5,
+        offset: 0,
+        size: 512 << 10,
+    };
+    let tables = Load {
+        flags: 4,
+        offset: 512 << 10,
+        size: 5 << 20,
+    };
+    let filler = Rng::new(33).bytes(6 << 20);
+    let library = elf_file(&[code, tables], (512 << 10) + (5 << 20), &filler);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("lib/libdata.so", &Default::default(), &library);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    let mounted = mount(&config).unwrap();
+    let file = std::fs::File::open(mounted.mountpoint().join("lib/libdata.so")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..], &library[..4096]);
+    wait_until_quiet(&mounted);
+    let before = mounted.stats();
+    file.read_exact_at(&mut buf, 300 << 10).unwrap();
+    assert_eq!(&buf[..], &library[300 << 10..(300 << 10) + 4096]);
+    let after_code = mounted.stats();
+    assert_eq!(
+        after_code.cache_misses, before.cache_misses,
+        "the code was read ahead: {after_code:?}"
+    );
+    assert!(
+        after_code.backend_bytes < (2 << 20),
+        "the data segment was not: {after_code:?}"
+    );
+    file.read_exact_at(&mut buf, 4 << 20).unwrap();
+    assert_eq!(&buf[..], &library[4 << 20..(4 << 20) + 4096]);
+    assert!(mounted.stats().cache_misses > after_code.cache_misses);
+}
