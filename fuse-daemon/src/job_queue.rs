@@ -66,19 +66,27 @@ impl<J> JobQueue<J> {
     }
 
     /// The next job, waiting for one, and with it the jobs waiting behind it (in
-    /// the order `next` would take them) for as long as `more` accepts each; None
-    /// once the queue is closed.
+    /// the order `next` would take them) for as long as `more` accepts each, all
+    /// taken at once (no other worker takes one in between); None once the queue is
+    /// closed.
     pub fn next_batch(&self, mut more: impl FnMut(&J) -> bool) -> Option<Vec<J>> {
-        let first = self.next()?;
-        let mut batch = vec![first];
         let mut state = self.state.lock().expect("job queue lock");
+        let mut batch = Vec::new();
         loop {
+            if state.1 {
+                return None;
+            }
             let candidate = match self.take {
                 Take::Oldest => state.0.front(),
                 Take::Newest => state.0.back(),
             };
-            if !candidate.is_some_and(&mut more) {
-                return Some(batch);
+            match candidate {
+                None if batch.is_empty() => {
+                    state = self.wake.wait(state).expect("job queue lock");
+                    continue;
+                }
+                Some(job) if batch.is_empty() || more(job) => {}
+                _ => return Some(batch),
             }
             let job = match self.take {
                 Take::Oldest => state.0.pop_front(),
@@ -121,5 +129,39 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         queue.close();
         assert_eq!(worker.join().unwrap(), 2, "both taken, then the worker ends");
+    }
+
+    #[test]
+    fn a_batch_takes_what_fits_at_once_and_leaves_the_rest() {
+        let queue = JobQueue::new(16, Take::Newest);
+        queue.push([1u32, 2, 3, 4, 5]);
+        let mut sum = 5;
+        // The first job always; then while the running sum stays within 12.
+        let batch = queue.next_batch(|job| {
+            sum += job;
+            sum <= 12
+        });
+        assert_eq!(batch, Some(vec![5, 4, 3]));
+        assert_eq!(queue.next_batch(|_| true), Some(vec![2, 1]));
+        // Workers waiting at once: every job is taken by exactly one of them.
+        let queue = Arc::new(JobQueue::<u32>::new(64, Take::Oldest));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let queue = Arc::clone(&queue);
+                std::thread::spawn(move || {
+                    let mut taken = Vec::new();
+                    while let Some(batch) = queue.next_batch(|_| true) {
+                        taken.extend(batch);
+                    }
+                    taken
+                })
+            })
+            .collect();
+        queue.push(0..40);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        queue.close();
+        let mut all: Vec<u32> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..40).collect::<Vec<_>>());
     }
 }
