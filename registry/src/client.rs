@@ -22,6 +22,9 @@ pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
 pub const MIN_BODY_BYTES_PER_SECOND: u64 = 128 << 10;
 
 /// The deadline of a bounded read of `len` bytes that starts now.
+/// How long a multi-range request may take before its body (`try_multi_range`).
+const MULTI_RANGE_ATTEMPT: Duration = Duration::from_secs(10);
+
 fn read_deadline(retry: &RetryPolicy, len: u64) -> Instant {
     Instant::now() + retry.max_elapsed + Duration::from_secs_f64(len as f64 / MIN_BODY_BYTES_PER_SECOND as f64)
 }
@@ -877,7 +880,13 @@ impl RegistryClient {
     ) -> Vec<u64> {
         let path = format!("/v2/{repository}/blobs/{digest}");
         let total: u64 = ranges.iter().map(|(_, len)| len).sum();
-        let deadline = read_deadline(&self.retry, total);
+        // One attempt, not the retry budget: what it does not deliver in time is read
+        // one range a request after it, within the usual budget.
+        let one_attempt = RetryPolicy {
+            max_elapsed: self.retry.max_elapsed.min(MULTI_RANGE_ATTEMPT),
+            ..self.retry
+        };
+        let deadline = read_deadline(&one_attempt, total);
         let header = multi_range::range_header(ranges);
         let mut delivery = multi_range::Delivery::new(ranges, sink);
         let response = match self.get_from_any_of_blob(
