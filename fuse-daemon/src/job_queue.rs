@@ -49,20 +49,7 @@ impl<J> JobQueue<J> {
 
     /// The next job, waiting for one; None once the queue is closed.
     pub fn next(&self) -> Option<J> {
-        let mut state = self.state.lock().expect("job queue lock");
-        loop {
-            if state.1 {
-                return None;
-            }
-            let job = match self.take {
-                Take::Oldest => state.0.pop_front(),
-                Take::Newest => state.0.pop_back(),
-            };
-            if job.is_some() {
-                return job;
-            }
-            state = self.wake.wait(state).expect("job queue lock");
-        }
+        self.next_batch(|_| false)?.pop()
     }
 
     /// The next job, waiting for one, and with it the jobs waiting behind it (in
