@@ -11,7 +11,7 @@
 //! optimized image); `--no-containerd` leaves those rows out. Rounds are interleaved;
 //! medians are printed.
 
-use crate::measure::run_shell;
+use crate::measure::{median, run_shell};
 use crate::registry::Registry;
 use crate::relay;
 use anyhow::{bail, Context};
@@ -237,11 +237,6 @@ fn containerd_start(
         requests: 0,
         bytes: relay::BYTES_DOWN.load(std::sync::atomic::Ordering::Relaxed) - before,
     })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// `coldstart`: the startups of every stack over both shaped links of the issue
@@ -501,11 +496,11 @@ fn run_app(
     );
     println!("| start | seconds | vs full pull | requests | MB fetched |");
     println!("|---|---:|---:|---:|---:|");
-    let base = median(&mut results[0].iter().map(|s| s.seconds).collect::<Vec<_>>());
+    let base = median(&results[0].iter().map(|s| s.seconds).collect::<Vec<_>>());
     for ((label, _), runs) in cases.iter().zip(&results) {
-        let seconds = median(&mut runs.iter().map(|s| s.seconds).collect::<Vec<_>>());
-        let requests = median(&mut runs.iter().map(|s| s.requests as f64).collect::<Vec<_>>());
-        let bytes = median(&mut runs.iter().map(|s| s.bytes as f64).collect::<Vec<_>>());
+        let seconds = median(&runs.iter().map(|s| s.seconds).collect::<Vec<_>>());
+        let requests = median(&runs.iter().map(|s| s.requests as f64).collect::<Vec<_>>());
+        let bytes = median(&runs.iter().map(|s| s.bytes as f64).collect::<Vec<_>>());
         println!(
             "| {label} | {seconds:.2} | {:.2} | {} | {:.1} |",
             seconds / base,

@@ -9,7 +9,7 @@
 //! `scripts/bench.sh bigfile [--gib 3] [--rounds 3] [--shaped-mib 256] [--mbit 100] [--rtt-ms 20]`
 
 use crate::lazy_mount::LazyMount;
-use crate::measure::{drop_caches, run_shell};
+use crate::measure::{drop_caches, median, run_shell};
 use crate::registry::Registry;
 use crate::relay;
 use anyhow::{bail, Context};
@@ -155,11 +155,6 @@ fn settled_footprint(cache: &Path) -> anyhow::Result<u64> {
     Ok(last)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut gib = 1.0f64;
     let mut rounds = 3usize;
@@ -290,9 +285,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let random_64k = scattered(&petrel, &image(&addr), &w.join("scatter-64k"), file_bytes, 256, 65536)?;
 
     let mib = |bytes: u64, seconds: f64| bytes as f64 / seconds / (1 << 20) as f64;
-    let (curl, cat_lazy, curl_shaped, cat_shaped) =
-        (median(curl), median(cat_lazy), median(curl_shaped), median(cat_shaped));
-    let (disk, fuse_cached, passthrough) = (median(disk), median(fuse_cached), median(passthrough));
+    let (curl, cat_lazy, curl_shaped, cat_shaped) = (
+        median(&curl),
+        median(&cat_lazy),
+        median(&curl_shaped),
+        median(&cat_shaped),
+    );
+    let (disk, fuse_cached, passthrough) = (median(&disk), median(&fuse_cached), median(&passthrough));
     println!();
     println!(
         "one {gib} GiB model file ({blob_bytes} stored bytes in its blob); medians of {rounds} rounds; page cache dropped before each read"
@@ -305,8 +304,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     println!(
         "| petrel lazy `cat`, loopback ({:.0} requests, {:.2}x the file fetched) | {cat_lazy:.2} s | {:.0} | {:.2} of curl |",
-        median(requests),
-        median(fetched) / file_bytes as f64,
+        median(&requests),
+        median(&fetched) / file_bytes as f64,
         mib(file_bytes, cat_lazy),
         curl / cat_lazy
     );
@@ -316,7 +315,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     println!(
         "| petrel lazy `head -c {shaped_mib}M`, same link ({:.0} requests) | {cat_shaped:.2} s | {:.1} | {:.2} of curl |",
-        median(requests_shaped),
+        median(&requests_shaped),
         mib(shaped_bytes, cat_shaped),
         curl_shaped / cat_shaped
     );
@@ -334,7 +333,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         mib(file_bytes, passthrough),
         passthrough / disk
     );
-    let (disk_warm, fuse_warm, passthrough_warm) = (median(disk_warm), median(fuse_warm), median(passthrough_warm));
+    let (disk_warm, fuse_warm, passthrough_warm) = (median(&disk_warm), median(&fuse_warm), median(&passthrough_warm));
     println!(
         "| `cat` of the plain file, page cache warm (baseline) | {disk_warm:.2} s | {:.0} | 1.00 |",
         mib(file_bytes, disk_warm)
@@ -351,7 +350,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     println!(
         "| node cache on disk once the file is read and materialized (baseline: the file) | {:.2}x the file |||",
-        median(footprints)
+        median(&footprints)
     );
     println!();
     println!("| scattered reads (256 at seeded offsets) | bytes fetched per byte read |");

@@ -4,6 +4,7 @@
 //! costs a node's reads, vs no mirror; and (the containerd bench's last table)
 //! a warmed node restarting its container with the registry gone.
 
+use crate::measure::median;
 use crate::registry::{app_image, Registry};
 use crate::relay;
 use anyhow::{bail, Context};
@@ -72,12 +73,6 @@ fn timed_reads(
         seconds.push(started.elapsed().as_secs_f64());
     }
     Ok(seconds)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {

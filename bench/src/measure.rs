@@ -13,6 +13,13 @@ pub struct Run {
 
 /// Runs `sh -c script` under `/usr/bin/time` and returns its wall time and peak RSS
 /// (the largest of the shell's children).
+/// The median of `values` (0 for none): the upper one of an even count.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
 pub fn run_shell(script: &str) -> anyhow::Result<Run> {
     let rss_file = tempfile::NamedTempFile::new()?;
     let started = Instant::now();

@@ -3,7 +3,7 @@
 //! startup-like read set through a lazy mount vs pulling the whole image with
 //! `skopeo copy` and unpacking it.
 
-use crate::measure::run_shell;
+use crate::measure::{median, run_shell};
 use crate::relay;
 use anyhow::{bail, Context};
 use petrel_fixtures::rng::Rng;
@@ -150,6 +150,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut rtt_ms = 20.0f64;
     let mut mbit = 100.0f64;
     let mut amplify_only = false;
+    let mut convert_only = false;
+    let mut rounds = 1usize;
     let mut i = 0;
     while i < args.len() {
         let value = || args.get(i + 1).context("missing value");
@@ -157,8 +159,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--scale" => scale = value()?.parse()?,
             "--rtt-ms" => rtt_ms = value()?.parse()?,
             "--mbit" => mbit = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse::<usize>()?.max(1),
             "--amplify-only" => {
                 amplify_only = true;
+                i += 1;
+                continue;
+            }
+            "--convert-only" => {
+                convert_only = true;
                 i += 1;
                 continue;
             }
@@ -199,25 +207,74 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     // Conversion vs skopeo copy, registry to registry over loopback (CPU and the
-    // registries' own speed decide), then over the shaped links.
-    let loopback_skopeo = run_shell(&format!(
-        "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/app:v1 docker://{}/loopcopy:v1",
-        source.addr, dest.addr
-    ))?;
-    let loopback_convert = run_shell(&format!(
-        "{} convert docker://{}/app:v1 docker://{}/loop:petrel > /dev/null",
-        petrel.display(),
-        source.addr,
-        dest.addr
-    ))?;
-    let skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/app:v1 docker://{dest_link}/copy:v1"))?;
-    let convert = run_shell(&format!(
-        "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel --json > {}/convert.json",
-        petrel.display(),
-        w.display()
-    ))?;
+    // registries' own speed decide), then over the shaped links; `rounds` times,
+    // interleaved, each round into a registry of its own (skopeo would mount the
+    // blobs an earlier round pushed, and petrel reuse its conversion).
+    let mut times: [Vec<f64>; 4] = Default::default();
+    let mut round_registries = Vec::new();
+    for round in 0..rounds {
+        let (dest, dest_link) = if round == 0 {
+            (&dest, dest_link.clone())
+        } else {
+            let fresh = Registry::start(&w.join(format!("dest{round}")))?;
+            let link = relay::start(&fresh.addr, one_way, bits);
+            round_registries.push(fresh);
+            (round_registries.last().expect("just pushed"), link)
+        };
+        let loopback_skopeo = run_shell(&format!(
+            "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/app:v1 docker://{}/loopcopy{round}:v1",
+            source.addr, dest.addr
+        ))?;
+        let loopback_convert = run_shell(&format!(
+            "{} convert docker://{}/app:v1 docker://{}/loop{round}:petrel > /dev/null",
+            petrel.display(),
+            source.addr,
+            dest.addr
+        ))?;
+        let skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/app:v1 docker://{dest_link}/copy{round}:v1"))?;
+        let convert = run_shell(&format!(
+            "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel --json > {}/convert.json",
+            petrel.display(),
+            w.display()
+        ))?;
+        for (series, run) in times
+            .iter_mut()
+            .zip([loopback_skopeo, loopback_convert, skopeo, convert])
+        {
+            series.push(run.seconds);
+        }
+        eprintln!(
+            "round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
+            round + 1,
+            times[0][round],
+            times[1][round],
+            times[2][round],
+            times[3][round]
+        );
+    }
+    let [loopback_skopeo, loopback_convert, skopeo, convert] = times.map(|series| median(&series));
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("convert.json"))?)?;
     let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
+    println!();
+    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in 4 layers (gzip); medians of {rounds}", image_bytes as f64 / (1 << 20) as f64);
+    println!("| registry -> registry | seconds | vs skopeo copy |");
+    println!("|---|---:|---:|");
+    println!("| loopback: skopeo copy | {:.2} | 1.00 |", loopback_skopeo);
+    println!(
+        "| loopback: petrel convert | {:.2} | {:.2} |",
+        loopback_convert,
+        loopback_convert / loopback_skopeo
+    );
+    println!("| shaped link: skopeo copy | {:.2} | 1.00 |", skopeo);
+    println!(
+        "| shaped link: petrel convert (pull, build, push {} MiB) | {:.2} | {:.2} |",
+        uploaded >> 20,
+        convert,
+        convert / skopeo
+    );
+    if convert_only {
+        return Ok(());
+    }
 
     // Startup: full pull + unpack vs lazy mount + reading the startup set.
     let pull_dir = w.join("pulled");
@@ -263,23 +320,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &[],
     )?;
 
-    println!();
-    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in 4 layers (gzip)", image_bytes as f64 / (1 << 20) as f64);
-    println!("| registry -> registry | seconds | vs skopeo copy |");
-    println!("|---|---:|---:|");
-    println!("| loopback: skopeo copy | {:.1} | 1.00 |", loopback_skopeo.seconds);
-    println!(
-        "| loopback: petrel convert | {:.1} | {:.2} |",
-        loopback_convert.seconds,
-        loopback_convert.seconds / loopback_skopeo.seconds
-    );
-    println!("| shaped link: skopeo copy | {:.1} | 1.00 |", skopeo.seconds);
-    println!(
-        "| shaped link: petrel convert (pull, build, push {} MiB) | {:.1} | {:.2} |",
-        uploaded >> 20,
-        convert.seconds,
-        convert.seconds / skopeo.seconds
-    );
     println!();
     println!(
         "startup read set: {} files, {} MiB read",
