@@ -402,7 +402,16 @@ impl RegistryClient {
             if deadline.is_some() {
                 request = request.timeout(attempts.remaining().max(Duration::from_millis(1)));
             }
+            let sent = Instant::now();
             let outcome = request.send();
+            if let Ok(response) = &outcome {
+                tracing::debug!(
+                    url,
+                    status = response.status().as_u16(),
+                    ms = sent.elapsed().as_millis() as u64,
+                    "{method_name}"
+                );
+            }
             let (hint, last) = match outcome {
                 Ok(response) if response.status() == StatusCode::UNAUTHORIZED && auth_rounds < 2 => {
                     auth_rounds += 1;
