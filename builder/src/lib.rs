@@ -172,18 +172,14 @@ impl ImageBuilder {
         self.sink.seal()
     }
 
-    /// Also seals blobs ([`Self::seal`]) of the new chunks of the layer added next,
-    /// mid-layer, as `schedule` says, handing each to `to`: a big layer is pushed
+    /// Also seals a blob ([`Self::seal`]) whenever `every` bytes of new chunks
+    /// are spooled unsealed, mid-layer, handing each to `to`: a big layer is pushed
     /// while it is still read. Nothing is sealed in a build with a prefetch profile.
-    pub fn auto_seal(
-        &mut self,
-        schedule: pipeline::SealSchedule,
-        to: std::sync::mpsc::Sender<Result<pipeline::SealedBlob>>,
-    ) -> Result<()> {
+    pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<pipeline::SealedBlob>>) -> Result<()> {
         if !self.options.prefetch.is_empty() {
             return Ok(());
         }
-        self.sink.auto_seal(schedule, to)
+        self.sink.auto_seal(every, to)
     }
 
     /// Writes the blob and bootstrap.

@@ -87,15 +87,15 @@ enum Work {
     Chunk(Vec<u8>, Option<ChunkKey>),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
-    /// From now on, seal blobs as the schedule says.
-    AutoSeal(SealSchedule, std::sync::mpsc::Sender<Result<SealedBlob>>),
+    /// From now on, seal whenever this many bytes are spooled unsealed.
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// What a worker hands the collector, in submission order.
 enum Done {
     Chunk(EncodedChunk, Option<ChunkKey>),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
-    AutoSeal(SealSchedule, std::sync::mpsc::Sender<Result<SealedBlob>>),
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// A blob written mid-build from the chunks spooled since the previous one (a
@@ -107,62 +107,6 @@ pub struct SealedBlob {
     pub blob: crate::dict::DictBlob,
     pub path: std::path::PathBuf,
 }
-
-/// How big the blobs a build seals on its own are, mid-layer
-/// ([`Pipeline::auto_seal`]): a function of the bytes of the layer's new chunks
-/// sealed so far and of the bytes the layer is expected to store (its compressed
-/// size), so where blobs end depends on the layer's chunks only.
-///
-/// Blobs are `min` bytes until the layer has sealed `growth` of them, then each is
-/// `1/growth` of what the layer sealed before it, up to `max`: a layer of any size
-/// is cut into a number of blobs that grows with the logarithm of its size.
-/// Toward the expected end of a layer bigger than a few blobs, each is at most
-/// half of what is left, down to `tail`, and past it (the layer stores more than
-/// expected) `tail` again, growing the same way: little is left to push once the
-/// layer's last byte is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SealSchedule {
-    pub expected: u64,
-    pub min: u64,
-    pub max: u64,
-    pub growth: u64,
-    pub tail: u64,
-}
-
-impl SealSchedule {
-    /// One size for every blob.
-    pub fn every(bytes: u64) -> Self {
-        SealSchedule {
-            expected: u64::MAX,
-            min: bytes,
-            max: bytes,
-            growth: 1,
-            tail: bytes,
-        }
-    }
-
-    /// The size of the next blob, after `sealed` bytes of the layer.
-    pub fn next_blob(&self, sealed: u64) -> u64 {
-        let max = self.max.max(1);
-        let min = self.min.clamp(1, max);
-        let tail = self.tail.clamp(1, min);
-        let growth = self.growth.max(1);
-        let grown = (sealed / growth).clamp(min, max);
-        // A layer of a few blobs is cut evenly (one that fits in `min` stays
-        // whole); only a bigger one ends with small blobs.
-        if self.expected <= SMALL_LAYER_BLOBS * min {
-            return grown;
-        }
-        if sealed >= self.expected {
-            return ((sealed - self.expected) / growth).clamp(tail, max);
-        }
-        grown.min(((self.expected - sealed) / 2).max(tail))
-    }
-}
-
-/// Layers expected to store at most this many `min`-sized blobs are not cut
-/// smaller toward their end ([`SealSchedule`]).
-const SMALL_LAYER_BLOBS: u64 = 4;
 
 /// The running pipeline.
 #[derive(Debug)]
@@ -239,11 +183,10 @@ impl Pipeline {
     }
 
     /// From the chunks submitted next on, seals a blob ([`Self::seal`]) whenever
-    /// as many bytes as `schedule` says are spooled unsealed, handing each to `to`
-    /// (at chunk boundaries, so where blobs end depends on the chunks only). The
-    /// schedule counts from here: call it at the start of each layer.
-    pub fn auto_seal(&mut self, schedule: SealSchedule, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
-        self.send(Work::AutoSeal(schedule, to))
+    /// `every` bytes are spooled unsealed, handing each to `to` (at chunk
+    /// boundaries, so where blobs end depends on the chunks only).
+    pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
+        self.send(Work::AutoSeal(every.max(1), to))
     }
 
     fn send(&mut self, work: Work) -> Result<()> {
@@ -296,8 +239,8 @@ fn worker(
                 }
                 continue;
             }
-            Work::AutoSeal(schedule, to) => {
-                if results.send((job.seq, Done::AutoSeal(schedule, to))).is_err() {
+            Work::AutoSeal(every, to) => {
+                if results.send((job.seq, Done::AutoSeal(every, to))).is_err() {
                     return;
                 }
                 continue;
@@ -350,20 +293,13 @@ fn collect(
         first_blob: dict.blobs.len(),
         blobs_dir,
     };
-    // The schedule, where its layer started in the spool, and where sealed blobs go.
-    let mut auto_seal: Option<(SealSchedule, u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
+    let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
         pending.insert(seq, done);
         while let Some(done) = pending.remove(&next_seq) {
             next_seq += 1;
-            if let Some((schedule, layer_start, to)) = &auto_seal {
-                let sealed = sealer.sealed_up_to.saturating_sub(*layer_start);
-                let unsealed = spool_len - sealer.sealed_up_to;
-                if unsealed >= schedule.next_blob(sealed) {
-                    tracing::debug!(
-                        "sealing {unsealed} bytes after {sealed} of a layer expected to store {}",
-                        schedule.expected
-                    );
+            if let Some((every, to)) = &auto_seal {
+                if spool_len - sealer.sealed_up_to >= *every {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
                         None => sealer.seal(&mut writer, &mut chunks, spool_len),
@@ -383,8 +319,8 @@ fn collect(
                     let _ = reply.send(answer);
                     continue;
                 }
-                Done::AutoSeal(schedule, to) => {
-                    auto_seal = Some((schedule, spool_len, to));
+                Done::AutoSeal(every, to) => {
+                    auto_seal = Some((every, to));
                     continue;
                 }
             };
@@ -624,63 +560,5 @@ mod tests {
         for (i, &chunk) in collected.chunk_of_submission.iter().enumerate() {
             assert_eq!(chunk as usize, i % 7, "first-seen order keeps chunk ids stable");
         }
-    }
-
-    /// The blob sizes a layer is cut into, if every blob were exactly its size.
-    fn cuts(schedule: SealSchedule, stored: u64) -> Vec<u64> {
-        let mut sealed = 0;
-        let mut sizes = Vec::new();
-        while sealed < stored {
-            let size = schedule.next_blob(sealed).min(stored - sealed);
-            sizes.push(size);
-            sealed += size;
-        }
-        sizes
-    }
-
-    #[test]
-    fn a_layer_is_cut_small_first_growing_then_small_toward_its_end() {
-        const MIB: u64 = 1 << 20;
-        let schedule = SealSchedule {
-            expected: 40 * MIB,
-            min: 4 * MIB,
-            max: 512 * MIB,
-            growth: 8,
-            tail: MIB,
-        };
-        assert_eq!(
-            cuts(schedule, 40 * MIB),
-            [4, 4, 4, 4, 4, 4, 4, 4, 4, 2, 1, 1].map(|m| m * MIB),
-            "pushing starts after 4 MiB; the last blobs leave little to push"
-        );
-        // A layer that stores more than its compressed size said: from the
-        // expected end on, small blobs that grow.
-        let over = cuts(schedule, 44 * MIB);
-        assert_eq!(&over[over.len() - 4..], [MIB, MIB, MIB, MIB]);
-        let big = SealSchedule {
-            expected: 1 << 30,
-            ..schedule
-        };
-        let sizes = cuts(big, 1 << 30);
-        assert_eq!(sizes.iter().sum::<u64>(), 1 << 30);
-        assert!(sizes.len() <= 48, "{} blobs for 1 GiB: {sizes:?}", sizes.len());
-        assert!(*sizes.iter().max().unwrap() <= 512 * MIB);
-        assert!(*sizes.last().unwrap() <= MIB);
-        // Hostile: a layer storing far more than its compressed size said.
-        let overrun = cuts(schedule, 100 << 30);
-        assert!(overrun.len() < 400, "{} blobs", overrun.len());
-        assert_eq!(cuts(SealSchedule::every(MIB), 3 * MIB), [MIB, MIB, MIB]);
-        // Small layers: one blob, or a few even ones, however much they store.
-        let small = SealSchedule {
-            expected: 3 * MIB,
-            ..schedule
-        };
-        assert_eq!(cuts(small, 3 * MIB), [3 * MIB]);
-        assert_eq!(cuts(small, 10 * MIB), [4 * MIB, 4 * MIB, 2 * MIB]);
-        let few = SealSchedule {
-            expected: 16 * MIB,
-            ..schedule
-        };
-        assert_eq!(cuts(few, 14 * MIB), [4 * MIB, 4 * MIB, 4 * MIB, 2 * MIB]);
     }
 }

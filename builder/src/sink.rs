@@ -127,15 +127,15 @@ impl ChunkSink {
         self.pipeline.seal()
     }
 
-    /// Seals blobs as `schedule` says ([`Pipeline::auto_seal`]).
+    /// Seals a blob whenever `every` bytes are spooled unsealed ([`Pipeline::auto_seal`]).
     pub fn auto_seal(
         &mut self,
-        schedule: crate::pipeline::SealSchedule,
+        every: u64,
         to: std::sync::mpsc::Sender<Result<crate::pipeline::SealedBlob, BuildError>>,
     ) -> Result<(), BuildError> {
         // Sealed blobs lay their chunks out depth first by their files' paths.
         self.keyed = true;
-        self.pipeline.auto_seal(schedule, to)
+        self.pipeline.auto_seal(every, to)
     }
 
     /// The path (cleaned components) of the file whose data comes next.
