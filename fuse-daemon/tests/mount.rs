@@ -388,6 +388,8 @@ fn a_miss_reads_its_directory_small_files_ahead() {
         let after = mounted.stats();
         // (x0 may share a chunk with the last files of app/; x9 does not.)
         assert_eq!(std::fs::read(root.join("other/x9.py")).unwrap(), module(109));
+        // A fetch wakes its readers before it counts its bytes: wait for the count.
+        wait_until_quiet(&mounted);
         let other = mounted.stats();
         mounted.unmount().unwrap();
         (before, after, other)
