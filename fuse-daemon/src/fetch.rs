@@ -8,7 +8,7 @@ use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
 use crate::stats::Stats;
-use petrel_format::codec::decode_chunk;
+use petrel_format::codec::decode_chunk_owned;
 use petrel_format::reader::{ChunkInfo, FileSegment, SegmentSource};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -555,17 +555,16 @@ impl Fetcher {
                 return;
             }
         };
-        // Runs of contiguous chunks: (first chunk's position in `chunks`, stored range).
-        let mut runs: Vec<(usize, u64, u64)> = Vec::new();
-        for (position, chunk) in chunks.iter().enumerate() {
-            let end = chunk.compressed_offset + u64::from(chunk.compressed_size);
-            match runs.last_mut() {
-                Some((_, start, len)) if *start + *len == chunk.compressed_offset => *len = end - *start,
-                _ => runs.push((position, chunk.compressed_offset, u64::from(chunk.compressed_size))),
+        // Runs of contiguous chunks, as stored ranges (offset, length).
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for chunk in chunks {
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == chunk.compressed_offset => {
+                    *len += u64::from(chunk.compressed_size);
+                }
+                _ => ranges.push((chunk.compressed_offset, u64::from(chunk.compressed_size))),
             }
         }
-        let run_of = |position: usize| runs.partition_point(|(first, ..)| *first <= position) - 1;
-        let ranges: Vec<(u64, u64)> = runs.iter().map(|(_, start, len)| (*start, *len)).collect();
         let (start, end) = (ranges[0].0, ranges[ranges.len() - 1].0 + ranges[ranges.len() - 1].1);
         self.stats.backend_requests.fetch_add(1, Relaxed);
         tracing::debug!(
@@ -577,22 +576,28 @@ impl Fetcher {
             ?purpose,
             "fetching"
         );
-        let mut received: Vec<Vec<u8>> = ranges
-            .iter()
-            .map(|(_, len)| Vec::with_capacity(*len as usize))
-            .collect();
+        // The ranges arrive in order, each in order, so the bytes are the chunks'
+        // stored bytes one after another: each is gathered in a buffer of its own
+        // size and decoded as soon as it is whole (a plain chunk keeps its buffer).
+        let mut received = 0usize;
         let mut published = 0usize;
         let mut verified = 0u64;
-        let mut sink = |range: usize, piece: &[u8]| {
-            received[range].extend_from_slice(piece);
+        let mut current: Vec<u8> = Vec::new();
+        let mut sink = |_range: usize, mut piece: &[u8]| {
+            received += piece.len();
             while let Some(chunk) = chunks.get(published) {
-                let run = run_of(published);
-                let at = (chunk.compressed_offset - runs[run].1) as usize;
-                let Some(stored) = received[run].get(at..at + chunk.compressed_size as usize) else {
+                let size = chunk.compressed_size as usize;
+                if current.capacity() == 0 {
+                    current.reserve_exact(size);
+                }
+                let take = (size - current.len()).min(piece.len());
+                current.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if current.len() < size {
                     break;
-                };
+                }
                 published += 1;
-                match decode_chunk(chunk, stored) {
+                match decode_chunk_owned(chunk, std::mem::take(&mut current)) {
                     Ok(plain) => {
                         verified += 1;
                         publish(Ok(Arc::new(plain)));
@@ -618,7 +623,6 @@ impl Fetcher {
                 .stream_range(&blob.digest, *offset, *len, purpose, &mut |piece| sink(0, piece)),
             _ => self.backend.stream_ranges(&blob.digest, &ranges, purpose, &mut sink),
         };
-        let received: usize = received.iter().map(Vec::len).sum();
         self.stats.backend_bytes.fetch_add(received as u64, Relaxed);
         self.stats.chunks_fetched.fetch_add(verified, Relaxed);
         if published == chunks.len() {
