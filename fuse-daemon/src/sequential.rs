@@ -26,8 +26,12 @@ const FIRST_WINDOW: u64 = 1 << 20;
 const TRIGGER_BYTES: u64 = 512 << 10;
 /// How far out of order a read may be and still continue its stream.
 const SLACK: u64 = 2 << 20;
-/// Stored bytes per readahead request.
-const REQUEST_BYTES: u64 = 4 << 20;
+/// Stored bytes per readahead request. Measured with a lazy `cat` of a 2 GiB
+/// incompressible file from a loopback registry on 2 cores (medians of 4): 4 MiB
+/// 3.60 s, 8 MiB 3.27 s, 16 MiB 3.07 s, 32 MiB 3.33 s. docker-registry spends
+/// CPU per request (2.66 core-seconds at 4 MiB, 1.71 at 16 MiB), and a larger
+/// request holds more decoded bytes while its readers wait.
+const REQUEST_BYTES: u64 = 16 << 20;
 /// Readahead requests in flight at once (all files together).
 pub const PARALLEL: usize = 4;
 /// Requests waiting at most; beyond this the oldest are dropped.
