@@ -47,6 +47,33 @@ pub fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
+/// Syncs, then waits (at most a minute) until the disks have written nothing for
+/// two seconds: a cold read timed right after gigabytes were written or removed
+/// (writeback, `discard`) runs at a fraction of the disk's speed, whoever reads.
+pub fn quiet_disks() {
+    let _ = Command::new("sync").status();
+    let written = || -> u64 {
+        // /proc/diskstats: field 10 (from 1) is sectors written; whole disks and
+        // partitions alike, so the sum only has to stop changing.
+        std::fs::read_to_string("/proc/diskstats")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(9)?.parse::<u64>().ok())
+            .sum()
+    };
+    let started = std::time::Instant::now();
+    let (mut last, mut quiet_since) = (written(), std::time::Instant::now());
+    while quiet_since.elapsed() < std::time::Duration::from_secs(2)
+        && started.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let now = written();
+        if now != last {
+            (last, quiet_since) = (now, std::time::Instant::now());
+        }
+    }
+}
+
 /// Total bytes of regular files below `dir`.
 pub fn tree_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
