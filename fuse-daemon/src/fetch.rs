@@ -206,6 +206,19 @@ impl Fetcher {
         })
     }
 
+    /// Waits (at most `timeout`) until no fetch is under way: what was fetched is
+    /// then stored. False when fetches were still running at the deadline.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.in_flight.lock().expect("in-flight lock").is_empty() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Whether chunk `index` was fetched and verified and is being stored now.
     pub fn is_landing(&self, index: u32) -> bool {
         self.in_flight

@@ -214,3 +214,35 @@ fn misses_in_blob_order_grow_the_window_and_scattered_ones_do_not() {
     assert_eq!(lengths.len(), count.div_ceil(16) as usize, "{lengths:?}");
     assert!(lengths.iter().all(|&l| l <= AMPLIFY + (256 << 10)), "{lengths:?}");
 }
+
+#[test]
+fn waiting_for_idle_lasts_until_a_fetch_under_way_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image(dir.path());
+    let backend = backend(&image);
+    let storage = open_storage(
+        &dir.path().join("cache"),
+        backend.clone(),
+        &bootstrap(&image),
+        "t",
+        0,
+        None,
+    )
+    .unwrap();
+    let fetcher = Arc::clone(&storage.fetcher);
+    let reader = std::thread::spawn(move || fetcher.ensure(2, 2).is_ok());
+    // The backend takes 200 ms a read: the fetch is under way.
+    while backend.reads.load(SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !storage.fetcher.wait_idle(Duration::from_millis(20)),
+        "a fetch is under way"
+    );
+    assert!(storage.fetcher.wait_idle(Duration::from_secs(10)));
+    assert!(
+        storage.fetcher.cache().is_ready(2),
+        "once idle, what was fetched is cached (a daemon unmounting waits for this)"
+    );
+    assert!(reader.join().unwrap());
+}
