@@ -57,17 +57,9 @@ fn bootstrap(image: &Path) -> PathBuf {
 #[test]
 fn concurrent_readers_of_one_chunk_share_one_fetch() {
     let dir = tempfile::tempdir().unwrap();
-    let image = image(dir.path());
+    let (image, cache_dir) = (image(dir.path()), dir.path().join("cache"));
     let backend = backend(&image);
-    let storage = open_storage(
-        &dir.path().join("cache"),
-        backend.clone(),
-        &bootstrap(&image),
-        "t",
-        0,
-        None,
-    )
-    .unwrap();
+    let storage = open_storage(&cache_dir, backend.clone(), &bootstrap(&image), "t", 0, None).unwrap();
     let readers: Vec<_> = (0..16)
         .map(|_| {
             let fetcher = Arc::clone(&storage.fetcher);
@@ -218,17 +210,9 @@ fn misses_in_blob_order_grow_the_window_and_scattered_ones_do_not() {
 #[test]
 fn waiting_for_idle_lasts_until_a_fetch_under_way_is_cached() {
     let dir = tempfile::tempdir().unwrap();
-    let image = image(dir.path());
+    let (image, cache_dir) = (image(dir.path()), dir.path().join("cache"));
     let backend = backend(&image);
-    let storage = open_storage(
-        &dir.path().join("cache"),
-        backend.clone(),
-        &bootstrap(&image),
-        "t",
-        0,
-        None,
-    )
-    .unwrap();
+    let storage = open_storage(&cache_dir, backend.clone(), &bootstrap(&image), "t", 0, None).unwrap();
     let fetcher = Arc::clone(&storage.fetcher);
     let reader = std::thread::spawn(move || fetcher.ensure(2, 2).is_ok());
     // The backend takes 200 ms a read: the fetch is under way.
