@@ -60,24 +60,22 @@ fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
 /// Decodes the stored bytes of a chunk and checks them against its digest.
 /// Never returns bytes that fail the check.
 pub fn decode_chunk(chunk: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
-    check_stored_size(chunk, stored)?;
-    let plain = if chunk.compressed {
-        decompress_chunk(chunk, stored)?
-    } else {
-        stored.to_vec()
-    };
-    check_digest(chunk, plain)
+    decode(chunk, std::borrow::Cow::Borrowed(stored))
 }
 
 /// `decode_chunk` taking the stored bytes by value: a chunk stored plain is checked
 /// and handed back in the same buffer, never copied (a fetch of big, incompressible
 /// files moves each byte once fewer).
 pub fn decode_chunk_owned(chunk: &ChunkInfo, stored: Vec<u8>) -> Result<Vec<u8>> {
+    decode(chunk, std::borrow::Cow::Owned(stored))
+}
+
+fn decode(chunk: &ChunkInfo, stored: std::borrow::Cow<'_, [u8]>) -> Result<Vec<u8>> {
     check_stored_size(chunk, &stored)?;
     let plain = if chunk.compressed {
         decompress_chunk(chunk, &stored)?
     } else {
-        stored
+        stored.into_owned()
     };
     check_digest(chunk, plain)
 }
