@@ -34,7 +34,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 
     /// Several ranges (offset, length; ascending, apart) of one blob, each range's
-    /// bytes handed to `sink(range, piece)` in order, every byte once: in one request
+    /// bytes handed to `sink(range, piece)` in order, ranges in order (the fetcher
+    /// reads the pieces as one stream of chunks), every byte once: in one request
     /// where the backend can (a registry answering multi-range requests), else one
     /// range after another.
     fn stream_ranges(
