@@ -31,7 +31,7 @@ impl LazyMount {
             .arg(dir.join("run"))
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(daemon_log(dir)?)
             .spawn()?;
         while !is_mounted(&mountpoint) {
             if started.elapsed() > Duration::from_secs(120) {
@@ -61,6 +61,20 @@ impl LazyMount {
             .output()?;
         Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["stats"].clone())
     }
+}
+
+/// Where the daemon's log goes: `$PETREL_BENCH_LOGS/<run dir name>.log` when that
+/// variable names a directory (with `PETREL_LOG`, e.g. `debug`, to see every fetch),
+/// otherwise nowhere.
+fn daemon_log(dir: &Path) -> anyhow::Result<Stdio> {
+    let Some(logs) = std::env::var_os("PETREL_BENCH_LOGS") else {
+        return Ok(Stdio::null());
+    };
+    let name = dir
+        .file_name()
+        .map_or_else(|| "mount".into(), |n| n.to_string_lossy().into_owned());
+    std::fs::create_dir_all(&logs)?;
+    Ok(std::fs::File::create(Path::new(&logs).join(format!("{name}.log")))?.into())
 }
 
 impl Drop for LazyMount {

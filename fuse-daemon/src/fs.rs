@@ -12,6 +12,7 @@ use fuser::{
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
+use petrel_format::reader::SegmentSource;
 use petrel_format::{Bootstrap, FileKind, FormatError, Inode};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -311,6 +312,10 @@ impl Filesystem for PetrelFs {
         if let Some(sequential) = &self.sequential {
             sequential.observed(ino, offset, u64::from(size));
         }
+        let first_chunk = segments.iter().find_map(|s| match s.source {
+            SegmentSource::Chunk { index, .. } => Some(index),
+            SegmentSource::Hole => None,
+        });
         let serve = {
             let fetcher = Arc::clone(&self.fetcher);
             let stats = Arc::clone(&self.stats);
@@ -330,7 +335,7 @@ impl Filesystem for PetrelFs {
             serve();
         } else {
             self.workers.run(Box::new(serve));
-            tracing::debug!(ino, offset, size, "read misses the cache");
+            tracing::debug!(ino, offset, size, ?first_chunk, "read misses the cache");
             if let Some(readahead) = &self.readahead {
                 readahead.missed(ino);
             }

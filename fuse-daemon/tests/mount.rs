@@ -332,6 +332,9 @@ fn a_fetch_holds_a_bounded_number_of_decoded_bytes() {
     let mut buf = vec![0u8; 4096];
     file.read_exact_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|b| *b == 1));
+    // A fetch wakes its readers before it counts its chunks (and the fetch may be
+    // the readahead's look at the file's head, which the read joined): wait for it.
+    wait_until_quiet(&mounted);
     let stats = mounted.stats();
     // The amplification window (256 KiB of stored bytes) covers all 8 chunks, but one
     // request may decode at most MAX_REQUEST_DECODED_BYTES.
@@ -446,6 +449,15 @@ fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
             );
         }
     }
+    // The package's test suite, which a start does not import.
+    w.file("site/pkg/tests/__init__.py", &Default::default(), b"\n");
+    for t in 0..10u64 {
+        w.file(
+            &format!("site/pkg/tests/__pycache__/test_{t}.cpython-311.pyc"),
+            &Default::default(),
+            &body(3000 + t),
+        );
+    }
     w.file("site/other/__init__.py", &Default::default(), b"\n");
     for i in 0..30 {
         w.file(
@@ -461,7 +473,7 @@ fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
     let mounted = mount(&config).unwrap();
     let root = mounted.mountpoint().to_path_buf();
     // The kernel learns where the package is as an import would: by looking it up.
-    for sub in subs {
+    for sub in subs.iter().chain(&["tests"]) {
         std::fs::metadata(root.join("site/pkg").join(sub).join("__pycache__")).unwrap();
     }
     assert_eq!(
@@ -486,6 +498,14 @@ fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
     assert!(
         after.backend_bytes < 41 * 30_000 + 300_000,
         "another package is its own: {after:?}"
+    );
+    // The test suite was left out: its modules are read when they are imported.
+    let path = root.join("site/pkg/tests/__pycache__/test_9.cpython-311.pyc");
+    assert_eq!(std::fs::read(path).unwrap(), body(3009));
+    let tests = mounted.stats();
+    assert!(
+        tests.cache_misses > after.cache_misses,
+        "the package's tests were not read ahead: {after:?} then {tests:?}"
     );
     mounted.unmount().unwrap();
 }
@@ -580,4 +600,142 @@ fn a_librarys_big_data_segment_is_not_read_ahead() {
     file.read_exact_at(&mut buf, 4 << 20).unwrap();
     assert_eq!(&buf[..], &library[4 << 20..(4 << 20) + 4096]);
     assert!(mounted.stats().cache_misses > after_code.cache_misses);
+}
+
+/// An executable's first miss reads ahead the libraries it needs (`DT_NEEDED`,
+/// found where the loader looks) and its program interpreter, so the loader finds
+/// them cached; a library nothing needs is left alone. Real files of this machine:
+/// `/usr/bin/true`, its C library and its loader.
+#[test]
+fn an_executables_first_miss_reads_its_libraries_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let program = std::fs::read("/usr/bin/true").unwrap();
+    let head = petrel_fuse_daemon::elf_needs::ElfHead::parse(&program).expect("a dynamic ELF executable");
+    let interpreter = String::from_utf8(head.interpreter(&program).expect("an interpreter").to_vec()).unwrap();
+    let libc = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6")
+        .or_else(|_| std::fs::read("/lib/aarch64-linux-gnu/libc.so.6"))
+        .unwrap();
+    let loader = std::fs::read(&interpreter).unwrap();
+    let unrelated = std::fs::read(std::fs::canonicalize("/usr/bin/ls").unwrap()).unwrap();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let executable = petrel_fixtures::layer_writer::EntryMeta::mode(0o755);
+    w.file("usr/bin/prog", &executable, &program);
+    w.file("usr/lib/libc.so.6", &Default::default(), &libc);
+    w.file("usr/lib/libunneeded.so.1", &Default::default(), &unrelated);
+    w.file(interpreter.trim_start_matches('/'), &Default::default(), &loader);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    let mounted = mount(&config).unwrap();
+    let root = mounted.mountpoint().to_path_buf();
+    // The loader's first read: the executable's header.
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(root.join("usr/bin/prog"))
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf[..], &program[..4096]);
+    wait_until_quiet(&mounted);
+    let before = mounted.stats();
+    assert_eq!(std::fs::read(root.join("usr/lib/libc.so.6")).unwrap(), libc);
+    assert_eq!(
+        std::fs::read(root.join(interpreter.trim_start_matches('/'))).unwrap(),
+        loader
+    );
+    let after = mounted.stats();
+    assert_eq!(
+        after.cache_misses, before.cache_misses,
+        "the C library and the loader were read ahead: {before:?} then {after:?}"
+    );
+    assert_eq!(std::fs::read(root.join("usr/lib/libunneeded.so.1")).unwrap(), unrelated);
+    let unneeded = mounted.stats();
+    assert!(
+        unneeded.cache_misses > after.cache_misses,
+        "a library nothing needs was not: {unneeded:?}"
+    );
+    mounted.unmount().unwrap();
+}
+
+/// The first miss in a Node package reads ahead the packages it depends on (the
+/// `dependencies` of its `package.json`, found where `require` looks), and theirs:
+/// their manifests and scripts, not their tests; a package nothing depends on is
+/// left alone.
+#[test]
+fn a_miss_in_a_node_package_reads_its_dependencies_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    // Big enough to have chunks of their own (small files share chunks).
+    let body = |i: u64| Rng::new(1100 + i).bytes(80_000);
+    let manifest = |deps: &[&str]| {
+        let deps: Vec<String> = deps.iter().map(|d| format!("\"{d}\": \"^1.0.0\"")).collect();
+        format!("{{\"name\": \"x\", \"dependencies\": {{{}}}}}", deps.join(", ")).into_bytes()
+    };
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let meta = Default::default();
+    w.file("srv/app/package.json", &meta, &manifest(&["express"]));
+    w.file("srv/app/index.js", &meta, &body(0));
+    // Installed by npm: a flat node_modules, one dependency scoped.
+    let modules = "srv/app/node_modules";
+    w.file(
+        &format!("{modules}/express/package.json"),
+        &meta,
+        &manifest(&["@scope/router", "send"]),
+    );
+    w.file(&format!("{modules}/express/index.js"), &meta, &body(1));
+    w.file(&format!("{modules}/express/lib/app.js"), &meta, &body(2));
+    w.file(&format!("{modules}/@scope/router/package.json"), &meta, &manifest(&[]));
+    w.file(&format!("{modules}/@scope/router/index.js"), &meta, &body(3));
+    w.file(
+        &format!("{modules}/send/package.json"),
+        &meta,
+        &manifest(&["../../../../etc"]),
+    );
+    w.file(&format!("{modules}/send/index.js"), &meta, &body(4));
+    w.file(&format!("{modules}/send/test/send.test.js"), &meta, &body(5));
+    w.file(&format!("{modules}/unused/package.json"), &meta, &manifest(&[]));
+    w.file(&format!("{modules}/unused/index.js"), &meta, &body(6));
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    let mounted = mount(&config).unwrap();
+    let root = mounted.mountpoint().join("srv/app");
+    assert_eq!(std::fs::read(root.join("index.js")).unwrap(), body(0));
+    wait_until_quiet(&mounted);
+    let before = mounted.stats();
+    for (path, i) in [
+        ("express/index.js", 1),
+        ("express/lib/app.js", 2),
+        ("@scope/router/index.js", 3),
+        ("send/index.js", 4),
+    ] {
+        assert_eq!(
+            std::fs::read(root.join("node_modules").join(path)).unwrap(),
+            body(i),
+            "{path}"
+        );
+    }
+    assert!(std::fs::read(root.join("node_modules/send/package.json")).is_ok());
+    let after = mounted.stats();
+    assert_eq!(
+        after.cache_misses, before.cache_misses,
+        "the dependencies and theirs were read ahead: {before:?} then {after:?}"
+    );
+    for (path, i, what) in [
+        ("send/test/send.test.js", 5, "a dependency's tests"),
+        ("unused/index.js", 6, "a package nothing depends on"),
+    ] {
+        let earlier = mounted.stats();
+        assert_eq!(std::fs::read(root.join("node_modules").join(path)).unwrap(), body(i));
+        let later = mounted.stats();
+        assert!(
+            later.cache_misses > earlier.cache_misses,
+            "{what} was not read ahead: {later:?}"
+        );
+    }
+    mounted.unmount().unwrap();
 }
