@@ -619,12 +619,20 @@ fn an_executables_first_miss_reads_its_libraries_ahead() {
         .unwrap();
     let loader = std::fs::read(&interpreter).unwrap();
     let unrelated = std::fs::read(std::fs::canonicalize("/usr/bin/ls").unwrap()).unwrap();
+    // Laid out as a merged-/usr Debian is: `/lib64` (or `/lib`) and a library's
+    // name are symlinks.
+    let (top, rest) = interpreter.trim_start_matches('/').split_once('/').unwrap();
     let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
     let executable = petrel_fixtures::layer_writer::EntryMeta::mode(0o755);
     w.file("usr/bin/prog", &executable, &program);
-    w.file("usr/lib/libc.so.6", &Default::default(), &libc);
+    w.file("usr/lib/libc.so.6.real", &Default::default(), &libc);
+    w.symlink("usr/lib/libc.so.6", "libc.so.6.real");
     w.file("usr/lib/libunneeded.so.1", &Default::default(), &unrelated);
-    w.file(interpreter.trim_start_matches('/'), &Default::default(), &loader);
+    w.file(&format!("usr/{top}/{rest}"), &Default::default(), &loader);
+    w.symlink(top, &format!("usr/{top}"));
+    if top != "lib" {
+        w.symlink("lib", "usr/lib");
+    }
     let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
     let mut config = fixture.config("mnt");
     config.amplify_bytes = 0;
