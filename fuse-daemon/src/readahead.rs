@@ -118,9 +118,10 @@ struct Shared {
 enum Job {
     /// Chunks `[start, end)`.
     Chunks(u32, u32),
-    /// File `ino` missed for the first time: once its first chunk is in, an ELF file
-    /// is fetched whole.
-    ElfProbe(u32),
+    /// File `ino` missed for the first time, or needed by one that did: once its
+    /// first chunk is in, an ELF file is fetched whole, and with `needs` the
+    /// libraries it needs are read ahead.
+    ElfProbe { ino: u32, needs: bool },
     /// Node package `root` was missed in: the packages it depends on are read ahead.
     Dependencies(u32),
 }
@@ -175,28 +176,36 @@ impl DirReadahead {
         if shared.off.load(Relaxed) {
             return;
         }
+        // One push for all this miss makes fetched: a worker woken by it takes the
+        // directory's and the package's files in one request, not one each.
+        let mut jobs = Vec::new();
         if shared.elf_candidate(ino) && first_time(&shared.elf_probed, ino) {
-            shared.queue.push([Job::ElfProbe(ino)]);
+            // An executable's libraries are read ahead with it, and theirs. A library
+            // missed on its own (loaded by `dlopen`, as a Python extension) is not
+            // looked into: its libraries are mostly loaded already, and finding out
+            // costs a request for its dynamic section (on the Python service, one
+            // of every five readahead requests).
+            jobs.push(Job::ElfProbe {
+                ino,
+                needs: shared.executable(ino),
+            });
         }
-        let Some(parent) = shared.parent_of.get(ino as usize).map(|p| p.load(Relaxed)) else {
-            return;
-        };
-        if parent == 0 {
-            return;
+        let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
+        let mut ranges = Vec::new();
+        if parent != 0 && first_time(&shared.done, parent) {
+            ranges.extend(shared.small_file_ranges(parent, ino));
         }
-        if first_time(&shared.done, parent) {
-            let ranges = shared.small_file_ranges(parent, ino);
-            shared.enqueue(ranges);
-        }
-        if let Some(root) = shared.package_root(parent) {
+        if let Some(root) = (parent != 0).then(|| shared.package_root(parent)).flatten() {
             if first_time(&shared.package_done, root) {
-                let ranges = shared.package_ranges(root, parent, ino);
-                shared.enqueue(ranges);
+                ranges.extend(shared.package_ranges(root, parent, ino));
                 if shared.holds(root, b"package.json") {
-                    shared.queue.push([Job::Dependencies(root)]);
+                    jobs.push(Job::Dependencies(root));
                 }
             }
         }
+        // Taken newest first: the chunks before the probes.
+        jobs.extend(ranges.into_iter().map(|(start, end)| Job::Chunks(start, end)));
+        shared.queue.push(jobs);
     }
 }
 
@@ -258,13 +267,19 @@ impl Shared {
         })
     }
 
+    /// Whether file `ino` may be executed by someone.
+    fn executable(&self, ino: u32) -> bool {
+        let bootstrap = self.image.bootstrap();
+        bootstrap.inode(ino).is_ok_and(|inode| inode.permissions() & 0o111 != 0)
+    }
+
     /// Waits for the first chunk of file `ino` (the reader's own fetch of it is
     /// joined, not repeated); if it starts with the ELF magic, reads the libraries it
-    /// needs ahead (`read_needed_ahead`) and, up to `MAX_ELF_BYTES`, fetches the rest
+    /// needs ahead (`read_needed_ahead`, with `needs`) and, up to `MAX_ELF_BYTES`, fetches the rest
     /// of the file: a loader maps it and faults pages all over, one round trip each
     /// otherwise. Big segments without code (`large_data_segments`) are left to the
     /// reads.
-    fn probe_elf(&self, ino: u32) {
+    fn probe_elf(&self, ino: u32, needs: bool) {
         let bootstrap = self.image.bootstrap();
         let Ok(inode) = bootstrap.inode(ino) else { return };
         let Ok(head_segments) = bootstrap.segments(&inode, 0, inode.size().min(SMALL_FILE_BYTES)) else {
@@ -293,7 +308,9 @@ impl Shared {
         let Some(head) = head.filter(|h| h.starts_with(b"\x7fELF")) else {
             return;
         };
-        self.read_needed_ahead(ino, &head);
+        if needs {
+            self.read_needed_ahead(ino, &head);
+        }
         if inode.size() > MAX_ELF_BYTES {
             return;
         }
@@ -371,7 +388,8 @@ impl Shared {
         tracing::debug!(ino, libraries = libraries.len(), "reading needed libraries ahead");
         self.fetcher
             .fetch_ranges(&heads, REQUEST_BYTES, crate::backend::ReadPurpose::Reader);
-        self.queue.push(libraries.into_iter().map(Job::ElfProbe));
+        self.queue
+            .push(libraries.into_iter().map(|ino| Job::ElfProbe { ino, needs: true }));
     }
 
     /// The packages Node package `root` depends on (`node_deps`), and theirs, level
@@ -413,11 +431,16 @@ impl Shared {
                     }
                 }
             }
+            let mut ranges = Vec::new();
             for package in &next {
-                let ranges = self.package_ranges_with(*package, &NODE_EXTENSIONS, 0);
-                budget = budget.saturating_sub(self.stored_bytes(&ranges));
-                self.enqueue(ranges);
+                if budget == 0 {
+                    break;
+                }
+                let of_package = self.package_ranges_with(*package, &NODE_EXTENSIONS, 0);
+                budget = budget.saturating_sub(self.stored_bytes(&of_package));
+                ranges.extend(of_package);
             }
+            self.enqueue(ranges);
             tracing::debug!(root, packages = next.len(), "reading dependencies ahead");
             level = next;
         }
@@ -645,7 +668,7 @@ impl Shared {
             for job in batch {
                 match job {
                     Job::Chunks(start, end) => ranges.push((start, end)),
-                    Job::ElfProbe(ino) => self.probe_elf(ino),
+                    Job::ElfProbe { ino, needs } => self.probe_elf(ino, needs),
                     Job::Dependencies(root) => self.read_dependencies_ahead(root),
                 }
             }
