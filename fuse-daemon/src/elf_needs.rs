@@ -38,6 +38,8 @@ pub struct ElfHead {
 pub struct StringRefs {
     /// File offset and size of the part of the string table that holds them.
     pub strings: (u64, u64),
+    /// Where that part starts in the string table.
+    first: u64,
     needed: Vec<u64>,
     runpath: Option<u64>,
 }
@@ -108,13 +110,23 @@ impl ElfHead {
             return None;
         }
         let strtab = self.file_offset(strtab?)?;
-        let last = needed.iter().chain(runpath.or(rpath).as_ref()).max().copied()?;
-        let size = strsz?.min(last.saturating_add(4096)).min(MAX_STRINGS_BYTES);
+        // Only the part of the table holding the names: a big library's table holds
+        // its symbols' names too (`libnode.so.108`: several MB, the libraries' names
+        // after them).
+        let runpath = runpath.or(rpath);
+        let names = || needed.iter().chain(runpath.as_ref());
+        let first = names().min().copied()?;
+        let last = names().max().copied()?;
+        let size = strsz?
+            .saturating_sub(first)
+            .min(last.saturating_sub(first).saturating_add(4096))
+            .min(MAX_STRINGS_BYTES);
         Some(StringRefs {
-            strings: (strtab, size),
+            strings: (strtab.checked_add(first)?, size),
+            first,
             needed,
             // RUNPATH wins over RPATH, as for the loader.
-            runpath: runpath.or(rpath),
+            runpath,
         })
     }
 
@@ -152,7 +164,7 @@ pub fn resolve_needed(
     origin: Option<u32>,
 ) -> Vec<u32> {
     let name_at = |offset: u64| -> Option<&[u8]> {
-        let rest = strings.get(usize::try_from(offset).ok()?..)?;
+        let rest = strings.get(usize::try_from(offset.checked_sub(refs.first)?).ok()?..)?;
         let end = rest.iter().position(|b| *b == 0)?;
         Some(&rest[..end])
     };

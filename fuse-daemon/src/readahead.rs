@@ -29,10 +29,10 @@
 //! four misses per library, 40 libraries). Their loadable segments without code
 //! larger than 1 MiB are not (a library of data, as ICU's 31 MB `libicudata`, of
 //! which Node's start reads 0.6 MB). Other big files are left to their reads. An
-//! ELF file's first miss (an executable's of any size, a library's beyond the small
-//! files) also reads ahead the libraries it needs and its loader (`elf_needs`),
-//! their heads in one request, then each as above: the loader would read them one
-//! after another (Node's start: 4.32 s, then 3.65 s).
+//! executable's first miss (of any size) also reads ahead the libraries it needs,
+//! and theirs, and its loader (`elf_needs`): their heads in one request, then each
+//! as above, where the loader would read them one after another (Node's start:
+//! 4.32 s, then 3.65 s).
 //!
 //! Files are tied to their directory by the lookups the kernel makes (a file's
 //! inode does not record its parent), once per directory per mount. An image with
@@ -108,6 +108,8 @@ struct Shared {
     package_done: Vec<AtomicU64>,
     /// One bit per inode: the file was probed for being an ELF file.
     elf_probed: Vec<AtomicU64>,
+    /// One bit per inode: the libraries the ELF file needs were looked for.
+    needs_read: Vec<AtomicU64>,
     queue: JobQueue<Job>,
     /// Set once a profile is found for the mount: it knows better than a guess.
     off: Arc<std::sync::atomic::AtomicBool>,
@@ -121,7 +123,7 @@ enum Job {
     /// File `ino` missed for the first time, or needed by one that did: once its
     /// first chunk is in, an ELF file is fetched whole, and with `needs` the
     /// libraries it needs are read ahead.
-    ElfProbe { ino: u32, needs: bool },
+    ElfProbe { ino: u32, body: bool, needs: bool },
     /// Node package `root` was missed in: the packages it depends on are read ahead.
     Dependencies(u32),
 }
@@ -145,6 +147,7 @@ impl DirReadahead {
             done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             package_done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             elf_probed: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            needs_read: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             queue: JobQueue::new(MAX_QUEUED, Take::Newest),
             off: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
@@ -187,7 +190,8 @@ impl DirReadahead {
             // of every five readahead requests).
             jobs.push(Job::ElfProbe {
                 ino,
-                needs: shared.executable(ino),
+                body: true,
+                needs: shared.executable(ino) && first_time(&shared.needs_read, ino),
             });
         }
         let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
@@ -279,7 +283,7 @@ impl Shared {
     /// of the file: a loader maps it and faults pages all over, one round trip each
     /// otherwise. Big segments without code (`large_data_segments`) are left to the
     /// reads.
-    fn probe_elf(&self, ino: u32, needs: bool) {
+    fn probe_elf(&self, ino: u32, body: bool, needs: bool) {
         let bootstrap = self.image.bootstrap();
         let Ok(inode) = bootstrap.inode(ino) else { return };
         let Ok(head_segments) = bootstrap.segments(&inode, 0, inode.size().min(SMALL_FILE_BYTES)) else {
@@ -311,7 +315,7 @@ impl Shared {
         if needs {
             self.read_needed_ahead(ino, &head);
         }
-        if inode.size() > MAX_ELF_BYTES {
+        if !body || inode.size() > MAX_ELF_BYTES {
             return;
         }
         let Ok(segments) = bootstrap.segments(&inode, 0, inode.size()) else {
@@ -364,17 +368,27 @@ impl Shared {
         let interpreter = elf
             .interpreter(head)
             .and_then(|path| crate::elf_needs::resolve(&bootstrap, ROOT_INO, path));
-        let libraries: Vec<u32> = interpreter
+        // A library already probed on its own miss (without looking into its
+        // libraries) is looked into now, not fetched again.
+        let libraries: Vec<Job> = interpreter
             .into_iter()
             .chain(crate::elf_needs::resolve_needed(
                 &bootstrap, &elf, &refs, &strings, origin,
             ))
-            .filter(|lib| first_time(&self.elf_probed, *lib))
+            .filter_map(|lib| {
+                let body = first_time(&self.elf_probed, lib);
+                let needs = first_time(&self.needs_read, lib);
+                (body || needs).then_some(Job::ElfProbe { ino: lib, body, needs })
+            })
             .collect();
         let heads: Vec<(u32, u32)> = libraries
             .iter()
+            .filter_map(|job| match *job {
+                Job::ElfProbe { ino, body: true, .. } => Some(ino),
+                _ => None,
+            })
             .filter_map(|lib| {
-                let inode = bootstrap.inode(*lib).ok()?;
+                let inode = bootstrap.inode(lib).ok()?;
                 bootstrap
                     .segments(&inode, 0, 1)
                     .ok()?
@@ -388,8 +402,7 @@ impl Shared {
         tracing::debug!(ino, libraries = libraries.len(), "reading needed libraries ahead");
         self.fetcher
             .fetch_ranges(&heads, REQUEST_BYTES, crate::backend::ReadPurpose::Reader);
-        self.queue
-            .push(libraries.into_iter().map(|ino| Job::ElfProbe { ino, needs: true }));
+        self.queue.push(libraries);
     }
 
     /// The packages Node package `root` depends on (`node_deps`), and theirs, level
@@ -668,7 +681,7 @@ impl Shared {
             for job in batch {
                 match job {
                     Job::Chunks(start, end) => ranges.push((start, end)),
-                    Job::ElfProbe { ino, needs } => self.probe_elf(ino, needs),
+                    Job::ElfProbe { ino, body, needs } => self.probe_elf(ino, body, needs),
                     Job::Dependencies(root) => self.read_dependencies_ahead(root),
                 }
             }
