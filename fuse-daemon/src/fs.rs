@@ -312,9 +312,12 @@ impl Filesystem for PetrelFs {
         if let Some(sequential) = &self.sequential {
             sequential.observed(ino, offset, u64::from(size));
         }
-        let first_chunk = segments.iter().find_map(|s| match s.source {
-            SegmentSource::Chunk { index, .. } => Some(index),
-            SegmentSource::Hole => None,
+        // (For the log: which request a miss waits for.)
+        let first_chunk = (!cached).then(|| {
+            segments.iter().find_map(|s| match s.source {
+                SegmentSource::Chunk { index, .. } => Some(index),
+                SegmentSource::Hole => None,
+            })
         });
         let serve = {
             let fetcher = Arc::clone(&self.fetcher);
@@ -335,7 +338,7 @@ impl Filesystem for PetrelFs {
             serve();
         } else {
             self.workers.run(Box::new(serve));
-            tracing::debug!(ino, offset, size, ?first_chunk, "read misses the cache");
+            tracing::debug!(ino, offset, size, first_chunk = ?first_chunk.flatten(), "read misses the cache");
             if let Some(readahead) = &self.readahead {
                 readahead.missed(ino);
             }
