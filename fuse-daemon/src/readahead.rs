@@ -279,10 +279,10 @@ impl Shared {
 
     /// Waits for the first chunk of file `ino` (the reader's own fetch of it is
     /// joined, not repeated); if it starts with the ELF magic, reads the libraries it
-    /// needs ahead (`read_needed_ahead`, with `needs`) and, up to `MAX_ELF_BYTES`, fetches the rest
-    /// of the file: a loader maps it and faults pages all over, one round trip each
-    /// otherwise. Big segments without code (`large_data_segments`) are left to the
-    /// reads.
+    /// needs ahead (`read_needed_ahead`, with `needs`) and, with `body` and up to
+    /// `MAX_ELF_BYTES`, fetches the rest of the file: a loader maps it and faults
+    /// pages all over, one round trip each otherwise. Big segments without code
+    /// (`large_data_segments`) are left to the reads.
     fn probe_elf(&self, ino: u32, body: bool, needs: bool) {
         let bootstrap = self.image.bootstrap();
         let Ok(inode) = bootstrap.inode(ino) else { return };
@@ -387,17 +387,7 @@ impl Shared {
                 Job::ElfProbe { ino, body: true, .. } => Some(ino),
                 _ => None,
             })
-            .filter_map(|lib| {
-                let inode = bootstrap.inode(lib).ok()?;
-                bootstrap
-                    .segments(&inode, 0, 1)
-                    .ok()?
-                    .iter()
-                    .find_map(|s| match s.source {
-                        SegmentSource::Chunk { index, .. } => Some((index, index + 1)),
-                        SegmentSource::Hole => None,
-                    })
-            })
+            .filter_map(|lib| self.file_chunks(lib, 1).first().map(|index| (*index, index + 1)))
             .collect();
         tracing::debug!(ino, libraries = libraries.len(), "reading needed libraries ahead");
         self.fetcher
@@ -424,7 +414,7 @@ impl Shared {
                 .collect();
             let chunks: Vec<(u32, u32)> = manifests
                 .iter()
-                .flat_map(|(_, manifest)| self.file_chunks(*manifest))
+                .flat_map(|(_, manifest)| self.file_chunks(*manifest, crate::node_deps::MAX_MANIFEST_BYTES))
                 .map(|index| (index, index + 1))
                 .collect();
             self.fetcher
@@ -459,14 +449,15 @@ impl Shared {
         }
     }
 
-    /// The chunks of file `ino`, in file order, each once.
-    fn file_chunks(&self, ino: u32) -> Vec<u32> {
+    /// The chunks of the first `len` bytes of file `ino` (a stranger's file may be
+    /// huge: only what is read of it), in file order, each once.
+    fn file_chunks(&self, ino: u32, len: u64) -> Vec<u32> {
         let bootstrap = self.image.bootstrap();
         let Ok(inode) = bootstrap.inode(ino) else {
             return Vec::new();
         };
         let mut chunks: Vec<u32> = bootstrap
-            .segments(&inode, 0, inode.size())
+            .segments(&inode, 0, inode.size().min(len))
             .map(|segments| {
                 segments
                     .iter()
