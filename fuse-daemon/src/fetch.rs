@@ -38,6 +38,12 @@ pub const MAX_REQUEST_DECODED_BYTES: u64 = 64 << 20;
 pub use petrel_registry::client::multi_range::MAX_RANGES;
 /// Most decoded bytes a daemon's fetches hold at once; further fetches wait.
 pub const MAX_DAEMON_DECODED_BYTES: u64 = 256 << 20;
+/// Most stored bytes before a reader's chunks in the blob that its request takes
+/// along (see `Fetcher::take_along`): the amplification window.
+const ALONG_BEFORE_BYTES: u64 = DEFAULT_AMPLIFY_BYTES;
+/// Most fetches handed off by readers running at once; beyond that a reader runs
+/// its fetch on its own thread (and waits for all of it, as it did before).
+const MAX_HANDED_OFF: usize = 64;
 
 /// The outcome of one chunk's fetch, shared by everyone who waited for it.
 type Outcome = std::result::Result<Arc<Vec<u8>>, Arc<DaemonError>>;
@@ -69,6 +75,50 @@ pub struct Fetcher {
     prefetched: ChunkMarks,
     decoded: ByteBudget,
     cache_warning: Throttle,
+    /// Threads that run a reader's fetch, so the reader is answered once its own
+    /// chunks are in, not once the rest of the request is in and cached.
+    handed_off: Arc<crate::workers::Elastic>,
+}
+
+/// Chunk ranges a miss may take along in its request (the readahead of its
+/// directory and package), and what to do once the request is planned (push the
+/// readahead, which then skips what the request took).
+#[derive(Default)]
+pub struct Along {
+    /// The file read (for the log).
+    ino: u32,
+    ranges: Vec<(u32, u32)>,
+    /// Most stored bytes of the ranges taken.
+    budget: u64,
+    then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Along {
+    pub fn new(ino: u32, ranges: Vec<(u32, u32)>, budget: u64, then: Box<dyn FnOnce() + Send>) -> Self {
+        Along {
+            ino,
+            ranges,
+            budget,
+            then: Some(then),
+        }
+    }
+
+    /// Runs `then`, once.
+    fn planned(&mut self) {
+        self.ranges.clear();
+        if let Some(then) = self.then.take() {
+            then();
+        }
+    }
+}
+
+impl std::fmt::Debug for Along {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Along")
+            .field("ranges", &self.ranges.len())
+            .field("budget", &self.budget)
+            .finish()
+    }
 }
 
 /// Lets something happen at most once per interval (a log line that could repeat
@@ -191,6 +241,7 @@ impl Fetcher {
             prefetched,
             decoded: ByteBudget::new(MAX_DAEMON_DECODED_BYTES),
             cache_warning: Throttle::new(std::time::Duration::from_secs(10)),
+            handed_off: crate::workers::Elastic::new("petrel-fetch-off", MAX_HANDED_OFF),
         }
     }
 
@@ -219,6 +270,11 @@ impl Fetcher {
         true
     }
 
+    /// Whether chunk `index` is being fetched (or stored) now.
+    pub fn is_in_flight(&self, index: u32) -> bool {
+        self.in_flight.lock().expect("in-flight lock").contains_key(&index)
+    }
+
     /// Whether chunk `index` was fetched and verified and is being stored now.
     pub fn is_landing(&self, index: u32) -> bool {
         self.in_flight
@@ -231,7 +287,18 @@ impl Fetcher {
     /// The bytes of `segments` (one read's worth): cached chunks read from the cache,
     /// missing ones fetched once for every reader that wants them, an evicted one
     /// fetched again. The read path's one entry point.
-    pub fn read(&self, segments: &[FileSegment]) -> Result<Vec<u8>, Arc<DaemonError>> {
+    pub fn read(self: &Arc<Self>, segments: &[FileSegment]) -> Result<Vec<u8>, Arc<DaemonError>> {
+        self.read_along(segments, Along::default())
+    }
+
+    /// [`Self::read`], where the first request this read makes also takes chunks of
+    /// `along` that lie after its own in the same blob (one round trip for the read
+    /// and its readahead); the reader is answered once its own chunks are in.
+    pub fn read_along(
+        self: &Arc<Self>,
+        segments: &[FileSegment],
+        mut along: Along,
+    ) -> Result<Vec<u8>, Arc<DaemonError>> {
         let last_chunk = segments
             .iter()
             .rev()
@@ -249,7 +316,7 @@ impl Fetcher {
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    match self.ensure(index, last_chunk)? {
+                    match self.ensure_along(index, last_chunk, &mut along)? {
                         ChunkBytes::Cached => match self.cache().read(index, chunk_offset, target) {
                             Ok(()) => break,
                             // Evicted between the check and the read: fetch it again.
@@ -270,12 +337,22 @@ impl Fetcher {
             }
             at += segment.length as usize;
         }
+        along.planned();
         Ok(out)
     }
 
     /// Makes chunk `index` ready; `through` is the last chunk the current read needs
     /// (the fetch covers up to it when they are neighbours in the blob).
-    pub fn ensure(&self, index: u32, through: u32) -> Result<ChunkBytes, Arc<DaemonError>> {
+    pub fn ensure(self: &Arc<Self>, index: u32, through: u32) -> Result<ChunkBytes, Arc<DaemonError>> {
+        self.ensure_along(index, through, &mut Along::default())
+    }
+
+    fn ensure_along(
+        self: &Arc<Self>,
+        index: u32,
+        through: u32,
+        along: &mut Along,
+    ) -> Result<ChunkBytes, Arc<DaemonError>> {
         let mut looked_again = false;
         loop {
             // Before a round trip is spent on it: another process (a daemon of an
@@ -298,7 +375,19 @@ impl Fetcher {
                 } else if self.cache.is_ready(index) {
                     continue;
                 } else {
-                    let plan = self.plan(index, through, &in_flight).map_err(Arc::new)?;
+                    let mut plan = self.plan(index, through, &in_flight).map_err(Arc::new)?;
+                    let own = index..=plan.last().map_or(index, |c| c.index);
+                    self.take_along(&mut plan, along, &in_flight);
+                    let ahead: Vec<ChunkInfo> = plan.iter().filter(|c| !own.contains(&c.index)).copied().collect();
+                    tracing::debug!(
+                        ino = along.ino,
+                        first = index,
+                        own = own.end() - own.start() + 1,
+                        along_ranges = along.ranges.len(),
+                        taken = ahead.len(),
+                        "a miss plans its request"
+                    );
+                    self.note_ahead(&ahead);
                     let flight = Arc::new(Flight::default());
                     let flights: Vec<(ChunkInfo, Arc<Flight>)> = plan
                         .into_iter()
@@ -315,10 +404,11 @@ impl Fetcher {
                     (flight, Some(flights))
                 }
             };
+            along.planned();
             match planned {
                 Some(flights) => {
                     self.stats.cache_misses.fetch_add(1, Relaxed);
-                    self.fetch(&flights, ReadPurpose::Reader);
+                    self.hand_off(flights);
                 }
                 None => {
                     self.stats.waited_on_inflight.fetch_add(1, Relaxed);
@@ -330,6 +420,119 @@ impl Fetcher {
                 outcome = flight.done.wait(outcome).expect("flight lock");
             }
             return outcome.clone().expect("set").map(ChunkBytes::Fetched);
+        }
+    }
+
+    /// Runs a reader's fetch on another thread (the reader waits for its own
+    /// chunks' flights only), or here when too many are running.
+    fn hand_off(self: &Arc<Self>, flights: Vec<(ChunkInfo, Arc<Flight>)>) {
+        let fetcher = Arc::clone(self);
+        let job = Box::new(move || fetcher.fetch(&flights, ReadPurpose::Reader));
+        if let Err(job) = self.handed_off.try_run(job) {
+            job();
+        }
+    }
+
+    /// Adds to a reader's `plan` the chunks of `along` in its blob that are missing
+    /// and not in flight, keeping blob order (the order a multi-range answer comes
+    /// in): those after it up to `along.budget` stored bytes, and those before it
+    /// when all of them fit in `ALONG_BEFORE_BYTES` (the reader then waits for
+    /// them too: about what a second request beside its own would have taken of
+    /// the link meanwhile), all within one request's bounds.
+    fn take_along(&self, plan: &mut Vec<ChunkInfo>, along: &Along, in_flight: &HashMap<u32, Arc<Flight>>) {
+        if along.ranges.is_empty() {
+            return;
+        }
+        let bootstrap = self.image.bootstrap();
+        let (Some(&head), Some(&last)) = (plan.first(), plan.last()) else {
+            return;
+        };
+        let end = last.compressed_offset + u64::from(last.compressed_size);
+        let mut wanted: Vec<u32> = along.ranges.iter().flat_map(|&(start, end)| start..end).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for index in wanted {
+            if (head.index..=last.index).contains(&index)
+                || self.cache.is_ready(index)
+                || in_flight.contains_key(&index)
+            {
+                continue;
+            }
+            let Ok(chunk) = bootstrap.chunk(index) else { continue };
+            if chunk.blob_index != head.blob_index {
+                continue;
+            }
+            if chunk.compressed_offset + u64::from(chunk.compressed_size) <= head.compressed_offset {
+                before.push(chunk);
+            } else if chunk.compressed_offset >= end {
+                after.push(chunk);
+            }
+        }
+        let by_offset = |a: &ChunkInfo, b: &ChunkInfo| a.compressed_offset.cmp(&b.compressed_offset);
+        before.sort_by(by_offset);
+        after.sort_by(by_offset);
+        let stored = |chunks: &[ChunkInfo]| chunks.iter().map(|c| u64::from(c.compressed_size)).sum::<u64>();
+        if stored(&before) > ALONG_BEFORE_BYTES {
+            before.clear();
+        }
+        let mut taken: Vec<ChunkInfo> = Vec::with_capacity(before.len() + plan.len() + after.len());
+        let (mut runs, mut stored_after) = (0usize, 0u64);
+        let mut decoded = 0u64;
+        let mut push = |chunk: ChunkInfo, taken: &mut Vec<ChunkInfo>| -> bool {
+            let joins = taken.last().is_some_and(|l: &ChunkInfo| {
+                l.compressed_offset + u64::from(l.compressed_size) == chunk.compressed_offset
+            });
+            if taken
+                .last()
+                .is_some_and(|l| l.compressed_offset + u64::from(l.compressed_size) > chunk.compressed_offset)
+                || runs + usize::from(!joins) > MAX_RANGES
+                || decoded + u64::from(chunk.uncompressed_size) > MAX_REQUEST_DECODED_BYTES
+            {
+                return false;
+            }
+            runs += usize::from(!joins);
+            decoded += u64::from(chunk.uncompressed_size);
+            taken.push(chunk);
+            true
+        };
+        // The reader's own chunks come first in the bounds: what comes before them
+        // is dropped whole if they would not fit after it.
+        let own_decoded: u64 = plan.iter().map(|c| u64::from(c.uncompressed_size)).sum();
+        let before_decoded: u64 = before.iter().map(|c| u64::from(c.uncompressed_size)).sum();
+        if own_decoded + before_decoded > MAX_REQUEST_DECODED_BYTES || before.len() + 1 > MAX_RANGES / 2 {
+            before.clear();
+        }
+        for chunk in before.into_iter().chain(plan.iter().copied()) {
+            if !push(chunk, &mut taken) {
+                // Only a chunk before the reader's can fail here (the reader's own
+                // are contiguous and within bounds): take none of those.
+                taken.clear();
+                break;
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        for chunk in after {
+            if stored_after + u64::from(chunk.compressed_size) > along.budget || !push(chunk, &mut taken) {
+                break;
+            }
+            stored_after += u64::from(chunk.compressed_size);
+        }
+        *plan = taken;
+    }
+
+    /// Counts chunks a reader's request takes for readers to come.
+    fn note_ahead(&self, chunks: &[ChunkInfo]) {
+        if chunks.is_empty() {
+            return;
+        }
+        let bytes: u64 = chunks.iter().map(|c| u64::from(c.compressed_size)).sum();
+        self.stats.readahead_bytes.fetch_add(bytes, Relaxed);
+        for chunk in chunks {
+            self.prefetched.mark(chunk.index);
         }
     }
 

@@ -312,17 +312,32 @@ impl Filesystem for PetrelFs {
         if let Some(sequential) = &self.sequential {
             sequential.observed(ino, offset, u64::from(size));
         }
-        // (For the log: which request a miss waits for.)
+        // Which chunk a miss waits for first (the log, the readahead).
         let first_chunk = (!cached).then(|| {
             segments.iter().find_map(|s| match s.source {
                 SegmentSource::Chunk { index, .. } => Some(index),
                 SegmentSource::Hole => None,
             })
         });
+        // A miss takes its directory's and package's files along in its request;
+        // the readahead is pushed once that request is planned.
+        let along = match (&self.readahead, first_chunk) {
+            (Some(readahead), Some(first_chunk)) => {
+                let miss = readahead.missed(ino, first_chunk);
+                let ranges = miss.along.clone();
+                crate::fetch::Along::new(
+                    ino,
+                    ranges,
+                    crate::readahead::Miss::ALONG_BYTES,
+                    Box::new(move || miss.push()),
+                )
+            }
+            _ => crate::fetch::Along::default(),
+        };
         let serve = {
             let fetcher = Arc::clone(&self.fetcher);
             let stats = Arc::clone(&self.stats);
-            move || match fetcher.read(&segments) {
+            move || match fetcher.read_along(&segments, along) {
                 Ok(bytes) => {
                     stats.record_read(started.elapsed(), bytes.len(), true);
                     reply.data(&bytes);
@@ -339,9 +354,6 @@ impl Filesystem for PetrelFs {
         } else {
             self.workers.run(Box::new(serve));
             tracing::debug!(ino, offset, size, first_chunk = ?first_chunk.flatten(), "read misses the cache");
-            if let Some(readahead) = &self.readahead {
-                readahead.missed(ino);
-            }
         }
     }
 

@@ -113,6 +113,11 @@ impl Mounted {
         &self.mountpoint
     }
 
+    /// Waits (at most `timeout`) until no fetch is under way; false if one still is.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        self.fetcher.wait_idle(timeout)
+    }
+
     /// Whether the session ended (unmounted from outside).
     pub fn is_finished(&self) -> bool {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())

@@ -46,7 +46,7 @@ use crate::job_queue::{JobQueue, Take};
 use petrel_format::layout::ROOT_INO;
 use petrel_format::reader::SegmentSource;
 use petrel_format::FileKind;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Files up to this size are read ahead whole with their directory.
@@ -72,6 +72,13 @@ const DEPENDENCY_BUDGET_DIRS: u64 = 16;
 const MAX_DEPENDENCY_PACKAGES: usize = 512;
 /// The files of a Node package `require` reads: its manifest, scripts and data.
 const NODE_EXTENSIONS: [&[u8]; 3] = [b".js", b".cjs", b".json"];
+/// A directory is read ahead at most this many times (each from a missed file
+/// the earlier ones did not reach, one directory budget each). Measured on the
+/// Python service (`scripts/bench.sh apps`, on demand): the standard library's
+/// `__pycache__` holds 6 MB in 171 modules, of which the start imports 74 from
+/// all over the alphabet; one budget from its first file left most of them to a
+/// miss each.
+const MAX_DIR_ROUNDS: u8 = 4;
 /// A package is read ahead up to this many directory budgets.
 const PACKAGE_BUDGET_DIRS: u64 = 4;
 /// Directories of a package its readahead leaves out: its test suites, which a
@@ -102,8 +109,8 @@ struct Shared {
     budget: u64,
     /// Per inode: the directory it was last looked up in (0: none yet).
     parent_of: Vec<AtomicU32>,
-    /// One bit per inode: the directory was read ahead.
-    done: Vec<AtomicU64>,
+    /// Per inode: how many times the directory was read ahead.
+    dir_rounds: Vec<AtomicU8>,
     /// One bit per inode: the package rooted there was read ahead.
     package_done: Vec<AtomicU64>,
     /// One bit per inode: the file was probed for being an ELF file.
@@ -144,7 +151,7 @@ impl DirReadahead {
             fetcher,
             budget,
             parent_of: (0..inodes).map(|_| AtomicU32::new(0)).collect(),
-            done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            dir_rounds: (0..inodes).map(|_| AtomicU8::new(0)).collect(),
             package_done: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             elf_probed: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             needs_read: (0..inodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -173,43 +180,77 @@ impl DirReadahead {
     }
 
     /// A read of `ino` needed a fetch: read its directory ahead (once), and an
-    /// executable or library whole once its first chunk shows the ELF magic.
-    pub fn missed(&self, ino: u32) {
+    /// executable or library whole once its first chunk shows the ELF magic. The
+    /// directory's and package's files are returned as `along` (the reader's own
+    /// request takes those after its chunks) and pushed as readahead with the rest
+    /// by [`Miss::push`], which the reader calls once its request is planned.
+    pub fn missed(&self, ino: u32, first_chunk: Option<u32>) -> Miss {
         let shared = &self.shared;
+        let mut miss = Miss {
+            along: Vec::new(),
+            jobs: Vec::new(),
+            shared: Arc::clone(shared),
+        };
         if shared.off.load(Relaxed) {
-            return;
+            return miss;
         }
         // One push for all this miss makes fetched: a worker woken by it takes the
         // directory's and the package's files in one request, not one each.
-        let mut jobs = Vec::new();
         if shared.elf_candidate(ino) && first_time(&shared.elf_probed, ino) {
             // An executable's libraries are read ahead with it, and theirs. A library
             // missed on its own (loaded by `dlopen`, as a Python extension) is not
             // looked into: its libraries are mostly loaded already, and finding out
             // costs a request for its dynamic section (on the Python service, one
             // of every five readahead requests).
-            jobs.push(Job::ElfProbe {
+            miss.jobs.push(Job::ElfProbe {
                 ino,
                 body: true,
                 needs: shared.executable(ino) && first_time(&shared.needs_read, ino),
             });
         }
         let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
-        let mut ranges = Vec::new();
-        if parent != 0 && first_time(&shared.done, parent) {
-            ranges.extend(shared.small_file_ranges(parent, ino));
+        // A directory is read ahead from its first file at its first miss; a miss
+        // of a file that readahead did not reach (not fetched, not on its way) reads
+        // it ahead again from that file on, a few times at most.
+        let fresh = first_chunk.is_some_and(|chunk| !shared.fetcher.is_in_flight(chunk));
+        let rounds = (parent != 0).then(|| shared.dir_rounds.get(parent as usize)).flatten();
+        if let Some(round) = rounds.and_then(|r| next_round(r, fresh)) {
+            miss.along.extend(shared.small_file_ranges(parent, ino, round > 0));
         }
         if let Some(root) = (parent != 0).then(|| shared.package_root(parent)).flatten() {
             if first_time(&shared.package_done, root) {
-                ranges.extend(shared.package_ranges(root, parent, ino));
+                miss.along.extend(shared.package_ranges(root, parent, ino));
                 if shared.holds(root, b"package.json") {
-                    jobs.push(Job::Dependencies(root));
+                    miss.jobs.push(Job::Dependencies(root));
                 }
             }
         }
         // Taken newest first: the chunks before the probes.
-        jobs.extend(ranges.into_iter().map(|(start, end)| Job::Chunks(start, end)));
-        shared.queue.push(jobs);
+        miss.jobs
+            .extend(miss.along.iter().map(|&(start, end)| Job::Chunks(start, end)));
+        miss
+    }
+}
+
+/// What a miss reads ahead: chunk ranges its own request may take along, and the
+/// readahead jobs (those ranges too: what the request took is skipped then).
+#[derive(Debug)]
+pub struct Miss {
+    pub along: Vec<(u32, u32)>,
+    jobs: Vec<Job>,
+    shared: Arc<Shared>,
+}
+
+impl Miss {
+    /// Most stored bytes of `along` a reader's request takes: what one readahead
+    /// request takes.
+    pub const ALONG_BYTES: u64 = REQUEST_BYTES;
+
+    /// Queues the readahead jobs.
+    pub fn push(self) {
+        if !self.jobs.is_empty() {
+            self.shared.queue.push(self.jobs);
+        }
     }
 }
 
@@ -238,6 +279,17 @@ fn large_data_segments(head: &[u8]) -> Vec<(u64, u64)> {
         })
         .map(|p| (p.p_offset(endian), p.p_filesz(endian)))
         .collect()
+}
+
+/// The round of directory readahead a miss starts (None: none): the first, or
+/// when the missed file was `fresh` (readahead did not reach it) another, up to
+/// `MAX_DIR_ROUNDS`.
+fn next_round(rounds: &AtomicU8, fresh: bool) -> Option<u8> {
+    rounds
+        .fetch_update(Relaxed, Relaxed, |r| {
+            (r == 0 || (fresh && r < MAX_DIR_ROUNDS)).then_some(r + 1)
+        })
+        .ok()
 }
 
 /// Sets bit `index`; true if it was not set before.
@@ -508,7 +560,7 @@ impl Shared {
     /// Chunk ranges of the small regular files of directory `dir` but `reading`
     /// (whose reader fetches its own chunks at once), within the budget, merged where
     /// contiguous, in blob order.
-    fn small_file_ranges(&self, dir: u32, reading: u32) -> Vec<(u32, u32)> {
+    fn small_file_ranges(&self, dir: u32, reading: u32, from_reading: bool) -> Vec<(u32, u32)> {
         let bootstrap = self.image.bootstrap();
         let Ok(dir) = bootstrap.inode(dir) else {
             return Vec::new();
@@ -518,7 +570,12 @@ impl Shared {
         };
         let mut chunks = Vec::new();
         let mut bytes = 0u64;
+        let mut reached = !from_reading;
         for entry in entries.flatten() {
+            reached |= entry.ino == reading;
+            if !reached {
+                continue;
+            }
             let Ok(inode) = bootstrap.inode(entry.ino) else {
                 continue;
             };

@@ -49,13 +49,15 @@ impl Fixture {
     }
 }
 
-/// Waits until the mount's background readahead is quiet (nothing fetched in 50 ms).
+/// Waits until the mount's fetches are quiet (none under way, nothing fetched in 50 ms).
 fn wait_until_quiet(mounted: &petrel_fuse_daemon::mount::Mounted) {
     let mut last = u64::MAX;
     for _ in 0..100 {
         std::thread::sleep(std::time::Duration::from_millis(50));
+        // (A reader is answered before the rest of its request is in.)
+        let idle = mounted.wait_idle(std::time::Duration::ZERO);
         let fetched = mounted.stats().chunks_fetched;
-        if fetched == last {
+        if fetched == last && idle {
             return;
         }
         last = fetched;
@@ -439,6 +441,53 @@ fn a_miss_reads_its_directory_small_files_ahead() {
     let (before, after, _) = run(0, "off");
     // Small files share chunks (three of these to a chunk): a miss per chunk.
     assert!(after.cache_misses >= before.cache_misses + 10, "{after:?}");
+}
+
+/// A miss takes the files of its directory that lie after it in the blob along in
+/// its own request: one round trip for the read and its readahead. A later miss of
+/// a file the readahead did not reach (past the directory's budget) reads the
+/// directory ahead again from that file on.
+#[test]
+fn a_miss_takes_its_directory_along_and_a_miss_beyond_reads_ahead_again() {
+    if !fuse_available() {
+        return;
+    }
+    let file = |i: u64| Rng::new(1300 + i).bytes(60_000);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for i in 0..60 {
+        w.file(&format!("lib/f{i:02}"), &Default::default(), &file(i));
+    }
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    config.amplify_bytes = 0;
+    config.prefetch.mode = petrel_fuse_daemon::prefetch::PrefetchMode::Off;
+    config.readahead_dir_bytes = 1 << 20;
+    let mounted = mount(&config).unwrap();
+    let lib = mounted.mountpoint().join("lib");
+    assert!(read_missed(&mounted, &lib.join("f00"), &file(0)));
+    wait_until_quiet(&mounted);
+    let first = mounted.stats();
+    assert_eq!(
+        first.backend_requests, 1,
+        "the read and its directory's readahead go in one request: {first:?}"
+    );
+    assert!(first.readahead_bytes >= 900 << 10, "{first:?}");
+    for i in 1..10 {
+        assert!(
+            !read_missed(&mounted, &lib.join(format!("f{i:02}")), &file(i)),
+            "f{i:02} came with f00"
+        );
+    }
+    // f40 lies past the first budget (1 MiB of the directory's 3.6 MB).
+    assert!(read_missed(&mounted, &lib.join("f40"), &file(40)));
+    wait_until_quiet(&mounted);
+    for i in 41..50 {
+        assert!(
+            !read_missed(&mounted, &lib.join(format!("f{i:02}")), &file(i)),
+            "f{i:02} came with f40"
+        );
+    }
+    assert_eq!(mounted.stats().backend_requests, 2, "{:?}", mounted.stats());
 }
 
 /// A miss on a Python package's compiled module reads ahead the compiled modules of

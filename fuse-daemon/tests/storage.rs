@@ -88,6 +88,8 @@ fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
     let cache = dir.path().join("cache");
     let first = open_storage(&cache, backend(&image), &bootstrap(&image), "t", 0, None).unwrap();
     first.fetcher.ensure(0, 0).unwrap();
+    // (A reader is answered before its fetch is cached.)
+    assert!(first.fetcher.wait_idle(Duration::from_secs(10)));
     let digest = first.image.bootstrap().chunk(0).unwrap().digest;
     let (pack, offset, _) = first.fetcher.cache().store().chunk_location(&digest).unwrap();
     drop(first);
@@ -101,6 +103,7 @@ fn a_corrupted_cached_chunk_is_dropped_and_fetched_again_by_the_next_daemon() {
     let second = open_storage(&cache, backend.clone(), &bootstrap(&image), "t", 0, None).unwrap();
     assert!(!second.fetcher.cache().is_ready(0), "the bad chunk is not trusted");
     assert!(matches!(second.fetcher.ensure(0, 0).unwrap(), ChunkBytes::Fetched(_)));
+    assert!(second.fetcher.wait_idle(Duration::from_secs(10)));
     assert_eq!(backend.reads.load(SeqCst), 1, "fetched again");
     assert_eq!(second.stats.snapshot().cache_corrupt_dropped, 1);
     let mut served = vec![0u8; 4096];
@@ -229,4 +232,72 @@ fn waiting_for_idle_lasts_until_a_fetch_under_way_is_cached() {
         "once idle, what was fetched is cached (a daemon unmounting waits for this)"
     );
     assert!(reader.join().unwrap());
+}
+
+/// A backend that hands over the first `first` bytes of a range at once and the
+/// rest only once the test opens its gate (a request whose tail is still coming).
+#[derive(Debug)]
+struct GatedBackend {
+    inner: LocalBackend,
+    first: AtomicU64,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Backend for GatedBackend {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>> {
+        self.inner.read_range(digest, offset, len, purpose)
+    }
+
+    fn stream_range(
+        &self,
+        digest: &[u8; 32],
+        offset: u64,
+        len: u64,
+        purpose: ReadPurpose,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> std::io::Result<()> {
+        let bytes = self.inner.read_range(digest, offset, len, purpose)?;
+        let split = (self.first.load(SeqCst) as usize).min(bytes.len());
+        sink(&bytes[..split]);
+        let _ = self.gate.lock().unwrap().recv();
+        sink(&bytes[split..]);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "gated".into()
+    }
+}
+
+/// A reader that misses is answered once its own chunks are in and verified: not
+/// once the rest of its request (the amplification window) is in, nor once it is
+/// cached. The rest still arrives and is cached.
+#[test]
+fn a_reader_is_answered_once_its_chunks_are_in_not_once_its_request_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, cache_dir) = (image(dir.path()), dir.path().join("cache"));
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let backend = Arc::new(GatedBackend {
+        inner: LocalBackend::new(image.clone()),
+        first: AtomicU64::new(0),
+        gate: std::sync::Mutex::new(gate),
+    });
+    let storage = open_storage(&cache_dir, backend.clone(), &bootstrap(&image), "t", 1 << 20, None).unwrap();
+    // The first chunk's bytes come at once (a range starts at the chunk).
+    backend.first.store(
+        u64::from(storage.image.bootstrap().chunk(0).unwrap().compressed_size),
+        SeqCst,
+    );
+    let (answered, answer) = std::sync::mpsc::channel();
+    let fetcher = Arc::clone(&storage.fetcher);
+    std::thread::spawn(move || answered.send(fetcher.ensure(0, 0).is_ok()));
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "the reader is answered while its request's tail is held back"
+    );
+    assert!(!storage.fetcher.cache().is_ready(1), "the tail is not in yet");
+    open_gate.send(()).unwrap();
+    assert!(storage.fetcher.wait_idle(Duration::from_secs(10)));
+    assert!(storage.fetcher.cache().is_ready(0) && storage.fetcher.cache().is_ready(1));
 }
