@@ -207,6 +207,19 @@ impl DirReadahead {
                 body: true,
                 needs: shared.executable(ino) && first_time(&shared.needs_read, ino),
             });
+            // A file that fits in the reader's request comes whole with it: the
+            // probe then finds its body on the way, and the loader's faults wait
+            // for it instead of asking for their pages one round trip each.
+            // Only what looks like a program or a library: a big file of data read
+            // here and there is left to its reads.
+            let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
+            let loadable = shared.executable(ino) || shared.name_in(parent, ino).is_some_and(|n| is_shared_object(&n));
+            if loadable {
+                let whole = shared.whole_file(ino);
+                if shared.stored_bytes(&whole) <= Miss::ALONG_BYTES {
+                    miss.along.extend(whole);
+                }
+            }
         }
         let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
         // A directory is read ahead from its first file at its first miss; a miss
@@ -244,7 +257,7 @@ pub struct Miss {
 impl Miss {
     /// Most stored bytes of `along` a reader's request takes: what one readahead
     /// request takes.
-    pub const ALONG_BYTES: u64 = REQUEST_BYTES;
+    pub const ALONG_BYTES: u64 = 4 * REQUEST_BYTES;
 
     /// Queues the readahead jobs.
     pub fn push(self) {
@@ -290,6 +303,12 @@ fn next_round(rounds: &AtomicU8, fresh: bool) -> Option<u8> {
             (r == 0 || (fresh && r < MAX_DIR_ROUNDS)).then_some(r + 1)
         })
         .ok()
+}
+
+/// Whether `name` is a shared object's: `*.so` or `*.so.*` (`libc.so.6`,
+/// `_json.cpython-311-x86_64-linux-gnu.so`).
+fn is_shared_object(name: &[u8]) -> bool {
+    name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.")
 }
 
 /// Sets bit `index`; true if it was not set before.
@@ -522,6 +541,19 @@ impl Shared {
             .unwrap_or_default();
         chunks.dedup();
         chunks
+    }
+
+    /// The name of `ino` in directory `dir`, if it is there.
+    fn name_in(&self, dir: u32, ino: u32) -> Option<Vec<u8>> {
+        let bootstrap = self.image.bootstrap();
+        let dir = bootstrap.inode(dir).ok()?;
+        let entries = bootstrap.dir_entries(&dir).ok()?;
+        entries.flatten().find(|e| e.ino == ino).map(|e| e.name.to_vec())
+    }
+
+    /// The chunk ranges of file `ino`, whole.
+    fn whole_file(&self, ino: u32) -> Vec<(u32, u32)> {
+        crate::chunk_ranges::ranges(self.file_chunks(ino, u64::MAX), |_, _| false)
     }
 
     /// Stored bytes of the chunks of `ranges`.
@@ -778,4 +810,39 @@ fn bridged(image: &MappedImage, chunks: Vec<u32>) -> Vec<(u32, u32)> {
     crate::chunk_ranges::ranges(chunks, |end, next| {
         crate::chunk_ranges::bridgeable_within(image, end, next, GAP_BYTES)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_objects_are_known_by_their_names() {
+        for name in [
+            "libc.so.6",
+            "libssl.so.3",
+            "_json.cpython-311-x86_64-linux-gnu.so",
+            "ld-linux-x86-64.so.2",
+        ] {
+            assert!(is_shared_object(name.as_bytes()), "{name}");
+        }
+        for name in ["model.bin", "data.sqlite", "sofa.txt", "x.sox", "so"] {
+            assert!(!is_shared_object(name.as_bytes()), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_directory_is_read_ahead_again_only_for_a_fresh_miss_and_a_few_times() {
+        let rounds = AtomicU8::new(0);
+        assert_eq!(next_round(&rounds, false), Some(0), "the first miss reads it ahead");
+        assert_eq!(
+            next_round(&rounds, false),
+            None,
+            "a read waiting for readahead does not"
+        );
+        for round in 1..MAX_DIR_ROUNDS {
+            assert_eq!(next_round(&rounds, true), Some(round));
+        }
+        assert_eq!(next_round(&rounds, true), None, "at most MAX_DIR_ROUNDS times");
+    }
 }

@@ -443,6 +443,49 @@ fn a_miss_reads_its_directory_small_files_ahead() {
     assert!(after.cache_misses >= before.cache_misses + 10, "{after:?}");
 }
 
+/// The first miss of a shared library (by its name) or an executable takes the
+/// whole file along in its own request, so the loader's faults all over it wait
+/// for bytes on their way instead of asking for them one round trip each. A data
+/// file as big is left to its reads.
+#[test]
+fn a_librarys_first_miss_takes_the_whole_library_along() {
+    if !fuse_available() {
+        return;
+    }
+    let library = Rng::new(1400).bytes(3 << 20);
+    let data = Rng::new(1401).bytes(3 << 20);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("lib/libfoo.so.1", &Default::default(), &library);
+    w.file("var/data.bin", &Default::default(), &data);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mounted = fixture.mount_for_readahead();
+    let root = mounted.mountpoint().to_path_buf();
+    let read_at = |path: &str, offset: usize| {
+        let mut buf = vec![0u8; 4096];
+        std::fs::File::open(root.join(path))
+            .unwrap()
+            .read_exact_at(&mut buf, offset as u64)
+            .unwrap();
+        buf
+    };
+    assert_eq!(read_at("lib/libfoo.so.1", 0), library[..4096]);
+    wait_until_quiet(&mounted);
+    let first = mounted.stats();
+    assert_eq!(first.backend_requests, 1, "{first:?}");
+    assert!(first.backend_bytes >= 3 << 20, "the library came whole: {first:?}");
+    let end = library.len() - 4096;
+    assert_eq!(read_at("lib/libfoo.so.1", end), library[end..]);
+    assert_eq!(mounted.stats().cache_misses, first.cache_misses, "no miss at its end");
+
+    assert_eq!(read_at("var/data.bin", 0), data[..4096]);
+    wait_until_quiet(&mounted);
+    let second = mounted.stats();
+    assert!(
+        second.backend_bytes - first.backend_bytes < 1 << 20,
+        "the data file was not read whole: {second:?}"
+    );
+}
+
 /// A miss takes the files of its directory that lie after it in the blob along in
 /// its own request: one round trip for the read and its readahead. A later miss of
 /// a file the readahead did not reach (past the directory's budget) reads the
@@ -616,7 +659,8 @@ fn an_elf_file_is_read_ahead_whole_at_its_first_miss() {
 
 /// A library's big segment without code (a library of data, as ICU's) is left to
 /// the reads: its code and headers are read ahead at the first miss, the data
-/// segment is not.
+/// segment is not. (A library of at most 8 MiB comes whole with its first miss:
+/// this one is bigger.)
 #[test]
 fn a_librarys_big_data_segment_is_not_read_ahead() {
     if !fuse_available() {
@@ -631,10 +675,10 @@ fn a_librarys_big_data_segment_is_not_read_ahead() {
     let tables = Load {
         flags: 4,
         offset: 512 << 10,
-        size: 5 << 20,
+        size: 12 << 20,
     };
-    let filler = Rng::new(33).bytes(6 << 20);
-    let library = elf_file(&[code, tables], (512 << 10) + (5 << 20), &filler);
+    let filler = Rng::new(33).bytes(13 << 20);
+    let library = elf_file(&[code, tables], (512 << 10) + (12 << 20), &filler);
     let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
     w.file("lib/libdata.so", &Default::default(), &library);
     let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
