@@ -370,6 +370,14 @@ impl Fetcher {
             }
             let (flight, planned) = {
                 let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                let failed = in_flight
+                    .get(&index)
+                    .is_some_and(|flight| matches!(*flight.outcome.lock().expect("flight lock"), Some(Err(_))));
+                if failed {
+                    // The fetch failed and is winding down: a reader coming after
+                    // the failure fetches again rather than take its error.
+                    in_flight.remove(&index);
+                }
                 if let Some(flight) = in_flight.get(&index) {
                     (Arc::clone(flight), None)
                 } else if self.cache.is_ready(index) {
@@ -752,8 +760,11 @@ impl Fetcher {
             }
         }
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
-        for (chunk, _) in flights {
-            in_flight.remove(&chunk.index);
+        for (chunk, flight) in flights {
+            // (A failed flight may have been replaced by a reader fetching again.)
+            if in_flight.get(&chunk.index).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+                in_flight.remove(&chunk.index);
+            }
         }
     }
 
