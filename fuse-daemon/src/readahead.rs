@@ -414,8 +414,10 @@ impl Shared {
                 _ => None,
             })
             .collect();
+        // In requests as large as a miss's own: the loader's faults meanwhile find
+        // more of the file on its way (Java's 20 MB libjvm).
         for (start, end) in crate::chunk_ranges::ranges(chunks, |_, _| false) {
-            self.fetcher.read_ahead(start, end, REQUEST_BYTES);
+            self.fetcher.read_ahead(start, end, Miss::ALONG_BYTES);
         }
     }
 
