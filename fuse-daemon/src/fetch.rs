@@ -112,6 +112,13 @@ impl Along {
     }
 }
 
+impl Drop for Along {
+    /// A read that failed before it planned a request still pushes its readahead.
+    fn drop(&mut self) {
+        self.planned();
+    }
+}
+
 impl std::fmt::Debug for Along {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Along")
