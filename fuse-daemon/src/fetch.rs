@@ -299,8 +299,9 @@ impl Fetcher {
     }
 
     /// [`Self::read`], where the first request this read makes also takes chunks of
-    /// `along` that lie after its own in the same blob (one round trip for the read
-    /// and its readahead); the reader is answered once its own chunks are in.
+    /// `along` in the same blob (see `take_along`: one round trip for the read and
+    /// its readahead); the reader is answered once its own chunks are in. `along`'s
+    /// readahead is pushed once that request is planned (or when the read ends).
     pub fn read_along(
         self: &Arc<Self>,
         segments: &[FileSegment],
@@ -344,7 +345,6 @@ impl Fetcher {
             }
             at += segment.length as usize;
         }
-        along.planned();
         Ok(out)
     }
 
