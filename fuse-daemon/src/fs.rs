@@ -323,8 +323,9 @@ impl Filesystem for PetrelFs {
         // the readahead is pushed once that request is planned.
         let along = match (&self.readahead, first_chunk) {
             (Some(readahead), Some(first_chunk)) => {
-                let miss = readahead.missed(ino, first_chunk);
-                let ranges = miss.along.clone();
+                let mut miss = readahead.missed(ino, first_chunk);
+                // (The jobs already hold these ranges too.)
+                let ranges = std::mem::take(&mut miss.along);
                 crate::fetch::Along::new(
                     ino,
                     ranges,

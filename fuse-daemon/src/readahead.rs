@@ -181,9 +181,10 @@ impl DirReadahead {
 
     /// A read of `ino` needed a fetch: read its directory ahead (once), and an
     /// executable or library whole once its first chunk shows the ELF magic. The
-    /// directory's and package's files are returned as `along` (the reader's own
-    /// request takes those after its chunks) and pushed as readahead with the rest
-    /// by [`Miss::push`], which the reader calls once its request is planned.
+    /// directory's and package's files (and a library that fits whole) are returned
+    /// as `along`, for the reader's own request to take what it can (see
+    /// `Fetcher::take_along`), and pushed as readahead with the rest by
+    /// [`Miss::push`], which the reader calls once its request is planned.
     pub fn missed(&self, ino: u32, first_chunk: Option<u32>) -> Miss {
         let shared = &self.shared;
         let mut miss = Miss {
@@ -194,6 +195,7 @@ impl DirReadahead {
         if shared.off.load(Relaxed) {
             return miss;
         }
+        let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
         // One push for all this miss makes fetched: a worker woken by it takes the
         // directory's and the package's files in one request, not one each.
         if shared.elf_candidate(ino) && first_time(&shared.elf_probed, ino) {
@@ -212,7 +214,6 @@ impl DirReadahead {
             // for it instead of asking for their pages one round trip each.
             // Only what looks like a program or a library: a big file of data read
             // here and there is left to its reads.
-            let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
             let loadable = shared.executable(ino) || shared.name_in(parent, ino).is_some_and(|n| is_shared_object(&n));
             if loadable {
                 let whole = shared.whole_file(ino);
@@ -221,7 +222,6 @@ impl DirReadahead {
                 }
             }
         }
-        let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
         // A directory is read ahead from its first file at its first miss; a miss
         // of a file that readahead did not reach (not fetched, not on its way) reads
         // it ahead again from that file on, a few times at most.
