@@ -753,6 +753,9 @@ fn an_executables_first_miss_reads_its_libraries_ahead() {
         std::fs::read(root.join(interpreter.trim_start_matches('/'))).unwrap(),
         loader
     );
+    // One request for the executable, one for both libraries whole (the loader
+    // maps them all before the program runs).
+    assert_eq!(before.backend_requests, 2, "{before:?}");
     let after = mounted.stats();
     assert_eq!(
         after.cache_misses, before.cache_misses,
@@ -761,6 +764,64 @@ fn an_executables_first_miss_reads_its_libraries_ahead() {
     assert!(
         read_missed(&mounted, &root.join("usr/lib/libunneeded.so.1"), &unrelated),
         "a library nothing needs was not"
+    );
+    mounted.unmount().unwrap();
+}
+
+/// A library loaded on its own (`dlopen`, as a Python extension module), not by
+/// an executable, that comes whole with its first miss is looked into for the
+/// libraries it needs: they are read ahead, in one request, before the loader asks
+/// for them. A library it does not need is left alone. Real files of this
+/// machine: `libselinux`, which needs `libpcre2-8`.
+#[test]
+fn a_library_loaded_on_its_own_reads_the_libraries_it_needs_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let host = |name: &str| {
+        ["/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu"]
+            .iter()
+            .find_map(|dir| std::fs::read(format!("{dir}/{name}")).ok())
+            .unwrap_or_else(|| panic!("{name} on this machine"))
+    };
+    let (module, needed, unneeded) = (host("libselinux.so.1"), host("libpcre2-8.so.0"), host("libz.so.1"));
+    let multiarch = if std::path::Path::new("/lib/x86_64-linux-gnu").exists() {
+        "x86_64-linux-gnu"
+    } else {
+        "aarch64-linux-gnu"
+    };
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    // Not executable, in a directory of its own: loaded by path, as an extension.
+    w.file("srv/app/ext/selinux.so", &Default::default(), &module);
+    w.file(
+        &format!("usr/lib/{multiarch}/libpcre2-8.so.0"),
+        &Default::default(),
+        &needed,
+    );
+    w.file("usr/lib/other/libz.so.1", &Default::default(), &unneeded);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mounted = fixture.mount_for_readahead();
+    let root = mounted.mountpoint().to_path_buf();
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(root.join("srv/app/ext/selinux.so"))
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf[..], &module[..4096]);
+    wait_until_quiet(&mounted);
+    let before = mounted.stats();
+    assert_eq!(before.backend_requests, 2, "the module, then what it needs: {before:?}");
+    assert!(
+        !read_missed(
+            &mounted,
+            &root.join(format!("usr/lib/{multiarch}/libpcre2-8.so.0")),
+            &needed
+        ),
+        "the library it needs was read ahead"
+    );
+    assert!(
+        read_missed(&mounted, &root.join("usr/lib/other/libz.so.1"), &unneeded),
+        "a library it does not need was not"
     );
     mounted.unmount().unwrap();
 }
