@@ -618,6 +618,89 @@ fn a_miss_in_a_package_reads_its_compiled_modules_ahead() {
     mounted.unmount().unwrap();
 }
 
+/// The first miss on one of a Python package's compiled extension modules (shared
+/// objects, big ones too) reads ahead the package's others, whole: importing a
+/// package loads them all, one after another. Its compiled bytecode, its tests'
+/// extension modules and another package's stay where they are.
+#[test]
+fn a_miss_on_a_packages_extension_module_reads_its_others_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let module = |i: u64| {
+        let mut m = b"\x7fELF".to_vec();
+        m.extend(Rng::new(1500 + i).bytes(1_200_000 + 10_000 * i as usize));
+        m
+    };
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let meta = Default::default();
+    w.file("site/pkg/__init__.py", &meta, b"from . import _libs\n");
+    w.file("site/pkg/_libs/__init__.py", &meta, b"\n");
+    let names: Vec<String> = (0..4)
+        .map(|i| format!("site/pkg/_libs/m{i}.cpython-311-x86_64-linux-gnu.so"))
+        .chain(["site/pkg/_libs/tslibs/t0.cpython-311-x86_64-linux-gnu.so".to_string()])
+        .collect();
+    w.file("site/pkg/_libs/tslibs/__init__.py", &meta, b"\n");
+    for (i, name) in names.iter().enumerate() {
+        w.file(name, &meta, &module(i as u64));
+    }
+    let bytecode = Rng::new(1590).bytes(300_000);
+    w.file("site/pkg/__pycache__/big.cpython-311.pyc", &meta, &bytecode);
+    w.file("site/pkg/tests/__init__.py", &meta, b"\n");
+    w.file("site/pkg/tests/t.cpython-311-x86_64-linux-gnu.so", &meta, &module(7));
+    w.file("site/other/__init__.py", &meta, b"\n");
+    w.file("site/other/o.cpython-311-x86_64-linux-gnu.so", &meta, &module(8));
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mounted = fixture.mount_for_readahead();
+    let root = mounted.mountpoint().to_path_buf();
+    // The kernel learns where the modules are as an import would: by looking them up.
+    for path in names
+        .iter()
+        .chain(&["site/pkg/tests/t.cpython-311-x86_64-linux-gnu.so".to_string()])
+    {
+        std::fs::metadata(root.join(path)).unwrap();
+    }
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(root.join(&names[0]))
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(head, module(0)[..4096]);
+    wait_until_quiet(&mounted);
+    let before = mounted.stats();
+    for (i, name) in names.iter().enumerate() {
+        assert!(
+            !read_missed(&mounted, &root.join(name), &module(i as u64)),
+            "{name} was read ahead"
+        );
+    }
+    assert!(
+        read_missed(
+            &mounted,
+            &root.join("site/pkg/tests/t.cpython-311-x86_64-linux-gnu.so"),
+            &module(7)
+        ),
+        "the tests' module was not"
+    );
+    assert!(
+        read_missed(
+            &mounted,
+            &root.join("site/other/o.cpython-311-x86_64-linux-gnu.so"),
+            &module(8)
+        ),
+        "another package's module was not"
+    );
+    assert!(
+        read_missed(
+            &mounted,
+            &root.join("site/pkg/__pycache__/big.cpython-311.pyc"),
+            &bytecode
+        ),
+        "the package's bytecode was not: {before:?}"
+    );
+    mounted.unmount().unwrap();
+}
+
 /// An executable or library (an ELF file) is read ahead whole at its first miss,
 /// as a loader faults its pages all over; a big data file is not.
 #[test]
