@@ -29,3 +29,9 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
   echo "installing cargo-deny"
   cargo install --locked --quiet cargo-deny@0.20.2
 fi
+# A registry with the referrers API of OCI distribution 1.1, which Debian's
+# docker-registry 2.8 lacks: the tests publish and find profiles through both.
+if ! command -v ferro-oci-server >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/ferro-oci-server" ]; then
+  echo "installing ferro-oci-server"
+  cargo install --locked --quiet ferro-oci-server@1.0.0
+fi

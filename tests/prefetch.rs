@@ -530,6 +530,83 @@ fn a_published_profile_is_found_and_prefetched_on_an_image_not_built_for_it() {
     );
 }
 
+/// Where the registry has the referrers API (OCI distribution 1.1), a profile is
+/// published as a referrer through it, without the `sha256-<hex>` fallback tag, and
+/// a plain `petrel mount` finds it by the API and prefetches what it names.
+#[test]
+fn a_profile_is_published_and_found_by_the_referrers_api_where_the_registry_has_one() {
+    if !registry_tools_available() || !referrers_registry_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start_with_referrers_api();
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("data/f{i}.bin"), Rng::new(700 + i).bytes(2 << 20)))
+        .collect();
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        w.file(path, &Default::default(), data);
+    }
+    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.path().join("layout"), "plain", "v1");
+    let image = format!("docker://{}/plain:petrel", registry.addr);
+    run_ok(petrel().args(["convert", &format!("docker://{}/plain:v1", registry.addr), &image]));
+    let profile = work.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"petrel_profile": 1, "entries": [{"path": "data/f3.bin"}, {"path": "data/f1.bin"}]}"#,
+    )
+    .unwrap();
+    let pushed = run_ok(petrel().args(["profile", "push", &image]).arg(&profile));
+    let artifact = pushed.lines().next().unwrap_or_default().trim().to_string();
+    assert!(artifact.starts_with("sha256:"), "the artifact's digest: {pushed}");
+
+    // The registry lists the artifact as a referrer of the image; no fallback tag.
+    let curl = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-H"])
+            .arg("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")
+            .arg(format!("http://{}{path}", registry.addr))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (body.to_string(), code.to_string())
+    };
+    let manifest_sum = run_ok(std::process::Command::new("sh").arg("-c").arg(format!(
+        "curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' http://{}/v2/plain/manifests/petrel | sha256sum",
+        registry.addr
+    )));
+    let digest = format!("sha256:{}", manifest_sum.split_whitespace().next().unwrap());
+    let (listed, code) = curl(&format!("/v2/plain/referrers/{digest}"));
+    assert_eq!(code, "200", "{listed}");
+    assert!(
+        listed.contains(&artifact),
+        "the referrers API lists {artifact}: {listed}"
+    );
+    let (_, code) = curl(&format!("/v2/plain/manifests/{}", digest.replace(':', "-")));
+    assert_eq!(code, "404", "no fallback tag where the API answers");
+
+    let cache = work.path().join("cache");
+    let runtime = cache.with_extension("run");
+    let mount = MountProcess::start(
+        &image,
+        &work.path().join("mnt"),
+        &cache,
+        &["--prefetch-mode", "off", "--no-passthrough"],
+    );
+    let wanted = 2 * (2u64 << 20);
+    let before = wait_prefetched(&mount.mountpoint, &runtime, wanted);
+    for i in [3, 1] {
+        assert_eq!(std::fs::read(mount.mountpoint.join(&files[i].0)).unwrap(), files[i].1);
+    }
+    let after = stats(&mount.mountpoint, &runtime);
+    assert_eq!(
+        after["backend_requests"], before["backend_requests"],
+        "the profiled files needed no fetch: {after}"
+    );
+}
+
 /// Opt-in, a node records an image's first start and publishes it: the first mount
 /// (`--record-first-start 1 --publish-profile`) finds no profile, records the files
 /// and ranges read in the second after its first read, keeps the profile in its cache

@@ -151,6 +151,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut mbit = 100.0f64;
     let mut amplify_only = false;
     let mut convert_only = false;
+    // `--startup-only`: the synthetic startup's rows alone (`coldstart` shows them
+    // among the realistic ones).
+    let mut startup_only = false;
     let mut rounds = 1usize;
     let mut i = 0;
     while i < args.len() {
@@ -167,6 +170,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             }
             "--convert-only" => {
                 convert_only = true;
+                i += 1;
+                continue;
+            }
+            "--startup-only" => {
+                startup_only = true;
                 i += 1;
                 continue;
             }
@@ -212,7 +220,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // blobs an earlier round pushed, and petrel reuse its conversion).
     let mut times: [Vec<f64>; 4] = Default::default();
     let mut round_registries = Vec::new();
-    for round in 0..rounds {
+    if startup_only {
+        run_shell(&format!(
+            "{} convert docker://{}/app:v1 docker://{}/app:petrel > /dev/null",
+            petrel.display(),
+            source.addr,
+            dest.addr
+        ))?;
+    }
+    for round in (0..rounds).filter(|_| !startup_only) {
         let (dest, dest_link) = if round == 0 {
             (&dest, dest_link.clone())
         } else {
@@ -252,7 +268,30 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             times[3][round]
         );
     }
-    let [loopback_skopeo, loopback_convert, skopeo, convert] = times.map(|series| median(&series));
+    if !startup_only {
+        print_conversions(&times, w, image_bytes, mbit, rtt_ms, rounds)?;
+    }
+    if convert_only {
+        return Ok(());
+    }
+    startup_rows(&petrel, &source_link, &dest_link, w, &startup, image_bytes)?;
+    if startup_only {
+        return Ok(());
+    }
+    amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms)
+}
+
+/// The conversion table: `times` holds skopeo and petrel on loopback, then on the
+/// shaped link, one figure per round.
+fn print_conversions(
+    times: &[Vec<f64>; 4],
+    w: &Path,
+    image_bytes: u64,
+    mbit: f64,
+    rtt_ms: f64,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let [loopback_skopeo, loopback_convert, skopeo, convert] = times.clone().map(|series| median(&series));
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("convert.json"))?)?;
     let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
     println!();
@@ -272,10 +311,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         convert,
         convert / skopeo
     );
-    if convert_only {
-        return Ok(());
-    }
+    Ok(())
+}
 
+/// Startup of the synthetic app (`app_image`, `image_bytes` of layers): a full
+/// pull and unpack vs a lazy mount reading the startup set, on demand and with a
+/// prefetch region.
+fn startup_rows(
+    petrel: &Path,
+    source_link: &str,
+    dest_link: &str,
+    w: &Path,
+    startup: &[(String, u64)],
+    image_bytes: u64,
+) -> anyhow::Result<()> {
     // Startup: full pull + unpack vs lazy mount + reading the startup set.
     let pull_dir = w.join("pulled");
     let pull = run_shell(&format!(
@@ -304,18 +353,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         profile.display()
     ))?;
     let lazy = startup_run(
-        &petrel,
+        petrel,
         &format!("docker://{dest_link}/app:petrel"),
         &w.join("lazy"),
-        &startup,
+        startup,
         "off",
         &[],
     )?;
     let prefetched = startup_run(
-        &petrel,
+        petrel,
         &format!("docker://{dest_link}/app:petrel-pf"),
         &w.join("pf"),
-        &startup,
+        startup,
         "table",
         &[],
     )?;
@@ -346,7 +395,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             run.fetched as f64 / image_bytes as f64
         );
     }
-    amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms)
+    Ok(())
 }
 
 /// On-demand startup with each amplification window (how far a fetch extends over

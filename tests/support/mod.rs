@@ -69,6 +69,37 @@ pub struct TestRegistry {
     pub auth: bool,
 }
 
+/// The registry with the referrers API of OCI distribution 1.1 the tests use:
+/// `ferro-oci-server` from crates.io (scripts/install-deps.sh); Debian's
+/// docker-registry 2.8 has no such API.
+pub const REFERRERS_REGISTRY: &str = "ferro-oci-server";
+
+/// Where `REFERRERS_REGISTRY` is: on the `PATH`, or where `cargo install` put it.
+fn referrers_registry_program() -> Option<PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .map(|home| home.join("bin"));
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(cargo_bin)
+        .map(|dir| dir.join(REFERRERS_REGISTRY))
+        .find(|program| program.is_file())
+}
+
+/// Whether a registry with the referrers API can be started; reports a skip if not.
+pub fn referrers_registry_available() -> bool {
+    let found = referrers_registry_program().is_some();
+    if !found {
+        petrel_fixtures::report_skip(
+            "needs ferro-oci-server, a registry with the referrers API (scripts/install-deps.sh)",
+        );
+    }
+    found
+}
+
 impl TestRegistry {
     pub fn start(auth: bool) -> Self {
         Self::start_with(auth, "")
@@ -120,6 +151,31 @@ impl TestRegistry {
             .unwrap();
         let addr = format!("{host}:{port}");
         let registry = TestRegistry { child, addr, dir, auth };
+        registry.wait_ready();
+        registry
+    }
+
+    /// A registry with the referrers API (`REFERRERS_REGISTRY`) on loopback, its
+    /// blobs under a directory of its own, no authentication.
+    pub fn start_with_referrers_api() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let program = referrers_registry_program().expect("ferro-oci-server (scripts/install-deps.sh)");
+        let child = Command::new(program)
+            .env("FERRO_OCI_LISTEN", &addr)
+            .env("FERRO_OCI_STORAGE_DIR", dir.path().join("storage"))
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let registry = TestRegistry {
+            child,
+            addr,
+            dir,
+            auth: false,
+        };
         registry.wait_ready();
         registry
     }
