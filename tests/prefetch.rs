@@ -428,6 +428,28 @@ fn wait_prefetched(mountpoint: &Path, runtime: &Path, bytes: u64) -> serde_json:
     }
 }
 
+/// `count` files of 2 MiB of seeded random bytes, `dir/f<i>.bin`.
+fn two_mib_files(count: u64, dir: &str, seed: u64) -> Vec<(String, Vec<u8>)> {
+    (0..count)
+        .map(|i| (format!("{dir}/f{i}.bin"), Rng::new(seed + i).bytes(2 << 20)))
+        .collect()
+}
+
+/// An image of `files` pushed to `registry` as `repo:v1` and converted there to
+/// `repo:petrel`, whose reference it returns.
+fn converted_image(registry: &TestRegistry, work: &Path, repo: &str, files: &[(String, Vec<u8>)]) -> String {
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in files {
+        w.file(path, &Default::default(), data);
+    }
+    let layout = work.join(format!("layout-{repo}"));
+    petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&layout, repo, "v1");
+    let image = format!("docker://{}/{repo}:petrel", registry.addr);
+    run_ok(petrel().args(["convert", &format!("docker://{}/{repo}:v1", registry.addr), &image]));
+    image
+}
+
 /// A profile recorded once helps an image that was not converted with it: published
 /// to the registry as an OCI referrer of the image (`petrel profile push`; Debian's
 /// docker-registry has no referrers API, so through the `sha256-<hex>` tag), found by
@@ -441,17 +463,8 @@ fn a_published_profile_is_found_and_prefetched_on_an_image_not_built_for_it() {
     }
     let registry = TestRegistry::start(false);
     let work = tempfile::tempdir().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("data/f{i}.bin"), Rng::new(300 + i).bytes(2 << 20)))
-        .collect();
-    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
-    for (path, data) in &files {
-        w.file(path, &Default::default(), data);
-    }
-    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
-    registry.push_layout(&work.path().join("layout"), "plain", "v1");
-    let image = format!("docker://{}/plain:petrel", registry.addr);
-    run_ok(petrel().args(["convert", &format!("docker://{}/plain:v1", registry.addr), &image]));
+    let files = two_mib_files(8, "data", 300);
+    let image = converted_image(&registry, work.path(), "plain", &files);
 
     let pull = petrel().args(["profile", "pull", &image]).output().unwrap();
     assert_eq!(pull.status.code(), Some(1), "{}", output_text(&pull));
@@ -540,17 +553,8 @@ fn a_profile_is_published_and_found_by_the_referrers_api_where_the_registry_has_
     }
     let registry = TestRegistry::start_with_referrers_api();
     let work = tempfile::tempdir().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| (format!("data/f{i}.bin"), Rng::new(700 + i).bytes(2 << 20)))
-        .collect();
-    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
-    for (path, data) in &files {
-        w.file(path, &Default::default(), data);
-    }
-    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
-    registry.push_layout(&work.path().join("layout"), "plain", "v1");
-    let image = format!("docker://{}/plain:petrel", registry.addr);
-    run_ok(petrel().args(["convert", &format!("docker://{}/plain:v1", registry.addr), &image]));
+    let files = two_mib_files(6, "data", 700);
+    let image = converted_image(&registry, work.path(), "plain", &files);
     let profile = work.path().join("profile.json");
     std::fs::write(
         &profile,
@@ -619,17 +623,8 @@ fn a_recorded_first_start_is_published_and_prefetched_by_the_next_node() {
     }
     let registry = TestRegistry::start(false);
     let work = tempfile::tempdir().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| (format!("app/f{i}.bin"), Rng::new(600 + i).bytes(2 << 20)))
-        .collect();
-    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
-    for (path, data) in &files {
-        w.file(path, &Default::default(), data);
-    }
-    petrel_fixtures::oci_layout::write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
-    registry.push_layout(&work.path().join("layout"), "first", "v1");
-    let image = format!("docker://{}/first:petrel", registry.addr);
-    run_ok(petrel().args(["convert", &format!("docker://{}/first:v1", registry.addr), &image]));
+    let files = two_mib_files(6, "app", 600);
+    let image = converted_image(&registry, work.path(), "first", &files);
 
     let cache = work.path().join("cache-1");
     {
