@@ -214,16 +214,25 @@ impl DirReadahead {
         let parent = shared.parent_of.get(ino as usize).map_or(0, |p| p.load(Relaxed));
         // One push for all this miss makes fetched: a worker woken by it takes the
         // directory's and the package's files in one request, not one each.
-        // What looks like a program or a library, of any size.
-        let loadable = shared.executable(ino) || shared.name_in(parent, ino).is_some_and(|n| is_shared_object(&n));
-        if (loadable || shared.elf_candidate(ino)) && first_time(&shared.elf_probed, ino) {
+        // What looks like a program or a library, of any size: asked only where the
+        // answer is still needed (it looks the file's name up in its directory).
+        let loadable_once = std::cell::OnceCell::new();
+        let loadable = || {
+            *loadable_once.get_or_init(|| {
+                shared.executable(ino) || shared.name_in(parent, ino).is_some_and(|n| is_shared_object(&n))
+            })
+        };
+        if !is_set(&shared.elf_probed, ino)
+            && (shared.elf_candidate(ino) || loadable())
+            && first_time(&shared.elf_probed, ino)
+        {
             // A file that fits in the reader's request comes whole with it: the
             // probe then finds its body on the way, and the loader's faults wait
             // for it instead of asking for their pages one round trip each.
             // Only what looks like a program or a library: a big file of data read
             // here and there is left to its reads.
             let mut whole_along = false;
-            if loadable {
+            if loadable() {
                 let whole = shared.whole_file(ino);
                 if shared.stored_bytes(&whole) <= Miss::ALONG_BYTES {
                     miss.along.extend(whole);
@@ -251,10 +260,10 @@ impl DirReadahead {
             miss.along.extend(shared.small_file_ranges(parent, ino, round > 0));
         }
         let package = (parent != 0).then(|| shared.package_root(parent)).flatten();
-        if let Some(root) = package.filter(|_| loadable) {
+        if let Some(root) = package.filter(|root| !is_set(&shared.package_libraries_done, *root)) {
             // A package's compiled modules load together: importing it loads them
             // all, one after another (pandas' 41, 17 MB, on the Python service).
-            if first_time(&shared.package_libraries_done, root) {
+            if loadable() && first_time(&shared.package_libraries_done, root) {
                 miss.along.extend(shared.package_files(
                     root,
                     ino,
@@ -350,6 +359,12 @@ fn is_shared_object(name: &[u8]) -> bool {
 }
 
 /// Sets bit `index`; true if it was not set before.
+/// Whether bit `index` is set.
+fn is_set(bits: &[AtomicU64], index: u32) -> bool {
+    bits.get(index as usize / 64)
+        .is_some_and(|word| word.load(Relaxed) & (1u64 << (index % 64)) != 0)
+}
+
 fn first_time(bits: &[AtomicU64], index: u32) -> bool {
     let Some(word) = bits.get(index as usize / 64) else {
         return false;
