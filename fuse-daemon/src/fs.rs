@@ -243,13 +243,7 @@ impl Filesystem for PetrelFs {
         match self.inode(ino).map(|i| i.kind()) {
             Ok(Ok(FileKind::Regular)) => match (&self.passthrough, self.inode(ino)) {
                 (Some(passthrough), Ok(inode)) => {
-                    if passthrough.open(
-                        &self.image,
-                        &inode,
-                        self.fetcher.cache(),
-                        &|i| self.fetcher.is_landing(i),
-                        reply,
-                    ) {
+                    if passthrough.open(&self.image, &inode, reply) {
                         self.stats
                             .passthrough_opens
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

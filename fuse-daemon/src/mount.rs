@@ -367,7 +367,10 @@ pub fn mount_with_backend(
     if let Some((recorder, ..)) = &recording {
         fs = fs.with_recorder(Arc::clone(recorder));
     } else if config.passthrough {
-        fs = fs.with_passthrough(crate::passthrough::Passthrough::new(&config.cache_dir));
+        fs = fs.with_passthrough(crate::passthrough::Passthrough::new(
+            &config.cache_dir,
+            Arc::clone(&fetcher),
+        ));
     }
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![

@@ -62,6 +62,8 @@ const MAX_QUEUED: usize = 4096;
 /// until its last open is released.
 #[derive(Debug)]
 pub struct Passthrough {
+    /// The read path's owner: which chunks are ready, and the store they are in.
+    fetcher: Arc<crate::fetch::Fetcher>,
     dir: PathBuf,
     enabled: AtomicBool,
     next_handle: AtomicU64,
@@ -109,9 +111,11 @@ struct Opens {
 }
 
 impl Passthrough {
-    /// Backing files live in `cache_dir/files`.
-    pub fn new(cache_dir: &Path) -> Self {
+    /// Backing files live in `cache_dir/files`; their bytes come from the chunks
+    /// `fetcher` made ready.
+    pub fn new(cache_dir: &Path, fetcher: Arc<crate::fetch::Fetcher>) -> Self {
         Passthrough {
+            fetcher,
             dir: cache_dir.join("files"),
             enabled: AtomicBool::new(true),
             next_handle: AtomicU64::new(1),
@@ -138,16 +142,11 @@ impl Passthrough {
 
     /// Answers the open of a regular file: with its backing file when it has one (or
     /// can have one now), otherwise as an ordinary cached open. True for a backing file.
-    /// `landing(chunk)` says whether a chunk not cached yet was fetched and is being
-    /// stored.
-    pub fn open(
-        &self,
-        image: &Arc<MappedImage>,
-        inode: &Inode<'_>,
-        cache: &Arc<ChunkCache>,
-        landing: &dyn Fn(u32) -> bool,
-        reply: ReplyOpen,
-    ) -> bool {
+    pub fn open(&self, image: &Arc<MappedImage>, inode: &Inode<'_>, reply: ReplyOpen) -> bool {
+        let cache = self.fetcher.cache();
+        // A chunk not cached yet that was fetched and is being stored.
+        let landing = |chunk| self.fetcher.is_landing(chunk);
+        let landing: &dyn Fn(u32) -> bool = &landing;
         let ordinary = |reply: ReplyOpen, handle: u64| {
             reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
             false
