@@ -87,8 +87,7 @@ impl<R: Read> Read for Hashing<R> {
 /// and grow with what was read of the image up to the layer's usual
 /// size, and shrink again to what is left to read of the image. Pushed at about
 /// the speed the source is read, each blob toward the end is up before the source
-/// ends. Only the edges get small blobs, and only in images of at least
-/// [`MIN_EDGE_SIZED_IMAGE`]: a reader's requests rarely span two blobs.
+/// ends. Only the edges get small blobs: a reader's requests rarely span two blobs.
 struct SealSizing {
     threshold: petrel_builder::pipeline::SealThreshold,
     /// The layer's usual blob size.
@@ -97,17 +96,13 @@ struct SealSizing {
     read: u64,
     /// Source bytes of the image still to read.
     remaining: u64,
-    /// Whether the image is big enough for small blobs at its edges
-    /// ([`MIN_EDGE_SIZED_IMAGE`]).
-    edges: bool,
 }
 
 impl SealSizing {
     fn read(&mut self, n: u64) {
         self.read += n;
         self.remaining = self.remaining.saturating_sub(n);
-        let edge = self.read.min(self.remaining).max(MIN_EDGE_BLOB);
-        let wanted = if self.edges { self.usual.min(edge) } else { self.usual };
+        let wanted = self.usual.min(self.read.min(self.remaining).max(MIN_EDGE_BLOB));
         if wanted != self.threshold.get() {
             self.threshold.set(wanted);
         }
@@ -381,10 +376,6 @@ const MAX_SEALED_BLOB: u64 = 512 << 20;
 /// is read before pushing starts, and left to push once the source is read, about
 /// 0.2 s at 100 Mbit/s.
 const MIN_EDGE_BLOB: u64 = 2 << 20;
-/// Images smaller than this get no small blobs at their edges: pushed in a few
-/// seconds at 100 Mbit/s anyway, they would only be cut into many small blobs
-/// (a reader's request cannot span two).
-const MIN_EDGE_SIZED_IMAGE: u64 = 4 * MIN_SEALED_BLOB;
 /// Sealed blobs pushed at once: one upload's round trips (exists?, start,
 /// finish) overlap another's data.
 const PUSHERS: usize = 3;
@@ -449,7 +440,6 @@ fn read_layers(
     let mut source_bytes = 0;
     let count = manifest.layers().len();
     let mut remaining: u64 = manifest.layers().iter().map(|l| l.size()).sum();
-    let edges = remaining >= MIN_EDGE_SIZED_IMAGE;
     let mut read = 0u64;
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
@@ -467,7 +457,6 @@ fn read_layers(
             usual,
             read,
             remaining,
-            edges,
         };
         sizing.read(0);
         remaining = remaining.saturating_sub(size);
@@ -992,7 +981,6 @@ mod sizing_tests {
             usual,
             read,
             remaining,
-            edges: read + remaining >= MIN_EDGE_SIZED_IMAGE,
         };
         sizing.read(0);
         let mut seen = vec![sizing.threshold.get()];
@@ -1016,8 +1004,5 @@ mod sizing_tests {
         // A layer in the middle of an image keeps its usual size throughout.
         let middle = thresholds(16 * MIB, 512 * MIB, 512 * MIB, 64 * MIB);
         assert!(middle.iter().all(|&t| t == 16 * MIB), "{middle:?}");
-        // A small image keeps the usual size (one blob per layer here).
-        let small = thresholds(16 * MIB, 0, 40 * MIB, 40 * MIB);
-        assert!(small.iter().all(|&t| t == 16 * MIB), "{small:?}");
     }
 }
