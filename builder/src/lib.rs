@@ -175,11 +175,7 @@ impl ImageBuilder {
     /// Also seals a blob ([`Self::seal`]) whenever `every` bytes of new chunks
     /// are spooled unsealed, mid-layer, handing each to `to`: a big layer is pushed
     /// while it is still read. Nothing is sealed in a build with a prefetch profile.
-    pub fn auto_seal(
-        &mut self,
-        every: pipeline::SealThreshold,
-        to: std::sync::mpsc::Sender<Result<pipeline::SealedBlob>>,
-    ) -> Result<()> {
+    pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<pipeline::SealedBlob>>) -> Result<()> {
         if !self.options.prefetch.is_empty() {
             return Ok(());
         }

@@ -88,37 +88,14 @@ enum Work {
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
-    AutoSeal(SealThreshold, std::sync::mpsc::Sender<Result<SealedBlob>>),
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// What a worker hands the collector, in submission order.
 enum Done {
     Chunk(EncodedChunk, Option<ChunkKey>),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
-    AutoSeal(SealThreshold, std::sync::mpsc::Sender<Result<SealedBlob>>),
-}
-
-/// How many unsealed bytes make an automatic seal; the caller may change it while
-/// the build runs (smaller toward the end of its input, so that little is left to
-/// push once the input ends).
-#[derive(Debug, Clone)]
-pub struct SealThreshold(Arc<std::sync::atomic::AtomicU64>);
-
-impl SealThreshold {
-    /// Seal every `bytes` (at least 1).
-    pub fn new(bytes: u64) -> Self {
-        SealThreshold(Arc::new(std::sync::atomic::AtomicU64::new(bytes.max(1))))
-    }
-
-    /// From the next chunk on, seal every `bytes` (at least 1).
-    pub fn set(&self, bytes: u64) {
-        self.0.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The current threshold.
-    pub fn get(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
+    AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
 }
 
 /// A blob written mid-build from the chunks spooled since the previous one (a
@@ -207,9 +184,9 @@ impl Pipeline {
 
     /// From the chunks submitted next on, seals a blob ([`Self::seal`]) whenever
     /// `every` bytes are spooled unsealed, handing each to `to` (at chunk
-    /// boundaries, so where blobs end depends on the chunks and the threshold only).
-    pub fn auto_seal(&mut self, every: SealThreshold, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
-        self.send(Work::AutoSeal(every, to))
+    /// boundaries, so where blobs end depends on the chunks only).
+    pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
+        self.send(Work::AutoSeal(every.max(1), to))
     }
 
     fn send(&mut self, work: Work) -> Result<()> {
@@ -316,13 +293,13 @@ fn collect(
         first_blob: dict.blobs.len(),
         blobs_dir,
     };
-    let mut auto_seal: Option<(SealThreshold, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
+    let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
         pending.insert(seq, done);
         while let Some(done) = pending.remove(&next_seq) {
             next_seq += 1;
             if let Some((every, to)) = &auto_seal {
-                if spool_len - sealer.sealed_up_to >= every.get() {
+                if spool_len - sealer.sealed_up_to >= *every {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
                         None => sealer.seal(&mut writer, &mut chunks, spool_len),

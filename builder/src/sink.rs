@@ -130,7 +130,7 @@ impl ChunkSink {
     /// Seals a blob whenever `every` bytes are spooled unsealed ([`Pipeline::auto_seal`]).
     pub fn auto_seal(
         &mut self,
-        every: crate::pipeline::SealThreshold,
+        every: u64,
         to: std::sync::mpsc::Sender<Result<crate::pipeline::SealedBlob, BuildError>>,
     ) -> Result<(), BuildError> {
         // Sealed blobs lay their chunks out depth first by their files' paths.

@@ -56,14 +56,12 @@ pub struct ConvertSummary {
     pub seconds: f64,
 }
 
-/// Counts and hashes the bytes of a layer stream as it is read, and sizes the
-/// build's sealed blobs as the image is read (see [`SealSizing`]).
+/// Counts and hashes the bytes of a layer stream as it is read.
 struct Hashing<R> {
     inner: R,
     hasher: sha2::Sha256,
     bytes: u64,
     progress: Option<progress::LayerBar>,
-    sizing: Option<SealSizing>,
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -71,41 +69,10 @@ impl<R: Read> Read for Hashing<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
-        if let Some(sizing) = &mut self.sizing {
-            sizing.read(n as u64);
-        }
         if let Some(p) = &mut self.progress {
             p.read(n as u64);
         }
         Ok(n)
-    }
-}
-
-/// The image's first and last few sealed blobs are small. A blob is pushed once
-/// it is sealed, so the first one decides when pushing starts, and the last one
-/// what is left to push once the source is read. Blobs start at [`MIN_EDGE_BLOB`]
-/// and grow with what was read of the image up to the layer's usual
-/// size, and shrink again to what is left to read of the image. Pushed at about
-/// the speed the source is read, each blob toward the end is up before the source
-/// ends. Only the edges get small blobs: a reader's requests rarely span two blobs.
-struct SealSizing {
-    threshold: petrel_builder::pipeline::SealThreshold,
-    /// The layer's usual blob size.
-    usual: u64,
-    /// Source bytes of the image read so far.
-    read: u64,
-    /// Source bytes of the image still to read.
-    remaining: u64,
-}
-
-impl SealSizing {
-    fn read(&mut self, n: u64) {
-        self.read += n;
-        self.remaining = self.remaining.saturating_sub(n);
-        let wanted = self.usual.min(self.read.min(self.remaining).max(MIN_EDGE_BLOB));
-        if wanted != self.threshold.get() {
-            self.threshold.set(wanted);
-        }
     }
 }
 
@@ -366,16 +333,10 @@ const MAX_PARALLEL_PLATFORMS: usize = 4;
 /// cannot span two blobs: 8 MiB blobs growing by a quarter (small again toward a
 /// layer's end) converted 6 % faster over a 100 Mbit/s link (1.05x against 1.12x
 /// `skopeo copy`), and the Python service then took 71 requests instead of 46 to
-/// prefetch its profile at mount. So only the image's edges get small blobs
-/// ([`SealSizing`]): 1.10x -> 1.07x over the same link, and the synthetic
-/// startup of `scripts/bench.sh registry` made the same 17 requests.
+/// prefetch its profile at mount.
 const SEALED_BLOBS_PER_LAYER: u64 = 4;
 const MIN_SEALED_BLOB: u64 = 16 << 20;
 const MAX_SEALED_BLOB: u64 = 512 << 20;
-/// The smallest blob sealed at the image's start and end ([`SealSizing`]): what
-/// is read before pushing starts, and left to push once the source is read, about
-/// 0.2 s at 100 Mbit/s.
-const MIN_EDGE_BLOB: u64 = 2 << 20;
 /// Sealed blobs pushed at once: one upload's round trips (exists?, start,
 /// finish) overlap another's data.
 const PUSHERS: usize = 3;
@@ -439,35 +400,23 @@ fn read_layers(
 ) -> Result<u64> {
     let mut source_bytes = 0;
     let count = manifest.layers().len();
-    let mut remaining: u64 = manifest.layers().iter().map(|l| l.size()).sum();
-    let mut read = 0u64;
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
-        // A big layer is cut into a few blobs, so that it is pushed while it is
-        // read. Where they are cut depends on this layer only (and the chunks
-        // earlier layers already hold), so an unchanged layer of a new release
-        // gives the same blobs, which the registry then has; but at the image's
-        // edges they are cut smaller (`SealSizing`).
-        let usual = (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB);
-        let threshold = petrel_builder::pipeline::SealThreshold::new(usual);
-        builder.auto_seal(threshold.clone(), sealed.clone())?;
-        let mut sizing = SealSizing {
-            threshold,
-            usual,
-            read,
-            remaining,
-        };
-        sizing.read(0);
-        remaining = remaining.saturating_sub(size);
-        read += size;
+        // A big layer is cut into a few blobs, so that little is left to push
+        // once its last byte is read. Where they are cut depends on this layer
+        // only (and the chunks earlier layers already hold), so an unchanged layer
+        // of a new release gives the same blobs, which the registry then has.
+        builder.auto_seal(
+            (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+            sealed.clone(),
+        )?;
         let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
         let mut stream = Hashing {
             inner: source.layer(digest)?,
             hasher: sha2::Sha256::new(),
             bytes: 0,
             progress,
-            sizing: Some(sizing),
         };
         builder
             .add_layer(&mut stream)
@@ -575,7 +524,6 @@ fn ensure_blob(target: &Target, digest: &str, size: u64, sources: &[Source]) -> 
             hasher: sha2::Sha256::new(),
             bytes: 0,
             progress: None,
-            sizing: None,
         };
         std::io::copy(&mut hashing, &mut temp)?;
         let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
@@ -968,41 +916,4 @@ fn blob_layer(digest: &str, size: u64) -> Result<Descriptor> {
     let mut layer = descriptor(PETREL_LAYER, digest, size)?;
     layer.set_annotations(annotations(petrel_layer_annotations(ROLE_BLOB)));
     Ok(layer)
-}
-
-#[cfg(test)]
-mod sizing_tests {
-    use super::*;
-
-    /// The thresholds a layer's blobs are sealed at, read 1 MiB at a time.
-    fn thresholds(usual: u64, read: u64, remaining: u64, layer: u64) -> Vec<u64> {
-        let mut sizing = SealSizing {
-            threshold: petrel_builder::pipeline::SealThreshold::new(usual),
-            usual,
-            read,
-            remaining,
-        };
-        sizing.read(0);
-        let mut seen = vec![sizing.threshold.get()];
-        for _ in 0..layer >> 20 {
-            sizing.read(1 << 20);
-            seen.push(sizing.threshold.get());
-        }
-        seen
-    }
-
-    #[test]
-    fn blobs_start_small_grow_with_what_was_read_and_shrink_to_what_is_left() {
-        const MIB: u64 = 1 << 20;
-        // One 256 MiB layer: usual blobs of 64 MiB.
-        let seen = thresholds(64 * MIB, 0, 256 * MIB, 256 * MIB);
-        assert_eq!(seen[0], MIN_EDGE_BLOB, "the first blob is pushed early");
-        assert_eq!(seen[10], 10 * MIB, "what was read");
-        assert_eq!(seen[128], 64 * MIB, "the usual size in the middle");
-        assert_eq!(seen[256 - 20], 20 * MIB, "what is left to read");
-        assert_eq!(seen[256], MIN_EDGE_BLOB, "the last blob is small");
-        // A layer in the middle of an image keeps its usual size throughout.
-        let middle = thresholds(16 * MIB, 512 * MIB, 512 * MIB, 64 * MIB);
-        assert!(middle.iter().all(|&t| t == 16 * MIB), "{middle:?}");
-    }
 }

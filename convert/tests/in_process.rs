@@ -77,36 +77,3 @@ fn an_oci_layout_converts_in_process_and_bad_input_is_a_typed_error() {
     };
     assert!(chain.contains("nowhere"), "the error names the missing layout: {chain}");
 }
-
-#[test]
-fn a_big_layers_blobs_are_small_at_the_images_edges_and_of_the_usual_size_between() {
-    let work = tempfile::tempdir().unwrap();
-    let big = petrel_fixtures::rng::Rng::new(5).bytes(64 << 20);
-    let layers = [layer(&[("data/big.bin", &big)]), layer(&[("etc/motd", b"hello\n")])];
-    let input = work.path().join("in");
-    petrel_fixtures::oci_layout::write_oci_layout(&input, "v1", &layers).unwrap();
-    let output = work.path().join("out");
-    let location = |text: String| Location::parse(&text).unwrap();
-    let client = ClientOptions::default();
-    let summary = convert(
-        &location(format!("oci:{}:v1", input.display())),
-        &location(format!("oci:{}:v1", output.display())),
-        &client,
-        &client,
-        &options(),
-    )
-    .unwrap();
-    let mut sizes: Vec<u64> = summary.manifests[0].blobs.iter().map(|(_, size)| *size).collect();
-    sizes.sort_unstable();
-    let total: u64 = sizes.iter().sum();
-    assert!(total >= 64 << 20, "incompressible data is stored whole: {sizes:?}");
-    // Pushing starts after about 2 MiB, and about 2 MiB is left to push at the end
-    // (each blob ends at a chunk boundary: a chunk is at most 256 KiB by default).
-    let small = sizes.iter().filter(|&&s| s <= 3 << 20).count();
-    assert!(small >= 2, "a small first and last blob: {sizes:?}");
-    assert!(
-        sizes[sizes.len() - 1] >= 15 << 20,
-        "blobs of the usual 16 MiB between: {sizes:?}"
-    );
-    assert!(sizes.len() <= 12, "only the edges are cut small: {sizes:?}");
-}
