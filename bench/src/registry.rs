@@ -21,6 +21,20 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    /// CPU seconds the registry process has used so far (user and system), from
+    /// `/proc/PID/stat`: what serving a read cost it, measured around the read.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return 0.0;
+        };
+        // Fields after the command name (which is in parentheses): utime is the 14th
+        // field of the line, stime the 15th, in clock ticks (100 a second on Linux).
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
         Self::start_with(dir, "")
     }
