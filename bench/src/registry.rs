@@ -217,14 +217,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let source_link = relay::start(&source.addr, one_way, bits);
     let dest_link = relay::start(&dest.addr, one_way, bits);
     let petrel = bin("petrel");
-
-    if amplify_only {
+    // One conversion into `dest` for the startup rows and the amplification sweep.
+    let convert_once = || {
         run_shell(&format!(
             "{} convert docker://{}/app:v1 docker://{}/app:petrel > /dev/null",
             petrel.display(),
             source.addr,
             dest.addr
-        ))?;
+        ))
+    };
+
+    if amplify_only {
+        convert_once()?;
         return amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms);
     }
 
@@ -235,12 +239,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut times: [Vec<f64>; 4] = Default::default();
     let mut round_registries = Vec::new();
     if startup_only {
-        run_shell(&format!(
-            "{} convert docker://{}/app:v1 docker://{}/app:petrel > /dev/null",
-            petrel.display(),
-            source.addr,
-            dest.addr
-        ))?;
+        convert_once()?;
     }
     for round in (0..rounds).filter(|_| !startup_only) {
         let (dest, dest_link) = if round == 0 {
