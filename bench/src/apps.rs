@@ -114,6 +114,27 @@ fn app_rootfs(app: &App) -> anyhow::Result<PathBuf> {
     Ok(rootfs)
 }
 
+/// The uncompressed tar of app `name`'s whole rootfs (one layer, as `docker build`
+/// would push it), built once per machine as `app_rootfs` builds the tree.
+pub(crate) fn app_layer_tar(name: &str) -> anyhow::Result<Vec<u8>> {
+    let app = APPS
+        .iter()
+        .find(|a| a.name == name)
+        .with_context(|| format!("no app image named {name}"))?;
+    let rootfs = app_rootfs(app)?;
+    let out = Command::new("tar")
+        .arg("--numeric-owner")
+        .arg("-C")
+        .arg(&rootfs)
+        .args(["-cf", "-", "."])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("tar of {}: {}", rootfs.display(), out.status);
+    }
+    Ok(out.stdout)
+}
+
 /// One startup: seconds until the command printed `ready`, and the daemon's fetches.
 struct Start {
     seconds: f64,

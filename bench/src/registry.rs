@@ -1,5 +1,6 @@
 //! Registry benchmark over a shaped link (100 Mbit/s, 20 ms RTT by default):
-//! conversion registry → registry vs `skopeo copy` of the same image, and a
+//! conversion registry → registry vs `skopeo copy` of the same image (a synthetic
+//! app and the real Python app image of `apps`), and a
 //! startup-like read set through a lazy mount vs pulling the whole image with
 //! `skopeo copy` and unpacking it.
 
@@ -201,9 +202,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let (layers, startup) = app_image(scale);
     let layout = w.join("layout");
     petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &layers)?;
-    let image_bytes: u64 = std::fs::read_dir(layout.join("blobs/sha256"))?
-        .map(|e| e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0))
-        .sum();
+    let image_bytes = layout_bytes(&layout)?;
     drop(layers);
     let source = Registry::start(&w.join("source"))?;
     let dest = Registry::start(&w.join("dest"))?;
@@ -231,61 +230,49 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         convert_once()?;
         return amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms);
     }
-
-    // Conversion vs skopeo copy, registry to registry over loopback (CPU and the
-    // registries' own speed decide), then over the shaped links; `rounds` times,
-    // interleaved, each round into a registry of its own (skopeo would mount the
-    // blobs an earlier round pushed, and petrel reuse its conversion).
-    let mut times: [Vec<f64>; 4] = Default::default();
-    let mut round_registries = Vec::new();
     if startup_only {
         convert_once()?;
     }
-    for round in (0..rounds).filter(|_| !startup_only) {
-        let (dest, dest_link) = if round == 0 {
-            (&dest, dest_link.clone())
-        } else {
-            let fresh = Registry::start(&w.join(format!("dest{round}")))?;
-            let link = relay::start(&fresh.addr, one_way, bits);
-            round_registries.push(fresh);
-            (round_registries.last().expect("just pushed"), link)
-        };
-        let loopback_skopeo = run_shell(&format!(
-            "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/app:v1 docker://{}/loopcopy{round}:v1",
-            source.addr, dest.addr
-        ))?;
-        let loopback_convert = run_shell(&format!(
-            "{} convert docker://{}/app:v1 docker://{}/loop{round}:petrel > /dev/null",
-            petrel.display(),
-            source.addr,
-            dest.addr
-        ))?;
-        let skopeo = run_shell(&format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/app:v1 docker://{dest_link}/copy{round}:v1"))?;
-        let convert = run_shell(&format!(
-            "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel --json > {}/convert.json",
-            petrel.display(),
-            w.display()
-        ))?;
-        for (series, run) in times
-            .iter_mut()
-            .zip([loopback_skopeo, loopback_convert, skopeo, convert])
-        {
-            series.push(run.seconds);
-        }
-        eprintln!(
-            "round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
-            round + 1,
-            times[0][round],
-            times[1][round],
-            times[2][round],
-            times[3][round]
-        );
-    }
+
+    // Conversion vs skopeo copy of the synthetic image and of a real one (the Python
+    // app of `apps`, Debian packages in one layer gzipped at docker's level 6).
     if !startup_only {
-        print_conversions(&times, w, image_bytes, mbit, rtt_ms, rounds)?;
+        let python = w.join("python-layout");
+        let tar = crate::apps::app_layer_tar("python")?;
+        petrel_fixtures::oci_layout::write_oci_layout_gzipped(&python, "v1", &[tar], 6)?;
+        run_shell(&format!(
+            "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{}/python:v1",
+            python.display(),
+            source.addr
+        ))?;
+        let images = [
+            (
+                "app",
+                format!(
+                    "synthetic app, 4 layers, {:.0} MiB gzip",
+                    image_bytes as f64 / (1 << 20) as f64
+                ),
+            ),
+            (
+                "python",
+                format!(
+                    "python app (Debian packages), 1 layer, {:.0} MiB gzip",
+                    layout_bytes(&python)? as f64 / (1 << 20) as f64
+                ),
+            ),
+        ];
+        let mut tables = Vec::new();
+        for (repo, label) in images {
+            let rounds = convert_rounds(&petrel, &source, &source_link, repo, w, rounds, one_way, bits)?;
+            tables.push((label, rounds));
+        }
+        print_conversions(&tables, mbit, rtt_ms, rounds);
     }
     if convert_only {
         return Ok(());
+    }
+    if !startup_only {
+        convert_once()?;
     }
     startup_rows(&petrel, &source_link, &dest_link, w, &startup, image_bytes)?;
     if startup_only {
@@ -294,37 +281,97 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms)
 }
 
-/// The conversion table: `times` holds skopeo and petrel on loopback, then on the
-/// shaped link, one figure per round.
-fn print_conversions(
-    times: &[Vec<f64>; 4],
+/// Bytes of every blob of the OCI layout at `layout`.
+fn layout_bytes(layout: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(layout.join("blobs/sha256"))? {
+        total += entry?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+/// One image's conversions, one figure per round: skopeo copy and petrel convert
+/// over loopback, then over the shaped link; and the bytes the last petrel convert
+/// pushed.
+struct Conversions {
+    seconds: [Vec<f64>; 4],
+    uploaded: u64,
+}
+
+/// Converts `repo:v1` of `source` vs `skopeo copy` of it, registry to registry over
+/// loopback (CPU and the registries' own speed decide), then over shaped links;
+/// `rounds` times, interleaved, each round into a registry of its own (skopeo would
+/// mount the blobs an earlier round pushed, and petrel reuse its conversion).
+#[allow(clippy::too_many_arguments)]
+fn convert_rounds(
+    petrel: &Path,
+    source: &Registry,
+    source_link: &str,
+    repo: &str,
     w: &Path,
-    image_bytes: u64,
-    mbit: f64,
-    rtt_ms: f64,
     rounds: usize,
-) -> anyhow::Result<()> {
-    let [loopback_skopeo, loopback_convert, skopeo, convert] = times.clone().map(|series| median(&series));
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("convert.json"))?)?;
+    one_way: Duration,
+    bits: f64,
+) -> anyhow::Result<Conversions> {
+    let mut seconds: [Vec<f64>; 4] = Default::default();
+    let summary = w.join(format!("convert-{repo}.json"));
+    for round in 0..rounds {
+        let dest = Registry::start(&w.join(format!("dest-{repo}-{round}")))?;
+        let dest_link = relay::start(&dest.addr, one_way, bits);
+        let runs = [
+            format!(
+                "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{}/{repo}:v1 docker://{}/loopcopy:v1",
+                source.addr, dest.addr
+            ),
+            format!(
+                "{} convert docker://{}/{repo}:v1 docker://{}/loop:petrel > /dev/null",
+                petrel.display(),
+                source.addr,
+                dest.addr
+            ),
+            format!("skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false docker://{source_link}/{repo}:v1 docker://{dest_link}/copy:v1"),
+            format!(
+                "{} convert docker://{source_link}/{repo}:v1 docker://{dest_link}/{repo}:petrel --json > {}",
+                petrel.display(),
+                summary.display()
+            ),
+        ];
+        for (series, script) in seconds.iter_mut().zip(runs) {
+            series.push(run_shell(&script)?.seconds);
+        }
+        eprintln!(
+            "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
+            round + 1,
+            seconds[0][round],
+            seconds[1][round],
+            seconds[2][round],
+            seconds[3][round]
+        );
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
     let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
+    Ok(Conversions { seconds, uploaded })
+}
+
+/// The conversion table: each image's medians, petrel against skopeo copy.
+fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, rounds: usize) {
     println!();
-    println!("registry over a shaped link: {mbit} Mbit/s per direction, {rtt_ms} ms RTT (userspace relay); image {:.0} MiB in 4 layers (gzip); medians of {rounds}", image_bytes as f64 / (1 << 20) as f64);
-    println!("| registry -> registry | seconds | vs skopeo copy |");
-    println!("|---|---:|---:|");
-    println!("| loopback: skopeo copy | {:.2} | 1.00 |", loopback_skopeo);
-    println!(
-        "| loopback: petrel convert | {:.2} | {:.2} |",
-        loopback_convert,
-        loopback_convert / loopback_skopeo
-    );
-    println!("| shaped link: skopeo copy | {:.2} | 1.00 |", skopeo);
-    println!(
-        "| shaped link: petrel convert (pull, build, push {} MiB) | {:.2} | {:.2} |",
-        uploaded >> 20,
-        convert,
-        convert / skopeo
-    );
-    Ok(())
+    println!("registry -> registry over loopback and over a shaped link ({mbit} Mbit/s per direction, {rtt_ms} ms RTT, userspace relay); medians of {rounds}");
+    println!("| image | link | skopeo copy | petrel convert | vs skopeo copy |");
+    println!("|---|---|---:|---:|---:|");
+    for (label, conversions) in tables {
+        let [loopback_skopeo, loopback_convert, skopeo, convert] =
+            conversions.seconds.clone().map(|series| median(&series));
+        println!(
+            "| {label} | loopback | {loopback_skopeo:.2} s | {loopback_convert:.2} s | {:.2} |",
+            loopback_convert / loopback_skopeo
+        );
+        println!(
+            "| {label} | shaped (petrel pushes {} MiB) | {skopeo:.2} s | {convert:.2} s | {:.2} |",
+            conversions.uploaded >> 20,
+            convert / skopeo
+        );
+    }
 }
 
 /// Startup of the synthetic app (`app_image`, `image_bytes` of layers): a full

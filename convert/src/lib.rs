@@ -333,7 +333,12 @@ const MAX_PARALLEL_PLATFORMS: usize = 4;
 /// cannot span two blobs: 8 MiB blobs growing by a quarter (small again toward a
 /// layer's end) converted 6 % faster over a 100 Mbit/s link (1.05x against 1.12x
 /// `skopeo copy`), and the Python service then took 71 requests instead of 46 to
-/// prefetch its profile at mount.
+/// prefetch its profile at mount. Cutting only a big layer's ends small (4 and 16
+/// MiB into its tar, and 64 to 4 MiB before its end, known from the gzip trailer)
+/// gained nothing on the real Python image (one 124 MiB layer, 13.7 s either way
+/// against 11.3 s for `skopeo copy`): petrel pushes about what it reads, so a push
+/// link waiting for any blob to fill falls behind for good. Only uploading a blob
+/// while it is written would keep it busy.
 const SEALED_BLOBS_PER_LAYER: u64 = 4;
 const MIN_SEALED_BLOB: u64 = 16 << 20;
 const MAX_SEALED_BLOB: u64 = 512 << 20;
