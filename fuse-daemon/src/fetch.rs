@@ -8,7 +8,7 @@ use crate::cache::ChunkCache;
 use crate::error::{DaemonError, Result};
 use crate::image::MappedImage;
 use crate::stats::Stats;
-use petrel_format::codec::decode_chunk_owned;
+use petrel_format::codec::{decode_chunk, decode_chunk_owned};
 use petrel_format::reader::{ChunkInfo, FileSegment, SegmentSource};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -812,7 +812,8 @@ impl Fetcher {
         );
         // The ranges arrive in order, each in order, so the bytes are the chunks'
         // stored bytes one after another: each is gathered in a buffer of its own
-        // size and decoded as soon as it is whole (a plain chunk keeps its buffer).
+        // size and decoded as soon as it is whole (a plain chunk keeps its buffer),
+        // but for a compressed chunk that arrives whole in one piece, decoded there.
         let mut received = 0usize;
         let mut published = 0usize;
         let mut verified = 0u64;
@@ -821,17 +822,26 @@ impl Fetcher {
             received += piece.len();
             while let Some(chunk) = chunks.get(published) {
                 let size = chunk.compressed_size as usize;
-                if current.capacity() == 0 {
-                    current.reserve_exact(size);
-                }
-                let take = (size - current.len()).min(piece.len());
-                current.extend_from_slice(&piece[..take]);
-                piece = &piece[take..];
-                if current.len() < size {
-                    break;
-                }
+                let decoded = if current.is_empty() && chunk.compressed && piece.len() >= size {
+                    // A compressed chunk whole in this piece is decoded from it
+                    // where it is: its stored bytes are not copied first.
+                    let (stored, rest) = piece.split_at(size);
+                    piece = rest;
+                    decode_chunk(chunk, stored)
+                } else {
+                    if current.capacity() == 0 {
+                        current.reserve_exact(size);
+                    }
+                    let take = (size - current.len()).min(piece.len());
+                    current.extend_from_slice(&piece[..take]);
+                    piece = &piece[take..];
+                    if current.len() < size {
+                        break;
+                    }
+                    decode_chunk_owned(chunk, std::mem::take(&mut current))
+                };
                 published += 1;
-                match decode_chunk_owned(chunk, std::mem::take(&mut current)) {
+                match decoded {
                     Ok(plain) => {
                         verified += 1;
                         publish(Ok(Arc::new(plain)));

@@ -301,3 +301,102 @@ fn a_reader_is_answered_once_its_chunks_are_in_not_once_its_request_is() {
     assert!(storage.fetcher.wait_idle(Duration::from_secs(10)));
     assert!(storage.fetcher.cache().is_ready(0) && storage.fetcher.cache().is_ready(1));
 }
+
+/// A local backend that hands a range over in pieces of `piece` bytes (a network
+/// read returns what has arrived), with the blob byte at `flip`, if any, flipped.
+#[derive(Debug)]
+struct PiecewiseBackend {
+    inner: LocalBackend,
+    piece: usize,
+    flip: Option<u64>,
+}
+
+impl Backend for PiecewiseBackend {
+    fn read_range(&self, digest: &[u8; 32], offset: u64, len: u64, purpose: ReadPurpose) -> std::io::Result<Vec<u8>> {
+        let mut bytes = self.inner.read_range(digest, offset, len, purpose)?;
+        if let Some(at) = self.flip.filter(|at| (offset..offset + len).contains(at)) {
+            bytes[(at - offset) as usize] ^= 0x20;
+        }
+        Ok(bytes)
+    }
+
+    fn stream_range(
+        &self,
+        digest: &[u8; 32],
+        offset: u64,
+        len: u64,
+        purpose: ReadPurpose,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> std::io::Result<()> {
+        let bytes = self.read_range(digest, offset, len, purpose)?;
+        bytes.chunks(self.piece).for_each(sink);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "piecewise".into()
+    }
+}
+
+/// However the bytes of a request are cut into pieces (a chunk split over many,
+/// or whole in one with others), every chunk decodes to its file's bytes, and a
+/// damaged one is refused, never served.
+#[test]
+fn chunks_decode_the_same_whatever_pieces_their_bytes_arrive_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image(dir.path());
+    let bootstrap_path = bootstrap(&image);
+    let expected = petrel_fixtures::rng::Rng::new(5).mixed(2 << 20);
+    for piece in [1, 4096, 100_000, usize::MAX] {
+        let cache = dir.path().join(format!("cache-{piece}"));
+        let backend = Arc::new(PiecewiseBackend {
+            inner: LocalBackend::new(image.clone()),
+            piece,
+            flip: None,
+        });
+        // A window of the whole blob: one request, every chunk in it.
+        let storage = open_storage(&cache, backend, &bootstrap_path, "t", 8 << 20, None).unwrap();
+        let bootstrap = storage.image.bootstrap();
+        let root = bootstrap.inode(petrel_format::layout::ROOT_INO).unwrap();
+        let ino = bootstrap.lookup(&root, b"data.bin").unwrap().unwrap();
+        let inode = bootstrap.inode(ino).unwrap();
+        let segments = bootstrap.segments(&inode, 0, expected.len() as u64).unwrap();
+        let read = storage.fetcher.read(&segments).unwrap();
+        assert!(read == expected, "pieces of {piece} bytes: the file's bytes");
+        assert!(storage.fetcher.wait_idle(Duration::from_secs(10)));
+        assert!(storage.stats.snapshot().chunks_fetched > 1);
+    }
+    // One stored byte of a compressed chunk flipped: whole in its piece, or split.
+    let storage = open_storage(
+        &dir.path().join("cache-probe"),
+        backend(&image),
+        &bootstrap_path,
+        "t",
+        0,
+        None,
+    )
+    .unwrap();
+    let bootstrap = storage.image.bootstrap();
+    let compressed = (0..bootstrap.chunk_count())
+        .map(|i| bootstrap.chunk(i).unwrap())
+        .find(|c| c.compressed)
+        .expect("a compressed chunk");
+    let flip = compressed.compressed_offset + u64::from(compressed.compressed_size) / 2;
+    for piece in [1, usize::MAX] {
+        let backend = Arc::new(PiecewiseBackend {
+            inner: LocalBackend::new(image.clone()),
+            piece,
+            flip: Some(flip),
+        });
+        let cache = dir.path().join(format!("cache-flip-{piece}"));
+        let storage = open_storage(&cache, backend, &bootstrap_path, "t", 0, None).unwrap();
+        let error = storage
+            .fetcher
+            .ensure(compressed.index, compressed.index)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&format!("chunk {}", compressed.index)), "{error}");
+        assert!(storage.fetcher.wait_idle(Duration::from_secs(10)));
+        assert!(!storage.fetcher.cache().is_ready(compressed.index), "never cached");
+    }
+}
