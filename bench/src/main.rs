@@ -18,8 +18,32 @@ mod scrape;
 mod store;
 mod trees;
 
+/// What each benchmark takes (every flag but the `--no-*`/`--*-only` switches takes
+/// a value).
+const USAGE: &str = "usage: petrel-bench <benchmark> [flags]
+  build       [--scale F] [--layer-gib N]            petrel build against tar | zstd of the same input
+  mount       [--scale F] [--skip-1m]                mount and read against plain disk
+  registry    [--scale F] [--rtt-ms N] [--mbit N] [--rounds N] [--convert-only | --startup-only | --amplify-only]
+                                                     convert against skopeo copy (a synthetic and the real Python image),
+                                                     lazy startup against a full pull, the amplification sweep
+  dedup                                              release N+1 against release N: bytes each way adds
+  containerd                                         containerd 1.6: petrel's snapshotter against a full pull with overlayfs
+  scrape                                             the snapshotter's metrics with 1 and 20 lazy images
+  apps        [--app python|node|java|tsc] [--rounds N] [--rtt-ms N] [--mbit N] [--no-containerd] [--read-all]
+              [--readahead-sweep B,B]                real images from Debian packages: cold start over a shaped link
+  coldstart   [--app A] [--rounds N]                 apps on 100 Mbit/s + 20 ms, then 20 Mbit/s + 50 ms
+  bigfile     [--gib F] [--rounds N] [--shaped-mib N] [--rtt-ms N] [--mbit N] [--lazy-only]
+                                                     one model file: lazy read against curl, cached read against disk
+  store       [--chunks N] [--chunk-bytes B]         the chunk store at scale: put, open with a bound, GC, compaction
+  edge        [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]
+                                                     mirror fan-out, dead mirror, offline restart";
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("build") => build::run(&args[1..]),
         Some("mount") => mount::run(&args[1..]),
@@ -33,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         Some("bigfile") => bigfile::run(&args[1..]),
         Some("store") => store::run(&args[1..]),
         _ => {
-            eprintln!("usage: petrel-bench build [--scale F] [--layer-gib N] | mount [--scale F] [--skip-1m] | registry [--scale F] [--rtt-ms N] [--mbit N] | dedup | containerd | scrape | apps [--app python|node] [--rounds N] [--rtt-ms N] [--mbit N] [--readahead-sweep B,B] | coldstart [--app A] [--rounds N] | bigfile [--gib F] [--rounds N] [--shaped-mib N] | store [--chunks N] [--chunk-bytes B] | edge [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]");
+            eprintln!("{USAGE}");
             std::process::exit(2)
         }
     }
