@@ -11,7 +11,7 @@ use petrel_fixtures::oci_layout::write_oci_layout;
 use petrel_fixtures::sample::sample_layers;
 use petrel_fixtures::snapshot::{differences, scan, Snapshot};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use support::fault_proxy::{Fault, FaultProxy};
 use support::*;
 
@@ -1523,6 +1523,107 @@ fn convert_pushes_earlier_layers_while_later_ones_are_pulled() {
         &[],
     );
     assert_tree(&reference_merge(&layers), &mount.mountpoint);
+}
+
+/// Bytes the registry under `dir` holds for `repository`: its blobs, and the
+/// uploads it is receiving.
+fn bytes_received(dir: &Path, repository: &str) -> u64 {
+    let v2 = dir.join("storage/docker/registry/v2");
+    let sizes = |root: PathBuf, depth: usize| -> u64 {
+        walkdir_files(&root, depth)
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == "data"))
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    sizes(v2.join("blobs/sha256"), 3) + sizes(v2.join("repositories").join(repository).join("_uploads"), 2)
+}
+
+/// Files at most `depth` directories below `root`.
+fn walkdir_files(root: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if depth > 0 {
+                files.extend(walkdir_files(&path, depth - 1));
+            }
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// A big layer's blobs go up while the layer is still read: with the source
+/// holding back the second half of the only layer, the target already receives
+/// megabytes of the converted image, and the image then reads back whole.
+#[test]
+fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    // 24 MiB that gzip cannot shrink, in 1 MiB files.
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let mut files = Vec::new();
+    for i in 0..24 {
+        let data = petrel_fixtures::rng::Rng::new(900 + i).bytes(1 << 20);
+        w.file(&format!("model/part{i:02}.bin"), &Default::default(), &data);
+        files.push((format!("model/part{i:02}.bin"), data));
+    }
+    write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
+    source.push_layout(&work.path().join("layout"), "big", "v1");
+    let proxy = FaultProxy::start(&source.addr);
+    // Blob GETs: the config, the layer's gzip trailer (its length uncompressed),
+    // then the layer, whose second half is held.
+    proxy.plan(&[Fault::Pass, Fault::Pass, Fault::HoldSecondHalf]);
+    let mut command = petrel();
+    command.env("PETREL_LOG", "info,petrel_registry=debug").args([
+        "convert",
+        &format!("docker://{}/big:v1", proxy.addr),
+        &format!("docker://{}/big:petrel", target.addr),
+    ]);
+    let converting = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let enough = 4 << 20;
+    while proxy.state.held.load(std::sync::atomic::Ordering::SeqCst) == 0
+        || bytes_received(target.dir.path(), "big") < enough
+    {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let received_while_held = bytes_received(target.dir.path(), "big");
+    let held = proxy.state.held.load(std::sync::atomic::Ordering::SeqCst);
+    proxy.state.release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = converting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(held > 0, "the layer's second half was held");
+    assert!(
+        received_while_held >= enough,
+        "the target received {received_while_held} bytes while half of the layer was still to come:\n{}",
+        output_text(&out)
+    );
+    let mount = MountProcess::start(
+        &format!("docker://{}/big:petrel", target.addr),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    for (path, data) in &files {
+        assert!(
+            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
+            "{path} reads back as written"
+        );
+    }
 }
 
 /// A layer that does not match its digest fails the conversion, after blobs of

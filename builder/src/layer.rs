@@ -156,6 +156,7 @@ fn apply_entry(
     }
     let parent = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
     sink.set_path(&components);
+    sink.set_data_position(entry.raw_file_position());
     let node_kind = match kind {
         EntryType::Directory => {
             if let Some(existing) = tree.entry(parent, name) {

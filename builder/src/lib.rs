@@ -7,6 +7,7 @@ pub mod dict;
 pub mod dir_source;
 pub mod emit;
 pub mod error;
+pub mod growing_blob;
 pub mod image;
 pub mod inspect;
 pub mod layer;
@@ -180,6 +181,19 @@ impl ImageBuilder {
             return Ok(());
         }
         self.sink.auto_seal(every, to)
+    }
+
+    /// Writes the new chunks of the layer added next into blobs while they come,
+    /// each handed out when it opens and again once complete ([`pipeline::StreamPlan`]),
+    /// so that it can be uploaded while it grows; [`Self::seal`] after the layer
+    /// completes the last one and seals the rest. Not in a build with a prefetch
+    /// profile (false then: nothing streams).
+    pub fn stream_blobs(&mut self, plan: pipeline::StreamPlan) -> Result<bool> {
+        if !self.options.prefetch.is_empty() {
+            return Ok(false);
+        }
+        self.sink.stream(plan)?;
+        Ok(true)
     }
 
     /// Writes the blob and bootstrap.

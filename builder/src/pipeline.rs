@@ -16,6 +16,9 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+mod streaming;
+pub use streaming::StreamPlan;
+
 /// Counters of a running build, readable from another thread (progress bars).
 #[derive(Debug, Default)]
 pub struct BuildProgress {
@@ -83,19 +86,23 @@ struct Job {
 }
 
 enum Work {
-    /// A chunk's data to hash and compress, and where its file lies in the tree.
-    Chunk(Vec<u8>, Option<ChunkKey>),
+    /// A chunk's data to hash and compress, where its file lies in the tree, and
+    /// where its data ends in the layer's tar stream.
+    Chunk(Vec<u8>, Option<ChunkKey>, u64),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
     AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
+    /// From now on, write the layer's new chunks into blobs as they come.
+    Stream(StreamPlan),
 }
 
 /// What a worker hands the collector, in submission order.
 enum Done {
-    Chunk(EncodedChunk, Option<ChunkKey>),
+    Chunk(EncodedChunk, Option<ChunkKey>, u64),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
+    Stream(StreamPlan),
 }
 
 /// A blob written mid-build from the chunks spooled since the previous one (a
@@ -106,6 +113,9 @@ enum Done {
 pub struct SealedBlob {
     pub blob: crate::dict::DictBlob,
     pub path: std::path::PathBuf,
+    /// Written while the layer streamed in and handed out as it grew (see
+    /// [`StreamPlan::opened`]): whoever took it then uploads it.
+    pub streamed: bool,
 }
 
 /// The running pipeline.
@@ -165,9 +175,11 @@ impl Pipeline {
 
     /// Submits one chunk; blocks while too many are in flight. Returns its
     /// submission number (0, 1, … in submission order).
-    pub fn submit(&mut self, data: Vec<u8>, key: Option<ChunkKey>) -> Result<u64> {
+    /// `position` is where the chunk's data ends in its layer's tar stream (0
+    /// when not known: blobs are then not streamed, see [`Self::stream`]).
+    pub fn submit(&mut self, data: Vec<u8>, key: Option<ChunkKey>, position: u64) -> Result<u64> {
         self.tokens.send(()).map_err(|_| broken())?;
-        self.send(Work::Chunk(data, key))?;
+        self.send(Work::Chunk(data, key, position))?;
         self.next_submission += 1;
         Ok(self.next_submission - 1)
     }
@@ -187,6 +199,13 @@ impl Pipeline {
     /// boundaries, so where blobs end depends on the chunks only).
     pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<SealedBlob>>) -> Result<()> {
         self.send(Work::AutoSeal(every.max(1), to))
+    }
+
+    /// From the chunks submitted next on (one layer's), writes new chunks into
+    /// blobs while they come, as [`StreamPlan`] says; [`Self::seal`] at the
+    /// layer's end completes the last one and seals the rest.
+    pub fn stream(&mut self, plan: StreamPlan) -> Result<()> {
+        self.send(Work::Stream(plan))
     }
 
     fn send(&mut self, work: Work) -> Result<()> {
@@ -231,8 +250,8 @@ fn worker(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let (data, key) = match job.work {
-            Work::Chunk(data, key) => (data, key),
+        let (data, key, position) = match job.work {
+            Work::Chunk(data, key, position) => (data, key, position),
             Work::Seal(reply) => {
                 if results.send((job.seq, Done::Seal(reply))).is_err() {
                     return;
@@ -241,6 +260,12 @@ fn worker(
             }
             Work::AutoSeal(every, to) => {
                 if results.send((job.seq, Done::AutoSeal(every, to))).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Work::Stream(plan) => {
+                if results.send((job.seq, Done::Stream(plan))).is_err() {
                     return;
                 }
                 continue;
@@ -258,7 +283,7 @@ fn worker(
         } else {
             encode_chunk(&data)
         };
-        if results.send((job.seq, Done::Chunk(encoded, key))).is_err() {
+        if results.send((job.seq, Done::Chunk(encoded, key, position))).is_err() {
             return;
         }
     }
@@ -292,6 +317,7 @@ fn collect(
         sealed_up_to: 0,
         first_blob: dict.blobs.len(),
         blobs_dir,
+        streaming: None,
     };
     let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
@@ -309,8 +335,8 @@ fn collect(
                     }
                 }
             }
-            let (encoded, key) = match done {
-                Done::Chunk(encoded, key) => (encoded, key),
+            let (encoded, key, position) = match done {
+                Done::Chunk(encoded, key, position) => (encoded, key, position),
                 Done::Seal(reply) => {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
@@ -320,10 +346,18 @@ fn collect(
                     continue;
                 }
                 Done::AutoSeal(every, to) => {
+                    sealer.end_streaming(&mut writer, &mut chunks);
                     auto_seal = Some((every, to));
                     continue;
                 }
+                Done::Stream(plan) => {
+                    sealer.end_streaming(&mut writer, &mut chunks);
+                    auto_seal = None;
+                    sealer.streaming = Some(streaming::Streaming::new(plan));
+                    continue;
+                }
             };
+            let spooled_before = spool_len;
             // Free one in-flight slot for the submitter.
             let _ = tokens.recv();
             progress.chunks.fetch_add(1, Relaxed);
@@ -390,8 +424,12 @@ fn collect(
                 }
             };
             chunk_of_submission.push(index);
+            if failure.is_none() {
+                sealer.stream_chunk(&mut writer, &mut chunks, index, spooled_before, position);
+            }
         }
     }
+    sealer.end_streaming(&mut writer, &mut chunks);
     if let Some(e) = failure {
         return Err(spool_error(e));
     }
@@ -415,6 +453,8 @@ struct Sealer<'a> {
     /// The dictionary index of the first sealed blob (after the dictionary's own).
     first_blob: usize,
     blobs_dir: &'a std::path::Path,
+    /// The layer whose new chunks go into blobs as they come, if one does.
+    streaming: Option<streaming::Streaming>,
 }
 
 impl Sealer<'_> {
@@ -425,6 +465,8 @@ impl Sealer<'_> {
         chunks: &mut [SpooledChunk],
         spool_len: u64,
     ) -> Result<Option<SealedBlob>> {
+        // A layer streaming into blobs completes its last one first.
+        self.end_streaming(writer, chunks);
         let range = SealRange {
             from: self.sealed_up_to,
             to: spool_len,
@@ -466,7 +508,9 @@ fn seal_spool(
     use petrel_format::layer_tar;
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
-    if range.to == range.from {
+    let in_range = |chunk: &SpooledChunk| matches!(chunk.place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset));
+    // Chunks a streamed blob took are no longer in the spool's range.
+    if !chunks.iter().any(in_range) {
         return Ok(None);
     }
     writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
@@ -474,7 +518,7 @@ fn seal_spool(
     // The chunks in the range, depth first by their first file's path (a
     // package's files together, as in the final blob), else in arrival order.
     let mut sealing: Vec<u32> = (0..chunks.len() as u32)
-        .filter(|&c| matches!(chunks[c as usize].place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset)))
+        .filter(|&c| in_range(&chunks[c as usize]))
         .collect();
     sealing.sort_by(|a, b| keys.get(a).cmp(&keys.get(b)));
     let data_size: u64 = sealing.iter().map(|&c| u64::from(chunks[c as usize].stored_size)).sum();
@@ -526,6 +570,7 @@ fn seal_spool(
             prefetch_end: 0,
         },
         path,
+        streamed: false,
     }))
 }
 
@@ -548,7 +593,7 @@ mod tests {
         );
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
-            pipeline.submit(data.clone(), None).unwrap();
+            pipeline.submit(data.clone(), None, 0).unwrap();
         }
         let collected = pipeline.finish().unwrap();
         assert_eq!(collected.chunks.len(), 7);

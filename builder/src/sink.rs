@@ -66,6 +66,10 @@ pub struct ChunkSink {
     file_key: Option<ChunkKey>,
     /// The place of the first file in the small-file batch.
     batch_key: Option<ChunkKey>,
+    /// Where the data of the file being added starts in its layer's tar stream.
+    data_position: u64,
+    /// Where the data of the last file in the small-file batch ends there.
+    batch_end: u64,
 }
 
 /// Where a chunk's first file lies in the tree, as bytes that sort depth first.
@@ -118,6 +122,8 @@ impl ChunkSink {
             keyed: false,
             file_key: None,
             batch_key: None,
+            data_position: 0,
+            batch_end: 0,
         }
     }
 
@@ -136,6 +142,19 @@ impl ChunkSink {
         // Sealed blobs lay their chunks out depth first by their files' paths.
         self.keyed = true;
         self.pipeline.auto_seal(every, to)
+    }
+
+    /// From the chunks submitted next on (one layer's), writes new chunks into
+    /// blobs as they come ([`Pipeline::stream`]).
+    pub fn stream(&mut self, plan: crate::pipeline::StreamPlan) -> Result<(), BuildError> {
+        self.keyed = true;
+        self.pipeline.stream(plan)
+    }
+
+    /// Where the data of the file added next starts in its layer's tar stream
+    /// (what a streaming layer's blob lengths are estimated from).
+    pub fn set_data_position(&mut self, position: u64) {
+        self.data_position = position;
     }
 
     /// The path (cleaned components) of the file whose data comes next.
@@ -250,9 +269,10 @@ impl ChunkSink {
                 source: PieceSource::Hole,
             });
         }
+        let end = self.data_position + file_offset + u64::from(length);
         let seq = self
             .pipeline
-            .submit(data, self.file_key.clone())
+            .submit(data, self.file_key.clone(), end)
             .map_err(FileDataError::Build)?;
         let slot = self.new_slot(seq);
         Ok(Piece {
@@ -292,6 +312,7 @@ impl ChunkSink {
                 };
                 let offset = self.batch.len() as u32;
                 self.batch.extend_from_slice(&data);
+                self.batch_end = self.data_position + size;
                 self.small_files.insert(digest, (slot, offset));
                 self.stats.packed_files += 1;
                 (slot, offset)
@@ -312,7 +333,7 @@ impl ChunkSink {
     fn flush_batch(&mut self) -> Result<(), BuildError> {
         if let Some(slot) = self.batch_slot.take() {
             let data = std::mem::take(&mut self.batch);
-            let seq = self.pipeline.submit(data, self.batch_key.take())?;
+            let seq = self.pipeline.submit(data, self.batch_key.take(), self.batch_end)?;
             self.slot_submission[slot as usize] = seq;
         }
         Ok(())

@@ -6,6 +6,7 @@ pub mod default_dict;
 mod error;
 mod progress;
 mod source;
+mod streamed;
 mod target;
 
 pub use error::{ConvertError, Result};
@@ -327,18 +328,14 @@ fn same_repository(source: &Source, target: &Target) -> bool {
 /// Platforms of an index converted at once, at most.
 const MAX_PARALLEL_PLATFORMS: usize = 4;
 
-/// A conversion cuts a layer's new chunks into about this many blobs, within
-/// [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each. Smaller blobs would
-/// start pushing sooner and leave less to push at the end, but a reader's request
-/// cannot span two blobs: 8 MiB blobs growing by a quarter (small again toward a
-/// layer's end) converted 6 % faster over a 100 Mbit/s link (1.05x against 1.12x
-/// `skopeo copy`), and the Python service then took 71 requests instead of 46 to
-/// prefetch its profile at mount. Cutting only a big layer's ends small (4 and 16
-/// MiB into its tar, and 64 to 4 MiB before its end, known from the gzip trailer)
-/// gained nothing on the real Python image (one 124 MiB layer, 13.7 s either way
-/// against 11.3 s for `skopeo copy`): petrel pushes about what it reads, so a push
-/// link waiting for any blob to fill falls behind for good. Only uploading a blob
-/// while it is written would keep it busy.
+/// A layer whose blobs cannot stream (its uncompressed length unknown, or under
+/// [`streamed::STREAM_FROM`]) is cut into about this many blobs, within
+/// [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each. Smaller sealed blobs
+/// would start pushing sooner, but a reader's request cannot span two blobs: 8
+/// MiB blobs made the Python service take 71 requests instead of 46 to prefetch
+/// its profile at mount. And since petrel pushes about what it reads, a push link
+/// waiting for any blob to fill falls behind for good (cutting only a big layer's
+/// ends small gained nothing); streamed blobs, uploaded while written, do not wait.
 const SEALED_BLOBS_PER_LAYER: u64 = 4;
 const MIN_SEALED_BLOB: u64 = 16 << 20;
 const MAX_SEALED_BLOB: u64 = 512 << 20;
@@ -346,13 +343,7 @@ const MAX_SEALED_BLOB: u64 = 512 << 20;
 /// finish) overlap another's data.
 const PUSHERS: usize = 3;
 
-/// A blob sealed mid-build and pushed while later layers streamed in.
-struct PushedBlob {
-    digest: String,
-    size: u64,
-    /// False: the target had it already.
-    uploaded: bool,
-}
+use streamed::PushedBlob;
 
 fn push_sealed(
     target: &Target,
@@ -402,20 +393,36 @@ fn read_layers(
     options: &ConvertOptions,
     bars: Option<&indicatif::MultiProgress>,
     sealed: &std::sync::mpsc::Sender<petrel_builder::Result<petrel_builder::pipeline::SealedBlob>>,
+    opened: Option<&std::sync::mpsc::Sender<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>>,
 ) -> Result<u64> {
     let mut source_bytes = 0;
     let count = manifest.layers().len();
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
-        // A big layer is cut into a few blobs, so that little is left to push
-        // once its last byte is read. Where they are cut depends on this layer
-        // only (and the chunks earlier layers already hold), so an unchanged layer
-        // of a new release gives the same blobs, which the registry then has.
-        builder.auto_seal(
-            (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
-            sealed.clone(),
-        )?;
+        // A big layer's new chunks go into blobs as they come, each uploaded
+        // while it grows; without its uncompressed length, it is cut into a few
+        // blobs. Either way where blobs end depends on this layer only (and the
+        // chunks earlier layers already hold), so an unchanged layer of a new
+        // release gives the same blobs, which the registry then has.
+        let plain = (size >= streamed::STREAM_FROM)
+            .then(|| streamed::plain_size(source, layer))
+            .flatten();
+        let streaming = match plain {
+            Some(layer_plain) => builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
+                layer_plain,
+                layer_size: size,
+                sealed: sealed.clone(),
+                opened: opened.cloned(),
+            })?,
+            None => false,
+        };
+        if !streaming {
+            builder.auto_seal(
+                (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+                sealed.clone(),
+            )?;
+        }
         let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
         let mut stream = Hashing {
             inner: source.layer(digest)?,
@@ -625,6 +632,11 @@ fn convert_one(
     type Sealed = petrel_builder::Result<petrel_builder::pipeline::SealedBlob>;
     let (sealed_tx, sealed_rx) = std::sync::mpsc::channel::<Sealed>();
     let sealed_rx = std::sync::Mutex::new(sealed_rx);
+    // Blobs written while a layer streams in go up while they grow, one after
+    // the other, as they are written (a registry only: a layout takes files).
+    let (opened_tx, opened_rx) =
+        std::sync::mpsc::channel::<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>();
+    let opened_tx = matches!(target, Target::Registry { .. }).then_some(opened_tx);
     let (report, source_bytes, pushed_early, rest) = std::thread::scope(|scope| -> Result<_> {
         let mount_from = mount_from.as_deref();
         let pushers: Vec<_> = (0..PUSHERS)
@@ -633,14 +645,44 @@ fn convert_one(
                 scope.spawn(move || -> Result<Vec<PushedBlob>> {
                     let mut pushed = Vec::new();
                     while let Some(sealed) = next_sealed(sealed_rx) {
-                        pushed.push(push_sealed(target, &sealed?, mount_from, bars)?);
+                        let sealed = sealed?;
+                        // The streamer below has it.
+                        if !sealed.streamed {
+                            pushed.push(push_sealed(target, &sealed, mount_from, bars)?);
+                        }
                     }
                     Ok(pushed)
                 })
             })
+            .chain(std::iter::once(scope.spawn(move || -> Result<Vec<PushedBlob>> {
+                // Each blob's upload starts when it opens, while the one before
+                // may still be sending its last bytes: no round trip between
+                // them leaves the link idle.
+                let uploads: Vec<_> = opened_rx
+                    .into_iter()
+                    .map(|blob| scope.spawn(move || streamed::upload_growing(target, &blob, mount_from, bars)))
+                    .collect();
+                let mut pushed = Vec::new();
+                for upload in uploads {
+                    let blob = upload
+                        .join()
+                        .map_err(|_| ConvertError::Invalid("a blob uploading thread panicked".into()))??;
+                    pushed.push(blob);
+                }
+                Ok(pushed)
+            })))
             .collect();
-        let read = read_layers(&mut builder, source, manifest, options, bars, &sealed_tx);
+        let read = read_layers(
+            &mut builder,
+            source,
+            manifest,
+            options,
+            bars,
+            &sealed_tx,
+            opened_tx.as_ref(),
+        );
         drop(sealed_tx);
+        drop(opened_tx);
         // The pusher stops once every sender is gone: the build's own (auto-seal)
         // goes with its pipeline, at `finish` or when the build is dropped.
         let finished = match read {

@@ -190,6 +190,25 @@ impl Source {
         })
     }
 
+    /// The last `len` bytes of a blob of `size` bytes, unverified (a gzip layer's
+    /// trailer, which says how long the layer is uncompressed).
+    pub fn blob_tail(&self, digest: &str, size: u64, len: u64) -> Result<Vec<u8>> {
+        let offset = size.checked_sub(len).context("blob shorter than its tail")?;
+        Ok(match self {
+            Source::Registry { client, image } => client.get_blob_range(&image.repository, digest, offset, len)?,
+            Source::Layout { layout, .. } => {
+                use std::io::{Seek, SeekFrom};
+                let path = layout.blob_path(digest)?;
+                let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                file.seek(SeekFrom::Start(offset))?;
+                let mut tail = vec![0u8; len as usize];
+                file.read_exact(&mut tail)
+                    .with_context(|| format!("reading the end of {}", path.display()))?;
+                tail
+            }
+        })
+    }
+
     /// A stream of a layer's bytes as stored (compressed or not), unverified.
     pub fn layer(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
         Ok(match self {

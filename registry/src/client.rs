@@ -1015,22 +1015,9 @@ impl RegistryClient {
         if let Some(from) = mount_from.filter(|f| *f != repository) {
             start = format!("{start}?mount={digest}&from={from}");
         }
-        let response = self.send(Method::POST, &start, &|r| r.header(CONTENT_LENGTH, "0"), None)?;
-        if response.status() == StatusCode::CREATED {
+        let Some(location) = self.start_upload(&start)? else {
             return Ok(false);
-        }
-        if response.status() != StatusCode::ACCEPTED {
-            return Err(Self::status_error("POST", &start, response));
-        }
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| RegistryError::BadContent {
-                what: start.clone(),
-                reason: "upload answer without Location".into(),
-            })?;
-        let location = self.absolute(location);
+        };
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={digest}");
         let size = std::fs::metadata(path).map_err(RegistryError::io("stat", path))?.len();
@@ -1053,6 +1040,33 @@ impl RegistryClient {
             return Err(Self::status_error("PUT", &put, response));
         }
         Ok(true)
+    }
+
+    /// Starts an upload at `start` (a repository's uploads URL, perhaps asking for a
+    /// mount): the URL to send its bytes to, or None when the registry mounted
+    /// the blob instead.
+    fn start_upload(&self, start: &str) -> Result<Option<String>> {
+        let response = self.send(Method::POST, start, &|r| r.header(CONTENT_LENGTH, "0"), None)?;
+        if response.status() == StatusCode::CREATED {
+            return Ok(None);
+        }
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(Self::status_error("POST", start, response));
+        }
+        Ok(Some(self.upload_location(start, &response)?))
+    }
+
+    /// Where an upload continues, from the `Location` of the answer to `url`.
+    fn upload_location(&self, url: &str, response: &Response) -> Result<String> {
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| RegistryError::BadContent {
+                what: url.to_string(),
+                reason: "upload answer without Location".into(),
+            })?;
+        Ok(self.absolute(location))
     }
 
     /// Uploads small in-memory content (config, manifest parts) as a blob.
@@ -1083,6 +1097,7 @@ impl RegistryClient {
 
 pub mod multi_range;
 pub mod referrers;
+pub mod stream_upload;
 pub mod tags;
 
 /// What an error answer says: the distribution spec's `errors` (code, message and

@@ -1,0 +1,107 @@
+//! Blobs uploaded while the build writes them: a big layer's new chunks go into
+//! blobs as they come ([`petrel_builder::pipeline::StreamPlan`]), and each blob
+//! goes up in a chunked upload from the moment it opens, so that pushing keeps
+//! pace with pulling instead of waiting for whole blobs to fill.
+
+use crate::error::{ConvertError, Result};
+use crate::progress;
+use crate::source::Source;
+use crate::target::Target;
+use petrel_builder::growing_blob::{BlobEnd, GrowingBlob};
+use petrel_registry::oci::{Descriptor, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Layers smaller than this (as stored) are sealed into one blob at their end:
+/// that blob is pushed while the next layer is read, and the last one is small.
+pub const STREAM_FROM: u64 = 8 << 20;
+
+/// How long `layer` is uncompressed, where that is cheap to learn: its size when
+/// stored as a plain tar, else the length a gzip layer's trailer states (ISIZE,
+/// modulo 4 GiB, of its last member only), fetched with one Range request. It
+/// decides only how long blobs are, never what is read, so a wrong or missing
+/// answer costs some push overlap (or zeros at a blob's end), nothing else.
+pub fn plain_size(source: &Source, layer: &Descriptor) -> Option<u64> {
+    let (digest, size) = (layer.digest().as_ref(), layer.size());
+    let media_type = layer.media_type().to_string();
+    if media_type == OCI_LAYER_TAR {
+        return Some(size);
+    }
+    if media_type != OCI_LAYER_GZIP && media_type != DOCKER_LAYER_GZIP {
+        return None;
+    }
+    let tail = match source.blob_tail(digest, size, 4) {
+        Ok(tail) => tail,
+        Err(e) => {
+            tracing::debug!("layer {digest}: no gzip trailer ({e:#}); its blobs are sealed whole");
+            return None;
+        }
+    };
+    let isize = u64::from(u32::from_le_bytes(tail.try_into().ok()?));
+    // Less than half the gzip length means the stream has several members
+    // (eStargz) or its length wrapped past 4 GiB: unknown. A length too small
+    // only makes blobs smaller; one too big (a hostile trailer) is capped by the
+    // layer's own size (`StreamPlan::layer_size`).
+    (isize >= size / 2 && size < 1 << 32).then_some(isize)
+}
+
+/// A blob uploaded while it was written.
+pub struct PushedBlob {
+    pub digest: String,
+    pub size: u64,
+    /// False: the target had it already.
+    pub uploaded: bool,
+}
+
+/// Uploads `blob` while the build writes it; if that fails, uploads the complete
+/// file the usual way. Removes the file once it is up.
+pub fn upload_growing(
+    target: &Target,
+    blob: &Arc<GrowingBlob>,
+    mount_from: Option<&str>,
+    bars: Option<&indicatif::MultiProgress>,
+) -> Result<PushedBlob> {
+    let size = blob.len();
+    let bar = bars.map(|bars| progress::PushBar::new("blob", size, bars));
+    let started = Instant::now();
+    let streamed = match target {
+        Target::Registry { client, image } => {
+            let ended = Arc::clone(blob);
+            client
+                .push_blob_stream(
+                    &image.repository,
+                    blob.reader(),
+                    size,
+                    move || match ended.wait_end() {
+                        BlobEnd::Done { digest, .. } => Some(format!("sha256:{}", hex::encode(digest))),
+                        BlobEnd::Abandoned(_) => None,
+                    },
+                    bar.as_ref().map(progress::PushBar::on_bytes),
+                )
+                .map_err(|e| e.to_string())
+        }
+        Target::Layout { .. } => Err("an OCI layout takes whole blobs".to_string()),
+    };
+    let (digest, path) = match blob.wait_end() {
+        BlobEnd::Done { digest, path } => (format!("sha256:{}", hex::encode(digest)), path),
+        BlobEnd::Abandoned(why) => return Err(ConvertError::Invalid(format!("a blob was not completed: {why}"))),
+    };
+    let uploaded = match streamed {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!("blob {digest}: not uploaded while it was written ({why}); uploading the file");
+            target.put_blob_file_reporting(&digest, &path, mount_from, None)?
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    tracing::info!(
+        "blob {digest} ({size} bytes) {} in {:.1}s, from when it was opened",
+        if uploaded { "pushed" } else { "already there" },
+        started.elapsed().as_secs_f64()
+    );
+    // Pushed: the build no longer needs the file.
+    let _ = std::fs::remove_file(&path);
+    Ok(PushedBlob { digest, size, uploaded })
+}
