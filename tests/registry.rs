@@ -1556,6 +1556,68 @@ fn walkdir_files(root: &Path, depth: usize) -> Vec<PathBuf> {
     files
 }
 
+/// Pushes `big:v1`: one layer of 40 MiB that gzip cannot shrink, in 1 MiB files
+/// (returned): big enough for its blobs to be uploaded while they are written.
+fn push_big_layer(registry: &TestRegistry, work: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let data = petrel_fixtures::rng::Rng::new(900 + i).bytes(1 << 20);
+        w.file(&format!("model/part{i:02}.bin"), &Default::default(), &data);
+        files.push((format!("model/part{i:02}.bin"), data));
+    }
+    write_oci_layout(&work.join("layout"), "v1", &[w.finish()]).unwrap();
+    registry.push_layout(&work.join("layout"), "big", "v1");
+    files
+}
+
+/// A registry that fails the uploads of blobs while they are written (a proxy
+/// answers every PATCH 500) still gets the image: each blob goes up again from
+/// its complete file, and the image reads back.
+#[test]
+fn a_blob_whose_upload_while_written_fails_goes_up_again_from_its_file() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    let files = push_big_layer(&source, work.path());
+    let proxy = FaultProxy::start(&target.addr);
+    proxy
+        .state
+        .refuse_patch
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/big:v1", source.addr),
+            &format!("docker://{}/big:petrel", proxy.addr),
+        ])
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let refused = proxy.state.patches_refused.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(refused >= 2, "{refused} uploads while written were refused:\n{text}");
+    assert_eq!(
+        text.matches("not uploaded while it was written").count() as u64,
+        refused,
+        "each refused blob is named and uploaded again:\n{text}"
+    );
+    let mount = MountProcess::start(
+        &format!("docker://{}/big:petrel", target.addr),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    for (path, data) in &files {
+        assert!(
+            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
+            "{path} reads back as written"
+        );
+    }
+}
+
 /// A big layer's blobs go up while the layer is still read: with the source
 /// holding back the second half of the only layer, the target already receives
 /// megabytes of the converted image, and the image then reads back whole.
@@ -1566,16 +1628,7 @@ fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
     }
     let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
     let work = tempfile::tempdir().unwrap();
-    // 24 MiB that gzip cannot shrink, in 1 MiB files.
-    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
-    let mut files = Vec::new();
-    for i in 0..24 {
-        let data = petrel_fixtures::rng::Rng::new(900 + i).bytes(1 << 20);
-        w.file(&format!("model/part{i:02}.bin"), &Default::default(), &data);
-        files.push((format!("model/part{i:02}.bin"), data));
-    }
-    write_oci_layout(&work.path().join("layout"), "v1", &[w.finish()]).unwrap();
-    source.push_layout(&work.path().join("layout"), "big", "v1");
+    let files = push_big_layer(&source, work.path());
     let proxy = FaultProxy::start(&source.addr);
     // Blob GETs: the config, the layer's gzip trailer (its length uncompressed),
     // then the layer, whose second half is held.

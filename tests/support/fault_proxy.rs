@@ -52,6 +52,9 @@ pub struct FaultState {
     /// Once this many blob GETs have passed, every later one has its body cut
     /// (0: never).
     pub cut_after: AtomicU64,
+    /// Every PATCH (the bytes of a chunked upload) is answered 500 while set.
+    pub refuse_patch: AtomicBool,
+    pub patches_refused: AtomicU64,
     /// Connections accepted, and requests passed on to the registry.
     pub connections: AtomicU64,
     pub forwarded: AtomicU64,
@@ -178,6 +181,11 @@ fn serve(client: TcpStream, upstream: &str, own: &str, state: &FaultState) -> st
     forwarded.push_str("Connection: close\r\n\r\n");
     let mut body = vec![0u8; body_len];
     reader.read_exact(&mut body)?;
+    if request_line.starts_with("PATCH ") && state.refuse_patch.load(Ordering::SeqCst) {
+        state.patches_refused.fetch_add(1, Ordering::SeqCst);
+        return client
+            .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
     state.forwarded.fetch_add(1, Ordering::SeqCst);
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(forwarded.as_bytes())?;
