@@ -1618,6 +1618,54 @@ fn a_blob_whose_upload_while_written_fails_goes_up_again_from_its_file() {
     }
 }
 
+/// A big layer that turns out corrupt while its blobs are being uploaded fails
+/// the conversion cleanly: the blob being written is abandoned (its upload ends
+/// with an error, not a blob), nothing hangs, and no tag is written.
+#[test]
+fn a_corrupt_big_layer_fails_the_conversion_while_its_blobs_upload() {
+    if !registry_tools_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    push_big_layer(&source, work.path());
+    let proxy = FaultProxy::start(&source.addr);
+    // Blob GETs: the config, the layer's gzip trailer, then the layer, corrupted.
+    proxy.plan(&[Fault::Pass, Fault::Pass, Fault::CorruptBody]);
+    let mut child = petrel()
+        .args([
+            "convert",
+            &format!("docker://{}/big:v1", proxy.addr),
+            &format!("docker://{}/big:petrel", target.addr),
+            "--retries",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the conversion did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("layer 1"), "the error names the layer: {text}");
+    // The corrupt header's bytes are not printed raw to the terminal.
+    let error = text.lines().find(|l| l.contains("error:")).unwrap_or_default();
+    assert!(!error.chars().any(char::is_control) && error.len() < 600, "{error:?}");
+    let client = petrel_registry::RegistryClient::new(&target.addr, &Default::default()).unwrap();
+    assert!(
+        client.get_manifest("big", "petrel").is_err(),
+        "no tag for a failed conversion"
+    );
+}
+
 /// A big layer's blobs go up while the layer is still read: with the source
 /// holding back the second half of the only layer, the target already receives
 /// megabytes of the converted image, and the image then reads back whole.

@@ -50,6 +50,32 @@ pub fn decompressed<'a>(reader: impl Read + 'a) -> std::io::Result<Box<dyn Read 
     })
 }
 
+/// Longest archive error message kept (a corrupt header's message quotes its bytes).
+const MAX_ARCHIVE_MESSAGE: usize = 200;
+
+/// `error` with a message fit for a terminal: the tar reader quotes a corrupt
+/// header's name field, which may hold any bytes; control characters are escaped
+/// and the message is cut short.
+fn printable(error: std::io::Error) -> std::io::Error {
+    let message = error.to_string();
+    if message.len() <= MAX_ARCHIVE_MESSAGE && !message.chars().any(char::is_control) {
+        return error;
+    }
+    let mut shown = String::new();
+    for c in message.chars() {
+        if shown.len() >= MAX_ARCHIVE_MESSAGE {
+            shown.push('…');
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::io::Error::new(error.kind(), shown)
+}
+
 /// Applies the entries of one uncompressed tar stream as layer `layer`.
 pub fn apply_tar_layer(
     tree: &mut Tree,
@@ -58,7 +84,10 @@ pub fn apply_tar_layer(
     layer: usize,
     warnings: &mut Vec<String>,
 ) -> Result<u64> {
-    let archive_error = |source| BuildError::Archive { layer, source };
+    let archive_error = |source: std::io::Error| BuildError::Archive {
+        layer,
+        source: printable(source),
+    };
     let mut archive = tar::Archive::new(reader);
     archive.set_max_metadata_size(MAX_TAR_METADATA);
     let mut count = 0u64;
@@ -439,5 +468,22 @@ mod tests {
         );
         assert_eq!(parse_pax_time("x"), None);
         assert_eq!(parse_pax_time("1.2e3"), None);
+    }
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn an_archive_error_quoting_a_corrupt_header_is_escaped_and_cut_short() {
+        let quoted = format!(
+            "numeric field was not a number: \u{1b}[31m\u{7} when getting cksum for {}",
+            "\u{fffd}x".repeat(300)
+        );
+        let shown = super::printable(std::io::Error::other(quoted)).to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("\\u{1b}[31m\\u{7}"), "{shown}");
+        assert!(shown.chars().count() <= 210 && shown.ends_with('…'), "{shown}");
+        let plain = super::printable(std::io::Error::other("unexpected end of file")).to_string();
+        assert_eq!(plain, "unexpected end of file");
     }
 }
