@@ -285,7 +285,7 @@ pub fn emit(
     }
     let dict_key = |c: &u32| match unique[*c as usize].place {
         ChunkPlace::Dict { blob, offset, .. } => (dict_rank[&blob], offset),
-        ChunkPlace::Spool { .. } => (u32::MAX, 0),
+        ChunkPlace::Spool { .. } | ChunkPlace::Window => (u32::MAX, 0),
     };
     dict_chunks.sort_by_key(dict_key);
     for (position, chunk) in new_chunks.iter().chain(&dict_chunks).enumerate() {

@@ -38,6 +38,10 @@ const IN_FLIGHT_PER_WORKER: usize = 4;
 pub enum ChunkPlace {
     /// In the spool, to be copied into the new blob.
     Spool { offset: u64 },
+    /// Held in memory by a streaming layer's window (see `streaming`), until the
+    /// window goes into a blob or, what no blob takes, into the spool. Never left
+    /// once the pipeline is finished.
+    Window,
     /// Already in a dictionary blob (index into `ChunkDict::blobs`); with this
     /// build's own encoding in the spool too when the build keeps copies of
     /// dictionary chunks (a prefetch region is laid out in the new blob).
@@ -318,6 +322,7 @@ fn collect(
         first_blob: dict.blobs.len(),
         blobs_dir,
         streaming: None,
+        stream_failure: None,
     };
     let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
@@ -328,36 +333,37 @@ fn collect(
                 if spool_len - sealer.sealed_up_to >= *every {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
-                        None => sealer.seal(&mut writer, &mut chunks, spool_len),
+                        None => sealer.seal(&mut writer, &mut chunks, &mut spool_len),
                     };
                     if let Some(answer) = answer.transpose() {
                         let _ = to.send(answer);
                     }
                 }
             }
-            let (encoded, key, position) = match done {
+            let (mut encoded, key, position) = match done {
                 Done::Chunk(encoded, key, position) => (encoded, key, position),
                 Done::Seal(reply) => {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
-                        None => sealer.seal(&mut writer, &mut chunks, spool_len),
+                        None => sealer.seal(&mut writer, &mut chunks, &mut spool_len),
                     };
                     let _ = reply.send(answer);
                     continue;
                 }
                 Done::AutoSeal(every, to) => {
-                    sealer.end_streaming(&mut writer, &mut chunks);
+                    sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
                     auto_seal = Some((every, to));
                     continue;
                 }
                 Done::Stream(plan) => {
-                    sealer.end_streaming(&mut writer, &mut chunks);
+                    sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
                     auto_seal = None;
                     sealer.streaming = Some(streaming::Streaming::new(plan));
                     continue;
                 }
             };
-            let spooled_before = spool_len;
+            // A new chunk's stored bytes, when a streaming layer's window takes them.
+            let mut windowed = None;
             // Free one in-flight slot for the submitter.
             let _ = tokens.recv();
             progress.chunks.fetch_add(1, Relaxed);
@@ -398,22 +404,29 @@ fn collect(
                             }
                         }
                         None => {
-                            if failure.is_none() {
-                                if let Err(e) = writer.write_all(&encoded.stored) {
-                                    failure = Some(e);
+                            let stored_size = encoded.stored.len();
+                            let place = if sealer.streaming.is_some() {
+                                windowed = Some(std::mem::take(&mut encoded.stored));
+                                ChunkPlace::Window
+                            } else {
+                                if failure.is_none() {
+                                    if let Err(e) = writer.write_all(&encoded.stored) {
+                                        failure = Some(e);
+                                    }
                                 }
-                            }
-                            let place = ChunkPlace::Spool { offset: spool_len };
-                            spool_len += encoded.stored.len() as u64;
+                                let place = ChunkPlace::Spool { offset: spool_len };
+                                spool_len += stored_size as u64;
+                                place
+                            };
                             if let Some(key) = key {
                                 sealer.keys.insert(chunks.len() as u32, key);
                             }
-                            progress.stored_bytes.fetch_add(encoded.stored.len() as u64, Relaxed);
+                            progress.stored_bytes.fetch_add(stored_size as u64, Relaxed);
                             SpooledChunk {
                                 digest: encoded.digest,
                                 flags: encoded.flags,
                                 place,
-                                stored_size: encoded.stored.len() as u32,
+                                stored_size: stored_size as u32,
                                 uncompressed_size: encoded.uncompressed_size,
                             }
                         }
@@ -424,14 +437,22 @@ fn collect(
                 }
             };
             chunk_of_submission.push(index);
-            if failure.is_none() {
-                sealer.stream_chunk(&mut writer, &mut chunks, index, spooled_before, position);
-            }
+            sealer.stream_chunk(&mut writer, &mut chunks, &mut spool_len, index, windowed, position);
         }
     }
-    sealer.end_streaming(&mut writer, &mut chunks);
+    sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
     if let Some(e) = failure {
         return Err(spool_error(e));
+    }
+    if let Some(why) = sealer.stream_failure {
+        return Err(BuildError::Invalid(format!(
+            "a blob written while its layer streamed in failed: {why}"
+        )));
+    }
+    if chunks.iter().any(|c| c.place == ChunkPlace::Window) {
+        return Err(BuildError::Invalid(
+            "chunks of a streaming layer were left unwritten".into(),
+        ));
     }
     let spool = writer.into_inner().map_err(|e| spool_error(e.into_error()))?;
     Ok(Collected {
@@ -455,6 +476,8 @@ struct Sealer<'a> {
     blobs_dir: &'a std::path::Path,
     /// The layer whose new chunks go into blobs as they come, if one does.
     streaming: Option<streaming::Streaming>,
+    /// Why a streamed blob failed, if one did.
+    stream_failure: Option<String>,
 }
 
 impl Sealer<'_> {
@@ -463,10 +486,12 @@ impl Sealer<'_> {
         &mut self,
         writer: &mut BufWriter<File>,
         chunks: &mut [SpooledChunk],
-        spool_len: u64,
+        spool_len: &mut u64,
     ) -> Result<Option<SealedBlob>> {
-        // A layer streaming into blobs completes its last one first.
-        self.end_streaming(writer, chunks);
+        // A layer streaming into blobs completes its last one first (and spools
+        // what no blob took).
+        self.end_streaming(writer, chunks, spool_len);
+        let spool_len = *spool_len;
         let range = SealRange {
             from: self.sealed_up_to,
             to: spool_len,

@@ -19,7 +19,6 @@ use petrel_format::layer_tar;
 use sha2::Digest;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -60,8 +59,9 @@ pub(super) struct Streaming {
     position: u64,
     /// Bytes of new chunks the layer stored so far.
     stored: u64,
-    /// New chunks not yet taken into a blob, in arrival order.
-    window: Vec<u32>,
+    /// New chunks not yet taken into a blob, in arrival order, with their
+    /// stored bytes (in memory: a chunk a blob takes never touches the spool).
+    window: Vec<(u32, Vec<u8>)>,
     window_bytes: u64,
     open: Option<OpenBlob>,
 }
@@ -96,24 +96,25 @@ impl Streaming {
 }
 
 impl Sealer<'_> {
-    /// Takes note of a collected chunk (`index`, spooled at `spooled_before` when
-    /// new) of a streaming layer, and fills blobs once a window is full.
+    /// Takes note of a collected chunk (`index`, with its stored bytes when it is
+    /// new and the window holds it) of a streaming layer, and fills blobs once a
+    /// window is full.
     pub(super) fn stream_chunk(
         &mut self,
         writer: &mut BufWriter<File>,
         chunks: &mut [SpooledChunk],
+        spool_len: &mut u64,
         index: u32,
-        spooled_before: u64,
+        stored: Option<Vec<u8>>,
         position: u64,
     ) {
         let Some(streaming) = self.streaming.as_mut() else {
             return;
         };
         streaming.position = streaming.position.max(position);
-        let chunk = &chunks[index as usize];
-        if chunk.place == (ChunkPlace::Spool { offset: spooled_before }) {
-            let size = u64::from(chunk.stored_size);
-            streaming.window.push(index);
+        if let Some(bytes) = stored {
+            let size = bytes.len() as u64;
+            streaming.window.push((index, bytes));
             streaming.window_bytes += size;
             streaming.stored += size;
         }
@@ -123,20 +124,25 @@ impl Sealer<'_> {
             WINDOW
         };
         if streaming.window_bytes >= window {
-            if let Err(e) = self.fill_blobs(writer, chunks, false) {
+            if let Err(e) = self.fill_blobs(writer, chunks, spool_len, false) {
                 self.stop_streaming(e);
             }
         }
     }
 
     /// Ends the streaming layer, if any: the last window goes into the open blob
-    /// where it fits, and the blob is completed; the chunks left stay spooled.
-    pub(super) fn end_streaming(&mut self, writer: &mut BufWriter<File>, chunks: &mut [SpooledChunk]) {
+    /// where it fits, and the blob is completed; the chunks left go to the spool.
+    pub(super) fn end_streaming(
+        &mut self,
+        writer: &mut BufWriter<File>,
+        chunks: &mut [SpooledChunk],
+        spool_len: &mut u64,
+    ) {
         if self.streaming.is_none() {
             return;
         }
         let ended = self
-            .fill_blobs(writer, chunks, true)
+            .fill_blobs(writer, chunks, spool_len, true)
             .and_then(|()| self.close_open_blob());
         match ended {
             Ok(()) => self.streaming = None,
@@ -144,8 +150,10 @@ impl Sealer<'_> {
         }
     }
 
-    /// A failed blob fails the build: the error goes where blobs go.
+    /// A failed blob fails the build: the error goes where blobs go, and the
+    /// pipeline's result is an error too (chunks may point into the blob).
     fn stop_streaming(&mut self, error: BuildError) {
+        self.stream_failure.get_or_insert_with(|| error.to_string());
         if let Some(streaming) = self.streaming.take() {
             let _ = streaming.plan.sealed.send(Err(error));
         }
@@ -165,21 +173,28 @@ impl Sealer<'_> {
 
     /// Takes the window's chunks, depth first, into blobs: the open one, then new
     /// ones while half of what is left is worth a blob (none at the layer's end).
-    fn fill_blobs(&mut self, writer: &mut BufWriter<File>, chunks: &mut [SpooledChunk], layer_end: bool) -> Result<()> {
+    /// What no blob takes goes to the spool, to be sealed at the layer's end.
+    fn fill_blobs(
+        &mut self,
+        writer: &mut BufWriter<File>,
+        chunks: &mut [SpooledChunk],
+        spool_len: &mut u64,
+        layer_end: bool,
+    ) -> Result<()> {
         let Some(streaming) = self.streaming.as_mut() else {
             return Ok(());
         };
         if streaming.window.is_empty() {
             return Ok(());
         }
-        writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
         let mut window = std::mem::take(&mut streaming.window);
-        window.sort_by(|a, b| self.keys.get(a).cmp(&self.keys.get(b)));
+        window.sort_by(|(a, _), (b, _)| self.keys.get(a).cmp(&self.keys.get(b)));
         let expected = if layer_end { 0 } else { streaming.expected_rest() };
         let mut pending = std::mem::take(&mut streaming.window_bytes);
-        for index in window {
+        for (index, bytes) in window {
             let chunk = &mut chunks[index as usize];
-            let size = u64::from(chunk.stored_size);
+            let size = bytes.len() as u64;
+            let mut taken = false;
             loop {
                 let streaming = self.streaming.as_mut().expect("checked above");
                 let open = match &mut streaming.open {
@@ -211,8 +226,16 @@ impl Sealer<'_> {
                     self.close_open_blob()?;
                     continue;
                 }
-                open.append(writer.get_ref(), chunk)?;
+                open.append(chunk, &bytes)?;
+                taken = true;
                 break;
+            }
+            if !taken {
+                writer
+                    .write_all(&bytes)
+                    .map_err(BuildError::io("write", "chunk spool"))?;
+                chunk.place = ChunkPlace::Spool { offset: *spool_len };
+                *spool_len += size;
             }
             pending -= size;
         }
@@ -238,7 +261,6 @@ struct OpenBlob {
     growing: Arc<GrowingBlob>,
     /// Whether it was handed out while growing.
     streamed: bool,
-    buffer: Vec<u8>,
 }
 
 impl OpenBlob {
@@ -271,7 +293,6 @@ impl OpenBlob {
             hasher,
             growing,
             streamed,
-            buffer: Vec::new(),
         })
     }
 
@@ -281,21 +302,16 @@ impl OpenBlob {
             .ok_or_else(|| BuildError::Invalid("blob written after it was closed".into()))
     }
 
-    /// Copies a spooled chunk into the blob and points the chunk at it.
-    fn append(&mut self, spool: &File, chunk: &mut SpooledChunk) -> Result<()> {
-        let ChunkPlace::Spool { offset } = chunk.place else {
+    /// Writes a window's chunk (its stored bytes) into the blob and points the
+    /// chunk at it.
+    fn append(&mut self, chunk: &mut SpooledChunk, stored: &[u8]) -> Result<()> {
+        if chunk.place != ChunkPlace::Window {
             return Err(BuildError::Invalid("a chunk taken into a blob twice".into()));
-        };
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.resize(chunk.stored_size as usize, 0);
-        spool
-            .read_exact_at(&mut buffer, offset)
-            .map_err(BuildError::io("read", "chunk spool"))?;
-        self.hasher.update(&buffer);
+        }
+        self.hasher.update(stored);
         self.out()?
-            .write_all(&buffer)
+            .write_all(stored)
             .map_err(BuildError::io("write", "streamed blob"))?;
-        self.buffer = buffer;
         chunk.place = ChunkPlace::Dict {
             blob: self.index,
             offset: layer_tar::DATA_OFFSET + self.written,
