@@ -12,6 +12,7 @@ mod target;
 pub use error::{ConvertError, Result};
 
 pub use source::Source;
+pub use streamed::STREAM_FROM;
 pub use target::Target;
 
 use crate::error::{bail, Context};

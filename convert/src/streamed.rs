@@ -12,14 +12,10 @@ use petrel_registry::oci::{Descriptor, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LA
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Layers smaller than this (as stored) are sealed whole at their end (in blobs
-/// of at least 16 MiB), their chunks depth first across the whole layer: a
-/// directory's files stay together even where the tar scatters them, and one
-/// request reads them ahead. Streaming them would cut a 12 MiB layer into four
-/// blobs (the directory readahead of `tests/registry.rs` then took four
-/// requests), to save at most a second of pushing at 100 Mbit/s after the last
-/// layer; a bigger layer's blobs, sealed whole, would leave more.
-pub const STREAM_FROM: u64 = 32 << 20;
+/// Layers smaller than this (as stored) are sealed whole at their end: that blob
+/// is pushed while the next layer is read, and the last one is small. (Bigger
+/// layers stream; how small their blobs get is [`MIN_BLOB`](petrel_builder::pipeline::MIN_BLOB).)
+pub const STREAM_FROM: u64 = 8 << 20;
 
 /// How long `layer` is uncompressed, where that is cheap to learn: its size when
 /// stored as a plain tar, else the length a gzip layer's trailer states (ISIZE,
