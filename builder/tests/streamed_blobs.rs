@@ -15,11 +15,11 @@ use sha2::Digest;
 use std::io::Read;
 use std::path::Path;
 
-/// About 24 MiB in 16 directories: big files of mixed data and small text files.
+/// About 80 MiB in 48 directories: big files of mixed data and small text files.
 fn layer_ops() -> Vec<Op> {
     let mut rng = Rng::new(7);
     let mut ops = Vec::new();
-    for d in 0..16 {
+    for d in 0..48 {
         let dir = format!("pkg{d:02}");
         ops.push(Op::Dir {
             path: dir.clone(),
