@@ -42,14 +42,8 @@ pub const WINDOW: u64 = 4 << 20;
 /// The first window of a layer: enough to estimate what the layer will store,
 /// small so that its upload starts soon after the layer does.
 pub const FIRST_WINDOW: u64 = 1 << 20;
-/// No blob smaller than this opens: the layer's rest is sealed at its end,
-/// sorted whole. A floor of 1 MiB converted the synthetic registry image 2 %
-/// faster over 100 Mbit/s, but cut a 12 MiB layer into four blobs: a directory
-/// whose files the tar scatters across the layer then took four requests to
-/// read ahead (one cannot span two blobs), and three nodes warming that image
-/// through a cold pull-through mirror cost the origin two copies. With 4 MiB
-/// such a layer is two blobs, and both cost what one blob did.
-pub const MIN_BLOB: u64 = 4 << 20;
+/// No blob smaller than this opens: the layer's rest is sealed at its end.
+pub const MIN_BLOB: u64 = 1 << 20;
 /// The largest blob that opens.
 pub const MAX_BLOB: u64 = 512 << 20;
 /// Stored bytes per byte of a gzip layer, at most, as a fraction: zstd level 3
