@@ -1570,6 +1570,37 @@ fn walkdir_files(root: &Path, depth: usize) -> Vec<PathBuf> {
     files
 }
 
+/// Mounts `reference` and checks that each of `files` reads back as written.
+fn assert_mounted_files(reference: &str, work: &Path, files: &[(String, Vec<u8>)]) {
+    let mount = MountProcess::start(reference, &work.join("mnt"), &work.join("cache"), &[]);
+    for (path, data) in files {
+        assert!(
+            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
+            "{path} reads back as written"
+        );
+    }
+}
+
+/// Runs `petrel convert FROM TO --retries 0`; the test fails if it has not
+/// ended within two minutes.
+fn convert_ending_within_two_minutes(from: &str, to: &str) -> std::process::Output {
+    let mut child = petrel()
+        .args(["convert", from, to, "--retries", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the conversion did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Pushes `big:v1`: one layer of 40 MiB that gzip cannot shrink, in 1 MiB files
 /// (returned): big enough for its blobs to be uploaded while they are written.
 fn push_big_layer(registry: &TestRegistry, work: &Path) -> Vec<(String, Vec<u8>)> {
@@ -1618,18 +1649,7 @@ fn a_blob_whose_upload_while_written_fails_goes_up_again_from_its_file() {
         refused,
         "each refused blob is named and uploaded again:\n{text}"
     );
-    let mount = MountProcess::start(
-        &format!("docker://{}/big:petrel", target.addr),
-        &work.path().join("mnt"),
-        &work.path().join("cache"),
-        &[],
-    );
-    for (path, data) in &files {
-        assert!(
-            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
-            "{path} reads back as written"
-        );
-    }
+    assert_mounted_files(&format!("docker://{}/big:petrel", target.addr), work.path(), &files);
 }
 
 /// A big layer that turns out corrupt while its blobs are being uploaded fails
@@ -1646,27 +1666,10 @@ fn a_corrupt_big_layer_fails_the_conversion_while_its_blobs_upload() {
     let proxy = FaultProxy::start(&source.addr);
     // Blob GETs: the config, the layer's gzip trailer, then the layer, corrupted.
     proxy.plan(&[Fault::Pass, Fault::Pass, Fault::CorruptBody]);
-    let mut child = petrel()
-        .args([
-            "convert",
-            &format!("docker://{}/big:v1", proxy.addr),
-            &format!("docker://{}/big:petrel", target.addr),
-            "--retries",
-            "0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("the conversion did not end");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = convert_ending_within_two_minutes(
+        &format!("docker://{}/big:v1", proxy.addr),
+        &format!("docker://{}/big:petrel", target.addr),
+    );
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("layer 1"), "the error names the layer: {text}");
@@ -1727,18 +1730,7 @@ fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
         "the target received {received_while_held} bytes while half of the layer was still to come:\n{}",
         output_text(&out)
     );
-    let mount = MountProcess::start(
-        &format!("docker://{}/big:petrel", target.addr),
-        &work.path().join("mnt"),
-        &work.path().join("cache"),
-        &[],
-    );
-    for (path, data) in &files {
-        assert!(
-            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
-            "{path} reads back as written"
-        );
-    }
+    assert_mounted_files(&format!("docker://{}/big:petrel", target.addr), work.path(), &files);
 }
 
 /// A layer that does not match its digest fails the conversion, after blobs of
@@ -1767,27 +1759,10 @@ fn a_corrupt_layer_mid_conversion_fails_it_cleanly() {
         plan.push(if i == 0 { Fault::Pass } else { Fault::CorruptBody });
     }
     proxy.plan(&plan);
-    let mut child = petrel()
-        .args([
-            "convert",
-            &format!("docker://{}/src:v1", proxy.addr),
-            &format!("docker://{}/app:v1", target.addr),
-            "--retries",
-            "0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("the conversion did not end");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = convert_ending_within_two_minutes(
+        &format!("docker://{}/src:v1", proxy.addr),
+        &format!("docker://{}/app:v1", target.addr),
+    );
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("layer 2"), "{text}");

@@ -362,17 +362,7 @@ fn push_sealed(
         mount_from,
         bar.as_ref().map(progress::PushBar::on_bytes),
     )?;
-    if let Some(bar) = bar {
-        bar.finish();
-    }
-    tracing::info!(
-        "blob {digest} ({size} bytes) {} in {:.1}s",
-        if uploaded { "pushed" } else { "already there" },
-        started.elapsed().as_secs_f64()
-    );
-    // Pushed: the build no longer needs the file.
-    let _ = std::fs::remove_file(&sealed.path);
-    Ok(PushedBlob { digest, size, uploaded })
+    Ok(PushedBlob::done(digest, size, uploaded, started, &sealed.path, bar))
 }
 
 /// The next blob to push from a queue that several pushers share (None: the

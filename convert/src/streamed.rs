@@ -53,12 +53,36 @@ pub fn plain_size(source: &Source, layer: &Descriptor) -> Option<u64> {
     (isize >= size / 2 && size < 1 << 32).then_some(isize)
 }
 
-/// A blob uploaded while it was written.
+/// A blob pushed while the build went on.
 pub struct PushedBlob {
     pub digest: String,
     pub size: u64,
     /// False: the target had it already.
     pub uploaded: bool,
+}
+
+impl PushedBlob {
+    /// A blob whose push started at `started` is up: its bar ends, the push is
+    /// logged, and its file (which the build no longer needs) is removed.
+    pub fn done(
+        digest: String,
+        size: u64,
+        uploaded: bool,
+        started: Instant,
+        path: &std::path::Path,
+        bar: Option<progress::PushBar>,
+    ) -> Self {
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        tracing::info!(
+            "blob {digest} ({size} bytes) {} in {:.1}s",
+            if uploaded { "pushed" } else { "already there" },
+            started.elapsed().as_secs_f64()
+        );
+        let _ = std::fs::remove_file(path);
+        PushedBlob { digest, size, uploaded }
+    }
 }
 
 /// Uploads `blob` while the build writes it; if that fails, uploads the complete
@@ -101,15 +125,5 @@ pub fn upload_growing(
             target.put_blob_file_reporting(&digest, &path, mount_from, None)?
         }
     };
-    if let Some(bar) = bar {
-        bar.finish();
-    }
-    tracing::info!(
-        "blob {digest} ({size} bytes) {} in {:.1}s, from when it was opened",
-        if uploaded { "pushed" } else { "already there" },
-        started.elapsed().as_secs_f64()
-    );
-    // Pushed: the build no longer needs the file.
-    let _ = std::fs::remove_file(&path);
-    Ok(PushedBlob { digest, size, uploaded })
+    Ok(PushedBlob::done(digest, size, uploaded, started, &path, bar))
 }
