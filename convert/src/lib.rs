@@ -415,8 +415,10 @@ fn read_layers(
             )?;
         }
         let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
+        // Never more than the manifest says (and one byte to tell): a source that
+        // streams on costs no more than the layer it names.
         let mut stream = Hashing {
-            inner: source.layer(digest)?,
+            inner: source.layer(digest)?.take(size.saturating_add(1)),
             hasher: sha2::Sha256::new(),
             bytes: 0,
             progress,
@@ -431,6 +433,14 @@ fn read_layers(
             bail!(
                 "layer {digest} of {}: content hashes to {actual}; refusing to convert",
                 source.describe()
+            );
+        }
+        // (Longer than it says, it hashes to something else, above.)
+        if stream.bytes != size {
+            bail!(
+                "layer {digest} of {}: the manifest says {size} bytes, the layer has {}; refusing to convert",
+                source.describe(),
+                stream.bytes
             );
         }
         if let Some(p) = stream.progress.take() {
