@@ -14,6 +14,17 @@ fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     w.finish()
 }
 
+/// An error and its causes, as one line.
+fn error_chain(error: &ConvertError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
 fn options() -> ConvertOptions {
     ConvertOptions {
         build: BuildOptions::default(),
@@ -66,15 +77,7 @@ fn an_oci_layout_converts_in_process_and_bad_input_is_a_typed_error() {
     )
     .unwrap_err();
     assert!(!matches!(error, ConvertError::Build(_)), "{error:?}");
-    let chain = {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            text += &format!(": {cause}");
-            source = cause.source();
-        }
-        text
-    };
+    let chain = error_chain(&error);
     assert!(chain.contains("nowhere"), "the error names the missing layout: {chain}");
 }
 
@@ -133,15 +136,7 @@ fn a_layer_whose_size_the_manifest_misstates_is_refused() {
             &options(),
         )
         .unwrap_err();
-        let chain = {
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                text += &format!(": {cause}");
-                source = cause.source();
-            }
-            text
-        };
+        let chain = error_chain(&error);
         assert!(chain.contains(expected), "{name}: {chain}");
     }
 }
