@@ -25,7 +25,14 @@ impl From<SnapshotError> for GrpcError {
 
 impl From<GrpcError> for Status {
     fn from(GrpcError(e): GrpcError) -> Self {
-        let message = e.to_string();
+        // containerd shows only this message: it carries the causes too
+        // ("chmod /…/snapshots/6: No such file or directory").
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            message.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
         match e {
             SnapshotError::NotFound(_) => Status::not_found(message),
             SnapshotError::AlreadyExists(_) => Status::already_exists(message),

@@ -171,13 +171,7 @@ impl SnapshotStore {
 
     fn all(&self) -> Result<Vec<Record>> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(SNAPSHOTS)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (_, value) = entry?;
-            out.push(serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?);
-        }
-        Ok(out)
+        records_of(&txn.open_table(SNAPSHOTS)?)
     }
 
     /// Directories of the parent chain, nearest first.
@@ -508,8 +502,7 @@ impl SnapshotStore {
         };
         txn.commit()?;
         let dir = self.dir(record.id);
-        std::fs::remove_dir_all(&dir).map_err(SnapshotError::io("remove", &dir))?;
-        Ok(())
+        remove_dir_if_there(&dir)
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {
@@ -591,8 +584,17 @@ impl SnapshotStore {
     }
 
     /// Removes directories no snapshot owns (left by a crash between steps).
+    ///
+    /// A Prepare creates its directory inside its write transaction, before the
+    /// record commits. Cleanup therefore holds a write transaction too (redb
+    /// serializes them), so it never sees such a directory without its record and
+    /// removes it under a Prepare that is about to succeed.
     pub fn cleanup(&self) -> Result<usize> {
-        let owned: std::collections::HashSet<String> = self.all()?.iter().map(|r| r.id.to_string()).collect();
+        let txn = self.db.begin_write()?;
+        let owned: std::collections::HashSet<String> = records_of(&txn.open_table(SNAPSHOTS)?)?
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
         let mut removed = 0;
         for entry in std::fs::read_dir(self.root.join("snapshots"))
             .map_err(SnapshotError::io("read", &self.root))?
@@ -600,10 +602,32 @@ impl SnapshotStore {
         {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !owned.contains(&name) && name.bytes().all(|b| b.is_ascii_digit()) {
-                std::fs::remove_dir_all(entry.path()).map_err(SnapshotError::io("remove", entry.path()))?;
+                remove_dir_if_there(&entry.path())?;
                 removed += 1;
             }
         }
+        txn.abort()?;
         Ok(removed)
+    }
+}
+
+/// Every record of the snapshots table, in a read or a write transaction.
+fn records_of(table: &impl redb::ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (_, value) = entry?;
+        out.push(serde_json::from_slice(value.value()).map_err(|e| SnapshotError::Database(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+/// Removes a snapshot's directory. A Remove deletes it after its record is gone,
+/// so a Cleanup may be deleting it at the same time: whichever ends first, the
+/// directory is gone, and that is all either asked for.
+fn remove_dir_if_there(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SnapshotError::io("remove", dir)(e)),
     }
 }

@@ -231,3 +231,33 @@ fn remove_and_prepare_of_a_child_never_both_succeed() {
     }
     assert!(store.walk(&[]).unwrap().is_empty());
 }
+
+/// containerd's GC calls Cleanup whenever it likes, also while a Prepare is
+/// creating its directory or a Remove deleting one: Cleanup never removes a
+/// directory under a Prepare, and neither call fails for the other.
+#[test]
+fn cleanup_racing_prepares_never_removes_their_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SnapshotStore::open(dir.path()).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, halt) = (store.clone(), stop.clone());
+    let cleaner = std::thread::spawn(move || {
+        let mut runs = 0;
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            s.cleanup().unwrap();
+            runs += 1;
+        }
+        runs
+    });
+    for round in 0..60 {
+        let key = format!("active{round}");
+        let mounts = store
+            .prepare(&key, None, BTreeMap::new())
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(Path::new(&mounts[0].source).is_dir(), "round {round}: {mounts:?}");
+        store.remove(&key).unwrap();
+        store.cleanup().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(cleaner.join().unwrap() > 0);
+}
