@@ -273,7 +273,8 @@ fn fully_cached_files_are_opened_with_a_backing_file() {
     let setup = Setup::new();
     let mut command = petrel();
     setup.mount_args(&mut command);
-    let out = command.arg("--daemon").output().unwrap();
+    // An image of small files: the daemon opens them only when told to.
+    let out = command.args(["--daemon", "--file-opens", "daemon"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let (name, data) = &files()[2];
     let path = setup.mountpoint.join(name);
@@ -339,6 +340,64 @@ fn fully_cached_files_are_opened_with_a_backing_file() {
     drop(open);
     assert_eq!(&std::fs::read(&path).unwrap(), data);
 
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until(|| !is_petrel_mount(&setup.mountpoint));
+}
+
+/// An image of small files (a source tree, a Python install) is opened by the kernel
+/// alone: after the first open (answered ENOSYS) the daemon is asked about no open
+/// nor close, the page cache is kept across opens, every byte reads right, and
+/// writes are still refused.
+#[test]
+fn an_image_of_small_files_is_opened_by_the_kernel_alone() {
+    if !fuse_available() {
+        return;
+    }
+    let small: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("m{i}.py"), Rng::new(300 + i).mixed(1_000 + i as usize * 3_001)))
+        .collect();
+    let setup = Setup::with_files(&small, &[]);
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command.arg("--daemon").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for _ in 0..3 {
+        for (name, data) in &small {
+            assert_eq!(&std::fs::read(setup.mountpoint.join(name)).unwrap(), data, "{name}");
+        }
+    }
+    let stats = stats_of(&setup);
+    assert_eq!(
+        stats["daemon_opens"], 1,
+        "only the first open reached the daemon: {stats}"
+    );
+    assert_eq!(stats["passthrough_opens"], 0, "{stats}");
+    // The second and third passes came from the page cache: no read was asked twice.
+    let reads = stats["reads"].as_u64().unwrap();
+    assert!(reads <= small.len() as u64, "{reads} reads of {} files", small.len());
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .open(setup.mountpoint.join(&small[0].0))
+        .unwrap_err();
+    assert_eq!(
+        refused.raw_os_error(),
+        Some(rustix::io::Errno::ROFS.raw_os_error()),
+        "{refused}"
+    );
+
+    // Told so, the daemon opens them (for passthrough): every open is a request.
+    let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until(|| !is_petrel_mount(&setup.mountpoint));
+    let mut command = petrel();
+    setup.mount_args(&mut command);
+    let out = command.args(["--daemon", "--file-opens", "daemon"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (name, data) in &small {
+        assert_eq!(&std::fs::read(setup.mountpoint.join(name)).unwrap(), data, "{name}");
+    }
+    assert_eq!(stats_of(&setup)["daemon_opens"], small.len() as u64);
     let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     wait_until(|| !is_petrel_mount(&setup.mountpoint));

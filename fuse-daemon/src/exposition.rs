@@ -88,6 +88,11 @@ const COUNTERS: &[CounterDef] = &[
         "Opens served by a backing file (FUSE passthrough), whose reads bypass these counters",
         |s| s.passthrough_opens,
     ),
+    (
+        "petrel_daemon_opens",
+        "Opens of files the daemon was asked about (none once the kernel opens files alone)",
+        |s| s.daemon_opens,
+    ),
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -35,6 +35,11 @@ pub struct PetrelFs {
     passthrough: Option<crate::passthrough::Passthrough>,
     readahead: Option<crate::readahead::DirReadahead>,
     sequential: Option<crate::sequential::SequentialReadahead>,
+    /// Who opens files, as asked (`crate::file_opens`).
+    file_opens: crate::file_opens::FileOpens,
+    /// Whether the kernel opens files alone: every OPEN is answered ENOSYS, after
+    /// which the kernel sends none (nor RELEASE).
+    kernel_opens: std::sync::atomic::AtomicBool,
 }
 
 fn format_errno(e: &FormatError) -> Errno {
@@ -112,7 +117,18 @@ impl PetrelFs {
             passthrough: None,
             readahead: None,
             sequential: None,
+            file_opens: crate::file_opens::FileOpens::Auto,
+            kernel_opens: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Who opens files: `asked`, resolved for this image as `by_kernel` (see
+    /// `FileOpens::by_kernel`). With `Auto`, a kernel without passthrough makes
+    /// the kernel open files alone too.
+    pub fn with_file_opens(mut self, asked: crate::file_opens::FileOpens, by_kernel: bool) -> Self {
+        self.file_opens = asked;
+        self.kernel_opens = std::sync::atomic::AtomicBool::new(by_kernel);
+        self
     }
 
     /// Fetches ahead of files read front to back.
@@ -189,8 +205,20 @@ impl Filesystem for PetrelFs {
                 config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
             if !offered {
                 passthrough.disable("the kernel does not offer it (Linux 6.9 or later does)");
+                if self.file_opens == crate::file_opens::FileOpens::Auto {
+                    self.kernel_opens.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
+        tracing::info!(
+            kernel_opens = self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed),
+            "files are opened by {}",
+            if self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed) {
+                "the kernel alone"
+            } else {
+                "the daemon"
+            }
+        );
         Ok(())
     }
 
@@ -236,7 +264,16 @@ impl Filesystem for PetrelFs {
         }
     }
 
+    /// With the kernel opening files alone, ENOSYS: from then on the kernel sends no
+    /// OPEN nor RELEASE, keeps page caches across opens, and the read-only mount
+    /// refuses writes itself.
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.stats
+            .daemon_opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod error;
 pub mod exposition;
 pub mod fetch;
+pub mod file_opens;
 pub mod fs;
 pub mod image;
 pub mod job_queue;

@@ -43,6 +43,8 @@ pub struct MountConfig {
     /// Open fully cached files with a backing file (FUSE passthrough) when the kernel
     /// offers it. Off while recording, which must see every read.
     pub passthrough: bool,
+    /// Who opens files: the kernel alone, or the daemon (for passthrough).
+    pub file_opens: crate::file_opens::FileOpens,
     /// The spec this mount runs from, answered on its control socket.
     pub spec: Option<crate::spec::DaemonSpec>,
     /// Stored bytes of a directory's small files read ahead when one of them misses
@@ -73,6 +75,7 @@ impl MountConfig {
             record: None,
             cache_max_bytes: None,
             passthrough: true,
+            file_opens: crate::file_opens::FileOpens::Auto,
             spec: None,
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
             readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
@@ -372,6 +375,9 @@ pub fn mount_with_backend(
             Arc::clone(&fetcher),
         ));
     }
+    let passthrough = config.passthrough && recording.is_none();
+    let kernel_opens = config.file_opens.by_kernel(&image.bootstrap(), passthrough);
+    fs = fs.with_file_opens(config.file_opens, kernel_opens);
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("petrel:{name}")),

@@ -139,6 +139,9 @@ pub struct Tuning {
     pub fetch_threads: usize,
     /// Open fully cached files by FUSE passthrough where the kernel offers it.
     pub passthrough: bool,
+    /// Who opens files: `auto`, `daemon` (every open a request; passthrough
+    /// possible) or `kernel` (no request per open or close; no passthrough).
+    pub file_opens: crate::file_opens::FileOpens,
     pub prefetch: PrefetchConfig,
     /// Stored bytes of a directory's small files read ahead when one of them misses
     /// the cache (0: off).
@@ -156,6 +159,7 @@ impl Default for Tuning {
             fuse_threads: DEFAULT_FUSE_THREADS,
             fetch_threads: DEFAULT_FETCH_THREADS,
             passthrough: true,
+            file_opens: crate::file_opens::FileOpens::Auto,
             prefetch: PrefetchConfig::default(),
             readahead_dir_bytes: crate::readahead::DEFAULT_DIR_BYTES,
             readahead_file_max_bytes: crate::sequential::DEFAULT_MAX_WINDOW,
@@ -311,6 +315,7 @@ impl DaemonSpec {
             record: self.record.clone(),
             cache_max_bytes: self.cache_max_bytes,
             passthrough: self.tuning.passthrough,
+            file_opens: self.tuning.file_opens,
             spec: Some(self.clone()),
             readahead_dir_bytes: self.tuning.readahead_dir_bytes,
             readahead_file_max_bytes: self.tuning.readahead_file_max_bytes,

@@ -35,6 +35,9 @@ pub struct Stats {
     /// Opens answered with a backing file (FUSE passthrough): their reads bypass FUSE
     /// and these counters.
     pub passthrough_opens: AtomicU64,
+    /// Opens the daemon was asked about (none once the kernel opens files alone,
+    /// `crate::file_opens`).
+    pub daemon_opens: AtomicU64,
     /// Cached chunks (and materialized files) found not to match their digest when
     /// first used, dropped and fetched again instead of served.
     pub cache_corrupt_dropped: AtomicU64,
@@ -68,6 +71,8 @@ pub struct StatsSnapshot {
     pub prefetch_hits: u64,
     #[serde(default)]
     pub passthrough_opens: u64,
+    #[serde(default)]
+    pub daemon_opens: u64,
     #[serde(default)]
     pub cache_corrupt_dropped: u64,
     #[serde(default)]
@@ -114,6 +119,7 @@ impl Stats {
             readahead_bytes: self.readahead_bytes.load(Relaxed),
             prefetch_hits: self.prefetch_hits.load(Relaxed),
             passthrough_opens: self.passthrough_opens.load(Relaxed),
+            daemon_opens: self.daemon_opens.load(Relaxed),
             cache_corrupt_dropped: self.cache_corrupt_dropped.load(Relaxed),
             cache_put_failures: self.cache_put_failures.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),

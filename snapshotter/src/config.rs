@@ -33,6 +33,7 @@
 //! record_first_start_seconds = 30       # none published: record the image's first start here
 //! publish_profiles = false              # and publish it for the image (needs push access)
 //! passthrough = true
+//! file_opens = "auto"                   # auto, daemon or kernel: who opens files
 //! log_level = "warn"                    # warn, info or debug
 //! ```
 //!
@@ -126,6 +127,7 @@ pub struct DaemonSettings {
     pub record_first_start_seconds: Option<f64>,
     pub publish_profiles: Option<bool>,
     pub passthrough: Option<bool>,
+    pub file_opens: Option<petrel_fuse_daemon::file_opens::FileOpens>,
     pub log_level: Option<LogLevel>,
 }
 
@@ -156,6 +158,7 @@ impl DaemonSettings {
         set(&mut tuning.fuse_threads, self.fuse_threads);
         set(&mut tuning.fetch_threads, self.fetch_threads);
         set(&mut tuning.passthrough, self.passthrough);
+        set(&mut tuning.file_opens, self.file_opens);
         set(&mut tuning.readahead_dir_bytes, self.readahead_dir_bytes);
         set(&mut tuning.readahead_file_max_bytes, self.readahead_file_max_bytes);
         set(&mut spec.profile_lookup, self.profile_lookup);

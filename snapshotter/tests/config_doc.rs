@@ -66,6 +66,7 @@ fn the_reference_page_lists_every_key_and_parses() {
             record_first_start_seconds: Some(1.0),
             publish_profiles: Some(true),
             passthrough: Some(true),
+            file_opens: Some(petrel_fuse_daemon::file_opens::FileOpens::Kernel),
             log_level: Some(LogLevel::Debug),
         },
         hosts_dir: Some("d".into()),

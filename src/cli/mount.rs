@@ -30,7 +30,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "mountpoint", "blob_dir", "unpacked_blobs", "cache_dir", "runtime_dir",
         "amplify_bytes", "fuse_threads", "fetch_threads", "record", "cache_max_bytes",
-        "no_passthrough", "readahead_dir_bytes", "readahead_file_max_bytes", "profile", "no_profile_lookup", "record_first_start", "publish_profile", "PrefetchArgs", "RegistryArgs",
+        "no_passthrough", "file_opens", "readahead_dir_bytes", "readahead_file_max_bytes", "profile", "no_profile_lookup", "record_first_start", "publish_profile", "PrefetchArgs", "RegistryArgs",
     ])]
     spec: Option<PathBuf>,
     /// Read blobs from this directory's `blobs/sha256/` (e.g. an OCI image layout)
@@ -95,6 +95,12 @@ pub struct MountArgs {
     /// offers it).
     #[arg(long)]
     no_passthrough: bool,
+    /// Who opens files: auto (the kernel alone, unless passthrough is on and the
+    /// image's big files make it pay), daemon (every open and close is a request, so
+    /// that fully cached files can be opened by passthrough) or kernel (no request
+    /// per open or close, no passthrough).
+    #[arg(long, default_value = "auto")]
+    file_opens: petrel_fuse_daemon::file_opens::FileOpens,
     /// Run in the background: return once mounted.
     #[arg(long)]
     daemon: bool,
@@ -158,6 +164,7 @@ impl MountArgs {
                     fuse_threads: self.fuse_threads,
                     fetch_threads: self.fetch_threads,
                     passthrough: !self.no_passthrough,
+                    file_opens: self.file_opens,
                     prefetch: self.prefetch.config(),
                     readahead_dir_bytes: self.readahead_dir_bytes,
                     readahead_file_max_bytes: self.readahead_file_max_bytes,
