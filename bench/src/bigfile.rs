@@ -288,6 +288,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 // read; so is the footprint.
                 footprints.push(settled_footprint(&dir.join("cache"))? as f64 / file_bytes as f64);
             }
+            // One untimed read from disk first. This machine's disk is virtual: a
+            // file read before comes from the host's cache even once this guest
+            // dropped its own, one never read from the host's disk (the materialized
+            // file took 1.36 s on its first read from disk, then 0.51 s). The
+            // baselines are read every round, so the cache's files are read once
+            // before too, and the rows compare what each path costs here.
+            quiet_disks();
+            drop_caches();
+            run_shell(&format!(
+                "cat {} > /dev/null",
+                mount.mountpoint.join(MODEL_PATH).display()
+            ))?;
             quiet_disks();
             drop_caches();
             let run = run_shell(&format!(
@@ -385,13 +397,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             mib(file_bytes, disk_fresh)
         );
         println!(
-            "| petrel `cat`, all cached, through FUSE | {fuse_cached:.2} s | {:.0} | {:.2}x the time ({:.2}x the copy's) |",
+            "| petrel `cat`, all cached, through FUSE (read once before, as the baselines are) | {fuse_cached:.2} s | {:.0} | {:.2}x the time ({:.2}x the copy's) |",
             mib(file_bytes, fuse_cached),
             fuse_cached / disk,
             fuse_cached / disk_fresh
         );
         println!(
-            "| petrel `cat`, all cached, passthrough | {passthrough:.2} s | {:.0} | {:.2}x the time ({:.2}x the copy's) |",
+            "| petrel `cat`, all cached, passthrough (read once before, as the baselines are) | {passthrough:.2} s | {:.0} | {:.2}x the time ({:.2}x the copy's) |",
             mib(file_bytes, passthrough),
             passthrough / disk,
             passthrough / disk_fresh

@@ -47,18 +47,26 @@ pub fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// Syncs, then waits (at most a minute) until the disks have written nothing for
-/// two seconds: a cold read timed right after gigabytes were written or removed
+/// Syncs, then waits (at most a minute) until the disks have written and discarded
+/// nothing for two seconds: a cold read timed right after gigabytes were written or removed
 /// (writeback, `discard`) runs at a fraction of the disk's speed, whoever reads.
 pub fn quiet_disks() {
     let _ = Command::new("sync").status();
     let written = || -> u64 {
-        // /proc/diskstats: field 10 (from 1) is sectors written; whole disks and
-        // partitions alike, so the sum only has to stop changing.
+        // /proc/diskstats, fields from 1: 10 is sectors written, 12 the I/Os in
+        // flight, 17 (Linux 4.18+) sectors discarded; whole disks and partitions
+        // alike, so the sum only has to stop changing. A removal's discards go on
+        // after `sync` returns and slow reads as much as writeback does.
         std::fs::read_to_string("/proc/diskstats")
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| l.split_whitespace().nth(9)?.parse::<u64>().ok())
+            .map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                [9, 11, 16]
+                    .iter()
+                    .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
             .sum()
     };
     let started = std::time::Instant::now();
