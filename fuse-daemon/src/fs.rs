@@ -373,6 +373,7 @@ impl Filesystem for PetrelFs {
                 Ok(bytes) => {
                     stats.record_read(started.elapsed(), bytes.len(), true);
                     reply.data(&bytes);
+                    crate::fetch::recycle(bytes);
                 }
                 Err(e) => {
                     stats.record_read(started.elapsed(), 0, false);

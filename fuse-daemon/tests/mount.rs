@@ -981,3 +981,42 @@ fn a_miss_in_a_node_package_reads_its_dependencies_ahead() {
     }
     mounted.unmount().unwrap();
 }
+
+/// A FUSE thread reuses its last read's buffer: a read of a hole (zeros the image
+/// does not store) right after a read of data on the same thread gets zeros, never
+/// the data before it.
+#[test]
+fn a_hole_read_after_data_on_the_same_thread_reads_zeros() {
+    if !fuse_available() {
+        return;
+    }
+    const MIB: usize = 1 << 20;
+    let mut content = Rng::new(31).bytes(MIB);
+    content.extend(std::iter::repeat_n(0u8, 2 * MIB));
+    content.extend(Rng::new(32).bytes(MIB));
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("holey.bin", &Default::default(), &content);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mut config = fixture.config("mnt");
+    // One FUSE thread: cached reads are answered on it, one after another.
+    config.fuse_threads = 1;
+    let mounted = mount(&config).unwrap();
+    let path = mounted.mountpoint().join("holey.bin");
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    let file = std::fs::File::open(&path).unwrap();
+    for round in 0..4 {
+        // Out of the page cache, so that every read below asks the daemon again.
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let (first, then) = if round % 2 == 0 { (0, MIB) } else { (3 * MIB, 2 * MIB) };
+        let mut data = vec![0u8; 128 << 10];
+        file.read_exact_at(&mut data, first as u64).unwrap();
+        assert_eq!(data, content[first..first + data.len()]);
+        let mut zeros = vec![7u8; 128 << 10];
+        file.read_exact_at(&mut zeros, then as u64).unwrap();
+        assert!(
+            zeros.iter().all(|&b| b == 0),
+            "round {round}: the hole read back other bytes"
+        );
+    }
+    assert!(mounted.stats().reads >= 8 + 1, "{:?}", mounted.stats());
+}
