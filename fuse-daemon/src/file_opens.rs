@@ -4,7 +4,7 @@
 //! (OPEN, then RELEASE), even when every byte is in the page cache. The daemon only
 //! needs OPEN to hand the kernel a backing file (FUSE passthrough). When it answers
 //! the first OPEN with ENOSYS, the kernel stops sending OPEN and RELEASE for the
-//! rest of the mount (FUSE "zero-message open", since Linux 3.19's protocol 7.23), and
+//! rest of the mount (FUSE "zero-message open", `FUSE_NO_OPEN_SUPPORT`), and
 //! keeps each file's page cache across opens as `FOPEN_KEEP_CACHE` would.
 //!
 //! Measured on this machine, every file of the Python image (12,269 files, 395 MB)

@@ -210,14 +210,10 @@ impl Filesystem for PetrelFs {
                 }
             }
         }
+        let by_kernel = self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
-            kernel_opens = self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed),
             "files are opened by {}",
-            if self.kernel_opens.load(std::sync::atomic::Ordering::Relaxed) {
-                "the kernel alone"
-            } else {
-                "the daemon"
-            }
+            if by_kernel { "the kernel alone" } else { "the daemon" }
         );
         Ok(())
     }
