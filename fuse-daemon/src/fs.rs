@@ -122,10 +122,11 @@ impl PetrelFs {
         }
     }
 
-    /// Who opens files: `asked`, resolved for this image as `by_kernel` (see
-    /// `FileOpens::by_kernel`). With `Auto`, a kernel without passthrough makes
-    /// the kernel open files alone too.
-    pub fn with_file_opens(mut self, asked: crate::file_opens::FileOpens, by_kernel: bool) -> Self {
+    /// Who opens files: `asked`, resolved for this image and whether this mount has
+    /// passthrough (`FileOpens::by_kernel`; call after `with_passthrough`). With
+    /// `Auto`, a kernel without passthrough makes the kernel open files alone too.
+    pub fn with_file_opens(mut self, asked: crate::file_opens::FileOpens) -> Self {
+        let by_kernel = asked.by_kernel(&self.image.bootstrap(), self.passthrough.is_some());
         self.file_opens = asked;
         self.kernel_opens = std::sync::atomic::AtomicBool::new(by_kernel);
         self

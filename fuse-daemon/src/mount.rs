@@ -375,9 +375,7 @@ pub fn mount_with_backend(
             Arc::clone(&fetcher),
         ));
     }
-    let passthrough = config.passthrough && recording.is_none();
-    let kernel_opens = config.file_opens.by_kernel(&image.bootstrap(), passthrough);
-    fs = fs.with_file_opens(config.file_opens, kernel_opens);
+    fs = fs.with_file_opens(config.file_opens);
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("petrel:{name}")),
