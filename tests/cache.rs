@@ -1,5 +1,5 @@
 //! The node-wide chunk cache: images that share chunks fetch them once; a cache
-//! bound far below the image stays correct under 32 concurrent readers while
+//! bound far below the image stays correct under 64 concurrent readers while
 //! eviction runs; kill -9 during appends, compaction and GC leaves only correct
 //! data; ls and rm.
 
