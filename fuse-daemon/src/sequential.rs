@@ -294,6 +294,23 @@ mod tests {
     }
 
     #[test]
+    fn a_read_within_what_was_read_ahead_continues_the_stream() {
+        let stream = Stream {
+            next: 100 << 20,
+            run: 100 << 20,
+            ahead: 132 << 20,
+            window: 64 << 20,
+        };
+        // Beyond the slack but within the readahead: the kernel's own readahead.
+        let (continued, _) = advance(Some(stream), 110 << 20, 128 << 10, 64 << 20);
+        assert_eq!(continued.run, (100 << 20) + (128 << 10));
+        assert_eq!(continued.window, 64 << 20);
+        // Beyond the readahead: a jump, the stream starts over.
+        let (jumped, wanted) = advance(Some(stream), 140 << 20, 128 << 10, 64 << 20);
+        assert_eq!((jumped.run, wanted), (128 << 10, None));
+    }
+
+    #[test]
     fn scattered_reads_never_read_ahead() {
         let mut stream = None;
         let mut rng = 12345u64;
