@@ -101,23 +101,40 @@ impl Index {
         }
     }
 
-    /// Forgets everything about `pack`; `members`, when known, are the chunks it
-    /// holds (then only they are looked at, not the whole index).
-    fn forget_pack(&mut self, pack: u64, members: Option<&[[u8; 32]]>) {
-        match members {
-            Some(members) => {
-                for digest in members {
-                    if self.chunks.get(digest).is_some_and(|l| l.pack == pack) {
-                        self.chunks.remove(digest);
-                    }
-                }
-            }
-            None => self.chunks.retain(|_, l| l.pack != pack),
+    /// Forgets everything about `packs` (one pass over the index, whatever their number).
+    fn forget_packs(&mut self, packs: &HashSet<u64>) {
+        if packs.is_empty() {
+            return;
         }
-        self.applied.remove(&pack);
+        self.chunks.retain(|_, l| !packs.contains(&l.pack));
+        for pack in packs {
+            self.forget_records(*pack);
+        }
+    }
+
+    /// Forgets what was read of `pack`'s index file (its chunks are forgotten);
+    /// whether it was known.
+    fn forget_records(&mut self, pack: u64) -> bool {
         self.dead.remove(&pack);
+        self.applied.remove(&pack).is_some()
+    }
+
+    /// Forgets those of `digests` that `pack` holds.
+    fn forget_members(&mut self, pack: u64, digests: &[[u8; 32]]) {
+        for digest in digests {
+            if self.chunks.get(digest).is_some_and(|l| l.pack == pack) {
+                self.chunks.remove(digest);
+            }
+        }
     }
 }
+
+/// Chunks forgotten under one hold of the index's write lock: readers looking
+/// chunks up wait for a batch, never for a whole pack (forgetting 700k chunks at
+/// once held them for 0.3 s).
+const FORGET_BATCH: usize = 4096;
+/// Pause between two batches.
+const FORGET_PAUSE: Duration = Duration::from_micros(100);
 
 /// This process's open pack.
 #[derive(Debug)]
@@ -301,15 +318,27 @@ impl ChunkStore {
                 grown.push((pack, bytes));
             }
         }
-        let mut index = self.index.write().expect("index lock");
-        let known = index.applied.keys().chain(own.iter());
-        let gone: Vec<u64> = known.filter(|p| !present.contains(p)).copied().collect();
-        for pack in gone {
-            index.forget_pack(pack, None);
-            self.open_packs.lock().expect("packs lock").remove(&pack);
-            self.own_packs.lock().expect("own packs lock").remove(&pack);
+        // Nothing new and nothing gone (most refreshes): the index is left alone, so
+        // readers never queue behind a write lock waiting for nothing.
+        let gone = |index: &Index| -> HashSet<u64> {
+            let known = index.applied.keys().chain(own.iter());
+            known.filter(|p| !present.contains(p)).copied().collect()
+        };
+        if grown.is_empty() && gone(&self.index.read().expect("index lock")).is_empty() {
+            return;
         }
+        let mut index = self.index.write().expect("index lock");
+        let gone = gone(&index);
+        index.forget_packs(&gone);
+        let mut closed = Vec::new();
+        for pack in &gone {
+            closed.extend(self.open_packs.lock().expect("packs lock").remove(pack));
+            self.own_packs.lock().expect("own packs lock").remove(pack);
+        }
+        close_in_background(closed);
         let mut tombstones = false;
+        let records: usize = grown.iter().map(|(_, bytes)| bytes.len() / RECORD_BYTES).sum();
+        index.chunks.reserve(records);
         for (pack, bytes) in grown {
             let start = index.applied.get(&pack).copied().unwrap_or(0);
             for record in bytes.chunks_exact(RECORD_BYTES) {
@@ -334,11 +363,40 @@ impl ChunkStore {
         self.forget_pack_members(pack, None);
     }
 
-    /// `forget_pack` when the chunks it holds are known.
+    /// `forget_pack` when the chunks it holds are known (otherwise they are looked
+    /// for). Readers go on meanwhile: the chunks go a batch at a time, and a reader
+    /// that still finds one finds its pack gone, so it looks again or fetches again,
+    /// as for a pack another process removed.
     fn forget_pack_members(&self, pack: u64, members: Option<&[[u8; 32]]>) {
-        self.index.write().expect("index lock").forget_pack(pack, members);
-        self.open_packs.lock().expect("packs lock").remove(&pack);
+        // First, so that a refresh meanwhile does not look for its chunks too; and a
+        // pack already forgotten (or being forgotten by another reader that found it
+        // gone) is not looked for again.
+        let known = self.index.write().expect("index lock").forget_records(pack);
+        let found: Vec<[u8; 32]>;
+        let members = match members {
+            Some(members) => members,
+            None if !known => &[],
+            None => {
+                let index = self.index.read().expect("index lock");
+                found = index
+                    .chunks
+                    .iter()
+                    .filter(|(_, l)| l.pack == pack)
+                    .map(|(digest, _)| *digest)
+                    .collect();
+                &found
+            }
+        };
+        for batch in members.chunks(FORGET_BATCH) {
+            self.index.write().expect("index lock").forget_members(pack, batch);
+            // Readers waiting get in: std's lock would go straight back to this
+            // thread (yielding was not enough), and 170 batches of a pack of 700k
+            // chunks kept a reader waiting for 90 ms.
+            std::thread::sleep(FORGET_PAUSE);
+        }
+        let closed = self.open_packs.lock().expect("packs lock").remove(&pack);
         self.own_packs.lock().expect("own packs lock").remove(&pack);
+        close_in_background(closed.into_iter().collect());
     }
 
     fn location(&self, digest: &[u8; 32]) -> Option<Location> {
@@ -835,6 +893,21 @@ impl ChunkStore {
         if spawned.is_err() {
             self.gc_running.store(false, Ordering::SeqCst);
         }
+    }
+}
+
+/// Closes removed packs on a thread of its own. Closing the last descriptor of a
+/// removed file frees its blocks then and there: hundreds of ms for a big pack on a
+/// slow disk, which a reader (or the lock of open packs) must not wait for.
+fn close_in_background(files: Vec<Arc<File>>) {
+    if files.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("petrel-pack-close".into())
+        .spawn(move || drop(files));
+    if let Err(e) = spawned {
+        tracing::debug!("closing removed packs here: {e}");
     }
 }
 
