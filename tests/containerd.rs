@@ -757,6 +757,8 @@ fn an_unwarmed_lazy_image_fails_only_uncached_reads_while_the_registry_is_gone()
     assert!(text(&out).starts_with("read before the uplink went"), "{}", text(&out));
 
     registry.stop();
+    // Killed once what it fetched is durable (it is made so once fetching pauses).
+    containerd.wait_caches_durable();
     for pid in containerd.mount_daemon_pids() {
         containerd.kill_mount_daemon(pid);
     }

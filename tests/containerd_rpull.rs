@@ -62,6 +62,7 @@ fn a_petrel_image_pulled_with_ctr_remote_runs_lazily_without_downloading_a_layer
     // the pulled image, from its pinned digest.
     let (plain, media_type, _) = client.get_manifest("busy", "v1").unwrap();
     client.put_manifest("busy", "petrel", &media_type, &plain).unwrap();
+    containerd.wait_caches_durable();
     containerd.kill_mount_daemon(pids[0]);
     let out = run("rpull-2");
     assert!(

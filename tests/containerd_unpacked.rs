@@ -50,6 +50,7 @@ fn a_petrel_image_pulled_without_labels_is_unpacked_and_runs_from_local_disk() {
     // the unpacked layers.
     let pids = containerd.mount_daemon_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
+    containerd.wait_caches_durable();
     containerd.kill_mount_daemon(pids[0]);
     let out = run("unpacked-2");
     assert!(

@@ -601,7 +601,14 @@ fn rotten_cache_bytes_are_found_and_never_served() {
         assert!(out.status.success(), "{out:?}");
     };
     let umount = || {
-        let out = petrel().arg("umount").arg(&setup.mountpoint).output().unwrap();
+        // (Waits for the daemon: it stores what it fetched before it exits.)
+        let out = petrel()
+            .arg("umount")
+            .arg(&setup.mountpoint)
+            .arg("--runtime-dir")
+            .arg(setup.dir.path().join("run"))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
         wait_until(|| !is_petrel_mount(&setup.mountpoint));
     };

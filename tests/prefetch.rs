@@ -329,10 +329,20 @@ fn kill_9_during_prefetch_loses_nothing_and_the_next_run_continues() {
     );
     let runtime = cache.with_extension("run");
     let started = Instant::now();
+    // Killed once a batch of what was fetched is durable (the daemon makes its
+    // chunks durable once fetching pauses, or a few seconds after they came).
+    let recorded = || {
+        std::fs::read_dir(cache.join("packs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "idx") && e.metadata().is_ok_and(|m| m.len() > 0))
+    };
     while stats(&mount.mountpoint, &runtime)["prefetch_bytes"]
         .as_u64()
         .unwrap_or(0)
         < 1 << 20
+        || !recorded()
     {
         assert!(started.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));

@@ -124,13 +124,14 @@ impl ChunkCache {
         self.mark(index, false);
     }
 
-    /// Stores verified chunks durably; they are then ready.
+    /// Stores verified chunks; they are then ready here, and durable (known to other
+    /// daemons) shortly after: `ChunkStore::put_readable`.
     pub fn put(&self, chunks: &[(u32, &[u8])]) -> Result<()> {
         let by_digest: Vec<([u8; 32], &[u8])> = chunks
             .iter()
             .filter_map(|(i, b)| Some((self.digest(*i)?, *b)))
             .collect();
-        self.store.put(&by_digest)?;
+        self.store.put_readable(&by_digest)?;
         for (index, _) in chunks {
             self.mark(*index, true);
         }

@@ -95,6 +95,13 @@ const COUNTERS: &[CounterDef] = &[
     ),
 ];
 
+/// Gauges, as counters are.
+const GAUGES: &[CounterDef] = &[(
+    "petrel_cache_uncommitted_bytes",
+    "Bytes the daemon stored in the node cache that are not yet durable (a crash now loses them; they are fetched again)",
+    |s| s.cache_uncommitted_bytes,
+)];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ImageLabel {
     /// Escaped by the encoder (quotes, backslashes, newlines).
@@ -117,6 +124,23 @@ impl EncodeMetric for PerImageCounter {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Counter
+    }
+}
+
+/// One gauge's value per image.
+#[derive(Debug)]
+struct PerImageGauge(Vec<(ImageLabel, u64)>);
+
+impl EncodeMetric for PerImageGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (label, value) in &self.0 {
+            encoder.encode_family(label)?.encode_gauge(&(*value as i64))?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
     }
 }
 
@@ -171,6 +195,10 @@ pub fn encode(images: &[(String, StatsSnapshot)], lazy_mounts: Option<usize>) ->
     for (name, help, value) in COUNTERS {
         let samples = images.iter().map(|(image, s)| (label(image), value(s))).collect();
         registry.register(*name, *help, PerImageCounter(samples));
+    }
+    for (name, help, value) in GAUGES {
+        let samples = images.iter().map(|(image, s)| (label(image), value(s))).collect();
+        registry.register(*name, *help, PerImageGauge(samples));
     }
     let latency = images
         .iter()
@@ -227,6 +255,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("petrel_snapshotter_lazy_mounts 2\n"), "{text}");
+        assert!(text.contains("# TYPE petrel_cache_uncommitted_bytes gauge"), "{text}");
+        assert!(
+            text.contains("petrel_cache_uncommitted_bytes{image=\"a\"} 0\n"),
+            "{text}"
+        );
         assert!(
             text.contains("petrel_read_latency_seconds_bucket{le=\"0.001\",image=\"a\"} 1\n"),
             "{text}"

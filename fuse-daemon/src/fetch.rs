@@ -283,7 +283,7 @@ impl Fetcher {
     }
 
     /// Waits (at most `timeout`) until no fetch is under way: what was fetched is
-    /// then stored. False when fetches were still running at the deadline.
+    /// then stored durably. False when fetches were still running at the deadline.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         while !self.in_flight.lock().expect("in-flight lock").is_empty() {
@@ -292,7 +292,10 @@ impl Fetcher {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        true
+        // And what they stored is durable, known to other processes.
+        self.cache
+            .store()
+            .flush(deadline.saturating_duration_since(std::time::Instant::now()))
     }
 
     /// Whether chunk `index` is being fetched (or stored) now.

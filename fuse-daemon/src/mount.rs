@@ -288,7 +288,7 @@ pub fn open_storage(
 ) -> Result<Storage> {
     let image = Arc::new(MappedImage::open(bootstrap_path, cache_dir, name)?);
     let store = ChunkStore::open(cache_dir, max_bytes)?;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::watching_cache(store.uncommitted_bytes()));
     let cache = Arc::new(ChunkCache::new(Arc::clone(&image), store, Arc::clone(&stats)));
     let fetcher = Arc::new(Fetcher::new(
         Arc::clone(&image),

@@ -2,6 +2,7 @@
 //! (`crate::exposition`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (microseconds) of the read latency histogram buckets.
@@ -44,6 +45,9 @@ pub struct Stats {
     /// Fetched chunks the cache could not store (a full or failing cache disk); the
     /// reads were served all the same.
     pub cache_put_failures: AtomicU64,
+    /// Bytes this daemon's node cache holds that are not yet durable
+    /// (`ChunkStore::uncommitted_bytes`): a crash now loses them.
+    pub cache_uncommitted_bytes: Arc<AtomicU64>,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -77,12 +81,22 @@ pub struct StatsSnapshot {
     pub cache_corrupt_dropped: u64,
     #[serde(default)]
     pub cache_put_failures: u64,
+    #[serde(default)]
+    pub cache_uncommitted_bytes: u64,
     /// Reads per latency bucket; the last bucket is "above the largest bound".
     pub read_latency_buckets_us: Vec<(u64, u64)>,
     pub read_latency_sum_us: u64,
 }
 
 impl Stats {
+    /// Counters from zero, with the node cache's gauge of bytes not yet durable.
+    pub fn watching_cache(uncommitted_bytes: Arc<AtomicU64>) -> Self {
+        Stats {
+            cache_uncommitted_bytes: uncommitted_bytes,
+            ..Stats::default()
+        }
+    }
+
     pub fn record_read(&self, latency: Duration, bytes: usize, ok: bool) {
         self.reads.fetch_add(1, Relaxed);
         if ok {
@@ -122,6 +136,7 @@ impl Stats {
             daemon_opens: self.daemon_opens.load(Relaxed),
             cache_corrupt_dropped: self.cache_corrupt_dropped.load(Relaxed),
             cache_put_failures: self.cache_put_failures.load(Relaxed),
+            cache_uncommitted_bytes: self.cache_uncommitted_bytes.load(Relaxed),
             read_latency_buckets_us: bounds.zip(self.latency.iter().map(|c| c.load(Relaxed))).collect(),
             read_latency_sum_us: self.latency_sum_us.load(Relaxed),
         }

@@ -3,9 +3,10 @@
 //! whichever image asks for it.
 //!
 //! Chunks live in append-only pack files under `<cache>/packs/` (`crate::pack`):
-//! each process appends to packs of its own and makes a stored batch durable with
-//! one `fdatasync` before its index records are written, so a crash leaves at worst
-//! bytes no record names. Which chunks are stored is answered from memory, loaded
+//! each process appends to packs of its own and makes stored batches durable with
+//! one `fdatasync` before their index records are written, so a crash leaves at worst
+//! bytes no record names (`put` syncs before it returns; `put_readable`, the
+//! fetcher's, leaves it to a committer thread: `commit`). Which chunks are stored is answered from memory, loaded
 //! from the index files at open and refreshed from them (other processes' packs)
 //! when a chunk is not found (at most every 50 ms) and every 2 s in the background:
 //! never by a `stat` per chunk.
@@ -25,6 +26,7 @@
 use crate::error::{DaemonError, Result};
 use crate::pack::{index_file_name, is_file_pack, new_pack_id, pack_file_name, parse_file_name, Entry, RECORD_BYTES};
 
+mod commit;
 mod relocate;
 pub use relocate::{touch_if_stale, CompactReport};
 use std::collections::{HashMap, HashSet};
@@ -147,6 +149,8 @@ struct Writer {
     index: Arc<Mutex<File>>,
     /// Bytes reserved so far.
     cursor: u64,
+    /// Bytes of the index file whose blocks are allocated ahead (see `claim`).
+    records_reserved: u64,
 }
 
 /// Space reserved at the end of this process's pack, written and then committed.
@@ -182,6 +186,33 @@ pub struct ChunkStore {
     maintenance: Mutex<()>,
     /// When the background thread next looks for packs worth compacting.
     compact_due: Mutex<Option<Instant>>,
+    /// Makes what `put_readable` wrote durable, off the caller's thread.
+    committer: Arc<commit::Committer>,
+}
+
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        self.committer.close();
+    }
+}
+
+/// Allocates the blocks of `records` more records at the end of `writer`'s index
+/// file without changing its size (`fallocate` with `KEEP_SIZE`: readers still see
+/// whole records only). A file system without `fallocate` goes without.
+fn reserve_records(writer: &mut Writer, records: usize) -> std::io::Result<()> {
+    if records == 0 {
+        return Ok(());
+    }
+    let file = writer.index.lock().expect("pack index lock");
+    let end = writer.records_reserved.max(file.metadata()?.len()) + (records * RECORD_BYTES) as u64;
+    match rustix::fs::fallocate(&*file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, end) {
+        Ok(()) => {
+            writer.records_reserved = end;
+            Ok(())
+        }
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Creates the node cache directory `cache_dir` (and its parents) and makes it private
@@ -246,6 +277,7 @@ impl ChunkStore {
             gc_running: AtomicBool::new(false),
             maintenance: Mutex::new(()),
             compact_due: Mutex::new(Some(Instant::now())),
+            committer: Arc::default(),
         });
         store.refresh();
         // Packs other processes evicted are let go of (their space freed) even when
@@ -399,6 +431,17 @@ impl ChunkStore {
         close_in_background(closed.into_iter().collect());
     }
 
+    /// Forgets the pack of `location`, found gone while reading chunk `digest`, and
+    /// that chunk there even if its pack's records were not known (put but not yet
+    /// recorded when the pack went): it is not looked for there again.
+    fn forget_gone(&self, digest: &[u8; 32], location: Location) {
+        self.forget_pack(location.pack);
+        let mut index = self.index.write().expect("index lock");
+        if index.chunks.get(digest) == Some(&location) {
+            index.chunks.remove(digest);
+        }
+    }
+
     fn location(&self, digest: &[u8; 32]) -> Option<Location> {
         if let Some(found) = self.index.read().expect("index lock").chunks.get(digest) {
             return Some(*found);
@@ -473,7 +516,7 @@ impl ChunkStore {
         let file = match self.pack_file(location.pack) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.forget_pack(location.pack);
+                self.forget_gone(digest, location);
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -483,7 +526,7 @@ impl ChunkStore {
         // on the chunk is looked for elsewhere or fetched again, and the pack's space
         // is let go.
         if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 0 {
-            self.forget_pack(location.pack);
+            self.forget_gone(digest, location);
             return Ok(None);
         }
         Ok(Some(location))
@@ -566,6 +609,7 @@ impl ChunkStore {
             lock: Arc::new(lock),
             index: Arc::new(Mutex::new(index)),
             cursor: 0,
+            records_reserved: 0,
         })
     }
 
@@ -577,33 +621,46 @@ impl ChunkStore {
     /// Stores verified chunks durably: appended to this process's pack in one write,
     /// made durable by one `fdatasync`, then named by index records.
     pub fn put(self: &Arc<Self>, chunks: &[([u8; 32], &[u8])]) -> Result<()> {
-        let mut batch: Vec<([u8; 32], &[u8])> = Vec::with_capacity(chunks.len());
-        {
-            let index = self.index.read().expect("index lock");
-            let mut seen = HashSet::new();
-            for (digest, bytes) in chunks {
-                if !index.chunks.contains_key(digest) && seen.insert(*digest) {
-                    batch.push((*digest, bytes));
-                }
-            }
-        }
-        let total = self.append(&batch)?;
-        let total = self.approx_bytes.fetch_add(total, Ordering::Relaxed) + total;
-        if self.max_bytes.is_some_and(|max| total > max) {
-            self.gc_in_background();
-        }
+        let batch = self.not_stored(chunks);
+        let Some((claim, entries, total)) = self.write_batch(&batch)? else {
+            return Ok(());
+        };
+        // (0 kept when another process removed the pack meanwhile.)
+        let kept = if self.commit(&claim, &entries)? { total } else { 0 };
+        self.count_stored(kept);
         Ok(())
     }
 
-    /// Appends `batch` to this process's pack (one write, one `fdatasync`), then
-    /// writes the chunks' records and applies them. Returns the bytes kept (0 when
-    /// another process removed the pack meanwhile: the chunks are not kept).
-    fn append(&self, batch: &[([u8; 32], &[u8])]) -> Result<u64> {
+    /// Those of `chunks` not stored yet, each digest once.
+    fn not_stored<'a>(&self, chunks: &[([u8; 32], &'a [u8])]) -> Vec<([u8; 32], &'a [u8])> {
+        let mut batch = Vec::with_capacity(chunks.len());
+        let index = self.index.read().expect("index lock");
+        let mut seen = HashSet::new();
+        for (digest, bytes) in chunks {
+            if !index.chunks.contains_key(digest) && seen.insert(*digest) {
+                batch.push((*digest, *bytes));
+            }
+        }
+        batch
+    }
+
+    /// Counts `bytes` newly stored; past the bound, GC starts in the background.
+    fn count_stored(self: &Arc<Self>, bytes: u64) {
+        let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if self.max_bytes.is_some_and(|max| total > max) {
+            self.gc_in_background();
+        }
+    }
+
+    /// Writes `batch` at the end of this process's pack in one system call (not yet
+    /// durable, not yet named): the claim, the records naming the chunks, and the
+    /// bytes written. None when the batch is empty.
+    fn write_batch(&self, batch: &[([u8; 32], &[u8])]) -> Result<Option<(Claim, Vec<Entry>, u64)>> {
         if batch.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let total: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
-        let claim = self.claim(total)?;
+        let claim = self.claim(total, batch.len())?;
         let mut entries = Vec::with_capacity(batch.len());
         let mut at = claim.base;
         for (digest, chunk) in batch {
@@ -621,11 +678,14 @@ impl ChunkStore {
         let mut pieces: Vec<std::io::IoSlice<'_>> = batch.iter().map(|(_, b)| std::io::IoSlice::new(b)).collect();
         write_all_vectored_at(&claim.pack, &mut pieces, claim.base)
             .map_err(DaemonError::io("write pack", self.pack_path(claim.id)))?;
-        Ok(if self.commit(&claim, &entries)? { total } else { 0 })
+        Ok(Some((claim, entries, total)))
     }
 
-    /// Reserves `total` bytes at the end of this process's pack.
-    fn claim(&self, total: u64) -> Result<Claim> {
+    /// Reserves `total` bytes at the end of this process's pack, and disk blocks in
+    /// its index file for `records` more records: records are written after their
+    /// chunks are durable (for `put_readable`, seconds later), and a disk filled up
+    /// by chunk bytes meanwhile must not leave every chunk written unnamed.
+    fn claim(&self, total: u64, records: usize) -> Result<Claim> {
         let mut writer = self.writer.lock().expect("writer lock");
         if writer.as_ref().is_some_and(|w| w.cursor >= self.pack_target()) {
             writer.take();
@@ -634,6 +694,7 @@ impl ChunkStore {
             *writer = Some(self.new_writer()?);
         }
         let w = writer.as_mut().expect("set above");
+        reserve_records(w, records).map_err(DaemonError::io("reserve space in pack index", self.index_path(w.id)))?;
         let base = w.cursor;
         w.cursor += total;
         Ok(Claim {
@@ -657,6 +718,20 @@ impl ChunkStore {
     /// index `entries` naming it (and the tombstones among them) and applies them.
     /// False when another process removed the pack meanwhile: nothing is recorded.
     fn commit(&self, claim: &Claim, entries: &[Entry]) -> Result<bool> {
+        if !self.make_durable(claim, entries)? {
+            return Ok(false);
+        }
+        let mut index = self.index.write().expect("index lock");
+        for entry in entries {
+            index.apply(*entry);
+        }
+        Ok(true)
+    }
+
+    /// Makes what was written in `claim` durable (one `fdatasync`), then writes the
+    /// index `entries` naming it, without applying them here. False when another
+    /// process removed the pack meanwhile: nothing is recorded.
+    fn make_durable(&self, claim: &Claim, entries: &[Entry]) -> Result<bool> {
         let path = self.pack_path(claim.id);
         claim.pack.sync_data().map_err(DaemonError::io("sync pack", &path))?;
         // Another process's GC may have removed the pack being written: these chunks
@@ -666,10 +741,7 @@ impl ChunkStore {
             .metadata()
             .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
         if removed {
-            let mut writer = self.writer.lock().expect("writer lock");
-            if writer.as_ref().is_some_and(|w| w.id == claim.id) {
-                writer.take();
-            }
+            self.end_writer_of(claim.id);
             return Ok(false);
         }
         let records: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
@@ -679,11 +751,15 @@ impl ChunkStore {
             .expect("pack index lock")
             .write_all(&records)
             .map_err(DaemonError::io("write pack index", self.index_path(claim.id)))?;
-        let mut index = self.index.write().expect("index lock");
-        for entry in entries {
-            index.apply(*entry);
-        }
         Ok(true)
+    }
+
+    /// The next put starts a new pack if this process is writing pack `id`.
+    fn end_writer_of(&self, id: u64) {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if writer.as_ref().is_some_and(|w| w.id == id) {
+            writer.take();
+        }
     }
 
     /// Removes one chunk (its bytes turned out unusable): a tombstone in this

@@ -76,6 +76,10 @@ pub fn run_warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     }
     let fetched = prefetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
     prefetcher.wait();
+    // What was stored is durable (known to mounts, kept over a crash) before this ends.
+    if !storage.fetcher.cache().store().flush(Duration::from_secs(600)) {
+        anyhow::bail!("the warmed chunks were not written to the cache in 10 minutes");
+    }
     bar.finish_and_clear();
     let stats = storage.stats.snapshot();
     let chunks = storage.image.bootstrap().chunk_count();

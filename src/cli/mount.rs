@@ -408,7 +408,18 @@ pub struct UmountArgs {
     /// Detach now even if busy (MNT_DETACH).
     #[arg(long)]
     lazy: bool,
+    /// Where the daemon's control socket is (as given to `mount`): found there, the
+    /// daemon is waited for.
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
+    runtime_dir: PathBuf,
+    /// Return once unmounted, without waiting for the daemon to finish storing what
+    /// it fetched.
+    #[arg(long)]
+    no_wait: bool,
 }
+
+/// How long `petrel umount` waits for the daemon to exit.
+const DAEMON_EXIT_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
@@ -575,7 +586,25 @@ fn spawn_daemon(args: &MountArgs, spec: &DaemonSpec, log_format: crate::cli::Log
 }
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
+    let socket = control::socket_path(&args.runtime_dir, &args.mountpoint);
     unmount(&args.mountpoint, args.lazy).with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    // The daemon goes on after the unmount until what it fetched is durable in the
+    // node cache, then exits (its control socket goes last): waited for, so that a
+    // `cache verify`, `cache gc` or mount that follows finds all of it. A socket
+    // nothing answers on is a killed daemon's.
+    let started = Instant::now();
+    let alive = || socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    while !args.no_wait && alive() {
+        if started.elapsed() > DAEMON_EXIT_WAIT {
+            tracing::warn!(
+                "unmounted {}; its daemon is still finishing after {} s",
+                args.mountpoint.display(),
+                DAEMON_EXIT_WAIT.as_secs()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -231,6 +231,35 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits (up to 20 s) until every lazy mount's daemon has made what it fetched
+    /// durable in the node cache (its stats show no uncommitted bytes): a daemon
+    /// killed after that loses nothing it cached.
+    pub fn wait_caches_durable(&self) {
+        let mounts: Vec<PathBuf> = std::fs::read_dir(self.snapshotter_root().join("mounts"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for mount in mounts {
+            loop {
+                let out = super::petrel()
+                    .arg("stats")
+                    .arg("--runtime-dir")
+                    .arg(self.snapshotter_root().join("run"))
+                    .arg(&mount)
+                    .output()
+                    .unwrap();
+                let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if stats["stats"]["cache_uncommitted_bytes"] == 0 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{mount:?}: {stats}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Live petrel FUSE mounts under the snapshotter's root.
     pub fn lazy_mount_count(&self) -> usize {
         let root = self.snapshotter_root().to_string_lossy().to_string();

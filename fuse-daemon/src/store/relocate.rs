@@ -144,7 +144,7 @@ impl ChunkStore {
             return Ok((0, 0));
         }
         let total: u64 = chunks.iter().map(|(_, l)| u64::from(l.length)).sum();
-        let claim = self.claim(total)?;
+        let claim = self.claim(total, chunks.len() * 2)?;
         let mut entries = Vec::with_capacity(chunks.len() * 2);
         let mut at = 0u64;
         for window in windows(chunks) {
@@ -193,6 +193,11 @@ impl ChunkStore {
     pub(super) fn remove_pack(&self, pack: &PackFile, keep: impl Fn(&[u8; 32]) -> bool) -> Option<Removed> {
         if self.writer.lock().expect("writer lock").as_ref().map(|w| w.id) == Some(pack.id) {
             self.seal_writer();
+        }
+        if self.own_packs.lock().expect("own packs lock").contains(&pack.id) {
+            // Chunks put into it but not yet recorded are recorded first, so they
+            // are found below (moved if pinned, forgotten otherwise).
+            self.flush(Duration::from_secs(60));
         }
         let path = self.pack_path(pack.id);
         let file = File::open(&path).ok()?;
