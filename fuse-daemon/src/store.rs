@@ -6,10 +6,10 @@
 //! each process appends to packs of its own and makes stored batches durable with
 //! one `fdatasync` before their index records are written, so a crash leaves at worst
 //! bytes no record names (`put` syncs before it returns; `put_readable`, the
-//! fetcher's, leaves it to a committer thread: `commit`). Which chunks are stored is answered from memory, loaded
-//! from the index files at open and refreshed from them (other processes' packs)
-//! when a chunk is not found (at most every 50 ms) and every 2 s in the background:
-//! never by a `stat` per chunk.
+//! fetcher's, leaves it to a committer thread: `commit`). Which chunks are stored
+//! is answered from memory, loaded from the index files at open and refreshed
+//! from them (other processes' packs) when a chunk is not found (at most every
+//! 50 ms) and every 2 s in the background: never by a `stat` per chunk.
 //!
 //! A file materialized for passthrough is a *file pack* (`relocate`): its bytes in
 //! file order, whose index names its whole chunks, so the backing file is the only
@@ -721,11 +721,16 @@ impl ChunkStore {
         if !self.make_durable(claim, entries)? {
             return Ok(false);
         }
+        self.apply(entries);
+        Ok(true)
+    }
+
+    /// Applies `entries` to this process's index.
+    fn apply(&self, entries: &[Entry]) {
         let mut index = self.index.write().expect("index lock");
         for entry in entries {
             index.apply(*entry);
         }
-        Ok(true)
     }
 
     /// Makes what was written in `claim` durable (one `fdatasync`), then writes the

@@ -55,8 +55,6 @@ struct Queue {
     latest: Option<Instant>,
     /// Callers of `flush` waiting.
     flushing: usize,
-    /// Asked to commit without waiting for puts to pause (`commit_soon`).
-    nudged: bool,
     thread: bool,
     closed: bool,
 }
@@ -67,7 +65,7 @@ impl Queue {
         let (Some(oldest), Some(latest)) = (self.oldest, self.latest) else {
             return Duration::ZERO;
         };
-        if self.closed || self.nudged || self.flushing > 0 || self.bytes >= COMMIT_BYTES {
+        if self.closed || self.flushing > 0 || self.bytes >= COMMIT_BYTES {
             return Duration::ZERO;
         }
         let quiet = QUIET.saturating_sub(latest.elapsed());
@@ -113,9 +111,7 @@ impl Committer {
         self.changed.notify_all();
         if inline {
             // No thread (none could be started): committed here and now.
-            if let Some(store) = Arc::downgrade(store).upgrade() {
-                self.commit_waiting(&store);
-            }
+            self.commit_waiting(store);
         }
     }
 
@@ -150,17 +146,6 @@ impl Committer {
             }
             queue = self.changed.wait_timeout(queue, wait).expect("commit lock").0;
         }
-    }
-
-    /// Commits what is waiting without waiting for puts to pause.
-    pub fn nudge(&self) {
-        let mut queue = self.queue.lock().expect("commit lock");
-        if queue.waiting.is_empty() {
-            return;
-        }
-        queue.nudged = true;
-        drop(queue);
-        self.changed.notify_all();
     }
 
     /// The thread stops once what is queued is committed.
@@ -226,7 +211,6 @@ impl Committer {
         let mut queue = self.queue.lock().expect("commit lock");
         queue.oldest = None;
         queue.latest = None;
-        queue.nudged = false;
         std::mem::take(&mut queue.waiting)
     }
 
@@ -249,12 +233,7 @@ impl ChunkStore {
         let Some((claim, entries, total)) = self.write_batch(&batch)? else {
             return Ok(());
         };
-        {
-            let mut index = self.index.write().expect("index lock");
-            for entry in &entries {
-                index.apply(*entry);
-            }
-        }
+        self.apply(&entries);
         self.committer.push(
             self,
             Pending {
@@ -265,12 +244,6 @@ impl ChunkStore {
         );
         self.count_stored(total);
         Ok(())
-    }
-
-    /// Makes what was put durable now rather than once puts pause: the caller knows
-    /// no more are coming for a while (its fetches are all done).
-    pub fn commit_soon(&self) {
-        self.committer.nudge();
     }
 
     /// Bytes put and not yet durable, kept current (a crash now loses them: they
