@@ -546,7 +546,7 @@ fn run_app(
     if !read_all_rows.is_empty() {
         println!();
         println!(
-            "{}: read every file (`find -type f | xargs cat`), page cache dropped first (warm rows: read again right after); registry on loopback, unshaped",
+            "{}: read every file (`find -type f | xargs cat`), page cache dropped first (warm rows: read again right after); registry on loopback, unshaped, or a local image",
             app.name
         );
         println!("| read | seconds | vs plain disk (cold or warm) |");
@@ -591,7 +591,8 @@ fn cat_every_file(root: &Path, warm: bool) -> anyhow::Result<f64> {
 type ReadAllRow = (String, f64, usize);
 
 /// Every file of the image read: from the unpacked rootfs on disk (baseline), lazily
-/// through petrel with nothing cached, then all cached with the kernel opening files
+/// through petrel with nothing cached (from the registry, then from a local image),
+/// then all cached with the kernel opening files
 /// alone, with the daemon opening them, and with passthrough (files of 64 KiB and
 /// more; smaller ones stay on FUSE); then each again with the page cache warm
 /// (against plain disk warm). Medians.
@@ -603,13 +604,24 @@ fn read_every_file(
     rounds: usize,
 ) -> anyhow::Result<Vec<ReadAllRow>> {
     const DISK: usize = 0;
-    const DISK_WARM: usize = 5;
-    let mut runs: [Vec<f64>; 9] = Default::default();
+    const DISK_WARM: usize = 6;
+    let mut runs: [Vec<f64>; 10] = Default::default();
     let cached: [(&[&str], usize, usize); 3] = [
-        (&["--file-opens", "kernel"], 2, 6),
-        (&["--file-opens", "daemon", "--no-passthrough"], 3, 7),
-        (&["--file-opens", "daemon"], 4, 8),
+        (&["--file-opens", "kernel"], 3, 7),
+        (&["--file-opens", "daemon", "--no-passthrough"], 4, 8),
+        (&["--file-opens", "daemon"], 5, 9),
     ];
+    // The same tree as a local image (its blob on this disk), as the issue's
+    // comparison with nydusd's local blob backend was made.
+    let local_image = w.join("read-all-local-image");
+    let _ = std::fs::remove_dir_all(&local_image);
+    run_shell(&format!(
+        "{} build {} -o {} > /dev/null",
+        petrel.display(),
+        rootfs.display(),
+        local_image.display()
+    ))?;
+    let local_image = local_image.to_str().context("work dir path")?;
     for round in 0..rounds {
         runs[DISK].push(cat_every_file(rootfs, false)?);
         runs[DISK_WARM].push(cat_every_file(rootfs, true)?);
@@ -618,6 +630,11 @@ fn read_every_file(
         {
             let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, &["--no-profile-lookup"])?;
             runs[1].push(cat_every_file(&mount.mountpoint, false)?);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mount = crate::lazy_mount::LazyMount::start(petrel, local_image, &dir, &[])?;
+            runs[2].push(cat_every_file(&mount.mountpoint, false)?);
         }
         for (args, cold, warm) in cached {
             let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, args)?;
@@ -636,6 +653,10 @@ fn read_every_file(
     let rows = [
         ("the unpacked rootfs on plain disk (baseline)", DISK),
         ("petrel, nothing cached (lazy, on demand; default options)", DISK),
+        (
+            "petrel, nothing cached, local image (its blob on this disk; default options)",
+            DISK,
+        ),
         (
             "petrel, all cached, the kernel opens files (`--file-opens kernel`)",
             DISK,
