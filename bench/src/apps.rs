@@ -631,11 +631,12 @@ fn read_every_file(
             let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, &["--no-profile-lookup"])?;
             runs[1].push(cat_every_file(&mount.mountpoint, false)?);
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let local_dir = w.join(format!("read-all-local-{round}"));
         {
-            let mount = crate::lazy_mount::LazyMount::start(petrel, local_image, &dir, &[])?;
+            let mount = crate::lazy_mount::LazyMount::start(petrel, local_image, &local_dir, &[])?;
             runs[2].push(cat_every_file(&mount.mountpoint, false)?);
         }
+        let _ = std::fs::remove_dir_all(&local_dir);
         for (args, cold, warm) in cached {
             let mount = crate::lazy_mount::LazyMount::start(petrel, image, &dir, args)?;
             if !args.contains(&"--no-passthrough") && args.contains(&"daemon") {
