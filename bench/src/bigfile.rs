@@ -338,6 +338,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             quiet_disks();
             drop_caches();
             let local = lazy_cat(&petrel, &local_image.to_string_lossy(), &dir, file_bytes, &lazy)?;
+            eprintln!(
+                "round {}: nothing cached, local image: {:.2} s ({} requests)",
+                round + 1,
+                local.seconds,
+                local.requests
+            );
             local_cold.push(local.seconds);
             let _ = std::fs::remove_dir_all(&dir);
         }
