@@ -66,8 +66,9 @@ impl FileOpens {
 }
 
 /// Whether the image's files of passthrough size hold more than
-/// `PASSTHROUGH_BYTES_PER_FILE` per regular file.
-fn passthrough_pays(bootstrap: &Bootstrap<'_>) -> bool {
+/// `PASSTHROUGH_BYTES_PER_FILE` per regular file: an image of big files (a model),
+/// not a tree of small ones (an interpreter's, a JVM's).
+pub fn passthrough_pays(bootstrap: &Bootstrap<'_>) -> bool {
     let (mut files, mut big_bytes) = (0u64, 0u64);
     for ino in 1..=bootstrap.inode_count() {
         let Ok(inode) = bootstrap.inode(ino) else { continue };

@@ -17,6 +17,7 @@ pub mod file_opens;
 pub mod fs;
 pub mod image;
 pub mod job_queue;
+pub mod kernel_readahead;
 pub mod mount;
 pub mod node_deps;
 pub mod pack;

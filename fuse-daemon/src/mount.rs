@@ -390,6 +390,9 @@ pub fn mount_with_backend(
     fuse_config.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config)
         .map_err(DaemonError::io("mount FUSE at", &config.mountpoint))?;
+    if recording.is_none() && first_start.is_none() && crate::kernel_readahead::pays(&image.bootstrap()) {
+        crate::kernel_readahead::raise(&config.mountpoint);
+    }
     let pins = if config.prefetch.mode == crate::prefetch::PrefetchMode::Off {
         None
     } else {

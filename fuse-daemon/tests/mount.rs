@@ -322,6 +322,44 @@ fn a_file_read_front_to_back_is_fetched_ahead_and_scattered_reads_are_not() {
     );
 }
 
+/// In an image of big files, the kernel reads a file read front to back ahead in
+/// requests of 1 MiB (the mount's `read_ahead_kb` raised from the kernel's 128 KiB),
+/// not 256 KiB at a time; an image of small files keeps the kernel's default.
+#[test]
+fn a_big_file_image_is_read_ahead_by_the_kernel_a_mebibyte_at_a_time() {
+    if !fuse_available() {
+        return;
+    }
+    let data = Rng::new(5151).mixed(16 << 20);
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    w.file("big.bin", &Default::default(), &data);
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mounted = fixture.mount_for_readahead();
+    let kb = petrel_fuse_daemon::kernel_readahead::get(mounted.mountpoint()).unwrap();
+    assert_eq!(kb, petrel_fuse_daemon::kernel_readahead::READ_AHEAD_KB);
+    let before = mounted.stats().reads;
+    let read = std::fs::read(mounted.mountpoint().join("big.bin")).unwrap();
+    assert!(read == data, "the file reads back byte for byte");
+    let reads = mounted.stats().reads - before;
+    // 16 reads of 1 MiB, and a few smaller ones while the window opens; at the
+    // kernel's default it took 64.
+    assert!((16..=24).contains(&reads), "{reads} FUSE reads for 16 MiB");
+    mounted.unmount().unwrap();
+
+    // An image of small files keeps the kernel's default: its start from a profile
+    // would fetch what the kernel reads past the profile's ranges.
+    let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
+    for i in 0..40 {
+        w.file(&format!("lib/m{i}.py"), &Default::default(), &Rng::new(i).text(3000));
+    }
+    w.file("lib/one.so", &Default::default(), &Rng::new(77).mixed(1 << 20));
+    let fixture = Fixture::new(&[w.finish()], BuildOptions::default());
+    let mounted = fixture.mount_for_readahead();
+    let kb = petrel_fuse_daemon::kernel_readahead::get(mounted.mountpoint()).unwrap();
+    assert!(kb < petrel_fuse_daemon::kernel_readahead::READ_AHEAD_KB, "{kb} KiB");
+    mounted.unmount().unwrap();
+}
+
 /// A chunk's stored size says little about what it decodes to (16 MiB of one repeated
 /// byte is ~1.5 KiB of zstd): a fetch is bounded by the decoded bytes it would hold,
 /// not only by the stored bytes it asks for (docs/security.md, bounded resources).
