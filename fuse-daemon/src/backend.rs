@@ -53,6 +53,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// A short description for logs (`local:/path`, `registry:host/repo`).
     fn describe(&self) -> String;
+
+    /// Whether the blobs are on this node (no link between them and the mount).
+    fn is_on_this_node(&self) -> bool {
+        false
+    }
 }
 
 /// Who waits for a read: a reader (fastest source now), or the prefetcher (may wait
@@ -154,6 +159,10 @@ impl Backend for LocalBackend {
     fn describe(&self) -> String {
         let form = if self.header_bytes == 0 { "" } else { " (unpacked)" };
         format!("local:{}{form}", self.dir.root().display())
+    }
+
+    fn is_on_this_node(&self) -> bool {
+        true
     }
 }
 

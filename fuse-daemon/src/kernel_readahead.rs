@@ -6,27 +6,31 @@
 //! requests a GiB), each a round trip through `/dev/fuse` and a wakeup on both sides,
 //! however large a request the mount allows (`fs::MAX_READAHEAD`, 1 MiB).
 //!
-//! The mount's `read_ahead_kb` is therefore raised to [`READ_AHEAD_KB`] once it is
-//! mounted (root only; elsewhere the kernel's default stays). Measured on the
-//! benchmark's 1 GiB model (6 reads each, medians, page cache dropped first): all in
-//! the node cache through FUSE 1.42 s at 128 KiB, 1.22 s at 1 MiB, 0.97 s at 4 MiB;
-//! nothing cached from a local image 1.90 s, 1.78 s, 1.81 s; 4096 requests, then 1026.
+//! A mount of a local image of big files (blobs on this node; a model) has its
+//! `read_ahead_kb` raised to [`READ_AHEAD_KB`] once it is mounted (root only;
+//! elsewhere the kernel's default stays). Measured on the benchmark's 1 GiB model (6
+//! reads each, medians, page cache dropped first): all in the node cache through
+//! FUSE 1.42 s at 128 KiB, 1.22 s at 1 MiB, 0.97 s at 4 MiB; nothing cached 1.90 s,
+//! 1.78 s, 1.81 s; 4096 FUSE reads, then 1026.
 //!
-//! Only an image of big files gets it (`file_opens::passthrough_pays`: over 256 KiB
-//! in files of 64 KiB and more per regular file, a model). A tree of small files
-//! gains nothing from it and loses on a start from a profile: the kernel then reads
-//! up to 1 MiB past what the profile names (page faults in mapped libraries read the
-//! whole window around them), and each such read misses. Measured on the Python app
-//! over 100 Mbit/s + 20 ms, medians of 3: started with the profile given at mount,
-//! 45 requests and 27.9 MB became 69 and 32.6 MB (4.21 s, 4.64 s); from the image
-//! optimized with it, 17 and 25.9 MB became 42 and 30.7 MB. On demand it was
-//! unchanged (57 requests, 50.5 MB): the daemon fetches such files whole anyway.
-//! It stays at 1 MiB, not 4, for the same reason. Scattered `pread`s are not widened
-//! by it (the kernel reads a lone random read as asked).
+//! Nowhere else, for what it cost:
+//! - **Over a thin link.** The same model read lazily from a registry over 100
+//!   Mbit/s + 20 ms took 20.59 and 20.77 s with it, 19.77 and 19.72 s without (0.95
+//!   against 0.99 of `curl`, interleaved), so a mount from a registry keeps the
+//!   kernel's default.
+//! - **A tree of small files** (`file_opens::passthrough_pays` decides, as for
+//!   passthrough) gains nothing and loses on a start from a profile: the kernel
+//!   reads up to 1 MiB past what the profile names (page faults in mapped libraries
+//!   read the whole window around them), and each such read misses. The Python app
+//!   over 100 Mbit/s + 20 ms, medians of 3: started with the profile given at mount,
+//!   45 requests and 27.9 MB became 69 and 32.6 MB (4.21 s, 4.64 s); from the image
+//!   optimized with it, 17 and 25.9 MB became 42 and 30.7 MB. It stays at 1 MiB, not
+//!   4, for the same reason.
+//! - **A mount that records a profile**: the daemon sees the kernel's reads,
+//!   readahead included, and a profile should name what the workload reads.
 //!
-//! A mount that records a profile keeps the kernel's default until it stops
-//! recording: the daemon sees the kernel's reads, readahead included, and a profile
-//! should name what the workload reads.
+//! Scattered `pread`s are not widened by it (the kernel reads a lone random read as
+//! asked).
 
 use std::path::Path;
 
@@ -36,7 +40,7 @@ pub const READ_AHEAD_KB: u32 = 1024;
 /// `statfs`'s filesystem type of a FUSE mount (`linux/magic.h`).
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
-/// Whether a mount of `bootstrap` gets [`READ_AHEAD_KB`]: an image of big files.
+/// Whether a local mount of `bootstrap` gets [`READ_AHEAD_KB`]: an image of big files.
 pub fn pays(bootstrap: &petrel_format::Bootstrap<'_>) -> bool {
     crate::file_opens::passthrough_pays(bootstrap)
 }

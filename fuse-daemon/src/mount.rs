@@ -308,6 +308,8 @@ pub fn mount_with_backend(
     name: &str,
 ) -> Result<Mounted> {
     clean_stale_mount(&config.mountpoint)?;
+    // Blobs on this node: the kernel may read further ahead (`kernel_readahead`).
+    let backend_on_this_node = backend.is_on_this_node();
     let Storage { image, fetcher, stats } = open_storage(
         &config.cache_dir,
         backend,
@@ -390,7 +392,8 @@ pub fn mount_with_backend(
     fuse_config.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &fuse_config)
         .map_err(DaemonError::io("mount FUSE at", &config.mountpoint))?;
-    if recording.is_none() && first_start.is_none() && crate::kernel_readahead::pays(&image.bootstrap()) {
+    let recording_any = recording.is_some() || first_start.is_some();
+    if backend_on_this_node && !recording_any && crate::kernel_readahead::pays(&image.bootstrap()) {
         crate::kernel_readahead::raise(&config.mountpoint);
     }
     let pins = if config.prefetch.mode == crate::prefetch::PrefetchMode::Off {

@@ -295,11 +295,10 @@ struct FirstStart {
 }
 
 impl FirstStart {
-    fn cancel(&mut self, mounted: &petrel_fuse_daemon::mount::Mounted) {
+    fn cancel(&mut self) {
         if let Some(recorder) = self.recorder.take() {
             recorder.stop();
             tracing::info!("a profile is published for the image: first start not recorded");
-            petrel_fuse_daemon::kernel_readahead::raise(mounted.mountpoint());
         }
     }
 
@@ -308,7 +307,6 @@ impl FirstStart {
     fn finish_when_due(&mut self, mounted: &petrel_fuse_daemon::mount::Mounted) {
         if self.recorder.as_ref().is_some_and(|r| r.window_is_over()) {
             self.finish(mounted);
-            petrel_fuse_daemon::kernel_readahead::raise(mounted.mountpoint());
         }
     }
 
@@ -503,7 +501,7 @@ pub fn run_mount(args: MountArgs, verbose: u8, log_format: crate::cli::LogFormat
             let (files, ranges) = mounted.prefetch_profile(&profile);
             tracing::info!(files, ranges, "prefetching the published profile");
             // Someone recorded this image already: no first-start recording.
-            first_start.cancel(&mounted);
+            first_start.cancel();
         }
         first_start.finish_when_due(&mounted);
         match rx.recv_timeout(Duration::from_millis(50)) {
