@@ -4,11 +4,13 @@ use anyhow::{bail, Context};
 use std::process::Command;
 use std::time::Instant;
 
-/// Wall time and peak RSS of one command run.
+/// Wall time, peak RSS and CPU time of one command run.
 #[derive(Debug, Clone, Copy)]
 pub struct Run {
     pub seconds: f64,
     pub peak_rss_mib: f64,
+    /// User and system CPU seconds of the command and the children it waited for.
+    pub cpu_seconds: f64,
 }
 
 /// Runs `sh -c script` under `/usr/bin/time` and returns its wall time and peak RSS
@@ -24,7 +26,7 @@ pub fn run_shell(script: &str) -> anyhow::Result<Run> {
     let rss_file = tempfile::NamedTempFile::new()?;
     let started = Instant::now();
     let status = Command::new("/usr/bin/time")
-        .args(["-f", "%M", "-o"])
+        .args(["-f", "%M %U %S", "-o"])
         .arg(rss_file.path())
         .args(["sh", "-c", script])
         .status()
@@ -34,10 +36,20 @@ pub fn run_shell(script: &str) -> anyhow::Result<Run> {
         bail!("{script:?} failed: {status}");
     }
     let text = std::fs::read_to_string(rss_file.path())?;
-    let kib: f64 = text.trim().lines().last().unwrap_or("0").trim().parse().unwrap_or(0.0);
+    // The format's line is the last (GNU time writes a line on a failed exit before it).
+    let fields: Vec<f64> = text
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0.0);
     Ok(Run {
         seconds,
-        peak_rss_mib: kib / 1024.0,
+        peak_rss_mib: field(0) / 1024.0,
+        cpu_seconds: field(1) + field(2),
     })
 }
 

@@ -296,6 +296,23 @@ fn layout_bytes(layout: &Path) -> anyhow::Result<u64> {
 struct Conversions {
     seconds: [Vec<f64>; 4],
     uploaded: u64,
+    /// Over loopback, per round: CPU seconds of skopeo copy and of petrel convert,
+    /// each with the two registries' CPU while it ran.
+    loopback_cpu: [Vec<Cpu>; 2],
+}
+
+/// CPU seconds one conversion (or copy) cost: the client, and the registries it
+/// pulled from and pushed to.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    client: f64,
+    registries: f64,
+}
+
+impl Cpu {
+    fn total(&self) -> f64 {
+        self.client + self.registries
+    }
 }
 
 /// Converts `repo:v1` of `source` vs `skopeo copy` of it, registry to registry over
@@ -314,6 +331,7 @@ fn convert_rounds(
     bits: f64,
 ) -> anyhow::Result<Conversions> {
     let mut seconds: [Vec<f64>; 4] = Default::default();
+    let mut loopback_cpu: [Vec<Cpu>; 2] = Default::default();
     let summary = w.join(format!("convert-{repo}.json"));
     for round in 0..rounds {
         let dest = Registry::start(&w.join(format!("dest-{repo}-{round}")))?;
@@ -336,8 +354,16 @@ fn convert_rounds(
                 summary.display()
             ),
         ];
-        for (series, script) in seconds.iter_mut().zip(runs) {
-            series.push(run_shell(&script)?.seconds);
+        for (i, (series, script)) in seconds.iter_mut().zip(runs).enumerate() {
+            let registries_before = source.cpu_seconds() + dest.cpu_seconds();
+            let run = run_shell(&script)?;
+            series.push(run.seconds);
+            if let Some(cpu) = loopback_cpu.get_mut(i) {
+                cpu.push(Cpu {
+                    client: run.cpu_seconds,
+                    registries: source.cpu_seconds() + dest.cpu_seconds() - registries_before,
+                });
+            }
         }
         eprintln!(
             "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
@@ -350,7 +376,11 @@ fn convert_rounds(
     }
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
     let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
-    Ok(Conversions { seconds, uploaded })
+    Ok(Conversions {
+        seconds,
+        uploaded,
+        loopback_cpu,
+    })
 }
 
 /// The conversion table: each image's medians, petrel against skopeo copy.
@@ -370,6 +400,35 @@ fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, r
             "| {label} | shaped (petrel pushes {} MiB) | {skopeo:.2} s | {convert:.2} s | {:.2} |",
             conversions.uploaded >> 20,
             convert / skopeo
+        );
+    }
+    print_loopback_cpu(tables);
+}
+
+/// Where the CPU of a loopback conversion goes, against skopeo copy's: on loopback
+/// the cores, not the link, set the pace, and the least time a run can take here
+/// is its CPU seconds over this machine's cores.
+fn print_loopback_cpu(tables: &[(String, Conversions)]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!();
+    println!("loopback CPU, core-seconds (medians): the client, and both registries while it ran; the floor is their sum over this machine's {cores} cores");
+    println!("| image | skopeo copy | its registries | petrel convert | its registries | convert's floor | vs skopeo copy's wall |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (label, conversions) in tables {
+        let [copy, convert] = conversions.loopback_cpu.clone().map(|runs| {
+            let client = median(&runs.iter().map(|c| c.client).collect::<Vec<_>>());
+            let registries = median(&runs.iter().map(|c| c.registries).collect::<Vec<_>>());
+            Cpu { client, registries }
+        });
+        let floor = convert.total() / cores;
+        let copy_wall = median(&conversions.seconds[0]);
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {floor:.2} s | {:.2} |",
+            copy.client,
+            copy.registries,
+            convert.client,
+            convert.registries,
+            floor / copy_wall
         );
     }
 }

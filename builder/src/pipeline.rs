@@ -8,7 +8,7 @@
 use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
 use crate::sink::ChunkKey;
-use petrel_format::codec::{chunk_digest, encode_chunk, EncodedChunk};
+use petrel_format::codec::{chunk_digest, encode_digested_chunk, EncodedChunk};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -285,7 +285,7 @@ fn worker(
                 stored: Vec::new(),
             }
         } else {
-            encode_chunk(&data)
+            encode_digested_chunk(&data, digest)
         };
         if results.send((job.seq, Done::Chunk(encoded, key, position))).is_err() {
             return;

@@ -25,7 +25,14 @@ pub fn chunk_digest(data: &[u8]) -> [u8; 32] {
 
 /// Hashes and compresses one chunk.
 pub fn encode_chunk(data: &[u8]) -> EncodedChunk {
-    let digest = chunk_digest(data);
+    encode_digested_chunk(data, chunk_digest(data))
+}
+
+/// Compresses one chunk whose digest (`chunk_digest(data)`) the caller computed
+/// already, e.g. to look it up in a dictionary first: hashing it again would cost
+/// a tenth of what compressing it does.
+pub fn encode_digested_chunk(data: &[u8], digest: [u8; 32]) -> EncodedChunk {
+    debug_assert_eq!(digest, chunk_digest(data), "the digest of other bytes");
     let compressed = compress(data).ok();
     let (flags, stored) = match compressed {
         Some(c) if c.len() < data.len() => (CHUNK_FLAG_ZSTD, c),
@@ -170,6 +177,26 @@ mod tests {
         let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let enc = encode_chunk(&noise);
         assert_eq!(decode_chunk(&info(&enc), &enc.stored).unwrap(), noise);
+    }
+
+    #[test]
+    fn a_chunk_digested_beforehand_is_stored_as_the_same_bytes() {
+        for data in [
+            b"hello petrel ".repeat(1000),
+            (0..4096u32).map(|i| ((i * 7919) >> 3) as u8).collect(),
+        ] {
+            let whole = encode_chunk(&data);
+            let digested = encode_digested_chunk(&data, chunk_digest(&data));
+            assert_eq!(
+                (
+                    digested.digest,
+                    digested.flags,
+                    digested.uncompressed_size,
+                    digested.stored
+                ),
+                (whole.digest, whole.flags, whole.uncompressed_size, whole.stored)
+            );
+        }
     }
 
     #[test]
