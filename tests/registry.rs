@@ -1688,6 +1688,25 @@ fn a_corrupt_big_layer_fails_the_conversion_while_its_blobs_upload() {
 /// megabytes of the converted image, and the image then reads back whole.
 #[test]
 fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
+    convert_while_the_second_half_is_held(None);
+}
+
+/// The same with a prefetch profile (the release workflow): blobs still go up
+/// while the layer is read; the profiled files' chunks are held back and stored
+/// once, in the prefetch region of the blob the conversion ends with.
+#[test]
+fn convert_with_a_prefetch_profile_uploads_while_the_layer_is_still_read() {
+    // One file of each half of the layer, and the head of a third.
+    convert_while_the_second_half_is_held(Some(&[
+        ("model/part05.bin", None),
+        ("model/part30.bin", None),
+        ("model/part33.bin", Some(4096)),
+    ]));
+}
+
+/// Converts a 40 MiB layer (with a profile of `profiled` files, each whole or
+/// its first bytes) while the source holds back its second half.
+fn convert_while_the_second_half_is_held(profiled: Option<&[(&str, Option<u64>)]>) {
     if !registry_tools_available() || !fuse_available() {
         return;
     }
@@ -1704,6 +1723,22 @@ fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
         &format!("docker://{}/big:v1", proxy.addr),
         &format!("docker://{}/big:petrel", target.addr),
     ]);
+    if let Some(profiled) = profiled {
+        let entries: Vec<serde_json::Value> = profiled
+            .iter()
+            .map(|(path, head)| match head {
+                Some(len) => serde_json::json!({"path": path, "ranges": [[0, len]]}),
+                None => serde_json::json!({"path": path}),
+            })
+            .collect();
+        let profile = work.path().join("profile.json");
+        std::fs::write(
+            &profile,
+            serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries})).unwrap(),
+        )
+        .unwrap();
+        command.arg("--prefetch-profile").arg(&profile);
+    }
     let converting = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1731,6 +1766,63 @@ fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
         output_text(&out)
     );
     assert_mounted_files(&format!("docker://{}/big:petrel", target.addr), work.path(), &files);
+    if let Some(profiled) = profiled {
+        assert_profiled_files_stored_once_in_the_prefetch_region(&target, profiled, (files.len() as u64) << 20);
+    }
+}
+
+/// The image `big:petrel` of `registry` holds the wanted bytes of `profiled` in
+/// its first blob's prefetch region, and its blobs hold the layer's
+/// `layer_bytes` (incompressible) once, not the profiled files twice.
+fn assert_profiled_files_stored_once_in_the_prefetch_region(
+    registry: &TestRegistry,
+    profiled: &[(&str, Option<u64>)],
+    layer_bytes: u64,
+) {
+    use petrel_format::reader::SegmentSource;
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let (bytes, ..) = client.get_manifest("big", "petrel").unwrap();
+    let manifest: petrel_registry::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
+    let digest = petrel_registry::oci::bootstrap_layer(&manifest)
+        .unwrap()
+        .digest()
+        .to_string();
+    let gzipped = client.get_blob_verified("big", &digest, 1 << 30).unwrap();
+    let mut wrapped = Vec::new();
+    let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
+    petrel_format::layer_tar::gunzip_layer(entry, &gzipped[..], &mut wrapped, 1 << 30).unwrap();
+    let bootstrap = petrel_format::Bootstrap::open(petrel_format::layer_tar::unwrap(entry, &wrapped).unwrap()).unwrap();
+    let blobs: Vec<_> = bootstrap.blobs().map(Result::unwrap).collect();
+    assert!(blobs.len() >= 3, "the layer went into several blobs: {}", blobs.len());
+    let region = &blobs[0];
+    let mut wanted_bytes = 0;
+    for (path, head) in profiled {
+        let inode = bootstrap
+            .walk()
+            .map(Result::unwrap)
+            .find(|e| e.path == path.as_bytes())
+            .unwrap()
+            .inode;
+        let wanted = head.unwrap_or(inode.size());
+        wanted_bytes += wanted;
+        for segment in bootstrap.segments(&inode, 0, wanted).unwrap() {
+            if let SegmentSource::Chunk { index, .. } = segment.source {
+                let chunk = bootstrap.chunk(index).unwrap();
+                assert_eq!(chunk.blob_index, 0, "{path}: in the blob the conversion ended with");
+                assert!(
+                    chunk.compressed_offset < region.prefetch_end,
+                    "{path}: in its prefetch region"
+                );
+            }
+        }
+    }
+    let stored: u64 = blobs.iter().map(|b| b.uncompressed_size).sum();
+    assert_eq!(stored, layer_bytes, "every chunk stored once");
+    assert!(
+        region.uncompressed_size < wanted_bytes + (4 << 20),
+        "the last blob is the prefetch region and the rest of the layer's last window: {} bytes",
+        region.uncompressed_size
+    );
 }
 
 /// A layer that does not match its digest fails the conversion, after blobs of

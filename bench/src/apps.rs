@@ -135,6 +135,36 @@ pub(crate) fn app_layer_tar(name: &str) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Records app `name`'s startup in the petrel image `image` (`petrel record` runs it
+/// in a sandbox) as a prefetch profile at `profile`.
+pub(crate) fn record_profile(
+    name: &str,
+    petrel: &Path,
+    image: &str,
+    cache_dir: &Path,
+    profile: &Path,
+) -> anyhow::Result<()> {
+    let app = APPS
+        .iter()
+        .find(|a| a.name == name)
+        .with_context(|| format!("no app image named {name}"))?;
+    let record = Command::new(petrel)
+        .arg("record")
+        .arg(image)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .arg("--profile")
+        .arg(profile)
+        .arg("--")
+        .args(app.startup)
+        .stdout(Stdio::null())
+        .status()?;
+    if !record.success() {
+        bail!("petrel record failed: {record}");
+    }
+    Ok(())
+}
+
 /// One startup: seconds until the command printed `ready`, and the daemon's fetches.
 struct Start {
     seconds: f64,
@@ -367,20 +397,13 @@ fn run_app(
     // The startup recorded as a profile (petrel record runs it in a sandbox), and an
     // image converted with it.
     let profile = w.join("profile.json");
-    let record = Command::new(&petrel)
-        .arg("record")
-        .arg(format!("docker://{direct}/{}:petrel", app.name))
-        .arg("--cache-dir")
-        .arg(w.join("record-cache"))
-        .arg("--profile")
-        .arg(&profile)
-        .arg("--")
-        .args(app.startup)
-        .stdout(Stdio::null())
-        .status()?;
-    if !record.success() {
-        bail!("petrel record failed: {record}");
-    }
+    record_profile(
+        app.name,
+        &petrel,
+        &format!("docker://{direct}/{}:petrel", app.name),
+        &w.join("record-cache"),
+        &profile,
+    )?;
     run_shell(&format!(
         "{p} convert docker://{direct}/{a}:v1 docker://{direct}/{a}:petrel-pf --prefetch-profile {o} > /dev/null",
         p = petrel.display(),

@@ -261,9 +261,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 ),
             ),
         ];
+        // Each image's startup as a prefetch profile, for the release workflow's
+        // conversion (`--prefetch-profile`, or `--prefetch-from` the release before):
+        // the synthetic startup set, and the Python app's startup as `petrel record`
+        // records it.
+        let app_profile = w.join("app-profile.json");
+        write_startup_profile(&startup, &app_profile)?;
+        let python_profile = w.join("python-profile.json");
+        run_shell(&format!(
+            "{} convert docker://{a}/python:v1 docker://{a}/python:petrel > /dev/null",
+            petrel.display(),
+            a = source.addr
+        ))?;
+        crate::apps::record_profile(
+            "python",
+            &petrel,
+            &format!("docker://{}/python:petrel", source.addr),
+            &w.join("record-cache"),
+            &python_profile,
+        )?;
+        let profiles = [app_profile, python_profile];
         let mut tables = Vec::new();
-        for (repo, label) in images {
-            let rounds = convert_rounds(&petrel, &source, &source_link, repo, w, rounds, one_way, bits)?;
+        for ((repo, label), profile) in images.into_iter().zip(&profiles) {
+            let rounds = convert_rounds(&petrel, &source, &source_link, repo, profile, w, rounds, one_way, bits)?;
             tables.push((label, rounds));
         }
         print_conversions(&tables, mbit, rtt_ms, rounds);
@@ -281,6 +301,25 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     amplify_sweep(&petrel, &dest_link, w, &startup, mbit, rtt_ms)
 }
 
+/// Writes the synthetic startup set as a prefetch profile at `profile`.
+fn write_startup_profile(startup: &[(String, u64)], profile: &Path) -> anyhow::Result<()> {
+    let entries: Vec<serde_json::Value> = startup
+        .iter()
+        .map(|(path, len)| {
+            if *len == u64::MAX {
+                serde_json::json!({"path": path})
+            } else {
+                serde_json::json!({"path": path, "ranges": [[0, len]]})
+            }
+        })
+        .collect();
+    std::fs::write(
+        profile,
+        serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
+    )?;
+    Ok(())
+}
+
 /// Bytes of every blob of the OCI layout at `layout`.
 fn layout_bytes(layout: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
@@ -291,11 +330,12 @@ fn layout_bytes(layout: &Path) -> anyhow::Result<u64> {
 }
 
 /// One image's conversions, one figure per round: skopeo copy and petrel convert
-/// over loopback, then over the shaped link; and the bytes the last petrel convert
-/// pushed.
+/// over loopback, then over the shaped link, then petrel convert with a prefetch
+/// profile over the shaped link; and the bytes the last petrel converts pushed
+/// (without and with the profile).
 struct Conversions {
-    seconds: [Vec<f64>; 4],
-    uploaded: u64,
+    seconds: [Vec<f64>; 5],
+    uploaded: [u64; 2],
     /// Over loopback, per round: CPU seconds of skopeo copy and of petrel convert,
     /// each with the two registries' CPU while it ran.
     loopback_cpu: [Vec<Cpu>; 2],
@@ -316,23 +356,27 @@ impl Cpu {
 }
 
 /// Converts `repo:v1` of `source` vs `skopeo copy` of it, registry to registry over
-/// loopback (CPU and the registries' own speed decide), then over shaped links;
-/// `rounds` times, interleaved, each round into a registry of its own (skopeo would
-/// mount the blobs an earlier round pushed, and petrel reuse its conversion).
+/// loopback (CPU and the registries' own speed decide), then over shaped links,
+/// then over them with `profile` (into a repository of its own: in `repo`, the
+/// plain conversion would be its default chunk dictionary); `rounds` times,
+/// interleaved, each round into a registry of its own (skopeo would mount the
+/// blobs an earlier round pushed, and petrel reuse its conversion).
 #[allow(clippy::too_many_arguments)]
 fn convert_rounds(
     petrel: &Path,
     source: &Registry,
     source_link: &str,
     repo: &str,
+    profile: &Path,
     w: &Path,
     rounds: usize,
     one_way: Duration,
     bits: f64,
 ) -> anyhow::Result<Conversions> {
-    let mut seconds: [Vec<f64>; 4] = Default::default();
+    let mut seconds: [Vec<f64>; 5] = Default::default();
     let mut loopback_cpu: [Vec<Cpu>; 2] = Default::default();
     let summary = w.join(format!("convert-{repo}.json"));
+    let profiled_summary = w.join(format!("convert-{repo}-profiled.json"));
     for round in 0..rounds {
         let dest = Registry::start(&w.join(format!("dest-{repo}-{round}")))?;
         let dest_link = relay::start(&dest.addr, one_way, bits);
@@ -353,6 +397,12 @@ fn convert_rounds(
                 petrel.display(),
                 summary.display()
             ),
+            format!(
+                "{} convert docker://{source_link}/{repo}:v1 docker://{dest_link}/{repo}-profiled:petrel --prefetch-profile {} --json > {}",
+                petrel.display(),
+                profile.display(),
+                profiled_summary.display()
+            ),
         ];
         for (i, (series, script)) in seconds.iter_mut().zip(runs).enumerate() {
             let registries_before = source.cpu_seconds() + dest.cpu_seconds();
@@ -366,16 +416,22 @@ fn convert_rounds(
             }
         }
         eprintln!(
-            "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
+            "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s, with the profile {:.2} s shaped",
             round + 1,
             seconds[0][round],
             seconds[1][round],
             seconds[2][round],
-            seconds[3][round]
+            seconds[3][round],
+            seconds[4][round]
         );
     }
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
-    let uploaded = summary["manifests"][0]["uploaded_bytes"].as_u64().unwrap_or(0);
+    let uploaded = [&summary, &profiled_summary].map(|path| {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|summary| summary["manifests"][0]["uploaded_bytes"].as_u64())
+            .unwrap_or(0)
+    });
     Ok(Conversions {
         seconds,
         uploaded,
@@ -390,7 +446,7 @@ fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, r
     println!("| image | link | skopeo copy | petrel convert | vs skopeo copy |");
     println!("|---|---|---:|---:|---:|");
     for (label, conversions) in tables {
-        let [loopback_skopeo, loopback_convert, skopeo, convert] =
+        let [loopback_skopeo, loopback_convert, skopeo, convert, profiled] =
             conversions.seconds.clone().map(|series| median(&series));
         println!(
             "| {label} | loopback | {loopback_skopeo:.2} s | {loopback_convert:.2} s | {:.2} |",
@@ -398,8 +454,13 @@ fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, r
         );
         println!(
             "| {label} | shaped (petrel pushes {} MiB) | {skopeo:.2} s | {convert:.2} s | {:.2} |",
-            conversions.uploaded >> 20,
+            conversions.uploaded[0] >> 20,
             convert / skopeo
+        );
+        println!(
+            "| {label} | shaped, `--prefetch-profile` (petrel pushes {} MiB) | {skopeo:.2} s | {profiled:.2} s | {:.2} |",
+            conversions.uploaded[1] >> 20,
+            profiled / skopeo
         );
     }
     print_loopback_cpu(tables);
@@ -451,21 +512,8 @@ fn startup_rows(
         dir = pull_dir.display()
     ))?;
     // The same startup set as a profile, for a conversion with a prefetch region.
-    let entries: Vec<serde_json::Value> = startup
-        .iter()
-        .map(|(path, len)| {
-            if *len == u64::MAX {
-                serde_json::json!({"path": path})
-            } else {
-                serde_json::json!({"path": path, "ranges": [[0, len]]})
-            }
-        })
-        .collect();
     let profile = w.join("profile.json");
-    std::fs::write(
-        &profile,
-        serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
-    )?;
+    write_startup_profile(startup, &profile)?;
     run_shell(&format!(
         "{} convert docker://{source_link}/app:v1 docker://{dest_link}/app:petrel-pf --prefetch-profile {} > /dev/null",
         petrel.display(),

@@ -158,12 +158,37 @@ fn prefetch_nodes(
     entries: &[ProfileEntry],
     warnings: &mut Vec<String>,
 ) -> Vec<(NodeId, Option<Vec<[u64; 2]>>)> {
+    use petrel_format::profile::{wildcards, MAX_EXPANSIONS, MAX_WILDCARDS};
     let mut out: Vec<(NodeId, Option<Vec<[u64; 2]>>)> = Vec::new();
     let mut files: Option<Vec<(Vec<u8>, NodeId)>> = None;
+    // Patterns and directories searched so far: a stranger's profile (one kept in
+    // the image `--prefetch-from` names) costs a bounded number of passes.
+    let mut expansions = 0;
+    // Entries passed over, beyond the few named in warnings: one line says how many.
+    let (mut unsearched, mut missing) = (0usize, 0usize);
     for entry in entries {
         let Some(raw) = entry.path_bytes() else { continue };
         let path = raw.strip_prefix(b"/").unwrap_or(&raw).to_vec();
-        if path.iter().any(|b| b"*?".contains(b)) {
+        let shown = String::from_utf8_lossy(&path).to_string();
+        let wildcards = wildcards(&path);
+        if wildcards > MAX_WILDCARDS {
+            warnings.push(format!(
+                "prefetch pattern {shown:?} has more than {MAX_WILDCARDS} wildcards; ignored"
+            ));
+            continue;
+        }
+        let node = (wildcards == 0)
+            .then(|| tree.lookup(&clean_path(&path)).ok().flatten())
+            .flatten();
+        let expands = wildcards > 0 || node.is_some_and(|n| matches!(tree.node(n).kind, NodeKind::Directory(_)));
+        if expands {
+            expansions += 1;
+            if expansions > MAX_EXPANSIONS {
+                unsearched += 1;
+                continue;
+            }
+        }
+        if wildcards > 0 {
             let files = files.get_or_insert_with(|| all_files(tree));
             let before = out.len();
             out.extend(
@@ -173,18 +198,15 @@ fn prefetch_nodes(
                     .map(|(_, id)| (*id, None)),
             );
             if out.len() == before {
-                warnings.push(format!(
-                    "prefetch pattern {:?} matches no file",
-                    String::from_utf8_lossy(&path)
-                ));
+                warnings.push(format!("prefetch pattern {shown:?} matches no file"));
             }
             continue;
         }
-        let Some(node) = tree.lookup(&clean_path(&path)).ok().flatten() else {
-            warnings.push(format!(
-                "prefetch path {:?} is not in the image; ignored",
-                String::from_utf8_lossy(&path)
-            ));
+        let Some(node) = node else {
+            missing += 1;
+            if missing <= NAMED_MISSES {
+                warnings.push(format!("prefetch path {shown:?} is not in the image; ignored"));
+            }
             continue;
         };
         let mut queue = VecDeque::from([node]);
@@ -196,10 +218,24 @@ fn prefetch_nodes(
             }
         }
     }
+    if unsearched > 0 {
+        warnings.push(format!(
+            "{unsearched} prefetch entries naming directories or patterns past the first {MAX_EXPANSIONS} ignored"
+        ));
+    }
+    if missing > NAMED_MISSES {
+        warnings.push(format!(
+            "{} more prefetch paths not in the image ignored",
+            missing - NAMED_MISSES
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     out.retain(|(id, _)| seen.insert(*id));
     out
 }
+
+/// Prefetch paths missing from the image that are named in warnings one by one.
+const NAMED_MISSES: usize = 20;
 
 /// Writes `<out>/blobs/sha256/<digest>` and `<out>/bootstrap`.
 pub fn emit(

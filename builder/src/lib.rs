@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod layer;
 pub mod pax_sparse;
 pub mod pipeline;
+pub mod prefetch_set;
 mod read_ahead;
 pub mod sink;
 pub mod tree;
@@ -99,12 +100,14 @@ impl ImageBuilder {
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
             // A prefetch region is laid out in the new blob even where a dictionary
-            // holds its chunks, so those are encoded and spooled too.
+            // or a blob sealed mid-build holds its chunks, so the spool keeps a
+            // copy of every chunk.
             !options.prefetch.is_empty(),
             std::sync::Arc::clone(&progress),
             ImageDir::new(out).blobs_dir(),
         );
-        let sink = ChunkSink::new(options.chunker, options.small_file_limit, pipeline);
+        let prefetch = prefetch_set::PrefetchSet::new(&options.prefetch);
+        let sink = ChunkSink::new(options.chunker, options.small_file_limit, pipeline, prefetch);
         Ok(ImageBuilder {
             options,
             out: ImageDir::new(out),
@@ -164,36 +167,31 @@ impl ImageBuilder {
     /// of their own, now, so that it can be pushed while later layers are read
     /// (`petrel convert`). Its chunks stay there in arrival order, including those
     /// later layers delete; the blob `finish` writes holds the rest. None: nothing
-    /// new to seal, or the build lays out a prefetch region (which must hold the
-    /// whole prefetch set, so nothing is sealed before the tree is known).
+    /// new to seal.
+    ///
+    /// In a build with a prefetch profile, the chunks of the files it names are
+    /// held back: they go into the prefetch region of the blob `finish` writes,
+    /// which is laid out once the tree is known. A prefetch chunk a sealed blob
+    /// holds all the same (its file was reached by another name, or the chunk
+    /// came first in another file) is stored there again, from the build's copy.
     pub fn seal(&mut self) -> Result<Option<pipeline::SealedBlob>> {
-        if !self.options.prefetch.is_empty() {
-            return Ok(None);
-        }
         self.sink.seal()
     }
 
     /// Also seals a blob ([`Self::seal`]) whenever `every` bytes of new chunks
     /// are spooled unsealed, mid-layer, handing each to `to`: a big layer is pushed
-    /// while it is still read. Nothing is sealed in a build with a prefetch profile.
+    /// while it is still read.
     pub fn auto_seal(&mut self, every: u64, to: std::sync::mpsc::Sender<Result<pipeline::SealedBlob>>) -> Result<()> {
-        if !self.options.prefetch.is_empty() {
-            return Ok(());
-        }
         self.sink.auto_seal(every, to)
     }
 
     /// Writes the new chunks of the layer added next into blobs while they come,
     /// each handed out when it opens and again once complete ([`pipeline::StreamPlan`]),
     /// so that it can be uploaded while it grows; [`Self::seal`] after the layer
-    /// completes the last one and seals the rest. Not in a build with a prefetch
-    /// profile (false then: nothing streams).
-    pub fn stream_blobs(&mut self, plan: pipeline::StreamPlan) -> Result<bool> {
-        if !self.options.prefetch.is_empty() {
-            return Ok(false);
-        }
-        self.sink.stream(plan)?;
-        Ok(true)
+    /// completes the last one and seals the rest. Prefetch chunks are held back
+    /// as from [`Self::seal`].
+    pub fn stream_blobs(&mut self, plan: pipeline::StreamPlan) -> Result<()> {
+        self.sink.stream(plan)
     }
 
     /// Writes the blob and bootstrap.

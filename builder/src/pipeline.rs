@@ -9,7 +9,7 @@ use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
 use crate::sink::ChunkKey;
 use petrel_format::codec::{chunk_digest, encode_digested_chunk, EncodedChunk};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
@@ -90,9 +90,10 @@ struct Job {
 }
 
 enum Work {
-    /// A chunk's data to hash and compress, where its file lies in the tree, and
-    /// where its data ends in the layer's tar stream.
-    Chunk(Vec<u8>, Option<ChunkKey>, u64),
+    /// A chunk's data to hash and compress, where its file lies in the tree,
+    /// where its data ends in the layer's tar stream, and whether it is held back
+    /// for the prefetch region (see [`Pipeline::submit`]).
+    Chunk(Vec<u8>, Option<ChunkKey>, u64, bool),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
@@ -103,7 +104,7 @@ enum Work {
 
 /// What a worker hands the collector, in submission order.
 enum Done {
-    Chunk(EncodedChunk, Option<ChunkKey>, u64),
+    Chunk(EncodedChunk, Option<ChunkKey>, u64, bool),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
     Stream(StreamPlan),
@@ -135,13 +136,17 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts `threads` workers (at least 1) spooling into `spool`; chunks found in
-    /// `dict` are neither compressed nor spooled unless `copy_dict_chunks` (then
-    /// they are both, as [`OwnCopy`]s, and still referenced from the dictionary).
+    /// `dict` are neither compressed nor spooled unless `keep_own_copies` and
+    /// they are held (see [`Self::submit`]): then they are both, as
+    /// [`OwnCopy`]s, and still referenced from the dictionary. With
+    /// `keep_own_copies`, chunks that go into blobs mid-build keep their stored
+    /// bytes in the spool too: a build with a prefetch profile lays its region out
+    /// from them, whichever blob a chunk first went into.
     pub fn start(
         threads: usize,
         spool: File,
         dict: Arc<ChunkDict>,
-        copy_dict_chunks: bool,
+        keep_own_copies: bool,
         progress: Arc<BuildProgress>,
         blobs_dir: std::path::PathBuf,
     ) -> Self {
@@ -158,14 +163,24 @@ impl Pipeline {
                 let dict = Arc::clone(&dict);
                 std::thread::Builder::new()
                     .name(format!("petrel-chunk-{i}"))
-                    .spawn(move || worker(&jobs_rx, &results_tx, &dict, copy_dict_chunks))
+                    .spawn(move || worker(&jobs_rx, &results_tx, &dict, keep_own_copies))
                     .expect("spawn chunk worker")
             })
             .collect();
         drop(results_tx);
         let collector = std::thread::Builder::new()
             .name("petrel-collect".into())
-            .spawn(move || collect(results_rx, tokens_rx, spool, &dict, &progress, &blobs_dir))
+            .spawn(move || {
+                collect(
+                    results_rx,
+                    tokens_rx,
+                    spool,
+                    &dict,
+                    keep_own_copies,
+                    &progress,
+                    &blobs_dir,
+                )
+            })
             .expect("spawn collector");
         Pipeline {
             jobs: Some(jobs_tx),
@@ -181,9 +196,12 @@ impl Pipeline {
     /// submission number (0, 1, … in submission order).
     /// `position` is where the chunk's data ends in its layer's tar stream (0
     /// when not known: blobs are then not streamed, see [`Self::stream`]).
-    pub fn submit(&mut self, data: Vec<u8>, key: Option<ChunkKey>, position: u64) -> Result<u64> {
+    /// A `held` chunk (of a file a prefetch profile names), if new, stays in the
+    /// spool for the blob `finish` writes: no blob sealed or streamed mid-build
+    /// takes it.
+    pub fn submit(&mut self, data: Vec<u8>, key: Option<ChunkKey>, position: u64, held: bool) -> Result<u64> {
         self.tokens.send(()).map_err(|_| broken())?;
-        self.send(Work::Chunk(data, key, position))?;
+        self.send(Work::Chunk(data, key, position, held))?;
         self.next_submission += 1;
         Ok(self.next_submission - 1)
     }
@@ -246,7 +264,7 @@ fn worker(
     jobs: &Mutex<Receiver<Job>>,
     results: &std::sync::mpsc::Sender<(u64, Done)>,
     dict: &ChunkDict,
-    copy_dict_chunks: bool,
+    keep_own_copies: bool,
 ) {
     loop {
         let job = match jobs.lock() {
@@ -254,8 +272,8 @@ fn worker(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let (data, key, position) = match job.work {
-            Work::Chunk(data, key, position) => (data, key, position),
+        let (data, key, position, held) = match job.work {
+            Work::Chunk(data, key, position, held) => (data, key, position, held),
             Work::Seal(reply) => {
                 if results.send((job.seq, Done::Seal(reply))).is_err() {
                     return;
@@ -276,8 +294,9 @@ fn worker(
             }
         };
         let digest = chunk_digest(&data);
-        let encoded = if !copy_dict_chunks && dict.chunks.contains_key(&digest) {
-            // Already stored elsewhere: no need to compress it.
+        let encoded = if !(keep_own_copies && held) && dict.chunks.contains_key(&digest) {
+            // Already stored elsewhere, and not wanted in a prefetch region: no
+            // need to compress it.
             EncodedChunk {
                 digest,
                 flags: 0,
@@ -287,7 +306,10 @@ fn worker(
         } else {
             encode_digested_chunk(&data, digest)
         };
-        if results.send((job.seq, Done::Chunk(encoded, key, position))).is_err() {
+        if results
+            .send((job.seq, Done::Chunk(encoded, key, position, held)))
+            .is_err()
+        {
             return;
         }
     }
@@ -298,6 +320,7 @@ fn collect(
     tokens: Receiver<()>,
     spool: File,
     dict: &ChunkDict,
+    keep_own_copies: bool,
     progress: &BuildProgress,
     blobs_dir: &std::path::Path,
 ) -> Result<Collected> {
@@ -317,6 +340,9 @@ fn collect(
     let mut next_seq = 0u64;
     let mut sealer = Sealer {
         keys: HashMap::new(),
+        held: HashSet::new(),
+        unsealable: 0,
+        keep_own_copies,
         sealed: Vec::new(),
         sealed_up_to: 0,
         first_blob: dict.blobs.len(),
@@ -330,7 +356,7 @@ fn collect(
         while let Some(done) = pending.remove(&next_seq) {
             next_seq += 1;
             if let Some((every, to)) = &auto_seal {
-                if spool_len - sealer.sealed_up_to >= *every {
+                if spool_len - sealer.sealed_up_to - sealer.unsealable >= *every {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
                         None => sealer.seal(&mut writer, &mut chunks, &mut spool_len),
@@ -340,8 +366,8 @@ fn collect(
                     }
                 }
             }
-            let (mut encoded, key, position) = match done {
-                Done::Chunk(encoded, key, position) => (encoded, key, position),
+            let (mut encoded, key, position, held) = match done {
+                Done::Chunk(encoded, key, position, held) => (encoded, key, position, held),
                 Done::Seal(reply) => {
                     let answer = match failure.take() {
                         Some(e) => Err(spool_error(e)),
@@ -389,6 +415,7 @@ fn collect(
                                     stored_size: encoded.stored.len() as u32,
                                 };
                                 spool_len += encoded.stored.len() as u64;
+                                sealer.unsealable += encoded.stored.len() as u64;
                                 copy
                             });
                             SpooledChunk {
@@ -405,18 +432,30 @@ fn collect(
                         }
                         None => {
                             let stored_size = encoded.stored.len();
-                            let place = if sealer.streaming.is_some() {
-                                windowed = Some(std::mem::take(&mut encoded.stored));
-                                ChunkPlace::Window
-                            } else {
+                            let windowing = sealer.streaming.is_some() && !held;
+                            // Spooled: where it stays until a seal, or the copy a
+                            // streamed chunk keeps for a prefetch region.
+                            let spooled = (!windowing || keep_own_copies).then(|| {
                                 if failure.is_none() {
                                     if let Err(e) = writer.write_all(&encoded.stored) {
                                         failure = Some(e);
                                     }
                                 }
-                                let place = ChunkPlace::Spool { offset: spool_len };
                                 spool_len += stored_size as u64;
-                                place
+                                spool_len - stored_size as u64
+                            });
+                            if held || windowing {
+                                sealer.unsealable += spooled.map_or(0, |_| stored_size as u64);
+                            }
+                            if held {
+                                sealer.held.insert(chunks.len() as u32);
+                            }
+                            let place = match spooled {
+                                Some(offset) if !windowing => ChunkPlace::Spool { offset },
+                                copy => {
+                                    windowed = Some((std::mem::take(&mut encoded.stored), copy));
+                                    ChunkPlace::Window
+                                }
                             };
                             if let Some(key) = key {
                                 sealer.keys.insert(chunks.len() as u32, key);
@@ -467,6 +506,14 @@ fn collect(
 struct Sealer<'a> {
     /// Where the first file of each unsealed chunk lies in the tree.
     keys: HashMap<u32, ChunkKey>,
+    /// Chunks spooled since the previous seal that no seal takes (held back for
+    /// the prefetch region).
+    held: HashSet<u32>,
+    /// Bytes spooled since the previous seal that no seal takes: held chunks, and
+    /// own copies of chunks that are in blobs already.
+    unsealable: u64,
+    /// Whether a chunk a seal takes keeps its spooled bytes as its own copy.
+    keep_own_copies: bool,
     /// Blobs sealed so far.
     sealed: Vec<crate::dict::DictBlob>,
     /// Spool offset up to which chunks are sealed.
@@ -501,13 +548,19 @@ impl Sealer<'_> {
             range,
             chunks,
             &self.keys,
+            &self.held,
+            self.keep_own_copies,
             self.first_blob + self.sealed.len(),
             self.blobs_dir,
         )?;
+        // What the range holds and the seal did not take (held chunks, copies)
+        // stays in the spool for good.
         self.keys.clear();
+        self.held.clear();
+        self.unsealable = 0;
+        self.sealed_up_to = spool_len;
         if let Some(blob) = &blob {
             self.sealed.push(blob.blob.clone());
-            self.sealed_up_to = spool_len;
         }
         Ok(blob)
     }
@@ -519,32 +572,37 @@ struct SealRange {
     to: u64,
 }
 
-/// Writes the spooled chunks in `range` as a blob (index `blob` among the
-/// dictionary's blobs and those sealed before) and makes them dictionary chunks of
-/// it, at their offsets in the blob layer.
+/// Writes the spooled chunks in `range` but the `held` ones as a blob (index
+/// `blob` among the dictionary's blobs and those sealed before) and makes them
+/// dictionary chunks of it, at their offsets in the blob layer (with their
+/// spooled bytes as their own copies when `keep_own_copies`).
+#[allow(clippy::too_many_arguments)]
 fn seal_spool(
     writer: &mut BufWriter<File>,
     range: SealRange,
     chunks: &mut [SpooledChunk],
     keys: &HashMap<u32, ChunkKey>,
+    held: &HashSet<u32>,
+    keep_own_copies: bool,
     blob: usize,
     blobs_dir: &std::path::Path,
 ) -> Result<Option<SealedBlob>> {
     use petrel_format::layer_tar;
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
-    let in_range = |chunk: &SpooledChunk| matches!(chunk.place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset));
+    let in_range = |index: u32| {
+        matches!(chunks[index as usize].place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset))
+            && !held.contains(&index)
+    };
     // Chunks a streamed blob took are no longer in the spool's range.
-    if !chunks.iter().any(in_range) {
+    let mut sealing: Vec<u32> = (0..chunks.len() as u32).filter(|&c| in_range(c)).collect();
+    if sealing.is_empty() {
         return Ok(None);
     }
     writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
     std::fs::create_dir_all(blobs_dir).map_err(BuildError::io("create", blobs_dir))?;
     // The chunks in the range, depth first by their first file's path (a
     // package's files together, as in the final blob), else in arrival order.
-    let mut sealing: Vec<u32> = (0..chunks.len() as u32)
-        .filter(|&c| in_range(&chunks[c as usize]))
-        .collect();
     sealing.sort_by(|a, b| keys.get(a).cmp(&keys.get(b)));
     let data_size: u64 = sealing.iter().map(|&c| u64::from(chunks[c as usize].stored_size)).sum();
     let temp =
@@ -572,7 +630,11 @@ fn seal_spool(
         chunk.place = ChunkPlace::Dict {
             blob: blob as u32,
             offset: at,
-            own_copy: None,
+            own_copy: keep_own_copies.then_some(OwnCopy {
+                spool_offset: offset,
+                flags: chunk.flags,
+                stored_size: chunk.stored_size,
+            }),
         };
         at += u64::from(chunk.stored_size);
         uncompressed += u64::from(chunk.uncompressed_size);
@@ -618,7 +680,7 @@ mod tests {
         );
         let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![(i % 7) as u8; 10_000 + (i % 7)]).collect();
         for data in &inputs {
-            pipeline.submit(data.clone(), None, 0).unwrap();
+            pipeline.submit(data.clone(), None, 0, false).unwrap();
         }
         let collected = pipeline.finish().unwrap();
         assert_eq!(collected.chunks.len(), 7);

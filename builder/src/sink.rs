@@ -3,6 +3,7 @@
 
 use crate::error::{BuildError, EntryProblem};
 use crate::pipeline::{Collected, Pipeline};
+use crate::prefetch_set::{PrefetchSet, Wanted};
 use crate::tree::{Piece, PieceSource};
 use petrel_format::ChunkerParams;
 use std::collections::HashMap;
@@ -70,6 +71,13 @@ pub struct ChunkSink {
     data_position: u64,
     /// Where the data of the last file in the small-file batch ends there.
     batch_end: u64,
+    /// The files a prefetch profile names: their chunks are held back from blobs
+    /// sealed mid-build (see [`crate::prefetch_set`]).
+    prefetch: PrefetchSet,
+    /// What of the file being added the profile wants.
+    file_wanted: Wanted,
+    /// Whether the small-file batch holds a file the profile wants.
+    batch_held: bool,
 }
 
 /// Where a chunk's first file lies in the tree, as bytes that sort depth first.
@@ -103,8 +111,9 @@ pub struct SinkOutput {
 const UNFILLED: u64 = u64::MAX;
 
 impl ChunkSink {
-    /// A sink cutting file data with `chunker` into `pipeline`.
-    pub fn new(chunker: ChunkerParams, small_file_limit: u32, pipeline: Pipeline) -> Self {
+    /// A sink cutting file data with `chunker` into `pipeline`, holding back the
+    /// chunks of the files `prefetch` names.
+    pub fn new(chunker: ChunkerParams, small_file_limit: u32, pipeline: Pipeline, prefetch: PrefetchSet) -> Self {
         let batch_target = match chunker {
             ChunkerParams::Fixed { size } => size,
             ChunkerParams::FastCdc { avg, .. } => avg,
@@ -124,6 +133,9 @@ impl ChunkSink {
             batch_key: None,
             data_position: 0,
             batch_end: 0,
+            prefetch,
+            file_wanted: Wanted::Nothing,
+            batch_held: false,
         }
     }
 
@@ -160,6 +172,7 @@ impl ChunkSink {
     /// The path (cleaned components) of the file whose data comes next.
     pub fn set_path(&mut self, components: &[Vec<u8>]) {
         self.file_key = self.keyed.then(|| depth_first_key(components));
+        self.file_wanted = self.prefetch.wanted(components);
     }
 
     pub fn small_file_limit(&self) -> u32 {
@@ -270,9 +283,10 @@ impl ChunkSink {
             });
         }
         let end = self.data_position + file_offset + u64::from(length);
+        let held = self.file_wanted.covers(file_offset, u64::from(length));
         let seq = self
             .pipeline
-            .submit(data, self.file_key.clone(), end)
+            .submit(data, self.file_key.clone(), end, held)
             .map_err(FileDataError::Build)?;
         let slot = self.new_slot(seq);
         Ok(Piece {
@@ -311,6 +325,7 @@ impl ChunkSink {
                     }
                 };
                 let offset = self.batch.len() as u32;
+                self.batch_held |= self.file_wanted.covers(0, size);
                 self.batch.extend_from_slice(&data);
                 self.batch_end = self.data_position + size;
                 self.small_files.insert(digest, (slot, offset));
@@ -333,7 +348,10 @@ impl ChunkSink {
     fn flush_batch(&mut self) -> Result<(), BuildError> {
         if let Some(slot) = self.batch_slot.take() {
             let data = std::mem::take(&mut self.batch);
-            let seq = self.pipeline.submit(data, self.batch_key.take(), self.batch_end)?;
+            let held = std::mem::take(&mut self.batch_held);
+            let seq = self
+                .pipeline
+                .submit(data, self.batch_key.take(), self.batch_end, held)?;
             self.slot_submission[slot as usize] = seq;
         }
         Ok(())

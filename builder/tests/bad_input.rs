@@ -325,3 +325,36 @@ fn pax_values_with_newlines_keep_their_metadata() {
     );
     assert_eq!(ping.mtime, (1_700_000_000, 5));
 }
+
+#[test]
+fn a_strangers_prefetch_profile_costs_a_bounded_number_of_searches() {
+    use petrel_format::profile::ProfileEntry;
+    // A profile kept in an image that `--prefetch-from` names is a stranger's: a
+    // pattern of many `**` (a search over every path per wildcard, nested) and the
+    // root named again and again (each a walk of the whole tree).
+    let mut w = LayerWriter::new();
+    let deep = "aaaaaaaaaa/".repeat(6);
+    for i in 0..200 {
+        w.file(&format!("{deep}file{i:03}.bin"), &EntryMeta::default(), &[i as u8; 100]);
+    }
+    w.file("app/main.py", &EntryMeta::default(), b"print('hi')\n");
+    let mut prefetch = vec![ProfileEntry::new(format!("**a{}b", "**a".repeat(12)).as_bytes(), None)];
+    prefetch.extend((0..100_000).map(|_| ProfileEntry::new(b"/", None)));
+    prefetch.push(ProfileEntry::new(b"app/main.py", None));
+    let dir = tempfile::tempdir().unwrap();
+    let options = BuildOptions {
+        prefetch,
+        ..BuildOptions::default()
+    };
+    let (_, report) = build_layers(dir.path(), &[w.finish()], options).unwrap();
+    let said = |needle: &str| report.warnings.iter().filter(|w| w.contains(needle)).count();
+    assert_eq!(said("wildcards; ignored"), 1, "{:?}", &report.warnings[..3]);
+    let ignored = format!(
+        "{} prefetch entries naming directories or patterns past the first 64 ignored",
+        100_000 - 64
+    );
+    assert_eq!(said(&ignored), 1, "{:?}", report.warnings);
+    assert!(report.warnings.len() <= 3, "{:?}", report.warnings);
+    // A file named after them all is still laid out first.
+    assert_eq!(report.output.prefetch_files, 201, "{:?}", report.output);
+}

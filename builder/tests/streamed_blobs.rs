@@ -53,8 +53,8 @@ struct Built {
     sealed: Vec<SealedBlob>,
 }
 
-fn build_streaming(dir: &Path, layer: &[u8]) -> Built {
-    let mut builder = ImageBuilder::new(BuildOptions::default(), &dir.join("image")).unwrap();
+fn build_streaming(dir: &Path, layer: &[u8], options: BuildOptions) -> Built {
+    let mut builder = ImageBuilder::new(options, &dir.join("image")).unwrap();
     let (sealed_tx, sealed_rx) = std::sync::mpsc::channel();
     let (opened_tx, opened_rx) =
         std::sync::mpsc::channel::<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>();
@@ -71,7 +71,7 @@ fn build_streaming(dir: &Path, layer: &[u8]) -> Built {
             })
             .collect::<Vec<_>>()
     });
-    let streams = builder
+    builder
         .stream_blobs(StreamPlan {
             layer_plain: layer.len() as u64,
             layer_size: layer.len() as u64,
@@ -79,7 +79,6 @@ fn build_streaming(dir: &Path, layer: &[u8]) -> Built {
             opened: Some(opened_tx),
         })
         .unwrap();
-    assert!(streams);
     builder.add_layer(layer).unwrap();
     let rest = builder.seal().unwrap();
     builder.finish().unwrap();
@@ -94,7 +93,7 @@ fn blobs_written_while_a_layer_streams_in_are_read_whole_while_they_grow_and_the
     let dir = tempfile::tempdir().unwrap();
     let ops = layer_ops();
     let layer = write_layer(&ops, "");
-    let first = build_streaming(&dir.path().join("a"), &layer);
+    let first = build_streaming(&dir.path().join("a"), &layer, BuildOptions::default());
 
     // The layer went into several blobs, each read while it grew.
     assert!(first.seen.len() >= 3, "{} streamed blobs", first.seen.len());
@@ -126,7 +125,106 @@ fn blobs_written_while_a_layer_streams_in_are_read_whole_while_they_grow_and_the
     common::assert_same_tree(&expected, &actual);
 
     // Where blobs end depends on the layer only.
-    let second = build_streaming(&dir.path().join("b"), &layer);
+    let second = build_streaming(&dir.path().join("b"), &layer, BuildOptions::default());
     let digests = |built: &Built| -> Vec<[u8; 32]> { built.sealed.iter().map(|s| s.blob.digest).collect() };
     assert_eq!(digests(&first), digests(&second));
+}
+
+/// Every blob's chunk bytes (uncompressed), as the image's bootstrap lists them.
+fn stored_bytes(image: &Path) -> u64 {
+    let bytes = std::fs::read(image.join("bootstrap")).unwrap();
+    let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
+    bootstrap.blobs().map(|b| b.unwrap().uncompressed_size).sum()
+}
+
+#[test]
+fn with_a_prefetch_profile_a_layer_still_streams_and_the_profiled_files_are_stored_once_in_the_prefetch_region() {
+    use petrel_format::profile::ProfileEntry;
+    use petrel_format::reader::SegmentSource;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ops = layer_ops();
+    // A profiled file whose data came first under another, unprofiled name: its
+    // chunks went into a streamed blob before the profile named them.
+    let Op::File { data: first_file, .. } = &ops[1] else {
+        panic!("pkg00/file00 is a file")
+    };
+    ops.push(Op::File {
+        path: "zz/copy".into(),
+        meta: EntryMeta::mode(0o644),
+        data: first_file.clone(),
+    });
+    let layer = write_layer(&ops, "");
+    let profiled = ["pkg05/file03", "pkg20", "zz/copy"];
+    let options = BuildOptions {
+        prefetch: vec![
+            ProfileEntry::new(b"/pkg05/file03", None),
+            ProfileEntry::new(b"pkg20", None),
+            ProfileEntry::new(b"pkg30/file00", Some(vec![[0, 4096]])),
+            ProfileEntry::new(b"zz/copy", None),
+        ],
+        ..BuildOptions::default()
+    };
+    let plain = build_streaming(&dir.path().join("plain"), &layer, BuildOptions::default());
+    let built = build_streaming(&dir.path().join("profiled"), &layer, options);
+    let image = dir.path().join("profiled/image");
+
+    // The layer still went up while it streamed in.
+    assert!(built.seen.len() >= 3, "{} streamed blobs", built.seen.len());
+
+    // It reads back as its layer.
+    let expected = reference_merge(&[ops.clone()]);
+    let actual = common::unpack_and_scan(&image, dir.path(), "unpacked");
+    common::assert_same_tree(&expected, &actual);
+
+    // Every wanted byte of the profiled files lies in the new blob's prefetch region.
+    let bytes = std::fs::read(image.join("bootstrap")).unwrap();
+    let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
+    let new_blob = bootstrap.blobs().next().unwrap().unwrap();
+    assert!(new_blob.prefetch_end > 0);
+    assert!(
+        !built.sealed.iter().any(|s| s.blob.digest == new_blob.digest),
+        "the prefetch region is in the blob the build finishes with"
+    );
+    let mut copied = 0u64;
+    let mut checked = 0;
+    for entry in bootstrap.walk().map(Result::unwrap) {
+        let path = String::from_utf8_lossy(&entry.path).to_string();
+        if entry.inode.kind().unwrap() != petrel_format::FileKind::Regular {
+            continue;
+        }
+        let wanted = if path == "pkg30/file00" {
+            4096
+        } else if profiled
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        {
+            entry.inode.size()
+        } else {
+            continue;
+        };
+        let mut seen = std::collections::HashSet::new();
+        for segment in bootstrap.segments(&entry.inode, 0, wanted).unwrap() {
+            if let SegmentSource::Chunk { index, .. } = segment.source {
+                let chunk = bootstrap.chunk(index).unwrap();
+                assert_eq!(chunk.blob_index, 0, "{path}: chunk {index} is in the new blob");
+                assert!(
+                    chunk.compressed_offset < new_blob.prefetch_end,
+                    "{path}: in the prefetch region"
+                );
+                if path == "zz/copy" && seen.insert(index) {
+                    copied += u64::from(chunk.uncompressed_size);
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "{checked} chunks checked");
+    assert!(copied > 0);
+
+    // Stored once: the chunks held back are not in the streamed blobs too, so the
+    // image stores what the plain build stores, plus the one file whose chunks a
+    // streamed blob took before the profile named them.
+    let plain_stored = stored_bytes(&dir.path().join("plain/image"));
+    assert!(plain.seen.len() >= 3);
+    assert_eq!(stored_bytes(&image), plain_stored + copied);
 }

@@ -374,9 +374,9 @@ fn next_sealed<T>(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<T>>) -> Opt
 
 /// Streams every layer of `manifest` from `source` through `builder`, checking
 /// each against its digest; the new chunks of every layer are sealed into blobs
-/// handed to `sealed`, but for the last layer's rest (and everything in a build
-/// with a prefetch profile), which go into the blob `finish` writes. Returns the
-/// bytes read.
+/// handed to `sealed`, but for the last layer's rest and, in a build with a
+/// prefetch profile, the chunks of the files it names, which go into the blob
+/// `finish` writes (its prefetch region first). Returns the bytes read.
 fn read_layers(
     builder: &mut ImageBuilder,
     source: &Source,
@@ -400,12 +400,15 @@ fn read_layers(
             .then(|| streamed::plain_size(source, layer))
             .flatten();
         let streaming = match plain {
-            Some(layer_plain) => builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
-                layer_plain,
-                layer_size: size,
-                sealed: sealed.clone(),
-                opened: opened.cloned(),
-            })?,
+            Some(layer_plain) => {
+                builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
+                    layer_plain,
+                    layer_size: size,
+                    sealed: sealed.clone(),
+                    opened: opened.cloned(),
+                })?;
+                true
+            }
             None => false,
         };
         if !streaming {

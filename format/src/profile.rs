@@ -104,6 +104,19 @@ pub fn merge_ranges(mut ranges: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
     out
 }
 
+/// Wildcards one pattern may hold (each `**` is a search over the path): a
+/// pattern with more is refused rather than searched, wherever a profile is read.
+pub const MAX_WILDCARDS: usize = 4;
+/// Entries naming a directory or a pattern that are expanded (each one a pass over
+/// every file of the image); the rest are skipped.
+pub const MAX_EXPANSIONS: usize = 64;
+
+/// Wildcards (`*`, `?`) in a profile path; a path with none names one file or
+/// directory.
+pub fn wildcards(path: &[u8]) -> usize {
+    path.iter().filter(|b| b"*?".contains(b)).count()
+}
+
 /// Whether `path` matches a glob: `*` and `?` stay within one component, `**`
 /// crosses components.
 pub fn glob_match(pattern: &[u8], path: &[u8]) -> bool {

@@ -11,7 +11,7 @@
 //! paths it names that the image lacks are skipped.
 
 use crate::image::MappedImage;
-use petrel_format::profile::{glob_match, Profile};
+use petrel_format::profile::{glob_match, wildcards, Profile, MAX_EXPANSIONS, MAX_WILDCARDS};
 use petrel_format::reader::SegmentSource;
 use petrel_format::FileKind;
 use std::collections::{HashMap, HashSet};
@@ -22,11 +22,6 @@ pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
 const MAX_ENTRIES: usize = 200_000;
 /// Ranges of one entry looked at.
 const MAX_RANGES_PER_ENTRY: usize = 4096;
-/// Wildcards one pattern may hold (each `**` is a search over the path).
-const MAX_WILDCARDS: usize = 4;
-/// Entries naming a directory or a pattern that are expanded (each one a pass over
-/// every file of the image); the rest are skipped.
-const MAX_EXPANSIONS: usize = 64;
 /// Stored bytes of first-accessed chunks taken together, in blob order.
 const WAVE_BYTES: u64 = 4 << 20;
 
@@ -86,7 +81,7 @@ pub fn plan(image: &MappedImage, profile: &Profile) -> ProfilePlan {
         let ranges = entry.ranges.as_deref();
         // Whether the entry names something in the image (that may be wanted already).
         let mut named = false;
-        let wildcards = path.iter().filter(|b| b"*?".contains(b)).count();
+        let wildcards = wildcards(path);
         let expands = wildcards > 0 || (!files.contains_key(path) && dirs.contains(path));
         if expands {
             expansions += 1;

@@ -12,7 +12,7 @@
 //! Every choice depends on the layer's chunks and length only, so an unchanged
 //! layer gives the same blobs.
 
-use super::{ChunkPlace, SealedBlob, Sealer, SpooledChunk};
+use super::{ChunkPlace, OwnCopy, SealedBlob, Sealer, SpooledChunk};
 use crate::error::{BuildError, Result};
 use crate::growing_blob::{BlobEnd, GrowingBlob};
 use petrel_format::layer_tar;
@@ -60,8 +60,10 @@ pub(super) struct Streaming {
     /// Bytes of new chunks the layer stored so far.
     stored: u64,
     /// New chunks not yet taken into a blob, in arrival order, with their
-    /// stored bytes (in memory: a chunk a blob takes never touches the spool).
-    window: Vec<(u32, Vec<u8>)>,
+    /// stored bytes (in memory: a chunk a blob takes never touches the spool)
+    /// and where the spool keeps a copy of them, if it does (a build with a
+    /// prefetch profile).
+    window: Vec<(u32, Vec<u8>, Option<u64>)>,
     window_bytes: u64,
     open: Option<OpenBlob>,
 }
@@ -96,25 +98,25 @@ impl Streaming {
 }
 
 impl Sealer<'_> {
-    /// Takes note of a collected chunk (`index`, with its stored bytes when it is
-    /// new and the window holds it) of a streaming layer, and fills blobs once a
-    /// window is full.
+    /// Takes note of a collected chunk (`index`, with its stored bytes and their
+    /// copy's place in the spool when it is new and the window holds it) of a
+    /// streaming layer, and fills blobs once a window is full.
     pub(super) fn stream_chunk(
         &mut self,
         writer: &mut BufWriter<File>,
         chunks: &mut [SpooledChunk],
         spool_len: &mut u64,
         index: u32,
-        stored: Option<Vec<u8>>,
+        stored: Option<(Vec<u8>, Option<u64>)>,
         position: u64,
     ) {
         let Some(streaming) = self.streaming.as_mut() else {
             return;
         };
         streaming.position = streaming.position.max(position);
-        if let Some(bytes) = stored {
+        if let Some((bytes, copy)) = stored {
             let size = bytes.len() as u64;
-            streaming.window.push((index, bytes));
+            streaming.window.push((index, bytes, copy));
             streaming.window_bytes += size;
             streaming.stored += size;
         }
@@ -188,10 +190,10 @@ impl Sealer<'_> {
             return Ok(());
         }
         let mut window = std::mem::take(&mut streaming.window);
-        window.sort_by(|(a, _), (b, _)| self.keys.get(a).cmp(&self.keys.get(b)));
+        window.sort_by(|(a, ..), (b, ..)| self.keys.get(a).cmp(&self.keys.get(b)));
         let expected = if layer_end { 0 } else { streaming.expected_rest() };
         let mut pending = std::mem::take(&mut streaming.window_bytes);
-        for (index, bytes) in window {
+        for (index, bytes, copy) in window {
             let chunk = &mut chunks[index as usize];
             let size = bytes.len() as u64;
             let mut taken = false;
@@ -226,16 +228,31 @@ impl Sealer<'_> {
                     self.close_open_blob()?;
                     continue;
                 }
-                open.append(chunk, &bytes)?;
+                let own_copy = copy.map(|spool_offset| OwnCopy {
+                    spool_offset,
+                    flags: chunk.flags,
+                    stored_size: chunk.stored_size,
+                });
+                open.append(chunk, &bytes, own_copy)?;
                 taken = true;
                 break;
             }
             if !taken {
-                writer
-                    .write_all(&bytes)
-                    .map_err(BuildError::io("write", "chunk spool"))?;
-                chunk.place = ChunkPlace::Spool { offset: *spool_len };
-                *spool_len += size;
+                let offset = match copy {
+                    // Its copy is what the spool holds of it now, to be sealed.
+                    Some(offset) => {
+                        self.unsealable -= size;
+                        offset
+                    }
+                    None => {
+                        writer
+                            .write_all(&bytes)
+                            .map_err(BuildError::io("write", "chunk spool"))?;
+                        *spool_len += size;
+                        *spool_len - size
+                    }
+                };
+                chunk.place = ChunkPlace::Spool { offset };
             }
             pending -= size;
         }
@@ -303,8 +320,8 @@ impl OpenBlob {
     }
 
     /// Writes a window's chunk (its stored bytes) into the blob and points the
-    /// chunk at it.
-    fn append(&mut self, chunk: &mut SpooledChunk, stored: &[u8]) -> Result<()> {
+    /// chunk at it (keeping `own_copy`, where the spool has one).
+    fn append(&mut self, chunk: &mut SpooledChunk, stored: &[u8], own_copy: Option<OwnCopy>) -> Result<()> {
         if chunk.place != ChunkPlace::Window {
             return Err(BuildError::Invalid("a chunk taken into a blob twice".into()));
         }
@@ -315,7 +332,7 @@ impl OpenBlob {
         chunk.place = ChunkPlace::Dict {
             blob: self.index,
             offset: layer_tar::DATA_OFFSET + self.written,
-            own_copy: None,
+            own_copy,
         };
         self.written += u64::from(chunk.stored_size);
         self.uncompressed += u64::from(chunk.uncompressed_size);
