@@ -187,3 +187,84 @@ proptest! {
         assert_same_tree(&reference_merge(&layers), &actual);
     }
 }
+
+/// Builds `tars` as `petrel convert` does, sealing a blob at each layer's end and
+/// every `seal_every` bytes within one, with `prefetch`.
+fn build_sealed(
+    dir: &std::path::Path,
+    tars: &[Vec<u8>],
+    prefetch: Vec<petrel_format::profile::ProfileEntry>,
+    seal_every: u64,
+) -> std::path::PathBuf {
+    let image = dir.join("image");
+    let options = BuildOptions {
+        chunker: "cdc:4K:16K:64K".parse().unwrap(),
+        prefetch,
+        ..BuildOptions::default()
+    };
+    let mut builder = petrel_builder::ImageBuilder::new(options, &image).unwrap();
+    let (sealed, _blobs) = std::sync::mpsc::channel();
+    for (i, tar) in tars.iter().enumerate() {
+        builder.auto_seal(seal_every, sealed.clone()).unwrap();
+        builder.add_layer(&tar[..]).unwrap();
+        if i + 1 < tars.len() {
+            builder.seal().unwrap();
+        }
+    }
+    builder.finish().unwrap();
+    image
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// With a profile naming some paths (files, hardlinks, symlinks, directories,
+    /// a pattern, whatever the layers made of them), layers sealed into blobs as
+    /// they come still read back as the reference merge, and every chunk of a
+    /// profiled regular file lies in the prefetch region of the blob the build
+    /// ended with, whether it was held back or copied there.
+    #[test]
+    fn sealed_builds_with_a_profile_read_back_and_keep_the_profiled_files_in_the_region(
+        raw in prop::collection::vec(prop::collection::vec(raw_op(), 1..14), 1..5),
+        profiled in prop::collection::vec((0..5u8, 0..4u8), 1..5),
+        seal_every in prop_oneof![Just(1u64), Just(100_000u64), Just(1u64 << 40)],
+    ) {
+        use petrel_format::profile::ProfileEntry;
+        use petrel_format::reader::SegmentSource;
+        let layers = materialize(&raw);
+        prop_assume!(parents_are_dirs(&layers));
+        let tars: Vec<Vec<u8>> = layers.iter().map(|ops| write_layer(ops, "")).collect();
+        let paths: Vec<String> = profiled
+            .iter()
+            .map(|&(dir, leaf)| match leaf {
+                3 => DIRS[dir as usize].to_string(),
+                _ => join(DIRS[dir as usize], LEAVES[leaf as usize]),
+            })
+            .collect();
+        let mut prefetch: Vec<ProfileEntry> = paths.iter().map(|p| ProfileEntry::new(p.as_bytes(), None)).collect();
+        prefetch.push(ProfileEntry::new(b"d1/*", None));
+        let dir = tempfile::tempdir().unwrap();
+        let image = build_sealed(dir.path(), &tars, prefetch, seal_every);
+        let actual = unpack_and_scan(&image, dir.path(), "out");
+        assert_same_tree(&reference_merge(&layers), &actual);
+
+        let bytes = std::fs::read(image.join("bootstrap")).unwrap();
+        let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
+        let region_end = bootstrap.blobs().next().map(|b| b.unwrap().prefetch_end);
+        for entry in bootstrap.walk().map(Result::unwrap) {
+            let path = String::from_utf8_lossy(&entry.path).to_string();
+            let named = paths.iter().any(|p| p.is_empty() || path == *p || path.starts_with(&format!("{p}/")))
+                || (path.starts_with("d1/") && !path[3..].contains('/'));
+            if !named || entry.inode.kind().unwrap() != petrel_format::FileKind::Regular {
+                continue;
+            }
+            for segment in bootstrap.segments(&entry.inode, 0, entry.inode.size()).unwrap() {
+                if let SegmentSource::Chunk { index, .. } = segment.source {
+                    let chunk = bootstrap.chunk(index).unwrap();
+                    prop_assert_eq!(chunk.blob_index, 0, "{}", path);
+                    prop_assert!(chunk.compressed_offset < region_end.unwrap(), "{}", path);
+                }
+            }
+        }
+    }
+}
