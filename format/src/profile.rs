@@ -118,35 +118,149 @@ pub fn wildcards(path: &[u8]) -> usize {
 }
 
 /// Whether `path` matches a glob: `*` and `?` stay within one component, `**`
-/// crosses components.
+/// crosses components (`**/` also matches no component at all).
+///
+/// The pattern runs as a set of positions over the path, one byte at a time: the
+/// work is at most the two lengths multiplied, whatever the pattern (a stranger's
+/// profile), never a search that backtracks.
 pub fn glob_match(pattern: &[u8], path: &[u8]) -> bool {
-    match (pattern.first(), path.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) if pattern.get(1) == Some(&b'*') => {
-            let rest = pattern[2..].strip_prefix(b"/").unwrap_or(&pattern[2..]);
-            (0..=path.len()).any(|i| glob_match(rest, &path[i..]))
-        }
-        (Some(b'*'), _) => {
-            let mut i = 0;
-            loop {
-                if glob_match(&pattern[1..], &path[i..]) {
-                    return true;
-                }
-                if i == path.len() || path[i] == b'/' {
-                    return false;
-                }
-                i += 1;
+    let tokens = glob_tokens(pattern);
+    // `active[i]`: the path read so far can be followed by `tokens[i..]`.
+    let mut active = vec![false; tokens.len() + 1];
+    let mut next = vec![false; tokens.len() + 1];
+    active[0] = true;
+    close_over_empty_matches(&tokens, &mut active);
+    for &byte in path {
+        next.iter_mut().for_each(|n| *n = false);
+        for (i, token) in tokens.iter().enumerate() {
+            if !active[i] {
+                continue;
+            }
+            match *token {
+                GlobToken::Byte(want) if want == byte => next[i + 1] = true,
+                GlobToken::OneInComponent if byte != b'/' => next[i + 1] = true,
+                GlobToken::AnyInComponent if byte != b'/' => next[i] = true,
+                GlobToken::AnyAcrossComponents => next[i] = true,
+                _ => {}
             }
         }
-        (Some(b'?'), Some(&c)) if c != b'/' => glob_match(&pattern[1..], &path[1..]),
-        (Some(p), Some(c)) if p == c => glob_match(&pattern[1..], &path[1..]),
-        _ => false,
+        close_over_empty_matches(&tokens, &mut next);
+        std::mem::swap(&mut active, &mut next);
+        if !active.contains(&true) {
+            return false;
+        }
+    }
+    active[tokens.len()]
+}
+
+/// One step of a glob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobToken {
+    Byte(u8),
+    /// `?`
+    OneInComponent,
+    /// `*`
+    AnyInComponent,
+    /// `**`, and `**/`
+    AnyAcrossComponents,
+}
+
+fn glob_tokens(pattern: &[u8]) -> Vec<GlobToken> {
+    let mut tokens = Vec::with_capacity(pattern.len());
+    let mut i = 0;
+    while i < pattern.len() {
+        let token = match pattern[i] {
+            b'*' if pattern.get(i + 1) == Some(&b'*') => {
+                i += 1;
+                if pattern.get(i + 1) == Some(&b'/') {
+                    i += 1;
+                }
+                GlobToken::AnyAcrossComponents
+            }
+            b'*' => GlobToken::AnyInComponent,
+            b'?' => GlobToken::OneInComponent,
+            byte => GlobToken::Byte(byte),
+        };
+        tokens.push(token);
+        i += 1;
+    }
+    tokens
+}
+
+/// Adds to `states` what the stars in it reach by matching nothing.
+fn close_over_empty_matches(tokens: &[GlobToken], states: &mut [bool]) {
+    for (i, token) in tokens.iter().enumerate() {
+        if states[i] && matches!(token, GlobToken::AnyInComponent | GlobToken::AnyAcrossComponents) {
+            states[i + 1] = true;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The matcher as first written: a backtracking search, exponential in the
+    /// stars; the oracle the linear one must agree with.
+    fn searching_glob_match(pattern: &[u8], path: &[u8]) -> bool {
+        match (pattern.first(), path.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) if pattern.get(1) == Some(&b'*') => {
+                let rest = pattern[2..].strip_prefix(b"/").unwrap_or(&pattern[2..]);
+                (0..=path.len()).any(|i| searching_glob_match(rest, &path[i..]))
+            }
+            (Some(b'*'), _) => {
+                let mut i = 0;
+                loop {
+                    if searching_glob_match(&pattern[1..], &path[i..]) {
+                        return true;
+                    }
+                    if i == path.len() || path[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            (Some(b'?'), Some(&c)) if c != b'/' => searching_glob_match(&pattern[1..], &path[1..]),
+            (Some(p), Some(c)) if p == c => searching_glob_match(&pattern[1..], &path[1..]),
+            _ => false,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 4000, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn the_linear_matcher_agrees_with_the_search(
+            pattern in proptest::collection::vec(proptest::sample::select(b"ab/*?".to_vec()), 0..10),
+            path in proptest::collection::vec(proptest::sample::select(b"ab/".to_vec()), 0..12),
+        ) {
+            proptest::prop_assert_eq!(glob_match(&pattern, &path), searching_glob_match(&pattern, &path));
+        }
+    }
+
+    #[test]
+    fn globs_match_as_documented() {
+        assert!(glob_match(b"usr/lib/*.so", b"usr/lib/libc.so"));
+        assert!(!glob_match(b"usr/lib/*.so", b"usr/lib/x/libc.so"));
+        assert!(glob_match(b"usr/**/*.so", b"usr/lib/x/libc.so"));
+        assert!(
+            glob_match(b"usr/**/*.so", b"usr/libc.so"),
+            "`**/` matches no component too"
+        );
+        assert!(glob_match(b"**", b"any/thing"));
+        assert!(glob_match(b"a?c", b"abc") && !glob_match(b"a?c", b"a/c"));
+        assert!(glob_match(b"", b"") && !glob_match(b"", b"a"));
+    }
+
+    #[test]
+    fn a_strangers_pattern_costs_the_lengths_multiplied_not_a_search() {
+        // Four wildcards, a 4 KiB path that almost matches everywhere: the search
+        // tried every split of the path between the stars.
+        let path = vec![b'a'; 4096];
+        assert!(!glob_match(b"**a**a*b", &path));
+        let pattern = [&b"**"[..], &vec![b'a'; 2000], b"**", &vec![b'a'; 2000], b"b"].concat();
+        assert!(!glob_match(&pattern, &path));
+    }
 
     #[test]
     fn round_trips_and_parses_lists() {
