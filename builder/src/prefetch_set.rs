@@ -6,14 +6,14 @@
 //! still gets there, from the build's own copy.
 
 use crate::tree::clean_path;
-use petrel_format::profile::{glob_match, wildcards, ProfileEntry, MAX_EXPANSIONS, MAX_WILDCARDS};
+use petrel_format::profile::{glob_match, merge_ranges, wildcards, ProfileEntry, MAX_EXPANSIONS, MAX_WILDCARDS};
 use std::collections::HashMap;
 
 /// The profile's entries, by cleaned path.
 #[derive(Debug, Default)]
 pub struct PrefetchSet {
     /// Files and directories (a directory stands for every file below it), with
-    /// the byte ranges wanted (None: all).
+    /// the byte ranges wanted, sorted and disjoint (None: all).
     paths: HashMap<Vec<u8>, Option<Vec<[u64; 2]>>>,
     /// `*`, `?` and `**` patterns over file paths.
     patterns: Vec<Vec<u8>>,
@@ -25,6 +25,7 @@ pub enum Wanted {
     #[default]
     Nothing,
     All,
+    /// Sorted and disjoint.
     Ranges(Vec<[u64; 2]>),
 }
 
@@ -35,7 +36,12 @@ impl Wanted {
         match self {
             Wanted::Nothing => false,
             Wanted::All => true,
-            Wanted::Ranges(ranges) => ranges.iter().any(|&[a, b]| a < end && start < b),
+            Wanted::Ranges(ranges) => {
+                // Asked for every chunk of the file: a search, not a scan of
+                // however many ranges a stranger's profile lists.
+                let first_ending_after = ranges.partition_point(|&[_, b]| b <= start);
+                ranges.get(first_ending_after).is_some_and(|&[a, _]| a < end)
+            }
         }
     }
 
@@ -44,7 +50,10 @@ impl Wanted {
             (Wanted::All, _) => {}
             (_, None) => *self = Wanted::All,
             (Wanted::Nothing, Some(more)) => *self = Wanted::Ranges(more.clone()),
-            (Wanted::Ranges(have), Some(more)) => have.extend_from_slice(more),
+            (Wanted::Ranges(have), Some(more)) => {
+                have.extend_from_slice(more);
+                *have = merge_ranges(std::mem::take(have));
+            }
         }
     }
 }
@@ -74,6 +83,9 @@ impl PrefetchSet {
                     set.paths.insert(key, entry.ranges.clone());
                 }
             }
+        }
+        for ranges in set.paths.values_mut().flatten() {
+            *ranges = merge_ranges(std::mem::take(ranges));
         }
         set
     }
@@ -153,5 +165,15 @@ mod tests {
         assert_eq!(set.wanted(&components("lib/a.so")), Wanted::All);
         let b = set.wanted(&components("lib/b.so"));
         assert!(b.covers(105, 1) && b.covers(0, 1) && !b.covers(50, 10));
+        // Unsorted, overlapping, empty: kept sorted and disjoint, searched.
+        let many: Vec<[u64; 2]> = (0..10_000u64)
+            .rev()
+            .map(|i| [i * 100, i * 100 + 60])
+            .chain([[5, 5], [30, 250]])
+            .collect();
+        let c = PrefetchSet::new(&[ProfileEntry::new(b"lib/c.so", Some(many))]).wanted(&components("lib/c.so"));
+        let Wanted::Ranges(ranges) = &c else { panic!("{c:?}") };
+        assert!(ranges.windows(2).all(|w| w[0][1] < w[1][0]), "sorted and disjoint");
+        assert!(c.covers(70, 1) && c.covers(999_940, 10) && !c.covers(260, 40) && !c.covers(1_000_000, 5));
     }
 }
