@@ -281,9 +281,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             &python_profile,
         )?;
         let profiles = [app_profile, python_profile];
+        let layouts = [layout.clone(), python];
         let mut tables = Vec::new();
-        for ((repo, label), profile) in images.into_iter().zip(&profiles) {
-            let rounds = convert_rounds(&petrel, &source, &source_link, repo, profile, w, rounds, one_way, bits)?;
+        for (((repo, label), profile), layout) in images.into_iter().zip(&profiles).zip(&layouts) {
+            let rounds = convert_rounds(
+                &petrel,
+                &source,
+                &source_link,
+                repo,
+                layout,
+                profile,
+                w,
+                rounds,
+                one_way,
+                bits,
+            )?;
             tables.push((label, rounds));
         }
         print_conversions(&tables, mbit, rtt_ms, rounds);
@@ -339,6 +351,47 @@ struct Conversions {
     /// Over loopback, per round: CPU seconds of skopeo copy and of petrel convert,
     /// each with the two registries' CPU while it ran.
     loopback_cpu: [Vec<Cpu>; 2],
+    /// What inflating the source layers alone takes on this machine, per round.
+    inflating: Vec<Inflating>,
+}
+
+/// Seconds to inflate an image's gzip layers once, in this process, with the
+/// inflater petrel uses: every converter that builds a tree from a gzip layer
+/// (petrel, Nydus, SOCI's zran index, eStargz) reads the whole stream, and one
+/// gzip stream inflates on one core (each block needs the 32 KiB before it).
+#[derive(Clone, Copy, Default)]
+struct Inflating {
+    /// The longest layer's.
+    longest: f64,
+    /// All layers', one after another.
+    total: f64,
+}
+
+impl Inflating {
+    /// The least time inflating takes here: layers side by side on `cores`, each
+    /// on one.
+    fn floor(&self, cores: f64) -> f64 {
+        self.longest.max(self.total / cores)
+    }
+}
+
+/// Inflates every gzip blob of the OCI layout at `layout` once, timing each.
+fn inflate_layers(layout: &Path) -> anyhow::Result<Inflating> {
+    let mut inflating = Inflating::default();
+    let mut buffer = vec![0u8; 1 << 20];
+    for entry in std::fs::read_dir(layout.join("blobs/sha256"))? {
+        let bytes = std::fs::read(entry?.path())?;
+        if !bytes.starts_with(&[0x1f, 0x8b]) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut gzip = flate2::read::GzDecoder::new(&bytes[..]);
+        while std::io::Read::read(&mut gzip, &mut buffer)? > 0 {}
+        let seconds = started.elapsed().as_secs_f64();
+        inflating.longest = inflating.longest.max(seconds);
+        inflating.total += seconds;
+    }
+    Ok(inflating)
 }
 
 /// CPU seconds one conversion (or copy) cost: the client, and the registries it
@@ -367,6 +420,7 @@ fn convert_rounds(
     source: &Registry,
     source_link: &str,
     repo: &str,
+    layout: &Path,
     profile: &Path,
     w: &Path,
     rounds: usize,
@@ -375,6 +429,7 @@ fn convert_rounds(
 ) -> anyhow::Result<Conversions> {
     let mut seconds: [Vec<f64>; 5] = Default::default();
     let mut loopback_cpu: [Vec<Cpu>; 2] = Default::default();
+    let mut inflating = Vec::new();
     let summary = w.join(format!("convert-{repo}.json"));
     let profiled_summary = w.join(format!("convert-{repo}-profiled.json"));
     for round in 0..rounds {
@@ -415,6 +470,7 @@ fn convert_rounds(
                 });
             }
         }
+        inflating.push(inflate_layers(layout)?);
         eprintln!(
             "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s, with the profile {:.2} s shaped",
             round + 1,
@@ -436,6 +492,7 @@ fn convert_rounds(
         seconds,
         uploaded,
         loopback_cpu,
+        inflating,
     })
 }
 
@@ -490,6 +547,26 @@ fn print_loopback_cpu(tables: &[(String, Conversions)]) {
             convert.client,
             convert.registries,
             floor / copy_wall
+        );
+    }
+    print_inflating(tables, cores);
+}
+
+/// What no conversion of a gzip image can beat over loopback: inflating its layers,
+/// each stream on one core, against skopeo copy's wall (which inflates nothing).
+fn print_inflating(tables: &[(String, Conversions)], cores: f64) {
+    println!();
+    println!("inflating the source layers alone, in this process (medians): any converter that reads the layers' files (petrel, Nydus, a SOCI zran index) inflates every byte, one core per gzip stream");
+    println!("| image | longest layer | all layers | least on {cores} cores | vs skopeo copy's wall |");
+    println!("|---|---:|---:|---:|---:|");
+    for (label, conversions) in tables {
+        let runs = &conversions.inflating;
+        let longest = median(&runs.iter().map(|r| r.longest).collect::<Vec<_>>());
+        let total = median(&runs.iter().map(|r| r.total).collect::<Vec<_>>());
+        let floor = median(&runs.iter().map(|r| r.floor(cores)).collect::<Vec<_>>());
+        println!(
+            "| {label} | {longest:.2} s | {total:.2} s | {floor:.2} s | {:.2} |",
+            floor / median(&conversions.seconds[0])
         );
     }
 }
