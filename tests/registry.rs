@@ -1704,6 +1704,102 @@ fn convert_with_a_prefetch_profile_uploads_while_the_layer_is_still_read() {
     ]));
 }
 
+/// The conversion's tail streams too: an image whose last sizable layer is far
+/// under 32 MiB (a 20 MiB model, then a config file) pushes that layer while it is
+/// still read, not after the pull, in one blob for nearly all of it (a directory
+/// read ahead stays one request), and the image reads back whole.
+#[test]
+fn a_small_last_layer_goes_up_while_it_is_still_read() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    let mut files = vec![("etc/os-release".to_string(), b"ID=test\n".to_vec())];
+    let mut base = petrel_fixtures::layer_writer::LayerWriter::new();
+    base.file(&files[0].0, &Default::default(), &files[0].1);
+    let mut model = petrel_fixtures::layer_writer::LayerWriter::new();
+    for i in 0..20 {
+        let data = petrel_fixtures::rng::Rng::new(700 + i).bytes(1 << 20);
+        model.file(&format!("model/part{i:02}.bin"), &Default::default(), &data);
+        files.push((format!("model/part{i:02}.bin"), data));
+    }
+    let mut config = petrel_fixtures::layer_writer::LayerWriter::new();
+    config.file("etc/app.toml", &Default::default(), b"[app]\n");
+    files.push(("etc/app.toml".to_string(), b"[app]\n".to_vec()));
+    let layout = work.path().join("layout");
+    write_oci_layout(&layout, "v1", &[base.finish(), model.finish(), config.finish()]).unwrap();
+    source.push_layout(&layout, "tail", "v1");
+    let proxy = FaultProxy::start(&source.addr);
+    // Blob GETs: the config, the first layer, the model layer's gzip trailer (its
+    // length uncompressed), then the model layer, whose second half is held.
+    proxy.plan(&[Fault::Pass, Fault::Pass, Fault::Pass, Fault::HoldSecondHalf]);
+    let converting = petrel()
+        .env("PETREL_LOG", "info,petrel_builder=debug")
+        .args([
+            "convert",
+            &format!("docker://{}/tail:v1", proxy.addr),
+            &format!("docker://{}/tail:petrel", target.addr),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let enough = 4 << 20;
+    while proxy.state.held.load(std::sync::atomic::Ordering::SeqCst) == 0
+        || bytes_received(target.dir.path(), "tail") < enough
+    {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let received_while_held = bytes_received(target.dir.path(), "tail");
+    let held = proxy.state.held.load(std::sync::atomic::Ordering::SeqCst);
+    proxy.state.release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = converting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(held > 0, "the model layer's second half was held");
+    assert!(
+        received_while_held >= enough,
+        "the target received {received_while_held} bytes while half of the last layer was still to come:\n{}",
+        output_text(&out)
+    );
+    assert_mounted_files(&format!("docker://{}/tail:petrel", target.addr), work.path(), &files);
+    let bootstrap = petrel_bootstrap(&target, "tail", "petrel");
+    let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
+    let mut blobs: Vec<u64> = bootstrap.blobs().map(|b| b.unwrap().uncompressed_size).collect();
+    blobs.sort_unstable();
+    let model_bytes = 20u64 << 20;
+    assert!(
+        blobs.last().is_some_and(|&biggest| biggest >= model_bytes * 7 / 8),
+        "one blob holds nearly all of the model layer: {blobs:?}"
+    );
+    // The model once, and at most the two small files beside it.
+    let stored = blobs.iter().sum::<u64>();
+    assert!(
+        (model_bytes..=model_bytes + 14).contains(&stored),
+        "every chunk stored once: {blobs:?}"
+    );
+}
+
+/// The bootstrap of the petrel image `repository:tag` of `registry`, to open.
+fn petrel_bootstrap(registry: &TestRegistry, repository: &str, tag: &str) -> Vec<u8> {
+    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
+    let (bytes, ..) = client.get_manifest(repository, tag).unwrap();
+    let manifest: petrel_registry::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
+    let digest = petrel_registry::oci::bootstrap_layer(&manifest)
+        .unwrap()
+        .digest()
+        .to_string();
+    let gzipped = client.get_blob_verified(repository, &digest, 1 << 30).unwrap();
+    let mut wrapped = Vec::new();
+    let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
+    petrel_format::layer_tar::gunzip_layer(entry, &gzipped[..], &mut wrapped, 1 << 30).unwrap();
+    petrel_format::layer_tar::unwrap(entry, &wrapped).unwrap().to_vec()
+}
+
 /// Converts a 40 MiB layer (with a profile of `profiled` files, each whole or
 /// its first bytes) while the source holds back its second half.
 fn convert_while_the_second_half_is_held(profiled: Option<&[(&str, Option<u64>)]>) {
@@ -1780,18 +1876,8 @@ fn assert_profiled_files_stored_once_in_the_prefetch_region(
     layer_bytes: u64,
 ) {
     use petrel_format::reader::SegmentSource;
-    let client = petrel_registry::RegistryClient::new(&registry.addr, &Default::default()).unwrap();
-    let (bytes, ..) = client.get_manifest("big", "petrel").unwrap();
-    let manifest: petrel_registry::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
-    let digest = petrel_registry::oci::bootstrap_layer(&manifest)
-        .unwrap()
-        .digest()
-        .to_string();
-    let gzipped = client.get_blob_verified("big", &digest, 1 << 30).unwrap();
-    let mut wrapped = Vec::new();
-    let entry = petrel_format::layer_tar::BOOTSTRAP_ENTRY;
-    petrel_format::layer_tar::gunzip_layer(entry, &gzipped[..], &mut wrapped, 1 << 30).unwrap();
-    let bootstrap = petrel_format::Bootstrap::open(petrel_format::layer_tar::unwrap(entry, &wrapped).unwrap()).unwrap();
+    let bootstrap = petrel_bootstrap(registry, "big", "petrel");
+    let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
     let blobs: Vec<_> = bootstrap.blobs().map(Result::unwrap).collect();
     assert!(blobs.len() >= 3, "the layer went into several blobs: {}", blobs.len());
     let region = &blobs[0];

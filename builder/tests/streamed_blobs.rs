@@ -54,6 +54,11 @@ struct Built {
 }
 
 fn build_streaming(dir: &Path, layer: &[u8], options: BuildOptions) -> Built {
+    build_streaming_as(dir, layer, options, false)
+}
+
+/// `build_streaming`, the layer being the conversion's tail or not.
+fn build_streaming_as(dir: &Path, layer: &[u8], options: BuildOptions, tail: bool) -> Built {
     let mut builder = ImageBuilder::new(options, &dir.join("image")).unwrap();
     let (sealed_tx, sealed_rx) = std::sync::mpsc::channel();
     let (opened_tx, opened_rx) =
@@ -77,6 +82,7 @@ fn build_streaming(dir: &Path, layer: &[u8], options: BuildOptions) -> Built {
             layer_size: layer.len() as u64,
             sealed: sealed_tx,
             opened: Some(opened_tx),
+            tail,
         })
         .unwrap();
     builder.add_layer(layer).unwrap();
@@ -128,6 +134,42 @@ fn blobs_written_while_a_layer_streams_in_are_read_whole_while_they_grow_and_the
     let second = build_streaming(&dir.path().join("b"), &layer, BuildOptions::default());
     let digests = |built: &Built| -> Vec<[u8; 32]> { built.sealed.iter().map(|s| s.blob.digest).collect() };
     assert_eq!(digests(&first), digests(&second));
+}
+
+#[test]
+fn the_conversions_tail_goes_into_a_blob_for_nearly_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = layer_ops();
+    let layer = write_layer(&ops, "");
+    let built = build_streaming_as(&dir.path().join("tail"), &layer, BuildOptions::default(), true);
+    let halving = build_streaming(&dir.path().join("halving"), &layer, BuildOptions::default());
+
+    let streamed: Vec<u64> = built
+        .sealed
+        .iter()
+        .filter(|s| s.streamed)
+        .map(|s| s.blob.uncompressed_size)
+        .collect();
+    let stored = stored_bytes(&dir.path().join("tail/image"));
+    // The estimate, made from the layer's first megabyte, may fall short: then a
+    // second blob takes most of what is left.
+    assert!(
+        !streamed.is_empty() && streamed.len() <= 2,
+        "one or two streamed blobs: {streamed:?}"
+    );
+    assert!(
+        streamed[0] >= stored * 3 / 4,
+        "the first holds most of the layer: {streamed:?} of {stored}"
+    );
+    assert!(halving.seen.len() >= 3, "without the tail, blobs halve");
+    assert_eq!(
+        stored,
+        stored_bytes(&dir.path().join("halving/image")),
+        "chunks stored once either way"
+    );
+    let expected = reference_merge(&[ops]);
+    let actual = common::unpack_and_scan(&dir.path().join("tail/image"), dir.path(), "unpacked");
+    common::assert_same_tree(&expected, &actual);
 }
 
 /// Every blob's chunk bytes (uncompressed), as the image's bootstrap lists them.

@@ -388,24 +388,26 @@ fn read_layers(
 ) -> Result<u64> {
     let mut source_bytes = 0;
     let count = manifest.layers().len();
+    let sizes: Vec<u64> = manifest.layers().iter().map(|layer| layer.size()).collect();
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
-        // A big layer's new chunks go into blobs as they come, each uploaded
-        // while it grows; without its uncompressed length, it is cut into a few
-        // blobs. Either way where blobs end depends on this layer only (and the
-        // chunks earlier layers already hold), so an unchanged layer of a new
+        // A big layer's new chunks (or the conversion's tail's) go into blobs as
+        // they come, each uploaded while it grows; without its uncompressed
+        // length, it is cut into a few blobs. Either way where blobs end depends
+        // on this layer (and the chunks earlier layers already hold, and whether
+        // the layers after it are small) only, so an unchanged layer of a new
         // release gives the same blobs, which the registry then has.
-        let plain = (size >= streamed::STREAM_FROM)
-            .then(|| streamed::plain_size(source, layer))
-            .flatten();
-        let streaming = match plain {
-            Some(layer_plain) => {
+        let plan = streamed::streams(&sizes, i)
+            .and_then(|tail| streamed::plain_size(source, layer).map(|plain| (plain, tail)));
+        let streaming = match plan {
+            Some((layer_plain, streamed::Tail(tail))) => {
                 builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
                     layer_plain,
                     layer_size: size,
                     sealed: sealed.clone(),
                     opened: opened.cloned(),
+                    tail,
                 })?;
                 true
             }

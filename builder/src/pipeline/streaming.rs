@@ -35,7 +35,17 @@ pub struct StreamPlan {
     /// Where each blob goes when it opens, to be read while it grows (None:
     /// blobs go to `sealed` only, and are not marked streamed).
     pub opened: Option<Sender<Arc<GrowingBlob>>>,
+    /// The conversion's tail: no layer after this one stores much. Its blobs take
+    /// [`TAIL_SHARE`] of what it is expected to store from then on instead of
+    /// half: whatever no streamed blob takes is pushed after the pull ends.
+    pub tail: bool,
 }
+
+/// The share of what a layer is expected to store from then on that a blob
+/// opening in the conversion's tail takes: one blob for nearly all of the layer
+/// (a directory read ahead stays one request), the estimate's margin left to the
+/// build's last blob.
+pub const TAIL_SHARE: (u64, u64) = (15, 16);
 
 /// Stored bytes taken into blobs at a time, sorted depth first by path.
 pub const WINDOW: u64 = 4 << 20;
@@ -202,7 +212,8 @@ impl Sealer<'_> {
                 let open = match &mut streaming.open {
                     Some(open) => open,
                     None => {
-                        let wanted = ((pending + expected) / 2).min(MAX_BLOB);
+                        let (share, of) = if streaming.plan.tail { TAIL_SHARE } else { (1, 2) };
+                        let wanted = ((pending + expected) / of * share).min(MAX_BLOB);
                         if layer_end || wanted < MIN_BLOB {
                             break;
                         }
@@ -408,6 +419,7 @@ mod tests {
             layer_size,
             sealed,
             opened: None,
+            tail: false,
         });
         streaming.position = position;
         streaming.stored = stored;
