@@ -55,11 +55,14 @@ const WHEELS_N1: &[&str] = &[
     "blinker==1.7.0",
 ];
 
+/// Where downloaded wheels are kept between runs.
+pub(crate) const WHEEL_CACHE: &str = "/var/tmp/petrel-bench-wheels";
+
 fn bin(name: &str) -> PathBuf {
     std::env::current_exe().expect("own path").with_file_name(name)
 }
 
-fn site_packages(wheels: &[&str], cache: &Path, into: &Path) -> anyhow::Result<()> {
+pub(crate) fn site_packages(wheels: &[&str], cache: &Path, into: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(cache)?;
     let status = Command::new("pip")
         .args([
@@ -300,7 +303,7 @@ fn convert_into(
 pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let work = tempfile::tempdir_in("/var/tmp")?;
     let w = work.path();
-    let wheels = PathBuf::from("/var/tmp/petrel-bench-wheels");
+    let wheels = PathBuf::from(WHEEL_CACHE);
     // Pair 1: base, site-packages, app.
     let base = w.join("pip-base");
     mixed_tree(&base, 60 << 20)?;

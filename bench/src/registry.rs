@@ -74,6 +74,50 @@ impl Drop for Registry {
 /// A python-app-like image: a base layer of libraries, a layer of many small
 /// modules, an app layer, a config layer. Returns the layers and the startup set
 /// (path, bytes read from its start).
+/// Wheels of the service image's pip layer.
+const SERVICE_WHEELS: &[&str] = &[
+    "numpy==1.26.4",
+    "flask==3.0.2",
+    "werkzeug==3.0.3",
+    "jinja2==3.1.4",
+    "markupsafe==2.1.3",
+    "itsdangerous==2.1.2",
+    "click==8.1.7",
+    "blinker==1.7.0",
+    "requests==2.32.3",
+    "urllib3==2.1.0",
+    "certifi==2023.11.17",
+    "idna==3.6",
+];
+
+/// The service image's pip layer: `SERVICE_WHEELS` unpacked where Debian's
+/// python3 finds them.
+fn pip_layer_tar(w: &Path) -> anyhow::Result<Vec<u8>> {
+    let root = w.join("pip-root");
+    let site = root.join("usr/local/lib/python3.11/dist-packages");
+    crate::dedup::site_packages(SERVICE_WHEELS, Path::new(crate::dedup::WHEEL_CACHE), &site)?;
+    let out = std::process::Command::new("tar")
+        .arg("--numeric-owner")
+        .arg("-C")
+        .arg(&root)
+        .args(["-cf", "-", "."])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "tar of {}: {}", root.display(), out.status);
+    std::fs::remove_dir_all(&root)?;
+    Ok(out.stdout)
+}
+
+/// The service image's own code.
+fn service_app_layer_tar() -> Vec<u8> {
+    let mut app = petrel_fixtures::layer_writer::LayerWriter::new();
+    app.file(
+        "app/service.py",
+        &Default::default(),
+        b"import flask, numpy\napp = flask.Flask(__name__)\n\n@app.get('/')\ndef index():\n    return {'sum': int(numpy.arange(10).sum())}\n",
+    );
+    app.finish()
+}
+
 pub(crate) fn app_image(scale: f64) -> (Vec<Vec<u8>>, Vec<(String, u64)>) {
     let mut rng = Rng::new(77);
     let mut startup = Vec::new();
@@ -239,10 +283,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !startup_only {
         let python = w.join("python-layout");
         let tar = crate::apps::app_layer_tar("python")?;
-        petrel_fixtures::oci_layout::write_oci_layout_gzipped(&python, "v1", &[tar], 6)?;
+        petrel_fixtures::oci_layout::write_oci_layout_gzipped(&python, "v1", std::slice::from_ref(&tar), 6)?;
         run_shell(&format!(
             "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{}/python:v1",
             python.display(),
+            source.addr
+        ))?;
+        // A Python web service as such images usually come: the Debian layer,
+        // then its pip packages (real wheels: numpy and a Flask stack, 19 MB
+        // gzip), then the app's code; the packages are the conversion's tail.
+        let service = w.join("service-layout");
+        let service_layers = [tar, pip_layer_tar(w)?, service_app_layer_tar()];
+        petrel_fixtures::oci_layout::write_oci_layout_gzipped(&service, "v1", &service_layers, 6)?;
+        drop(service_layers);
+        run_shell(&format!(
+            "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{}/service:v1",
+            service.display(),
             source.addr
         ))?;
         let images = [
@@ -258,6 +314,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 format!(
                     "python app (Debian packages), 1 layer, {:.0} MiB gzip",
                     layout_bytes(&python)? as f64 / (1 << 20) as f64
+                ),
+            ),
+            (
+                "service",
+                format!(
+                    "python service (Debian packages, numpy and Flask wheels, app), 3 layers, {:.0} MiB gzip",
+                    layout_bytes(&service)? as f64 / (1 << 20) as f64
                 ),
             ),
         ];
@@ -280,8 +343,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             &w.join("record-cache"),
             &python_profile,
         )?;
-        let profiles = [app_profile, python_profile];
-        let layouts = [layout.clone(), python];
+        // The service starts the same interpreter from the same Debian files.
+        let profiles = [app_profile, python_profile.clone(), python_profile];
+        let layouts = [layout.clone(), python, service];
         let mut tables = Vec::new();
         for (((repo, label), profile), layout) in images.into_iter().zip(&profiles).zip(&layouts) {
             let rounds = convert_rounds(

@@ -389,6 +389,7 @@ fn read_layers(
     let mut source_bytes = 0;
     let count = manifest.layers().len();
     let sizes: Vec<u64> = manifest.layers().iter().map(|layer| layer.size()).collect();
+    let plans = streamed::stream_plans(&sizes);
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
@@ -398,8 +399,7 @@ fn read_layers(
         // on this layer (and the chunks earlier layers already hold, and whether
         // the layers after it are small) only, so an unchanged layer of a new
         // release gives the same blobs, which the registry then has.
-        let plan = streamed::streams(&sizes, i)
-            .and_then(|tail| streamed::plain_size(source, layer).map(|plain| (plain, tail)));
+        let plan = plans[i].and_then(|tail| streamed::plain_size(source, layer).map(|plain| (plain, tail)));
         let streaming = match plan {
             Some((layer_plain, streamed::Tail(tail))) => {
                 builder.stream_blobs(petrel_builder::pipeline::StreamPlan {

@@ -37,19 +37,24 @@ pub const STREAM_TAIL_FROM: u64 = 4 << 20;
 /// What the layers after a tail layer may store together.
 pub const TAIL_AFTER: u64 = 1 << 20;
 
-/// Whether layer `index` of `layers` (their stored sizes) streams, and whether as
+/// For each of `layers` (their stored sizes), whether it streams, and whether as
 /// the conversion's tail. A big layer's blobs halve as it goes whatever follows
 /// it: its last blobs are small, and so is what an estimate too high pads.
-pub fn streams(layers: &[u64], index: usize) -> Option<Tail> {
-    let size = *layers.get(index)?;
-    let after = layers[index + 1..].iter().fold(0u64, |sum, s| sum.saturating_add(*s));
-    if size >= STREAM_FROM {
-        Some(Tail(false))
-    } else if after < TAIL_AFTER && size >= STREAM_TAIL_FROM {
-        Some(Tail(true))
-    } else {
-        None
+pub fn stream_plans(layers: &[u64]) -> Vec<Option<Tail>> {
+    let mut plans = vec![None; layers.len()];
+    let mut after = 0u64;
+    for (plan, &size) in plans.iter_mut().zip(layers).rev() {
+        *plan = if size >= STREAM_FROM {
+            Some(Tail(false))
+        } else if after < TAIL_AFTER && size >= STREAM_TAIL_FROM {
+            Some(Tail(true))
+        } else {
+            None
+        };
+        // Sizes a stranger's manifest states: they do not overflow the sum.
+        after = after.saturating_add(size);
     }
+    plans
 }
 
 /// Whether a streaming layer is the conversion's tail.
@@ -168,17 +173,21 @@ mod tests {
     fn big_layers_stream_and_so_does_a_smaller_last_one() {
         const MIB: u64 = 1 << 20;
         // A base, a mid-sized layer, a 15 MiB model, a config file.
-        let layers = [200 * MIB, 15 * MIB, 15 * MIB, 124];
-        assert_eq!(streams(&layers, 0), Some(Tail(false)), "big: halving blobs");
-        assert_eq!(streams(&layers, 1), None, "more comes after it: sealed whole");
-        assert_eq!(streams(&layers, 2), Some(Tail(true)), "the tail");
-        assert_eq!(streams(&layers, 3), None, "too small to stream");
-        assert_eq!(streams(&layers, 4), None);
+        assert_eq!(
+            stream_plans(&[200 * MIB, 15 * MIB, 15 * MIB, 124]),
+            [Some(Tail(false)), None, Some(Tail(true)), None],
+            "big: halving blobs; more comes after it: sealed whole; the tail; too small to stream"
+        );
         // A layer under 4 MiB is sealed even last; so is one with a megabyte after it.
-        assert_eq!(streams(&[3 * MIB], 0), None);
-        assert_eq!(streams(&[8 * MIB, MIB], 0), None);
-        assert_eq!(streams(&[8 * MIB, MIB - 1], 0), Some(Tail(true)));
+        assert_eq!(stream_plans(&[3 * MIB]), [None]);
+        assert_eq!(stream_plans(&[8 * MIB, MIB]), [None, None]);
+        assert_eq!(stream_plans(&[8 * MIB, MIB - 1]), [Some(Tail(true)), None]);
+        assert_eq!(stream_plans(&[40 * MIB]), [Some(Tail(false))]);
+        assert_eq!(stream_plans(&[]), []);
         // Sizes a stranger's manifest states do not overflow the sum.
-        assert_eq!(streams(&[8 * MIB, u64::MAX, u64::MAX], 0), None);
+        assert_eq!(
+            stream_plans(&[8 * MIB, u64::MAX, u64::MAX]),
+            [None, Some(Tail(false)), Some(Tail(false))]
+        );
     }
 }
