@@ -1745,27 +1745,7 @@ fn a_small_last_layer_goes_up_while_it_is_still_read() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let enough = 4 << 20;
-    while proxy.state.held.load(std::sync::atomic::Ordering::SeqCst) == 0
-        || bytes_received(target.dir.path(), "tail") < enough
-    {
-        if started.elapsed() > std::time::Duration::from_secs(60) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let received_while_held = bytes_received(target.dir.path(), "tail");
-    let held = proxy.state.held.load(std::sync::atomic::Ordering::SeqCst);
-    proxy.state.release.store(true, std::sync::atomic::Ordering::SeqCst);
-    let out = converting.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", output_text(&out));
-    assert!(held > 0, "the model layer's second half was held");
-    assert!(
-        received_while_held >= enough,
-        "the target received {received_while_held} bytes while half of the last layer was still to come:\n{}",
-        output_text(&out)
-    );
+    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "tail", converting);
     assert_mounted_files(&format!("docker://{}/tail:petrel", target.addr), work.path(), &files);
     let bootstrap = petrel_bootstrap(&target, "tail", "petrel");
     let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
@@ -1781,6 +1761,38 @@ fn a_small_last_layer_goes_up_while_it_is_still_read() {
     assert!(
         (model_bytes..=model_bytes + 14).contains(&stored),
         "every chunk stored once: {blobs:?}"
+    );
+}
+
+/// Waits until the source (behind `proxy`) holds back the second half of a layer
+/// and `target` received 4 MiB of `repository` meanwhile (a minute at most), then
+/// lets the layer end and checks that `converting` succeeded and that the
+/// megabytes did arrive while the layer was held.
+fn assert_megabytes_arrive_while_the_second_half_is_held(
+    proxy: &FaultProxy,
+    target: &TestRegistry,
+    repository: &str,
+    converting: std::process::Child,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let started = std::time::Instant::now();
+    let enough = 4 << 20;
+    while proxy.state.held.load(SeqCst) == 0 || bytes_received(target.dir.path(), repository) < enough {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let received_while_held = bytes_received(target.dir.path(), repository);
+    let held = proxy.state.held.load(SeqCst);
+    proxy.state.release.store(true, SeqCst);
+    let out = converting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(held > 0, "the layer's second half was held");
+    assert!(
+        received_while_held >= enough,
+        "the target received {received_while_held} bytes while half of the layer was still to come:\n{}",
+        output_text(&out)
     );
 }
 
@@ -1840,27 +1852,7 @@ fn convert_while_the_second_half_is_held(profiled: Option<&[(&str, Option<u64>)]
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let enough = 4 << 20;
-    while proxy.state.held.load(std::sync::atomic::Ordering::SeqCst) == 0
-        || bytes_received(target.dir.path(), "big") < enough
-    {
-        if started.elapsed() > std::time::Duration::from_secs(60) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let received_while_held = bytes_received(target.dir.path(), "big");
-    let held = proxy.state.held.load(std::sync::atomic::Ordering::SeqCst);
-    proxy.state.release.store(true, std::sync::atomic::Ordering::SeqCst);
-    let out = converting.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", output_text(&out));
-    assert!(held > 0, "the layer's second half was held");
-    assert!(
-        received_while_held >= enough,
-        "the target received {received_while_held} bytes while half of the layer was still to come:\n{}",
-        output_text(&out)
-    );
+    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "big", converting);
     assert_mounted_files(&format!("docker://{}/big:petrel", target.addr), work.path(), &files);
     if let Some(profiled) = profiled {
         assert_profiled_files_stored_once_in_the_prefetch_region(&target, profiled, (files.len() as u64) << 20);
