@@ -26,8 +26,8 @@ use std::time::Instant;
 pub const STREAM_FROM: u64 = 32 << 20;
 
 /// A smaller layer streams too when it is the conversion's tail (the layers
-/// after it store less than [`TAIL_AFTER`] together), into one blob for nearly
-/// all of it ([`petrel_builder::pipeline::TAIL_SHARE`]): sealed, its whole blob
+/// after it store less than [`TAIL_AFTER`] together), into one blob for all of
+/// it that the layer's first megabyte foretells ([`petrel_builder::pipeline::TAIL_SHARE`]): sealed, its whole blob
 /// went up after the pull ended. The synthetic registry image ends with a 15 MB
 /// layer (a model file) and a config file: sealed, that layer's blob left 1.1 s
 /// of pushing at 100 Mbit/s after the last byte came in, and the conversion took
