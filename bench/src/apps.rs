@@ -121,16 +121,20 @@ pub(crate) fn app_layer_tar(name: &str) -> anyhow::Result<Vec<u8>> {
         .iter()
         .find(|a| a.name == name)
         .with_context(|| format!("no app image named {name}"))?;
-    let rootfs = app_rootfs(app)?;
+    dir_tar(&app_rootfs(app)?)
+}
+
+/// The tree under `root` as a layer tar (numeric owners, as image builders write).
+pub(crate) fn dir_tar(root: &Path) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("tar")
         .arg("--numeric-owner")
         .arg("-C")
-        .arg(&rootfs)
+        .arg(root)
         .args(["-cf", "-", "."])
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
-        bail!("tar of {}: {}", rootfs.display(), out.status);
+        bail!("tar of {}: {}", root.display(), out.status);
     }
     Ok(out.stdout)
 }

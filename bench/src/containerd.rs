@@ -91,20 +91,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         "{} convert docker://{direct}/app:v1 docker://{direct}/app:petrel > /dev/null",
         petrel.display()
     ))?;
-    let entries: Vec<serde_json::Value> = startup
-        .iter()
-        .map(|(p, len)| {
-            if *len == u64::MAX {
-                serde_json::json!({"path": p})
-            } else {
-                serde_json::json!({"path": p, "ranges": [[0, len]]})
-            }
-        })
-        .collect();
-    std::fs::write(
-        w.join("profile.json"),
-        serde_json::to_vec(&serde_json::json!({"petrel_profile": 1, "entries": entries}))?,
-    )?;
+    crate::registry::write_startup_profile(&startup, &w.join("profile.json"))?;
     crate::measure::run_shell(&format!(
         "{} convert docker://{direct}/app:v1 docker://{direct}/app:petrel-pf --prefetch-profile {} > /dev/null",
         petrel.display(),

@@ -96,15 +96,9 @@ fn pip_layer_tar(w: &Path) -> anyhow::Result<Vec<u8>> {
     let root = w.join("pip-root");
     let site = root.join("usr/local/lib/python3.11/dist-packages");
     crate::dedup::site_packages(SERVICE_WHEELS, Path::new(crate::dedup::WHEEL_CACHE), &site)?;
-    let out = std::process::Command::new("tar")
-        .arg("--numeric-owner")
-        .arg("-C")
-        .arg(&root)
-        .args(["-cf", "-", "."])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "tar of {}: {}", root.display(), out.status);
+    let tar = crate::apps::dir_tar(&root)?;
     std::fs::remove_dir_all(&root)?;
-    Ok(out.stdout)
+    Ok(tar)
 }
 
 /// The service image's own code.
@@ -378,7 +372,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Writes the synthetic startup set as a prefetch profile at `profile`.
-fn write_startup_profile(startup: &[(String, u64)], profile: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_startup_profile(startup: &[(String, u64)], profile: &Path) -> anyhow::Result<()> {
     let entries: Vec<serde_json::Value> = startup
         .iter()
         .map(|(path, len)| {
