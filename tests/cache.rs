@@ -158,18 +158,7 @@ fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
     drop(other_mount);
     // Eviction runs in the background: the bound holds once it has caught up.
     let image_bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
-    let stored = || {
-        let out = petrel()
-            .arg("cache")
-            .arg("ls")
-            .arg("--json")
-            .arg("--cache-dir")
-            .arg(&cache)
-            .output()
-            .unwrap();
-        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        listing["bytes"].as_u64().unwrap()
-    };
+    let stored = || cache_bytes(&cache);
     let started = std::time::Instant::now();
     while stored() >= image_bytes / 3 && started.elapsed() < std::time::Duration::from_secs(20) {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -180,6 +169,66 @@ fn a_cache_smaller_than_the_image_stays_correct_under_concurrent_readers() {
         "the bound holds roughly: {stored} of {image_bytes}"
     );
     drop(mount);
+}
+
+/// The bytes of the cache's packs, from `petrel cache ls`.
+fn cache_bytes(cache: &Path) -> u64 {
+    let out = petrel()
+        .args(["cache", "ls", "--json", "--cache-dir"])
+        .arg(cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    listing["bytes"].as_u64().unwrap()
+}
+
+/// A bounded daemon keeps the bound over what other processes store too: here a
+/// `petrel warm` that filled the cache with a whole image and exited (a daemon that
+/// stopped before its own eviction caught up leaves the same). The daemon then still
+/// reads its own files right.
+#[test]
+fn a_bounded_daemon_evicts_what_another_process_stored() {
+    if !fuse_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..2).map(file).collect();
+    let other_files: Vec<_> = (10..14).map(file).collect();
+    let image = build(work.path(), "bounded", &files);
+    let other_image = build(work.path(), "filler", &other_files);
+    let cache = work.path().join("cache");
+    let limit = 1u64 << 20;
+    let mount = MountProcess::start(
+        image.to_str().unwrap(),
+        &work.path().join("mnt"),
+        &cache,
+        &["--cache-max-bytes", &limit.to_string(), "--prefetch", "off"],
+    );
+    let out = petrel()
+        .arg("warm")
+        .arg(&other_image)
+        .arg("--all")
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let filled = cache_bytes(&cache);
+    assert!(filled >= 6 << 20, "warm stored the other image: {filled} bytes");
+    // The daemon looks at the cache in the background, every few seconds.
+    let started = std::time::Instant::now();
+    let mut stored = filled;
+    while stored > 2 * limit && started.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stored = cache_bytes(&cache);
+    }
+    assert!(
+        stored <= 2 * limit,
+        "the daemon brought {filled} bytes other processes stored down to its bound {limit}: {stored} left"
+    );
+    reads_every_file(&mount, &files);
+    verify_clean(&cache);
 }
 
 #[test]

@@ -290,17 +290,17 @@ impl ChunkStore {
                 match weak.upgrade() {
                     Some(store) => {
                         store.refresh();
+                        store.collect_if_over_bound();
                         store.compact_if_due();
                     }
                     None => return,
                 }
             });
         if max_bytes.is_some() {
+            // What is on disk now (the records refresh counted are among it).
             let (_, bytes) = store.usage();
-            let total = store.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            if store.max_bytes.is_some_and(|max| total > max) {
-                store.gc_in_background();
-            }
+            store.approx_bytes.store(bytes, Ordering::Relaxed);
+            store.collect_if_over_bound();
         }
         Ok(store)
     }
@@ -371,11 +371,15 @@ impl ChunkStore {
         let mut tombstones = false;
         let records: usize = grown.iter().map(|(_, bytes)| bytes.len() / RECORD_BYTES).sum();
         index.chunks.reserve(records);
+        let mut stored_elsewhere = 0u64;
         for (pack, bytes) in grown {
             let start = index.applied.get(&pack).copied().unwrap_or(0);
             for record in bytes.chunks_exact(RECORD_BYTES) {
                 if let Some(entry) = Entry::decode(record) {
                     tombstones |= entry.tombstone;
+                    if !entry.tombstone {
+                        stored_elsewhere += u64::from(entry.length) + RECORD_BYTES as u64;
+                    }
                     index.apply(entry);
                 }
             }
@@ -384,6 +388,11 @@ impl ChunkStore {
         tracing::debug!(chunks = index.chunks.len(), packs = present.len(), "store refreshed");
         drop(index);
         drop(last);
+        // Other processes' chunks count towards this store's bound too: a daemon that
+        // filled the cache may have exited before its own eviction caught up.
+        if self.max_bytes.is_some() {
+            self.approx_bytes.fetch_add(stored_elsewhere, Ordering::Relaxed);
+        }
         // Chunks moved or removed elsewhere leave bytes here worth compacting.
         if tombstones {
             self.compact_soon();
@@ -894,6 +903,34 @@ impl ChunkStore {
     /// next open goes through FUSE. A daemon reading or writing a removed pack notices
     /// (its link count is 0) and looks again or fetches again.
     pub fn gc(self: &Arc<Self>, max_bytes: u64) -> GcReport {
+        let _one_process = self.gc_lock(true);
+        self.gc_locked(max_bytes)
+    }
+
+    /// The exclusive lock of eviction across processes (`<cache>/gc.lock`, held while
+    /// the file is open): two processes evicting at once would each remove the
+    /// oldest packs until the bound holds, twice as much as needed. None when `wait`
+    /// is false and another process holds it (or it cannot be opened).
+    fn gc_lock(&self, wait: bool) -> Option<File> {
+        let path = self.root.parent().expect("cache root").join("gc.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| tracing::warn!("cannot open {}: {e}", path.display()))
+            .ok()?;
+        let operation = match wait {
+            true => rustix::fs::FlockOperation::LockExclusive,
+            false => rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        };
+        rustix::fs::flock(&file, operation).ok()?;
+        Some(file)
+    }
+
+    /// `gc` once the lock across processes is held.
+    fn gc_locked(self: &Arc<Self>, max_bytes: u64) -> GcReport {
         let _pass = self.maintenance.lock().expect("maintenance lock");
         self.refresh();
         let pinned = live_pins(self.root.parent().expect("cache root"));
@@ -935,6 +972,17 @@ impl ChunkStore {
         report
     }
 
+    /// Starts a GC pass when the bytes counted (this process's and those other
+    /// processes recorded) are over the bound.
+    fn collect_if_over_bound(self: &Arc<Self>) {
+        if self
+            .max_bytes
+            .is_some_and(|max| self.approx_bytes.load(Ordering::Relaxed) > max)
+        {
+            self.gc_in_background();
+        }
+    }
+
     /// Starts a GC pass on a thread of its own (one at a time): the reader or
     /// fetcher that crossed the bound never waits for the scan.
     fn gc_in_background(self: &Arc<Self>) {
@@ -950,9 +998,14 @@ impl ChunkStore {
                 // a pass that leaves the cache over its bound (puts came in meanwhile)
                 // is followed by another, unless it could remove nothing (all pinned).
                 loop {
+                    // Another process evicting now: the bytes stay counted, so the
+                    // next background look starts a pass if that one left too many.
+                    let Some(_one_process) = store.gc_lock(false) else {
+                        break;
+                    };
                     store.approx_bytes.store(0, Ordering::Relaxed);
                     let started = Instant::now();
-                    let report = store.gc(max);
+                    let report = store.gc_locked(max);
                     let left = report
                         .bytes_before
                         .saturating_sub(report.bytes_removed + report.compaction.bytes_freed);
