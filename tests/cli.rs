@@ -193,6 +193,51 @@ fn directory_input_round_trips_and_skips_sockets() {
     assert!(diffs.is_empty(), "{diffs:#?}");
 }
 
+/// `build --compression-level 9` stores less than the default, names its level in
+/// the image (`inspect`), and checks and unpacks to the same bytes.
+#[test]
+fn a_build_at_a_higher_compression_level_is_smaller_and_the_same_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let lines: String = (0..60_000)
+        .map(|i| format!("line {i} of a log, user {}\n", i * 7919 % 1000))
+        .collect();
+    std::fs::write(src.join("app.log"), &lines).unwrap();
+    let stored = |level: &str| -> u64 {
+        let image = dir.path().join(format!("image-{level}"));
+        let out = petrel(&[
+            "build",
+            "-o",
+            image.to_str().unwrap(),
+            "--compression-level",
+            level,
+            src.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = petrel(&["inspect", image.to_str().unwrap()]);
+        assert!(text(&out).contains(&format!("zstd level {level})")), "{}", text(&out));
+        assert!(petrel(&["check", image.to_str().unwrap()]).status.success());
+        let target = dir.path().join(format!("out-{level}"));
+        assert!(petrel(&["unpack", image.to_str().unwrap(), target.to_str().unwrap()])
+            .status
+            .success());
+        assert_eq!(std::fs::read(target.join("app.log")).unwrap(), lines.as_bytes());
+        let out = petrel(&["inspect", image.to_str().unwrap(), "--json"]);
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        summary["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["compressed_size"].as_u64().unwrap())
+            .sum()
+    };
+    let (default, high) = (stored("3"), stored("9"));
+    assert!(high < default, "level 9 stored {high} bytes, level 3 {default}");
+    let out = petrel(&["build", "-o", "x", "--compression-level", "0", "y"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();

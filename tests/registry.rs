@@ -1764,6 +1764,109 @@ fn a_small_last_layer_goes_up_while_it_is_still_read() {
     );
 }
 
+/// Log lines a service might ship: they compress several times over, and better
+/// at higher zstd levels.
+fn service_logs(seed: u64, bytes: usize) -> Vec<u8> {
+    let mut rng = petrel_fixtures::rng::Rng::new(seed);
+    let paths = [
+        "/api/v1/items",
+        "/api/v1/users",
+        "/healthz",
+        "/static/app.js",
+        "/api/v2/orders",
+    ];
+    let mut out = Vec::with_capacity(bytes + 200);
+    while out.len() < bytes {
+        let line = format!(
+            "2026-12-02T{:02}:{:02}:{:02}.{:03}Z node-{} GET {}/{}?user={} {} {}ms\n",
+            rng.below(24),
+            rng.below(60),
+            rng.below(60),
+            rng.below(1000),
+            rng.below(40),
+            paths[rng.below(paths.len() as u64) as usize],
+            rng.below(100_000),
+            rng.below(5_000),
+            [200, 200, 200, 304, 404, 500][rng.below(6) as usize],
+            rng.below(900)
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out
+}
+
+/// `--compression-level 9` stores less than the default level 3, the bootstrap
+/// names the level, the files read back the same, and a conversion at one level is
+/// not taken for one at another: the target's level-3 conversion of the same
+/// source is rebuilt at 9, and the level-9 one is then found again.
+#[test]
+fn a_higher_compression_level_stores_less_and_is_a_conversion_of_its_own() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (source, target) = (TestRegistry::start(false), TestRegistry::start(false));
+    let work = tempfile::tempdir().unwrap();
+    let mut layer = petrel_fixtures::layer_writer::LayerWriter::new();
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let data = service_logs(900 + i, 2 << 20);
+        layer.file(&format!("var/log/app-{i}.log"), &Default::default(), &data);
+        files.push((format!("var/log/app-{i}.log"), data));
+    }
+    let layout = work.path().join("layout");
+    write_oci_layout(&layout, "v1", &[layer.finish()]).unwrap();
+    source.push_layout(&layout, "logs", "v1");
+    let convert = |level: Option<&str>| {
+        let mut command = petrel();
+        command.args([
+            "convert",
+            &format!("docker://{}/logs:v1", source.addr),
+            &format!("docker://{}/logs:petrel", target.addr),
+            "--no-chunk-dict",
+            "--json",
+        ]);
+        if let Some(level) = level {
+            command.args(["--compression-level", level]);
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bootstrap = petrel_bootstrap(&target, "logs", "petrel");
+        let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
+        let stored: u64 = (0..bootstrap.chunk_count())
+            .map(|i| u64::from(bootstrap.chunk(i).unwrap().compressed_size))
+            .sum();
+        let reused = summary["manifests"][0]["reused"] == true;
+        (bootstrap.superblock().compression_level.get(), stored, reused)
+    };
+    let (level, default_bytes, reused) = convert(None);
+    assert_eq!((level, reused), (3, false));
+    let (level, level9_bytes, reused) = convert(Some("9"));
+    assert_eq!((level, reused), (9, false), "level 9 is not the level-3 conversion");
+    assert!(
+        level9_bytes < default_bytes,
+        "level 9 stored {level9_bytes} bytes, level 3 {default_bytes}"
+    );
+    assert!(convert(Some("9")).2, "the level-9 conversion is found again");
+    assert_mounted_files(&format!("docker://{}/logs:petrel", target.addr), work.path(), &files);
+    let out = petrel()
+        .args([
+            "convert",
+            "docker://a/b:c",
+            "docker://a/b:d",
+            "--compression-level",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        output_text(&out).contains("20 is not in 1..=19"),
+        "{}",
+        output_text(&out)
+    );
+}
+
 /// Waits until the source (behind `proxy`) holds back the second half of a layer
 /// and `target` received 4 MiB of `repository` meanwhile (a minute at most), then
 /// lets the layer end and checks that `converting` succeeded and that the

@@ -401,11 +401,11 @@ fn layout_bytes(layout: &Path) -> anyhow::Result<u64> {
 
 /// One image's conversions, one figure per round: skopeo copy and petrel convert
 /// over loopback, then over the shaped link, then petrel convert with a prefetch
-/// profile over the shaped link; and the bytes the last petrel converts pushed
-/// (without and with the profile).
+/// profile over the shaped link, then at `--compression-level 9` over it; and the
+/// bytes the last petrel converts pushed (plain, with the profile, at level 9).
 struct Conversions {
-    seconds: [Vec<f64>; 5],
-    uploaded: [u64; 2],
+    seconds: [Vec<f64>; 6],
+    uploaded: [u64; 3],
     /// Over loopback, per round: CPU seconds of skopeo copy and of petrel convert,
     /// each with the two registries' CPU while it ran.
     loopback_cpu: [Vec<Cpu>; 2],
@@ -485,11 +485,12 @@ fn convert_rounds(
     one_way: Duration,
     bits: f64,
 ) -> anyhow::Result<Conversions> {
-    let mut seconds: [Vec<f64>; 5] = Default::default();
+    let mut seconds: [Vec<f64>; 6] = Default::default();
     let mut loopback_cpu: [Vec<Cpu>; 2] = Default::default();
     let mut inflating = Vec::new();
     let summary = w.join(format!("convert-{repo}.json"));
     let profiled_summary = w.join(format!("convert-{repo}-profiled.json"));
+    let level9_summary = w.join(format!("convert-{repo}-level9.json"));
     for round in 0..rounds {
         let dest = Registry::start(&w.join(format!("dest-{repo}-{round}")))?;
         let dest_link = relay::start(&dest.addr, one_way, bits);
@@ -516,6 +517,13 @@ fn convert_rounds(
                 profile.display(),
                 profiled_summary.display()
             ),
+            // A repository of its own: the plain conversion would be its default
+            // chunk dictionary.
+            format!(
+                "{} convert docker://{source_link}/{repo}:v1 docker://{dest_link}/{repo}-level9:petrel --compression-level 9 --json > {}",
+                petrel.display(),
+                level9_summary.display()
+            ),
         ];
         for (i, (series, script)) in seconds.iter_mut().zip(runs).enumerate() {
             let registries_before = source.cpu_seconds() + dest.cpu_seconds();
@@ -530,16 +538,17 @@ fn convert_rounds(
         }
         inflating.push(inflate_layers(layout)?);
         eprintln!(
-            "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s, with the profile {:.2} s shaped",
+            "{repo} round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s, with the profile {:.2} s, at level 9 {:.2} s shaped",
             round + 1,
             seconds[0][round],
             seconds[1][round],
             seconds[2][round],
             seconds[3][round],
-            seconds[4][round]
+            seconds[4][round],
+            seconds[5][round]
         );
     }
-    let uploaded = [&summary, &profiled_summary].map(|path| {
+    let uploaded = [&summary, &profiled_summary, &level9_summary].map(|path| {
         std::fs::read(path)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
@@ -561,7 +570,7 @@ fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, r
     println!("| image | link | skopeo copy | petrel convert | vs skopeo copy |");
     println!("|---|---|---:|---:|---:|");
     for (label, conversions) in tables {
-        let [loopback_skopeo, loopback_convert, skopeo, convert, profiled] =
+        let [loopback_skopeo, loopback_convert, skopeo, convert, profiled, level9] =
             conversions.seconds.clone().map(|series| median(&series));
         println!(
             "| {label} | loopback | {loopback_skopeo:.2} s | {loopback_convert:.2} s | {:.2} |",
@@ -576,6 +585,11 @@ fn print_conversions(tables: &[(String, Conversions)], mbit: f64, rtt_ms: f64, r
             "| {label} | shaped, `--prefetch-profile` (petrel pushes {} MiB) | {skopeo:.2} s | {profiled:.2} s | {:.2} |",
             conversions.uploaded[1] >> 20,
             profiled / skopeo
+        );
+        println!(
+            "| {label} | shaped, `--compression-level 9` (petrel pushes {} MiB) | {skopeo:.2} s | {level9:.2} s | {:.2} |",
+            conversions.uploaded[2] >> 20,
+            level9 / skopeo
         );
     }
     print_loopback_cpu(tables);

@@ -11,6 +11,8 @@ use std::fmt::Write;
 pub struct Summary {
     pub version: String,
     pub chunker: String,
+    /// The highest zstd level a chunk was compressed at (informative).
+    pub zstd_level: u32,
     pub inodes: u32,
     pub files: u64,
     pub directories: u64,
@@ -46,6 +48,7 @@ pub fn summarize(bootstrap: &Bootstrap<'_>, bootstrap_bytes: u64) -> Result<Summ
     let mut s = Summary {
         version: format!("{}.{}", sb.version_major.get(), sb.version_minor.get()),
         chunker: bootstrap.chunker().to_string(),
+        zstd_level: sb.compression_level.get(),
         inodes: bootstrap.inode_count(),
         unique_chunks: bootstrap.chunk_count(),
         bootstrap_bytes,

@@ -22,7 +22,6 @@ pub mod unpack;
 pub use error::{BuildError, EntryProblem, Result};
 pub use image::LocalImage;
 
-use petrel_format::codec::ZSTD_LEVEL;
 use petrel_format::image_dir::ImageDir;
 use petrel_format::{ChunkerParams, SuperblockParams};
 use sink::{ChunkSink, SinkStats};
@@ -44,6 +43,9 @@ pub struct BuildOptions {
     pub prefetch: Vec<petrel_format::profile::ProfileEntry>,
     /// Chunks that already exist in other images' blobs: referenced, not stored again.
     pub chunk_dict: std::sync::Arc<dict::ChunkDict>,
+    /// The zstd level of new chunks (1 to `MAX_ZSTD_LEVEL`; the same level gives
+    /// the same blobs).
+    pub compression_level: i32,
 }
 
 impl Default for BuildOptions {
@@ -54,6 +56,7 @@ impl Default for BuildOptions {
             threads: 0,
             prefetch: Vec::new(),
             chunk_dict: Default::default(),
+            compression_level: petrel_format::codec::ZSTD_LEVEL,
         }
     }
 }
@@ -99,6 +102,7 @@ impl ImageBuilder {
             threads,
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
+            options.compression_level.clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL),
             // A prefetch region is laid out in the new blob even where a dictionary
             // or a blob sealed mid-build holds its chunks, so the spool keeps a
             // copy of every chunk.
@@ -203,7 +207,10 @@ impl ImageBuilder {
         let params = SuperblockParams {
             chunker: self.options.chunker,
             small_file_limit,
-            compression_level: ZSTD_LEVEL as u32,
+            compression_level: self
+                .options
+                .compression_level
+                .clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL) as u32,
         };
         // Blobs sealed mid-build are referenced like dictionary blobs.
         let mut blobs = self.options.chunk_dict.blobs.clone();

@@ -8,7 +8,7 @@
 use crate::dict::ChunkDict;
 use crate::error::{BuildError, Result};
 use crate::sink::ChunkKey;
-use petrel_format::codec::{chunk_digest, encode_digested_chunk, EncodedChunk};
+use petrel_format::codec::{chunk_digest, encode_digested_chunk_at, EncodedChunk};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -146,6 +146,7 @@ impl Pipeline {
         threads: usize,
         spool: File,
         dict: Arc<ChunkDict>,
+        compression_level: i32,
         keep_own_copies: bool,
         progress: Arc<BuildProgress>,
         blobs_dir: std::path::PathBuf,
@@ -163,7 +164,7 @@ impl Pipeline {
                 let dict = Arc::clone(&dict);
                 std::thread::Builder::new()
                     .name(format!("petrel-chunk-{i}"))
-                    .spawn(move || worker(&jobs_rx, &results_tx, &dict, keep_own_copies))
+                    .spawn(move || worker(&jobs_rx, &results_tx, &dict, compression_level, keep_own_copies))
                     .expect("spawn chunk worker")
             })
             .collect();
@@ -264,6 +265,7 @@ fn worker(
     jobs: &Mutex<Receiver<Job>>,
     results: &std::sync::mpsc::Sender<(u64, Done)>,
     dict: &ChunkDict,
+    compression_level: i32,
     keep_own_copies: bool,
 ) {
     loop {
@@ -304,7 +306,7 @@ fn worker(
                 stored: Vec::new(),
             }
         } else {
-            encode_digested_chunk(&data, digest)
+            encode_digested_chunk_at(&data, digest, compression_level)
         };
         if results
             .send((job.seq, Done::Chunk(encoded, key, position, held)))
@@ -674,6 +676,7 @@ mod tests {
             3,
             spool,
             Arc::default(),
+            petrel_format::codec::ZSTD_LEVEL,
             false,
             Arc::clone(&progress),
             blobs.path().to_path_buf(),

@@ -576,7 +576,7 @@ fn convert_one(
     // Re-running the same conversion: the target already holds it, under its tag
     // or (the default dictionary, in the same repository) under another one, which
     // the target tag then names too: the same source converts to the same image.
-    let wanted = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+    let wanted = manifest_annotations(&source_manifest.digest, options.profile.as_ref(), &options.build);
     // The config is fetched while the target is asked for its current manifest.
     let (current, config_bytes) = std::thread::scope(|scope| {
         let config = scope.spawn(|| {
@@ -760,7 +760,8 @@ fn convert_one(
     // When the source image was built: the default chunk dictionary of the next
     // conversion into this repository is the newest petrel image. Taken from the
     // image (not the clock), so conversions stay reproducible.
-    let mut manifest_annotations = manifest_annotations(&source_manifest.digest, options.profile.as_ref());
+    let mut manifest_annotations =
+        manifest_annotations(&source_manifest.digest, options.profile.as_ref(), &options.build);
     if let Some(created) = image_created(&config_bytes) {
         manifest_annotations.insert(ANNOTATION_CREATED.to_string(), created);
     }
@@ -935,11 +936,27 @@ fn image_created(config: &[u8]) -> Option<String> {
     config.get("created")?.as_str().map(str::to_string)
 }
 
-fn manifest_annotations(source: &str, profile: Option<&petrel_format::profile::Profile>) -> BTreeMap<String, String> {
+/// The annotation naming a conversion's chunker and zstd level where either is not
+/// the default: a conversion asked for with other ones is not the one the target
+/// holds. (Absent for the defaults, so conversions made before it are still found.)
+const ANNOTATION_ENCODING: &str = "dev.petrel.encoding";
+
+fn manifest_annotations(
+    source: &str,
+    profile: Option<&petrel_format::profile::Profile>,
+    build: &BuildOptions,
+) -> BTreeMap<String, String> {
     let mut annotations = BTreeMap::from([
         (ANNOTATION_FORMAT.to_string(), "1".to_string()),
         (ANNOTATION_SOURCE.to_string(), source.to_string()),
     ]);
+    let defaults = BuildOptions::default();
+    if build.chunker != defaults.chunker || build.compression_level != defaults.compression_level {
+        annotations.insert(
+            ANNOTATION_ENCODING.to_string(),
+            format!("chunker={}; zstd={}", build.chunker, build.compression_level),
+        );
+    }
     if let Some(text) = profile.and_then(|p| serde_json::to_string(p).ok()) {
         if text.len() <= MAX_ANNOTATED_PROFILE {
             annotations.insert(ANNOTATION_PROFILE.to_string(), text);

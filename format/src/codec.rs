@@ -4,9 +4,12 @@ use crate::error::{FormatError, Result};
 use crate::features::CHUNK_FLAG_ZSTD;
 use crate::reader::ChunkInfo;
 
-/// zstd level every chunk is compressed with (pinned: output bytes, and so blob
-/// digests, depend on it).
+/// zstd level chunks are compressed with by default (output bytes, and so blob
+/// digests, depend on it: a build at one level is reproducible).
 pub const ZSTD_LEVEL: i32 = 3;
+/// The highest level a build may choose (`encode_digested_chunk_at`): beyond it,
+/// each step costs several times the CPU for a fraction of a percent.
+pub const MAX_ZSTD_LEVEL: i32 = 19;
 
 /// A chunk ready to be stored.
 #[derive(Debug, Clone)]
@@ -32,8 +35,14 @@ pub fn encode_chunk(data: &[u8]) -> EncodedChunk {
 /// already, e.g. to look it up in a dictionary first: hashing it again would cost
 /// a tenth of what compressing it does.
 pub fn encode_digested_chunk(data: &[u8], digest: [u8; 32]) -> EncodedChunk {
+    encode_digested_chunk_at(data, digest, ZSTD_LEVEL)
+}
+
+/// `encode_digested_chunk` at zstd level `level` (clamped to 1..=`MAX_ZSTD_LEVEL`).
+/// A chunk decodes the same whatever level encoded it.
+pub fn encode_digested_chunk_at(data: &[u8], digest: [u8; 32], level: i32) -> EncodedChunk {
     debug_assert_eq!(digest, chunk_digest(data), "the digest of other bytes");
-    let compressed = compress(data).ok();
+    let compressed = compress(data, level.clamp(1, MAX_ZSTD_LEVEL)).ok();
     let (flags, stored) = match compressed {
         Some(c) if c.len() < data.len() => (CHUNK_FLAG_ZSTD, c),
         _ => (0, data.to_vec()),
@@ -50,18 +59,24 @@ thread_local! {
     /// One zstd compression context per thread, reused for every chunk it encodes
     /// (a new context allocates and clears its tables for each chunk). The output is
     /// the same bytes as a fresh context's: every chunk is one frame of its own.
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// zstd-encodes `data` at `ZSTD_LEVEL` with this thread's context.
-fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+/// zstd-encodes `data` at `level` with this thread's context (set to `level` first
+/// when it was last used at another).
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        match slot.as_mut() {
+            Some((at, compressor)) if *at != level => {
+                compressor.set_compression_level(level)?;
+                *at = level;
+            }
+            Some(_) => {}
+            None => *slot = Some((level, zstd::bulk::Compressor::new(level)?)),
         }
-        slot.as_mut().expect("set above").compress(data)
+        slot.as_mut().expect("set above").1.compress(data)
     })
 }
 
@@ -286,6 +301,19 @@ mod tests {
             } else {
                 assert_eq!(&enc.stored, data);
             }
+        }
+    }
+
+    #[test]
+    fn a_context_switching_levels_encodes_as_a_fresh_one_at_each_and_every_level_decodes() {
+        let data = b"petrel chunk at some level, ".repeat(4000);
+        let digest = chunk_digest(&data);
+        for level in [3, 9, 1, 19, 3, 0, 40] {
+            let enc = encode_digested_chunk_at(&data, digest, level);
+            let fresh = zstd::bulk::compress(&data, level.clamp(1, MAX_ZSTD_LEVEL)).unwrap();
+            assert_eq!(enc.stored, fresh, "level {level}");
+            let back = zstd::bulk::decompress(&enc.stored, data.len()).unwrap();
+            assert_eq!(back, data, "level {level}");
         }
     }
 }

@@ -58,6 +58,12 @@ pub struct ConvertArgs {
     /// Use no chunk dictionary: the new image's blob stores every chunk.
     #[arg(long)]
     no_chunk_dict: bool,
+    /// zstd level of the new chunks, 1 to 19: higher stores less for more CPU (on a
+    /// Debian Python layer against 3: 5 stores 3 % less for 2.6 times the CPU, 9
+    /// 6 % less for 5.8 times). The same level gives the same blobs.
+    #[arg(long, value_name = "LEVEL", default_value_t = petrel_format::codec::ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: i32,
     /// Directory for the temporary build (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<std::path::PathBuf>,
@@ -95,6 +101,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         build: BuildOptions {
             chunker: args.chunker,
             prefetch,
+            compression_level: args.compression_level,
             ..BuildOptions::default()
         },
         all_platforms: args.all_platforms,

@@ -54,7 +54,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!("image        {}", args.image.display());
-    outln!("format       {} (chunker {})", summary.version, summary.chunker);
+    outln!(
+        "format       {} (chunker {}, zstd level {})",
+        summary.version,
+        summary.chunker,
+        summary.zstd_level
+    );
     outln!(
         "inodes       {} ({} files, {} dirs, {} symlinks, {} other, {} hardlinked)",
         summary.inodes,
