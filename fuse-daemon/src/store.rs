@@ -361,6 +361,20 @@ impl ChunkStore {
         }
         let mut index = self.index.write().expect("index lock");
         let gone = gone(&index);
+        // Bytes other processes added, towards this store's bound: chunks the index
+        // did not know before (a chunk another process moved out of a pack it
+        // removed is not new, and counting it would make bounded daemons answer
+        // each other's passes with passes of their own).
+        let stored_elsewhere: u64 = match self.max_bytes {
+            None => 0,
+            Some(_) => grown
+                .iter()
+                .flat_map(|(_, bytes)| bytes.chunks_exact(RECORD_BYTES))
+                .filter_map(Entry::decode)
+                .filter(|e| !e.tombstone && !index.chunks.contains_key(&e.digest))
+                .map(|e| u64::from(e.length) + RECORD_BYTES as u64)
+                .sum(),
+        };
         index.forget_packs(&gone);
         let mut closed = Vec::new();
         for pack in &gone {
@@ -371,15 +385,11 @@ impl ChunkStore {
         let mut tombstones = false;
         let records: usize = grown.iter().map(|(_, bytes)| bytes.len() / RECORD_BYTES).sum();
         index.chunks.reserve(records);
-        let mut stored_elsewhere = 0u64;
         for (pack, bytes) in grown {
             let start = index.applied.get(&pack).copied().unwrap_or(0);
             for record in bytes.chunks_exact(RECORD_BYTES) {
                 if let Some(entry) = Entry::decode(record) {
                     tombstones |= entry.tombstone;
-                    if !entry.tombstone {
-                        stored_elsewhere += u64::from(entry.length) + RECORD_BYTES as u64;
-                    }
                     index.apply(entry);
                 }
             }
@@ -390,9 +400,7 @@ impl ChunkStore {
         drop(last);
         // Other processes' chunks count towards this store's bound too: a daemon that
         // filled the cache may have exited before its own eviction caught up.
-        if self.max_bytes.is_some() {
-            self.approx_bytes.fetch_add(stored_elsewhere, Ordering::Relaxed);
-        }
+        self.approx_bytes.fetch_add(stored_elsewhere, Ordering::Relaxed);
         // Chunks moved or removed elsewhere leave bytes here worth compacting.
         if tombstones {
             self.compact_soon();
@@ -1234,6 +1242,33 @@ mod tests {
         std::fs::remove_file(pins).unwrap();
         store.gc(0);
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_bounded_store_counts_the_chunks_others_store_but_not_those_they_move() {
+        let dir = tempfile::tempdir().unwrap();
+        // A bound no test here reaches: no pass runs, the count is what is checked.
+        let watcher = ChunkStore::open(dir.path(), Some(1 << 40)).unwrap();
+        let other = ChunkStore::open(dir.path(), None).unwrap();
+        let chunks: Vec<([u8; 32], Vec<u8>)> = (0..4u8).map(chunk).collect();
+        let refs: Vec<([u8; 32], &[u8])> = chunks.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+        let counted = || watcher.approx_bytes.load(Ordering::Relaxed);
+        let before = counted();
+        other.put(&refs).unwrap();
+        watcher.refresh();
+        let stored = chunks.iter().map(|(_, b)| b.len() + RECORD_BYTES).sum::<usize>() as u64;
+        assert_eq!(counted() - before, stored, "the other process's new chunks count");
+        // The other process moves every chunk into a new pack and removes the old
+        // one, as GC does with pinned chunks: nothing new to count.
+        other.seal_writer();
+        for pack in other.packs() {
+            other.remove_pack(&pack, |_| true).expect("moved");
+        }
+        watcher.refresh();
+        assert_eq!(counted() - before, stored, "moved chunks are not new bytes");
+        let mut buf = [0u8; 10];
+        watcher.read(&chunks[3].0, 0, &mut buf).unwrap();
+        assert_eq!(buf, [3u8; 10], "and are found where they went");
     }
 
     #[test]
