@@ -51,7 +51,7 @@ fn a_recorded_profile_round_trips_through_optimize() {
     let image = work.path().join("image");
     run_ok(
         petrel()
-            .args(["build", "--chunker", "fixed:256K", "-o"])
+            .args(["build", "--chunker", "fixed:256K", "--compression-level", "7", "-o"])
             .arg(&image)
             .arg(&src),
     );
@@ -113,6 +113,11 @@ fn a_recorded_profile_round_trips_through_optimize() {
     let summary: serde_json::Value =
         serde_json::from_str(&run_ok(petrel().arg("inspect").arg(&optimized).arg("--json"))).unwrap();
     assert_eq!(summary["prefetch_files"], 3);
+    assert_eq!(
+        (summary["chunker"].as_str(), summary["zstd_level"].as_u64()),
+        (Some("fixed 262144"), Some(7)),
+        "the image's chunker and zstd level are kept"
+    );
     let prefetch = summary["prefetch_bytes"].as_u64().unwrap();
     assert!(prefetch > 300_000 && prefetch < 4 << 20, "{summary}");
     let bootstrap = std::fs::read(optimized.join("bootstrap")).unwrap();

@@ -182,12 +182,15 @@ pub fn run_optimize(args: OptimizeArgs) -> anyhow::Result<ExitCode> {
     if args.output.exists() && std::fs::read_dir(&args.output)?.next().is_some() {
         bail!("{} is not empty", args.output.display());
     }
+    // The image's chunker and zstd level again (the level clamped to zstd's range).
     let chunker = image.bootstrap().chunker();
+    let compression_level = image.bootstrap().superblock().compression_level.get().min(19) as i32;
     let tar = tempfile::NamedTempFile::new()?;
     petrel_builder::unpack::unpack_to_tar(&image, std::io::BufWriter::new(tar.reopen()?))?;
     let options = petrel_builder::BuildOptions {
         chunker,
         prefetch: profile.entries,
+        compression_level,
         ..petrel_builder::BuildOptions::default()
     };
     let report = petrel_builder::build_paths(&[tar.path().to_path_buf()], &args.output, options)?;
