@@ -11,7 +11,7 @@ use std::fmt::Write;
 pub struct Summary {
     pub version: String,
     pub chunker: String,
-    /// The highest zstd level a chunk was compressed at (informative).
+    /// The zstd level the build compressed its new chunks at (informative).
     pub zstd_level: u32,
     pub inodes: u32,
     pub files: u64,

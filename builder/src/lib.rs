@@ -89,8 +89,9 @@ pub struct ImageBuilder {
 
 impl ImageBuilder {
     /// Starts a build writing into directory `out` (created if missing).
-    pub fn new(options: BuildOptions, out: &Path) -> Result<Self> {
+    pub fn new(mut options: BuildOptions, out: &Path) -> Result<Self> {
         options.chunker.validate()?;
+        options.compression_level = options.compression_level.clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL);
         std::fs::create_dir_all(out).map_err(BuildError::io("create", out))?;
         let spool = tempfile::tempfile_in(out).map_err(BuildError::io("create chunk spool in", out))?;
         let threads = match options.threads {
@@ -102,7 +103,7 @@ impl ImageBuilder {
             threads,
             spool,
             std::sync::Arc::clone(&options.chunk_dict),
-            options.compression_level.clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL),
+            options.compression_level,
             // A prefetch region is laid out in the new blob even where a dictionary
             // or a blob sealed mid-build holds its chunks, so the spool keeps a
             // copy of every chunk.
@@ -207,10 +208,7 @@ impl ImageBuilder {
         let params = SuperblockParams {
             chunker: self.options.chunker,
             small_file_limit,
-            compression_level: self
-                .options
-                .compression_level
-                .clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL) as u32,
+            compression_level: self.options.compression_level as u32,
         };
         // Blobs sealed mid-build are referenced like dictionary blobs.
         let mut blobs = self.options.chunk_dict.blobs.clone();
