@@ -101,13 +101,13 @@ fn pip_layer_tar(w: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(tar)
 }
 
-/// The service image's own code.
-fn service_app_layer_tar() -> Vec<u8> {
+/// The service image's own code, of release `release`.
+fn service_app_layer_tar(release: u32) -> Vec<u8> {
     let mut app = petrel_fixtures::layer_writer::LayerWriter::new();
     app.file(
         "app/service.py",
         &Default::default(),
-        b"import flask, numpy\napp = flask.Flask(__name__)\n\n@app.get('/')\ndef index():\n    return {'sum': int(numpy.arange(10).sum())}\n",
+        format!("import flask, numpy\napp = flask.Flask(__name__)\n\n@app.get('/')\ndef index():\n    return {{'sum': int(numpy.arange(10).sum()), 'release': {release}}}\n").as_bytes(),
     );
     app.finish()
 }
@@ -287,14 +287,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         // then its pip packages (real wheels: numpy and a Flask stack, 19 MB
         // gzip), then the app's code; the packages are the conversion's tail.
         let service = w.join("service-layout");
-        let service_layers = [tar, pip_layer_tar(w)?, service_app_layer_tar()];
+        let mut service_layers = vec![tar, pip_layer_tar(w)?, service_app_layer_tar(1)];
         petrel_fixtures::oci_layout::write_oci_layout_gzipped(&service, "v1", &service_layers, 6)?;
+        // Its next release: only the app's code changed.
+        service_layers[2] = service_app_layer_tar(2);
+        let next_release = w.join("service-layout-v2");
+        petrel_fixtures::oci_layout::write_oci_layout_gzipped(&next_release, "v2", &service_layers, 6)?;
         drop(service_layers);
-        run_shell(&format!(
-            "skopeo copy --quiet --dest-tls-verify=false oci:{}:v1 docker://{}/service:v1",
-            service.display(),
-            source.addr
-        ))?;
+        for (layout, tag) in [(&service, "v1"), (&next_release, "v2")] {
+            run_shell(&format!(
+                "skopeo copy --quiet --dest-tls-verify=false oci:{}:{tag} docker://{}/service:{tag}",
+                layout.display(),
+                source.addr
+            ))?;
+        }
         let images = [
             (
                 "app",
@@ -357,6 +363,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             tables.push((label, rounds));
         }
         print_conversions(&tables, mbit, rtt_ms, rounds);
+        let next = next_release_rounds(&petrel, &source, &source_link, w, rounds, one_way, bits)?;
+        print_next_release(&next, mbit, rtt_ms, rounds);
     }
     if convert_only {
         return Ok(());
@@ -561,6 +569,84 @@ fn convert_rounds(
         loopback_cpu,
         inflating,
     })
+}
+
+/// Seconds to bring the service's next release (only its app layer changed) into
+/// a repository that holds the release before, per round: skopeo copy (which
+/// sends only the changed layer) and petrel convert (which reads every layer to
+/// build the tree, and pushes only new chunks), over loopback and over the shaped
+/// link; and the bytes the last petrel convert pushed.
+struct NextRelease {
+    seconds: [Vec<f64>; 4],
+    uploaded: u64,
+}
+
+fn next_release_rounds(
+    petrel: &Path,
+    source: &Registry,
+    source_link: &str,
+    w: &Path,
+    rounds: usize,
+    one_way: Duration,
+    bits: f64,
+) -> anyhow::Result<NextRelease> {
+    let mut seconds: [Vec<f64>; 4] = Default::default();
+    let summary = w.join("convert-next-release.json");
+    for round in 0..rounds {
+        let dest = Registry::start(&w.join(format!("dest-next-{round}")))?;
+        let dest_link = relay::start(&dest.addr, one_way, bits);
+        let (a, d) = (&source.addr, &dest.addr);
+        let copy = "skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false";
+        let convert = petrel.display();
+        // Release 1 in each repository first, untimed, over loopback.
+        for repo in ["loopcopy", "copy"] {
+            run_shell(&format!("{copy} docker://{a}/service:v1 docker://{d}/{repo}:v1"))?;
+        }
+        for repo in ["loop", "svc"] {
+            run_shell(&format!(
+                "{convert} convert docker://{a}/service:v1 docker://{d}/{repo}:v1-petrel > /dev/null"
+            ))?;
+        }
+        let runs = [
+            format!("{copy} docker://{a}/service:v2 docker://{d}/loopcopy:v2"),
+            format!("{convert} convert docker://{a}/service:v2 docker://{d}/loop:v2-petrel > /dev/null"),
+            format!("{copy} docker://{source_link}/service:v2 docker://{dest_link}/copy:v2"),
+            format!(
+                "{convert} convert docker://{source_link}/service:v2 docker://{dest_link}/svc:v2-petrel --json > {}",
+                summary.display()
+            ),
+        ];
+        for (series, script) in seconds.iter_mut().zip(runs) {
+            series.push(run_shell(&script)?.seconds);
+        }
+        eprintln!(
+            "next release round {}: skopeo {:.2} s, convert {:.2} s on loopback; skopeo {:.2} s, convert {:.2} s shaped",
+            round + 1,
+            seconds[0][round],
+            seconds[1][round],
+            seconds[2][round],
+            seconds[3][round]
+        );
+    }
+    let uploaded = std::fs::read(&summary)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|summary| summary["manifests"][0]["uploaded_bytes"].as_u64())
+        .unwrap_or(0);
+    Ok(NextRelease { seconds, uploaded })
+}
+
+fn print_next_release(next: &NextRelease, mbit: f64, rtt_ms: f64, rounds: usize) {
+    let [loop_copy, loop_convert, copy, convert] = next.seconds.clone().map(|series| median(&series));
+    println!();
+    println!("the service's next release (only its app layer changed) into a repository holding the release before ({mbit} Mbit/s, {rtt_ms} ms RTT); medians of {rounds}");
+    println!("| link | skopeo copy (sends the changed layer) | petrel convert (reads every layer; pushes {} KiB) | vs skopeo copy |", next.uploaded >> 10);
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| loopback | {loop_copy:.2} s | {loop_convert:.2} s | {:.2} |",
+        loop_convert / loop_copy
+    );
+    println!("| shaped | {copy:.2} s | {convert:.2} s | {:.2} |", convert / copy);
 }
 
 /// The conversion table: each image's medians, petrel against skopeo copy.
