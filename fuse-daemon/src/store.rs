@@ -661,12 +661,11 @@ impl ChunkStore {
         batch
     }
 
-    /// Counts `bytes` newly stored; past the bound, GC starts in the background.
+    /// Counts `bytes` this process newly stored (chunks, a materialized file);
+    /// past the bound, GC starts in the background.
     fn count_stored(self: &Arc<Self>, bytes: u64) {
-        let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if self.max_bytes.is_some_and(|max| total > max) {
-            self.gc_in_background();
-        }
+        self.approx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.collect_if_over_bound();
     }
 
     /// Writes `batch` at the end of this process's pack in one system call (not yet
@@ -875,14 +874,6 @@ impl ChunkStore {
         let mut packs: Vec<PackFile> = packs.into_values().collect();
         packs.sort_by_key(|p| p.modified);
         packs
-    }
-
-    /// Counts `bytes` newly stored outside `put` towards the bound.
-    fn add_bytes(self: &Arc<Self>, bytes: u64) {
-        let total = self.approx_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if self.max_bytes.is_some_and(|max| total > max) {
-            self.gc_in_background();
-        }
     }
 
     fn files_dir(&self) -> PathBuf {

@@ -131,7 +131,7 @@ impl ChunkStore {
             }
             index.applied.insert(id, bytes.len() as u64);
         }
-        self.add_bytes(size);
+        self.count_stored(size);
         self.compact_soon();
         Ok(path)
     }
