@@ -556,13 +556,7 @@ fn convert_rounds(
             seconds[5][round]
         );
     }
-    let uploaded = [&summary, &profiled_summary, &level9_summary].map(|path| {
-        std::fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-            .and_then(|summary| summary["manifests"][0]["uploaded_bytes"].as_u64())
-            .unwrap_or(0)
-    });
+    let uploaded = [&summary, &profiled_summary, &level9_summary].map(|path| uploaded_bytes(path));
     Ok(Conversions {
         seconds,
         uploaded,
@@ -628,12 +622,20 @@ fn next_release_rounds(
             seconds[3][round]
         );
     }
-    let uploaded = std::fs::read(&summary)
+    Ok(NextRelease {
+        seconds,
+        uploaded: uploaded_bytes(&summary),
+    })
+}
+
+/// The bytes a `petrel convert --json` run pushed, from its summary at `path` (0
+/// when it cannot be read).
+fn uploaded_bytes(path: &Path) -> u64 {
+    std::fs::read(path)
         .ok()
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
         .and_then(|summary| summary["manifests"][0]["uploaded_bytes"].as_u64())
-        .unwrap_or(0);
-    Ok(NextRelease { seconds, uploaded })
+        .unwrap_or(0)
 }
 
 fn print_next_release(next: &NextRelease, mbit: f64, rtt_ms: f64, rounds: usize) {
