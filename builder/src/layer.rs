@@ -2,9 +2,9 @@
 
 use crate::error::{BuildError, EntryProblem, Result};
 use crate::pax_sparse::{self, MappedSparse};
-use crate::sink::{ChunkSink, FileDataError, SparseFile};
-use crate::tree::{clean_path, Meta, Node, NodeKind, Tree, ROOT};
-use std::collections::BTreeMap;
+use crate::record::{apply_op, EntryError, Op, Recorded};
+use crate::sink::{ChunkSink, SparseFile};
+use crate::tree::{clean_path, Meta, NodeKind, Tree};
 use std::io::{BufRead, BufReader, Read};
 use tar::EntryType;
 
@@ -83,6 +83,7 @@ pub fn apply_tar_layer(
     reader: &mut dyn Read,
     layer: usize,
     warnings: &mut Vec<String>,
+    mut record: Option<&mut Vec<Recorded>>,
 ) -> Result<u64> {
     let archive_error = |source: std::io::Error| BuildError::Archive {
         layer,
@@ -100,33 +101,21 @@ pub fn apply_tar_layer(
             path: shown.clone(),
             problem,
         };
-        match apply_entry(tree, sink, &mut entry, &raw_path, layer, warnings) {
+        match apply_entry(
+            tree,
+            sink,
+            &mut entry,
+            &raw_path,
+            layer,
+            warnings,
+            record.as_deref_mut(),
+        ) {
             Ok(()) => count += 1,
             Err(EntryError::Problem(problem)) => return Err(bad(problem)),
             Err(EntryError::Build(e)) => return Err(e),
         }
     }
     Ok(count)
-}
-
-enum EntryError {
-    Problem(EntryProblem),
-    Build(BuildError),
-}
-
-impl From<EntryProblem> for EntryError {
-    fn from(p: EntryProblem) -> Self {
-        EntryError::Problem(p)
-    }
-}
-
-impl From<FileDataError> for EntryError {
-    fn from(e: FileDataError) -> Self {
-        match e {
-            FileDataError::Input(p) => EntryError::Problem(p),
-            FileDataError::Build(b) => EntryError::Build(b),
-        }
-    }
 }
 
 fn apply_entry(
@@ -136,6 +125,7 @@ fn apply_entry(
     raw_path: &[u8],
     layer: usize,
     warnings: &mut Vec<String>,
+    record: Option<&mut Vec<Recorded>>,
 ) -> Result<(), EntryError> {
     // A GNU dump directory ('D', from `tar --listed-incremental`) is a directory whose
     // data lists its contents for incremental restores: the directory is what counts.
@@ -156,7 +146,7 @@ fn apply_entry(
         _ => None,
     };
     let raw_path = sparse.as_ref().and_then(|s| s.name.as_deref()).unwrap_or(raw_path);
-    let shown = String::from_utf8_lossy(raw_path);
+    let shown = String::from_utf8_lossy(raw_path).into_owned();
     if raw_path.split(|&b| b == b'/').any(|c| c == b"..") {
         warnings.push(format!(
             "layer {}: entry {shown:?} has '..' components; placed inside the root as containerd does",
@@ -166,42 +156,31 @@ fn apply_entry(
     let components = clean_path(raw_path);
     check_path(&components)?;
     let meta = entry_meta(entry)?;
-    let Some((name, parents)) = components.split_last() else {
+    let Some(name) = components.last() else {
         if kind == EntryType::Directory {
-            tree.node_mut(ROOT).meta = meta;
-        } else {
-            warnings.push(format!(
-                "layer {}: entry {shown:?} names the root but is not a directory; skipped",
-                layer + 1
-            ));
+            return apply_op(tree, &components, &shown, Op::Root(meta), layer, warnings, record);
         }
+        warnings.push(format!(
+            "layer {}: entry {shown:?} names the root but is not a directory; skipped",
+            layer + 1
+        ));
         return Ok(());
     };
     if name.len() > petrel_format::reader::NAME_MAX {
         return Err(EntryProblem::NameTooLong.into());
     }
-    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-        return apply_whiteout(tree, parents, name, hidden, layer, warnings, &shown);
+    if name.starts_with(WHITEOUT_PREFIX) {
+        return apply_op(tree, &components, &shown, Op::Whiteout, layer, warnings, record);
     }
-    let parent = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
     sink.set_path(&components);
     sink.set_data_position(entry.raw_file_position());
-    let node_kind = match kind {
-        EntryType::Directory => {
-            if let Some(existing) = tree.entry(parent, name) {
-                if matches!(tree.node(existing.node).kind, NodeKind::Directory(_)) {
-                    tree.node_mut(existing.node).meta = meta;
-                    tree.insert(parent, name.clone(), existing.node, layer);
-                    return Ok(());
-                }
-            }
-            NodeKind::Directory(BTreeMap::new())
-        }
+    let op = match kind {
+        EntryType::Directory => Op::Directory(meta),
         EntryType::Regular | EntryType::Continuous => match sparse {
             None => {
                 let size = entry.size();
                 let pieces = sink.add_file(entry, size)?;
-                NodeKind::Regular { size, pieces }
+                Op::Node(meta, NodeKind::Regular { size, pieces })
             }
             Some(mut sparse) => {
                 if sparse.map_in_data {
@@ -209,20 +188,20 @@ fn apply_entry(
                 }
                 let size = sparse.size;
                 let pieces = sink.add_sparse_file(&mut MappedSparse::new(sparse, entry), size)?;
-                NodeKind::Regular { size, pieces }
+                Op::Node(meta, NodeKind::Regular { size, pieces })
             }
         },
         EntryType::GNUSparse => {
             let size = entry.size();
             let pieces = sink.add_sparse_file(&mut SparseEntry(entry), size)?;
-            NodeKind::Regular { size, pieces }
+            Op::Node(meta, NodeKind::Regular { size, pieces })
         }
         EntryType::Symlink => {
             let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
             if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
                 return Err(EntryProblem::BadSymlinkTarget.into());
             }
-            NodeKind::Symlink(target)
+            Op::Node(meta, NodeKind::Symlink(target))
         }
         EntryType::Link => {
             let target = entry
@@ -231,29 +210,26 @@ fn apply_entry(
                 .into_owned();
             let target_components = clean_path(&target);
             check_path(&target_components)?;
-            let shown_target = String::from_utf8_lossy(&target).into_owned();
-            let node = tree
-                .lookup(&target_components)?
-                .ok_or(EntryProblem::HardlinkTargetMissing {
-                    target: shown_target.clone(),
-                })?;
-            if matches!(tree.node(node).kind, NodeKind::Directory(_)) {
-                return Err(EntryProblem::HardlinkToDirectory { target: shown_target }.into());
+            if target_components.is_empty() {
+                return Err(EntryProblem::HardlinkToDirectory {
+                    target: String::from_utf8_lossy(&target).into_owned(),
+                }
+                .into());
             }
-            tree.insert(parent, name.clone(), node, layer);
-            return Ok(());
+            Op::Hardlink(target_components)
         }
         EntryType::Char | EntryType::Block => {
             let header = entry.header();
             let major = header.device_major().ok().flatten().unwrap_or(0);
             let minor = header.device_minor().ok().flatten().unwrap_or(0);
-            if kind == EntryType::Char {
+            let kind = if kind == EntryType::Char {
                 NodeKind::CharDevice { major, minor }
             } else {
                 NodeKind::BlockDevice { major, minor }
-            }
+            };
+            Op::Node(meta, kind)
         }
-        EntryType::Fifo => NodeKind::Fifo,
+        EntryType::Fifo => Op::Node(meta, NodeKind::Fifo),
         other => {
             warnings.push(format!(
                 "layer {}: entry {shown:?} has unsupported type {other:?}; skipped",
@@ -262,9 +238,7 @@ fn apply_entry(
             return Ok(());
         }
     };
-    let id = tree.add_node(Node { meta, kind: node_kind });
-    tree.insert(parent, name.clone(), id, layer);
-    Ok(())
+    apply_op(tree, &components, &shown, op, layer, warnings, record)
 }
 
 /// A GNU sparse tar entry, walked by its sparse map.
@@ -282,40 +256,6 @@ impl SparseFile for SparseEntry<'_, '_, '_> {
     }
 }
 
-fn apply_whiteout(
-    tree: &mut Tree,
-    parents: &[Vec<u8>],
-    name: &[u8],
-    hidden: &[u8],
-    layer: usize,
-    warnings: &mut Vec<String>,
-    shown: &str,
-) -> Result<(), EntryError> {
-    if name == OPAQUE_MARKER {
-        let dir = tree.resolve_dir(parents, layer, true)?.expect("created when missing");
-        tree.make_opaque(dir, layer);
-        return Ok(());
-    }
-    if hidden.starts_with(WHITEOUT_PREFIX) {
-        warnings.push(format!(
-            "layer {}: entry {shown:?} is aufs metadata; skipped",
-            layer + 1
-        ));
-        return Ok(());
-    }
-    if !petrel_format::reader::is_valid_name(hidden) {
-        warnings.push(format!(
-            "layer {}: whiteout {shown:?} names no valid entry; skipped",
-            layer + 1
-        ));
-        return Ok(());
-    }
-    if let Some(dir) = tree.resolve_dir(parents, layer, false)? {
-        tree.whiteout(dir, hidden, layer);
-    }
-    Ok(())
-}
-
 /// An entry's PAX records (key, value), in order.
 fn pax_records(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<pax_sparse::PaxRecords, EntryProblem> {
     let mut records = Vec::new();
@@ -331,7 +271,7 @@ fn pax_records(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<pax_sparse::
 /// Refuses a path the image's reader would refuse, or that no kernel could open:
 /// NUL in a component, too long, too deep. (Component length is checked with the
 /// whiteout handling, which names other entries.)
-fn check_path(components: &[Vec<u8>]) -> Result<(), EntryProblem> {
+pub(crate) fn check_path(components: &[Vec<u8>]) -> Result<(), EntryProblem> {
     if components.iter().any(|c| c.contains(&0)) {
         return Err(EntryProblem::NulInName);
     }

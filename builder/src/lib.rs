@@ -15,6 +15,7 @@ pub mod pax_sparse;
 pub mod pipeline;
 pub mod prefetch_set;
 mod read_ahead;
+pub mod record;
 pub mod sink;
 pub mod tree;
 pub mod unpack;
@@ -46,6 +47,10 @@ pub struct BuildOptions {
     /// The zstd level of new chunks (1 to `MAX_ZSTD_LEVEL`; the same level gives
     /// the same blobs).
     pub compression_level: i32,
+    /// Keep a record of each layer applied from a tar or a record
+    /// ([`BuildReport::layer_records`]), for later builds to apply instead of
+    /// reading the layer again.
+    pub record_layers: bool,
 }
 
 impl Default for BuildOptions {
@@ -57,6 +62,7 @@ impl Default for BuildOptions {
             prefetch: Vec::new(),
             chunk_dict: Default::default(),
             compression_level: petrel_format::codec::ZSTD_LEVEL,
+            record_layers: false,
         }
     }
 }
@@ -71,6 +77,12 @@ pub struct BuildReport {
     pub output: emit::EmitSummary,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// With [`BuildOptions::record_layers`], each layer's record (`format-spec.md`
+    /// §16), zstd-compressed, or None for a layer read from a directory or one
+    /// naming chunks the image does not hold (a later layer replaced or deleted
+    /// some of its files).
+    #[serde(skip)]
+    pub layer_records: Vec<Option<Vec<u8>>>,
 }
 
 /// Builds one image from layers applied in order.
@@ -85,6 +97,8 @@ pub struct ImageBuilder {
     warnings: Vec<String>,
     started: Instant,
     progress: std::sync::Arc<pipeline::BuildProgress>,
+    /// Per layer, what it applied (with `record_layers`; None: not recordable).
+    recorded: Vec<Option<Vec<record::Recorded>>>,
 }
 
 impl ImageBuilder {
@@ -123,6 +137,7 @@ impl ImageBuilder {
             warnings: Vec::new(),
             started: Instant::now(),
             progress,
+            recorded: Vec::new(),
         })
     }
 
@@ -139,13 +154,48 @@ impl ImageBuilder {
         let mut buffered = std::io::BufReader::with_capacity(1 << 20, reader);
         let head = std::io::BufRead::fill_buf(&mut buffered).map_err(|source| BuildError::Archive { layer, source })?;
         let (tree, sink, warnings) = (&mut self.tree, &mut self.sink, &mut self.warnings);
+        let mut recorded = self.options.record_layers.then(Vec::new);
+        let record = recorded.as_mut();
         self.entries += if layer::is_compressed(head) {
             read_ahead::with_decoded(buffered, |stream| {
-                layer::apply_tar_layer(tree, sink, stream, layer, warnings)
+                layer::apply_tar_layer(tree, sink, stream, layer, warnings, record)
             })?
         } else {
-            layer::apply_tar_layer(tree, sink, &mut buffered, layer, warnings)?
+            layer::apply_tar_layer(tree, sink, &mut buffered, layer, warnings, record)?
         };
+        self.recorded.push(recorded);
+        self.layers += 1;
+        Ok(())
+    }
+
+    /// What a layer record must match to be applied by this build (see
+    /// [`record::replayable`]).
+    pub fn record_encoding(&self) -> petrel_format::layer_record::RecordEncoding {
+        petrel_format::layer_record::RecordEncoding {
+            chunker: self.options.chunker,
+            small_file_limit: self.sink.small_file_limit(),
+            compression_level: self.options.compression_level as u32,
+        }
+    }
+
+    /// Applies a layer from its record (`format-spec.md` §16) instead of its tar:
+    /// the same entries, in the same order, each file's data as the chunks the
+    /// record names, which the build's chunk dictionary must hold
+    /// ([`record::replayable`]). Nothing is read, compressed or stored.
+    pub fn add_recorded_layer(&mut self, layer_record: &petrel_format::layer_record::LayerRecord) -> Result<()> {
+        let layer = self.layers;
+        record::replayable(layer_record, &self.record_encoding(), &self.options.chunk_dict)
+            .map_err(|why| BuildError::Invalid(format!("layer {}: its record cannot be applied: {why}", layer + 1)))?;
+        let mut recorded = self.options.record_layers.then(Vec::new);
+        self.entries += record::apply_record(
+            &mut self.tree,
+            &mut self.sink,
+            layer_record,
+            layer,
+            &mut self.warnings,
+            recorded.as_mut(),
+        )?;
+        self.recorded.push(recorded);
         self.layers += 1;
         Ok(())
     }
@@ -154,6 +204,7 @@ impl ImageBuilder {
     pub fn add_directory(&mut self, path: &Path) -> Result<()> {
         let layer = self.layers;
         self.entries += dir_source::apply_directory(&mut self.tree, &mut self.sink, path, layer, &mut self.warnings)?;
+        self.recorded.push(None);
         self.layers += 1;
         Ok(())
     }
@@ -202,8 +253,14 @@ impl ImageBuilder {
     /// Writes the blob and bootstrap.
     pub fn finish(mut self) -> Result<BuildReport> {
         let small_file_limit = self.sink.small_file_limit();
+        let encoding = self.record_encoding();
         let data = self.sink.finish()?;
         let stats = data.stats;
+        let layer_records = if self.options.record_layers {
+            record::finish_records(&self.recorded, &self.tree, &data, encoding)
+        } else {
+            Vec::new()
+        };
         let unique_chunks = data.collected.chunks.len() as u32;
         let params = SuperblockParams {
             chunker: self.options.chunker,
@@ -233,6 +290,7 @@ impl ImageBuilder {
             output,
             seconds: self.started.elapsed().as_secs_f64(),
             warnings: self.warnings,
+            layer_records,
         })
     }
 }

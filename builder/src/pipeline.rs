@@ -94,6 +94,9 @@ enum Work {
     /// where its data ends in the layer's tar stream, and whether it is held back
     /// for the prefetch region (see [`Pipeline::submit`]).
     Chunk(Vec<u8>, Option<ChunkKey>, u64, bool),
+    /// A chunk a dictionary holds, named by its digest and plain size (a layer
+    /// record's): nothing to hash or compress.
+    Known([u8; 32], u32),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
@@ -207,6 +210,16 @@ impl Pipeline {
         Ok(self.next_submission - 1)
     }
 
+    /// Submits a chunk a dictionary holds by its digest and plain size (see
+    /// [`crate::record`]); like [`Self::submit`] otherwise. The build fails if the
+    /// dictionary does not hold it.
+    pub fn submit_known(&mut self, digest: [u8; 32], uncompressed_size: u32) -> Result<u64> {
+        self.tokens.send(()).map_err(|_| broken())?;
+        self.send(Work::Known(digest, uncompressed_size))?;
+        self.next_submission += 1;
+        Ok(self.next_submission - 1)
+    }
+
     /// Waits for every chunk submitted so far and writes those spooled since the
     /// previous seal into a blob in the blobs directory the pipeline was started
     /// with (None: nothing new since). Later duplicates of its chunks are
@@ -276,6 +289,18 @@ fn worker(
         let Ok(job) = job else { return };
         let (data, key, position, held) = match job.work {
             Work::Chunk(data, key, position, held) => (data, key, position, held),
+            Work::Known(digest, uncompressed_size) => {
+                let known = EncodedChunk {
+                    digest,
+                    flags: 0,
+                    uncompressed_size,
+                    stored: Vec::new(),
+                };
+                if results.send((job.seq, Done::Chunk(known, None, 0, false))).is_err() {
+                    return;
+                }
+                continue;
+            }
             Work::Seal(reply) => {
                 if results.send((job.seq, Done::Seal(reply))).is_err() {
                     return;
@@ -339,6 +364,8 @@ fn collect(
     let mut chunk_of_submission = Vec::new();
     let mut spool_len = 0u64;
     let mut failure = None;
+    // A chunk submitted as known that no dictionary holds.
+    let mut unknown: Option<[u8; 32]> = None;
     let mut next_seq = 0u64;
     let mut sealer = Sealer {
         keys: HashMap::new(),
@@ -432,6 +459,11 @@ fn collect(
                                 uncompressed_size: known.uncompressed_size,
                             }
                         }
+                        // Only a known chunk (a record's) comes without its bytes.
+                        None if encoded.stored.is_empty() => {
+                            unknown.get_or_insert(encoded.digest);
+                            continue;
+                        }
                         None => {
                             let stored_size = encoded.stored.len();
                             let windowing = sealer.streaming.is_some() && !held;
@@ -484,6 +516,12 @@ fn collect(
     sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
     if let Some(e) = failure {
         return Err(spool_error(e));
+    }
+    if let Some(digest) = unknown {
+        return Err(BuildError::Invalid(format!(
+            "a layer record names chunk {}, which no chunk dictionary holds",
+            hex::encode(digest)
+        )));
     }
     if let Some(why) = sealer.stream_failure {
         return Err(BuildError::Invalid(format!(

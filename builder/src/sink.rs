@@ -296,6 +296,49 @@ impl ChunkSink {
         })
     }
 
+    /// Takes a file a layer record lists (see [`crate::record`]): its pieces name
+    /// chunks of `chunks` that a dictionary holds, each submitted once per layer
+    /// (`slots`, one per record chunk, remembers the slot it got).
+    pub fn add_recorded_file(
+        &mut self,
+        pieces: &[petrel_format::layer_record::RecordPiece],
+        chunks: &[petrel_format::layer_record::RecordChunk],
+        slots: &mut [Option<u32>],
+        size: u64,
+    ) -> Result<Vec<Piece>, BuildError> {
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        let mut out = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let source = if piece.chunk == petrel_format::layer_record::RECORD_HOLE {
+                self.stats.hole_bytes += u64::from(piece.length);
+                PieceSource::Hole
+            } else {
+                let index = piece.chunk as usize;
+                let slot = match slots[index] {
+                    Some(slot) => slot,
+                    None => {
+                        let chunk = chunks[index];
+                        let seq = self.pipeline.submit_known(chunk.digest, chunk.uncompressed_size)?;
+                        let slot = self.new_slot(seq);
+                        slots[index] = Some(slot);
+                        slot
+                    }
+                };
+                PieceSource::Chunk {
+                    slot,
+                    offset: piece.chunk_offset,
+                }
+            };
+            out.push(Piece {
+                file_offset: piece.file_offset,
+                length: piece.length,
+                source,
+            });
+        }
+        Ok(out)
+    }
+
     fn add_small_file(&mut self, reader: &mut dyn Read, size: u64) -> Result<Vec<Piece>, FileDataError> {
         let mut data = vec![0u8; size as usize];
         let got = read_full(reader, &mut data).map_err(|e| FileDataError::Input(EntryProblem::Io(e)))?;

@@ -30,6 +30,8 @@ pub enum FormatError {
     BadChunker { reason: String },
     #[error("chunk {index}: {reason}")]
     BadChunk { index: u64, reason: String },
+    #[error("layer record, byte {offset}: {reason}")]
+    BadRecord { offset: u64, reason: String },
 }
 
 impl FormatError {

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod error;
 pub mod features;
 pub mod image_dir;
+pub mod layer_record;
 pub mod layer_tar;
 pub mod layout;
 pub mod profile;

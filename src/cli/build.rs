@@ -70,6 +70,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         prefetch,
         compression_level: args.compression_level,
+        record_layers: false,
     };
     let report = build_paths(&args.inputs, &args.output, options)?;
     // The image reads dictionary chunks from their blobs: link them in beside the new one.
