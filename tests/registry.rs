@@ -2496,3 +2496,174 @@ fn convert_takes_skopeos_tls_verify_flags_for_each_side() {
         output_text(&out)
     );
 }
+
+/// The blobs of the layer-records artifact that the referrers tag of image
+/// `repository:tag` lists (a registry without the referrers API).
+fn layer_record_blobs(registry: &TestRegistry, repository: &str, tag: &str) -> Vec<String> {
+    let r = &registry.addr;
+    let digest = {
+        let out = std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{r}/{repository}:{tag}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&out.stdout))
+        )
+    };
+    let index = skopeo_inspect(
+        &format!("docker://{r}/{repository}:{}", digest.replacen(':', "-", 1)),
+        None,
+    );
+    let artifact = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["artifactType"] == "application/vnd.dev.petrel.layer-records.v1")
+        .unwrap_or_else(|| panic!("no layer records listed: {index}"));
+    let artifact = skopeo_inspect(
+        &format!("docker://{r}/{repository}@{}", artifact["digest"].as_str().unwrap()),
+        None,
+    );
+    artifact["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert_eq!(l["mediaType"], "application/vnd.dev.petrel.layer-record.v1+zstd");
+            l["digest"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// A new release whose lower layers did not change: they are applied from the
+/// records the previous release's image carries and never fetched, and the image
+/// is the one reading every layer gives. A record corrupt in the registry only
+/// costs its layer's fetch.
+#[test]
+fn a_new_release_applies_its_unchanged_layers_from_their_records_and_fetches_only_the_changed_one() {
+    use petrel_fixtures::layer_spec::Op;
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let r = &registry.addr;
+    let app = |release: &str| {
+        let main = Op::File {
+            path: "app/main.py".into(),
+            meta: petrel_fixtures::layer_writer::EntryMeta::mode(0o644),
+            data: format!("print('release {release}')\n").into_bytes(),
+        };
+        write_layer(&[main], "")
+    };
+    for release in ["1", "2", "3"] {
+        let mut tars = edge_layers();
+        tars.push(app(release));
+        write_oci_layout(&work.path().join(release), "v1", &tars).unwrap();
+        registry.push_layout(&work.path().join(release), "src", release);
+    }
+    let sizes = layout_layer_sizes(&work.path().join("2"));
+    let first = convert(&format!("docker://{r}/src:1"), &format!("docker://{r}/app:1"), None);
+    let recorded = first["manifests"][0]["recorded_layers"].as_u64().unwrap();
+    assert_eq!(first["manifests"][0]["replayed_layers"], 0, "{first}");
+
+    let second = convert(&format!("docker://{r}/src:2"), &format!("docker://{r}/app:2"), None);
+    let m = &second["manifests"][0];
+    assert_eq!(second["chunk_dicts"][0]["image"], format!("docker://{r}/app:1"));
+    // Every layer but the app's has its record, and only the app layer is read.
+    assert_eq!(recorded, 4, "{first}");
+    assert_eq!(m["replayed_layers"], 3, "{second}");
+    assert_eq!(m["source_bytes"].as_u64().unwrap(), sizes[3], "{second}");
+    assert_eq!(m["recorded_layers"], 4, "{second}");
+
+    // The same image as reading every layer gives.
+    let out = petrel()
+        .args(["convert", "--json", "--no-layer-records"])
+        .arg(format!("docker://{r}/src:2"))
+        .arg(format!("docker://{r}/full:2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let full: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        full["manifests"][0]["source_bytes"].as_u64().unwrap(),
+        sizes.iter().sum::<u64>()
+    );
+    let replayed = MountProcess::start(
+        &format!("docker://{r}/app:2"),
+        &work.path().join("mnt-replayed"),
+        &work.path().join("cache"),
+        &[],
+    );
+    let read = MountProcess::start(
+        &format!("docker://{r}/full:2"),
+        &work.path().join("mnt-read"),
+        &work.path().join("cache"),
+        &[],
+    );
+    assert_tree(&scan(&read.mountpoint).unwrap(), &replayed.mountpoint);
+    assert_eq!(
+        std::fs::read(replayed.mountpoint.join("app/main.py")).unwrap(),
+        b"print('release 2')\n"
+    );
+    drop((replayed, read));
+
+    // Corrupt records in the registry: their layers are read from the source.
+    let blobs = layer_record_blobs(&registry, "app", "2");
+    assert_eq!(blobs.len(), 4, "{blobs:?}");
+    for blob in &blobs {
+        let hex = blob.trim_start_matches("sha256:");
+        let data = registry
+            .dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data");
+        let mut bytes = std::fs::read(&data).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(&data, bytes).unwrap();
+    }
+    let out = petrel()
+        .args(["convert", "--json"])
+        .arg(format!("docker://{r}/src:3"))
+        .arg(format!("docker://{r}/app:3"))
+        .arg("--chunk-dict")
+        .arg(format!("docker://{r}/app:2"))
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("is not usable"), "{text}");
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["manifests"][0]["replayed_layers"], 0, "{again}");
+    assert_eq!(
+        again["manifests"][0]["source_bytes"].as_u64().unwrap(),
+        layout_layer_sizes(&work.path().join("3")).iter().sum::<u64>()
+    );
+    let mount = MountProcess::start(
+        &format!("docker://{r}/app:3"),
+        &work.path().join("mnt-again"),
+        &work.path().join("cache2"),
+        &[],
+    );
+    // Release 3's tree is release 2's with its own app/main.py.
+    let full = MountProcess::start(
+        &format!("docker://{r}/full:2"),
+        &work.path().join("mnt-full"),
+        &work.path().join("cache3"),
+        &[],
+    );
+    let mut expected = scan(&full.mountpoint).unwrap();
+    drop(full);
+    expected.get_mut(b"app/main.py".as_slice()).unwrap().kind =
+        petrel_fixtures::snapshot::file_kind(b"print('release 3')\n");
+    assert_tree(&expected, &mount.mountpoint);
+    assert_eq!(
+        std::fs::read(mount.mountpoint.join("app/main.py")).unwrap(),
+        b"print('release 3')\n"
+    );
+}

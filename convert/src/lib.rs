@@ -4,6 +4,7 @@
 
 pub mod default_dict;
 mod error;
+pub mod layer_records;
 mod progress;
 mod source;
 mod streamed;
@@ -43,6 +44,11 @@ pub struct ConvertedManifest {
     pub uploaded_bytes: u64,
     pub skipped_blobs: usize,
     pub reused: bool,
+    /// Source layers applied from their records in the target repository
+    /// instead of fetched and read ([`layer_records`]).
+    pub replayed_layers: usize,
+    /// Layer records pushed with the image for later conversions.
+    pub recorded_layers: usize,
 }
 
 /// The whole conversion.
@@ -90,6 +96,10 @@ pub struct ConvertOptions {
     pub profile: Option<petrel_format::profile::Profile>,
     /// Petrel images whose chunks the new image references instead of storing.
     pub chunk_dict: ChunkDictChoice,
+    /// Apply the layer records that the chunk dictionaries of the target
+    /// repository carry instead of reading those layers, and push the new image's
+    /// ([`layer_records`]).
+    pub layer_records: bool,
 }
 
 /// Which petrel images a conversion deduplicates against.
@@ -160,12 +170,23 @@ pub fn convert(
     let mut dict_sources = Vec::new();
     let mut used_dicts = Vec::new();
     let named = matches!(options.chunk_dict, ChunkDictChoice::Named(_));
+    // Records stand in for layers: taken only where a profile does not need the
+    // layers' bytes for its prefetch region, and pushed only to a registry.
+    let recording = options.layer_records && matches!(target, Target::Registry { .. });
+    let replaying = recording && options.build.prefetch.is_empty();
+    let mut known_records = layer_records::KnownRecords::default();
     for (location, why) in dictionaries {
         // A dictionary picked by default that cannot be read only costs dedup.
         match load_dictionary(&location, &options.platform, &dict, &open_with_target_options) {
-            Ok((dict_source, extended, added)) => {
+            Ok((dict_source, extended, added, manifest_digest)) => {
                 tracing::info!("chunk dictionary {} ({why}): {added} chunks", dict_source.describe());
                 dict = extended;
+                if replaying && same_repository(&dict_source, &target) {
+                    match known_records.add_image(&target, &dict_source.describe(), &manifest_digest) {
+                        Ok(added) => tracing::info!("{added} layer records with {}", dict_source.describe()),
+                        Err(e) => tracing::warn!("no layer records from {}: {e}", dict_source.describe()),
+                    }
+                }
                 used_dicts.push(UsedDictionary {
                     image: dict_source.describe(),
                     why,
@@ -179,7 +200,12 @@ pub fn convert(
     }
     let mut options = options.clone();
     options.build.chunk_dict = std::sync::Arc::new(dict);
+    options.build.record_layers = recording;
     let options = &options;
+    let dictionaries = &Dictionaries {
+        sources: &dict_sources,
+        records: &known_records,
+    };
     let write_index = options.all_platforms && from_index;
     let mut converted = Vec::new();
     let mut index_entries = Vec::new();
@@ -196,7 +222,7 @@ pub fn convert(
                 let handles: Vec<_> = batch
                     .iter()
                     .map(|source_manifest| {
-                        let (source, target, dict_sources, bars) = (&source, &target, &dict_sources, bars.as_ref());
+                        let (source, target, bars) = (&source, &target, bars.as_ref());
                         scope.spawn(move || {
                             convert_one(
                                 source,
@@ -204,7 +230,7 @@ pub fn convert(
                                 source_manifest,
                                 options,
                                 !write_index,
-                                dict_sources,
+                                dictionaries,
                                 bars,
                             )
                         })
@@ -308,6 +334,8 @@ fn reuse(
             uploaded_bytes: 0,
             skipped_blobs: existing.layers().len(),
             reused: true,
+            replayed_layers: 0,
+            recorded_layers: 0,
         },
         existing_bytes.len(),
     ))
@@ -377,10 +405,12 @@ fn next_sealed<T>(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<T>>) -> Opt
 /// handed to `sealed`, but for the last layer's rest and, in a build with a
 /// prefetch profile, the chunks of the files it names, which go into the blob
 /// `finish` writes (its prefetch region first). Returns the bytes read.
+#[allow(clippy::too_many_arguments)]
 fn read_layers(
     builder: &mut ImageBuilder,
     source: &Source,
     manifest: &Manifest,
+    replay: &[Option<petrel_format::layer_record::LayerRecord>],
     options: &ConvertOptions,
     bars: Option<&indicatif::MultiProgress>,
     sealed: &std::sync::mpsc::Sender<petrel_builder::Result<petrel_builder::pipeline::SealedBlob>>,
@@ -393,6 +423,18 @@ fn read_layers(
     for (i, layer) in manifest.layers().iter().enumerate() {
         let (digest, size) = (layer.digest().as_ref(), layer.size());
         let layer_started = Instant::now();
+        if let Some(record) = &replay[i] {
+            // Nothing new to store, so nothing to seal or push.
+            builder
+                .add_recorded_layer(record)
+                .with_context(|| format!("applying the record of layer {} ({digest})", i + 1))?;
+            tracing::info!(
+                "layer {}/{count} {digest}: applied from its record ({} entries), not fetched",
+                i + 1,
+                record.entries.len()
+            );
+            continue;
+        }
         // A big layer's new chunks (or the conversion's tail's) go into blobs as
         // they come, each uploaded while it grows; without its uncompressed
         // length, it is cut into a few blobs. Either way where blobs end depends
@@ -478,19 +520,18 @@ fn read_layers(
 const MAX_DICT_BOOTSTRAP: u64 = 1 << 30;
 
 /// `dict` extended with the chunks of the petrel image at `location`: the
-/// image's source, the extended dictionary and how many chunks it added.
+/// image's source, the extended dictionary, how many chunks it added and the
+/// digest of the image manifest they came from.
 fn load_dictionary(
     location: &Location,
     platform: &Platform,
     dict: &petrel_builder::dict::ChunkDict,
     open: &dyn Fn(&Location) -> Result<Source>,
-) -> Result<(Source, petrel_builder::dict::ChunkDict, usize)> {
+) -> Result<(Source, petrel_builder::dict::ChunkDict, usize, String)> {
     let dict_source = open(location)?;
     let (dict_manifests, _) = dict_source.manifests(false, platform)?;
-    let manifest = &dict_manifests
-        .first()
-        .context("chunk dictionary without a manifest")?
-        .manifest;
+    let chosen = dict_manifests.first().context("chunk dictionary without a manifest")?;
+    let (manifest, manifest_digest) = (&chosen.manifest, chosen.digest.clone());
     let bootstrap = bootstrap_layer(manifest)
         .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
     let layer = dict_source.blob(bootstrap.digest().as_ref(), bootstrap.size().min(MAX_DICT_BOOTSTRAP))?;
@@ -520,7 +561,7 @@ fn load_dictionary(
     let added = extended
         .add_bootstrap(bytes)
         .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
-    Ok((dict_source, extended, added))
+    Ok((dict_source, extended, added, manifest_digest))
 }
 
 /// Converts one image manifest; returns the result and the manifest's size.
@@ -560,15 +601,22 @@ fn ensure_blob(target: &Target, digest: &str, size: u64, sources: &[Source]) -> 
     bail!("no chunk dictionary source holds blob {digest}")
 }
 
+/// The chunk dictionaries a conversion loaded, and the layer records they carry.
+struct Dictionaries<'a> {
+    sources: &'a [Source],
+    records: &'a layer_records::KnownRecords,
+}
+
 fn convert_one(
     source: &Source,
     target: &Target,
     source_manifest: &source::SourceManifest,
     options: &ConvertOptions,
     tag_it: bool,
-    dict_sources: &[Source],
+    dictionaries: &Dictionaries<'_>,
     bars: Option<&indicatif::MultiProgress>,
 ) -> Result<(ConvertedManifest, usize)> {
+    let (dict_sources, known_records) = (dictionaries.sources, dictionaries.records);
     let manifest = &source_manifest.manifest;
     if bootstrap_layer(manifest).is_some() {
         bail!("{} is already a petrel image", source.describe());
@@ -628,6 +676,19 @@ fn convert_one(
     let out = work.path().join("image");
     let mut builder = ImageBuilder::new(options.build.clone(), &out)?;
     let count = manifest.layers().len();
+    let layer_digests: Vec<String> = manifest.layers().iter().map(|l| l.digest().to_string()).collect();
+    // The layers the target repository holds records of, applied from them.
+    let replay = if known_records.is_empty() {
+        vec![None; count]
+    } else {
+        known_records.fetch(
+            target,
+            &layer_digests,
+            &builder.record_encoding(),
+            &options.build.chunk_dict,
+        )
+    };
+    let replayed_layers = replay.iter().flatten().count();
     let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
         Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),
         _ => None,
@@ -643,7 +704,7 @@ fn convert_one(
     let (opened_tx, opened_rx) =
         std::sync::mpsc::channel::<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>();
     let opened_tx = matches!(target, Target::Registry { .. }).then_some(opened_tx);
-    let (report, source_bytes, pushed_early, rest) = std::thread::scope(|scope| -> Result<_> {
+    let (report, source_bytes, pushed_early, (rest, records)) = std::thread::scope(|scope| -> Result<_> {
         let mount_from = mount_from.as_deref();
         let pushers: Vec<_> = (0..PUSHERS)
             .map(|_| {
@@ -682,6 +743,7 @@ fn convert_one(
             &mut builder,
             source,
             manifest,
+            &replay,
             options,
             bars,
             &sealed_tx,
@@ -701,8 +763,11 @@ fn convert_one(
                 Err(e)
             }
         };
-        // The rest goes up while the pushers finish the last sealed blobs.
-        let finished = finished.and_then(|(report, source_bytes)| {
+        // The rest goes up while the pushers finish the last sealed blobs, and
+        // the layer records beside it.
+        let finished = finished.and_then(|(mut report, source_bytes)| {
+            let (to_record, layer_digests) = (std::mem::take(&mut report.layer_records), &layer_digests);
+            let records = scope.spawn(move || layer_records::push_records(target, layer_digests, &to_record));
             let rest = push_rest(
                 target,
                 &report,
@@ -712,8 +777,16 @@ fn convert_one(
                 mount_from,
                 dict_sources,
                 bars,
-            )?;
-            Ok((report, source_bytes, rest))
+            );
+            let records = match records.join() {
+                Ok(Ok(records)) => records,
+                Ok(Err(e)) => {
+                    tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+            Ok((report, source_bytes, (rest?, records)))
         });
         let mut pushed = Vec::new();
         let mut push_failure = None;
@@ -767,7 +840,19 @@ fn convert_one(
     }
     new_manifest.set_annotations(annotations(manifest_annotations));
     let manifest_bytes = canonical_json(&new_manifest);
-    let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
+    let recorded_layers = records.len();
+    // The records refer to the manifest, which need not be there first.
+    let manifest_digest = std::thread::scope(|scope| {
+        let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
+        let created = image_created(&config_bytes);
+        let records = scope
+            .spawn(move || layer_records::push_artifact(target, (&subject.0, subject.1), records, created.as_deref()));
+        let digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it);
+        if let Ok(Err(e)) = records.join() {
+            tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
+        }
+        digest
+    })?;
     Ok((
         ConvertedManifest {
             source_digest: source_manifest.digest.clone(),
@@ -790,6 +875,8 @@ fn convert_one(
             uploaded_bytes: uploaded,
             skipped_blobs: skipped,
             reused: false,
+            replayed_layers,
+            recorded_layers,
         },
         manifest_bytes.len(),
     ))

@@ -34,6 +34,7 @@ fn options() -> ConvertOptions {
         work_dir: None,
         profile: None,
         chunk_dict: petrel_convert::ChunkDictChoice::Disabled,
+        layer_records: true,
     }
 }
 

@@ -92,13 +92,18 @@ impl RegistryClient {
         Ok(found.pop())
     }
 
-    /// The single blob of artifact manifest `digest` (at most `max_bytes`, verified).
-    pub fn artifact_content(&self, repository: &str, digest: &str, max_bytes: u64) -> Result<(Manifest, Vec<u8>)> {
+    /// The manifest of artifact `digest`.
+    pub fn artifact_manifest(&self, repository: &str, digest: &str) -> Result<Manifest> {
         let (bytes, _, _) = self.get_manifest(repository, digest)?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadContent {
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadContent {
             what: format!("artifact {repository}@{digest}"),
             reason: e.to_string(),
-        })?;
+        })
+    }
+
+    /// The single blob of artifact manifest `digest` (at most `max_bytes`, verified).
+    pub fn artifact_content(&self, repository: &str, digest: &str, max_bytes: u64) -> Result<(Manifest, Vec<u8>)> {
+        let manifest = self.artifact_manifest(repository, digest)?;
         let [layer] = manifest.layers().as_slice() else {
             return Err(RegistryError::BadContent {
                 what: format!("artifact {repository}@{digest}"),
@@ -117,9 +122,7 @@ impl RegistryClient {
 
     /// Pushes `content` as an artifact of `artifact_type` (one blob of media type
     /// `artifact_type`) that refers to `subject`; returns the artifact manifest's
-    /// digest. Registries without the referrers API also get the fallback index
-    /// updated (read, extended, written back: two nodes pushing at once may lose one
-    /// entry, never corrupt the index).
+    /// digest. See [`Self::push_artifact`].
     pub fn push_referrer(
         &self,
         repository: &str,
@@ -129,11 +132,25 @@ impl RegistryClient {
         annotations: BTreeMap<String, String>,
     ) -> Result<String> {
         let blob = self.push_blob_bytes(repository, content)?;
+        let layers = vec![descriptor(artifact_type, &blob, content.len() as u64)?];
+        self.push_artifact(repository, subject, artifact_type, layers, annotations)
+    }
+
+    /// Pushes an artifact of `artifact_type` whose blobs, `layers`, the repository
+    /// already holds, referring to `subject` (which need not be pushed yet);
+    /// returns the artifact manifest's digest. Registries without the referrers
+    /// API also get the fallback index updated (read, extended, written back: two
+    /// nodes pushing at once may lose one entry, never corrupt the index).
+    pub fn push_artifact(
+        &self,
+        repository: &str,
+        subject: &Descriptor,
+        artifact_type: &str,
+        layers: Vec<Descriptor>,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<String> {
         let empty = self.push_blob_bytes(repository, b"{}")?;
-        let mut manifest = image_manifest(
-            descriptor(EMPTY_MEDIA_TYPE, &empty, 2)?,
-            vec![descriptor(artifact_type, &blob, content.len() as u64)?],
-        );
+        let mut manifest = image_manifest(descriptor(EMPTY_MEDIA_TYPE, &empty, 2)?, layers);
         manifest.set_artifact_type(Some(MediaType::from(artifact_type)));
         manifest.set_subject(Some(Descriptor::new(
             subject.media_type().clone(),
