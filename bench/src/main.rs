@@ -23,7 +23,7 @@ mod trees;
 const USAGE: &str = "usage: petrel-bench <benchmark> [flags]
   build       [--scale F] [--layer-gib N]            petrel build against tar | zstd of the same input
   mount       [--scale F] [--skip-1m]                mount and read against plain disk
-  registry    [--scale F] [--rtt-ms N] [--mbit N] [--rounds N] [--convert-only | --startup-only | --amplify-only]
+  registry    [--scale F] [--rtt-ms N] [--mbit N] [--rounds N] [--convert-only | --next-release-only | --startup-only | --amplify-only]
                                                      convert against skopeo copy (a synthetic and the real Python image),
                                                      lazy startup against a full pull, the amplification sweep
   dedup                                              release N+1 against release N: bytes each way adds

@@ -204,6 +204,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut mbit = 100.0f64;
     let mut amplify_only = false;
     let mut convert_only = false;
+    // `--next-release-only`: the next-release table alone.
+    let mut next_release_only = false;
     // `--startup-only`: the synthetic startup's rows alone (`coldstart` shows them
     // among the realistic ones).
     let mut startup_only = false;
@@ -226,6 +228,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 i += 1;
                 continue;
             }
+            "--next-release-only" => {
+                (convert_only, next_release_only) = (true, true);
+                i += 1;
+                continue;
+            }
             "--startup-only" => {
                 startup_only = true;
                 i += 1;
@@ -236,7 +243,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         i += 2;
     }
     let work = tempfile::tempdir_in("/var/tmp")?;
-    let w = work.path();
+    // PETREL_BENCH_KEEP=1 keeps the registries' storage and layouts for a look afterwards.
+    let (_work, kept) = if std::env::var_os("PETREL_BENCH_KEEP").is_some() {
+        eprintln!("keeping {}", work.path().display());
+        (None, work.keep())
+    } else {
+        let path = work.path().to_path_buf();
+        (Some(work), path)
+    };
+    let w = kept.as_path();
     let (layers, startup) = app_image(scale);
     let layout = w.join("layout");
     petrel_fixtures::oci_layout::write_oci_layout(&layout, "v1", &layers)?;
@@ -324,6 +339,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 ),
             ),
         ];
+        if next_release_only {
+            let next = next_release_rounds(&petrel, &source, &source_link, w, rounds, one_way, bits)?;
+            print_next_release(&next, mbit, rtt_ms, rounds);
+            return Ok(());
+        }
         // Each image's startup as a prefetch profile, for the release workflow's
         // conversion (`--prefetch-profile`, or `--prefetch-from` the release before):
         // the synthetic startup set, and the Python app's startup as `petrel record`
@@ -642,7 +662,7 @@ fn print_next_release(next: &NextRelease, mbit: f64, rtt_ms: f64, rounds: usize)
     let [loop_copy, loop_convert, copy, convert] = next.seconds.clone().map(|series| median(&series));
     println!();
     println!("the service's next release (only its app layer changed) into a repository holding the release before ({mbit} Mbit/s, {rtt_ms} ms RTT); medians of {rounds}");
-    println!("| link | skopeo copy (sends the changed layer) | petrel convert (reads every layer; pushes {} KiB) | vs skopeo copy |", next.uploaded >> 10);
+    println!("| link | skopeo copy (sends the changed layer) | petrel convert (reads the changed layer; pushes {} KiB) | vs skopeo copy |", next.uploaded >> 10);
     println!("|---|---:|---:|---:|");
     println!(
         "| loopback | {loop_copy:.2} s | {loop_convert:.2} s | {:.2} |",

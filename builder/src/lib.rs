@@ -53,6 +53,18 @@ pub struct BuildOptions {
     pub record_layers: bool,
 }
 
+impl BuildOptions {
+    /// What a layer record must match to be applied by a build with these
+    /// options (see [`record::replayable`]).
+    pub fn record_encoding(&self) -> petrel_format::layer_record::RecordEncoding {
+        petrel_format::layer_record::RecordEncoding {
+            chunker: self.chunker,
+            small_file_limit: sink::effective_small_file_limit(self.chunker, self.small_file_limit),
+            compression_level: self.compression_level.clamp(1, petrel_format::codec::MAX_ZSTD_LEVEL) as u32,
+        }
+    }
+}
+
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
@@ -78,11 +90,10 @@ pub struct BuildReport {
     pub seconds: f64,
     pub warnings: Vec<String>,
     /// With [`BuildOptions::record_layers`], each layer's record (`format-spec.md`
-    /// §16), zstd-compressed, or None for a layer read from a directory or one
-    /// naming chunks the image does not hold (a later layer replaced or deleted
-    /// some of its files).
+    /// §16), or None for a layer read from a directory or one naming chunks the
+    /// image does not hold (a later layer replaced or deleted some of its files).
     #[serde(skip)]
-    pub layer_records: Vec<Option<Vec<u8>>>,
+    pub layer_records: Vec<Option<petrel_format::layer_record::LayerRecord>>,
 }
 
 /// Builds one image from layers applied in order.
@@ -171,11 +182,7 @@ impl ImageBuilder {
     /// What a layer record must match to be applied by this build (see
     /// [`record::replayable`]).
     pub fn record_encoding(&self) -> petrel_format::layer_record::RecordEncoding {
-        petrel_format::layer_record::RecordEncoding {
-            chunker: self.options.chunker,
-            small_file_limit: self.sink.small_file_limit(),
-            compression_level: self.options.compression_level as u32,
-        }
+        self.options.record_encoding()
     }
 
     /// Applies a layer from its record (`format-spec.md` §16) instead of its tar:

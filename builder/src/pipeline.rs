@@ -94,9 +94,9 @@ enum Work {
     /// where its data ends in the layer's tar stream, and whether it is held back
     /// for the prefetch region (see [`Pipeline::submit`]).
     Chunk(Vec<u8>, Option<ChunkKey>, u64, bool),
-    /// A chunk a dictionary holds, named by its digest and plain size (a layer
-    /// record's): nothing to hash or compress.
-    Known([u8; 32], u32),
+    /// Chunks a dictionary holds, named by digest and plain size (a layer
+    /// record's), in submission order: nothing to hash or compress.
+    Known(Vec<([u8; 32], u32)>),
     /// Seal the chunks spooled so far into a blob (see [`Pipeline::seal`]).
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     /// From now on, seal whenever this many bytes are spooled unsealed.
@@ -108,6 +108,7 @@ enum Work {
 /// What a worker hands the collector, in submission order.
 enum Done {
     Chunk(EncodedChunk, Option<ChunkKey>, u64, bool),
+    Known(Vec<([u8; 32], u32)>),
     Seal(std::sync::mpsc::Sender<Result<Option<SealedBlob>>>),
     AutoSeal(u64, std::sync::mpsc::Sender<Result<SealedBlob>>),
     Stream(StreamPlan),
@@ -135,7 +136,13 @@ pub struct Pipeline {
     collector: Option<JoinHandle<Result<Collected>>>,
     next_seq: u64,
     next_submission: u64,
+    /// Known chunks submitted but not yet sent: they go as one job (a layer
+    /// record names thousands, each a cross-thread hop otherwise).
+    known: Vec<([u8; 32], u32)>,
 }
+
+/// Known chunks sent as one job, at most.
+const KNOWN_BATCH: usize = 4096;
 
 impl Pipeline {
     /// Starts `threads` workers (at least 1) spooling into `spool`; chunks found in
@@ -193,6 +200,7 @@ impl Pipeline {
             collector: Some(collector),
             next_seq: 0,
             next_submission: 0,
+            known: Vec::new(),
         }
     }
 
@@ -214,10 +222,22 @@ impl Pipeline {
     /// [`crate::record`]); like [`Self::submit`] otherwise. The build fails if the
     /// dictionary does not hold it.
     pub fn submit_known(&mut self, digest: [u8; 32], uncompressed_size: u32) -> Result<u64> {
-        self.tokens.send(()).map_err(|_| broken())?;
-        self.send(Work::Known(digest, uncompressed_size))?;
+        self.known.push((digest, uncompressed_size));
         self.next_submission += 1;
+        if self.known.len() >= KNOWN_BATCH {
+            self.flush_known()?;
+        }
         Ok(self.next_submission - 1)
+    }
+
+    /// Sends the known chunks submitted so far as one job (one in-flight slot).
+    fn flush_known(&mut self) -> Result<()> {
+        if self.known.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.known);
+        self.tokens.send(()).map_err(|_| broken())?;
+        self.send_now(Work::Known(batch))
     }
 
     /// Waits for every chunk submitted so far and writes those spooled since the
@@ -244,7 +264,13 @@ impl Pipeline {
         self.send(Work::Stream(plan))
     }
 
+    /// Sends a job after the known chunks submitted before it.
     fn send(&mut self, work: Work) -> Result<()> {
+        self.flush_known()?;
+        self.send_now(work)
+    }
+
+    fn send_now(&mut self, work: Work) -> Result<()> {
         let seq = self.next_seq;
         self.jobs
             .as_ref()
@@ -257,6 +283,7 @@ impl Pipeline {
 
     /// Waits for every submitted chunk and returns the result.
     pub fn finish(mut self) -> Result<Collected> {
+        self.flush_known()?;
         self.jobs = None;
         for worker in self.workers.drain(..) {
             worker
@@ -289,14 +316,8 @@ fn worker(
         let Ok(job) = job else { return };
         let (data, key, position, held) = match job.work {
             Work::Chunk(data, key, position, held) => (data, key, position, held),
-            Work::Known(digest, uncompressed_size) => {
-                let known = EncodedChunk {
-                    digest,
-                    flags: 0,
-                    uncompressed_size,
-                    stored: Vec::new(),
-                };
-                if results.send((job.seq, Done::Chunk(known, None, 0, false))).is_err() {
+            Work::Known(batch) => {
+                if results.send((job.seq, Done::Known(batch))).is_err() {
                     return;
                 }
                 continue;
@@ -364,7 +385,7 @@ fn collect(
     let mut chunk_of_submission = Vec::new();
     let mut spool_len = 0u64;
     let mut failure = None;
-    // A chunk submitted as known that no dictionary holds.
+    // A chunk submitted as known that no dictionary holds (as large).
     let mut unknown: Option<[u8; 32]> = None;
     let mut next_seq = 0u64;
     let mut sealer = Sealer {
@@ -416,6 +437,39 @@ fn collect(
                     sealer.streaming = Some(streaming::Streaming::new(plan));
                     continue;
                 }
+                Done::Known(batch) => {
+                    let _ = tokens.recv();
+                    for (digest, uncompressed_size) in batch {
+                        progress.chunks.fetch_add(1, Relaxed);
+                        progress.deduplicated.fetch_add(1, Relaxed);
+                        let index = match by_digest.get(&digest) {
+                            Some(&index) => index,
+                            None => match dict.chunks.get(&digest) {
+                                Some(known) if known.uncompressed_size == uncompressed_size => {
+                                    chunks.push(SpooledChunk {
+                                        digest,
+                                        flags: known.flags,
+                                        place: ChunkPlace::Dict {
+                                            blob: known.blob,
+                                            offset: known.compressed_offset,
+                                            own_copy: None,
+                                        },
+                                        stored_size: known.compressed_size,
+                                        uncompressed_size,
+                                    });
+                                    by_digest.insert(digest, chunks.len() as u32 - 1);
+                                    chunks.len() as u32 - 1
+                                }
+                                _ => {
+                                    unknown.get_or_insert(digest);
+                                    0
+                                }
+                            },
+                        };
+                        chunk_of_submission.push(index);
+                    }
+                    continue;
+                }
             };
             // A new chunk's stored bytes, when a streaming layer's window takes them.
             let mut windowed = None;
@@ -458,11 +512,6 @@ fn collect(
                                 stored_size: known.compressed_size,
                                 uncompressed_size: known.uncompressed_size,
                             }
-                        }
-                        // Only a known chunk (a record's) comes without its bytes.
-                        None if encoded.stored.is_empty() => {
-                            unknown.get_or_insert(encoded.digest);
-                            continue;
                         }
                         None => {
                             let stored_size = encoded.stored.len();

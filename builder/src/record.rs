@@ -294,7 +294,7 @@ fn live_chunks(tree: &Tree, chunk_of_slot: &[u32]) -> HashSet<u32> {
     live
 }
 
-/// Each layer's record, encoded, or None where the image does not hold every
+/// Each layer's record, or None where the image does not hold every
 /// chunk the layer's files name (a later layer replaced or deleted some): a
 /// record is only ever applied with the image it came with as the dictionary.
 pub(crate) fn finish_records(
@@ -302,7 +302,7 @@ pub(crate) fn finish_records(
     tree: &Tree,
     data: &SinkOutput,
     encoding: RecordEncoding,
-) -> Vec<Option<Vec<u8>>> {
+) -> Vec<Option<LayerRecord>> {
     let live = live_chunks(tree, &data.chunk_of_slot);
     layers
         .iter()
@@ -356,14 +356,11 @@ pub(crate) fn finish_records(
                     body,
                 });
             }
-            Some(
-                LayerRecord {
-                    encoding,
-                    chunks,
-                    entries: out,
-                }
-                .encode(),
-            )
+            Some(LayerRecord {
+                encoding,
+                chunks,
+                entries: out,
+            })
         })
         .collect()
 }

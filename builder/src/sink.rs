@@ -100,6 +100,20 @@ pub fn depth_first_key(components: &[Vec<u8>]) -> ChunkKey {
     key.into()
 }
 
+/// How many bytes of small files are packed into one chunk.
+fn batch_target(chunker: ChunkerParams) -> u32 {
+    match chunker {
+        ChunkerParams::Fixed { size } => size,
+        ChunkerParams::FastCdc { avg, .. } => avg,
+    }
+}
+
+/// The small-file limit a build with `chunker` applies when asked for `limit`:
+/// at most half a batch (§8).
+pub fn effective_small_file_limit(chunker: ChunkerParams, limit: u32) -> u32 {
+    limit.min(batch_target(chunker) / 2)
+}
+
 /// A finished sink: unique chunks and, per slot, its unique chunk index.
 #[derive(Debug)]
 pub struct SinkOutput {
@@ -114,14 +128,11 @@ impl ChunkSink {
     /// A sink cutting file data with `chunker` into `pipeline`, holding back the
     /// chunks of the files `prefetch` names.
     pub fn new(chunker: ChunkerParams, small_file_limit: u32, pipeline: Pipeline, prefetch: PrefetchSet) -> Self {
-        let batch_target = match chunker {
-            ChunkerParams::Fixed { size } => size,
-            ChunkerParams::FastCdc { avg, .. } => avg,
-        } as usize;
+        let batch_target = batch_target(chunker) as usize;
         ChunkSink {
             pipeline,
             chunker,
-            small_file_limit: small_file_limit.min((batch_target / 2) as u32),
+            small_file_limit: effective_small_file_limit(chunker, small_file_limit),
             batch_target,
             slot_submission: Vec::new(),
             batch: Vec::new(),

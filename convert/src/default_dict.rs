@@ -43,13 +43,18 @@ pub fn find(
     platform: &Platform,
     open: &(dyn Fn(&Location) -> crate::Result<Source> + Sync),
 ) -> Option<DefaultDictionary> {
-    if tag_of(location).is_some() && created_if_petrel(location, platform, open).is_some() {
+    // The tag being replaced and the repository's tags are asked for at once.
+    let (replaced, candidates) = std::thread::scope(|scope| {
+        let candidates = scope.spawn(|| candidate_tags(target, location));
+        let replaced = tag_of(location).is_some() && created_if_petrel(location, platform, open).is_some();
+        (replaced, candidates.join().unwrap_or_default())
+    });
+    if replaced {
         return Some(DefaultDictionary {
             location: location.clone(),
             why: "the tag being replaced",
         });
     }
-    let candidates = candidate_tags(target, location);
     let found: Vec<(String, Location)> = std::thread::scope(|scope| {
         candidates
             .chunks(PARALLEL_LOOKUPS)

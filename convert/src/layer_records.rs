@@ -29,15 +29,20 @@ const MAX_RECORD_BYTES: usize = 512 << 20;
 /// The records a petrel image of the target repository carries, by source layer.
 #[derive(Debug, Default, Clone)]
 pub struct KnownRecords {
-    /// Source layer digest → the record blob.
-    by_layer: HashMap<String, Descriptor>,
-    /// The image they came with (for messages).
-    pub image: String,
+    /// Source layer digest → the record blob, and the image it came with.
+    by_layer: HashMap<String, (Descriptor, String)>,
 }
 
 impl KnownRecords {
     pub fn is_empty(&self) -> bool {
         self.by_layer.is_empty()
+    }
+
+    /// Adds the records `other` knows of layers this does not.
+    pub fn merge(&mut self, other: KnownRecords) {
+        for (layer, blob) in other.by_layer {
+            self.by_layer.entry(layer).or_insert(blob);
+        }
     }
 
     /// Adds the records carried by manifest `manifest_digest` of the target
@@ -62,13 +67,13 @@ impl KnownRecords {
             };
             if is_media_type(&Some(layer.media_type().clone()), LAYER_RECORD_MEDIA_TYPE)
                 && layer.size() <= MAX_RECORD_BLOB
-                && self.by_layer.insert(source_layer.to_string(), layer.clone()).is_none()
+                && self
+                    .by_layer
+                    .insert(source_layer.to_string(), (layer.clone(), image.to_string()))
+                    .is_none()
             {
                 added += 1;
             }
-        }
-        if self.image.is_empty() {
-            self.image = image.to_string();
         }
         Ok(added)
     }
@@ -92,7 +97,7 @@ impl KnownRecords {
                 .map(|layer| {
                     let blob = self.by_layer.get(layer);
                     scope.spawn(move || -> Option<LayerRecord> {
-                        let blob = blob?;
+                        let (blob, from) = blob?;
                         let fetched = client
                             .get_blob_verified(&image.repository, blob.digest().as_ref(), blob.size())
                             .map_err(|e| e.to_string())
@@ -106,7 +111,7 @@ impl KnownRecords {
                                 tracing::warn!(
                                     "reading layer {layer} from its source: its record {} in {} is not usable: {why}",
                                     blob.digest(),
-                                    self.image
+                                    from
                                 );
                                 None
                             }
@@ -119,9 +124,13 @@ impl KnownRecords {
     }
 }
 
-/// Pushes the record blobs of a finished build (`records[i]` is source layer
-/// `layers[i]`'s, if it has one): their descriptors, for [`push_artifact`].
-pub fn push_records(target: &Target, layers: &[String], records: &[Option<Vec<u8>>]) -> crate::Result<Vec<Descriptor>> {
+/// Encodes and pushes the records of a finished build (`records[i]` is source
+/// layer `layers[i]`'s, if it has one): their descriptors, for [`push_artifact`].
+pub fn push_records(
+    target: &Target,
+    layers: &[String],
+    records: &[Option<LayerRecord>],
+) -> crate::Result<Vec<Descriptor>> {
     let pushed: Vec<crate::Result<Option<Descriptor>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = layers
             .iter()
@@ -129,7 +138,8 @@ pub fn push_records(target: &Target, layers: &[String], records: &[Option<Vec<u8
             .map(|(layer, record)| {
                 scope.spawn(move || -> crate::Result<Option<Descriptor>> {
                     let Some(record) = record else { return Ok(None) };
-                    let digest = target.put_bytes(record)?;
+                    let record = record.encode();
+                    let digest = target.put_bytes(&record)?;
                     let mut blob = descriptor(LAYER_RECORD_MEDIA_TYPE, &digest, record.len() as u64)?;
                     blob.set_annotations(Some(
                         [(ANNOTATION_SOURCE_LAYER.to_string(), layer.clone())]

@@ -137,6 +137,13 @@ pub fn convert(
     options: &ConvertOptions,
 ) -> Result<ConvertSummary> {
     let started = Instant::now();
+    // The target repository's manifests are asked for from several places (the
+    // default dictionary's lookup, the dictionary, the reuse check): once each.
+    let with_cache = |options: &ClientOptions| ClientOptions {
+        manifest_cache: Some(Default::default()),
+        ..options.clone()
+    };
+    let (source_options, target_options) = (&with_cache(source_options), &with_cache(target_options));
     if let Some(dir) = &options.work_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the work directory {}", dir.display()))?;
     }
@@ -177,16 +184,18 @@ pub fn convert(
     let mut known_records = layer_records::KnownRecords::default();
     for (location, why) in dictionaries {
         // A dictionary picked by default that cannot be read only costs dedup.
-        match load_dictionary(&location, &options.platform, &dict, &open_with_target_options) {
-            Ok((dict_source, extended, added, manifest_digest)) => {
+        let records_of = replaying.then_some(&target);
+        match load_dictionary(
+            &location,
+            &options.platform,
+            &dict,
+            &open_with_target_options,
+            records_of,
+        ) {
+            Ok((dict_source, extended, added, records)) => {
                 tracing::info!("chunk dictionary {} ({why}): {added} chunks", dict_source.describe());
                 dict = extended;
-                if replaying && same_repository(&dict_source, &target) {
-                    match known_records.add_image(&target, &dict_source.describe(), &manifest_digest) {
-                        Ok(added) => tracing::info!("{added} layer records with {}", dict_source.describe()),
-                        Err(e) => tracing::warn!("no layer records from {}: {e}", dict_source.describe()),
-                    }
-                }
+                known_records.merge(records);
                 used_dicts.push(UsedDictionary {
                     image: dict_source.describe(),
                     why,
@@ -520,21 +529,46 @@ fn read_layers(
 const MAX_DICT_BOOTSTRAP: u64 = 1 << 30;
 
 /// `dict` extended with the chunks of the petrel image at `location`: the
-/// image's source, the extended dictionary, how many chunks it added and the
-/// digest of the image manifest they came from.
+/// image's source, the extended dictionary, how many chunks it added, and the
+/// layer records it carries when `records_of` is the target and the image is in
+/// its repository (looked up while the bootstrap downloads).
 fn load_dictionary(
     location: &Location,
     platform: &Platform,
     dict: &petrel_builder::dict::ChunkDict,
     open: &dyn Fn(&Location) -> Result<Source>,
-) -> Result<(Source, petrel_builder::dict::ChunkDict, usize, String)> {
+    records_of: Option<&Target>,
+) -> Result<(
+    Source,
+    petrel_builder::dict::ChunkDict,
+    usize,
+    layer_records::KnownRecords,
+)> {
     let dict_source = open(location)?;
     let (dict_manifests, _) = dict_source.manifests(false, platform)?;
     let chosen = dict_manifests.first().context("chunk dictionary without a manifest")?;
-    let (manifest, manifest_digest) = (&chosen.manifest, chosen.digest.clone());
+    let manifest = &chosen.manifest;
     let bootstrap = bootstrap_layer(manifest)
         .with_context(|| format!("chunk dictionary {} is not a petrel image", dict_source.describe()))?;
-    let layer = dict_source.blob(bootstrap.digest().as_ref(), bootstrap.size().min(MAX_DICT_BOOTSTRAP))?;
+    let (layer, records) = std::thread::scope(|scope| {
+        let records = records_of
+            .filter(|target| same_repository(&dict_source, target))
+            .map(|target| {
+                let (source, digest) = (&dict_source, &chosen.digest);
+                scope.spawn(move || {
+                    let mut known = layer_records::KnownRecords::default();
+                    match known.add_image(target, &source.describe(), digest) {
+                        Ok(added) => tracing::info!("{added} layer records with {}", source.describe()),
+                        Err(e) => tracing::warn!("no layer records from {}: {e}", source.describe()),
+                    }
+                    known
+                })
+            });
+        let layer = dict_source.blob(bootstrap.digest().as_ref(), bootstrap.size().min(MAX_DICT_BOOTSTRAP));
+        let records = records.and_then(|r| r.join().ok()).unwrap_or_default();
+        (layer, records)
+    });
+    let layer = layer?;
     let layer = if bootstrap.media_type().as_ref() == OCI_LAYER_GZIP {
         let mut tar = Vec::new();
         layer_tar::gunzip_layer(layer_tar::BOOTSTRAP_ENTRY, &layer[..], &mut tar, MAX_DICT_BOOTSTRAP).with_context(
@@ -561,7 +595,7 @@ fn load_dictionary(
     let added = extended
         .add_bootstrap(bytes)
         .with_context(|| format!("chunk dictionary {}", dict_source.describe()))?;
-    Ok((dict_source, extended, added, manifest_digest))
+    Ok((dict_source, extended, added, records))
 }
 
 /// Converts one image manifest; returns the result and the manifest's size.
@@ -625,18 +659,33 @@ fn convert_one(
     // or (the default dictionary, in the same repository) under another one, which
     // the target tag then names too: the same source converts to the same image.
     let wanted = manifest_annotations(&source_manifest.digest, options.profile.as_ref(), &options.build);
-    // The config is fetched while the target is asked for its current manifest.
-    let (current, config_bytes) = std::thread::scope(|scope| {
+    let count = manifest.layers().len();
+    let layer_digests: Vec<String> = manifest.layers().iter().map(|l| l.digest().to_string()).collect();
+    // The config is fetched while the target is asked for its current manifest
+    // and for the records of the layers it holds them of.
+    let (current, config_bytes, replay) = std::thread::scope(|scope| {
         let config = scope.spawn(|| {
             source
                 .small_blob(manifest.config().digest().as_ref())
                 .context("fetching the image config")
         });
+        let replay = scope.spawn(|| {
+            if known_records.is_empty() {
+                return vec![None; count];
+            }
+            known_records.fetch(
+                target,
+                &layer_digests,
+                &options.build.record_encoding(),
+                &options.build.chunk_dict,
+            )
+        });
         let current = if tag_it { target.current_manifest() } else { None };
         let config = config
             .join()
             .unwrap_or_else(|_| Err(ConvertError::Invalid("fetching the image config panicked".into())));
-        (current, config)
+        let replay = replay.join().unwrap_or_else(|_| vec![None; count]);
+        (current, config, replay)
     });
     if let Some(current) = current {
         if let Some(reused) = reuse(&current, &wanted, source_manifest) {
@@ -675,19 +724,6 @@ fn convert_one(
     };
     let out = work.path().join("image");
     let mut builder = ImageBuilder::new(options.build.clone(), &out)?;
-    let count = manifest.layers().len();
-    let layer_digests: Vec<String> = manifest.layers().iter().map(|l| l.digest().to_string()).collect();
-    // The layers the target repository holds records of, applied from them.
-    let replay = if known_records.is_empty() {
-        vec![None; count]
-    } else {
-        known_records.fetch(
-            target,
-            &layer_digests,
-            &builder.record_encoding(),
-            &options.build.chunk_dict,
-        )
-    };
     let replayed_layers = replay.iter().flatten().count();
     let mount_from = source.registry_repository().and_then(|(registry, repo)| match target {
         Target::Registry { client, .. } if client.registry() == registry => Some(repo.to_string()),

@@ -20,8 +20,8 @@ pub const RECORD_HOLE: u32 = u32::MAX;
 pub const MAX_RECORD_PATH: usize = 4096;
 /// Longest symlink or hardlink target.
 pub const MAX_RECORD_TARGET: usize = 4096;
-/// The zstd level records are written at.
-const RECORD_ZSTD_LEVEL: i32 = 9;
+/// The zstd level records are written at (9 stores 7 % less for 5 times the CPU).
+const RECORD_ZSTD_LEVEL: i32 = 3;
 
 /// How the image the record belongs to cut and compressed its chunks: a record
 /// is only applied by a build with the same ones.

@@ -63,6 +63,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Manifests shared by the clients made from these options for one run
+    /// ([`manifest_cache`]); None: every manifest is asked for again.
+    pub manifest_cache: Option<std::sync::Arc<manifest_cache::ManifestCache>>,
 }
 
 impl Default for ClientOptions {
@@ -75,6 +78,7 @@ impl Default for ClientOptions {
             mirrors: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(300),
+            manifest_cache: None,
         }
     }
 }
@@ -109,6 +113,9 @@ pub struct RegistryClient {
     /// Whether several ranges are asked for in one request (until the registry
     /// shows it does not serve them: `stream_blob_ranges`).
     multi_range: std::sync::atomic::AtomicBool,
+    manifest_cache: Option<std::sync::Arc<manifest_cache::ManifestCache>>,
+    /// Whether the registry answered the referrers API (`referrers`).
+    referrers_api: std::sync::atomic::AtomicU8,
 }
 
 /// Whether a ranged read may wait for a mirror that is still filling its cache with
@@ -266,6 +273,8 @@ impl RegistryClient {
             health: Default::default(),
             warmth: Default::default(),
             multi_range: std::sync::atomic::AtomicBool::new(true),
+            manifest_cache: options.manifest_cache.clone(),
+            referrers_api: std::sync::atomic::AtomicU8::new(referrers::API_UNKNOWN),
         })
     }
 
@@ -622,8 +631,23 @@ impl RegistryClient {
     /// is verified against the bytes.
     pub fn get_manifest(&self, repository: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
         let path = format!("/v2/{repository}/manifests/{reference}");
-        let (bytes, declared) =
-            self.get_small(&path, MANIFEST_ACCEPT, &format!("manifest {repository}:{reference}"))?;
+        let cache = self.manifest_cache.as_deref();
+        if let Some(known) = cache.and_then(|c| c.get(&self.registry, repository, reference)) {
+            return known.ok_or_else(|| RegistryError::Status {
+                method: "GET",
+                url: format!("{}{path}", self.base),
+                status: 404,
+                detail: "manifest unknown (asked before in this run)".into(),
+            });
+        }
+        let fetched = self.get_small(&path, MANIFEST_ACCEPT, &format!("manifest {repository}:{reference}"));
+        let (bytes, declared) = match (fetched, cache) {
+            (Err(e @ RegistryError::Status { status: 404, .. }), Some(cache)) => {
+                cache.put(&self.registry, repository, reference, None);
+                return Err(e);
+            }
+            (fetched, _) => fetched?,
+        };
         let digest = sha256_digest(&bytes);
         if reference.starts_with("sha256:") && digest != reference {
             return Err(RegistryError::DigestMismatch {
@@ -633,7 +657,12 @@ impl RegistryClient {
             });
         }
         let media_type = crate::oci::manifest_media_type(&bytes, declared.as_deref());
-        Ok((bytes, media_type, digest))
+        let answer = (bytes, media_type, digest);
+        if let Some(cache) = cache {
+            cache.put(&self.registry, repository, reference, Some(answer.clone()));
+            cache.put(&self.registry, repository, &answer.2, Some(answer.clone()));
+        }
+        Ok(answer)
     }
 
     /// The image manifest `reference` names, parsed, and its digest. Through an index,
@@ -1091,10 +1120,17 @@ impl RegistryClient {
         if !response.status().is_success() {
             return Err(Self::status_error("PUT", &url, response));
         }
-        Ok(sha256_digest(bytes))
+        let digest = sha256_digest(bytes);
+        if let Some(cache) = &self.manifest_cache {
+            let answer = Some((bytes.to_vec(), media_type.to_string(), digest.clone()));
+            cache.put(&self.registry, repository, reference, answer.clone());
+            cache.put(&self.registry, repository, &digest, answer);
+        }
+        Ok(digest)
     }
 }
 
+pub mod manifest_cache;
 pub mod multi_range;
 pub mod referrers;
 pub mod stream_upload;

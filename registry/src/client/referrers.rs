@@ -25,6 +25,11 @@ pub fn fallback_tag(subject: &str) -> String {
     subject.replacen(':', "-", 1)
 }
 
+/// What a client knows of its registry's referrers API (`RegistryClient::referrers_api`).
+pub(crate) const API_UNKNOWN: u8 = 0;
+const API_PRESENT: u8 = 1;
+const API_ABSENT: u8 = 2;
+
 fn not_found(error: &RegistryError) -> bool {
     matches!(error, RegistryError::Status { status: 404, .. })
 }
@@ -57,21 +62,49 @@ impl RegistryClient {
             "/v2/{repository}/referrers/{subject}?artifactType={}",
             query_escape(artifact_type)
         );
-        let index: Index = match self.get_small_json(&api, OCI_INDEX) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| bad(format!("referrers of {repository}@{subject}"), e))?
-            }
-            // Without the API (404, or 400/405 from some registries): the fallback tag.
-            Err(RegistryError::Status {
-                status: 400 | 404 | 405,
-                ..
-            }) => match self.get_manifest(repository, &fallback_tag(subject)) {
-                Ok((bytes, _, _)) => serde_json::from_slice(&bytes)
-                    .map_err(|e| bad(format!("referrers tag {repository}:{}", fallback_tag(subject)), e))?,
-                Err(e) if not_found(&e) => return Ok(Vec::new()),
+        let tag = fallback_tag(subject);
+        let from_tag = || match self.get_manifest(repository, &tag) {
+            Ok((bytes, _, _)) => serde_json::from_slice::<Index>(&bytes)
+                .map(Some)
+                .map_err(|e| bad(format!("referrers tag {repository}:{tag}"), e)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        };
+        // A registry this client found without the API is asked by the tag
+        // only; otherwise both are asked at once (one round trip, not two).
+        let index: Option<Index> = if self.referrers_api.load(std::sync::atomic::Ordering::Relaxed) == API_ABSENT {
+            from_tag()?
+        } else {
+            let (by_api, by_tag) = std::thread::scope(|scope| {
+                let by_tag = scope.spawn(from_tag);
+                (
+                    self.get_small_json(&api, OCI_INDEX),
+                    by_tag.join().unwrap_or_else(|_| Ok(None)),
+                )
+            });
+            match by_api {
+                Ok(bytes) => {
+                    self.referrers_api
+                        .store(API_PRESENT, std::sync::atomic::Ordering::Relaxed);
+                    Some(
+                        serde_json::from_slice(&bytes)
+                            .map_err(|e| bad(format!("referrers of {repository}@{subject}"), e))?,
+                    )
+                }
+                // Without the API (404, or 400/405 from some registries): the fallback tag.
+                Err(RegistryError::Status {
+                    status: 400 | 404 | 405,
+                    ..
+                }) => {
+                    self.referrers_api
+                        .store(API_ABSENT, std::sync::atomic::Ordering::Relaxed);
+                    by_tag?
+                }
                 Err(e) => return Err(e),
-            },
-            Err(e) => return Err(e),
+            }
+        };
+        let Some(index) = index else {
+            return Ok(Vec::new());
         };
         Ok(index
             .manifests()
@@ -162,11 +195,13 @@ impl RegistryClient {
         let digest = sha256_digest(&bytes);
         self.put_manifest(repository, &digest, OCI_MANIFEST, &bytes)?;
         let api = format!("/v2/{repository}/referrers/{}", subject.digest());
-        let listed_by_api = match self.get_small_json(&api, OCI_INDEX) {
-            Ok(bytes) => serde_json::from_slice::<Index>(&bytes)
-                .is_ok_and(|i| i.manifests().iter().any(|d| d.digest().as_ref() == digest)),
-            Err(_) => false,
-        };
+        let api_absent = self.referrers_api.load(std::sync::atomic::Ordering::Relaxed) == API_ABSENT;
+        let listed_by_api = !api_absent
+            && match self.get_small_json(&api, OCI_INDEX) {
+                Ok(bytes) => serde_json::from_slice::<Index>(&bytes)
+                    .is_ok_and(|i| i.manifests().iter().any(|d| d.digest().as_ref() == digest)),
+                Err(_) => false,
+            };
         if !listed_by_api {
             let tag = fallback_tag(subject.digest().as_ref());
             let mut index = match self.get_manifest(repository, &tag) {
