@@ -2667,3 +2667,103 @@ fn a_new_release_applies_its_unchanged_layers_from_their_records_and_fetches_onl
         b"print('release 3')\n"
     );
 }
+
+/// With a prefetch profile too: release 2 converted `--prefetch-from` release 1
+/// applies its unchanged layers from their records, since the chunks the profile
+/// wants of them lie in release 1's prefetch region, which stays one in release 2
+/// (where a mount prefetches it); only the changed layer is read.
+#[test]
+fn a_profiled_release_applies_the_unchanged_layers_whose_profiled_chunks_lie_in_the_region_before() {
+    use petrel_fixtures::layer_spec::Op;
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let registry = TestRegistry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let r = &registry.addr;
+    for release in ["1", "2"] {
+        let main = Op::File {
+            path: "app/main.py".into(),
+            meta: petrel_fixtures::layer_writer::EntryMeta::mode(0o644),
+            data: format!("print('release {release}')\n").into_bytes(),
+        };
+        let mut tars = edge_layers();
+        tars.push(write_layer(&[main], ""));
+        write_oci_layout(&work.path().join(release), "v1", &tars).unwrap();
+        registry.push_layout(&work.path().join(release), "src", release);
+    }
+    let profile = work.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        br#"{"petrel_profile":1,"entries":[{"path":"usr/bin/ping"},{"path":"app/main.py"}]}"#,
+    )
+    .unwrap();
+    let out = petrel()
+        .args(["convert", "--json", "--prefetch-profile"])
+        .arg(&profile)
+        .arg(format!("docker://{r}/src:1"))
+        .arg(format!("docker://{r}/app:1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = petrel()
+        .args(["convert", "--json", "--prefetch-from"])
+        .arg(format!("docker://{r}/app:1"))
+        .arg(format!("docker://{r}/src:2"))
+        .arg(format!("docker://{r}/app:2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sizes = layout_layer_sizes(&work.path().join("2"));
+    assert_eq!(second["manifests"][0]["replayed_layers"], 3, "{second}");
+    assert_eq!(second["manifests"][0]["source_bytes"].as_u64().unwrap(), sizes[3]);
+    // Release 2's prefetch set: ping where release 1 laid it out, main.py in
+    // its own new region; both regions are regions of release 2.
+    let bytes = petrel_bootstrap(&registry, "app", "2");
+    let bootstrap = petrel_format::Bootstrap::open(&bytes).unwrap();
+    assert_eq!(bootstrap.prefetch_len(), 2);
+    let region_of = |path: &[u8]| {
+        let entry = bootstrap
+            .walk()
+            .map(Result::unwrap)
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(path)));
+        let segments = bootstrap.segments(&entry.inode, 0, entry.inode.size()).unwrap();
+        segments
+            .iter()
+            .filter_map(|s| match s.source {
+                petrel_format::reader::SegmentSource::Chunk { index, .. } => Some(index),
+                _ => None,
+            })
+            .map(|index| {
+                let chunk = bootstrap.chunk(index).unwrap();
+                let blob = bootstrap.blob(chunk.blob_index).unwrap();
+                assert!(chunk.compressed_offset < blob.prefetch_end, "in a region");
+                blob.digest
+            })
+            .collect::<Vec<_>>()
+    };
+    let (ping, main) = (region_of(b"usr/bin/ping"), region_of(b"app/main.py"));
+    assert_ne!(ping[0], main[0], "ping stays in release 1's region");
+    let replayed = MountProcess::start(
+        &format!("docker://{r}/app:2"),
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &[],
+    );
+    let out = petrel()
+        .args(["convert", "--no-layer-records", "--no-chunk-dict"])
+        .arg(format!("docker://{r}/src:2"))
+        .arg(format!("docker://{r}/full:2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let read = MountProcess::start(
+        &format!("docker://{r}/full:2"),
+        &work.path().join("mnt-read"),
+        &work.path().join("cache-read"),
+        &[],
+    );
+    assert_tree(&scan(&read.mountpoint).unwrap(), &replayed.mountpoint);
+}

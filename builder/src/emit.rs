@@ -256,17 +256,17 @@ pub fn emit(
     // (an image converted without this profile) is stored again in the new blob,
     // from this build's own copy. One inside it (the previous release, optimized
     // with the same profile) stays where it is.
+    // Dictionary blobs whose prefetch region keeps some of this image's
+    // prefetch chunks: the region stays one (and is prefetched) in this image.
+    let mut regions_kept = std::collections::HashSet::new();
     for &chunk in &prefetch_order {
         let spooled = &mut data.collected.chunks[chunk as usize];
-        if let ChunkPlace::Dict {
-            blob,
-            offset,
-            own_copy: Some(copy),
-        } = spooled.place
-        {
+        if let ChunkPlace::Dict { blob, offset, own_copy } = spooled.place {
             if offset < dict_blobs_known[blob as usize].prefetch_end {
+                regions_kept.insert(blob);
                 continue;
             }
+            let Some(copy) = own_copy else { continue };
             spooled.place = ChunkPlace::Spool {
                 offset: copy.spool_offset,
             };
@@ -336,8 +336,10 @@ pub fn emit(
     };
     let first_dict_blob = u32::from(blob.is_some());
     let mut dict_blobs = vec![None; dict_rank.len()];
+    let mut blob_of_rank = vec![0u32; dict_rank.len()];
     for (&blob_id, &rank) in &dict_rank {
         dict_blobs[rank as usize] = Some(&dict_blobs_known[blob_id as usize]);
+        blob_of_rank[rank as usize] = blob_id;
     }
     for chunk in &dict_chunks {
         let spooled = &unique[*chunk as usize];
@@ -361,7 +363,15 @@ pub fn emit(
             uncompressed_size: dict_blob.uncompressed_size.into(),
             chunk_count: (count as u32).into(),
             compressor: BLOB_COMPRESSOR_ZSTD_CHUNKS.into(),
-            prefetch_end: 0.into(),
+            // The blob's own region where it keeps prefetch chunks of this image
+            // (above): a release before laid them out there, and they are
+            // prefetched from there.
+            prefetch_end: if regions_kept.contains(&blob_of_rank[rank]) {
+                dict_blob.prefetch_end
+            } else {
+                0
+            }
+            .into(),
         });
         referenced.push(BlobSummary {
             digest: format!("sha256:{}", hex::encode(dict_blob.digest)),

@@ -191,8 +191,14 @@ impl ImageBuilder {
     /// ([`record::replayable`]). Nothing is read, compressed or stored.
     pub fn add_recorded_layer(&mut self, layer_record: &petrel_format::layer_record::LayerRecord) -> Result<()> {
         let layer = self.layers;
-        record::replayable(layer_record, &self.record_encoding(), &self.options.chunk_dict)
-            .map_err(|why| BuildError::Invalid(format!("layer {}: its record cannot be applied: {why}", layer + 1)))?;
+        let prefetch = prefetch_set::PrefetchSet::new(&self.options.prefetch);
+        record::replayable(
+            layer_record,
+            &self.record_encoding(),
+            &self.options.chunk_dict,
+            &prefetch,
+        )
+        .map_err(|why| BuildError::Invalid(format!("layer {}: its record cannot be applied: {why}", layer + 1)))?;
         let mut recorded = self.options.record_layers.then(Vec::new);
         self.entries += record::apply_record(
             &mut self.tree,

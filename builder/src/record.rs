@@ -155,10 +155,18 @@ fn apply_whiteout(
     Ok(())
 }
 
-/// Whether a build with `encoding` and dictionary `dict` can apply `record`:
-/// the same chunker, small-file limit and zstd level, and every chunk the record
-/// names in the dictionary, as large as the record says.
-pub fn replayable(record: &LayerRecord, encoding: &RecordEncoding, dict: &ChunkDict) -> Result<(), String> {
+/// Whether a build with `encoding`, dictionary `dict` and prefetch profile
+/// `prefetch` can apply `record`: the same chunker, small-file limit and zstd
+/// level, every chunk the record names in the dictionary, as large as the
+/// record says, and every chunk of what the profile wants of its files in its
+/// blob's prefetch region (a release before laid it out there; anywhere else, the
+/// region of the new image would need the chunk's bytes, which a record lacks).
+pub fn replayable(
+    record: &LayerRecord,
+    encoding: &RecordEncoding,
+    dict: &ChunkDict,
+    prefetch: &crate::prefetch_set::PrefetchSet,
+) -> Result<(), String> {
     if record.encoding != *encoding {
         return Err(format!(
             "it was made with {:?}, this conversion uses {encoding:?}",
@@ -175,6 +183,29 @@ pub fn replayable(record: &LayerRecord, encoding: &RecordEncoding, dict: &ChunkD
                     hex::encode(chunk.digest)
                 ))
             }
+        }
+    }
+    if prefetch.is_empty() {
+        return Ok(());
+    }
+    for entry in &record.entries {
+        let RecordBody::Regular { pieces, .. } = &entry.body else {
+            continue;
+        };
+        let wanted = prefetch.wanted(&clean_path(&entry.path));
+        let outside = pieces.iter().any(|piece| {
+            piece.chunk != RECORD_HOLE
+                && wanted.covers(piece.file_offset, u64::from(piece.length))
+                && dict
+                    .chunks
+                    .get(&record.chunks[piece.chunk as usize].digest)
+                    .is_none_or(|known| known.compressed_offset >= dict.blobs[known.blob as usize].prefetch_end)
+        });
+        if outside {
+            return Err(format!(
+                "the prefetch profile wants {}, whose chunks lie outside a prefetch region",
+                String::from_utf8_lossy(&entry.path)
+            ));
         }
     }
     Ok(())

@@ -70,11 +70,30 @@ fn an_image_optimized_against_its_unoptimized_release_lays_its_prefetch_set_out_
     }
     // Optimized again with the same profile against that image (the next release
     // unchanged): its prefetch region already holds the set, so nothing is stored.
-    let (_, again) = build_layers(
+    let (again_image, again) = build_layers(
         &dir.path().join("again"),
         &layers,
         optimized_options(dictionary_of(&optimized)),
     )
     .unwrap();
     assert!(again.output.blob.is_none(), "{again:?}");
+    // ... and the region stays one where it is, so a mount prefetches it there;
+    // the plain release's blob keeps no region in it.
+    let bytes = std::fs::read(again_image.join("bootstrap")).unwrap();
+    let again = Bootstrap::open(&bytes).unwrap();
+    let regions: Vec<(_, u64)> = again
+        .blobs()
+        .map(|b| b.unwrap())
+        .map(|b| (b.digest, b.prefetch_end))
+        .collect();
+    assert!(
+        regions.contains(&(new_blob.digest, new_blob.prefetch_end)),
+        "{regions:?}"
+    );
+    assert!(
+        regions
+            .iter()
+            .all(|&(digest, end)| digest == new_blob.digest || end == 0),
+        "{regions:?}"
+    );
 }

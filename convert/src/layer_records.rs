@@ -10,8 +10,7 @@
 //! be read or applied only costs the layer's fetch: it is read from its source.
 
 use crate::target::Target;
-use petrel_builder::dict::ChunkDict;
-use petrel_format::layer_record::{LayerRecord, RecordEncoding};
+use petrel_format::layer_record::LayerRecord;
 use petrel_registry::oci::{annotation, descriptor, is_media_type, Descriptor, OCI_MANIFEST};
 use std::collections::{BTreeMap, HashMap};
 
@@ -85,9 +84,10 @@ impl KnownRecords {
         &self,
         target: &Target,
         layers: &[String],
-        encoding: &RecordEncoding,
-        dict: &ChunkDict,
+        build: &petrel_builder::BuildOptions,
     ) -> Vec<Option<LayerRecord>> {
+        let (encoding, dict) = (&build.record_encoding(), &*build.chunk_dict);
+        let prefetch = &petrel_builder::prefetch_set::PrefetchSet::new(&build.prefetch);
         let Target::Registry { client, image } = target else {
             return vec![None; layers.len()];
         };
@@ -103,7 +103,7 @@ impl KnownRecords {
                             .map_err(|e| e.to_string())
                             .and_then(|bytes| LayerRecord::decode(&bytes, MAX_RECORD_BYTES).map_err(|e| e.to_string()))
                             .and_then(|record| {
-                                petrel_builder::record::replayable(&record, encoding, dict).map(|()| record)
+                                petrel_builder::record::replayable(&record, encoding, dict, prefetch).map(|()| record)
                             });
                         match fetched {
                             Ok(record) => Some(record),

@@ -177,14 +177,12 @@ pub fn convert(
     let mut dict_sources = Vec::new();
     let mut used_dicts = Vec::new();
     let named = matches!(options.chunk_dict, ChunkDictChoice::Named(_));
-    // Records stand in for layers: taken only where a profile does not need the
-    // layers' bytes for its prefetch region, and pushed only to a registry.
+    // Records stand in for layers (`layer_records`), kept with registry images.
     let recording = options.layer_records && matches!(target, Target::Registry { .. });
-    let replaying = recording && options.build.prefetch.is_empty();
     let mut known_records = layer_records::KnownRecords::default();
     for (location, why) in dictionaries {
         // A dictionary picked by default that cannot be read only costs dedup.
-        let records_of = replaying.then_some(&target);
+        let records_of = recording.then_some(&target);
         match load_dictionary(
             &location,
             &options.platform,
@@ -673,12 +671,7 @@ fn convert_one(
             if known_records.is_empty() {
                 return vec![None; count];
             }
-            known_records.fetch(
-                target,
-                &layer_digests,
-                &options.build.record_encoding(),
-                &options.build.chunk_dict,
-            )
+            known_records.fetch(target, &layer_digests, &options.build)
         });
         let current = if tag_it { target.current_manifest() } else { None };
         let config = config
@@ -740,109 +733,120 @@ fn convert_one(
     let (opened_tx, opened_rx) =
         std::sync::mpsc::channel::<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>();
     let opened_tx = matches!(target, Target::Registry { .. }).then_some(opened_tx);
-    let (report, source_bytes, pushed_early, (rest, records)) = std::thread::scope(|scope| -> Result<_> {
-        let mount_from = mount_from.as_deref();
-        let pushers: Vec<_> = (0..PUSHERS)
-            .map(|_| {
-                let sealed_rx = &sealed_rx;
-                scope.spawn(move || -> Result<Vec<PushedBlob>> {
-                    let mut pushed = Vec::new();
-                    while let Some(sealed) = next_sealed(sealed_rx) {
-                        let sealed = sealed?;
-                        // The streamer below has it.
-                        if !sealed.streamed {
-                            pushed.push(push_sealed(target, &sealed, mount_from, bars)?);
+    let (report, source_bytes, pushed_early, ((uploaded, skipped), rest, manifest_bytes, recorded_layers)) =
+        std::thread::scope(|scope| -> Result<_> {
+            let mount_from = mount_from.as_deref();
+            let pushers: Vec<_> = (0..PUSHERS)
+                .map(|_| {
+                    let sealed_rx = &sealed_rx;
+                    scope.spawn(move || -> Result<Vec<PushedBlob>> {
+                        let mut pushed = Vec::new();
+                        while let Some(sealed) = next_sealed(sealed_rx) {
+                            let sealed = sealed?;
+                            // The streamer below has it.
+                            if !sealed.streamed {
+                                pushed.push(push_sealed(target, &sealed, mount_from, bars)?);
+                            }
                         }
+                        Ok(pushed)
+                    })
+                })
+                .chain(std::iter::once(scope.spawn(move || -> Result<Vec<PushedBlob>> {
+                    // Each blob's upload starts when it opens, while the one before
+                    // may still be sending its last bytes: no round trip between
+                    // them leaves the link idle.
+                    let uploads: Vec<_> = opened_rx
+                        .into_iter()
+                        .map(|blob| scope.spawn(move || streamed::upload_growing(target, &blob, mount_from, bars)))
+                        .collect();
+                    let mut pushed = Vec::new();
+                    for upload in uploads {
+                        let blob = upload
+                            .join()
+                            .map_err(|_| ConvertError::Invalid("a blob uploading thread panicked".into()))??;
+                        pushed.push(blob);
                     }
                     Ok(pushed)
-                })
-            })
-            .chain(std::iter::once(scope.spawn(move || -> Result<Vec<PushedBlob>> {
-                // Each blob's upload starts when it opens, while the one before
-                // may still be sending its last bytes: no round trip between
-                // them leaves the link idle.
-                let uploads: Vec<_> = opened_rx
-                    .into_iter()
-                    .map(|blob| scope.spawn(move || streamed::upload_growing(target, &blob, mount_from, bars)))
-                    .collect();
-                let mut pushed = Vec::new();
-                for upload in uploads {
-                    let blob = upload
-                        .join()
-                        .map_err(|_| ConvertError::Invalid("a blob uploading thread panicked".into()))??;
-                    pushed.push(blob);
-                }
-                Ok(pushed)
-            })))
-            .collect();
-        let read = read_layers(
-            &mut builder,
-            source,
-            manifest,
-            &replay,
-            options,
-            bars,
-            &sealed_tx,
-            opened_tx.as_ref(),
-        );
-        drop(sealed_tx);
-        drop(opened_tx);
-        // The pusher stops once every sender is gone: the build's own (auto-seal)
-        // goes with its pipeline, at `finish` or when the build is dropped.
-        let finished = match read {
-            Ok(source_bytes) => builder
-                .finish()
-                .map(|report| (report, source_bytes))
-                .map_err(Into::into),
-            Err(e) => {
-                drop(builder);
-                Err(e)
-            }
-        };
-        // The rest goes up while the pushers finish the last sealed blobs, and
-        // the layer records beside it.
-        let finished = finished.and_then(|(mut report, source_bytes)| {
-            let (to_record, layer_digests) = (std::mem::take(&mut report.layer_records), &layer_digests);
-            let records = scope.spawn(move || layer_records::push_records(target, layer_digests, &to_record));
-            let rest = push_rest(
-                target,
-                &report,
-                &out,
-                &config_bytes,
-                &options.build.chunk_dict,
-                mount_from,
-                dict_sources,
+                })))
+                .collect();
+            let read = read_layers(
+                &mut builder,
+                source,
+                manifest,
+                &replay,
+                options,
                 bars,
+                &sealed_tx,
+                opened_tx.as_ref(),
             );
-            let records = match records.join() {
-                Ok(Ok(records)) => records,
-                Ok(Err(e)) => {
-                    tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
-                    Vec::new()
+            drop(sealed_tx);
+            drop(opened_tx);
+            // The pusher stops once every sender is gone: the build's own (auto-seal)
+            // goes with its pipeline, at `finish` or when the build is dropped.
+            let finished = match read {
+                Ok(source_bytes) => builder
+                    .finish()
+                    .map(|report| (report, source_bytes))
+                    .map_err(Into::into),
+                Err(e) => {
+                    drop(builder);
+                    Err(e)
                 }
-                Err(_) => Vec::new(),
             };
-            Ok((report, source_bytes, (rest?, records)))
-        });
-        let mut pushed = Vec::new();
-        let mut push_failure = None;
-        for pusher in pushers {
-            match pusher.join() {
-                Ok(Ok(blobs)) => pushed.extend(blobs),
-                Ok(Err(e)) => push_failure = push_failure.or(Some(e)),
-                Err(_) => {
-                    push_failure = push_failure.or(Some(ConvertError::Invalid("a blob pushing thread panicked".into())))
+            // The rest goes up while the pushers finish the last sealed blobs, and
+            // the layer records beside it: the manifest they refer to is known
+            // before anything of the rest is sent (and need not be there first).
+            let finished = finished.and_then(|(mut report, source_bytes)| {
+                let (to_record, layer_digests) = (std::mem::take(&mut report.layer_records), &layer_digests);
+                let rest = prepare_rest(&report, &out, &config_bytes)?;
+                let manifest_bytes = petrel_manifest(&rest, source_manifest, options, &config_bytes)?;
+                let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
+                let created = image_created(&config_bytes);
+                let records = scope.spawn(move || -> Result<usize> {
+                    let blobs = layer_records::push_records(target, layer_digests, &to_record)?;
+                    let recorded = blobs.len();
+                    layer_records::push_artifact(target, (&subject.0, subject.1), blobs, created.as_deref())?;
+                    Ok(recorded)
+                });
+                let uploads = upload_rest(
+                    target,
+                    &report,
+                    &rest,
+                    &out,
+                    &options.build.chunk_dict,
+                    mount_from,
+                    dict_sources,
+                    bars,
+                );
+                let recorded = match records.join() {
+                    Ok(Ok(recorded)) => recorded,
+                    Ok(Err(e)) => {
+                        tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
+                        0
+                    }
+                    Err(_) => 0,
+                };
+                Ok((report, source_bytes, (uploads?, rest, manifest_bytes, recorded)))
+            });
+            let mut pushed = Vec::new();
+            let mut push_failure = None;
+            for pusher in pushers {
+                match pusher.join() {
+                    Ok(Ok(blobs)) => pushed.extend(blobs),
+                    Ok(Err(e)) => push_failure = push_failure.or(Some(e)),
+                    Err(_) => {
+                        push_failure =
+                            push_failure.or(Some(ConvertError::Invalid("a blob pushing thread panicked".into())))
+                    }
                 }
             }
-        }
-        let (report, source_bytes, rest) = finished?;
-        if let Some(e) = push_failure {
-            return Err(e);
-        }
-        Ok((report, source_bytes, pushed, rest))
-    })?;
-    let mut uploaded = rest.uploaded;
-    let mut skipped = rest.skipped;
+            let (report, source_bytes, rest) = finished?;
+            if let Some(e) = push_failure {
+                return Err(e);
+            }
+            Ok((report, source_bytes, pushed, rest))
+        })?;
+    let (mut uploaded, mut skipped) = (uploaded, skipped);
     for early in &pushed_early {
         if early.uploaded {
             uploaded += early.size;
@@ -850,45 +854,12 @@ fn convert_one(
             skipped += 1;
         }
     }
+    let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
     let Rest {
-        layers,
         bootstrap_digest,
         bootstrap_size,
-        config_digest,
-        config_size,
         ..
     } = rest;
-    let mut new_manifest = image_manifest(descriptor(OCI_CONFIG, &config_digest, config_size)?, layers);
-    // The source image, so signature and SBOM tooling finds one from the other
-    // (the referrers API lists the petrel image under the original).
-    new_manifest.set_subject(Some(descriptor(
-        &source_manifest.media_type,
-        &source_manifest.digest,
-        source_manifest.size,
-    )?));
-    // When the source image was built: the default chunk dictionary of the next
-    // conversion into this repository is the newest petrel image. Taken from the
-    // image (not the clock), so conversions stay reproducible.
-    let mut manifest_annotations =
-        manifest_annotations(&source_manifest.digest, options.profile.as_ref(), &options.build);
-    if let Some(created) = image_created(&config_bytes) {
-        manifest_annotations.insert(ANNOTATION_CREATED.to_string(), created);
-    }
-    new_manifest.set_annotations(annotations(manifest_annotations));
-    let manifest_bytes = canonical_json(&new_manifest);
-    let recorded_layers = records.len();
-    // The records refer to the manifest, which need not be there first.
-    let manifest_digest = std::thread::scope(|scope| {
-        let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
-        let created = image_created(&config_bytes);
-        let records = scope
-            .spawn(move || layer_records::push_artifact(target, (&subject.0, subject.1), records, created.as_deref()));
-        let digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it);
-        if let Ok(Err(e)) = records.join() {
-            tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
-        }
-        digest
-    })?;
     Ok((
         ConvertedManifest {
             source_digest: source_manifest.digest.clone(),
@@ -918,33 +889,51 @@ fn convert_one(
     ))
 }
 
-/// What [`push_rest`] sent: the image's layers (the bootstrap last), its config,
-/// and the bytes uploaded or the blobs the target had already.
+/// The petrel image's manifest: `rest`'s layers and config, the source as its
+/// subject, and the annotations a later conversion finds it by.
+fn petrel_manifest(
+    rest: &Rest,
+    source_manifest: &source::SourceManifest,
+    options: &ConvertOptions,
+    config_bytes: &[u8],
+) -> Result<Vec<u8>> {
+    let config = descriptor(OCI_CONFIG, &rest.config_digest, rest.config.len() as u64)?;
+    let mut new_manifest = image_manifest(config, rest.layers.clone());
+    // The source image, so signature and SBOM tooling finds one from the other
+    // (the referrers API lists the petrel image under the original).
+    new_manifest.set_subject(Some(descriptor(
+        &source_manifest.media_type,
+        &source_manifest.digest,
+        source_manifest.size,
+    )?));
+    // When the source image was built: the default chunk dictionary of the next
+    // conversion into this repository is the newest petrel image. Taken from the
+    // image (not the clock), so conversions stay reproducible.
+    let mut manifest_annotations =
+        manifest_annotations(&source_manifest.digest, options.profile.as_ref(), &options.build);
+    if let Some(created) = image_created(config_bytes) {
+        manifest_annotations.insert(ANNOTATION_CREATED.to_string(), created);
+    }
+    new_manifest.set_annotations(annotations(manifest_annotations));
+    Ok(canonical_json(&new_manifest))
+}
+
+/// What a finished build leaves to push besides its sealed blobs
+/// ([`prepare_rest`]): the image's layers (the bootstrap last) and its config.
 struct Rest {
     layers: Vec<Descriptor>,
     bootstrap_digest: String,
     bootstrap_size: u64,
+    /// The bootstrap layer, gzipped, for the upload.
+    bootstrap_file: tempfile::NamedTempFile,
+    config: Vec<u8>,
     config_digest: String,
-    config_size: u64,
-    uploaded: u64,
-    skipped: usize,
 }
 
-/// Sends what a finished build leaves besides its sealed blobs, all at once
-/// (each upload's round trips overlap the others'): the blob `finish` wrote,
-/// the chunk dictionaries' blobs the target lacks, the bootstrap layer and the
-/// config. Everything but the manifest.
-#[allow(clippy::too_many_arguments)]
-fn push_rest(
-    target: &Target,
-    report: &petrel_builder::BuildReport,
-    out: &std::path::Path,
-    source_config: &[u8],
-    dict: &petrel_builder::dict::ChunkDict,
-    mount_from: Option<&str>,
-    dict_sources: &[Source],
-    bars: Option<&indicatif::MultiProgress>,
-) -> Result<Rest> {
+/// Lays out what a finished build leaves to push besides its sealed blobs: the
+/// bootstrap layer (gzipped into a file) and the config, and the layer list the
+/// manifest names.
+fn prepare_rest(report: &petrel_builder::BuildReport, out: &std::path::Path, source_config: &[u8]) -> Result<Rest> {
     let image_dir = petrel_format::image_dir::ImageDir::new(out);
     let bootstrap_bytes = std::fs::read(image_dir.bootstrap_path())?;
     let superblock = petrel_format::Bootstrap::open(&bootstrap_bytes)?.superblock().digest;
@@ -968,6 +957,33 @@ fn push_rest(
     layers.push(bootstrap_descriptor);
     let config = converted_config(source_config, &diff_ids)?;
     let config_digest = sha256_digest(&config);
+    Ok(Rest {
+        layers,
+        bootstrap_size: bootstrap_layer.len() as u64,
+        bootstrap_digest,
+        bootstrap_file,
+        config,
+        config_digest,
+    })
+}
+
+/// Sends what [`prepare_rest`] laid out, all at once (each upload's round trips
+/// overlap the others'): the blob `finish` wrote, the chunk dictionaries' blobs
+/// the target lacks, the bootstrap layer and the config. Returns the bytes
+/// uploaded and the blobs the target had already.
+#[allow(clippy::too_many_arguments)]
+fn upload_rest(
+    target: &Target,
+    report: &petrel_builder::BuildReport,
+    rest: &Rest,
+    out: &std::path::Path,
+    dict: &petrel_builder::dict::ChunkDict,
+    mount_from: Option<&str>,
+    dict_sources: &[Source],
+    bars: Option<&indicatif::MultiProgress>,
+) -> Result<(u64, usize)> {
+    let image_dir = petrel_format::image_dir::ImageDir::new(out);
+    let (bootstrap_digest, config) = (&rest.bootstrap_digest, &rest.config);
     // Each upload answers the bytes it sent, or None when the target had them.
     let uploads: Vec<Result<Option<u64>>> = std::thread::scope(|scope| {
         let mut tasks: Vec<std::thread::ScopedJoinHandle<'_, Result<Option<u64>>>> = Vec::new();
@@ -994,14 +1010,13 @@ fn push_rest(
                 tasks.push(scope.spawn(move || ensure_blob(target, &blob.digest, blob.size, dict_sources).map(Some)));
             }
         }
-        let bootstrap_path = bootstrap_file.path();
-        let bootstrap = (&bootstrap_digest, bootstrap_layer.len() as u64);
+        let bootstrap_path = rest.bootstrap_file.path();
+        let bootstrap = (bootstrap_digest, rest.bootstrap_size);
         tasks.push(scope.spawn(move || {
             Ok(target
                 .put_blob_file(bootstrap.0, bootstrap_path, None)?
                 .then_some(bootstrap.1))
         }));
-        let config = &config;
         // Not counted among the uploads, as the manifest is not.
         tasks.push(scope.spawn(move || target.put_bytes(config).map(|_| Some(0))));
         tasks
@@ -1020,15 +1035,7 @@ fn push_rest(
             None => skipped += 1,
         }
     }
-    Ok(Rest {
-        layers,
-        bootstrap_size: bootstrap_layer.len() as u64,
-        bootstrap_digest,
-        config_size: config.len() as u64,
-        config_digest,
-        uploaded,
-        skipped,
-    })
+    Ok((uploaded, skipped))
 }
 
 /// The source config with `rootfs.diff_ids` naming the new layers and without the
