@@ -48,22 +48,13 @@ impl VerifyReport {
 }
 
 /// Whether a stored chunk hashes to its digest; None when it is no longer
-/// stored. Daemons keep evicting and moving chunks while a verify runs: a chunk
-/// that fails is looked up again after the other processes' changes are read,
-/// and only one that still fails where it now lies is bad.
+/// stored: daemons keep evicting chunks while a verify runs (a read of a chunk
+/// whose pack was removed already looks again, `ChunkStore::verify`).
 fn verify_chunk(store: &ChunkStore, digest: &[u8; 32]) -> Option<bool> {
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     match store.verify(digest) {
-        Ok(true) => Some(true),
-        Err(e) if gone(&e) => None,
-        _ => {
-            store.refresh();
-            match store.verify(digest) {
-                Ok(good) => Some(good),
-                Err(e) if gone(&e) => None,
-                Err(_) => Some(false),
-            }
-        }
+        Ok(good) => Some(good),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(_) => Some(false),
     }
 }
 
