@@ -8,7 +8,7 @@ use crate::layer::{check_path, OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::sink::{ChunkSink, FileDataError, SinkOutput};
 use crate::tree::{clean_path, Meta, Node, NodeKind, Piece, PieceSource, Tree, ROOT};
 use petrel_format::layer_record::{
-    LayerRecord, RecordBody, RecordChunk, RecordEncoding, RecordEntry, RecordMeta, RecordPiece, RECORD_HOLE,
+    LayerRecord, RecordBody, RecordChunk, RecordEncoding, RecordEntry, RecordPiece, RECORD_HOLE,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -250,56 +250,34 @@ fn replay_entry(
     let components = clean_path(&entry.path);
     check_path(&components)?;
     let op = match &entry.body {
-        RecordBody::Directory(meta) if components.is_empty() => Op::Root(meta_of(meta)),
-        RecordBody::Directory(meta) => Op::Directory(meta_of(meta)),
+        RecordBody::Directory(meta) if components.is_empty() => Op::Root(meta.clone()),
+        RecordBody::Directory(meta) => Op::Directory(meta.clone()),
         RecordBody::Regular { meta, size, pieces } => {
             let pieces = sink
                 .add_recorded_file(pieces, &record.chunks, slots, *size)
                 .map_err(FileDataError::Build)?;
-            Op::Node(meta_of(meta), NodeKind::Regular { size: *size, pieces })
+            Op::Node(meta.clone(), NodeKind::Regular { size: *size, pieces })
         }
-        RecordBody::Symlink { meta, target } => Op::Node(meta_of(meta), NodeKind::Symlink(target.clone())),
+        RecordBody::Symlink { meta, target } => Op::Node(meta.clone(), NodeKind::Symlink(target.clone())),
         RecordBody::Hardlink { target } => Op::Hardlink(clean_path(target)),
         RecordBody::CharDevice { meta, major, minor } => Op::Node(
-            meta_of(meta),
+            meta.clone(),
             NodeKind::CharDevice {
                 major: *major,
                 minor: *minor,
             },
         ),
         RecordBody::BlockDevice { meta, major, minor } => Op::Node(
-            meta_of(meta),
+            meta.clone(),
             NodeKind::BlockDevice {
                 major: *major,
                 minor: *minor,
             },
         ),
-        RecordBody::Fifo(meta) => Op::Node(meta_of(meta), NodeKind::Fifo),
+        RecordBody::Fifo(meta) => Op::Node(meta.clone(), NodeKind::Fifo),
         RecordBody::Whiteout => Op::Whiteout,
     };
     Ok((components, op))
-}
-
-fn meta_of(meta: &RecordMeta) -> Meta {
-    Meta {
-        permissions: meta.permissions,
-        uid: meta.uid,
-        gid: meta.gid,
-        mtime_sec: meta.mtime_sec,
-        mtime_nsec: meta.mtime_nsec,
-        xattrs: meta.xattrs.clone(),
-    }
-}
-
-fn record_meta(meta: &Meta) -> RecordMeta {
-    RecordMeta {
-        permissions: meta.permissions,
-        uid: meta.uid,
-        gid: meta.gid,
-        mtime_sec: meta.mtime_sec,
-        mtime_nsec: meta.mtime_nsec,
-        xattrs: meta.xattrs.clone(),
-    }
 }
 
 /// The chunks the finished image holds: those a reachable file names.
@@ -344,13 +322,13 @@ pub(crate) fn finish_records(
             let mut out = Vec::with_capacity(entries.len());
             for entry in entries {
                 let body = match &entry.op {
-                    Op::Root(meta) | Op::Directory(meta) => RecordBody::Directory(record_meta(meta)),
+                    Op::Root(meta) | Op::Directory(meta) => RecordBody::Directory(meta.clone()),
                     Op::Whiteout => RecordBody::Whiteout,
                     Op::Hardlink(target) => RecordBody::Hardlink {
                         target: target.join(&b'/'),
                     },
                     Op::Node(meta, kind) => {
-                        let meta = record_meta(meta);
+                        let meta = meta.clone();
                         match kind {
                             NodeKind::Regular { size, pieces } => {
                                 let mut recorded = Vec::with_capacity(pieces.len());

@@ -12,28 +12,9 @@ pub const ROOT: NodeId = 0;
 /// Symlinks followed while resolving one path, as Linux's MAXSYMLINKS.
 const MAX_SYMLINK_HOPS: usize = 40;
 
-/// Metadata every node has.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Meta {
-    /// Permission bits including setuid, setgid and sticky.
-    pub permissions: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-    /// Sorted by name.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Meta {
-    /// What containerd gives a parent directory a layer did not list: 0755 root:root.
-    pub fn implicit_dir() -> Self {
-        Meta {
-            permissions: 0o755,
-            ..Meta::default()
-        }
-    }
-}
+/// Metadata every node has: permission bits (setuid, setgid and sticky
+/// included), owner, mtime and xattrs sorted by name, as a layer record keeps it.
+pub type Meta = petrel_format::layer_record::RecordMeta;
 
 /// Where the bytes of one piece of a file come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

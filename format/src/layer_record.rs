@@ -43,6 +43,7 @@ pub struct RecordChunk {
 /// Metadata of an entry, as the builder keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordMeta {
+    /// Permission bits including setuid, setgid and sticky.
     pub permissions: u32,
     pub uid: u32,
     pub gid: u32,
@@ -50,6 +51,16 @@ pub struct RecordMeta {
     pub mtime_nsec: u32,
     /// Sorted by name, no repeats.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RecordMeta {
+    /// What containerd gives a parent directory a layer did not list: 0755 root:root.
+    pub fn implicit_dir() -> Self {
+        RecordMeta {
+            permissions: 0o755,
+            ..RecordMeta::default()
+        }
+    }
 }
 
 /// A piece of a regular file: `length` bytes at `chunk_offset` in chunk `chunk`
