@@ -126,11 +126,7 @@ impl KnownRecords {
 
 /// Encodes and pushes the records of a finished build (`records[i]` is source
 /// layer `layers[i]`'s, if it has one): their descriptors, for [`push_artifact`].
-pub fn push_records(
-    target: &Target,
-    layers: &[String],
-    records: &[Option<LayerRecord>],
-) -> crate::Result<Vec<Descriptor>> {
+fn push_records(target: &Target, layers: &[String], records: &[Option<LayerRecord>]) -> crate::Result<Vec<Descriptor>> {
     let pushed: Vec<crate::Result<Option<Descriptor>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = layers
             .iter()
@@ -165,19 +161,21 @@ pub fn push_records(
     Ok(blobs)
 }
 
-/// Pushes the artifact listing `blobs` as the records of the image manifest
-/// `subject` (digest and size); `created` names the newest of several.
-pub fn push_artifact(
+/// Pushes the records of a finished build (`records[i]` is source layer
+/// `layers[i]`'s, if it has one) as the artifact of the image manifest `subject`
+/// (digest and size); `created` names the newest of several. Returns how many.
+pub fn push(
     target: &Target,
     subject: (&str, u64),
-    blobs: Vec<Descriptor>,
+    layers: &[String],
+    records: &[Option<LayerRecord>],
     created: Option<&str>,
-) -> crate::Result<()> {
+) -> crate::Result<usize> {
     let Target::Registry { client, image } = target else {
-        return Ok(());
+        return Ok(0);
     };
-    if blobs.is_empty() {
-        return Ok(());
+    if records.iter().all(Option::is_none) {
+        return Ok(0);
     }
     let subject = descriptor(OCI_MANIFEST, subject.0, subject.1)?;
     let annotations: BTreeMap<String, String> = created
@@ -189,6 +187,15 @@ pub fn push_artifact(
         })
         .into_iter()
         .collect();
+    let mut pushed = 0;
+    let blobs = || {
+        let blobs = push_records(target, layers, records).map_err(|e| petrel_registry::RegistryError::BadContent {
+            what: "layer records".into(),
+            reason: e.to_string(),
+        })?;
+        pushed = blobs.len();
+        Ok(blobs)
+    };
     client.push_artifact(
         &image.repository,
         &subject,
@@ -196,5 +203,5 @@ pub fn push_artifact(
         blobs,
         annotations,
     )?;
-    Ok(())
+    Ok(pushed)
 }

@@ -802,11 +802,14 @@ fn convert_one(
                 let manifest_bytes = petrel_manifest(&rest, source_manifest, options, &config_bytes)?;
                 let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
                 let created = image_created(&config_bytes);
-                let records = scope.spawn(move || -> Result<usize> {
-                    let blobs = layer_records::push_records(target, layer_digests, &to_record)?;
-                    let recorded = blobs.len();
-                    layer_records::push_artifact(target, (&subject.0, subject.1), blobs, created.as_deref())?;
-                    Ok(recorded)
+                let records = scope.spawn(move || {
+                    layer_records::push(
+                        target,
+                        (&subject.0, subject.1),
+                        layer_digests,
+                        &to_record,
+                        created.as_deref(),
+                    )
                 });
                 let uploads = upload_rest(
                     target,

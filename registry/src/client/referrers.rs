@@ -164,26 +164,67 @@ impl RegistryClient {
         content: &[u8],
         annotations: BTreeMap<String, String>,
     ) -> Result<String> {
-        let blob = self.push_blob_bytes(repository, content)?;
-        let layers = vec![descriptor(artifact_type, &blob, content.len() as u64)?];
+        let layers = || -> Result<Vec<Descriptor>> {
+            let blob = self.push_blob_bytes(repository, content)?;
+            Ok(vec![descriptor(artifact_type, &blob, content.len() as u64)?])
+        };
         self.push_artifact(repository, subject, artifact_type, layers, annotations)
     }
 
-    /// Pushes an artifact of `artifact_type` whose blobs, `layers`, the repository
-    /// already holds, referring to `subject` (which need not be pushed yet);
-    /// returns the artifact manifest's digest. Registries without the referrers
-    /// API also get the fallback index updated (read, extended, written back: two
-    /// nodes pushing at once may lose one entry, never corrupt the index).
+    /// Pushes an artifact of `artifact_type` referring to `subject` (which need
+    /// not be pushed yet), whose blobs `layers` pushes and names; returns the
+    /// artifact manifest's digest. While `layers` runs, the empty config goes up
+    /// and the registry is asked whether it has the referrers API and what its
+    /// fallback index holds. Registries without the API get the fallback index
+    /// updated (read, extended, written back: two nodes pushing at once may lose
+    /// one entry, never corrupt the index).
     pub fn push_artifact(
         &self,
         repository: &str,
         subject: &Descriptor,
         artifact_type: &str,
-        layers: Vec<Descriptor>,
+        layers: impl FnOnce() -> Result<Vec<Descriptor>> + Send,
         annotations: BTreeMap<String, String>,
     ) -> Result<String> {
-        let empty = self.push_blob_bytes(repository, b"{}")?;
-        let mut manifest = image_manifest(descriptor(EMPTY_MEDIA_TYPE, &empty, 2)?, layers);
+        use std::sync::atomic::Ordering::Relaxed;
+        let tag = fallback_tag(subject.digest().as_ref());
+        let api = format!("/v2/{repository}/referrers/{}", subject.digest());
+        let fallback_index = || match self.get_manifest(repository, &tag) {
+            Ok((bytes, _, _)) => serde_json::from_slice::<Index>(&bytes).map_err(|e| RegistryError::BadContent {
+                what: format!("referrers tag {repository}:{tag}"),
+                reason: e.to_string(),
+            }),
+            Err(e) if not_found(&e) => Ok(empty_index()),
+            Err(e) => Err(e),
+        };
+        let (layers, empty, api_present, index) = std::thread::scope(|scope| {
+            let empty = scope.spawn(|| self.push_blob_bytes(repository, b"{}"));
+            let api_present = scope.spawn(|| match self.referrers_api.load(Relaxed) {
+                API_PRESENT => true,
+                API_ABSENT => false,
+                _ => {
+                    // A registry with the API lists a manifest under its subject
+                    // as it is pushed; one without answers 404 (or 400, 405).
+                    let present = self.get_small_json(&api, OCI_INDEX).is_ok();
+                    self.referrers_api
+                        .store(if present { API_PRESENT } else { API_ABSENT }, Relaxed);
+                    present
+                }
+            });
+            let index = (self.referrers_api.load(Relaxed) != API_PRESENT).then(|| scope.spawn(fallback_index));
+            let layers = layers();
+            let joined = |what| RegistryError::BadContent {
+                what,
+                reason: "its thread panicked".into(),
+            };
+            (
+                layers,
+                empty.join().unwrap_or_else(|_| Err(joined("the empty config".into()))),
+                api_present.join().unwrap_or(false),
+                index.map(|i| i.join().unwrap_or_else(|_| Err(joined(format!("referrers tag {tag}"))))),
+            )
+        });
+        let mut manifest = image_manifest(descriptor(EMPTY_MEDIA_TYPE, &empty?, 2)?, layers?);
         manifest.set_artifact_type(Some(MediaType::from(artifact_type)));
         manifest.set_subject(Some(Descriptor::new(
             subject.media_type().clone(),
@@ -194,25 +235,10 @@ impl RegistryClient {
         let bytes = canonical_json(&manifest);
         let digest = sha256_digest(&bytes);
         self.put_manifest(repository, &digest, OCI_MANIFEST, &bytes)?;
-        let api = format!("/v2/{repository}/referrers/{}", subject.digest());
-        let api_absent = self.referrers_api.load(std::sync::atomic::Ordering::Relaxed) == API_ABSENT;
-        let listed_by_api = !api_absent
-            && match self.get_small_json(&api, OCI_INDEX) {
-                Ok(bytes) => serde_json::from_slice::<Index>(&bytes)
-                    .is_ok_and(|i| i.manifests().iter().any(|d| d.digest().as_ref() == digest)),
-                Err(_) => false,
-            };
-        if !listed_by_api {
-            let tag = fallback_tag(subject.digest().as_ref());
-            let mut index = match self.get_manifest(repository, &tag) {
-                Ok((bytes, _, _)) => {
-                    serde_json::from_slice::<Index>(&bytes).map_err(|e| RegistryError::BadContent {
-                        what: format!("referrers tag {repository}:{tag}"),
-                        reason: e.to_string(),
-                    })?
-                }
-                Err(e) if not_found(&e) => empty_index(),
-                Err(e) => return Err(e),
+        if !api_present {
+            let mut index = match index {
+                Some(index) => index?,
+                None => fallback_index()?,
             };
             let mut entry = descriptor(OCI_MANIFEST, &digest, bytes.len() as u64)?;
             entry.set_artifact_type(Some(MediaType::from(artifact_type)));
