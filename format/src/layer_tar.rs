@@ -126,7 +126,9 @@ pub fn gzipped_bootstrap_layer(bootstrap: &[u8]) -> (Vec<u8>, [u8; 32]) {
     use std::io::Write;
     let tar = wrap(BOOTSTRAP_ENTRY, bootstrap);
     let diff_id = sha2::Sha256::digest(&tar).into();
-    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(tar.len() / 3), flate2::Compression::new(6));
+    // Level 5: on a Python service's 2.2 MB bootstrap, 0.1 % more bytes than 6
+    // for 30 % less time (zlib-rs; 9 saves 0.4 % for 4.5 times the time).
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(tar.len() / 3), flate2::Compression::new(5));
     encoder.write_all(&tar).expect("writing to memory");
     (encoder.finish().expect("writing to memory"), diff_id)
 }
