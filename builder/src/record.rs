@@ -185,6 +185,33 @@ pub fn replayable(
             }
         }
     }
+    // What `LayerRecord::decode` checks of pieces, again for a record built in
+    // memory: each names a chunk of the record, inside it, and they tile the file.
+    for entry in &record.entries {
+        let RecordBody::Regular { pieces, size, .. } = &entry.body else {
+            continue;
+        };
+        let mut next = 0u64;
+        for piece in pieces {
+            let inside = piece.chunk == RECORD_HOLE
+                || record.chunks.get(piece.chunk as usize).is_some_and(|chunk| {
+                    u64::from(piece.chunk_offset) + u64::from(piece.length) <= u64::from(chunk.uncompressed_size)
+                });
+            if !inside || piece.file_offset != next || piece.length == 0 {
+                return Err(format!(
+                    "the pieces of {} do not tile it inside their chunks",
+                    String::from_utf8_lossy(&entry.path)
+                ));
+            }
+            next += u64::from(piece.length);
+        }
+        if next != *size {
+            return Err(format!(
+                "the pieces of {} cover {next} of its {size} bytes",
+                String::from_utf8_lossy(&entry.path)
+            ));
+        }
+    }
     if prefetch.is_empty() {
         return Ok(());
     }
@@ -249,6 +276,17 @@ fn replay_entry(
 ) -> Result<(Vec<Vec<u8>>, Op), EntryError> {
     let components = clean_path(&entry.path);
     check_path(&components)?;
+    // What `LayerRecord::decode` checks, again for a record built in memory:
+    // only a directory names the root, and a whiteout's name starts with `.wh.`.
+    let malformed = |what: &str| EntryError::Problem(EntryProblem::Io(std::io::Error::other(what.to_string())));
+    let is_directory = matches!(entry.body, RecordBody::Directory(_));
+    match components.last() {
+        None if !is_directory => return Err(malformed("only a directory may name the root")),
+        Some(name) if matches!(entry.body, RecordBody::Whiteout) && !name.starts_with(WHITEOUT_PREFIX) => {
+            return Err(malformed("a whiteout whose name does not start with .wh."))
+        }
+        _ => {}
+    }
     let op = match &entry.body {
         RecordBody::Directory(meta) if components.is_empty() => Op::Root(meta.clone()),
         RecordBody::Directory(meta) => Op::Directory(meta.clone()),
@@ -258,7 +296,12 @@ fn replay_entry(
                 .map_err(FileDataError::Build)?;
             Op::Node(meta.clone(), NodeKind::Regular { size: *size, pieces })
         }
-        RecordBody::Symlink { meta, target } => Op::Node(meta.clone(), NodeKind::Symlink(target.clone())),
+        RecordBody::Symlink { meta, target } => {
+            if target.is_empty() || target.len() > crate::layer::MAX_SYMLINK_TARGET || target.contains(&0) {
+                return Err(EntryProblem::BadSymlinkTarget.into());
+            }
+            Op::Node(meta.clone(), NodeKind::Symlink(target.clone()))
+        }
         RecordBody::Hardlink { target } => Op::Hardlink(clean_path(target)),
         RecordBody::CharDevice { meta, major, minor } => Op::Node(
             meta.clone(),

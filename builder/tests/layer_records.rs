@@ -125,3 +125,44 @@ fn a_layer_whose_files_a_later_layer_replaces_gets_no_record() {
     assert!(report.layer_records[0].is_none(), "its chunk is not in the image");
     assert!(report.layer_records[1].is_some());
 }
+
+#[test]
+fn a_record_built_in_memory_is_checked_as_a_decoded_one_is() {
+    use petrel_format::layer_record::{RecordBody, RecordEntry, RecordMeta};
+    let dir = tempfile::tempdir().unwrap();
+    let (records, dict, _) = records_and_dictionary(dir.path());
+    let record = LayerRecord::decode(&records[0], 64 << 20).unwrap();
+    let builder = |name: &str| {
+        let options = BuildOptions {
+            chunk_dict: Arc::new(dict.clone()),
+            ..recording()
+        };
+        ImageBuilder::new(options, &dir.path().join(name)).unwrap()
+    };
+    let mut past_its_chunk = record.clone();
+    for entry in &mut past_its_chunk.entries {
+        if let RecordBody::Regular { pieces, .. } = &mut entry.body {
+            if let Some(piece) = pieces.iter_mut().find(|p| p.chunk != u32::MAX) {
+                piece.chunk = past_its_chunk.chunks.len() as u32;
+                break;
+            }
+        }
+    }
+    let error = builder("a")
+        .add_recorded_layer(&past_its_chunk)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("do not tile it inside their chunks"), "{error}");
+    for (path, body) in [
+        (b"etc/not-a-whiteout".to_vec(), RecordBody::Whiteout),
+        (Vec::new(), RecordBody::Fifo(RecordMeta::default())),
+    ] {
+        let mut bad = record.clone();
+        bad.entries.push(RecordEntry { path, body });
+        let error = builder("b").add_recorded_layer(&bad).unwrap_err().to_string();
+        assert!(
+            error.contains("whiteout whose name") || error.contains("only a directory"),
+            "{error}"
+        );
+    }
+}
