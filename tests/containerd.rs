@@ -436,21 +436,17 @@ fn bad_bootstraps_and_a_registry_that_is_down_fail_cleanly() {
     // The registry serves bytes that do not match the bootstrap's digest (storage
     // tampered with behind its back): the pull fails naming the digest, nothing is mounted.
     let bootstrap = good["layers"][last]["digest"].as_str().unwrap().to_string();
-    let hex = bootstrap.trim_start_matches("sha256:");
-    let stored = registry
-        .dir
-        .path()
-        .join("storage/docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
+    let stored = registry.blob_data_path(&bootstrap);
     let original = std::fs::read(&stored).unwrap();
     let mut tampered = original.clone();
     let middle = tampered.len() / 2;
     tampered[middle] ^= 0x40;
     std::fs::write(&stored, &tampered).unwrap();
     let err = cri_pull(&socket, &format!("{}/busy:petrel", registry.addr)).unwrap_err();
-    assert!(err.contains("does not match its digest") && err.contains(hex), "{err}");
+    assert!(
+        err.contains("does not match its digest") && err.contains(bootstrap.trim_start_matches("sha256:")),
+        "{err}"
+    );
     assert_eq!(lazy_mounts(&root), 0);
     std::fs::write(&stored, &original).unwrap();
 

@@ -2615,14 +2615,7 @@ fn a_new_release_applies_its_unchanged_layers_from_their_records_and_fetches_onl
     let blobs = layer_record_blobs(&registry, "app", "2");
     assert_eq!(blobs.len(), 4, "{blobs:?}");
     for blob in &blobs {
-        let hex = blob.trim_start_matches("sha256:");
-        let data = registry
-            .dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data");
+        let data = registry.blob_data_path(blob);
         let mut bytes = std::fs::read(&data).unwrap();
         bytes[0] ^= 0xff;
         std::fs::write(&data, bytes).unwrap();

@@ -236,6 +236,18 @@ impl TestRegistry {
         Some(path.display().to_string())
     }
 
+    /// Where the registry's storage keeps blob `digest` (`sha256:<hex>`): a test
+    /// tampers with it there, behind the registry's back.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// Pushes an OCI layout's tag `v1` to `repo:tag` with skopeo.
     pub fn push_layout(&self, layout: &Path, repo: &str, tag: &str) {
         let mut command = Command::new("skopeo");
