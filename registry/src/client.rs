@@ -150,13 +150,23 @@ pub fn no_proxy_list(raw: &str) -> String {
 
 /// The proxies the environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, or
 /// lowercase), each with `NO_PROXY` read by `no_proxy_list`. Empty: no proxy.
-fn proxies_from_env() -> Result<Vec<reqwest::Proxy>> {
-    let var = |name: &str| {
-        std::env::var(name.to_ascii_lowercase())
-            .or_else(|_| std::env::var(name))
-            .ok()
-            .filter(|v| !v.is_empty())
-    };
+/// The proxy variables set in the environment (lower case before upper, as curl
+/// reads them), by their upper-case name.
+fn proxy_env() -> Vec<(&'static str, String)> {
+    ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = std::env::var(name.to_ascii_lowercase())
+                .or_else(|_| std::env::var(name))
+                .ok()
+                .filter(|v| !v.is_empty())?;
+            Some((name, value))
+        })
+        .collect()
+}
+
+fn proxies_from(env: &[(&'static str, String)]) -> Result<Vec<reqwest::Proxy>> {
+    let var = |name: &str| env.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
     let no_proxy = var("NO_PROXY").map(|raw| no_proxy_list(&raw));
     let bad = |e: reqwest::Error| RegistryError::Transport {
         method: "proxy",
@@ -213,6 +223,30 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// A new HTTP client from `settings` (`ca_file` names where the extra CA
+/// certificates came from, `registry` what the client is for, in errors).
+fn build_http(settings: &http_clients::HttpSettings, ca_file: &Path, registry: &str) -> Result<Client> {
+    let mut builder = Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .timeout(settings.request_timeout)
+        .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")));
+    for proxy in proxies_from(&settings.proxy_env)? {
+        builder = builder.proxy(proxy);
+    }
+    if let Some(pem) = &settings.extra_ca_pem {
+        let certificate = reqwest::Certificate::from_pem(pem).map_err(|e| RegistryError::BadContent {
+            what: ca_file.display().to_string(),
+            reason: format!("not a PEM certificate: {e}"),
+        })?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder.build().map_err(|source| RegistryError::Transport {
+        method: "build",
+        url: registry.into(),
+        source,
+    })
+}
+
 impl RegistryClient {
     /// A client for `registry` (`host[:port]`).
     pub fn new(registry: &str, options: &ClientOptions) -> Result<Self> {
@@ -224,25 +258,18 @@ impl RegistryClient {
         }
         .is_local();
         let scheme = if options.plain_http || local { "http" } else { "https" };
-        let mut builder = Client::builder()
-            .connect_timeout(options.connect_timeout)
-            .timeout(options.request_timeout)
-            .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")));
-        for proxy in proxies_from_env()? {
-            builder = builder.proxy(proxy);
-        }
-        if let Some(path) = &options.ca_file {
-            let pem = std::fs::read(path).map_err(RegistryError::io("read CA file", path))?;
-            let certificate = reqwest::Certificate::from_pem(&pem).map_err(|e| RegistryError::BadContent {
-                what: path.display().to_string(),
-                reason: format!("not a PEM certificate: {e}"),
-            })?;
-            builder = builder.add_root_certificate(certificate);
-        }
-        let http = builder.build().map_err(|source| RegistryError::Transport {
-            method: "build",
-            url: registry.into(),
-            source,
+        let extra_ca_pem = match &options.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(RegistryError::io("read CA file", path))?),
+            None => None,
+        };
+        let settings = http_clients::HttpSettings {
+            connect_timeout: options.connect_timeout,
+            request_timeout: options.request_timeout,
+            extra_ca_pem,
+            proxy_env: proxy_env(),
+        };
+        let http = http_clients::shared(settings, |settings| {
+            build_http(settings, options.ca_file.as_deref().unwrap_or(Path::new("")), registry)
         })?;
         let credentials = options
             .credentials
@@ -1130,6 +1157,7 @@ impl RegistryClient {
     }
 }
 
+mod http_clients;
 pub mod manifest_cache;
 pub mod multi_range;
 pub mod referrers;
