@@ -36,7 +36,9 @@ const USAGE: &str = "usage: petrel-bench <benchmark> [flags]
                                                      one model file: lazy read against curl, cached read against disk
   store       [--chunks N] [--chunk-bytes B]         the chunk store at scale: put, open with a bound, GC, compaction
   edge        [--scale F] [--rtt-ms N] [--mbit N] [--before PETREL] [--no-containerd]
-                                                     mirror fan-out, dead mirror, offline restart";
+                                                     mirror fan-out, dead mirror, offline restart
+  relay       UPSTREAM [--rtt-ms N] [--mbit N]       the benchmarks' shaped link in front of UPSTREAM (host:port),
+                                                     its address printed, until killed: to look at one run closely";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Some("coldstart") => apps::run_coldstart(&args[1..]),
         Some("bigfile") => bigfile::run(&args[1..]),
         Some("store") => store::run(&args[1..]),
+        Some("relay") => relay::run(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2)

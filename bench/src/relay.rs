@@ -31,6 +31,32 @@ impl Link {
 /// Bytes the relay delivered from the server to clients (all connections).
 pub static BYTES_DOWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// `petrel-bench relay UPSTREAM [--rtt-ms N] [--mbit N]`: a shaped link (20 ms
+/// RTT and 100 Mbit/s, as the registry benchmark's, unless told) in front of
+/// UPSTREAM until killed; prints its address.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let upstream = args.first().filter(|a| !a.starts_with("--"));
+    let upstream =
+        upstream.ok_or_else(|| anyhow::anyhow!("usage: petrel-bench relay UPSTREAM [--rtt-ms N] [--mbit N]"))?;
+    let (mut rtt_ms, mut mbit) = (20.0f64, 100.0f64);
+    let mut rest = args[1..].iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().ok_or_else(|| anyhow::anyhow!("{flag} takes a value"))?;
+        match flag.as_str() {
+            "--rtt-ms" => rtt_ms = value.parse()?,
+            "--mbit" => mbit = value.parse()?,
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    println!(
+        "{}",
+        start(upstream, Duration::from_secs_f64(rtt_ms / 2000.0), mbit * 1e6)
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Starts the relay in front of `upstream`; returns its address.
 pub fn start(upstream: &str, one_way: Duration, bits_per_second: f64) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
