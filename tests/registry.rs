@@ -1704,12 +1704,12 @@ fn convert_with_a_prefetch_profile_uploads_while_the_layer_is_still_read() {
     ]));
 }
 
-/// The conversion's tail streams too: an image whose last sizable layer is far
-/// under 32 MiB (a 20 MiB model, then a config file) pushes that layer while it is
-/// still read, not after the pull, in one blob for nearly all of it (a directory
-/// read ahead stays one request), and the image reads back whole.
+/// A layer far under 32 MiB streams too: an image of a 20 MiB model, then 2 MiB
+/// of data and a config file, pushes the model's layer while it is still read,
+/// not after its pull, in one blob for nearly all of it (a directory read ahead
+/// stays one request), and the image reads back whole.
 #[test]
-fn a_small_last_layer_goes_up_while_it_is_still_read() {
+fn a_layer_under_32_mib_goes_up_while_it_is_still_read() {
     if !registry_tools_available() || !fuse_available() {
         return;
     }
@@ -1724,11 +1724,17 @@ fn a_small_last_layer_goes_up_while_it_is_still_read() {
         model.file(&format!("model/part{i:02}.bin"), &Default::default(), &data);
         files.push((format!("model/part{i:02}.bin"), data));
     }
+    let mut data = petrel_fixtures::layer_writer::LayerWriter::new();
+    let data_bytes = 2u64 << 20;
+    let table = petrel_fixtures::rng::Rng::new(799).bytes(data_bytes as usize);
+    data.file("data/table.bin", &Default::default(), &table);
+    files.push(("data/table.bin".to_string(), table));
     let mut config = petrel_fixtures::layer_writer::LayerWriter::new();
     config.file("etc/app.toml", &Default::default(), b"[app]\n");
     files.push(("etc/app.toml".to_string(), b"[app]\n".to_vec()));
     let layout = work.path().join("layout");
-    write_oci_layout(&layout, "v1", &[base.finish(), model.finish(), config.finish()]).unwrap();
+    let layers = [base.finish(), model.finish(), data.finish(), config.finish()];
+    write_oci_layout(&layout, "v1", &layers).unwrap();
     source.push_layout(&layout, "tail", "v1");
     let proxy = FaultProxy::start(&source.addr);
     // Blob GETs: the config, the first layer, the model layer's gzip trailer (its
@@ -1756,10 +1762,10 @@ fn a_small_last_layer_goes_up_while_it_is_still_read() {
         blobs.last().is_some_and(|&biggest| biggest >= model_bytes * 7 / 8),
         "one blob holds nearly all of the model layer: {blobs:?}"
     );
-    // The model once, and at most the two small files beside it.
+    // The model and the data once, and at most the two small files beside them.
     let stored = blobs.iter().sum::<u64>();
     assert!(
-        (model_bytes..=model_bytes + 14).contains(&stored),
+        (model_bytes + data_bytes..=model_bytes + data_bytes + 14).contains(&stored),
         "every chunk stored once: {blobs:?}"
     );
 }
@@ -2026,7 +2032,7 @@ fn a_corrupt_layer_mid_conversion_fails_it_cleanly() {
         .take(2)
         .enumerate()
     {
-        if size >= petrel_convert::STREAM_FROM {
+        if size >= petrel_convert::STREAM_ONE_BLOB_FROM {
             plan.push(Fault::Pass);
         }
         plan.push(if i == 0 { Fault::Pass } else { Fault::CorruptBody });

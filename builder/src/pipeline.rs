@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 mod streaming;
-pub use streaming::{StreamPlan, FIRST_WINDOW, MAX_BLOB, MIN_BLOB, TAIL_SHARE, WINDOW};
+pub use streaming::{StreamPlan, FIRST_WINDOW, MAX_BLOB, MIN_BLOB, ONE_BLOB_SHARE, WINDOW};
 
 /// Counters of a running build, readable from another thread (progress bars).
 #[derive(Debug, Default)]

@@ -57,8 +57,8 @@ fn build_streaming(dir: &Path, layer: &[u8], options: BuildOptions) -> Built {
     build_streaming_as(dir, layer, options, false)
 }
 
-/// `build_streaming`, the layer being the conversion's tail or not.
-fn build_streaming_as(dir: &Path, layer: &[u8], options: BuildOptions, tail: bool) -> Built {
+/// `build_streaming`, the layer going into one blob or into blobs that halve.
+fn build_streaming_as(dir: &Path, layer: &[u8], options: BuildOptions, one_blob: bool) -> Built {
     let mut builder = ImageBuilder::new(options, &dir.join("image")).unwrap();
     let (sealed_tx, sealed_rx) = std::sync::mpsc::channel();
     let (opened_tx, opened_rx) =
@@ -82,7 +82,7 @@ fn build_streaming_as(dir: &Path, layer: &[u8], options: BuildOptions, tail: boo
             layer_size: layer.len() as u64,
             sealed: sealed_tx,
             opened: Some(opened_tx),
-            tail,
+            one_blob,
         })
         .unwrap();
     builder.add_layer(layer).unwrap();
@@ -137,11 +137,11 @@ fn blobs_written_while_a_layer_streams_in_are_read_whole_while_they_grow_and_the
 }
 
 #[test]
-fn the_conversions_tail_goes_into_a_blob_for_nearly_all_of_it() {
+fn a_one_blob_layer_goes_into_a_blob_for_nearly_all_of_it() {
     let dir = tempfile::tempdir().unwrap();
     let ops = layer_ops();
     let layer = write_layer(&ops, "");
-    let built = build_streaming_as(&dir.path().join("tail"), &layer, BuildOptions::default(), true);
+    let built = build_streaming_as(&dir.path().join("one"), &layer, BuildOptions::default(), true);
     let halving = build_streaming(&dir.path().join("halving"), &layer, BuildOptions::default());
 
     let streamed: Vec<u64> = built
@@ -150,7 +150,7 @@ fn the_conversions_tail_goes_into_a_blob_for_nearly_all_of_it() {
         .filter(|s| s.streamed)
         .map(|s| s.blob.uncompressed_size)
         .collect();
-    let stored = stored_bytes(&dir.path().join("tail/image"));
+    let stored = stored_bytes(&dir.path().join("one/image"));
     // The estimate, made from the layer's first megabyte, may fall short: then a
     // second blob takes most of what is left.
     assert!(
@@ -161,14 +161,14 @@ fn the_conversions_tail_goes_into_a_blob_for_nearly_all_of_it() {
         streamed[0] >= stored * 3 / 4,
         "the first holds most of the layer: {streamed:?} of {stored}"
     );
-    assert!(halving.seen.len() >= 3, "without the tail, blobs halve");
+    assert!(halving.seen.len() >= 3, "otherwise, blobs halve");
     assert_eq!(
         stored,
         stored_bytes(&dir.path().join("halving/image")),
         "chunks stored once either way"
     );
     let expected = reference_merge(&[ops]);
-    let actual = common::unpack_and_scan(&dir.path().join("tail/image"), dir.path(), "unpacked");
+    let actual = common::unpack_and_scan(&dir.path().join("one/image"), dir.path(), "unpacked");
     common::assert_same_tree(&expected, &actual);
 }
 

@@ -5,6 +5,7 @@
 pub mod default_dict;
 mod error;
 pub mod layer_records;
+mod next_layer;
 mod progress;
 mod source;
 mod streamed;
@@ -13,7 +14,7 @@ mod target;
 pub use error::{ConvertError, Result};
 
 pub use source::Source;
-pub use streamed::STREAM_FROM;
+pub use streamed::{STREAM_FROM, STREAM_ONE_BLOB_FROM};
 pub use target::Target;
 
 use crate::error::{bail, Context};
@@ -365,7 +366,7 @@ fn same_repository(source: &Source, target: &Target) -> bool {
 const MAX_PARALLEL_PLATFORMS: usize = 4;
 
 /// A layer whose blobs cannot stream (its uncompressed length unknown, or under
-/// [`streamed::STREAM_FROM`]) is cut into about this many blobs, within
+/// [`streamed::STREAM_ONE_BLOB_FROM`]) is cut into about this many blobs, within
 /// [`MIN_SEALED_BLOB`] and [`MAX_SEALED_BLOB`] bytes each. Smaller sealed blobs
 /// would start pushing sooner, but a reader's request cannot span two blobs: 8
 /// MiB blobs made the Python service take 71 requests instead of 46 to prefetch
@@ -427,100 +428,120 @@ fn read_layers(
     let count = manifest.layers().len();
     let sizes: Vec<u64> = manifest.layers().iter().map(|layer| layer.size()).collect();
     let plans = streamed::stream_plans(&sizes);
-    for (i, layer) in manifest.layers().iter().enumerate() {
-        let (digest, size) = (layer.digest().as_ref(), layer.size());
-        let layer_started = Instant::now();
-        if let Some(record) = &replay[i] {
-            // Nothing new to store, so nothing to seal or push.
+    std::thread::scope(|scope| -> Result<u64> {
+        // The next layer read, opened once the one before nears its end.
+        let mut ahead = None;
+        for (i, layer) in manifest.layers().iter().enumerate() {
+            let (digest, size) = (layer.digest().as_ref(), layer.size());
+            let layer_started = Instant::now();
+            if let Some(record) = &replay[i] {
+                // Nothing new to store, so nothing to seal or push.
+                builder
+                    .add_recorded_layer(record)
+                    .with_context(|| format!("applying the record of layer {} ({digest})", i + 1))?;
+                tracing::info!(
+                    "layer {}/{count} {digest}: applied from its record ({} entries), not fetched",
+                    i + 1,
+                    record.entries.len()
+                );
+                continue;
+            }
+            let layer_stream = match ahead.take() {
+                Some((j, opening)) if j == i => match std::thread::ScopedJoinHandle::join(opening) {
+                    Ok(Some(layer_stream)) => layer_stream,
+                    _ => return Err(next_layer::not_opened(digest)),
+                },
+                _ => next_layer::open(source, layer, plans[i]),
+            };
+            let (near_end, told) = std::sync::mpsc::channel();
+            if let Some(j) = (i + 1..count).find(|&j| replay[j].is_none()) {
+                let (next, streams) = (&manifest.layers()[j], plans[j]);
+                ahead = Some((
+                    j,
+                    scope.spawn(move || next_layer::open_when_near_end(source, next, streams, told)),
+                ));
+            }
+            // A layer's new chunks go into blobs as they come, each uploaded while
+            // it grows; without its uncompressed length, they are sealed into a few
+            // blobs. Either way where blobs end depends on this layer (and the chunks
+            // earlier layers already hold) only, so an unchanged layer of a new
+            // release gives the same blobs, which the registry then has.
+            let plan = layer_stream.plain.zip(plans[i]);
+            let streaming = match plan {
+                Some((layer_plain, streams)) => {
+                    builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
+                        layer_plain,
+                        layer_size: size,
+                        sealed: sealed.clone(),
+                        opened: opened.cloned(),
+                        one_blob: streams == streamed::Streams::OneBlob,
+                    })?;
+                    true
+                }
+                None => false,
+            };
+            if !streaming {
+                builder.auto_seal(
+                    (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
+                    sealed.clone(),
+                )?;
+            }
+            let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
+            // Never more than the manifest says (and one byte to tell): a source that
+            // streams on costs no more than the layer it names.
+            let mut stream = Hashing {
+                inner: next_layer::NearEnd::new(layer_stream.reader?.take(size.saturating_add(1)), size, near_end),
+                hasher: sha2::Sha256::new(),
+                bytes: 0,
+                progress,
+            };
             builder
-                .add_recorded_layer(record)
-                .with_context(|| format!("applying the record of layer {} ({digest})", i + 1))?;
-            tracing::info!(
-                "layer {}/{count} {digest}: applied from its record ({} entries), not fetched",
-                i + 1,
-                record.entries.len()
-            );
-            continue;
-        }
-        // A big layer's new chunks (or the conversion's tail's) go into blobs as
-        // they come, each uploaded while it grows; without its uncompressed
-        // length, it is cut into a few blobs. Either way where blobs end depends
-        // on this layer (and the chunks earlier layers already hold, and whether
-        // the layers after it are small) only, so an unchanged layer of a new
-        // release gives the same blobs, which the registry then has.
-        let plan = plans[i].and_then(|tail| streamed::plain_size(source, layer).map(|plain| (plain, tail)));
-        let streaming = match plan {
-            Some((layer_plain, streamed::Tail(tail))) => {
-                builder.stream_blobs(petrel_builder::pipeline::StreamPlan {
-                    layer_plain,
-                    layer_size: size,
-                    sealed: sealed.clone(),
-                    opened: opened.cloned(),
-                    tail,
-                })?;
-                true
+                .add_layer(&mut stream)
+                .with_context(|| format!("converting layer {} ({digest})", i + 1))?;
+            std::io::copy(&mut stream, &mut std::io::sink())
+                .with_context(|| format!("reading the rest of layer {digest}"))?;
+            let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
+            if actual != digest {
+                bail!(
+                    "layer {} ({digest}) of {}: content hashes to {actual}; refusing to convert",
+                    i + 1,
+                    source.describe()
+                );
             }
-            None => false,
-        };
-        if !streaming {
-            builder.auto_seal(
-                (size / SEALED_BLOBS_PER_LAYER).clamp(MIN_SEALED_BLOB, MAX_SEALED_BLOB),
-                sealed.clone(),
-            )?;
-        }
-        let progress = bars.map(|bars| progress::LayerBar::new(i, count, size, builder.progress(), bars));
-        // Never more than the manifest says (and one byte to tell): a source that
-        // streams on costs no more than the layer it names.
-        let mut stream = Hashing {
-            inner: source.layer(digest)?.take(size.saturating_add(1)),
-            hasher: sha2::Sha256::new(),
-            bytes: 0,
-            progress,
-        };
-        builder
-            .add_layer(&mut stream)
-            .with_context(|| format!("converting layer {} ({digest})", i + 1))?;
-        std::io::copy(&mut stream, &mut std::io::sink())
-            .with_context(|| format!("reading the rest of layer {digest}"))?;
-        let actual = format!("sha256:{}", hex::encode(stream.hasher.finalize_reset()));
-        if actual != digest {
-            bail!(
-                "layer {digest} of {}: content hashes to {actual}; refusing to convert",
-                source.describe()
-            );
-        }
-        // (Longer than it says, it hashes to something else, above.)
-        if stream.bytes != size {
-            bail!(
-                "layer {digest} of {}: the manifest says {size} bytes, the layer has {}; refusing to convert",
-                source.describe(),
-                stream.bytes
-            );
-        }
-        if let Some(p) = stream.progress.take() {
-            p.finish();
-        }
-        if !options.progress {
-            tracing::info!(
-                "layer {}/{count} {digest} {} bytes in {:.1}s",
-                i + 1,
-                stream.bytes,
-                layer_started.elapsed().as_secs_f64()
-            );
-        }
-        source_bytes += stream.bytes;
-        // The last layer's rest goes into the blob `finish` writes, with the small
-        // files it packs then.
-        if i + 1 < count {
-            if let Some(blob) = builder
-                .seal()
-                .with_context(|| format!("sealing the chunks of layer {}", i + 1))?
-            {
-                let _ = sealed.send(Ok(blob));
+            // (Longer than it says, it hashes to something else, above.)
+            if stream.bytes != size {
+                bail!(
+                    "layer {} ({digest}) of {}: the manifest says {size} bytes, the layer has {}; refusing to convert",
+                    i + 1,
+                    source.describe(),
+                    stream.bytes
+                );
+            }
+            if let Some(p) = stream.progress.take() {
+                p.finish();
+            }
+            if !options.progress {
+                tracing::info!(
+                    "layer {}/{count} {digest} {} bytes in {:.1}s",
+                    i + 1,
+                    stream.bytes,
+                    layer_started.elapsed().as_secs_f64()
+                );
+            }
+            source_bytes += stream.bytes;
+            // The last layer's rest goes into the blob `finish` writes, with the small
+            // files it packs then.
+            if i + 1 < count {
+                if let Some(blob) = builder
+                    .seal()
+                    .with_context(|| format!("sealing the chunks of layer {}", i + 1))?
+                {
+                    let _ = sealed.send(Ok(blob));
+                }
             }
         }
-    }
-    Ok(source_bytes)
+        Ok(source_bytes)
+    })
 }
 
 /// The largest bootstrap of a chunk dictionary read into memory.
@@ -733,122 +754,133 @@ fn convert_one(
     let (opened_tx, opened_rx) =
         std::sync::mpsc::channel::<std::sync::Arc<petrel_builder::growing_blob::GrowingBlob>>();
     let opened_tx = matches!(target, Target::Registry { .. }).then_some(opened_tx);
-    let (report, source_bytes, pushed_early, ((uploaded, skipped), rest, manifest_bytes, recorded_layers)) =
-        std::thread::scope(|scope| -> Result<_> {
-            let mount_from = mount_from.as_deref();
-            let pushers: Vec<_> = (0..PUSHERS)
-                .map(|_| {
-                    let sealed_rx = &sealed_rx;
-                    scope.spawn(move || -> Result<Vec<PushedBlob>> {
-                        let mut pushed = Vec::new();
-                        while let Some(sealed) = next_sealed(sealed_rx) {
-                            let sealed = sealed?;
-                            // The streamer below has it.
-                            if !sealed.streamed {
-                                pushed.push(push_sealed(target, &sealed, mount_from, bars)?);
-                            }
-                        }
-                        Ok(pushed)
-                    })
-                })
-                .chain(std::iter::once(scope.spawn(move || -> Result<Vec<PushedBlob>> {
-                    // Each blob's upload starts when it opens, while the one before
-                    // may still be sending its last bytes: no round trip between
-                    // them leaves the link idle.
-                    let uploads: Vec<_> = opened_rx
-                        .into_iter()
-                        .map(|blob| scope.spawn(move || streamed::upload_growing(target, &blob, mount_from, bars)))
-                        .collect();
+    let (
+        report,
+        source_bytes,
+        pushed_early,
+        ((uploaded, skipped), rest, manifest_digest, manifest_len, recorded_layers),
+    ) = std::thread::scope(|scope| -> Result<_> {
+        let mount_from = mount_from.as_deref();
+        let pushers: Vec<_> = (0..PUSHERS)
+            .map(|_| {
+                let sealed_rx = &sealed_rx;
+                scope.spawn(move || -> Result<Vec<PushedBlob>> {
                     let mut pushed = Vec::new();
-                    for upload in uploads {
-                        let blob = upload
-                            .join()
-                            .map_err(|_| ConvertError::Invalid("a blob uploading thread panicked".into()))??;
-                        pushed.push(blob);
+                    while let Some(sealed) = next_sealed(sealed_rx) {
+                        let sealed = sealed?;
+                        // The streamer below has it.
+                        if !sealed.streamed {
+                            pushed.push(push_sealed(target, &sealed, mount_from, bars)?);
+                        }
                     }
                     Ok(pushed)
-                })))
-                .collect();
-            let read = read_layers(
-                &mut builder,
-                source,
-                manifest,
-                &replay,
-                options,
-                bars,
-                &sealed_tx,
-                opened_tx.as_ref(),
-            );
-            drop(sealed_tx);
-            drop(opened_tx);
-            // The pusher stops once every sender is gone: the build's own (auto-seal)
-            // goes with its pipeline, at `finish` or when the build is dropped.
-            let finished = match read {
-                Ok(source_bytes) => builder
-                    .finish()
-                    .map(|report| (report, source_bytes))
-                    .map_err(Into::into),
-                Err(e) => {
-                    drop(builder);
-                    Err(e)
+                })
+            })
+            .chain(std::iter::once(scope.spawn(move || -> Result<Vec<PushedBlob>> {
+                // Each blob's upload starts when it opens, while the one before
+                // may still be sending its last bytes: no round trip between
+                // them leaves the link idle.
+                let uploads: Vec<_> = opened_rx
+                    .into_iter()
+                    .map(|blob| scope.spawn(move || streamed::upload_growing(target, &blob, mount_from, bars)))
+                    .collect();
+                let mut pushed = Vec::new();
+                for upload in uploads {
+                    let blob = upload
+                        .join()
+                        .map_err(|_| ConvertError::Invalid("a blob uploading thread panicked".into()))??;
+                    pushed.push(blob);
                 }
-            };
-            // The rest goes up while the pushers finish the last sealed blobs, and
-            // the layer records beside it: the manifest they refer to is known
-            // before anything of the rest is sent (and need not be there first).
-            let finished = finished.and_then(|(mut report, source_bytes)| {
-                let (to_record, layer_digests) = (std::mem::take(&mut report.layer_records), &layer_digests);
-                let rest = prepare_rest(&report, &out, &config_bytes)?;
-                let manifest_bytes = petrel_manifest(&rest, source_manifest, options, &config_bytes)?;
-                let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
-                let created = image_created(&config_bytes);
-                let records = scope.spawn(move || {
-                    layer_records::push(
-                        target,
-                        (&subject.0, subject.1),
-                        layer_digests,
-                        &to_record,
-                        created.as_deref(),
-                    )
-                });
-                let uploads = upload_rest(
+                Ok(pushed)
+            })))
+            .collect();
+        let read = read_layers(
+            &mut builder,
+            source,
+            manifest,
+            &replay,
+            options,
+            bars,
+            &sealed_tx,
+            opened_tx.as_ref(),
+        );
+        drop(sealed_tx);
+        drop(opened_tx);
+        // The pusher stops once every sender is gone: the build's own (auto-seal)
+        // goes with its pipeline, at `finish` or when the build is dropped.
+        let finished = match read {
+            Ok(source_bytes) => builder
+                .finish()
+                .map(|report| (report, source_bytes))
+                .map_err(Into::into),
+            Err(e) => {
+                drop(builder);
+                Err(e)
+            }
+        };
+        // The rest goes up while the pushers finish the last sealed blobs, and
+        // the layer records beside it: the manifest they refer to is known
+        // before anything of the rest is sent (and need not be there first).
+        let finished = finished.and_then(|(mut report, source_bytes)| {
+            let (to_record, layer_digests) = (std::mem::take(&mut report.layer_records), &layer_digests);
+            let rest = prepare_rest(&report, &out, &config_bytes)?;
+            let manifest_bytes = petrel_manifest(&rest, source_manifest, options, &config_bytes)?;
+            let subject = (sha256_digest(&manifest_bytes), manifest_bytes.len() as u64);
+            let created = image_created(&config_bytes);
+            let records = scope.spawn(move || {
+                layer_records::push(
                     target,
-                    &report,
-                    &rest,
-                    &out,
-                    &options.build.chunk_dict,
-                    mount_from,
-                    dict_sources,
-                    bars,
-                );
-                let recorded = match records.join() {
-                    Ok(Ok(recorded)) => recorded,
-                    Ok(Err(e)) => {
-                        tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
-                        0
-                    }
-                    Err(_) => 0,
-                };
-                Ok((report, source_bytes, (uploads?, rest, manifest_bytes, recorded)))
+                    (&subject.0, subject.1),
+                    layer_digests,
+                    &to_record,
+                    created.as_deref(),
+                )
             });
-            let mut pushed = Vec::new();
-            let mut push_failure = None;
-            for pusher in pushers {
-                match pusher.join() {
-                    Ok(Ok(blobs)) => pushed.extend(blobs),
-                    Ok(Err(e)) => push_failure = push_failure.or(Some(e)),
-                    Err(_) => {
-                        push_failure =
-                            push_failure.or(Some(ConvertError::Invalid("a blob pushing thread panicked".into())))
-                    }
+            let uploads = upload_rest(
+                target,
+                &report,
+                &rest,
+                &out,
+                &options.build.chunk_dict,
+                mount_from,
+                dict_sources,
+                bars,
+            );
+            Ok((report, source_bytes, (uploads?, rest, manifest_bytes, records)))
+        });
+        let mut pushed = Vec::new();
+        let mut push_failure = None;
+        for pusher in pushers {
+            match pusher.join() {
+                Ok(Ok(blobs)) => pushed.extend(blobs),
+                Ok(Err(e)) => push_failure = push_failure.or(Some(e)),
+                Err(_) => {
+                    push_failure = push_failure.or(Some(ConvertError::Invalid("a blob pushing thread panicked".into())))
                 }
             }
-            let (report, source_bytes, rest) = finished?;
-            if let Some(e) = push_failure {
-                return Err(e);
+        }
+        let (report, source_bytes, (uploads, rest, manifest_bytes, records)) = finished?;
+        if let Some(e) = push_failure {
+            return Err(e);
+        }
+        // The manifest goes up while the layer records may still be going:
+        // they name it as their subject, and need not be there first.
+        let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it);
+        let recorded = match records.join() {
+            Ok(Ok(recorded)) => recorded,
+            Ok(Err(e)) => {
+                tracing::warn!("the layer records were not pushed (the next release reads every layer): {e}");
+                0
             }
-            Ok((report, source_bytes, pushed, rest))
-        })?;
+            Err(_) => 0,
+        };
+        Ok((
+            report,
+            source_bytes,
+            pushed,
+            (uploads, rest, manifest_digest?, manifest_bytes.len(), recorded),
+        ))
+    })?;
     let (mut uploaded, mut skipped) = (uploaded, skipped);
     for early in &pushed_early {
         if early.uploaded {
@@ -857,7 +889,6 @@ fn convert_one(
             skipped += 1;
         }
     }
-    let manifest_digest = target.put_manifest(&manifest_bytes, OCI_MANIFEST, tag_it)?;
     let Rest {
         bootstrap_digest,
         bootstrap_size,
@@ -888,7 +919,7 @@ fn convert_one(
             replayed_layers,
             recorded_layers,
         },
-        manifest_bytes.len(),
+        manifest_len,
     ))
 }
 

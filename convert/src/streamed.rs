@@ -12,55 +12,51 @@ use petrel_registry::oci::{Descriptor, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LA
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Layers smaller than this (as stored) are sealed whole at their end (in blobs
-/// of at least 16 MiB), their chunks depth first across the whole layer: a
-/// directory's files stay together even where the tar scatters them, and one
-/// request reads them ahead. Streamed from 8 MiB, a 12 MiB layer became four
-/// blobs (with blobs of at least 1 MiB) or two (at least 4 MiB): the directory
-/// readahead of `tests/registry.rs` then took four requests, and three nodes
-/// warming the image through a cold pull-through mirror cost the origin 1.8 to 2
-/// copies instead of one. Streaming such layers saved the synthetic registry
-/// image 6 % over 100 Mbit/s (1.03x `skopeo copy` against 1.09x); a sealed
-/// layer under 32 MiB leaves at most about a second of pushing at that speed,
-/// and only the conversion's tail leaves it after the pull (`STREAM_TAIL_FROM`).
+/// Layers from this size (as stored) stream into blobs that halve as the layer
+/// goes (each half of what the layer is expected to store from then on), whatever
+/// follows them: their last blobs are small, and so is what an estimate too high
+/// pads.
 pub const STREAM_FROM: u64 = 32 << 20;
 
-/// A smaller layer streams too when it is the conversion's tail (the layers
-/// after it store less than [`TAIL_AFTER`] together), into one blob for all of
-/// it that the layer's first megabyte foretells ([`petrel_builder::pipeline::TAIL_SHARE`]): sealed, its whole blob
-/// went up after the pull ended. The synthetic registry image ends with a 15 MB
-/// layer (a model file) and a config file: sealed, that layer's blob left 1.1 s
-/// of pushing at 100 Mbit/s after the last byte came in, and the conversion took
-/// 1.11 times `skopeo copy`'s time; streamed, 1.05 (what its startup fetches, in
-/// bytes and requests, did not change). A three-layer Python service whose pip
-/// layer (numpy and Flask, 19 MB) comes last but for its code: 1.09, then 1.03.
-pub const STREAM_TAIL_FROM: u64 = 4 << 20;
-/// What the layers after a tail layer may store together.
-pub const TAIL_AFTER: u64 = 1 << 20;
+/// Smaller layers from this size stream into one blob for all of it, as the
+/// layer's first megabyte foretells it
+/// ([`petrel_builder::pipeline::ONE_BLOB_SHARE`]); what the estimate misses is
+/// sealed at the layer's end (the last layer's, into the blob the build ends
+/// with). Sealed whole at their end instead, such layers' blobs went up after
+/// their pull, one after the other: the synthetic registry image (four layers: a
+/// 61 MiB base, 14 MiB of packages, a 15 MB model file, a config file) left the
+/// push link idle while its second layer came in and converted in 1.03 to 1.05
+/// times `skopeo copy`'s time over 100 Mbit/s; the model alone streamed (the
+/// conversion's tail, then the only one of them that did) took it from 1.11 to
+/// 1.05. One blob keeps a directory's readahead one request; halving blobs cut a
+/// 12 MiB layer into four, and three nodes warming the image through a cold
+/// pull-through mirror then cost the origin 1.8 to 2 copies instead of one.
+pub const STREAM_ONE_BLOB_FROM: u64 = 4 << 20;
 
-/// For each of `layers` (their stored sizes), whether it streams, and whether as
-/// the conversion's tail. A big layer's blobs halve as it goes whatever follows
-/// it: its last blobs are small, and so is what an estimate too high pads.
-pub fn stream_plans(layers: &[u64]) -> Vec<Option<Tail>> {
-    let mut plans = vec![None; layers.len()];
-    let mut after = 0u64;
-    for (plan, &size) in plans.iter_mut().zip(layers).rev() {
-        *plan = if size >= STREAM_FROM {
-            Some(Tail(false))
-        } else if after < TAIL_AFTER && size >= STREAM_TAIL_FROM {
-            Some(Tail(true))
-        } else {
-            None
-        };
-        // Sizes a stranger's manifest states: they do not overflow the sum.
-        after = after.saturating_add(size);
-    }
-    plans
+/// For each of `layers` (their stored sizes), whether and how it streams.
+pub fn stream_plans(layers: &[u64]) -> Vec<Option<Streams>> {
+    layers
+        .iter()
+        .map(|&size| {
+            if size >= STREAM_FROM {
+                Some(Streams::Halving)
+            } else if size >= STREAM_ONE_BLOB_FROM {
+                Some(Streams::OneBlob)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
-/// Whether a streaming layer is the conversion's tail.
+/// How a streaming layer's chunks go into blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tail(pub bool);
+pub enum Streams {
+    /// Blobs that halve as the layer goes.
+    Halving,
+    /// One blob for all of it.
+    OneBlob,
+}
 
 /// How long `layer` is uncompressed, where that is cheap to learn: its size when
 /// stored as a plain tar, else the length a gzip layer's trailer states (ISIZE,
@@ -171,24 +167,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn big_layers_stream_and_so_does_a_smaller_last_one() {
+    fn big_layers_halve_smaller_ones_stream_into_one_blob_and_small_ones_are_sealed() {
         const MIB: u64 = 1 << 20;
+        use Streams::{Halving, OneBlob};
         // A base, a mid-sized layer, a 15 MiB model, a config file.
         assert_eq!(
             stream_plans(&[200 * MIB, 15 * MIB, 15 * MIB, 124]),
-            [Some(Tail(false)), None, Some(Tail(true)), None],
-            "big: halving blobs; more comes after it: sealed whole; the tail; too small to stream"
+            [Some(Halving), Some(OneBlob), Some(OneBlob), None]
         );
-        // A layer under 4 MiB is sealed even last; so is one with a megabyte after it.
-        assert_eq!(stream_plans(&[3 * MIB]), [None]);
-        assert_eq!(stream_plans(&[8 * MIB, MIB]), [None, None]);
-        assert_eq!(stream_plans(&[8 * MIB, MIB - 1]), [Some(Tail(true)), None]);
-        assert_eq!(stream_plans(&[40 * MIB]), [Some(Tail(false))]);
+        assert_eq!(stream_plans(&[4 * MIB - 1, 4 * MIB]), [None, Some(OneBlob)]);
+        assert_eq!(stream_plans(&[32 * MIB - 1, 32 * MIB]), [Some(OneBlob), Some(Halving)]);
+        assert_eq!(stream_plans(&[u64::MAX]), [Some(Halving)]);
         assert_eq!(stream_plans(&[]), []);
-        // Sizes a stranger's manifest states do not overflow the sum.
-        assert_eq!(
-            stream_plans(&[8 * MIB, u64::MAX, u64::MAX]),
-            [None, Some(Tail(false)), Some(Tail(false))]
-        );
     }
 }
