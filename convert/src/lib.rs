@@ -429,8 +429,17 @@ fn read_layers(
     let sizes: Vec<u64> = manifest.layers().iter().map(|layer| layer.size()).collect();
     let plans = streamed::stream_plans(&sizes);
     std::thread::scope(|scope| -> Result<u64> {
-        // The next layer read, opened once the one before nears its end.
-        let mut ahead = None;
+        // The next layer read, opened once the one before nears its end; the
+        // first at once, while the layers before it are applied from their records.
+        let mut ahead = (0..count).find(|&j| replay[j].is_none()).map(|first| {
+            let (at_once, told) = std::sync::mpsc::channel();
+            let _ = at_once.send(());
+            let (layer, streams) = (&manifest.layers()[first], plans[first]);
+            (
+                first,
+                scope.spawn(move || next_layer::open_when_near_end(source, layer, streams, told)),
+            )
+        });
         for (i, layer) in manifest.layers().iter().enumerate() {
             let (digest, size) = (layer.digest().as_ref(), layer.size());
             let layer_started = Instant::now();
