@@ -223,19 +223,24 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// A new HTTP client from `settings` (`ca_file` names where the extra CA
-/// certificates came from, `registry` what the client is for, in errors).
-fn build_http(settings: &http_clients::HttpSettings, ca_file: &Path, registry: &str) -> Result<Client> {
+/// A new HTTP client for `registry` with `options` (the system's roots read once
+/// per process, [`native_roots`]).
+fn build_http(registry: &str, options: &ClientOptions) -> Result<Client> {
     let mut builder = Client::builder()
-        .connect_timeout(settings.connect_timeout)
-        .timeout(settings.request_timeout)
-        .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")));
-    for proxy in proxies_from(&settings.proxy_env)? {
+        .connect_timeout(options.connect_timeout)
+        .timeout(options.request_timeout)
+        .user_agent(concat!("petrel/", env!("CARGO_PKG_VERSION")))
+        .tls_built_in_native_certs(false);
+    for root in native_roots::native_roots() {
+        builder = builder.add_root_certificate(root.clone());
+    }
+    for proxy in proxies_from(&proxy_env())? {
         builder = builder.proxy(proxy);
     }
-    if let Some(pem) = &settings.extra_ca_pem {
-        let certificate = reqwest::Certificate::from_pem(pem).map_err(|e| RegistryError::BadContent {
-            what: ca_file.display().to_string(),
+    if let Some(path) = &options.ca_file {
+        let pem = std::fs::read(path).map_err(RegistryError::io("read CA file", path))?;
+        let certificate = reqwest::Certificate::from_pem(&pem).map_err(|e| RegistryError::BadContent {
+            what: path.display().to_string(),
             reason: format!("not a PEM certificate: {e}"),
         })?;
         builder = builder.add_root_certificate(certificate);
@@ -258,19 +263,7 @@ impl RegistryClient {
         }
         .is_local();
         let scheme = if options.plain_http || local { "http" } else { "https" };
-        let extra_ca_pem = match &options.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(RegistryError::io("read CA file", path))?),
-            None => None,
-        };
-        let settings = http_clients::HttpSettings {
-            connect_timeout: options.connect_timeout,
-            request_timeout: options.request_timeout,
-            extra_ca_pem,
-            proxy_env: proxy_env(),
-        };
-        let http = http_clients::shared(settings, |settings| {
-            build_http(settings, options.ca_file.as_deref().unwrap_or(Path::new("")), registry)
-        })?;
+        let http = build_http(registry, options)?;
         let credentials = options
             .credentials
             .clone()
@@ -1157,9 +1150,9 @@ impl RegistryClient {
     }
 }
 
-mod http_clients;
 pub mod manifest_cache;
 pub mod multi_range;
+mod native_roots;
 pub mod referrers;
 pub mod stream_upload;
 pub mod tags;
