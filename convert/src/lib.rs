@@ -432,12 +432,10 @@ fn read_layers(
         // The next layer read, opened once the one before nears its end; the
         // first at once, while the layers before it are applied from their records.
         let mut ahead = (0..count).find(|&j| replay[j].is_none()).map(|first| {
-            let (at_once, told) = std::sync::mpsc::channel();
-            let _ = at_once.send(());
             let (layer, streams) = (&manifest.layers()[first], plans[first]);
             (
                 first,
-                scope.spawn(move || next_layer::open_when_near_end(source, layer, streams, told)),
+                scope.spawn(move || Some(next_layer::open(source, layer, streams))),
             )
         });
         for (i, layer) in manifest.layers().iter().enumerate() {

@@ -150,23 +150,13 @@ pub fn no_proxy_list(raw: &str) -> String {
 
 /// The proxies the environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, or
 /// lowercase), each with `NO_PROXY` read by `no_proxy_list`. Empty: no proxy.
-/// The proxy variables set in the environment (lower case before upper, as curl
-/// reads them), by their upper-case name.
-fn proxy_env() -> Vec<(&'static str, String)> {
-    ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"]
-        .into_iter()
-        .filter_map(|name| {
-            let value = std::env::var(name.to_ascii_lowercase())
-                .or_else(|_| std::env::var(name))
-                .ok()
-                .filter(|v| !v.is_empty())?;
-            Some((name, value))
-        })
-        .collect()
-}
-
-fn proxies_from(env: &[(&'static str, String)]) -> Result<Vec<reqwest::Proxy>> {
-    let var = |name: &str| env.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+fn proxies_from_env() -> Result<Vec<reqwest::Proxy>> {
+    let var = |name: &str| {
+        std::env::var(name.to_ascii_lowercase())
+            .or_else(|_| std::env::var(name))
+            .ok()
+            .filter(|v| !v.is_empty())
+    };
     let no_proxy = var("NO_PROXY").map(|raw| no_proxy_list(&raw));
     let bad = |e: reqwest::Error| RegistryError::Transport {
         method: "proxy",
@@ -234,7 +224,7 @@ fn build_http(registry: &str, options: &ClientOptions) -> Result<Client> {
     for root in native_roots::native_roots() {
         builder = builder.add_root_certificate(root.clone());
     }
-    for proxy in proxies_from(&proxy_env())? {
+    for proxy in proxies_from_env()? {
         builder = builder.proxy(proxy);
     }
     if let Some(path) = &options.ca_file {
