@@ -1692,13 +1692,18 @@ fn convert_uploads_a_big_layers_blobs_while_the_layer_is_still_read() {
 }
 
 /// The same with a prefetch profile (the release workflow): blobs still go up
-/// while the layer is read; the profiled files' chunks are held back and stored
-/// once, in the prefetch region of the blob the conversion ends with.
+/// while the layer is read; the profiled files' chunks are held out of them and
+/// stored once, in prefetch regions: pieces that go up while the layer is read
+/// (the first half's profiled files, before its second half comes), and the
+/// blob the conversion ends with.
 #[test]
 fn convert_with_a_prefetch_profile_uploads_while_the_layer_is_still_read() {
-    // One file of each half of the layer, and the head of a third.
+    // Three files of the first half (a piece of the region before the hold), one
+    // of the second, and the head of a third.
     convert_while_the_second_half_is_held(Some(&[
         ("model/part05.bin", None),
+        ("model/part06.bin", None),
+        ("model/part07.bin", None),
         ("model/part30.bin", None),
         ("model/part33.bin", Some(4096)),
     ]));
@@ -1751,7 +1756,7 @@ fn a_layer_under_32_mib_goes_up_while_it_is_still_read() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "tail", converting);
+    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "tail", converting, None);
     assert_mounted_files(&format!("docker://{}/tail:petrel", target.addr), work.path(), &files);
     let bootstrap = petrel_bootstrap(&target, "tail", "petrel");
     let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
@@ -1882,17 +1887,20 @@ fn assert_megabytes_arrive_while_the_second_half_is_held(
     target: &TestRegistry,
     repository: &str,
     converting: std::process::Child,
+    arrives_while_held: Option<&[u8]>,
 ) {
     use std::sync::atomic::Ordering::SeqCst;
     let started = std::time::Instant::now();
     let enough = 4 << 20;
-    while proxy.state.held.load(SeqCst) == 0 || bytes_received(target.dir.path(), repository) < enough {
+    let arrived = || arrives_while_held.is_none_or(|bytes| a_complete_blob_holds(target.dir.path(), bytes));
+    while proxy.state.held.load(SeqCst) == 0 || bytes_received(target.dir.path(), repository) < enough || !arrived() {
         if started.elapsed() > std::time::Duration::from_secs(60) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let received_while_held = bytes_received(target.dir.path(), repository);
+    let arrived_while_held = arrived();
     let held = proxy.state.held.load(SeqCst);
     proxy.state.release.store(true, SeqCst);
     let out = converting.wait_with_output().unwrap();
@@ -1903,6 +1911,20 @@ fn assert_megabytes_arrive_while_the_second_half_is_held(
         "the target received {received_while_held} bytes while half of the layer was still to come:\n{}",
         output_text(&out)
     );
+    assert!(
+        arrived_while_held,
+        "the wanted bytes were in no complete blob of the target while the layer's second half was held:\n{}",
+        output_text(&out)
+    );
+}
+
+/// Whether a blob that a test registry stored in `dir` holds whole contains `bytes`.
+fn a_complete_blob_holds(dir: &Path, bytes: &[u8]) -> bool {
+    walkdir_files(&dir.join("storage/docker/registry/v2/blobs/sha256"), 2)
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "data"))
+        .filter_map(|p| std::fs::read(p).ok())
+        .any(|data| data.windows(bytes.len()).any(|w| w == bytes))
 }
 
 /// The bootstrap of the petrel image `repository:tag` of `registry`, to open.
@@ -1961,17 +1983,25 @@ fn convert_while_the_second_half_is_held(profiled: Option<&[(&str, Option<u64>)]
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "big", converting);
+    // With a profile, the first profiled file's bytes (incompressible, so stored
+    // as they are) reach the target in a piece of the region while the second
+    // half is held.
+    let first_profiled = profiled.map(|p| {
+        let (_, data) = files.iter().find(|(path, _)| path == p[0].0).unwrap();
+        &data[..4096]
+    });
+    assert_megabytes_arrive_while_the_second_half_is_held(&proxy, &target, "big", converting, first_profiled);
     assert_mounted_files(&format!("docker://{}/big:petrel", target.addr), work.path(), &files);
     if let Some(profiled) = profiled {
-        assert_profiled_files_stored_once_in_the_prefetch_region(&target, profiled, (files.len() as u64) << 20);
+        assert_profiled_files_stored_once_in_prefetch_regions(&target, profiled, (files.len() as u64) << 20);
     }
 }
 
 /// The image `big:petrel` of `registry` holds the wanted bytes of `profiled` in
-/// its first blob's prefetch region, and its blobs hold the layer's
+/// prefetch regions, the first file's in a piece (a blob that is all region, not
+/// the blob the conversion ended with), and its blobs hold the layer's
 /// `layer_bytes` (incompressible) once, not the profiled files twice.
-fn assert_profiled_files_stored_once_in_the_prefetch_region(
+fn assert_profiled_files_stored_once_in_prefetch_regions(
     registry: &TestRegistry,
     profiled: &[(&str, Option<u64>)],
     layer_bytes: u64,
@@ -1981,9 +2011,7 @@ fn assert_profiled_files_stored_once_in_the_prefetch_region(
     let bootstrap = petrel_format::Bootstrap::open(&bootstrap).unwrap();
     let blobs: Vec<_> = bootstrap.blobs().map(Result::unwrap).collect();
     assert!(blobs.len() >= 3, "the layer went into several blobs: {}", blobs.len());
-    let region = &blobs[0];
-    let mut wanted_bytes = 0;
-    for (path, head) in profiled {
+    for (i, (path, head)) in profiled.iter().enumerate() {
         let inode = bootstrap
             .walk()
             .map(Result::unwrap)
@@ -1991,25 +2019,34 @@ fn assert_profiled_files_stored_once_in_the_prefetch_region(
             .unwrap()
             .inode;
         let wanted = head.unwrap_or(inode.size());
-        wanted_bytes += wanted;
         for segment in bootstrap.segments(&inode, 0, wanted).unwrap() {
             if let SegmentSource::Chunk { index, .. } = segment.source {
                 let chunk = bootstrap.chunk(index).unwrap();
-                assert_eq!(chunk.blob_index, 0, "{path}: in the blob the conversion ended with");
+                let blob = &blobs[chunk.blob_index as usize];
                 assert!(
-                    chunk.compressed_offset < region.prefetch_end,
-                    "{path}: in its prefetch region"
+                    chunk.compressed_offset < blob.prefetch_end,
+                    "{path}: in a prefetch region"
                 );
+                if i == 0 {
+                    assert_ne!(chunk.blob_index, 0, "{path}: in a piece, not the last blob");
+                    assert_eq!(
+                        blob.prefetch_end + layer_tail(blob),
+                        blob.compressed_size,
+                        "{path}: a piece is all region"
+                    );
+                }
             }
         }
     }
     let stored: u64 = blobs.iter().map(|b| b.uncompressed_size).sum();
     assert_eq!(stored, layer_bytes, "every chunk stored once");
-    assert!(
-        region.uncompressed_size < wanted_bytes + (4 << 20),
-        "the last blob is the prefetch region and the rest of the layer's last window: {} bytes",
-        region.uncompressed_size
-    );
+}
+
+/// What a blob (a one-entry tar) holds after its last chunk's stored bytes, if
+/// they end at its `prefetch_end`: zeros to a block, and the tar's two zero blocks.
+fn layer_tail(blob: &petrel_format::reader::BlobInfo) -> u64 {
+    let data = blob.prefetch_end - petrel_format::layer_tar::DATA_OFFSET;
+    data.next_multiple_of(512) - data + 1024
 }
 
 /// A layer that does not match its digest fails the conversion, after blobs of

@@ -16,6 +16,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+mod region;
 mod streaming;
 pub use streaming::{StreamPlan, FIRST_WINDOW, MAX_BLOB, MIN_BLOB, ONE_BLOB_SHARE, WINDOW};
 
@@ -399,6 +400,7 @@ fn collect(
         blobs_dir,
         streaming: None,
         stream_failure: None,
+        region: region::RegionPieces::default(),
     };
     let mut auto_seal: Option<(u64, std::sync::mpsc::Sender<Result<SealedBlob>>)> = None;
     for (seq, done) in results {
@@ -428,12 +430,14 @@ fn collect(
                 }
                 Done::AutoSeal(every, to) => {
                     sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
+                    sealer.region.send_to(&to);
                     auto_seal = Some((every, to));
                     continue;
                 }
                 Done::Stream(plan) => {
                     sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
                     auto_seal = None;
+                    sealer.region.send_to(&plan.sealed);
                     sealer.streaming = Some(streaming::Streaming::new(plan));
                     continue;
                 }
@@ -532,6 +536,8 @@ fn collect(
                             }
                             if held {
                                 sealer.held.insert(chunks.len() as u32);
+                                let key = key.clone();
+                                sealer.region.hold(chunks.len() as u32, key, stored_size as u64);
                             }
                             let place = match spooled {
                                 Some(offset) if !windowing => ChunkPlace::Spool { offset },
@@ -560,6 +566,11 @@ fn collect(
             };
             chunk_of_submission.push(index);
             sealer.stream_chunk(&mut writer, &mut chunks, &mut spool_len, index, windowed, position);
+            if failure.is_none() {
+                if let Err(e) = sealer.seal_region_piece(&mut writer, &mut chunks, region::PIECE) {
+                    sealer.region.fail(e);
+                }
+            }
         }
     }
     sealer.end_streaming(&mut writer, &mut chunks, &mut spool_len);
@@ -577,6 +588,16 @@ fn collect(
             "a blob written while its layer streamed in failed: {why}"
         )));
     }
+    if let Some(why) = sealer.region.failure() {
+        return Err(BuildError::Invalid(format!(
+            "a piece of the prefetch region sealed mid-build failed: {why}"
+        )));
+    }
+    let Some(sealed) = sealer.sealed.into_iter().collect::<Option<Vec<_>>>() else {
+        return Err(BuildError::Invalid(
+            "a blob opened mid-build was never completed".into(),
+        ));
+    };
     if chunks.iter().any(|c| c.place == ChunkPlace::Window) {
         return Err(BuildError::Invalid(
             "chunks of a streaming layer were left unwritten".into(),
@@ -587,7 +608,7 @@ fn collect(
         chunks,
         chunk_of_submission,
         spool,
-        sealed: sealer.sealed,
+        sealed,
     })
 }
 
@@ -603,8 +624,8 @@ struct Sealer<'a> {
     unsealable: u64,
     /// Whether a chunk a seal takes keeps its spooled bytes as its own copy.
     keep_own_copies: bool,
-    /// Blobs sealed so far.
-    sealed: Vec<crate::dict::DictBlob>,
+    /// Blobs sealed so far, by index (None: a streamed blob still open).
+    sealed: Vec<Option<crate::dict::DictBlob>>,
     /// Spool offset up to which chunks are sealed.
     sealed_up_to: u64,
     /// The dictionary index of the first sealed blob (after the dictionary's own).
@@ -614,6 +635,8 @@ struct Sealer<'a> {
     streaming: Option<streaming::Streaming>,
     /// Why a streamed blob failed, if one did.
     stream_failure: Option<String>,
+    /// Held chunks not yet in a piece of the prefetch region.
+    region: region::RegionPieces,
 }
 
 impl Sealer<'_> {
@@ -649,9 +672,23 @@ impl Sealer<'_> {
         self.unsealable = 0;
         self.sealed_up_to = spool_len;
         if let Some(blob) = &blob {
-            self.sealed.push(blob.blob.clone());
+            self.sealed.push(Some(blob.blob.clone()));
         }
+        // A layer's held chunks are worth a piece of the region of their own
+        // once there are enough of them (the rest waits for later layers').
+        self.seal_region_piece(writer, chunks, region::PIECE_AT_LAYER_END)?;
         Ok(blob)
+    }
+
+    /// The index the next blob sealed or opened takes.
+    fn reserve_blob_index(&mut self) -> usize {
+        self.sealed.push(None);
+        self.first_blob + self.sealed.len() - 1
+    }
+
+    /// Records the blob completed at a reserved index.
+    fn fill_blob_index(&mut self, index: usize, blob: crate::dict::DictBlob) {
+        self.sealed[index - self.first_blob] = Some(blob);
     }
 }
 
@@ -676,9 +713,6 @@ fn seal_spool(
     blob: usize,
     blobs_dir: &std::path::Path,
 ) -> Result<Option<SealedBlob>> {
-    use petrel_format::layer_tar;
-    use sha2::Digest;
-    use std::os::unix::fs::FileExt;
     let in_range = |index: u32| {
         matches!(chunks[index as usize].place, ChunkPlace::Spool { offset } if (range.from..range.to).contains(&offset))
             && !held.contains(&index)
@@ -688,11 +722,29 @@ fn seal_spool(
     if sealing.is_empty() {
         return Ok(None);
     }
-    writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
-    std::fs::create_dir_all(blobs_dir).map_err(BuildError::io("create", blobs_dir))?;
     // The chunks in the range, depth first by their first file's path (a
     // package's files together, as in the final blob), else in arrival order.
     sealing.sort_by(|a, b| keys.get(a).cmp(&keys.get(b)));
+    write_spooled_blob(writer, &sealing, chunks, keep_own_copies, blob, blobs_dir, false).map(Some)
+}
+
+/// Writes the spooled chunks `sealing`, in this order, as a blob (index `blob`)
+/// and makes them dictionary chunks of it (see [`seal_spool`]); with `region`,
+/// all of it is a prefetch region.
+fn write_spooled_blob(
+    writer: &mut BufWriter<File>,
+    sealing: &[u32],
+    chunks: &mut [SpooledChunk],
+    keep_own_copies: bool,
+    blob: usize,
+    blobs_dir: &std::path::Path,
+    region: bool,
+) -> Result<SealedBlob> {
+    use petrel_format::layer_tar;
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    writer.flush().map_err(BuildError::io("write", "chunk spool"))?;
+    std::fs::create_dir_all(blobs_dir).map_err(BuildError::io("create", blobs_dir))?;
     let data_size: u64 = sealing.iter().map(|&c| u64::from(chunks[c as usize].stored_size)).sum();
     let temp =
         tempfile::NamedTempFile::new_in(blobs_dir).map_err(BuildError::io("create temporary blob in", blobs_dir))?;
@@ -704,10 +756,12 @@ fn seal_spool(
     let mut buffer = Vec::new();
     let mut at = layer_tar::DATA_OFFSET;
     let mut uncompressed = 0u64;
-    for &index in &sealing {
+    for &index in sealing {
         let chunk = &mut chunks[index as usize];
         let ChunkPlace::Spool { offset } = chunk.place else {
-            unreachable!("filtered above")
+            return Err(BuildError::Invalid(format!(
+                "chunk {index} sealed into a blob is not in the spool"
+            )));
         };
         buffer.resize(chunk.stored_size as usize, 0);
         writer
@@ -738,16 +792,16 @@ fn seal_spool(
     let path = blobs_dir.join(hex::encode(digest));
     temp.persist(&path)
         .map_err(|e| BuildError::io("rename blob to", &path)(e.error))?;
-    Ok(Some(SealedBlob {
+    Ok(SealedBlob {
         blob: crate::dict::DictBlob {
             digest,
             compressed_size: layer_tar::layer_len(data_size),
             uncompressed_size: uncompressed,
-            prefetch_end: 0,
+            prefetch_end: if region { at } else { 0 },
         },
         path,
         streamed: false,
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -184,9 +184,11 @@ impl Sealer<'_> {
             return Ok(());
         };
         if let Some(open) = streaming.open.take() {
+            let index = open.index as usize;
+            let to = streaming.plan.sealed.clone();
             let blob = open.close(self.blobs_dir)?;
-            self.sealed.push(blob.blob.clone());
-            let _ = streaming.plan.sealed.send(Ok(blob));
+            self.fill_blob_index(index, blob.blob.clone());
+            let _ = to.send(Ok(blob));
         }
         Ok(())
     }
@@ -216,36 +218,13 @@ impl Sealer<'_> {
             let size = bytes.len() as u64;
             let mut taken = false;
             loop {
+                if self.streaming.as_ref().is_some_and(|s| s.open.is_none()) {
+                    self.open_blob(pending, expected, size, layer_end)?;
+                }
                 let streaming = self.streaming.as_mut().expect("checked above");
                 let open = match &mut streaming.open {
                     Some(open) => open,
-                    None => {
-                        let (share, of) = if streaming.plan.one_blob {
-                            ONE_BLOB_SHARE
-                        } else {
-                            (1, 2)
-                        };
-                        let wanted = ((pending + expected) / of * share).min(MAX_BLOB);
-                        if layer_end || wanted < MIN_BLOB {
-                            break;
-                        }
-                        let blob = self.first_blob + self.sealed.len();
-                        tracing::debug!(
-                            blob,
-                            size = wanted.max(size),
-                            position = streaming.position,
-                            stored = streaming.stored,
-                            pending,
-                            expected,
-                            "streamed blob opens"
-                        );
-                        streaming.open.insert(OpenBlob::open(
-                            wanted.max(size),
-                            blob as u32,
-                            self.blobs_dir,
-                            streaming.plan.opened.as_ref(),
-                        )?)
-                    }
+                    None => break,
                 };
                 if open.written + size > open.data_size {
                     self.close_open_blob()?;
@@ -282,6 +261,44 @@ impl Sealer<'_> {
         if let Some(open) = self.streaming.as_mut().and_then(|s| s.open.as_mut()) {
             open.announce()?;
         }
+        Ok(())
+    }
+
+    /// Opens the layer's next blob, if half of what is left (all of it for a
+    /// one-blob layer) is worth one, with `pending` stored bytes of the window
+    /// still to place and `expected` after it; at least `size` long.
+    fn open_blob(&mut self, pending: u64, expected: u64, size: u64, layer_end: bool) -> Result<()> {
+        let Some(streaming) = self.streaming.as_ref() else {
+            return Ok(());
+        };
+        let (share, of) = if streaming.plan.one_blob {
+            ONE_BLOB_SHARE
+        } else {
+            (1, 2)
+        };
+        let wanted = ((pending + expected) / of * share).min(MAX_BLOB);
+        if layer_end || wanted < MIN_BLOB {
+            return Ok(());
+        }
+        // Its index is taken now: a piece of a prefetch region may be sealed
+        // while it grows.
+        let blob = self.reserve_blob_index();
+        let streaming = self.streaming.as_mut().expect("checked above");
+        tracing::debug!(
+            blob,
+            size = wanted.max(size),
+            position = streaming.position,
+            stored = streaming.stored,
+            pending,
+            expected,
+            "streamed blob opens"
+        );
+        streaming.open = Some(OpenBlob::open(
+            wanted.max(size),
+            blob as u32,
+            self.blobs_dir,
+            streaming.plan.opened.as_ref(),
+        )?);
         Ok(())
     }
 }
