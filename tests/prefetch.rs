@@ -132,9 +132,16 @@ fn a_recorded_profile_round_trips_through_optimize() {
     );
 }
 
+/// An image whose prefetch region (`data/f0.bin` and `data/f1.bin`, 448 KiB each)
+/// lies in one blob: under 1 MiB, it is no piece of its own (format-spec §14) but
+/// the head of the blob the conversion ends with, read in one request. The other
+/// two files are 3 MiB.
 fn region_image(registry: &TestRegistry, work: &Path) -> (String, Vec<(String, Vec<u8>)>) {
     let files: Vec<(String, Vec<u8>)> = (0..4)
-        .map(|i| (format!("data/f{i}.bin"), Rng::new(70 + i).bytes(3 << 20)))
+        .map(|i| {
+            let size = if i < 2 { 448 << 10 } else { 3 << 20 };
+            (format!("data/f{i}.bin"), Rng::new(70 + i).bytes(size))
+        })
         .collect();
     let mut w = petrel_fixtures::layer_writer::LayerWriter::new();
     for (path, data) in &files {
