@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail
 
-packages=(binutils fuse3 zstd time curl unzip busybox-static docker-registry skopeo apache2-utils protobuf-compiler containerd runc stargz-snapshotter libarchive-tools python3 util-linux iproute2 golang-go tinyproxy)
+packages=(binutils fuse3 zstd time curl unzip busybox-static docker-registry skopeo apache2-utils protobuf-compiler containerd runc stargz-snapshotter libarchive-tools python3 util-linux iproute2 golang-go tinyproxy openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

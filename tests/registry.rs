@@ -2803,3 +2803,70 @@ fn a_profiled_release_applies_the_unchanged_layers_whose_profiled_chunks_lie_in_
     );
     assert_tree(&scan(&read.mountpoint).unwrap(), &replayed.mountpoint);
 }
+
+/// A registry on loopback that speaks only TLS, under a private CA: given the
+/// CA's file, `petrel convert` pulls from it and pushes to it over TLS and
+/// `petrel mount` reads the image lazily from it; given another CA's file, the
+/// registry's certificate is refused and the error says so (certificates are
+/// always checked, `docs/security.md`).
+#[test]
+fn a_loopback_registry_speaking_tls_is_reached_with_its_ca_and_refused_with_another() {
+    if !registry_tools_available() || !fuse_available() {
+        return;
+    }
+    let (Some(ca), Some(other_ca)) = (TestCa::new(), TestCa::new()) else {
+        return;
+    };
+    let registry = TestRegistry::start_tls(&ca.path("server.pem"), &ca.path("server.key"));
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            (
+                format!("srv/file{i}"),
+                petrel_fixtures::rng::Rng::new(40 + i).bytes(300_000 + i as usize),
+            )
+        })
+        .collect();
+    let mut layer = petrel_fixtures::layer_writer::LayerWriter::new();
+    for (path, data) in &files {
+        layer.file(path, &Default::default(), data);
+    }
+    write_oci_layout(&work.path().join("layout"), "v1", &[layer.finish()]).unwrap();
+    registry.push_layout(&work.path().join("layout"), "tls", "v1");
+    let (source, target) = (
+        format!("docker://{}/tls:v1", registry.addr),
+        format!("docker://{}/tls:petrel", registry.addr),
+    );
+
+    let refused = petrel()
+        .args(["convert", &source, &target, "--retries", "0", "--ca-file"])
+        .arg(other_ca.path("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "another CA's certificate was accepted");
+    assert!(
+        output_text(&refused).contains("certificate"),
+        "the error names the certificate: {}",
+        output_text(&refused)
+    );
+
+    let ca_file = ca.path("ca.pem");
+    let ca_arg = ca_file.to_str().unwrap();
+    let converted = petrel()
+        .args(["convert", &source, &target, "--ca-file", ca_arg])
+        .output()
+        .unwrap();
+    assert!(converted.status.success(), "{}", output_text(&converted));
+    let mount = MountProcess::start(
+        &target,
+        &work.path().join("mnt"),
+        &work.path().join("cache"),
+        &["--ca-file", ca_arg],
+    );
+    for (path, data) in &files {
+        assert!(
+            std::fs::read(mount.mountpoint.join(path)).unwrap() == *data,
+            "{path} reads back over TLS as written"
+        );
+    }
+}

@@ -98,7 +98,7 @@ fn default_true() -> bool {
 pub struct RegistrySpec {
     /// Base URLs tried first for reads; a mirror that fails is skipped while it stays down.
     pub mirrors: Vec<String>,
-    /// Speak plain HTTP (always allowed for localhost and 127.0.0.0/8).
+    /// Speak plain HTTP (what a registry on loopback gets unless `ca_file` is set).
     pub plain_http: bool,
     /// Extra CA certificates (PEM) for the registry and its mirrors.
     #[serde(skip_serializing_if = "Option::is_none")]

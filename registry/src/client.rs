@@ -51,9 +51,12 @@ impl<R: Read> Read for DeadlineReader<R> {
 /// How to reach a registry.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Use http:// (always allowed for localhost and 127.0.0.0/8).
+    /// Use http://. A registry on loopback (localhost, 127.0.0.0/8, `[::1]`) is
+    /// reached over plain HTTP unless a `ca_file` is given: then over TLS.
     pub plain_http: bool,
-    /// Extra PEM CA certificates, besides the system roots.
+    /// Extra PEM CA certificates, besides the system roots. Given, even a
+    /// registry on loopback is reached over TLS (a private CA names a TLS
+    /// registry), its certificate checked against them and the system roots.
     pub ca_file: Option<PathBuf>,
     /// Explicit credentials; else the Docker config is consulted.
     pub credentials: Option<Credentials>,
@@ -252,7 +255,11 @@ impl RegistryClient {
             digest: None,
         }
         .is_local();
-        let scheme = if options.plain_http || local { "http" } else { "https" };
+        let scheme = if options.plain_http || (local && options.ca_file.is_none()) {
+            "http"
+        } else {
+            "https"
+        };
         let http = build_http(registry, options)?;
         let credentials = options
             .credentials
@@ -455,7 +462,16 @@ impl RegistryClient {
                         source: e.without_url(),
                     })
                 }
-                Err(e) => (None, e.without_url().to_string()),
+                Err(e) => {
+                    if let Some(reason) = failure::certificate_refusal(&e) {
+                        return Err(RegistryError::CertificateRefused {
+                            method: method_name,
+                            url: url.into(),
+                            reason,
+                        });
+                    }
+                    (None, failure::describe(&e.without_url()))
+                }
             };
             tracing::debug!(url, attempt = attempts.made, "retrying after {last}");
             if !attempts.wait_before_retry(hint) {
@@ -1140,6 +1156,7 @@ impl RegistryClient {
     }
 }
 
+mod failure;
 pub mod manifest_cache;
 pub mod multi_range;
 mod native_roots;

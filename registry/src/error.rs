@@ -19,6 +19,12 @@ pub enum RegistryError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("{method} {url}: the registry's TLS certificate is refused ({reason}); a private CA is given with --ca-file (ca_file in snapshotter.toml)")]
+    CertificateRefused {
+        method: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("{method} {url}: gave up after {attempts} attempts in {seconds:.1}s; last error: {last}")]
     GaveUp {
         method: &'static str,

@@ -12,7 +12,7 @@
 //! username = "puller"                   # credentials for on-demand fetches
 //! password = "…"
 //! mirrors = ["http://127.0.0.1:4001"]   # tried first for reads (e.g. a dfdaemon)
-//! plain_http = false                    # http:// (always for localhost)
+//! plain_http = false                    # http:// (loopback: unless ca_file is set)
 //! ca_file = "/etc/petrel/registry-ca.pem"
 //!
 //! hosts_dir = "/etc/containerd/certs.d"  # containerd's hosts.toml files (optional)
@@ -59,10 +59,11 @@ pub struct RegistryHost {
     /// while it stays down.
     #[serde(default)]
     pub mirrors: Vec<String>,
-    /// Speak plain HTTP to this host (always allowed for localhost).
+    /// Speak plain HTTP to this host (what a host on loopback gets unless ca_file is set).
     #[serde(default)]
     pub plain_http: bool,
-    /// Extra CA certificates (PEM) for this host and its mirrors.
+    /// Extra CA certificates (PEM) for this host and its mirrors; with them, a host on
+    /// loopback is reached over TLS.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }

@@ -14,10 +14,11 @@ pub struct RegistryArgs {
     /// a process's command line in /proc.
     #[arg(long = "creds", value_name = "FILE")]
     creds_file: Option<PathBuf>,
-    /// Use plain HTTP (always allowed for localhost and 127.0.0.0/8).
+    /// Use plain HTTP (what a registry on localhost or 127.0.0.0/8 gets without --ca-file).
     #[arg(long)]
     plain_http: bool,
-    /// Extra CA certificate(s) in PEM, besides the system roots.
+    /// Extra CA certificate(s) in PEM, besides the system roots; a registry on
+    /// loopback given one is reached over TLS.
     #[arg(long)]
     ca_file: Option<PathBuf>,
     /// A registry mirror tried first for reads (repeat for several).

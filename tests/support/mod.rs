@@ -110,6 +110,19 @@ impl TestRegistry {
         Self::start_with(false, &format!("proxy:\n  remoteurl: http://{upstream}\n"))
     }
 
+    /// A registry on loopback that speaks only TLS, with the certificate `cert` and
+    /// its key `key` (PEM files, see [`TestCa`]).
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with(
+            false,
+            &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    }
+
     /// A registry listening on `host` (an address of this machine) instead of loopback.
     pub fn start_on(host: &str) -> Self {
         Self::start_on_with(host, false, "")
@@ -393,4 +406,88 @@ pub fn publish_with_config(
             &serde_json::to_vec(&manifest).unwrap(),
         )
         .unwrap();
+}
+
+/// A private certificate authority made with `openssl` in a directory of its own:
+/// its certificate (`ca.pem`) and, signed by it, a server certificate for
+/// 127.0.0.1 (`server.pem`, key `server.key`).
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// None (a skip reported) when `openssl` is missing.
+    pub fn new() -> Option<Self> {
+        let found = Command::new("sh")
+            .args(["-c", "command -v openssl"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            petrel_fixtures::report_skip("needs openssl (scripts/install-deps.sh)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=petrel test CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+        ]
+        .concat());
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Some(TestCa { dir })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
 }
