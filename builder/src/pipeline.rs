@@ -536,8 +536,7 @@ fn collect(
                             }
                             if held {
                                 sealer.held.insert(chunks.len() as u32);
-                                let key = key.clone();
-                                sealer.region.hold(chunks.len() as u32, key, stored_size as u64);
+                                sealer.region.hold(chunks.len() as u32, key.clone(), stored_size as u64);
                             }
                             let place = match spooled {
                                 Some(offset) if !windowing => ChunkPlace::Spool { offset },
