@@ -18,16 +18,19 @@ use std::time::{Duration, Instant};
 pub const USER: &str = "petrel";
 pub const PASSWORD: &str = "s3cret-pw";
 
+/// Whether `tool` is a command on the `PATH`.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Whether the tools these tests drive are installed (scripts/install-deps.sh).
 pub fn registry_tools_available() -> bool {
-    let ok = ["docker-registry", "skopeo", "htpasswd"].iter().all(|tool| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    let ok = ["docker-registry", "skopeo", "htpasswd"].into_iter().all(on_path);
     if !ok {
         petrel_fixtures::report_skip("needs docker-registry, skopeo and htpasswd (scripts/install-deps.sh)");
     }
@@ -418,11 +421,7 @@ pub struct TestCa {
 impl TestCa {
     /// None (a skip reported) when `openssl` is missing.
     pub fn new() -> Option<Self> {
-        let found = Command::new("sh")
-            .args(["-c", "command -v openssl"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let found = on_path("openssl");
         if !found {
             petrel_fixtures::report_skip("needs openssl (scripts/install-deps.sh)");
             return None;
